@@ -1,0 +1,65 @@
+/**
+ * The reference counts the check rebuilds from the metadata: one counter per host cluster of the
+ * file (plus the partial cluster a region may reach just past the end), in a typed array as wide
+ * as the image's refcounts need. A region that reaches a whole cluster or more past the end of
+ * the file is reported and not counted, as QEMU does, so damaged offsets never grow the array.
+ */
+import type { CheckLog } from './check-log.js';
+
+export class ComputedRefcounts {
+  private counts: Uint8Array | Uint16Array | Uint32Array;
+  private readonly max: number;
+
+  constructor(
+    private readonly fileSize: number,
+    private readonly clusterSize: number,
+    refcountBits: number,
+    private readonly log: CheckLog,
+  ) {
+    const nbClusters = Math.ceil(fileSize / clusterSize);
+    // One spare slot: a region may end less than a cluster past the end of the file.
+    const length = nbClusters + 1;
+    if (refcountBits <= 8) this.counts = new Uint8Array(length);
+    else if (refcountBits <= 16) this.counts = new Uint16Array(length);
+    else this.counts = new Uint32Array(length);
+    this.max = refcountBits >= 32 ? 0xffff_ffff : 2 ** refcountBits - 1;
+    this.used = nbClusters;
+  }
+
+  /** Number of clusters compared: the file's clusters, or one more when a region reached past it. */
+  used: number;
+
+  /** Counts one reference to every cluster touched by `[hostOffset, hostOffset + length)`. */
+  add(hostOffset: number, length: number): void {
+    if (length <= 0) return;
+    const end = hostOffset + length;
+    if (end > this.fileSize && end - this.fileSize >= this.clusterSize) {
+      this.log.corruption(
+        'ERROR: counting reference for region exceeding the end of the file by one cluster or more: ' +
+          `offset 0x${hostOffset.toString(16)} size 0x${length.toString(16)}`,
+      );
+      return;
+    }
+    const first = Math.floor(hostOffset / this.clusterSize);
+    const last = Math.floor((end - 1) / this.clusterSize);
+    for (let clusterIndex = first; clusterIndex <= last; clusterIndex++) {
+      if (clusterIndex >= this.used) this.used = clusterIndex + 1;
+      const count = this.counts[clusterIndex]!;
+      if (count >= this.max) {
+        this.log.corruption(
+          `ERROR: overflow cluster offset=0x${(clusterIndex * this.clusterSize).toString(16)}`,
+        );
+        this.log.message(
+          'Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean ' +
+            'copy if the image cannot be opened for writing',
+        );
+        continue;
+      }
+      this.counts[clusterIndex] = count + 1;
+    }
+  }
+
+  get(clusterIndex: number): number {
+    return clusterIndex < this.used ? this.counts[clusterIndex]! : 0;
+  }
+}

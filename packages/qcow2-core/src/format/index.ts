@@ -1,0 +1,11 @@
+export { decodeText, encodeText, readU64, viewOf, writeU64 } from './binary.js';
+export * from './compressed-descriptor.js';
+export * from './feature-bits.js';
+export * from './geometry.js';
+export * from './header.js';
+export * from './header-extensions.js';
+export * from './l1-entry.js';
+export * from './l2-entry.js';
+export * from './qcow-v1-header.js';
+export * from './refcount.js';
+export * from './snapshot-table.js';
