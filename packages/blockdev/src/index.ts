@@ -7,6 +7,9 @@ export type {
   WriteZeroesOptions,
 } from './block-device.js';
 export { BlockDeviceError, type BlockErrorCode, isBlockDeviceError } from './errors.js';
+export { FaultInjectingBlockDevice, type FaultInjectingOptions } from './fault-device.js';
+export { MemoryBlockDevice, type MemoryBlockDeviceOptions } from './memory-device.js';
+export { OverlayBlockDevice, type OverlayBlockDeviceOptions } from './overlay-device.js';
 export {
   appendExtent,
   assertOpen,
@@ -17,3 +20,5 @@ export {
   validateRange,
   validateSize,
 } from './range.js';
+export { RangeLock } from './range-lock.js';
+export { type Run, RunMap } from './run-map.js';

@@ -1,0 +1,296 @@
+/**
+ * A wrapper that injects faults, for testing what code above a device does when storage fails.
+ *
+ * - `failAfter: n`: the first `n` requests behave normally; every later request rejects (`EIO`,
+ *   or the code in `failWith`). Nothing is lost: it models a device that went away.
+ * - `crashAfter: n`: models power loss. The wrapper holds every write, writeZeroes and discard in
+ *   a volatile layer of its own and applies them to the inner device only at `flush()` (or for a
+ *   `fua` write). After `n` requests (or at `crashNow()`) the volatile layer is dropped and every
+ *   later request rejects with `EIO`. The inner device then holds exactly what a real disk would
+ *   after the crash: everything flushed, nothing else (a flush cut short by the crash may have
+ *   applied some of its writes, in order, as a real one may).
+ *
+ * Every request counts as one operation: read, readInto, write, writeZeroes, discard, flush,
+ * blockStatus, resize.
+ */
+import type {
+  BlockDevice,
+  BlockDeviceCapabilities,
+  Extent,
+  RequestOptions,
+  WriteOptions,
+  WriteZeroesOptions,
+} from './block-device.js';
+import { BlockDeviceError, type BlockErrorCode } from './errors.js';
+import { appendExtent, assertOpen, assertWritable, throwIfAborted, validateRange } from './range.js';
+
+export interface FaultInjectingOptions {
+  /** Requests after this many reject with `failWith`. */
+  readonly failAfter?: number;
+  /** The device crashes (drops unflushed writes) once this many requests were made. */
+  readonly crashAfter?: number;
+  /** Code of the injected errors (default `EIO`). Crashes always report `EIO`. */
+  readonly failWith?: BlockErrorCode;
+  /** Close the inner device when this one is closed before any crash (default true). After a
+   * crash the inner device is never closed: it is the disk left behind, for inspection. */
+  readonly closeInner?: boolean;
+}
+
+/** A change not yet applied to the inner device. */
+type PendingChange =
+  | { readonly kind: 'write'; readonly offset: number; readonly data: Uint8Array }
+  | {
+      readonly kind: 'writeZeroes';
+      readonly offset: number;
+      readonly length: number;
+      readonly mayUnmap: boolean;
+    }
+  | { readonly kind: 'discard'; readonly offset: number; readonly length: number };
+
+function changeEnd(change: PendingChange): number {
+  return change.offset + (change.kind === 'write' ? change.data.length : change.length);
+}
+
+export class FaultInjectingBlockDevice implements BlockDevice {
+  readonly inner: BlockDevice;
+  readonly capabilities: BlockDeviceCapabilities;
+  readonly description: string;
+  readonly #failAfter: number | undefined;
+  readonly #crashAfter: number | undefined;
+  readonly #failWith: BlockErrorCode;
+  readonly #closeInner: boolean;
+  #operations = 0;
+  #crashed = false;
+  #closed = false;
+  /** Changes made since the last flush started, in order. */
+  #pending: PendingChange[] = [];
+  /** Changes a running flush is applying to the inner device, in order (still visible to reads). */
+  #applying: PendingChange[] = [];
+  /** The flush running now, so flushes run one at a time. */
+  #flushing: Promise<void> = Promise.resolve();
+  readonly #inFlight = new Set<Promise<unknown>>();
+
+  constructor(inner: BlockDevice, options: FaultInjectingOptions = {}) {
+    for (const [name, value] of [
+      ['failAfter', options.failAfter],
+      ['crashAfter', options.crashAfter],
+    ] as const) {
+      if (value !== undefined && (!Number.isSafeInteger(value) || value < 0)) {
+        throw new BlockDeviceError(
+          'EINVAL',
+          `FaultInjectingBlockDevice ${name}: ${value} is not a non-negative integer`,
+        );
+      }
+    }
+    this.inner = inner;
+    this.#failAfter = options.failAfter;
+    this.#crashAfter = options.crashAfter;
+    this.#failWith = options.failWith ?? 'EIO';
+    this.#closeInner = options.closeInner ?? true;
+    this.description = `faulty(${inner.description})`;
+    this.capabilities = { ...inner.capabilities, flush: true, fua: false };
+  }
+
+  get size(): number {
+    return this.inner.size;
+  }
+
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+
+  /** Requests made so far (including rejected ones). */
+  get operations(): number {
+    return this.#operations;
+  }
+
+  /** The device has crashed: unflushed changes are gone and every request fails. */
+  get crashed(): boolean {
+    return this.#crashed;
+  }
+
+  /** Changes waiting for a flush. */
+  get unflushedChanges(): number {
+    return this.#pending.length + this.#applying.length;
+  }
+
+  /** Crashes now: drops every unflushed change; later requests reject with `EIO`. */
+  crashNow(): void {
+    this.#crashed = true;
+    this.#pending = [];
+    this.#applying = [];
+  }
+
+  async read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
+    const buffer = new Uint8Array(length);
+    await this.#readInto(buffer, offset, options, 'read');
+    return buffer;
+  }
+
+  readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+    return this.#readInto(buffer, offset, options, 'readInto');
+  }
+
+  write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    return this.#run('write', options, async () => {
+      assertWritable(this, 'write');
+      validateRange(this.size, offset, data.length, 'write');
+      if (data.length > 0) this.#pending.push({ kind: 'write', offset, data: data.slice() });
+      if (options?.fua) await this.#flush();
+    });
+  }
+
+  writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
+    return this.#run('writeZeroes', options, async () => {
+      assertWritable(this, 'writeZeroes');
+      validateRange(this.size, offset, length, 'writeZeroes');
+      if (options?.fastOnly && !this.inner.capabilities.fastZero) {
+        throw new BlockDeviceError('ENOTSUP', `writeZeroes: ${this.description} cannot zero fast`, {
+          offset,
+        });
+      }
+      if (length > 0)
+        this.#pending.push({ kind: 'writeZeroes', offset, length, mayUnmap: options?.mayUnmap ?? false });
+      if (options?.fua) await this.#flush();
+    });
+  }
+
+  discard(offset: number, length: number, options?: RequestOptions): Promise<void> {
+    return this.#run('discard', options, async () => {
+      assertWritable(this, 'discard');
+      validateRange(this.size, offset, length, 'discard');
+      if (length > 0) this.#pending.push({ kind: 'discard', offset, length });
+    });
+  }
+
+  flush(options?: RequestOptions): Promise<void> {
+    return this.#run('flush', options, () => this.#flush());
+  }
+
+  blockStatus(offset: number, length: number, options?: RequestOptions): Promise<Extent[]> {
+    return this.#run('blockStatus', options, async () => {
+      validateRange(this.size, offset, length, 'blockStatus');
+      const innerExtents = await this.inner.blockStatus(offset, length, options);
+      // Where an unflushed change overlaps, say "data" (a safe answer: never a false hole).
+      const changes = [...this.#applying, ...this.#pending];
+      const extents: Extent[] = [];
+      for (const extent of innerExtents) {
+        const end = extent.offset + extent.length;
+        const touched = changes.some((change) => change.offset < end && changeEnd(change) > extent.offset);
+        appendExtent(
+          extents,
+          touched
+            ? {
+                offset: extent.offset,
+                length: extent.length,
+                zero: false,
+                data: true,
+                present: true,
+                depth: 0,
+              }
+            : extent,
+        );
+      }
+      return extents;
+    });
+  }
+
+  resize(newSize: number): Promise<void> {
+    return this.#run('resize', undefined, async () => {
+      assertWritable(this, 'resize');
+      // Resizing is a metadata change of the inner device: apply what is pending first.
+      await this.#flush();
+      await this.inner.resize(newSize);
+    });
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await Promise.allSettled([...this.#inFlight]);
+    if (this.#crashed) return;
+    await this.#flush();
+    if (this.#closeInner) await this.inner.close();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  #readInto(
+    buffer: Uint8Array,
+    offset: number,
+    options: RequestOptions | undefined,
+    kind: string,
+  ): Promise<void> {
+    return this.#run(kind, options, async () => {
+      validateRange(this.size, offset, buffer.length, 'read');
+      if (buffer.length === 0) return;
+      await this.inner.readInto(buffer, offset, options);
+      const end = offset + buffer.length;
+      for (const change of [...this.#applying, ...this.#pending]) {
+        const from = Math.max(offset, change.offset);
+        const to = Math.min(end, changeEnd(change));
+        if (from >= to) continue;
+        if (change.kind === 'write') {
+          buffer.set(change.data.subarray(from - change.offset, to - change.offset), from - offset);
+        } else {
+          buffer.fill(0, from - offset, to - offset);
+        }
+      }
+    });
+  }
+
+  /** Counts the request, injects the configured fault, and tracks it for close(). */
+  async #run<T>(kind: string, options: RequestOptions | undefined, task: () => Promise<T>): Promise<T> {
+    assertOpen(this.#closed, this.description, kind);
+    throwIfAborted(options?.signal);
+    this.#operations++;
+    if (this.#crashAfter !== undefined && this.#operations > this.#crashAfter && !this.#crashed)
+      this.crashNow();
+    if (this.#crashed) {
+      throw new BlockDeviceError('EIO', `${kind}: ${this.description} has crashed (injected)`);
+    }
+    if (this.#failAfter !== undefined && this.#operations > this.#failAfter) {
+      throw new BlockDeviceError(this.#failWith, `${kind}: ${this.description} failed (injected)`);
+    }
+    const promise = task();
+    this.#inFlight.add(promise);
+    try {
+      return await promise;
+    } finally {
+      this.#inFlight.delete(promise);
+    }
+  }
+
+  /** Applies every pending change to the inner device in order, then flushes it. */
+  #flush(): Promise<void> {
+    const run = this.#flushing.then(async () => {
+      if (this.#crashed)
+        throw new BlockDeviceError('EIO', `flush: ${this.description} has crashed (injected)`);
+      this.#applying = this.#pending;
+      this.#pending = [];
+      try {
+        for (const change of this.#applying) {
+          if (this.#crashed) break;
+          if (change.kind === 'write') await this.inner.write(change.offset, change.data);
+          else if (change.kind === 'writeZeroes') {
+            await this.inner.writeZeroes(change.offset, change.length, { mayUnmap: change.mayUnmap });
+          } else await this.inner.discard(change.offset, change.length);
+        }
+        if (this.#crashed)
+          throw new BlockDeviceError('EIO', `flush: ${this.description} crashed while flushing`);
+        await this.inner.flush();
+        this.#applying = [];
+      } catch (error) {
+        // Not durable: keep the changes (in order, before newer ones) for the next flush.
+        if (!this.#crashed) this.#pending = [...this.#applying, ...this.#pending];
+        this.#applying = [];
+        throw error;
+      }
+    });
+    // The next flush waits for this one, whatever its outcome.
+    this.#flushing = run.catch(() => undefined);
+    return run;
+  }
+}
