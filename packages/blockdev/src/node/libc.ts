@@ -1,0 +1,143 @@
+/**
+ * The few libc calls Node lacks (lseek SEEK_DATA/SEEK_HOLE, fallocate, fcntl OFD locks, flock,
+ * ioctl BLKGETSIZE64), reached through koffi. Everything here is optional: when koffi cannot load
+ * (unsupported platform, missing binary), `loadLibc()` returns undefined and callers fall back to
+ * plain Node I/O.
+ *
+ * Linux only: the constants and the `struct flock` layout below are those of 64-bit Linux
+ * (x86_64 and aarch64 share them).
+ */
+import { createRequire } from 'node:module';
+import { arch, platform } from 'node:os';
+
+type Koffi = typeof import('koffi');
+type KoffiFunction = ReturnType<ReturnType<Koffi['load']>['func']>;
+
+/** lseek whence values. */
+export const SEEK_END = 2;
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+
+/** fallocate modes. */
+export const FALLOC_FL_KEEP_SIZE = 0x01;
+export const FALLOC_FL_PUNCH_HOLE = 0x02;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+/** fcntl commands and lock types for open-file-description locks. */
+export const F_OFD_GETLK = 36;
+export const F_OFD_SETLK = 37;
+export const F_RDLCK = 0;
+export const F_WRLCK = 1;
+export const F_UNLCK = 2;
+
+/** flock operations. */
+export const LOCK_SH = 1;
+export const LOCK_EX = 2;
+export const LOCK_NB = 4;
+
+/** ioctl request for a block device's size in bytes (_IOR(0x12, 114, size_t)). */
+const BLKGETSIZE64 = 0x80081272;
+
+/** Size of `struct flock` on 64-bit Linux: l_type (i16 @0), l_whence (i16 @2), l_start (i64 @8),
+ * l_len (i64 @16), l_pid (i32 @24), padded to 32. */
+const FLOCK_STRUCT_SIZE = 32;
+
+/** A result of a raw call: a non-negative value, or the errno name of a failure. */
+export type CallResult = { ok: true; value: number } | { ok: false; errno: number; code: string };
+
+export interface Libc {
+  /** lseek(fd, offset, whence). */
+  lseek(fd: number, offset: number, whence: number): CallResult;
+  /** fallocate on libuv-independent worker threads (koffi's async pool); errno is recovered by
+   * repeating a failed call synchronously (fallocate modes used here are idempotent). */
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<CallResult>;
+  /** Tests whether another open file description holds a lock conflicting with a write lock on
+   * `[start, start + length)`. */
+  ofdTestConflict(fd: number, start: number, length: number): CallResult;
+  /** Takes (or releases, with F_UNLCK) an OFD lock without waiting. */
+  ofdSetLock(fd: number, type: number, start: number, length: number): CallResult;
+  flock(fd: number, operation: number): CallResult;
+  /** Size in bytes of the block device open on `fd`. */
+  blockDeviceSize(fd: number): CallResult;
+}
+
+let cached: Libc | null | undefined;
+
+/** The libc binding, or undefined where it is unavailable. Loaded once. */
+export function loadLibc(): Libc | undefined {
+  if (cached === undefined) cached = tryLoad();
+  return cached ?? undefined;
+}
+
+function tryLoad(): Libc | null {
+  if (platform() !== 'linux' || (arch() !== 'x64' && arch() !== 'arm64')) return null;
+  try {
+    const koffi = createRequire(import.meta.url)('koffi') as Koffi;
+    const lib = koffi.load('libc.so.6');
+    return makeLibc(koffi, {
+      lseek: lib.func('int64_t lseek(int, int64_t, int)'),
+      fallocate: lib.func('int fallocate(int, int, int64_t, int64_t)'),
+      fcntl: lib.func('int fcntl(int, int, void *)'),
+      flock: lib.func('int flock(int, int)'),
+      ioctl: lib.func('int ioctl(int, unsigned long, void *)'),
+    });
+  } catch {
+    return null;
+  }
+}
+
+interface Functions {
+  lseek: KoffiFunction;
+  fallocate: KoffiFunction;
+  fcntl: KoffiFunction;
+  flock: KoffiFunction;
+  ioctl: KoffiFunction;
+}
+
+function makeLibc(koffi: Koffi, fn: Functions): Libc {
+  const errnoNames = new Map<number, string>();
+  for (const [name, value] of Object.entries(koffi.os.errno)) {
+    if (!errnoNames.has(value)) errnoNames.set(value, name);
+  }
+  const fail = (): CallResult => {
+    const errno = koffi.errno();
+    return { ok: false, errno, code: errnoNames.get(errno) ?? `errno ${errno}` };
+  };
+  const result = (value: number | bigint): CallResult => {
+    const n = Number(value);
+    return n < 0 ? fail() : { ok: true, value: n };
+  };
+  const flockStruct = (type: number, start: number, length: number): Buffer => {
+    const buf = Buffer.alloc(FLOCK_STRUCT_SIZE);
+    buf.writeInt16LE(type, 0);
+    buf.writeInt16LE(0, 2); // SEEK_SET
+    buf.writeBigInt64LE(BigInt(start), 8);
+    buf.writeBigInt64LE(BigInt(length), 16);
+    return buf;
+  };
+
+  return {
+    lseek: (fd, offset, whence) => result(fn.lseek(fd, offset, whence)),
+    fallocate: (fd, mode, offset, length) =>
+      new Promise((resolve) => {
+        fn.fallocate.async(fd, mode, offset, length, (error: unknown, value: number) => {
+          if (error === null && value >= 0) resolve({ ok: true, value });
+          else resolve(result(fn.fallocate(fd, mode, offset, length)));
+        });
+      }),
+    ofdTestConflict: (fd, start, length) => {
+      const buf = flockStruct(F_WRLCK, start, length);
+      const r = result(fn.fcntl(fd, F_OFD_GETLK, buf));
+      if (!r.ok) return r;
+      return { ok: true, value: buf.readInt16LE(0) === F_UNLCK ? 0 : 1 };
+    },
+    ofdSetLock: (fd, type, start, length) =>
+      result(fn.fcntl(fd, F_OFD_SETLK, flockStruct(type, start, length))),
+    flock: (fd, operation) => result(fn.flock(fd, operation)),
+    blockDeviceSize: (fd) => {
+      const buf = Buffer.alloc(8);
+      const r = result(fn.ioctl(fd, BLKGETSIZE64, buf));
+      return r.ok ? { ok: true, value: Number(buf.readBigUInt64LE(0)) } : r;
+    },
+  };
+}
