@@ -1,0 +1,178 @@
+/**
+ * The `qcow2` command line, testable in-process: `run(argv, io)` parses the arguments, runs one
+ * subcommand and returns the exit code. Nothing here touches `process`.
+ */
+import { Command, CommanderError, Option } from 'commander';
+import { checkCommand } from './commands/check.js';
+import { convertCommand } from './commands/convert.js';
+import { infoCommand } from './commands/info.js';
+import { mapCommand } from './commands/map.js';
+import { IMAGE_FORMATS, type ImageFormat } from './engine.js';
+import { CliError, describeError, UsageError } from './errors.js';
+import type { CliIo, CommandContext } from './io.js';
+import { parseSize } from './size.js';
+
+export const VERSION = '0.1.0';
+
+/** Runs the CLI with `argv` (the arguments after the program name). Resolves to the exit code. */
+export async function run(argv: readonly string[], io: CliIo): Promise<number> {
+  const debug = argv.includes('--debug') || io.env.QCOW2_DEBUG === '1';
+  const context: CommandContext = { io };
+  let exitCode = 0;
+  const program = buildProgram(context, (code) => {
+    exitCode = code;
+  });
+  try {
+    await program.parseAsync([...argv], { from: 'user' });
+    return exitCode;
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      // Help and version exit 0; commander already printed the problem line through outputError.
+      return error.exitCode === 0 ? 0 : 1;
+    }
+    io.stderr.write(`qcow2: ${describeError(error)}\n`);
+    if (debug && error instanceof Error && error.stack !== undefined) io.stderr.write(`${error.stack}\n`);
+    return error instanceof CliError ? error.exitCode : 1;
+  }
+}
+
+function buildProgram(context: CommandContext, setExit: (code: number) => void): Command {
+  const { io } = context;
+  const program = new Command('qcow2');
+  program
+    .description('Inspect and convert QEMU disk images (qcow2, qcow, raw) without QEMU.')
+    .version(VERSION, '-V, --version')
+    .option('--debug', 'show stack traces of errors (also QCOW2_DEBUG=1)')
+    .showSuggestionAfterError(false)
+    .exitOverride()
+    .configureOutput({
+      writeOut: (text) => io.stdout.write(text),
+      writeErr: (text) => io.stderr.write(text),
+      outputError: (text, write) =>
+        write(
+          `qcow2: ${text
+            .replace(/^error: /, '')
+            .replace(/\s*\n\s*/g, ' ')
+            .trim()}\n`,
+        ),
+    });
+  const addCommon = (command: Command) =>
+    command
+      .addOption(
+        new Option('-f <fmt>', 'image format: qcow2, qcow or raw (default: detected)').argParser(parseFormat),
+      )
+      .addOption(new Option('-U, --force-share', 'open the image even if another process has it locked'))
+      .exitOverride()
+      .configureOutput(program.configureOutput());
+  const outputOption = () =>
+    new Option('--output <fmt>', 'human or json').choices(['human', 'json']).default('human');
+
+  addCommon(program.command('info').argument('<file>', 'the image'))
+    .description('show an image: size, format, backing file, snapshots (as qemu-img info)')
+    .addOption(outputOption())
+    .option('--backing-chain', 'show every image of the backing chain')
+    .addHelpText('after', '\nExample:\n  qcow2 info --output=json disk.qcow2\n')
+    .action(async (file: string, options: Record<string, unknown>) => {
+      setExit(
+        await infoCommand(context, file, {
+          format: options.f as ImageFormat | undefined,
+          output: options.output as 'human' | 'json',
+          backingChain: options.backingChain === true,
+          forceShare: options.forceShare === true,
+        }),
+      );
+    });
+
+  addCommon(program.command('map').argument('<file>', 'the image'))
+    .description('show where the guest data lives (as qemu-img map)')
+    .addOption(outputOption())
+    .addOption(
+      new Option('--start-offset <size>', 'first guest byte to map').argParser(sizeParser('start offset')),
+    )
+    .addOption(new Option('--max-length <size>', 'how many bytes to map').argParser(sizeParser('max length')))
+    .addHelpText('after', '\nExample:\n  qcow2 map --output=json disk.qcow2\n')
+    .action(async (file: string, options: Record<string, unknown>) => {
+      setExit(
+        await mapCommand(context, file, {
+          format: options.f as ImageFormat | undefined,
+          output: options.output as 'human' | 'json',
+          startOffset: (options.startOffset as number | undefined) ?? 0,
+          maxLength: options.maxLength as number | undefined,
+          forceShare: options.forceShare === true,
+        }),
+      );
+    });
+
+  addCommon(
+    program
+      .command('convert')
+      .argument('<source>', 'the image to read')
+      .argument('<target>', 'the raw file to write'),
+  )
+    .description('convert an image to a sparse raw file (as qemu-img convert -O raw)')
+    .addOption(new Option('-O <fmt>', 'output format (raw)').default('raw'))
+    .addOption(new Option('-l <snapshot>', 'snapshot.name=NAME, snapshot.id=ID, or an id or name'))
+    .addOption(new Option('-s <snapshot>', 'snapshot id or name'))
+    .option('-p', 'show a progress bar on stderr')
+    .addHelpText('after', '\nExample:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n')
+    .action(async (source: string, target: string, options: Record<string, unknown>) => {
+      setExit(
+        await convertCommand(context, source, target, {
+          format: options.f as ImageFormat | undefined,
+          outputFormat: options.O as string,
+          snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
+          progress: options.p === true,
+          forceShare: options.forceShare === true,
+        }),
+      );
+    });
+
+  addCommon(program.command('check').argument('<file>', 'the image'))
+    .description('check an image for consistency, read-only (as qemu-img check)')
+    .addOption(outputOption())
+    .addHelpText(
+      'after',
+      '\nExit codes: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check could not run,\n63 the format has no checks (raw).\n\nExample:\n  qcow2 check disk.qcow2\n',
+    )
+    .action(async (file: string, options: Record<string, unknown>) => {
+      setExit(
+        await checkCommand(context, file, {
+          format: options.f as ImageFormat | undefined,
+          output: options.output as 'human' | 'json',
+          forceShare: options.forceShare === true,
+        }),
+      );
+    });
+
+  program.addHelpText(
+    'after',
+    '\nExamples:\n  qcow2 info disk.qcow2\n  qcow2 map --output=json disk.qcow2\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 check disk.qcow2\n',
+  );
+  return program;
+}
+
+function parseFormat(value: string): ImageFormat {
+  if (!(IMAGE_FORMATS as readonly string[]).includes(value)) {
+    throw new UsageError(`Unknown driver '${value}' (formats: ${IMAGE_FORMATS.join(', ')})`);
+  }
+  return value as ImageFormat;
+}
+
+function sizeParser(what: string): (value: string) => number {
+  return (value) => parseSize(value, what);
+}
+
+/** `-l snapshot.name=N`, `-l snapshot.id=I`, `-l X` (id or name), `-s X` (id or name). */
+export function parseSnapshotOption(
+  l: string | undefined,
+  s: string | undefined,
+): { id?: string; name?: string; idOrName?: string } | undefined {
+  if (l !== undefined && s !== undefined) throw new UsageError('-l and -s cannot be used together');
+  if (s !== undefined) return { idOrName: s };
+  if (l === undefined) return undefined;
+  if (l.startsWith('snapshot.name=')) return { name: l.slice('snapshot.name='.length) };
+  if (l.startsWith('snapshot.id=')) return { id: l.slice('snapshot.id='.length) };
+  if (l.includes('='))
+    throw new UsageError(`Invalid snapshot option '${l}' (use snapshot.name=NAME or snapshot.id=ID)`);
+  return { idOrName: l };
+}

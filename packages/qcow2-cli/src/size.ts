@@ -1,0 +1,54 @@
+/**
+ * Sizes as qemu-img reads them: a number with an optional suffix, binary multiples.
+ * `b`/`B` bytes, `k`/`K` KiB, `M` MiB, `G` GiB, `T` TiB, `P` PiB, `E` EiB (either case).
+ * A fraction is allowed with a suffix larger than bytes (`1.5G`), as in QEMU.
+ */
+import { UsageError } from './errors.js';
+
+const UNITS: Record<string, number> = {
+  b: 1,
+  k: 2 ** 10,
+  m: 2 ** 20,
+  g: 2 ** 30,
+  t: 2 ** 40,
+  p: 2 ** 50,
+  e: 2 ** 60,
+};
+
+/** Parses `text` into a byte count; throws a {@link UsageError} naming `what` when it is not one. */
+export function parseSize(text: string, what = 'size'): number {
+  const match = /^\s*(\d+)(?:\.(\d+))?\s*([bkmgtpe])?\s*$/i.exec(text);
+  if (match === null) {
+    throw new UsageError(
+      `Invalid ${what} specified: '${text}' (use a number with an optional suffix k, M, G, T, P, E)`,
+    );
+  }
+  const [, whole, fraction, suffix] = match;
+  const unit = UNITS[(suffix ?? 'b').toLowerCase()]!;
+  if (fraction !== undefined && unit === 1) {
+    throw new UsageError(
+      `Invalid ${what} specified: '${text}' (a fraction needs a suffix larger than bytes)`,
+    );
+  }
+  const value = Number(`${whole}.${fraction ?? '0'}`) * unit;
+  if (!Number.isSafeInteger(Math.floor(value)) || value > Number.MAX_SAFE_INTEGER) {
+    throw new UsageError(`Invalid ${what} specified: '${text}' is too large`);
+  }
+  return Math.floor(value);
+}
+
+/** A size the way QEMU prints it for people: `64 MiB`, `1.32 MiB`, `512 B` (`%0.3g` of the value in
+ * the largest binary unit that keeps it under 1000). */
+export function formatHumanSize(bytes: number): string {
+  const suffixes = ['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'];
+  const scaled = bytes / (1000 / 1024);
+  const unitIndex = scaled < 1 ? 0 : Math.min(Math.floor(Math.log2(scaled) / 10), suffixes.length - 1);
+  const value = bytes / 2 ** (unitIndex * 10);
+  return `${formatG3(value)} ${suffixes[unitIndex]}B`;
+}
+
+/** C's `%0.3g` for values below 1000: three significant digits, trailing zeros dropped. */
+function formatG3(value: number): string {
+  if (value === 0) return '0';
+  return String(Number(value.toPrecision(3)));
+}
