@@ -1,0 +1,101 @@
+/**
+ * An export: a named BlockDevice, and what the server tells clients about it (transmission flags,
+ * block sizes, meta contexts), derived from the device's capabilities and the export's options.
+ */
+import type { BlockDevice } from '@qcowkit/blockdev';
+import {
+  BASE_ALLOCATION,
+  NBD_FLAG_CAN_MULTI_CONN,
+  NBD_FLAG_HAS_FLAGS,
+  NBD_FLAG_READ_ONLY,
+  NBD_FLAG_SEND_CACHE,
+  NBD_FLAG_SEND_DF,
+  NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH,
+  NBD_FLAG_SEND_FUA,
+  NBD_FLAG_SEND_TRIM,
+  NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_MAX_PAYLOAD_SIZE,
+  QEMU_ALLOCATION_DEPTH,
+} from '../protocol/constants.js';
+
+export interface NbdExport {
+  /** The export name clients ask for. The empty name also selects the first export. */
+  readonly name: string;
+  readonly description?: string;
+  readonly device: BlockDevice;
+  /** Serve read-only even when the device is writable. Default: the device's own readOnly. */
+  readonly readOnly?: boolean;
+  /** `true` (default): NBD_CMD_TRIM discards on the device. `false`: trims succeed and do nothing
+   * (qemu-nbd's `--discard=ignore`). */
+  readonly discard?: boolean;
+  /** Offer the `qemu:allocation-depth` meta context (qemu-nbd's `-A`). Default false. */
+  readonly allocationDepth?: boolean;
+}
+
+/** Meta context ids: fixed per server, so they stay valid across connections. */
+export const CONTEXT_ID_BASE_ALLOCATION = 1;
+export const CONTEXT_ID_ALLOCATION_DEPTH = 2;
+
+export interface MetaContext {
+  readonly id: number;
+  readonly name: string;
+}
+
+export function isExportReadOnly(entry: NbdExport): boolean {
+  return entry.readOnly === true || entry.device.readOnly;
+}
+
+/** Transmission flags, true to the device: nothing is advertised that the export cannot do. */
+export function transmissionFlags(
+  entry: NbdExport,
+  options: { structuredReplies: boolean; multiConn: boolean },
+): number {
+  let flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_CACHE;
+  if (isExportReadOnly(entry)) {
+    flags |= NBD_FLAG_READ_ONLY;
+  } else {
+    flags |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+    if (entry.device.capabilities.fastZero) flags |= NBD_FLAG_SEND_FAST_ZERO;
+  }
+  if (options.structuredReplies) flags |= NBD_FLAG_SEND_DF;
+  if (options.multiConn) flags |= NBD_FLAG_CAN_MULTI_CONN;
+  return flags;
+}
+
+/** Block sizes for NBD_INFO_BLOCK_SIZE: any alignment works (devices handle partial blocks). */
+export function blockSizes(entry: NbdExport): { minimum: number; preferred: number; maximum: number } {
+  const capabilities = entry.device.capabilities;
+  const preferred = Math.min(Math.max(4096, capabilities.preferredAlignment), NBD_MAX_PAYLOAD_SIZE);
+  return { minimum: 1, preferred, maximum: NBD_MAX_PAYLOAD_SIZE };
+}
+
+/** The meta contexts an export offers. */
+export function availableContexts(entry: NbdExport): MetaContext[] {
+  const contexts: MetaContext[] = [{ id: CONTEXT_ID_BASE_ALLOCATION, name: BASE_ALLOCATION }];
+  if (entry.allocationDepth === true) {
+    contexts.push({ id: CONTEXT_ID_ALLOCATION_DEPTH, name: QEMU_ALLOCATION_DEPTH });
+  }
+  return contexts;
+}
+
+/**
+ * Contexts matching the client's queries. No query: all of them for LIST, none for SET. A query
+ * naming only a namespace (`base:`) matches every context in it, for LIST only.
+ */
+export function matchContexts(entry: NbdExport, queries: readonly string[], listing: boolean): MetaContext[] {
+  const available = availableContexts(entry);
+  if (queries.length === 0) return listing ? available : [];
+  const matched = new Map<number, MetaContext>();
+  for (const query of queries) {
+    for (const context of available) {
+      const namespaceQuery = listing && query.endsWith(':') && context.name.startsWith(query);
+      if (context.name === query || namespaceQuery) matched.set(context.id, context);
+    }
+  }
+  return [...matched.values()];
+}
+
+export function findExport(exports: readonly NbdExport[], name: string): NbdExport | undefined {
+  return exports.find((entry) => entry.name === name) ?? (name === '' ? exports[0] : undefined);
+}

@@ -1,0 +1,181 @@
+/**
+ * createNbdServer: serves BlockDevices over NBD on TCP, a unix socket or an inherited file
+ * descriptor (systemd socket activation). Every connection runs the handshake then the
+ * transmission loop; connections to one export share its device, so a flush on any connection
+ * covers writes acknowledged on all of them (multi-conn).
+ */
+import { type AddressInfo, createServer, type Server, type Socket } from 'node:net';
+import { createSecureContext, type SecureContext, type SecureContextOptions } from 'node:tls';
+import { ConnectionIo } from './connection-io.js';
+import type { NbdExport } from './export.js';
+import { HandshakeAbort, negotiate } from './handshake.js';
+import { errorMessage } from './nbd-errors.js';
+import { Transmission } from './transmission.js';
+
+export interface NbdTlsOptions {
+  /** PEM server certificate (chain). */
+  readonly cert: string | Buffer;
+  /** PEM private key. */
+  readonly key: string | Buffer;
+  /** PEM CA certificate(s); kept for clients verifying the chain. */
+  readonly ca?: string | Buffer;
+  /** Refuse every option but STARTTLS before TLS is up. Default true (as qemu-nbd). */
+  readonly required?: boolean;
+}
+
+export interface NbdServerOptions {
+  readonly exports: readonly NbdExport[];
+  readonly tls?: NbdTlsOptions;
+  /** Connections served at once; more are closed on arrival. Default: unlimited. */
+  readonly maxConnections?: number;
+  /** Advertise NBD_FLAG_CAN_MULTI_CONN. Default: true unless maxConnections is 1. */
+  readonly multiConn?: boolean;
+  /** Bytes held by requests in flight per connection. Default 64 MiB. */
+  readonly maxInFlightBytes?: number;
+  /** Receives one line per notable event (bad client, failed request). Default: ignored. */
+  readonly log?: (message: string) => void;
+  /** Called after a connection has ended, with the number still open. */
+  readonly onDisconnect?: (info: { readonly open: number; readonly served: number }) => void;
+}
+
+export type NbdListenTarget =
+  | { readonly port: number; readonly host?: string }
+  | { readonly path: string }
+  | { readonly fd: number };
+
+export interface NbdServer extends AsyncDisposable {
+  listen(target: NbdListenTarget): Promise<void>;
+  /** The bound address: `{ port, address }` for TCP, the path for a unix socket. */
+  address(): AddressInfo | string | null;
+  /** Connections open now. */
+  readonly connections: number;
+  /** Stops accepting, lets requests in flight finish, flushes the exports, closes connections. */
+  close(): Promise<void>;
+}
+
+interface Connection {
+  readonly io: ConnectionIo;
+  transmission: Transmission | undefined;
+  done: Promise<void>;
+}
+
+export function createNbdServer(options: NbdServerOptions): NbdServer {
+  if (options.exports.length === 0) throw new TypeError('createNbdServer: at least one export is needed');
+  const names = new Set<string>();
+  for (const entry of options.exports) {
+    if (names.has(entry.name))
+      throw new TypeError(`createNbdServer: export name '${entry.name}' is used twice`);
+    names.add(entry.name);
+  }
+  const log = options.log ?? (() => {});
+  const maxConnections = options.maxConnections ?? Number.POSITIVE_INFINITY;
+  const secureContext: SecureContext | undefined =
+    options.tls === undefined ? undefined : createSecureContext(tlsContextOptions(options.tls));
+  const handshakeConfig = {
+    exports: options.exports,
+    secureContext,
+    tlsRequired: options.tls?.required ?? true,
+    multiConn: options.multiConn ?? maxConnections !== 1,
+  };
+  const transmissionConfig = { maxInFlightBytes: options.maxInFlightBytes ?? 64 * 1024 * 1024, log };
+  const connections = new Set<Connection>();
+  let served = 0;
+  let closing: Promise<void> | undefined;
+
+  const serve = async (connection: Connection): Promise<void> => {
+    const { io } = connection;
+    try {
+      const session = await negotiate(io, handshakeConfig);
+      if (session === undefined || closing !== undefined) return;
+      const transmission = new Transmission(io, session, transmissionConfig);
+      connection.transmission = transmission;
+      const end = await transmission.run();
+      if (end === 'protocol-error') io.destroy();
+    } catch (error) {
+      if (error instanceof HandshakeAbort) log(error.message);
+      else if (!io.isClosed && error instanceof Error && error.name !== 'StreamEndedError') {
+        log(`connection: ${errorMessage(error)}`);
+      }
+      io.destroy();
+    } finally {
+      await io.end();
+    }
+  };
+
+  const netServer: Server = createServer({ pauseOnConnect: false }, (socket: Socket) => {
+    if (closing !== undefined || connections.size >= maxConnections) {
+      socket.destroy();
+      return;
+    }
+    served++;
+    const connection: Connection = {
+      io: new ConnectionIo(socket),
+      transmission: undefined,
+      done: Promise.resolve(),
+    };
+    connections.add(connection);
+    connection.done = serve(connection).finally(() => {
+      connections.delete(connection);
+      options.onDisconnect?.({ open: connections.size, served });
+    });
+  });
+  netServer.on('error', (error) => log(`server: ${error.message}`));
+
+  const close = (): Promise<void> => {
+    closing ??= (async () => {
+      const stopped = new Promise<void>((resolve) => netServer.close(() => resolve()));
+      for (const connection of connections) {
+        if (connection.transmission === undefined) connection.io.destroy();
+        else connection.transmission.stop();
+      }
+      await Promise.all(
+        [...connections].map(async (connection) => {
+          await connection.transmission?.idle();
+          await connection.io.end();
+          await connection.done;
+        }),
+      );
+      await Promise.all(
+        options.exports.map(async (entry) => {
+          if (!entry.device.readOnly) {
+            try {
+              await entry.device.flush();
+            } catch (error) {
+              log(`close: flush of ${entry.device.description} failed: ${errorMessage(error)}`);
+            }
+          }
+        }),
+      );
+      if (netServer.listening) await stopped;
+    })();
+    return closing;
+  };
+
+  return {
+    listen(target: NbdListenTarget): Promise<void> {
+      return new Promise<void>((resolve, reject) => {
+        const onError = (error: Error) => reject(error);
+        netServer.once('error', onError);
+        const done = () => {
+          netServer.off('error', onError);
+          resolve();
+        };
+        if ('fd' in target) netServer.listen({ fd: target.fd }, done);
+        else if ('path' in target) netServer.listen({ path: target.path }, done);
+        else netServer.listen({ port: target.port, host: target.host ?? '127.0.0.1' }, done);
+      });
+    },
+    address: () => netServer.address(),
+    get connections() {
+      return connections.size;
+    },
+    close,
+    [Symbol.asyncDispose]: close,
+  };
+}
+
+function tlsContextOptions(tls: NbdTlsOptions): SecureContextOptions {
+  return tls.ca === undefined
+    ? { cert: tls.cert, key: tls.key }
+    : { cert: tls.cert, key: tls.key, ca: tls.ca };
+}

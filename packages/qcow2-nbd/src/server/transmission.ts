@@ -1,0 +1,329 @@
+/**
+ * The transmission phase of one connection: requests are read in a loop, validated, and
+ * dispatched without waiting for earlier ones; each is answered when it completes. The bytes held
+ * for requests in flight (read data, write payloads) are bounded: past the bound the loop stops
+ * reading, the socket buffers fill and TCP slows the client down.
+ */
+import type { Extent } from '@qcowkit/blockdev';
+import {
+  NBD_CMD_BLOCK_STATUS,
+  NBD_CMD_CACHE,
+  NBD_CMD_DISC,
+  NBD_CMD_FLAG_DF,
+  NBD_CMD_FLAG_FAST_ZERO,
+  NBD_CMD_FLAG_FUA,
+  NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
+  NBD_CMD_FLUSH,
+  NBD_CMD_READ,
+  NBD_CMD_TRIM,
+  NBD_CMD_WRITE,
+  NBD_CMD_WRITE_ZEROES,
+  NBD_ENOTSUP,
+  NBD_ESHUTDOWN,
+  NBD_MAX_PAYLOAD_SIZE,
+  NBD_REQUEST_MAGIC,
+  NBD_STATE_HOLE,
+  NBD_STATE_ZERO,
+  REQUEST_HEADER_SIZE,
+  SIMPLE_REPLY_HEADER_SIZE,
+} from '../protocol/constants.js';
+import {
+  type BlockStatusDescriptor,
+  encodeBlockStatusChunk,
+  encodeErrorChunk,
+  encodeNoneChunk,
+  encodeOffsetDataChunk,
+  encodeOffsetHoleChunk,
+  encodeSimpleReply,
+  OFFSET_DATA_PAYLOAD_START,
+} from '../protocol/replies.js';
+import {
+  commandName,
+  decodeRequestHeader,
+  type RequestHeader,
+  validateRequest,
+} from '../protocol/requests.js';
+import type { ConnectionIo } from './connection-io.js';
+import { CONTEXT_ID_ALLOCATION_DEPTH, isExportReadOnly } from './export.js';
+import type { Session } from './handshake.js';
+import { errorMessage, nbdErrorName, toNbdError } from './nbd-errors.js';
+
+/** Reads at least this long look for holes and send them as OFFSET_HOLE chunks. */
+const SPARSE_READ_MINIMUM = 64 * 1024;
+/** Most block status descriptors sent in one reply. */
+const MAX_DESCRIPTORS = 64 * 1024;
+
+export interface TransmissionConfig {
+  /** Bound on bytes held by requests in flight on this connection. */
+  readonly maxInFlightBytes: number;
+  /** Called for events worth logging (a client broke the protocol, a device failed). */
+  readonly log: (message: string) => void;
+}
+
+/** Why the request loop ended. */
+export type TransmissionEnd = 'disconnect' | 'closed' | 'protocol-error' | 'shutdown';
+
+export class Transmission {
+  private inFlightBytes = 0;
+  private inFlightCount = 0;
+  private waiters: (() => void)[] = [];
+  private stopping = false;
+  private readonly readOnly: boolean;
+
+  constructor(
+    private readonly io: ConnectionIo,
+    private readonly session: Session,
+    private readonly config: TransmissionConfig,
+  ) {
+    this.readOnly = isExportReadOnly(session.export);
+  }
+
+  /** Stops reading requests (graceful shutdown). Requests in flight finish. */
+  stop(): void {
+    this.stopping = true;
+  }
+
+  /** Serves requests until the client disconnects or breaks the protocol; waits for requests in flight. */
+  async run(): Promise<TransmissionEnd> {
+    const reader = this.io.reader;
+    const context = {
+      size: this.session.export.device.size,
+      readOnly: this.readOnly,
+      structuredReplies: this.session.structuredReplies,
+      metaContexts: this.session.metaContexts.length > 0,
+    };
+    try {
+      for (;;) {
+        const bytes = reader.tryRead(REQUEST_HEADER_SIZE) ?? (await reader.read(REQUEST_HEADER_SIZE));
+        const request = decodeRequestHeader(bytes);
+        if (request.magic !== NBD_REQUEST_MAGIC) {
+          this.config.log(`request: bad magic 0x${request.magic.toString(16)}: closing the connection`);
+          return 'protocol-error';
+        }
+        if (request.type === NBD_CMD_DISC) return 'disconnect';
+        let payload: Buffer | undefined;
+        if (request.type === NBD_CMD_WRITE) {
+          if (request.length > NBD_MAX_PAYLOAD_SIZE) {
+            // The payload cannot be trusted to follow; answer and close.
+            this.replySimple(request, validateRequest(request, context));
+            this.config.log(`request: write of ${request.length} bytes is too large: closing the connection`);
+            return 'protocol-error';
+          }
+          payload = reader.tryRead(request.length) ?? (await reader.read(request.length));
+        }
+        if (this.stopping) {
+          this.replyError(request, NBD_ESHUTDOWN, 'server is shutting down');
+          continue;
+        }
+        const error = validateRequest(request, context);
+        if (error !== 0) {
+          this.replyError(request, error, `${commandName(request.type)}: ${nbdErrorName(error)}`);
+          continue;
+        }
+        const cost = (request.type === NBD_CMD_READ ? request.length : 0) + (payload?.length ?? 0);
+        while (this.inFlightCount > 0 && this.inFlightBytes + cost > this.config.maxInFlightBytes) {
+          await new Promise<void>((resolve) => this.waiters.push(resolve));
+        }
+        this.inFlightBytes += cost;
+        this.inFlightCount++;
+        this.execute(request, payload).then(
+          () => this.release(cost),
+          (failure: unknown) => {
+            this.config.log(`request: internal failure: ${errorMessage(failure)}`);
+            this.release(cost);
+          },
+        );
+      }
+    } catch (error) {
+      if (this.stopping) return 'shutdown';
+      return this.io.isClosed || isStreamEnd(error) ? 'closed' : 'protocol-error';
+    } finally {
+      await this.idle();
+    }
+  }
+
+  /** Resolves when no request is in flight. */
+  async idle(): Promise<void> {
+    while (this.inFlightCount > 0) {
+      await new Promise<void>((resolve) => this.waiters.push(resolve));
+    }
+    await this.io.drained();
+  }
+
+  private release(cost: number): void {
+    this.inFlightBytes -= cost;
+    this.inFlightCount--;
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const waiter of waiters) waiter();
+  }
+
+  private async execute(request: RequestHeader, payload: Buffer | undefined): Promise<void> {
+    const entry = this.session.export;
+    const device = entry.device;
+    const fua = (request.flags & NBD_CMD_FLAG_FUA) !== 0;
+    try {
+      switch (request.type) {
+        case NBD_CMD_READ:
+          await this.read(request);
+          return;
+        case NBD_CMD_WRITE:
+          await device.write(request.offset, payload!, { fua });
+          break;
+        case NBD_CMD_FLUSH:
+          await device.flush();
+          break;
+        case NBD_CMD_TRIM:
+          if (entry.discard !== false && request.length > 0) {
+            await device.discard(request.offset, request.length);
+            if (fua) await device.flush();
+          }
+          break;
+        case NBD_CMD_WRITE_ZEROES: {
+          const fastOnly = (request.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0;
+          if (fastOnly && !device.capabilities.fastZero) {
+            this.replySimple(request, NBD_ENOTSUP);
+            return;
+          }
+          await device.writeZeroes(request.offset, request.length, {
+            fua,
+            fastOnly,
+            mayUnmap: (request.flags & NBD_CMD_FLAG_NO_HOLE) === 0,
+          });
+          break;
+        }
+        case NBD_CMD_CACHE:
+          // A hint; devices keep no cache worth warming from here.
+          break;
+        case NBD_CMD_BLOCK_STATUS:
+          await this.blockStatus(request);
+          return;
+      }
+      this.replySimple(request, 0);
+    } catch (error) {
+      this.replyError(request, toNbdError(error), errorMessage(error));
+    }
+  }
+
+  private async read(request: RequestHeader): Promise<void> {
+    const device = this.session.export.device;
+    const { cookie, offset, length } = request;
+    if (!this.session.structuredReplies) {
+      const reply = encodeSimpleReply(cookie, 0, length);
+      await device.readInto(reply.subarray(SIMPLE_REPLY_HEADER_SIZE), offset);
+      this.io.send(reply);
+      return;
+    }
+    if (length === 0) {
+      this.io.send(encodeNoneChunk(cookie));
+      return;
+    }
+    const sparse =
+      length >= SPARSE_READ_MINIMUM &&
+      (request.flags & NBD_CMD_FLAG_DF) === 0 &&
+      device.capabilities.blockStatus;
+    if (!sparse) {
+      const chunk = encodeOffsetDataChunk(cookie, true, offset, length);
+      await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), offset);
+      this.io.send(chunk);
+      return;
+    }
+    const extents = await statusExtents(this.session, offset, length, Number.POSITIVE_INFINITY);
+    // Read every data run first: an error must not follow data chunks already sent.
+    const chunks: Buffer[] = [];
+    await Promise.all(
+      extents.map(async (extent, index) => {
+        const last = index === extents.length - 1;
+        if (extent.zero) {
+          chunks[index] = encodeOffsetHoleChunk(cookie, last, extent.offset, extent.length);
+          return;
+        }
+        const chunk = encodeOffsetDataChunk(cookie, last, extent.offset, extent.length);
+        await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), extent.offset);
+        chunks[index] = chunk;
+      }),
+    );
+    for (const chunk of chunks) this.io.send(chunk);
+  }
+
+  private async blockStatus(request: RequestHeader): Promise<void> {
+    const { cookie, offset, length } = request;
+    const one = (request.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
+    if (length === 0) {
+      this.replyError(request, 22, 'NBD_CMD_BLOCK_STATUS: zero length');
+      return;
+    }
+    const extents = await statusExtents(this.session, offset, length, one ? 1 : MAX_DESCRIPTORS);
+    const contexts = this.session.metaContexts;
+    const chunks = contexts.map((context, index) => {
+      const status =
+        context.id === CONTEXT_ID_ALLOCATION_DEPTH
+          ? (extent: Extent) => (extent.present ? extent.depth + 1 : 0)
+          : (extent: Extent) => (extent.data ? 0 : NBD_STATE_HOLE) | (extent.zero ? NBD_STATE_ZERO : 0);
+      const descriptors: BlockStatusDescriptor[] = [];
+      for (const extent of extents) {
+        const value = status(extent);
+        const previous = descriptors[descriptors.length - 1];
+        if (previous !== undefined && previous.status === value) {
+          descriptors[descriptors.length - 1] = { length: previous.length + extent.length, status: value };
+        } else {
+          descriptors.push({ length: extent.length, status: value });
+        }
+        if (one) break;
+      }
+      return encodeBlockStatusChunk(cookie, index === contexts.length - 1, context.id, descriptors);
+    });
+    for (const chunk of chunks) this.io.send(chunk);
+  }
+
+  private replySimple(request: RequestHeader, error: number): void {
+    this.io.send(encodeSimpleReply(request.cookie, error));
+  }
+
+  /** An error reply: structured for READ and BLOCK_STATUS when structured replies are on. */
+  private replyError(request: RequestHeader, error: number, message: string): void {
+    const structured =
+      this.session.structuredReplies &&
+      (request.type === NBD_CMD_READ || request.type === NBD_CMD_BLOCK_STATUS);
+    this.io.send(
+      structured
+        ? encodeErrorChunk(request.cookie, error, message)
+        : encodeSimpleReply(request.cookie, error),
+    );
+  }
+}
+
+/** Extents over the range, at most `limit` of them (the last one may end before the range). */
+async function statusExtents(
+  session: Session,
+  offset: number,
+  length: number,
+  limit: number,
+): Promise<Extent[]> {
+  const device = session.export.device;
+  const out: Extent[] = [];
+  const end = offset + length;
+  let position = offset;
+  while (position < end && out.length < limit) {
+    const extents = await device.blockStatus(position, end - position);
+    if (extents.length === 0) break;
+    for (const extent of extents) {
+      if (extent.offset !== position || extent.length <= 0) {
+        throw new Error(
+          `blockStatus: ${device.description} returned a bad extent (at 0x${position.toString(16)})`,
+        );
+      }
+      const clipped = Math.min(extent.length, end - position);
+      out.push(clipped === extent.length ? extent : { ...extent, length: clipped });
+      position += clipped;
+      if (position >= end || out.length >= limit) break;
+    }
+  }
+  if (out.length === 0) throw new Error(`blockStatus: ${device.description} returned no extent`);
+  return out;
+}
+
+function isStreamEnd(error: unknown): boolean {
+  return error instanceof Error && error.name === 'StreamEndedError';
+}

@@ -1,0 +1,373 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { type BlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { createNbdServer, type NbdExport, type NbdServer, protocol as P } from '../src/index.js';
+import { metaContextPayload, TestClient } from './test-client.js';
+
+const SIZE = 1024 * 1024;
+let dir: string;
+let server: NbdServer;
+let socketPath: string;
+let device: MemoryBlockDevice;
+let logs: string[];
+
+async function start(exports?: NbdExport[], extra: Partial<Parameters<typeof createNbdServer>[0]> = {}) {
+  logs = [];
+  server = createNbdServer({
+    exports: exports ?? [{ name: 'disk', description: 'a disk', device }],
+    log: (m) => logs.push(m),
+    ...extra,
+  });
+  await server.listen({ path: socketPath });
+}
+
+function pattern(length: number, seed: number): Buffer {
+  const out = Buffer.alloc(length);
+  for (let i = 0; i < length; i++) out[i] = (i * 31 + seed) & 0xff;
+  return out;
+}
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'qcowkit-nbd-'));
+  socketPath = join(dir, 'nbd.sock');
+  device = new MemoryBlockDevice(SIZE);
+});
+
+afterEach(async () => {
+  await server?.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('handshake', () => {
+  it('sends a fixed newstyle greeting with NO_ZEROES and lists exports', async () => {
+    await start([
+      { name: 'disk', description: 'a disk', device },
+      { name: 'other', device: new MemoryBlockDevice(4096) },
+    ]);
+    const client = await TestClient.connect(socketPath);
+    expect(await client.greeting()).toBe(P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES);
+    client.sendOption(P.NBD_OPT_LIST);
+    const replies = await client.optionReplies();
+    expect(replies.map((r) => r.type)).toEqual([P.NBD_REP_SERVER, P.NBD_REP_SERVER, P.NBD_REP_ACK]);
+    expect(replies[0]!.data.subarray(4, 8).toString()).toBe('disk');
+    expect(replies[0]!.data.subarray(8).toString()).toBe('a disk');
+    client.sendOption(P.NBD_OPT_LIST, Buffer.from('x'));
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ERR_INVALID);
+    client.sendOption(P.NBD_OPT_ABORT);
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ACK);
+    expect(await client.closed()).toBe(true);
+  });
+
+  it('answers INFO and GO with export, name, description and block size info', async () => {
+    await start();
+    const client = await TestClient.connect(socketPath);
+    await client.greeting();
+    client.sendOption(P.NBD_OPT_INFO, infoFor('disk', [P.NBD_INFO_NAME, P.NBD_INFO_DESCRIPTION]));
+    const replies = await client.optionReplies();
+    const infos = new Map(
+      replies.filter((r) => r.type === P.NBD_REP_INFO).map((r) => [r.data.readUInt16BE(0), r.data]),
+    );
+    expect(Number(infos.get(P.NBD_INFO_EXPORT)!.readBigUInt64BE(2))).toBe(SIZE);
+    expect(infos.get(P.NBD_INFO_NAME)!.subarray(2).toString()).toBe('disk');
+    expect(infos.get(P.NBD_INFO_DESCRIPTION)!.subarray(2).toString()).toBe('a disk');
+    const blockSize = infos.get(P.NBD_INFO_BLOCK_SIZE)!;
+    expect([blockSize.readUInt32BE(2), blockSize.readUInt32BE(10)]).toEqual([1, 32 * 1024 * 1024]);
+    client.sendOption(P.NBD_OPT_GO, infoFor('nope'));
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ERR_UNKNOWN);
+    const { size, flags } = await client.go('disk');
+    expect(size).toBe(SIZE);
+    expect(flags & P.NBD_FLAG_READ_ONLY).toBe(0);
+    expect(flags & P.NBD_FLAG_SEND_TRIM).toBe(P.NBD_FLAG_SEND_TRIM);
+    expect(flags & P.NBD_FLAG_SEND_DF).toBe(0);
+    client.destroy();
+  });
+
+  it('rejects unknown options, meta contexts before structured replies, and malformed payloads', async () => {
+    await start();
+    const client = await TestClient.connect(socketPath);
+    await client.greeting();
+    client.sendOption(4242);
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ERR_UNSUP);
+    client.sendOption(P.NBD_OPT_EXTENDED_HEADERS);
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ERR_UNSUP);
+    client.sendOption(P.NBD_OPT_STARTTLS);
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ERR_UNSUP);
+    client.sendOption(P.NBD_OPT_SET_META_CONTEXT, metaContextPayload('disk', ['base:allocation']));
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ERR_INVALID);
+    client.sendOption(P.NBD_OPT_STRUCTURED_REPLY, Buffer.from([1]));
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ERR_INVALID);
+    client.sendOption(P.NBD_OPT_GO, Buffer.from([0, 0, 0, 9, 1]));
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ERR_INVALID);
+    client.sendOption(P.NBD_OPT_STRUCTURED_REPLY);
+    expect((await client.optionReply()).type).toBe(P.NBD_REP_ACK);
+    client.sendOption(P.NBD_OPT_LIST_META_CONTEXT, metaContextPayload('disk', []));
+    const listed = await client.optionReplies();
+    expect(
+      listed.filter((r) => r.type === P.NBD_REP_META_CONTEXT).map((r) => r.data.subarray(4).toString()),
+    ).toEqual(['base:allocation']);
+    client.sendOption(
+      P.NBD_OPT_SET_META_CONTEXT,
+      metaContextPayload('disk', ['qemu:allocation-depth', 'x:y']),
+    );
+    expect((await client.optionReplies()).map((r) => r.type)).toEqual([P.NBD_REP_ACK]);
+    const { flags } = await client.go('disk');
+    expect(flags & P.NBD_FLAG_SEND_DF).toBe(P.NBD_FLAG_SEND_DF);
+    client.destroy();
+  });
+
+  it('serves EXPORT_NAME without zeroes when negotiated and with 124 zeroes otherwise', async () => {
+    await start();
+    for (const noZeroes of [true, false]) {
+      const client = await TestClient.connect(socketPath);
+      await client.greeting(P.NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? P.NBD_FLAG_C_NO_ZEROES : 0));
+      client.sendOption(P.NBD_OPT_EXPORT_NAME, Buffer.from('disk'));
+      const reply = await client.reader.read(noZeroes ? 10 : 134);
+      expect(Number(reply.readBigUInt64BE(0))).toBe(SIZE);
+      client.request(P.NBD_CMD_READ, 0, 4);
+      expect((await client.simpleReply(4)).error).toBe(0);
+      client.destroy();
+    }
+  });
+
+  it('closes the connection on an unknown EXPORT_NAME, a bad option magic, unknown client flags', async () => {
+    await start();
+    const a = await TestClient.connect(socketPath);
+    await a.greeting();
+    a.sendOption(P.NBD_OPT_EXPORT_NAME, Buffer.from('nope'));
+    expect(await a.closed()).toBe(true);
+    const b = await TestClient.connect(socketPath);
+    await b.greeting();
+    b.sendOption(P.NBD_OPT_LIST, Buffer.alloc(0), 0x1234n);
+    expect(await b.closed()).toBe(true);
+    const c = await TestClient.connect(socketPath);
+    await c.greeting(0x80);
+    expect(await c.closed()).toBe(true);
+  });
+});
+
+describe('transmission', () => {
+  it('writes and reads back with simple replies, FUA, flush, cache', async () => {
+    await start();
+    const client = await TestClient.connect(socketPath);
+    await client.open({ name: 'disk' });
+    const data = pattern(10_000, 3);
+    const w = client.request(P.NBD_CMD_WRITE, 4095, data.length, { data, flags: P.NBD_CMD_FLAG_FUA });
+    expect(await client.simpleReply()).toMatchObject({ error: 0, cookie: w });
+    client.request(P.NBD_CMD_FLUSH, 0, 0);
+    expect((await client.simpleReply()).error).toBe(0);
+    client.request(P.NBD_CMD_CACHE, 0, 4096);
+    expect((await client.simpleReply()).error).toBe(0);
+    client.request(P.NBD_CMD_READ, 4095, data.length);
+    expect((await client.simpleReply(data.length)).data.equals(data)).toBe(true);
+    expect(Buffer.from(await device.read(4095, data.length)).equals(data)).toBe(true);
+    client.request(P.NBD_CMD_DISC, 0, 0);
+    expect(await client.closed()).toBe(true);
+  });
+
+  it('answers pipelined requests, each with its own cookie', async () => {
+    await start();
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    const cookies = new Set<bigint>();
+    for (let i = 0; i < 64; i++) {
+      const data = pattern(4096, i);
+      cookies.add(client.request(P.NBD_CMD_WRITE, i * 4096, 4096, { data }));
+    }
+    for (let i = 0; i < 64; i++) {
+      const reply = await client.simpleReply();
+      expect(reply.error).toBe(0);
+      cookies.delete(reply.cookie);
+    }
+    expect(cookies.size).toBe(0);
+    expect(Buffer.from(await device.read(63 * 4096, 4096)).equals(pattern(4096, 63))).toBe(true);
+    client.destroy();
+  });
+
+  it('zeroes, trims and reports holes with structured replies and block status', async () => {
+    await start([{ name: '', device, allocationDepth: true }]);
+    await device.write(0, pattern(SIZE, 1));
+    const client = await TestClient.connect(socketPath);
+    await client.open({ structured: true, contexts: ['base:allocation', 'qemu:allocation-depth'] });
+    client.request(P.NBD_CMD_WRITE_ZEROES, 128 * 1024, 256 * 1024);
+    expect((await client.simpleReply()).error).toBe(0);
+    client.request(P.NBD_CMD_TRIM, 512 * 1024, 64 * 1024);
+    expect((await client.simpleReply()).error).toBe(0);
+    client.request(P.NBD_CMD_READ, 0, SIZE);
+    const chunks = await client.chunks();
+    const holes = chunks.filter((c) => c.type === P.NBD_REPLY_TYPE_OFFSET_HOLE);
+    expect(holes.map((h) => [Number(h.payload.readBigUInt64BE(0)), h.payload.readUInt32BE(8)])).toEqual([
+      [128 * 1024, 256 * 1024],
+      [512 * 1024, 64 * 1024],
+    ]);
+    const assembled = Buffer.alloc(SIZE);
+    for (const chunk of chunks.filter((c) => c.type === P.NBD_REPLY_TYPE_OFFSET_DATA)) {
+      chunk.payload.copy(assembled, Number(chunk.payload.readBigUInt64BE(0)), 8);
+    }
+    expect(assembled.equals(Buffer.from(await device.read(0, SIZE)))).toBe(true);
+
+    client.request(P.NBD_CMD_BLOCK_STATUS, 0, SIZE);
+    const status = await client.chunks();
+    expect(status.map((c) => c.type)).toEqual([P.NBD_REPLY_TYPE_BLOCK_STATUS, P.NBD_REPLY_TYPE_BLOCK_STATUS]);
+    const base = status.find((c) => c.payload.readUInt32BE(0) === 1)!;
+    expect(descriptors(base.payload)).toEqual([
+      [128 * 1024, 0],
+      [256 * 1024, 3],
+      [128 * 1024, 0],
+      [64 * 1024, 3],
+      [SIZE - 576 * 1024, 0],
+    ]);
+    client.request(P.NBD_CMD_BLOCK_STATUS, 0, SIZE, { flags: P.NBD_CMD_FLAG_REQ_ONE });
+    const one = await client.chunks();
+    expect(descriptors(one[0]!.payload)).toHaveLength(1);
+
+    client.request(P.NBD_CMD_READ, 0, 70_000, { flags: P.NBD_CMD_FLAG_DF });
+    const single = await client.chunks();
+    expect(single).toHaveLength(1);
+    expect(single[0]!.type).toBe(P.NBD_REPLY_TYPE_OFFSET_DATA);
+    client.request(P.NBD_CMD_READ, SIZE, 1);
+    const error = await client.chunks();
+    expect(error[0]!.type).toBe(P.NBD_REPLY_TYPE_ERROR);
+    expect(error[0]!.payload.readUInt32BE(0)).toBe(P.NBD_EINVAL);
+    client.destroy();
+  });
+
+  it('answers every bad request with the error the spec names and keeps serving', async () => {
+    await start([
+      { name: 'rw', device },
+      { name: 'ro', device, readOnly: true },
+    ]);
+    const client = await TestClient.connect(socketPath);
+    await client.open({ name: 'rw' });
+    const expectError = async (error: number) => expect((await client.simpleReply()).error).toBe(error);
+    client.request(P.NBD_CMD_READ, SIZE - 1, 2);
+    await expectError(P.NBD_EINVAL);
+    client.request(P.NBD_CMD_WRITE, SIZE - 1, 2, { data: Buffer.alloc(2) });
+    await expectError(P.NBD_ENOSPC);
+    client.request(P.NBD_CMD_WRITE_ZEROES, SIZE, 1);
+    await expectError(P.NBD_ENOSPC);
+    client.request(P.NBD_CMD_TRIM, SIZE, 1);
+    await expectError(P.NBD_EINVAL);
+    client.request(P.NBD_CMD_READ, 0, 2 ** 31);
+    await expectError(P.NBD_EINVAL);
+    client.request(P.NBD_CMD_READ, 2 ** 60, 1);
+    await expectError(P.NBD_EINVAL);
+    client.request(99, 0, 0);
+    await expectError(P.NBD_EINVAL);
+    client.request(P.NBD_CMD_READ, 0, 1, { flags: 0x100 });
+    await expectError(P.NBD_EINVAL);
+    client.request(P.NBD_CMD_READ, 0, 1, { flags: P.NBD_CMD_FLAG_DF });
+    await expectError(P.NBD_EINVAL);
+    client.request(P.NBD_CMD_FLUSH, 1, 0);
+    await expectError(P.NBD_EINVAL);
+    client.request(P.NBD_CMD_BLOCK_STATUS, 0, 512);
+    await expectError(P.NBD_EINVAL);
+    client.request(P.NBD_CMD_READ, 0, 3);
+    expect((await client.simpleReply(3)).error).toBe(0);
+
+    const ro = await TestClient.connect(socketPath);
+    const { flags } = await ro.open({ name: 'ro' });
+    expect(flags & P.NBD_FLAG_READ_ONLY).toBe(P.NBD_FLAG_READ_ONLY);
+    expect(flags & P.NBD_FLAG_SEND_WRITE_ZEROES).toBe(0);
+    ro.request(P.NBD_CMD_WRITE, 0, 4, { data: Buffer.alloc(4) });
+    expect((await ro.simpleReply()).error).toBe(P.NBD_EPERM);
+    ro.request(P.NBD_CMD_TRIM, 0, 4);
+    expect((await ro.simpleReply()).error).toBe(P.NBD_EPERM);
+    ro.request(P.NBD_CMD_WRITE_ZEROES, 0, 4);
+    expect((await ro.simpleReply()).error).toBe(P.NBD_EPERM);
+    ro.request(P.NBD_CMD_FLUSH, 0, 0);
+    expect((await ro.simpleReply()).error).toBe(0);
+    client.destroy();
+    ro.destroy();
+  });
+
+  it('closes only the connection that sends a bad magic or a 2 GiB write', async () => {
+    await start();
+    const good = await TestClient.connect(socketPath);
+    await good.open();
+    const bad = await TestClient.connect(socketPath);
+    await bad.open();
+    bad.request(P.NBD_CMD_READ, 0, 1, { magic: 0xdeadbeef });
+    expect(await bad.closed()).toBe(true);
+    const big = await TestClient.connect(socketPath);
+    await big.open();
+    big.request(P.NBD_CMD_WRITE, 0, 2 ** 31, { data: Buffer.alloc(1000) });
+    expect((await big.simpleReply()).error).toBe(P.NBD_EINVAL);
+    expect(await big.closed()).toBe(true);
+    const garbage = await TestClient.connect(socketPath);
+    garbage.socket.write(Buffer.from('GET / HTTP/1.1\r\n\r\n'.repeat(10)));
+    expect(await garbage.closed()).toBe(true);
+    good.request(P.NBD_CMD_READ, 0, 8);
+    expect((await good.simpleReply(8)).error).toBe(0);
+    expect(logs.some((line) => line.includes('bad magic'))).toBe(true);
+    good.destroy();
+  });
+
+  it('refuses FAST_ZERO where the device cannot zero fast, and maps device errors', async () => {
+    const failing: NbdExport = {
+      name: '',
+      device: wrap(device, {
+        capabilities: { ...device.capabilities, fastZero: false },
+        write: () => Promise.reject(new Error('disk on fire')),
+      }),
+    };
+    await start([failing]);
+    const client = await TestClient.connect(socketPath);
+    const { flags } = await client.open();
+    expect(flags & P.NBD_FLAG_SEND_FAST_ZERO).toBe(0);
+    client.request(P.NBD_CMD_WRITE_ZEROES, 0, 4096, { flags: P.NBD_CMD_FLAG_FAST_ZERO });
+    expect((await client.simpleReply()).error).toBe(P.NBD_ENOTSUP);
+    client.request(P.NBD_CMD_WRITE, 0, 4, { data: Buffer.alloc(4) });
+    expect((await client.simpleReply()).error).toBe(P.NBD_EIO);
+    client.destroy();
+  });
+
+  it('finishes requests in flight and flushes on close', async () => {
+    let flushes = 0;
+    const counting = wrap(device, {
+      flush: async () => {
+        flushes++;
+      },
+    });
+    await start([{ name: '', device: counting }]);
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    const data = pattern(1 << 20, 7);
+    client.request(P.NBD_CMD_WRITE, 0, data.length, { data });
+    const reply = client.simpleReply();
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    await server.close();
+    expect((await reply).error).toBe(0);
+    expect(flushes).toBe(1);
+    expect(await client.closed()).toBe(true);
+  });
+});
+
+function infoFor(name: string, infos: number[] = []): Buffer {
+  const nameBytes = Buffer.from(name);
+  const out = Buffer.alloc(6 + nameBytes.length + 2 * infos.length);
+  out.writeUInt32BE(nameBytes.length, 0);
+  nameBytes.copy(out, 4);
+  out.writeUInt16BE(infos.length, 4 + nameBytes.length);
+  infos.forEach((info, i) => out.writeUInt16BE(info, 6 + nameBytes.length + 2 * i));
+  return out;
+}
+
+function descriptors(payload: Buffer): [number, number][] {
+  const out: [number, number][] = [];
+  for (let i = 4; i < payload.length; i += 8)
+    out.push([payload.readUInt32BE(i), payload.readUInt32BE(i + 4)]);
+  return out;
+}
+
+/** A device that forwards to `base` except for the members given. */
+function wrap(base: BlockDevice, overrides: Partial<BlockDevice>): BlockDevice {
+  return new Proxy(base, {
+    get(target, key) {
+      if (key in overrides) return overrides[key as keyof BlockDevice];
+      const value = Reflect.get(target, key, target);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+}
