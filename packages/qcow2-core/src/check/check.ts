@@ -1,0 +1,523 @@
+/**
+ * The read-only consistency check of a qcow2 image, counted as `qemu-img check` counts.
+ *
+ * 1. Rebuild the reference counts from the metadata: the header cluster, the active L1 table and
+ *    its L2 tables and data clusters (compressed ones by their byte range, which may span or share
+ *    clusters), every snapshot's L1 and L2 tables, the snapshot table, the refcount table, the
+ *    encryption header, the bitmap directory and tables, and the refcount blocks themselves.
+ *    Broken entries (reserved bits, misalignment, references a cluster or more past the end of
+ *    the file, invalid subcluster bitmaps) are reported on the way.
+ * 2. Compare with the stored refcounts, cluster by cluster: stored lower is a corruption
+ *    ("ERROR cluster N refcount=R reference=r"), stored higher a leak ("Leaked cluster ...").
+ * 3. Check the COPIED flag of the active L1 and L2 entries against the stored refcounts.
+ *
+ * Memory: one counter per host cluster of the file (1, 2 or 4 bytes), one L1 chunk, a few L2
+ * tables and refcount blocks. Nothing is sized by an offset read from the file.
+ */
+import { type BlockDevice, BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
+import {
+  QCOW2_AUTOCLEAR_BITMAPS,
+  QCOW2_INCOMPAT_DATA_FILE,
+  QCOW2_INCOMPAT_EXTL2,
+} from '../format/feature-bits.js';
+import { decodeHeader, peekClusterSize, type Qcow2Header } from '../format/header.js';
+import { countBitmapReferences } from './bitmaps.js';
+import { CheckLog } from './check-log.js';
+import { ComputedRefcounts } from './computed-refcounts.js';
+import {
+  classifyL2Entry,
+  decodeCompressedDescriptor,
+  entryHex,
+  entryOffset,
+  l1ReservedBitsSet,
+  l2ReservedBitsSet,
+  QCOW_OFLAG_COPIED_HIGH,
+  reftableReservedBitsSet,
+} from './entries.js';
+import { Pacer } from './pacer.js';
+import { readZeroPadded } from './read-padded.js';
+import { readSnapshotTableForCheck } from './snapshot-table.js';
+import { StoredRefcounts } from './stored-refcounts.js';
+import type { Qcow2CheckOptions, Qcow2CheckResult } from './types.js';
+
+/** What the check needs of an image: its file, and its decoded header when already known. */
+export interface Qcow2CheckTarget {
+  readonly file: BlockDevice;
+  readonly header?: Qcow2Header;
+}
+
+/** L1 entries read at a time. */
+const L1_CHUNK_ENTRIES = 64 * 1024;
+/** L2 tables read ahead while one is examined. */
+const L2_READ_AHEAD = 8;
+/** QEMU's cap on an L1 table, in entries (32 MiB). */
+const QCOW_MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
+/** QEMU refuses to check a file of more clusters than this. */
+const MAX_FILE_CLUSTERS = 0x7fff_ffff;
+
+/** Fixed facts about the image every step uses. */
+interface Geometry {
+  file: BlockDevice;
+  clusterSize: number;
+  clusterBits: number;
+  extendedL2: boolean;
+  hasDataFile: boolean;
+  /** Bytes of one L2 entry (8, or 16 with extended L2). */
+  l2EntryBytes: number;
+  request: RequestOptions;
+}
+
+/** Fragmentation counters, gathered on the active tables only. */
+interface FragInfo {
+  allocated: number;
+  fragmented: number;
+  compressed: number;
+}
+
+/** Reads and decodes the header when the caller did not pass one. */
+async function loadHeader(file: BlockDevice, request: RequestOptions): Promise<Qcow2Header> {
+  const head = await readZeroPadded(file, 0, Math.min(file.size, 4096), request);
+  if (file.size < 72) {
+    throw new BlockDeviceError('ECORRUPT', `qcow2 header: file too short (${file.size} bytes)`, {
+      offset: 0,
+    });
+  }
+  const clusterSize = peekClusterSize(head);
+  const firstCluster =
+    clusterSize <= head.length ? head : await file.read(0, Math.min(file.size, clusterSize), request);
+  return decodeHeader(firstCluster);
+}
+
+/** Checks a qcow2 image read-only and returns what `qemu-img check` would report. */
+export async function checkQcow2Image(
+  image: Qcow2CheckTarget,
+  options: Qcow2CheckOptions = {},
+): Promise<Qcow2CheckResult> {
+  if (options.repair !== undefined) {
+    throw new BlockDeviceError(
+      'EUNSUPPORTED',
+      `qcow2 check: repair (${options.repair}) is not supported yet`,
+    );
+  }
+  const request: RequestOptions = options.signal === undefined ? {} : { signal: options.signal };
+  options.signal?.throwIfAborted();
+  const { file } = image;
+  const header = image.header ?? (await loadHeader(file, request));
+  const clusterSize = header.clusterSize;
+  const clusterBits = header.clusterBits;
+  const refcountBits = 2 ** header.refcountOrder;
+  const extendedL2 = (header.incompatibleFeatures.low & QCOW2_INCOMPAT_EXTL2) !== 0;
+  const geometry: Geometry = {
+    file,
+    clusterSize,
+    clusterBits,
+    extendedL2,
+    hasDataFile: (header.incompatibleFeatures.low & QCOW2_INCOMPAT_DATA_FILE) !== 0,
+    l2EntryBytes: extendedL2 ? 16 : 8,
+    request,
+  };
+
+  const fileSize = file.size;
+  const nbClusters = Math.ceil(fileSize / clusterSize);
+  if (nbClusters > MAX_FILE_CLUSTERS) {
+    throw new BlockDeviceError(
+      'EUNSUPPORTED',
+      `qcow2 check: file of ${nbClusters} clusters is too large to check`,
+    );
+  }
+  const log = new CheckLog();
+  const totalClusters = Math.ceil((Math.ceil(header.size / 512) * 512) / clusterSize);
+
+  const snapshotTable =
+    header.nbSnapshots === 0
+      ? { snapshots: [], size: 0 }
+      : await readSnapshotTableForCheck(file, header.snapshotsOffset, header.nbSnapshots, request);
+  const snapshotL1Entries = snapshotTable.snapshots.reduce(
+    (sum, s) => sum + Math.min(s.l1Size, QCOW_MAX_L1_ENTRIES),
+    0,
+  );
+  const pacer = new Pacer(
+    header.l1Size * 2 + snapshotL1Entries + nbClusters,
+    options.signal,
+    options.onProgress,
+  );
+
+  const refcounts = new ComputedRefcounts(fileSize, clusterSize, refcountBits, log);
+  const frag: FragInfo = { allocated: 0, fragmented: 0, compressed: 0 };
+
+  // 1. References. Header cluster (with the extension area) first.
+  refcounts.add(0, clusterSize);
+  await countL1References(geometry, header.l1TableOffset, header.l1Size, frag, refcounts, log, pacer);
+  if (geometry.hasDataFile && header.nbSnapshots > 0) {
+    log.corruption(`ERROR ${header.nbSnapshots} snapshots in image with data file`);
+  }
+  for (const snapshot of snapshotTable.snapshots) {
+    if (snapshot.l1TableOffset % clusterSize !== 0) {
+      log.corruption(
+        `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_offset=${hashHex(snapshot.l1TableOffset)}: ` +
+          'L1 table is not cluster aligned; snapshot table entry corrupted',
+      );
+      continue;
+    }
+    if (snapshot.l1Size > QCOW_MAX_L1_ENTRIES) {
+      log.corruption(
+        `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_size=${hashHex(snapshot.l1Size)}: ` +
+          'L1 table is too large; snapshot table entry corrupted',
+      );
+      continue;
+    }
+    await countL1References(
+      geometry,
+      snapshot.l1TableOffset,
+      snapshot.l1Size,
+      undefined,
+      refcounts,
+      log,
+      pacer,
+    );
+  }
+  refcounts.add(header.snapshotsOffset, snapshotTable.size);
+  refcounts.add(header.refcountTableOffset, header.refcountTableClusters * clusterSize);
+  const crypto = header.extensions.cryptoHeader;
+  if (crypto !== undefined && crypto.length > 0) refcounts.add(crypto.offset, crypto.length);
+  const bitmaps = header.extensions.bitmaps;
+  if (bitmaps !== undefined && (header.autoclearFeatures.low & QCOW2_AUTOCLEAR_BITMAPS) !== 0) {
+    await countBitmapReferences(file, bitmaps, clusterSize, refcounts, log, request);
+  }
+
+  const stored = await StoredRefcounts.load(file, {
+    clusterSize,
+    refcountBits,
+    refcountTableOffset: header.refcountTableOffset,
+    refcountTableClusters: header.refcountTableClusters,
+    request,
+  });
+  countRefcountBlocks(stored, clusterSize, refcounts, log);
+
+  // 2. Compare.
+  const highestCluster = await compareRefcounts(stored, refcounts, log, pacer, request);
+
+  // 3. COPIED flags of the active tables.
+  await checkCopiedFlags(geometry, header.l1TableOffset, header.l1Size, stored, log, pacer);
+
+  pacer.finish();
+  return {
+    totalClusters,
+    allocatedClusters: frag.allocated,
+    fragmentedClusters: frag.fragmented,
+    compressedClusters: frag.compressed,
+    imageEndOffset: (highestCluster + 1) * clusterSize,
+    corruptions: log.corruptions,
+    leaks: log.leaks,
+    checkErrors: log.checkErrors,
+    corruptionsFixed: 0,
+    leaksFixed: 0,
+    messages: log.finalMessages(),
+  };
+}
+
+/** `%#x` of C: 0x-prefixed hex, except plain 0. */
+function hashHex(value: number): string {
+  return value === 0 ? '0' : `0x${value.toString(16)}`;
+}
+
+/**
+ * Yields the L2 table offsets of an L1 table, one chunk of the table at a time, with the L1 entry
+ * index and halves. Entries past the end of the file read as zeros (no tables).
+ */
+async function* l1Entries(
+  geometry: Geometry,
+  l1TableOffset: number,
+  l1Size: number,
+): AsyncGenerator<{ index: number; high: number; low: number }> {
+  for (let first = 0; first < l1Size; first += L1_CHUNK_ENTRIES) {
+    const count = Math.min(L1_CHUNK_ENTRIES, l1Size - first);
+    const bytes = await readZeroPadded(geometry.file, l1TableOffset + first * 8, count * 8, geometry.request);
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    for (let i = 0; i < count; i++) {
+      const high = view.getUint32(i * 8);
+      const low = view.getUint32(i * 8 + 4);
+      if (high !== 0 || low !== 0) yield { index: first + i, high, low };
+    }
+  }
+}
+
+/**
+ * Reads the tables at `offsets` with a few reads in flight, handing them over in order.
+ */
+async function* readTablesInOrder(
+  geometry: Geometry,
+  offsets: AsyncIterable<{ hostOffset: number; tag: number; high: number; low: number }>,
+): AsyncGenerator<{ hostOffset: number; tag: number; high: number; low: number; table: Uint8Array }> {
+  const pending: {
+    hostOffset: number;
+    tag: number;
+    high: number;
+    low: number;
+    table: Promise<Uint8Array>;
+  }[] = [];
+  for await (const item of offsets) {
+    const table = readZeroPadded(geometry.file, item.hostOffset, geometry.clusterSize, geometry.request);
+    // Keep a rejection from being reported as unhandled before it is awaited.
+    table.catch(() => undefined);
+    pending.push({ ...item, table });
+    if (pending.length >= L2_READ_AHEAD) {
+      const next = pending.shift()!;
+      yield { ...next, table: await next.table };
+    }
+  }
+  while (pending.length > 0) {
+    const next = pending.shift()!;
+    yield { ...next, table: await next.table };
+  }
+}
+
+/**
+ * Counts the references of one L1 table: the table itself, its L2 tables and what they map.
+ * `frag` is given for the active table only (qemu-img counts fragmentation there alone).
+ */
+async function countL1References(
+  geometry: Geometry,
+  l1TableOffset: number,
+  l1Size: number,
+  frag: FragInfo | undefined,
+  refcounts: ComputedRefcounts,
+  log: CheckLog,
+  pacer: Pacer,
+): Promise<void> {
+  refcounts.add(l1TableOffset, l1Size * 8);
+  const { clusterSize } = geometry;
+  async function* l2Tables() {
+    for await (const { index, high, low } of l1Entries(geometry, l1TableOffset, l1Size)) {
+      if (l1ReservedBitsSet(high, low)) {
+        log.corruption(`ERROR found L1 entry with reserved bits set: ${entryHex(high, low)}`);
+      }
+      const l2Offset = entryOffset(high, low);
+      if (l2Offset === 0) continue;
+      refcounts.add(l2Offset, clusterSize);
+      if (l2Offset % clusterSize !== 0) {
+        log.corruption(
+          `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`,
+        );
+      }
+      yield { hostOffset: l2Offset, tag: index, high, low };
+    }
+  }
+  let lastIndex = 0;
+  for await (const { tag, table } of readTablesInOrder(geometry, l2Tables())) {
+    countL2References(geometry, table, frag, refcounts, log);
+    await pacer.step(tag + 1 - lastIndex);
+    lastIndex = tag + 1;
+  }
+  await pacer.step(l1Size - lastIndex);
+}
+
+/** Counts the references of one L2 table's entries and checks each entry. */
+function countL2References(
+  geometry: Geometry,
+  table: Uint8Array,
+  frag: FragInfo | undefined,
+  refcounts: ComputedRefcounts,
+  log: CheckLog,
+): void {
+  const { clusterSize, clusterBits, extendedL2, hasDataFile, l2EntryBytes } = geometry;
+  const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+  const entries = clusterSize / l2EntryBytes;
+  let nextContiguousOffset = 0;
+  for (let i = 0; i < entries; i++) {
+    const at = i * l2EntryBytes;
+    const high = view.getUint32(at);
+    const low = view.getUint32(at + 4);
+    // Extended L2: bits 0-31 of the second word say "allocated", bits 32-63 "reads as zero".
+    const zeroBits = extendedL2 ? view.getUint32(at + 8) : 0;
+    const allocBits = extendedL2 ? view.getUint32(at + 12) : 0;
+    if (high === 0 && low === 0 && zeroBits === 0 && allocBits === 0) continue;
+    const type = classifyL2Entry(high, low, extendedL2, hasDataFile);
+    if (type !== 'compressed' && l2ReservedBitsSet(high, low)) {
+      log.corruption(`ERROR found l2 entry with reserved bits set: ${entryHex(high, low)}`);
+    }
+    switch (type) {
+      case 'compressed': {
+        if ((high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
+          const { hostOffset } = decodeCompressedDescriptor(high, low, clusterBits);
+          log.corruption(
+            `ERROR: coffset=0x${hostOffset.toString(16)}: copied flag must never be set for compressed clusters`,
+          );
+        }
+        if (hasDataFile) {
+          log.corruption(`ERROR compressed cluster ${i} with data file, entry=0x${entryHex(high, low)}`);
+          break;
+        }
+        if (zeroBits !== 0 || allocBits !== 0) {
+          log.corruption(
+            `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${entryHex(high, low)}`,
+          );
+          break;
+        }
+        const extent = decodeCompressedDescriptor(high & ~QCOW_OFLAG_COPIED_HIGH, low, clusterBits);
+        refcounts.add(extent.hostOffset, extent.length);
+        if (frag !== undefined) {
+          // Compressed clusters count as fragmented: neighbours share sectors, not clusters.
+          frag.allocated++;
+          frag.compressed++;
+          frag.fragmented++;
+        }
+        break;
+      }
+      case 'zero-alloc':
+      case 'normal': {
+        const hostOffset = entryOffset(high, low);
+        if ((zeroBits & allocBits) !== 0) {
+          log.corruption(
+            `ERROR offset=${hostOffset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
+          );
+        }
+        if (hostOffset % clusterSize !== 0) {
+          const containsData = extendedL2 ? allocBits !== 0 : type === 'normal';
+          log.corruption(
+            containsData
+              ? `ERROR offset=${hostOffset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`
+              : `ERROR offset=${hostOffset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
+          );
+        }
+        if (frag !== undefined) {
+          frag.allocated++;
+          if (nextContiguousOffset !== 0 && hostOffset !== nextContiguousOffset) frag.fragmented++;
+          nextContiguousOffset = hostOffset + clusterSize;
+        }
+        if (!hasDataFile) refcounts.add(hostOffset, clusterSize);
+        break;
+      }
+      case 'zero-plain':
+        break;
+      case 'unallocated':
+        if (allocBits !== 0) {
+          log.corruption('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+        }
+        break;
+    }
+  }
+}
+
+/** Counts each refcount block once and checks the refcount table's entries. */
+function countRefcountBlocks(
+  stored: StoredRefcounts,
+  clusterSize: number,
+  refcounts: ComputedRefcounts,
+  log: CheckLog,
+): void {
+  for (let index = 0; index < stored.tableEntries; index++) {
+    const { high, low } = stored.tableEntry(index);
+    if (high === 0 && low === 0) continue;
+    if (reftableReservedBitsSet(low)) {
+      log.corruption(`ERROR refcount table entry ${index} has reserved bits set`);
+      continue;
+    }
+    const hostOffset = entryOffset(high, low);
+    if (hostOffset % clusterSize !== 0) {
+      log.corruption(`ERROR refcount block ${index} is not cluster aligned; refcount table entry corrupted`);
+      continue;
+    }
+    const clusterIndex = hostOffset / clusterSize;
+    if (clusterIndex >= refcounts.used) {
+      log.corruption(`ERROR refcount block ${index} is outside image`);
+      continue;
+    }
+    if (hostOffset === 0) continue;
+    refcounts.add(hostOffset, clusterSize);
+    const count = refcounts.get(clusterIndex);
+    if (count !== 1) log.corruption(`ERROR refcount block ${index} refcount=${count}`);
+  }
+}
+
+/** Compares stored and computed refcounts; returns the highest cluster either says is in use. */
+async function compareRefcounts(
+  stored: StoredRefcounts,
+  refcounts: ComputedRefcounts,
+  log: CheckLog,
+  pacer: Pacer,
+  request: RequestOptions,
+): Promise<number> {
+  let highestCluster = 0;
+  const end = refcounts.used;
+  const perBlock = stored.entriesPerBlock;
+  for (let start = 0; start < end; ) {
+    const blockIndex = Math.floor(start / perBlock);
+    const blockEnd = Math.min(end, (blockIndex + 1) * perBlock);
+    const block = await stored.block(blockIndex, request);
+    for (let clusterIndex = start; clusterIndex < blockEnd; clusterIndex++) {
+      const reference = refcounts.get(clusterIndex);
+      let refcount: number;
+      if (block === null) {
+        log.checkError(`Can't get refcount for cluster ${clusterIndex}: Input/output error`);
+        continue;
+      }
+      if (block === undefined) {
+        if (reference === 0) continue;
+        refcount = 0;
+      } else {
+        refcount = stored.decode(block, clusterIndex - blockIndex * perBlock);
+      }
+      if (refcount > 0 || reference > 0) highestCluster = clusterIndex;
+      if (refcount === reference) continue;
+      if (refcount < reference) {
+        log.corruption(`ERROR cluster ${clusterIndex} refcount=${refcount} reference=${reference}`);
+      } else {
+        log.leak(`Leaked cluster ${clusterIndex} refcount=${refcount} reference=${reference}`);
+      }
+    }
+    await pacer.step(blockEnd - start);
+    start = blockEnd;
+  }
+  return highestCluster;
+}
+
+/** Checks that COPIED is set on exactly the active L1 and L2 entries whose cluster has refcount 1. */
+async function checkCopiedFlags(
+  geometry: Geometry,
+  l1TableOffset: number,
+  l1Size: number,
+  stored: StoredRefcounts,
+  log: CheckLog,
+  pacer: Pacer,
+): Promise<void> {
+  const { clusterSize, extendedL2, hasDataFile, l2EntryBytes, request } = geometry;
+  async function* l2Tables() {
+    for await (const { index, high, low } of l1Entries(geometry, l1TableOffset, l1Size)) {
+      const l2Offset = entryOffset(high, low);
+      if (l2Offset === 0) continue;
+      yield { hostOffset: l2Offset, tag: index, high, low };
+    }
+  }
+  let lastIndex = 0;
+  for await (const { hostOffset, tag, high, low, table } of readTablesInOrder(geometry, l2Tables())) {
+    const l2Refcount = await stored.get(Math.floor(hostOffset / clusterSize), request);
+    if (typeof l2Refcount === 'number' && (l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+      log.corruption(
+        `ERROR OFLAG_COPIED L2 cluster: l1_index=${tag} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
+      );
+    }
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    const entries = clusterSize / l2EntryBytes;
+    for (let i = 0; i < entries; i++) {
+      const entryHigh = view.getUint32(i * l2EntryBytes);
+      const entryLow = view.getUint32(i * l2EntryBytes + 4);
+      if (entryHigh === 0 && entryLow === 0) continue;
+      const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
+      if (type !== 'normal' && type !== 'zero-alloc') continue;
+      const dataCluster = Math.floor(entryOffset(entryHigh, entryLow) / clusterSize);
+      const refcount = hasDataFile
+        ? 1
+        : (stored.peek(dataCluster) ?? (await stored.get(dataCluster, request)));
+      if (typeof refcount !== 'number') continue;
+      if ((refcount === 1) !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+        log.corruption(
+          `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
+        );
+      }
+    }
+    await pacer.step(tag + 1 - lastIndex);
+    lastIndex = tag + 1;
+  }
+  await pacer.step(l1Size - lastIndex);
+}

@@ -1,0 +1,3 @@
+export { checkQcow2Image, type Qcow2CheckTarget } from './check.js';
+export { checkResultToQemuJson, checkVerdictExitCode, formatCheckResultHuman } from './report.js';
+export type { Qcow2CheckOptions, Qcow2CheckResult } from './types.js';

@@ -1,0 +1,145 @@
+/**
+ * The refcounts the image stores: the refcount table (read once) and refcount blocks (read on
+ * demand, a few kept). Entries of every width, 1 to 64 bits; sub-byte widths pack least
+ * significant bits first. A cluster the table does not cover has refcount 0; a block past the end
+ * of the file reads as zeros. A refcount table entry whose block offset is not cluster aligned
+ * makes the refcounts of that block unreadable, as in QEMU.
+ */
+import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
+import { entryOffset, TWO_POW_32 } from './entries.js';
+import { readZeroPadded } from './read-padded.js';
+
+/** Refcount blocks kept in memory at once. */
+const BLOCK_CACHE_ENTRIES = 32;
+
+export type StoredRefcount = number | { error: string };
+
+export class StoredRefcounts {
+  /** Refcount entries per refcount block. */
+  readonly entriesPerBlock: number;
+  private readonly cache = new Map<number, Uint8Array | null>();
+
+  private constructor(
+    private readonly file: BlockDevice,
+    private readonly clusterSize: number,
+    private readonly refcountBits: number,
+    /** The raw refcount table. */
+    private readonly table: DataView,
+    readonly tableEntries: number,
+  ) {
+    this.entriesPerBlock = (clusterSize * 8) / refcountBits;
+  }
+
+  static async load(
+    file: BlockDevice,
+    options: {
+      clusterSize: number;
+      refcountBits: number;
+      refcountTableOffset: number;
+      refcountTableClusters: number;
+      request?: RequestOptions;
+    },
+  ): Promise<StoredRefcounts> {
+    const bytes = await readZeroPadded(
+      file,
+      options.refcountTableOffset,
+      options.refcountTableClusters * options.clusterSize,
+      options.request,
+    );
+    return new StoredRefcounts(
+      file,
+      options.clusterSize,
+      options.refcountBits,
+      new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength),
+      bytes.length / 8,
+    );
+  }
+
+  /** The refcount table entry `index` as its two 32-bit halves. */
+  tableEntry(index: number): { high: number; low: number } {
+    return { high: this.table.getUint32(index * 8), low: this.table.getUint32(index * 8 + 4) };
+  }
+
+  /** The stored refcount of one host cluster, or why it cannot be read. */
+  async get(clusterIndex: number, request?: RequestOptions): Promise<StoredRefcount> {
+    const blockIndex = Math.floor(clusterIndex / this.entriesPerBlock);
+    const block = await this.block(blockIndex, request);
+    if (block === undefined) return 0;
+    if (block === null) return { error: 'Input/output error' };
+    return decodeRefcount(block, clusterIndex - blockIndex * this.entriesPerBlock, this.refcountBits);
+  }
+
+  /**
+   * The stored refcount when it is known without I/O (its block is cached, absent or unreadable);
+   * undefined when the block must be read first (use {@link get}).
+   */
+  peek(clusterIndex: number): StoredRefcount | undefined {
+    const blockIndex = Math.floor(clusterIndex / this.entriesPerBlock);
+    if (blockIndex >= this.tableEntries) return 0;
+    const { high, low } = this.tableEntry(blockIndex);
+    const hostOffset = entryOffset(high, low);
+    if (hostOffset === 0) return 0;
+    if (hostOffset % this.clusterSize !== 0) return { error: 'Input/output error' };
+    const block = this.cache.get(blockIndex);
+    if (block === undefined || block === null) return undefined;
+    return decodeRefcount(block, clusterIndex - blockIndex * this.entriesPerBlock, this.refcountBits);
+  }
+
+  /** Entry `index` of a refcount block read with {@link block}. */
+  decode(block: Uint8Array, index: number): number {
+    return decodeRefcount(block, index, this.refcountBits);
+  }
+
+  /**
+   * The refcount block for table index `blockIndex`: undefined when there is none (all zeros),
+   * null when its offset is not cluster aligned (unreadable).
+   */
+  async block(blockIndex: number, request?: RequestOptions): Promise<Uint8Array | null | undefined> {
+    if (blockIndex >= this.tableEntries) return undefined;
+    const { high, low } = this.tableEntry(blockIndex);
+    const hostOffset = entryOffset(high, low);
+    if (hostOffset === 0) return undefined;
+    if (hostOffset % this.clusterSize !== 0) return null;
+    const cached = this.cache.get(blockIndex);
+    if (cached !== undefined) {
+      this.cache.delete(blockIndex);
+      this.cache.set(blockIndex, cached);
+      return cached;
+    }
+    const bytes = await readZeroPadded(this.file, hostOffset, this.clusterSize, request);
+    if (this.cache.size >= BLOCK_CACHE_ENTRIES) {
+      const oldest = this.cache.keys().next().value;
+      if (oldest !== undefined) this.cache.delete(oldest);
+    }
+    this.cache.set(blockIndex, bytes);
+    return bytes;
+  }
+}
+
+/** Entry `index` of a refcount block of `refcountBits`-bit entries. */
+export function decodeRefcount(block: Uint8Array, index: number, refcountBits: number): number {
+  switch (refcountBits) {
+    case 1:
+    case 2:
+    case 4: {
+      const bitIndex = index * refcountBits;
+      return (block[bitIndex >>> 3]! >>> (bitIndex & 7)) & ((1 << refcountBits) - 1);
+    }
+    case 8:
+      return block[index]!;
+    case 16:
+      return (block[index * 2]! << 8) | block[index * 2 + 1]!;
+    case 32: {
+      const at = index * 4;
+      return ((block[at]! << 24) >>> 0) + ((block[at + 1]! << 16) | (block[at + 2]! << 8) | block[at + 3]!);
+    }
+    default: {
+      const at = index * 8;
+      const high =
+        ((block[at]! << 24) >>> 0) + ((block[at + 1]! << 16) | (block[at + 2]! << 8) | block[at + 3]!);
+      const low =
+        ((block[at + 4]! << 24) >>> 0) + ((block[at + 5]! << 16) | (block[at + 6]! << 8) | block[at + 7]!);
+      return high * TWO_POW_32 + low;
+    }
+  }
+}
