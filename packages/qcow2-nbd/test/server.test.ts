@@ -350,7 +350,7 @@ function infoFor(name: string, infos: number[] = []): Buffer {
   out.writeUInt32BE(nameBytes.length, 0);
   nameBytes.copy(out, 4);
   out.writeUInt16BE(infos.length, 4 + nameBytes.length);
-  infos.forEach((info, i) => out.writeUInt16BE(info, 6 + nameBytes.length + 2 * i));
+  for (const [i, info] of infos.entries()) out.writeUInt16BE(info, 6 + nameBytes.length + 2 * i);
   return out;
 }
 

@@ -169,7 +169,7 @@ export function infoPayload(name: string, infos: number[] = []): Buffer {
   out.writeUInt32BE(nameBytes.length, 0);
   nameBytes.copy(out, 4);
   out.writeUInt16BE(infos.length, 4 + nameBytes.length);
-  infos.forEach((info, index) => out.writeUInt16BE(info, 6 + nameBytes.length + 2 * index));
+  for (const [index, info] of infos.entries()) out.writeUInt16BE(info, 6 + nameBytes.length + 2 * index);
   return out;
 }
 

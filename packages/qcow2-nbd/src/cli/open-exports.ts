@@ -1,0 +1,138 @@
+/**
+ * Opens the images named on the command line as BlockDevices. Raw files are FileBlockDevices;
+ * qcow2 and qcow images come from qcow2-core's node entry (`openImage`), which is read-only for
+ * now: a qcow2 export is served read-only, or writable through `-s` (an overlay in memory).
+ */
+import { open as openFile } from 'node:fs/promises';
+import { type BlockDevice, isBlockDeviceError, OverlayBlockDevice } from '@qcowkit/blockdev';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import type { NbdExport } from '../server/export.js';
+import { CliError } from './errors.js';
+import { type CliOptions, type ExportSpec, type ImageFormat, parseSnapshotSpec } from './options.js';
+
+/** The part of `@qcowkit/qcow2-core/node`'s contract this CLI uses. */
+interface OpenedImage {
+  readonly device: BlockDevice;
+  close(): Promise<void>;
+}
+type OpenImage = (
+  path: string,
+  options: { format?: ImageFormat; readOnly?: boolean; snapshot?: { id?: string; name?: string } },
+) => Promise<OpenedImage>;
+
+export interface OpenedExports {
+  readonly exports: NbdExport[];
+  /** Closes every device (overlays first, then images and files). */
+  close(): Promise<void>;
+}
+
+export async function openExports(options: CliOptions): Promise<OpenedExports> {
+  const closers: (() => Promise<void>)[] = [];
+  const close = async () => {
+    for (const closer of closers.reverse()) {
+      try {
+        await closer();
+      } catch {
+        // Closing is best effort; the first failure must not keep the others open.
+      }
+    }
+  };
+  try {
+    const exports: NbdExport[] = [];
+    for (const spec of options.exports) {
+      exports.push(await openOne(spec, options, closers));
+    }
+    return { exports, close };
+  } catch (error) {
+    await close();
+    throw error;
+  }
+}
+
+async function openOne(
+  spec: ExportSpec,
+  options: CliOptions,
+  closers: (() => Promise<void>)[],
+): Promise<NbdExport> {
+  const format = options.format ?? (await probeFormat(spec.path));
+  // With -s the file itself is never written.
+  const readOnlyFile = options.readOnly || options.snapshot || options.loadSnapshot !== undefined;
+  let device: BlockDevice;
+  if (format === 'raw') {
+    if (options.loadSnapshot !== undefined)
+      throw new CliError(`${spec.path}: -l needs a qcow2 image, not raw`);
+    const file = await FileBlockDevice.open(spec.path, { readOnly: readOnlyFile });
+    closers.push(() => file.close());
+    device = file;
+  } else {
+    if (!readOnlyFile) {
+      throw new CliError(
+        `${spec.path}: ${format} images are served read-only for now: add -r/--read-only or -s/--snapshot`,
+      );
+    }
+    const image = await openImageOf(spec.path, format, options.loadSnapshot);
+    closers.push(() => image.close());
+    device = image.device;
+  }
+  if (options.snapshot) {
+    const overlay = new OverlayBlockDevice(device, { readOnly: options.readOnly });
+    closers.push(() => overlay.close());
+    device = overlay;
+  }
+  return {
+    name: spec.name,
+    description: options.description ?? `${format}:${spec.path}`,
+    device,
+    readOnly: options.readOnly,
+    discard: options.discard === 'unmap',
+    allocationDepth: options.allocationDepth,
+  };
+}
+
+async function openImageOf(
+  path: string,
+  format: ImageFormat,
+  snapshotSpec: string | undefined,
+): Promise<OpenedImage> {
+  const core = (await import('@qcowkit/qcow2-core/node')) as unknown as { openImage?: OpenImage };
+  const openImage = core.openImage;
+  if (typeof openImage !== 'function') {
+    throw new CliError(`${path}: ${format} images need the qcow2-core engine, which this build lacks`);
+  }
+  if (snapshotSpec === undefined) return openImage(path, { format, readOnly: true });
+  let lastError: unknown;
+  for (const snapshot of parseSnapshotSpec(snapshotSpec)) {
+    try {
+      return await openImage(path, { format, readOnly: true, snapshot });
+    } catch (error) {
+      lastError = error;
+    }
+  }
+  throw lastError;
+}
+
+/** qemu's probe, reduced to what we serve: qcow2 and qcow magics, anything else raw. */
+export async function probeFormat(path: string): Promise<ImageFormat> {
+  let handle: Awaited<ReturnType<typeof openFile>>;
+  try {
+    handle = await openFile(path, 'r');
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    throw new CliError(`${path}: cannot open: ${code === 'ENOENT' ? 'no such file' : String(code ?? error)}`);
+  }
+  try {
+    const head = Buffer.alloc(8);
+    const { bytesRead } = await handle.read(head, 0, 8, 0);
+    if (bytesRead >= 8 && head.readUInt32BE(0) === 0x514649fb) {
+      return head.readUInt32BE(4) === 1 ? 'qcow' : 'qcow2';
+    }
+    return 'raw';
+  } finally {
+    await handle.close();
+  }
+}
+
+/** True when `error` is a device error worth one line, not a stack. */
+export function isExpectedError(error: unknown): boolean {
+  return error instanceof CliError || isBlockDeviceError(error);
+}
