@@ -276,14 +276,14 @@ export class FileBlockDevice implements BlockDevice {
     this.#check('read', options);
     validateRange(this.#size, offset, buffer.length, 'read');
     if (buffer.length === 0) return;
-    await this.#limiter.run(() => this.#readFully(buffer, offset));
+    await this.#readFully(buffer, offset);
   }
 
   async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
     this.#check('write', options);
     assertWritable(this, 'write');
     validateRange(this.#size, offset, data.length, 'write');
-    if (data.length > 0) await this.#limiter.run(() => this.#writeFully(data, offset));
+    if (data.length > 0) await this.#writeFully(data, offset);
     if (options?.fua) await this.#datasync();
   }
 
@@ -415,39 +415,55 @@ export class FileBlockDevice implements BlockDevice {
 
   #readFully(buffer: Uint8Array, offset: number): Promise<void> {
     return new Promise((resolve, reject) => {
-      const step = (done: number): void => {
-        fsRead(this.#fd, buffer, done, buffer.length - done, offset + done, (error, bytesRead) => {
-          if (error) return reject(fsError('read', this.path, error, offset + done));
-          const total = done + bytesRead;
-          if (total === buffer.length) return resolve();
-          if (bytesRead === 0) {
-            // The file shrank under us (another process truncated it): the rest reads as zeros.
-            buffer.fill(0, total);
-            return resolve();
-          }
-          step(total);
-        });
-      };
-      step(0);
+      this.#limiter.submit((release) => {
+        const step = (done: number): void => {
+          fsRead(this.#fd, buffer, done, buffer.length - done, offset + done, (error, bytesRead) => {
+            if (error) {
+              release();
+              reject(fsError('read', this.path, error, offset + done));
+              return;
+            }
+            const total = done + bytesRead;
+            if (total < buffer.length && bytesRead > 0) {
+              step(total);
+              return;
+            }
+            // bytesRead 0 before the end: the file shrank under us, the rest reads as zeros.
+            if (total < buffer.length) buffer.fill(0, total);
+            release();
+            resolve();
+          });
+        };
+        step(0);
+      });
     });
   }
 
   #writeFully(data: Uint8Array, offset: number): Promise<void> {
     return new Promise((resolve, reject) => {
-      const step = (done: number): void => {
-        fsWrite(this.#fd, data, done, data.length - done, offset + done, (error, written) => {
-          if (error) return reject(fsError('write', this.path, error, offset + done));
-          const total = done + written;
-          if (total === data.length) return resolve();
-          if (written === 0) {
-            return reject(
-              new BlockDeviceError('EIO', `write: ${this.path}: no progress`, { offset: offset + total }),
-            );
-          }
-          step(total);
-        });
-      };
-      step(0);
+      this.#limiter.submit((release) => {
+        const step = (done: number): void => {
+          fsWrite(this.#fd, data, done, data.length - done, offset + done, (error, written) => {
+            if (error || written === 0) {
+              release();
+              reject(
+                error
+                  ? fsError('write', this.path, error, offset + done)
+                  : new BlockDeviceError('EIO', `write: ${this.path}: no progress`, { offset: offset + done }),
+              );
+              return;
+            }
+            const total = done + written;
+            if (total < data.length) {
+              step(total);
+              return;
+            }
+            release();
+            resolve();
+          });
+        };
+        step(0);
+      });
     });
   }
 
@@ -456,7 +472,7 @@ export class FileBlockDevice implements BlockDevice {
     const writes: Promise<void>[] = [];
     for (let position = offset; position < end; position += ZERO_CHUNK) {
       const chunk = Math.min(ZERO_CHUNK, end - position);
-      writes.push(this.#limiter.run(() => this.#writeFully(zeros(chunk), position)));
+      writes.push(this.#writeFully(zeros(chunk), position));
     }
     await settleAll(writes);
   }

@@ -1,14 +1,19 @@
 /**
- * A small FIFO semaphore bounding how many file-system calls one device has in flight. libuv runs
- * file I/O on a pool of 4 threads by default; queueing more there only delays everyone else's
- * work (DNS, zlib, other devices), so each device waits its turn here instead.
+ * A small FIFO queue bounding how many file-system calls one device has in flight. libuv runs
+ * file I/O on a pool of 4 threads by default; flooding it only delays everyone else's work (DNS,
+ * zlib, other devices), so each device waits its turn here instead. A finished call starts the
+ * next queued one directly from its completion callback, so the pool never waits on a promise
+ * round trip.
  */
+export type StartFunction = (release: () => void) => void;
+
 export class IoLimiter {
   readonly limit: number;
   #active = 0;
-  #waiting: Array<() => void> = [];
+  #queue: StartFunction[] = [];
   #head = 0;
   #idle: Array<() => void> = [];
+  readonly #release = (): void => this.#next();
 
   constructor(limit: number) {
     if (!Number.isSafeInteger(limit) || limit < 1) throw new RangeError(`IoLimiter: bad limit ${limit}`);
@@ -17,18 +22,43 @@ export class IoLimiter {
 
   /** Calls in flight plus calls waiting for a slot. */
   get pending(): number {
-    return this.#active + this.#waiting.length - this.#head;
+    return this.#active + this.#queue.length - this.#head;
   }
 
-  /** Runs `task` once a slot is free. */
-  async run<T>(task: () => Promise<T>): Promise<T> {
-    if (this.#active < this.limit) this.#active++;
-    else await new Promise<void>((resolve) => this.#waiting.push(resolve));
-    try {
-      return await task();
-    } finally {
-      this.#release();
+  /** Calls `start` once a slot is free; `start` must call `release` exactly once when done. */
+  submit(start: StartFunction): void {
+    if (this.#active < this.limit) {
+      this.#active++;
+      start(this.#release);
+    } else {
+      this.#queue.push(start);
     }
+  }
+
+  /** Runs a promise-returning task in a slot. */
+  run<T>(task: () => Promise<T>): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.submit((release) => {
+        let promise: Promise<T>;
+        try {
+          promise = task();
+        } catch (error) {
+          release();
+          reject(error);
+          return;
+        }
+        promise.then(
+          (value) => {
+            release();
+            resolve(value);
+          },
+          (error: unknown) => {
+            release();
+            reject(error);
+          },
+        );
+      });
+    });
   }
 
   /** Resolves once nothing is in flight or waiting. */
@@ -37,19 +67,17 @@ export class IoLimiter {
     return new Promise((resolve) => this.#idle.push(resolve));
   }
 
-  #release(): void {
-    if (this.#head < this.#waiting.length) {
-      // Hand the slot straight to the next waiter so nobody can overtake it.
-      const next = this.#waiting[this.#head]!;
+  #next(): void {
+    if (this.#head < this.#queue.length) {
+      // The slot passes straight to the next caller in line, so nobody overtakes it.
+      const start = this.#queue[this.#head]!;
+      this.#queue[this.#head] = undefined as unknown as StartFunction;
       this.#head++;
-      if (this.#head === this.#waiting.length) {
-        this.#waiting = [];
-        this.#head = 0;
-      } else if (this.#head > 1024 && this.#head * 2 > this.#waiting.length) {
-        this.#waiting = this.#waiting.slice(this.#head);
+      if (this.#head === this.#queue.length) {
+        this.#queue = [];
         this.#head = 0;
       }
-      next();
+      start(this.#release);
       return;
     }
     this.#active--;

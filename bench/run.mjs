@@ -1,0 +1,166 @@
+#!/usr/bin/env node
+/**
+ * qcowkit's benchmark runner: `pnpm bench [-- --filter NAME] [--rounds N]`.
+ *
+ * Every module in bench/jobs/ exports `jobs`: `{ name, description, tools?, setup(dir), ours(ctx),
+ * theirs(ctx), teardown?(ctx) }` where `ours` and `theirs` each do the same work and return the
+ * seconds it took. The runner works in a fresh directory on /dev/shm (memory-backed, so the
+ * figures measure CPU cost, not a disk), alternates ours and theirs for several rounds, takes the
+ * median of each, prints `job | ours | qemu | ratio` (ours / theirs: below 1 means we are
+ * faster) and writes bench/results.json.
+ */
+import { existsSync } from 'node:fs';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { cpus, tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { hasTool } from './lib/qemu.mjs';
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+function parseArgs(argv) {
+  const options = { filter: [], rounds: 3 };
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '--') continue;
+    if (arg === '--filter') options.filter.push(argv[++i]);
+    else if (arg.startsWith('--filter=')) options.filter.push(arg.slice('--filter='.length));
+    else if (arg === '--rounds') options.rounds = Number(argv[++i]);
+    else if (arg.startsWith('--rounds=')) options.rounds = Number(arg.slice('--rounds='.length));
+    else if (arg === '--help' || arg === '-h') {
+      console.log('usage: pnpm bench [-- --filter NAME ...] [--rounds N]');
+      process.exit(0);
+    } else {
+      console.error(`bench: unknown argument ${arg}`);
+      process.exit(2);
+    }
+  }
+  if (!Number.isInteger(options.rounds) || options.rounds < 1) {
+    console.error('bench: --rounds needs a positive integer');
+    process.exit(2);
+  }
+  return options;
+}
+
+async function loadJobs() {
+  const dir = join(here, 'jobs');
+  const files = (await readdir(dir)).filter((f) => f.endsWith('.mjs')).sort();
+  const jobs = [];
+  for (const file of files) {
+    const module = await import(pathToFileURL(join(dir, file)).href);
+    for (const job of module.jobs ?? []) jobs.push({ ...job, module: file });
+  }
+  return jobs;
+}
+
+function median(values) {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+function formatSeconds(s) {
+  return s < 1 ? `${(s * 1000).toFixed(0)} ms` : `${s.toFixed(2)} s`;
+}
+
+function table(rows) {
+  const header = ['job', 'ours', 'qemu', 'ratio (ours/theirs)'];
+  const cells = [header, ...rows];
+  const widths = header.map((_, i) => Math.max(...cells.map((r) => String(r[i]).length)));
+  const line = (r) => r.map((c, i) => String(c).padEnd(widths[i])).join(' | ');
+  return [line(header), widths.map((w) => '-'.repeat(w)).join('-|-'), ...rows.map(line)].join('\n');
+}
+
+async function main() {
+  const options = parseArgs(process.argv.slice(2));
+  const all = await loadJobs();
+  const jobs = options.filter.length
+    ? all.filter((job) => options.filter.some((f) => job.name.includes(f)))
+    : all;
+  if (jobs.length === 0) {
+    console.error(
+      `bench: no job matches ${options.filter.join(', ')} (jobs: ${all.map((j) => j.name).join(', ')})`,
+    );
+    process.exit(2);
+  }
+
+  const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+  const dir = await mkdtemp(join(base, 'qcowkit-bench-'));
+  console.log(`qcowkit bench: ${jobs.length} job(s), ${options.rounds} round(s) each, alternating ours/qemu`);
+  console.log(
+    base === '/dev/shm'
+      ? `working in ${dir} (memory-backed /dev/shm: figures measure CPU cost, not a disk)`
+      : `working in ${dir} (/dev/shm is missing: figures include the disk)`,
+  );
+  console.log(`node ${process.version}, ${cpus().length} CPU(s): ${cpus()[0]?.model ?? 'unknown'}\n`);
+
+  const results = [];
+  const rows = [];
+  try {
+    for (const job of jobs) {
+      const missing = (job.tools ?? []).filter((t) => !hasTool(t));
+      if (missing.length) {
+        console.log(`${job.name}: skipped, needs ${missing.join(', ')}`);
+        results.push({ name: job.name, skipped: `needs ${missing.join(', ')}` });
+        continue;
+      }
+      const ctx = await job.setup(dir);
+      try {
+        const ours = [];
+        const theirs = [];
+        for (let round = 0; round < options.rounds; round++) {
+          // Alternate which side goes first so drift on a shared machine hits both alike.
+          if (round % 2 === 0) {
+            ours.push(await job.ours(ctx));
+            theirs.push(await job.theirs(ctx));
+          } else {
+            theirs.push(await job.theirs(ctx));
+            ours.push(await job.ours(ctx));
+          }
+        }
+        const o = median(ours);
+        const t = median(theirs);
+        const ratio = o / t;
+        rows.push([job.name, formatSeconds(o), formatSeconds(t), ratio.toFixed(2)]);
+        results.push({
+          name: job.name,
+          description: job.description,
+          ours,
+          theirs,
+          oursMedian: o,
+          theirsMedian: t,
+          ratio,
+        });
+        console.log(
+          `${job.name}: ours ${formatSeconds(o)}, qemu ${formatSeconds(t)}, ratio ${ratio.toFixed(2)}  (${job.description})`,
+        );
+      } finally {
+        await job.teardown?.(ctx);
+      }
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+
+  console.log(`\n${table(rows)}\n`);
+  const out = join(here, 'results.json');
+  await writeFile(
+    out,
+    `${JSON.stringify(
+      {
+        date: new Date().toISOString(),
+        node: process.version,
+        cpus: cpus().length,
+        cpuModel: cpus()[0]?.model,
+        workDir: base,
+        rounds: options.rounds,
+        jobs: results,
+      },
+      null,
+      2,
+    )}\n`,
+  );
+  console.log(`results written to ${out}`);
+}
+
+await main();
