@@ -292,8 +292,9 @@ async function countL1References(
       if (l1ReservedBitsSet(high, low)) {
         log.corruption(`ERROR found L1 entry with reserved bits set: ${entryHex(high, low)}`);
       }
+      // Like QEMU, a non-zero entry is followed even when its offset bits are zero (it then
+      // names the header cluster as its L2 table, which the checks below report).
       const l2Offset = entryOffset(high, low);
-      if (l2Offset === 0) continue;
       refcounts.add(l2Offset, clusterSize);
       if (l2Offset % clusterSize !== 0) {
         log.corruption(
@@ -339,9 +340,9 @@ function countL2References(
     switch (type) {
       case 'compressed': {
         if ((high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
-          const { hostOffset } = decodeCompressedDescriptor(high, low, clusterBits);
+          const extent = decodeCompressedDescriptor(high, low, clusterBits);
           log.corruption(
-            `ERROR: coffset=0x${hostOffset.toString(16)}: copied flag must never be set for compressed clusters`,
+            `ERROR: coffset=0x${extent.hostOffsetHex()}: copied flag must never be set for compressed clusters`,
           );
         }
         if (hasDataFile) {
@@ -355,7 +356,11 @@ function countL2References(
           break;
         }
         const extent = decodeCompressedDescriptor(high & ~QCOW_OFLAG_COPIED_HIGH, low, clusterBits);
-        refcounts.add(extent.hostOffset, extent.length);
+        if (refcounts.pastEnd(extent.hostOffset, extent.length)) {
+          refcounts.reportPastEnd(extent.hostOffsetHex(), extent.length);
+        } else {
+          refcounts.add(extent.hostOffset, extent.length);
+        }
         if (frag !== undefined) {
           // Compressed clusters count as fragmented: neighbours share sectors, not clusters.
           frag.allocated++;
@@ -439,6 +444,7 @@ async function compareRefcounts(
   request: RequestOptions,
 ): Promise<number> {
   let highestCluster = 0;
+  let signaledCorruption = false;
   const end = refcounts.used;
   const perBlock = stored.entriesPerBlock;
   for (let start = 0; start < end; ) {
@@ -449,6 +455,14 @@ async function compareRefcounts(
       const reference = refcounts.get(clusterIndex);
       let refcount: number;
       if (block === null) {
+        if (!signaledCorruption) {
+          signaledCorruption = true;
+          const { high, low } = stored.tableEntry(blockIndex);
+          log.message(
+            `qcow2: Image is corrupt: Refblock offset 0x${entryOffset(high, low).toString(16)} unaligned ` +
+              `(reftable index: ${hashHex(blockIndex)}); further non-fatal corruption events will be suppressed`,
+          );
+        }
         log.checkError(`Can't get refcount for cluster ${clusterIndex}: Input/output error`);
         continue;
       }

@@ -32,16 +32,12 @@ export class ComputedRefcounts {
   /** Counts one reference to every cluster touched by `[hostOffset, hostOffset + length)`. */
   add(hostOffset: number, length: number): void {
     if (length <= 0) return;
-    const end = hostOffset + length;
-    if (end > this.fileSize && end - this.fileSize >= this.clusterSize) {
-      this.log.corruption(
-        'ERROR: counting reference for region exceeding the end of the file by one cluster or more: ' +
-          `offset 0x${hostOffset.toString(16)} size 0x${length.toString(16)}`,
-      );
+    if (this.pastEnd(hostOffset, length)) {
+      this.reportPastEnd(hostOffset.toString(16), length);
       return;
     }
     const first = Math.floor(hostOffset / this.clusterSize);
-    const last = Math.floor((end - 1) / this.clusterSize);
+    const last = Math.floor((hostOffset + length - 1) / this.clusterSize);
     for (let clusterIndex = first; clusterIndex <= last; clusterIndex++) {
       if (clusterIndex >= this.used) this.used = clusterIndex + 1;
       const count = this.counts[clusterIndex]!;
@@ -57,6 +53,20 @@ export class ComputedRefcounts {
       }
       this.counts[clusterIndex] = count + 1;
     }
+  }
+
+  /** True when `[hostOffset, hostOffset + length)` reaches a whole cluster or more past the end. */
+  pastEnd(hostOffset: number, length: number): boolean {
+    const end = hostOffset + length;
+    return end > this.fileSize && end - this.fileSize >= this.clusterSize;
+  }
+
+  /** Reports a region not counted because it lies past the end (`offsetHex` exact, no prefix). */
+  reportPastEnd(offsetHex: string, length: number): void {
+    this.log.corruption(
+      'ERROR: counting reference for region exceeding the end of the file by one cluster or more: ' +
+        `offset 0x${offsetHex} size 0x${length.toString(16)}`,
+    );
   }
 
   get(clusterIndex: number): number {

@@ -72,8 +72,11 @@ export function classifyL2Entry(
 
 /** Where a compressed cluster's bytes lie: host byte offset and length (to the end of its last sector). */
 export interface CompressedExtent {
+  /** Host byte offset; inexact above 2^53 (then far past any file end: see `hostOffsetHex`). */
   hostOffset: number;
   length: number;
+  /** The exact host offset in hex, without a prefix. */
+  hostOffsetHex(): string;
 }
 
 /**
@@ -87,5 +90,10 @@ export function decodeCompressedDescriptor(high: number, low: number, clusterBit
   const hostOffset = (high & ((1 << highOffsetBits) - 1)) * TWO_POW_32 + (low >>> 0);
   const csizeMask = (1 << (clusterBits - 8)) - 1;
   const sectors = ((high >>> highOffsetBits) & csizeMask) + 1;
-  return { hostOffset, length: sectors * 512 - (hostOffset % 512) };
+  const offsetHigh = high & ((1 << highOffsetBits) - 1);
+  return {
+    hostOffset,
+    length: sectors * 512 - ((low >>> 0) % 512),
+    hostOffsetHex: () => ((BigInt(offsetHigh) << 32n) | BigInt(low >>> 0)).toString(16),
+  };
 }
