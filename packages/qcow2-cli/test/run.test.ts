@@ -8,8 +8,16 @@ function memoryIo(cwd: string, env: Record<string, string> = {}) {
   let stdout = '';
   let stderr = '';
   const io: CliIo = {
-    stdout: { write: (chunk) => void (stdout += chunk) },
-    stderr: { write: (chunk) => void (stderr += chunk) },
+    stdout: {
+      write: (chunk) => {
+        stdout += chunk;
+      },
+    },
+    stderr: {
+      write: (chunk) => {
+        stderr += chunk;
+      },
+    },
     cwd,
     env,
     isTTY: false,
