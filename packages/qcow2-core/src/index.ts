@@ -1,1 +1,15 @@
+export { TableCache } from './cache/index.js';
+export * from './check/index.js';
+export { pureCodecs, type Qcow2Codecs, zstdFrameLength } from './codecs.js';
+export { DETECT_BYTES, detectFormat, type ImageFormat } from './detect.js';
 export * from './format/index.js';
+export { DEFAULT_L2_CACHE_MAX_BYTES, Qcow2Image, type Qcow2SnapshotInfo } from './image.js';
+export type { Segment, SegmentKind } from './mapping/segment.js';
+export {
+  type BackingResolver,
+  type ImageOpenOptions,
+  MAX_CHAIN_DEPTH,
+  type Qcow2OpenOptions,
+} from './options.js';
+export { QcowImage } from './qcow-image.js';
+export { findSnapshot, readSnapshotTable } from './snapshot/index.js';

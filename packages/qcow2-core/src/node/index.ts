@@ -1,1 +1,2 @@
-export {};
+export { nodeCodecs } from './node-codecs.js';
+export { type ChainLayer, type OpenedImage, type OpenImageOptions, openImage } from './open-image.js';

@@ -1,0 +1,1 @@
+export { TableCache } from './table-cache.js';

@@ -1,0 +1,414 @@
+/**
+ * Qcow2Image: a qcow2 image (v2 or v3) read as a BlockDevice, read-only for now.
+ *
+ * Opening validates the header and every table position before use; reads walk the L1 table and
+ * cached L2 slices, coalesce contiguous host ranges into single reads straight into the caller's
+ * buffer, and run several I/Os in parallel. Unallocated clusters fall through to the backing device.
+ */
+import {
+  type BlockDevice,
+  type BlockDeviceCapabilities,
+  BlockDeviceError,
+  type RequestOptions,
+} from '@qcowkit/blockdev';
+import { TableCache } from './cache/table-cache.js';
+import { checkQcow2Image } from './check/index.js';
+import type { Qcow2CheckOptions, Qcow2CheckResult } from './check/types.js';
+import { pureCodecs, type Qcow2Codecs } from './codecs.js';
+import { hex } from './format/binary.js';
+import type { CompressedDescriptor } from './format/compressed-descriptor.js';
+import { sizeToL1 } from './format/geometry.js';
+import {
+  decodeHeader,
+  headerFlags,
+  peekClusterSize,
+  QCOW_CRYPT_NONE,
+  type Qcow2Header,
+} from './format/header.js';
+import { decodeL1Table } from './format/l1-entry.js';
+import { decodeRefcountTable } from './format/refcount.js';
+import type { Qcow2SnapshotEntry } from './format/snapshot-table.js';
+import { Qcow2Mapper } from './mapping/qcow2-mapper.js';
+import { readClipped, type SegmentSource } from './mapping/read-segments.js';
+import type { Segment } from './mapping/segment.js';
+import { MAX_CHAIN_DEPTH, type Qcow2OpenOptions } from './options.js';
+import { ReadOnlyImage } from './read-only-image.js';
+import { findSnapshot, readSnapshotTable } from './snapshot/snapshot-list.js';
+
+/** A snapshot as listed by {@link Qcow2Image.snapshots}. */
+export interface Qcow2SnapshotInfo {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  icount: number | undefined;
+  /** Guest size of the snapshot (the image's size when the entry does not record it). */
+  diskSize: number;
+}
+
+/** Default L2 cache cap: QEMU on Linux caps its L2 cache at 32 MiB. */
+export const DEFAULT_L2_CACHE_MAX_BYTES = 32 * 1024 * 1024;
+const MAX_SLICE_BYTES = 64 * 1024;
+const DEFAULT_CONCURRENCY = 8;
+/** Decompressed clusters kept for sequential small reads of one compressed cluster. */
+const COMPRESSED_CACHE_CLUSTERS = 4;
+
+export class Qcow2Image extends ReadOnlyImage {
+  readonly file: BlockDevice;
+  readonly header: Qcow2Header;
+  readonly version: 2 | 3;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly refcountBits: number;
+  readonly size: number;
+  readonly dirty: boolean;
+  readonly corrupt: boolean;
+  readonly lazyRefcounts: boolean;
+  readonly extendedL2: boolean;
+  readonly compressionType: 'zlib' | 'zstd';
+  readonly backingFileName: string | undefined;
+  readonly backingFormat: string | undefined;
+  readonly dataFileName: string | undefined;
+  readonly dataFileRaw: boolean;
+  readonly encrypted: boolean;
+  readonly description: string;
+  readonly capabilities: BlockDeviceCapabilities;
+  /** The decoded snapshot table (raw entries). */
+  readonly snapshotTable: readonly Qcow2SnapshotEntry[];
+  readonly snapshots: readonly Qcow2SnapshotInfo[];
+  /** The snapshot this image shows, when opened on one. */
+  readonly openedSnapshot: Qcow2SnapshotInfo | undefined;
+  /** Depth of this image in its chain (0 = top). */
+  readonly chainDepth: number;
+
+  #dataFile: BlockDevice | undefined;
+  #backing: BlockDevice | undefined;
+  #mapper!: Qcow2Mapper;
+  readonly #l2Cache: TableCache<DataView>;
+  readonly #compressedCache: TableCache<Uint8Array>;
+  readonly #codecs: Qcow2Codecs;
+  readonly #concurrency: number;
+  #source!: SegmentSource;
+
+  private constructor(
+    file: BlockDevice,
+    header: Qcow2Header,
+    snapshotTable: Qcow2SnapshotEntry[],
+    openedSnapshot: Qcow2SnapshotInfo | undefined,
+    options: Qcow2OpenOptions,
+  ) {
+    super();
+    const flags = headerFlags(header);
+    this.file = file;
+    this.header = header;
+    this.version = header.version;
+    this.clusterSize = header.clusterSize;
+    this.clusterBits = header.clusterBits;
+    this.refcountBits = 2 ** header.refcountOrder;
+    this.size = openedSnapshot?.diskSize ?? header.size;
+    this.dirty = flags.dirty;
+    this.corrupt = flags.corrupt;
+    this.lazyRefcounts = flags.lazyRefcounts;
+    this.extendedL2 = flags.extendedL2;
+    this.compressionType = flags.compressionType;
+    this.backingFileName = header.backingFileName;
+    this.backingFormat = header.extensions.backingFormat;
+    this.dataFileName = flags.dataFile ? header.extensions.dataFileName : undefined;
+    this.dataFileRaw = flags.dataFile && flags.dataFileRaw;
+    this.encrypted = header.cryptMethod !== QCOW_CRYPT_NONE;
+    this.snapshotTable = snapshotTable;
+    this.snapshots = snapshotTable.map((entry) => toSnapshotInfo(entry, header.size));
+    this.openedSnapshot = openedSnapshot;
+    this.chainDepth = options.chainDepth ?? 0;
+    this.description =
+      options.description ?? `qcow2:${file.description}${openedSnapshot ? `@${openedSnapshot.id}` : ''}`;
+    this.capabilities = {
+      discard: false,
+      writeZeroes: false,
+      fastZero: false,
+      blockStatus: true,
+      flush: false,
+      fua: false,
+      resize: false,
+      minimumAlignment: 1,
+      preferredAlignment: Math.min(this.clusterSize, 65536),
+      maximumTransfer: 32 * 1024 * 1024,
+    };
+    const sliceBytes = Math.min(this.clusterSize, MAX_SLICE_BYTES);
+    const neededL2Bytes = sizeToL1(this.size, this.clusterSize, this.extendedL2) * this.clusterSize;
+    const cacheBytes = options.l2CacheBytes ?? Math.min(DEFAULT_L2_CACHE_MAX_BYTES, neededL2Bytes);
+    this.#l2Cache = new TableCache<DataView>(Math.max(cacheBytes, 2 * sliceBytes));
+    this.#compressedCache = new TableCache<Uint8Array>(COMPRESSED_CACHE_CLUSTERS * this.clusterSize);
+    this.#codecs = options.codecs ?? pureCodecs;
+    this.#concurrency = options.concurrency ?? DEFAULT_CONCURRENCY;
+  }
+
+  /** Opens the qcow2 image stored in `file`. See {@link Qcow2OpenOptions}. */
+  static async open(file: BlockDevice, options: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
+    if (options.readOnly === false) {
+      throw new BlockDeviceError(
+        'EUNSUPPORTED',
+        `qcow2: ${file.description}: opening for writing is not supported yet`,
+      );
+    }
+    const chainDepth = options.chainDepth ?? 0;
+    if (chainDepth >= MAX_CHAIN_DEPTH) {
+      throw new BlockDeviceError(
+        'EINVAL',
+        `qcow2: ${file.description}: backing chain longer than ${MAX_CHAIN_DEPTH} layers`,
+      );
+    }
+    if (file.size < 72) {
+      throw new BlockDeviceError('ECORRUPT', `qcow2 header: file too short (${file.size} bytes)`, {
+        offset: 0,
+      });
+    }
+    const head = await file.read(0, Math.min(file.size, 4096));
+    const clusterSize = peekClusterSize(head);
+    const firstCluster =
+      clusterSize <= head.length ? head : await file.read(0, Math.min(file.size, clusterSize));
+    const header = decodeHeader(firstCluster);
+    if (header.cryptMethod !== QCOW_CRYPT_NONE) {
+      throw new BlockDeviceError(
+        'EUNSUPPORTED',
+        `qcow2: ${file.description}: encrypted images are not supported`,
+      );
+    }
+    validateTablePositions(header, file.size);
+    const snapshotTable = await readSnapshotTable(file, header);
+    let openedSnapshot: Qcow2SnapshotInfo | undefined;
+    let l1Offset = header.l1TableOffset;
+    let l1Size = header.l1Size;
+    if (options.snapshot !== undefined) {
+      const entry = findSnapshot(snapshotTable, options.snapshot);
+      openedSnapshot = toSnapshotInfo(entry, header.size);
+      l1Offset = entry.l1TableOffset;
+      l1Size = entry.l1Size;
+      const extendedL2 = headerFlags(header).extendedL2;
+      const needed = sizeToL1(openedSnapshot.diskSize, clusterSize, extendedL2);
+      if (l1Size < needed) {
+        throw new BlockDeviceError(
+          'ECORRUPT',
+          `snapshot ${entry.id}: L1 table is too small for its disk size`,
+        );
+      }
+      if (l1Offset + l1Size * 8 > file.size) {
+        throw new BlockDeviceError(
+          'ECORRUPT',
+          `snapshot ${entry.id}: L1 table lies past the end of the file`,
+          {
+            offset: l1Offset,
+          },
+        );
+      }
+    }
+    const image = new Qcow2Image(file, header, snapshotTable, openedSnapshot, options);
+    const l1Count = Math.min(l1Size, sizeToL1(image.size, clusterSize, image.extendedL2));
+    const l1 = decodeL1Table(
+      l1Count > 0 ? await file.read(l1Offset, l1Count * 8) : new Uint8Array(0),
+      l1Count,
+    );
+    image.#mapper = new Qcow2Mapper({
+      readMetadata: (hostOffset, length) => file.read(hostOffset, length),
+      fileSize: file.size,
+      l1High: l1.high,
+      l1Low: l1.low,
+      clusterBits: header.clusterBits,
+      extendedL2: image.extendedL2,
+      hasDataFile: headerFlags(header).dataFile,
+      cache: image.#l2Cache,
+      sliceBytes: Math.min(clusterSize, MAX_SLICE_BYTES),
+    });
+    try {
+      await image.#openExternalFiles(options);
+    } catch (error) {
+      await image.#dataFile?.close();
+      throw error;
+    }
+    image.#source = {
+      dataDevice: image.#dataFile ?? (headerFlags(header).dataFile ? undefined : file),
+      backing: image.#backing,
+      readCompressed: (descriptor) => image.#readCompressed(descriptor),
+      concurrency: image.#concurrency,
+    };
+    return image;
+  }
+
+  async #openExternalFiles(options: Qcow2OpenOptions): Promise<void> {
+    const flags = headerFlags(this.header);
+    const allowExternal = options.allowExternalFiles ?? true;
+    if (flags.dataFile) {
+      const name = this.header.extensions.dataFileName;
+      if (name === undefined) {
+        throw new BlockDeviceError(
+          'ECORRUPT',
+          `qcow2: ${this.file.description}: external data file name is missing`,
+        );
+      }
+      if (!allowExternal) throw refuseProbed(this.file.description, 'an external data file', name);
+      if (options.resolveDataFile !== undefined) this.#dataFile = await options.resolveDataFile(name);
+    }
+    const backingName = this.header.backingFileName;
+    if (backingName !== undefined && backingName !== '' && options.openBacking !== false) {
+      if (!allowExternal) throw refuseProbed(this.file.description, 'a backing file', backingName);
+      if (options.resolveBacking === undefined) {
+        throw new BlockDeviceError(
+          'EUNSUPPORTED',
+          `qcow2: ${this.file.description}: no backing resolver for '${backingName}'`,
+        );
+      }
+      this.#backing = await options.resolveBacking({
+        name: backingName,
+        format: this.backingFormat,
+        depth: this.chainDepth + 1,
+        from: this,
+      });
+    }
+  }
+
+  get dataFile(): BlockDevice | undefined {
+    return this.#dataFile;
+  }
+
+  get backing(): BlockDevice | undefined {
+    return this.#backing;
+  }
+
+  /** L2 cache statistics (entries, bytes, hits, misses). */
+  get l2CacheStats(): TableCache<DataView>['stats'] {
+    return this.#l2Cache.stats;
+  }
+
+  protected mapRange(guestOffset: number, length: number, maxEntries?: number): Promise<Segment[]> {
+    return this.#mapper.map(guestOffset, length, maxEntries);
+  }
+
+  protected segmentSource(): SegmentSource {
+    return this.#source;
+  }
+
+  protected ownedDevices(): (BlockDevice | undefined)[] {
+    return [this.#backing, this.#dataFile, this.file];
+  }
+
+  #readCompressed(descriptor: CompressedDescriptor): Promise<Uint8Array> {
+    return this.#compressedCache.get(descriptor.hostOffset, async () => {
+      if (descriptor.hostOffset >= this.file.size) {
+        throw new BlockDeviceError('ECORRUPT', 'compressed cluster: data lies past the end of the file', {
+          offset: descriptor.hostOffset,
+        });
+      }
+      const input = new Uint8Array(descriptor.compressedLength);
+      await readClipped(this.file, descriptor.hostOffset, input);
+      const output = new Uint8Array(this.clusterSize);
+      let produced: number;
+      try {
+        produced = await this.#codecs.decompress(
+          this.compressionType === 'zstd' ? 'zstd' : 'deflate',
+          input,
+          output,
+        );
+      } catch (error) {
+        throw new BlockDeviceError(
+          'ECORRUPT',
+          `compressed cluster: cannot decompress (${this.compressionType})`,
+          {
+            offset: descriptor.hostOffset,
+            cause: error,
+          },
+        );
+      }
+      if (produced !== this.clusterSize) {
+        throw new BlockDeviceError(
+          'ECORRUPT',
+          `compressed cluster: decompressed to ${produced} bytes instead of ${this.clusterSize}`,
+          { offset: descriptor.hostOffset },
+        );
+      }
+      return output;
+    });
+  }
+
+  /** Checks the image like `qemu-img check` (read-only). */
+  check(options?: Qcow2CheckOptions): Promise<Qcow2CheckResult> {
+    return checkQcow2Image(this, options);
+  }
+
+  // Raw metadata access (for check and tools). Nothing here is cached or validated beyond bounds.
+
+  /** The whole active L1 table (header's l1_size entries) as 32-bit halves. */
+  async readL1Table(options?: RequestOptions): Promise<{ high: Uint32Array; low: Uint32Array }> {
+    const { l1TableOffset, l1Size } = this.header;
+    const bytes = l1Size > 0 ? await this.file.read(l1TableOffset, l1Size * 8, options) : new Uint8Array(0);
+    return decodeL1Table(bytes, l1Size);
+  }
+
+  /** One L2 table (a cluster) at `hostOffset`, raw. */
+  readL2Table(hostOffset: number, options?: RequestOptions): Promise<Uint8Array> {
+    return this.readHostBytes(hostOffset, this.clusterSize, options);
+  }
+
+  /** The refcount table: one refcount block host offset per entry (0 = none). */
+  async readRefcountTable(options?: RequestOptions): Promise<number[]> {
+    const { refcountTableOffset, refcountTableClusters } = this.header;
+    const bytes = await this.readHostBytes(
+      refcountTableOffset,
+      refcountTableClusters * this.clusterSize,
+      options,
+    );
+    return decodeRefcountTable(bytes, refcountTableOffset).offsets;
+  }
+
+  /** One refcount block (a cluster) at `hostOffset`, raw (decode with `decodeRefcount`). */
+  readRefcountBlock(hostOffset: number, options?: RequestOptions): Promise<Uint8Array> {
+    return this.readHostBytes(hostOffset, this.clusterSize, options);
+  }
+
+  /** `length` bytes of the image file at `hostOffset`; bytes past the file end read as zeros. */
+  async readHostBytes(hostOffset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
+    const bytes = new Uint8Array(length);
+    await readClipped(this.file, hostOffset, bytes, options);
+    return bytes;
+  }
+}
+
+function toSnapshotInfo(entry: Qcow2SnapshotEntry, imageSize: number): Qcow2SnapshotInfo {
+  return {
+    id: entry.id,
+    name: entry.name,
+    vmStateSize: entry.vmStateSize,
+    dateSec: entry.dateSec,
+    dateNsec: entry.dateNsec,
+    vmClockNsec: entry.vmClockNsec,
+    icount: entry.icount,
+    diskSize: entry.diskSize ?? imageSize,
+  };
+}
+
+function refuseProbed(description: string, what: string, name: string): BlockDeviceError {
+  return new BlockDeviceError(
+    'EUNSUPPORTED',
+    `qcow2: ${description}: the image's format was probed, not declared, and it names ${what} ('${name}'); ` +
+      'declare the backing format (qemu-img rebase -F / -o backing_fmt=) to allow it',
+  );
+}
+
+/** Tables must lie inside the file (a truncated file fails here, not on a later read). */
+function validateTablePositions(header: Qcow2Header, fileSize: number): void {
+  const check = (what: string, offset: number, length: number, field: number): void => {
+    if (length > 0 && offset + length > fileSize) {
+      throw new BlockDeviceError(
+        'ECORRUPT',
+        `qcow2 header: ${what} at ${hex(offset)} lies past the end of the file`,
+        {
+          offset: field,
+        },
+      );
+    }
+  };
+  check('L1 table', header.l1TableOffset, header.l1Size * 8, 40);
+  check('refcount table', header.refcountTableOffset, header.refcountTableClusters * header.clusterSize, 48);
+  check('snapshot table', header.snapshotsOffset, header.nbSnapshots > 0 ? 40 : 0, 64);
+}

@@ -1,0 +1,220 @@
+/**
+ * Guest-to-host lookups for qcow2: walks the L1 table and cached L2 slices over a guest range and
+ * returns merged {@link Segment}s. One awaited cache lookup per L2 slice, never one per cluster.
+ */
+import { BlockDeviceError } from '@qcowkit/blockdev';
+import type { TableCache } from '../cache/table-cache.js';
+import { hex } from '../format/binary.js';
+import { decodeCompressedDescriptor } from '../format/compressed-descriptor.js';
+import { L1E_RESERVED_MASK_HIGH, L1E_RESERVED_MASK_LOW, l1EntryOffset } from '../format/l1-entry.js';
+import {
+  type ClusterType,
+  classifyL2Entry,
+  classifySubcluster,
+  l2EntryHostOffset,
+  l2EntryReservedBitsSet,
+  type SubclusterType,
+} from '../format/l2-entry.js';
+import { pushSegment, type Segment } from './segment.js';
+
+export interface Qcow2MapperOptions {
+  /** Reads `length` bytes of metadata at `hostOffset` of the image file. */
+  readonly readMetadata: (hostOffset: number, length: number) => Promise<Uint8Array>;
+  readonly fileSize: number;
+  /** The active (or snapshot) L1 table as halves. */
+  readonly l1High: Uint32Array;
+  readonly l1Low: Uint32Array;
+  readonly clusterBits: number;
+  readonly extendedL2: boolean;
+  readonly hasDataFile: boolean;
+  readonly cache: TableCache<DataView>;
+  /** Bytes per cached L2 slice: a power of two dividing the cluster size. */
+  readonly sliceBytes: number;
+}
+
+export class Qcow2Mapper {
+  readonly #options: Qcow2MapperOptions;
+  readonly #clusterSize: number;
+  readonly #entrySize: number;
+  readonly #entriesPerSlice: number;
+  readonly #bytesPerL1: number;
+  readonly #subclusterSize: number;
+
+  constructor(options: Qcow2MapperOptions) {
+    this.#options = options;
+    this.#clusterSize = 2 ** options.clusterBits;
+    this.#entrySize = options.extendedL2 ? 16 : 8;
+    this.#entriesPerSlice = options.sliceBytes / this.#entrySize;
+    this.#bytesPerL1 = (this.#clusterSize / this.#entrySize) * this.#clusterSize;
+    this.#subclusterSize = this.#clusterSize / 32;
+  }
+
+  /** Host offset of the L2 table for `l1Index` (0 = none), validated. */
+  l2TableOffset(l1Index: number): number {
+    const { l1High, l1Low, fileSize } = this.#options;
+    if (l1Index >= l1High.length) return 0;
+    const high = l1High[l1Index]!;
+    const low = l1Low[l1Index]!;
+    if ((high & L1E_RESERVED_MASK_HIGH) !== 0 || (low & L1E_RESERVED_MASK_LOW) !== 0) {
+      throw new BlockDeviceError('ECORRUPT', `L1 entry ${l1Index}: reserved bits are set`);
+    }
+    const l2Offset = l1EntryOffset(high, low);
+    if (l2Offset === 0) return 0;
+    if (l2Offset % this.#clusterSize !== 0) {
+      throw new BlockDeviceError('ECORRUPT', `L1 entry ${l1Index}: L2 table offset is not cluster-aligned`, {
+        offset: l2Offset,
+      });
+    }
+    if (l2Offset + this.#clusterSize > fileSize) {
+      throw new BlockDeviceError('ECORRUPT', `L1 entry ${l1Index}: L2 table lies past the end of the file`, {
+        offset: l2Offset,
+      });
+    }
+    return l2Offset;
+  }
+
+  #loadSlice = async (hostOffset: number): Promise<DataView> => {
+    const bytes = await this.#options.readMetadata(hostOffset, this.#options.sliceBytes);
+    return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  };
+
+  /**
+   * Segments covering `[guestOffset, guestOffset + length)`, or a prefix of it when more than
+   * `maxEntries` L2 entries would be examined (at least one entry is always examined).
+   */
+  async map(guestOffset: number, length: number, maxEntries = Number.POSITIVE_INFINITY): Promise<Segment[]> {
+    const segments: Segment[] = [];
+    const end = guestOffset + length;
+    const clusterSize = this.#clusterSize;
+    const { extendedL2, hasDataFile, clusterBits, cache, sliceBytes } = this.#options;
+    let position = guestOffset;
+    let examined = 0;
+    while (position < end && examined < maxEntries) {
+      const l1Index = Math.floor(position / this.#bytesPerL1);
+      const l1Start = l1Index * this.#bytesPerL1;
+      const l2Offset = this.l2TableOffset(l1Index);
+      if (l2Offset === 0) {
+        const runEnd = Math.min(end, l1Start + this.#bytesPerL1);
+        pushSegment(segments, 'unallocated', position, runEnd - position, -1);
+        position = runEnd;
+        continue;
+      }
+      const l2Index = Math.floor((position - l1Start) / clusterSize);
+      const sliceIndex = Math.floor(l2Index / this.#entriesPerSlice);
+      const sliceHostOffset = l2Offset + sliceIndex * sliceBytes;
+      const slice = await cache.get(sliceHostOffset, this.#loadSlice);
+      const sliceEnd = Math.min(end, l1Start + (sliceIndex + 1) * this.#entriesPerSlice * clusterSize);
+      let entryIndex = l2Index - sliceIndex * this.#entriesPerSlice;
+      while (position < sliceEnd && examined < maxEntries) {
+        examined++;
+        const at = entryIndex * this.#entrySize;
+        const high = slice.getUint32(at);
+        const low = slice.getUint32(at + 4);
+        const clusterStart = l1Start + (sliceIndex * this.#entriesPerSlice + entryIndex) * clusterSize;
+        const clusterEnd = Math.min(sliceEnd, clusterStart + clusterSize);
+        const type = classifyL2Entry(high, low, hasDataFile, extendedL2);
+        const entryHostOffset = sliceHostOffset + at;
+        if (type !== 'compressed' && l2EntryReservedBitsSet(high, low, extendedL2)) {
+          throw new BlockDeviceError('ECORRUPT', 'L2 entry: reserved bits are set', {
+            offset: entryHostOffset,
+          });
+        }
+        const hostCluster = type === 'normal' || type === 'zero-alloc' ? l2EntryHostOffset(high, low) : -1;
+        if (hostCluster > 0 && hostCluster % clusterSize !== 0) {
+          throw new BlockDeviceError(
+            'ECORRUPT',
+            `L2 entry: host offset ${hex(hostCluster)} is not cluster-aligned`,
+            {
+              offset: entryHostOffset,
+            },
+          );
+        }
+        if (type === 'compressed') {
+          if (hasDataFile) {
+            throw new BlockDeviceError(
+              'ECORRUPT',
+              'L2 entry: compressed cluster in an image with a data file',
+              {
+                offset: entryHostOffset,
+              },
+            );
+          }
+          segments.push({
+            guestOffset: position,
+            length: clusterEnd - position,
+            kind: 'compressed',
+            hostOffset: -1,
+            compressed: decodeCompressedDescriptor(high, low, clusterBits),
+            offsetInCluster: position - clusterStart,
+          });
+        } else if (!extendedL2) {
+          this.#pushCluster(
+            segments,
+            type,
+            position,
+            clusterEnd - position,
+            hostCluster,
+            position - clusterStart,
+          );
+        } else {
+          const zeroBits = slice.getUint32(at + 8);
+          const allocBits = slice.getUint32(at + 12);
+          let sub = Math.floor((position - clusterStart) / this.#subclusterSize);
+          while (position < clusterEnd) {
+            const subEnd = Math.min(clusterEnd, clusterStart + (sub + 1) * this.#subclusterSize);
+            const subType = classifySubcluster(type, zeroBits, allocBits, sub);
+            if (subType === 'invalid') {
+              throw new BlockDeviceError(
+                'ECORRUPT',
+                `L2 entry: subcluster ${sub} has an invalid allocation state`,
+                {
+                  offset: entryHostOffset,
+                },
+              );
+            }
+            this.#pushCluster(
+              segments,
+              subType,
+              position,
+              subEnd - position,
+              hostCluster,
+              position - clusterStart,
+            );
+            position = subEnd;
+            sub++;
+          }
+        }
+        position = clusterEnd;
+        entryIndex++;
+      }
+    }
+    return segments;
+  }
+
+  #pushCluster(
+    segments: Segment[],
+    type: ClusterType | SubclusterType,
+    position: number,
+    length: number,
+    hostCluster: number,
+    offsetInCluster: number,
+  ): void {
+    switch (type) {
+      case 'normal':
+        pushSegment(segments, 'data', position, length, hostCluster + offsetInCluster);
+        return;
+      case 'zero-alloc':
+        pushSegment(segments, 'zero', position, length, hostCluster + offsetInCluster);
+        return;
+      case 'zero-plain':
+        pushSegment(segments, 'zero', position, length, -1);
+        return;
+      case 'unallocated':
+      case 'unallocated-alloc':
+        pushSegment(segments, 'unallocated', position, length, -1);
+        return;
+      default:
+        throw new BlockDeviceError('ECORRUPT', `L2 entry: unexpected cluster type ${type}`);
+    }
+  }
+}

@@ -1,0 +1,135 @@
+/**
+ * Shared BlockDevice plumbing for the read-only image formats (qcow2 and qcow v1): argument
+ * checks, EROFS for every write, read windows, blockStatus bounds, closing the layers below.
+ */
+import {
+  assertOpen,
+  type BlockDevice,
+  type BlockDeviceCapabilities,
+  BlockDeviceError,
+  type Extent,
+  type RequestOptions,
+  throwIfAborted,
+  validateRange,
+} from '@qcowkit/blockdev';
+import { readSegments, type SegmentSource, segmentsToExtents } from './mapping/read-segments.js';
+import type { Segment } from './mapping/segment.js';
+
+/** Guest bytes mapped at once by one read (bounds the size of a read plan). */
+const READ_WINDOW = 64 * 1024 * 1024;
+/** L2 entries examined by one blockStatus call at most. */
+const BLOCK_STATUS_MAX_ENTRIES = 65536;
+
+export abstract class ReadOnlyImage implements BlockDevice {
+  abstract readonly size: number;
+  abstract readonly description: string;
+  readonly readOnly = true;
+  abstract readonly capabilities: BlockDeviceCapabilities;
+  #closed = false;
+  #inFlight = new Set<Promise<unknown>>();
+
+  /** Segments of `[guestOffset, guestOffset + length)` (or a prefix when `maxEntries` is reached). */
+  protected abstract mapRange(guestOffset: number, length: number, maxEntries?: number): Promise<Segment[]>;
+  protected abstract segmentSource(): SegmentSource;
+  /** Devices this image owns and closes with itself (file, data file, backing). */
+  protected abstract ownedDevices(): (BlockDevice | undefined)[];
+
+  protected get closed(): boolean {
+    return this.#closed;
+  }
+
+  #track<T>(promise: Promise<T>): Promise<T> {
+    this.#inFlight.add(promise);
+    const forget = (): void => {
+      this.#inFlight.delete(promise);
+    };
+    promise.then(forget, forget);
+    return promise;
+  }
+
+  async read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
+    validateRange(this.size, offset, length, 'read');
+    const buffer = new Uint8Array(length);
+    await this.readInto(buffer, offset, options);
+    return buffer;
+  }
+
+  readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+    return this.#track(this.#readInto(buffer, offset, options));
+  }
+
+  async #readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+    assertOpen(this.#closed, this.description, 'read');
+    validateRange(this.size, offset, buffer.length, 'read');
+    throwIfAborted(options?.signal);
+    const source = this.segmentSource();
+    for (let windowStart = 0; windowStart < buffer.length; windowStart += READ_WINDOW) {
+      const windowLength = Math.min(READ_WINDOW, buffer.length - windowStart);
+      const segments = await this.mapRange(offset + windowStart, windowLength);
+      await readSegments(
+        source,
+        buffer.subarray(windowStart, windowStart + windowLength),
+        offset + windowStart,
+        segments,
+        options,
+      );
+      throwIfAborted(options?.signal);
+    }
+  }
+
+  blockStatus(offset: number, length: number, options?: RequestOptions): Promise<Extent[]> {
+    return this.#track(this.#blockStatus(offset, length, options));
+  }
+
+  async #blockStatus(offset: number, length: number, options?: RequestOptions): Promise<Extent[]> {
+    assertOpen(this.#closed, this.description, 'blockStatus');
+    validateRange(this.size, offset, length, 'blockStatus');
+    if (length === 0) return [];
+    throwIfAborted(options?.signal);
+    const segments = await this.mapRange(offset, length, BLOCK_STATUS_MAX_ENTRIES);
+    return segmentsToExtents(segments, this.segmentSource().backing, options);
+  }
+
+  #readOnly(kind: string): Promise<never> {
+    if (this.#closed)
+      return Promise.reject(new BlockDeviceError('ECLOSED', `${kind}: ${this.description} is closed`));
+    return Promise.reject(new BlockDeviceError('EROFS', `${kind}: ${this.description} is read-only`));
+  }
+
+  write(_offset: number, _data: Uint8Array): Promise<void> {
+    return this.#readOnly('write');
+  }
+
+  writeZeroes(_offset: number, _length: number): Promise<void> {
+    return this.#readOnly('writeZeroes');
+  }
+
+  discard(_offset: number, _length: number): Promise<void> {
+    return this.#readOnly('discard');
+  }
+
+  resize(_newSize: number): Promise<void> {
+    return this.#readOnly('resize');
+  }
+
+  async flush(_options?: RequestOptions): Promise<void> {
+    assertOpen(this.#closed, this.description, 'flush');
+  }
+
+  /** Waits for requests in flight, then closes the file, the data file and the backing chain. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await Promise.allSettled([...this.#inFlight]);
+    const seen = new Set<BlockDevice>();
+    for (const device of this.ownedDevices()) {
+      if (device === undefined || seen.has(device)) continue;
+      seen.add(device);
+      await device.close();
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}

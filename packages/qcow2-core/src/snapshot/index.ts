@@ -1,0 +1,1 @@
+export { findSnapshot, readSnapshotTable } from './snapshot-list.js';
