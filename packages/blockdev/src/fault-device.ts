@@ -121,14 +121,20 @@ export class FaultInjectingBlockDevice implements BlockDevice {
     this.#applying = [];
   }
 
-  async read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
-    const buffer = new Uint8Array(length);
-    await this.#readInto(buffer, offset, options, 'read');
-    return buffer;
+  read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
+    return this.#run('read', options, async () => {
+      validateRange(this.size, offset, length, 'read');
+      const buffer = new Uint8Array(length);
+      await this.#load(buffer, offset, options);
+      return buffer;
+    });
   }
 
   readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
-    return this.#readInto(buffer, offset, options, 'readInto');
+    return this.#run('readInto', options, async () => {
+      validateRange(this.size, offset, buffer.length, 'read');
+      await this.#load(buffer, offset, options);
+    });
   }
 
   write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
@@ -217,28 +223,21 @@ export class FaultInjectingBlockDevice implements BlockDevice {
     await this.close();
   }
 
-  #readInto(
-    buffer: Uint8Array,
-    offset: number,
-    options: RequestOptions | undefined,
-    kind: string,
-  ): Promise<void> {
-    return this.#run(kind, options, async () => {
-      validateRange(this.size, offset, buffer.length, 'read');
-      if (buffer.length === 0) return;
-      await this.inner.readInto(buffer, offset, options);
-      const end = offset + buffer.length;
-      for (const change of [...this.#applying, ...this.#pending]) {
-        const from = Math.max(offset, change.offset);
-        const to = Math.min(end, changeEnd(change));
-        if (from >= to) continue;
-        if (change.kind === 'write') {
-          buffer.set(change.data.subarray(from - change.offset, to - change.offset), from - offset);
-        } else {
-          buffer.fill(0, from - offset, to - offset);
-        }
+  /** Reads the inner device with the unflushed changes laid over it, oldest first. */
+  async #load(buffer: Uint8Array, offset: number, options: RequestOptions | undefined): Promise<void> {
+    if (buffer.length === 0) return;
+    await this.inner.readInto(buffer, offset, options);
+    const end = offset + buffer.length;
+    for (const change of [...this.#applying, ...this.#pending]) {
+      const from = Math.max(offset, change.offset);
+      const to = Math.min(end, changeEnd(change));
+      if (from >= to) continue;
+      if (change.kind === 'write') {
+        buffer.set(change.data.subarray(from - change.offset, to - change.offset), from - offset);
+      } else {
+        buffer.fill(0, from - offset, to - offset);
       }
-    });
+    }
   }
 
   /** Counts the request, injects the configured fault, and tracks it for close(). */

@@ -129,10 +129,13 @@ export class OverlayBlockDevice implements BlockDevice {
     return total;
   }
 
-  async read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
-    const buffer = new Uint8Array(length);
-    await this.readInto(buffer, offset, options);
-    return buffer;
+  read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
+    return this.#run('read', options, async () => {
+      validateRange(this.#size, offset, length, 'read');
+      const buffer = new Uint8Array(length);
+      await this.#load(offset, buffer, options);
+      return buffer;
+    });
   }
 
   readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
