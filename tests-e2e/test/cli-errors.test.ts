@@ -1,0 +1,74 @@
+/**
+ * The `qcow2` bin as a user meets it: bad input ends in exit 1 and one line on stderr, never a
+ * stack trace unless asked; help and version work.
+ */
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { qcow2 } from '../src/qcow2-cli.js';
+import { requireTools, run, tempDir } from '../src/tools.js';
+
+const haveTools = requireTools('qemu-img');
+
+describe.skipIf(!haveTools)('qcow2 CLI errors and help', () => {
+  let dir: { path: string; remove: () => void };
+  beforeAll(() => {
+    dir = tempDir('qcowkit-cli-');
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', 'snap.qcow2', '1M'], { cwd: dir.path });
+    run('qemu-img', ['snapshot', '-c', 'one', 'snap.qcow2'], { cwd: dir.path });
+    writeFileSync(join(dir.path, 'plain.raw'), Buffer.alloc(65536, 1));
+  });
+  afterAll(() => dir?.remove());
+
+  const cli = (args: readonly string[], env?: NodeJS.ProcessEnv) =>
+    qcow2(args, { cwd: dir.path, env: env === undefined ? undefined : { ...process.env, ...env } });
+
+  test.each([
+    ['missing file', ['info', 'nope.qcow2'], "qcow2: Could not open 'nope.qcow2': No such file or directory"],
+    ['bad format name', ['info', '-f', 'vhdx', 'plain.raw'], "Unknown driver 'vhdx'"],
+    ['unknown flag', ['map', '--bogus', 'plain.raw'], "qcow2: unknown option '--bogus'"],
+    ['bad size', ['map', '--start-offset=1Q', 'plain.raw'], "Invalid start offset specified: '1Q'"],
+    ['bad output', ['check', '--output=yaml', 'snap.qcow2'], "'yaml'"],
+    [
+      'unknown snapshot',
+      ['convert', '-O', 'raw', '-l', 'snapshot.name=two', 'snap.qcow2', 'out.raw'],
+      "qcow2: Failed to load snapshot: Can't find snapshot",
+    ],
+    ['unknown snapshot id', ['convert', '-s', '42', 'snap.qcow2', 'out.raw'], "Can't find snapshot"],
+    ['unsupported output format', ['convert', '-O', 'vmdk', 'plain.raw', 'out.vmdk'], "output format 'vmdk'"],
+    ['unknown command', ['frobnicate'], "qcow2: unknown command 'frobnicate'"],
+  ])('%s: exit 1, one line, no stack trace', (_what, args, message) => {
+    const result = cli(args);
+    expect(result.status).toBe(1);
+    expect(result.stdout).toBe('');
+    expect(result.stderr).toContain(message);
+    expect(result.stderr.trimEnd().split('\n')).toHaveLength(1);
+    expect(result.stderr).not.toMatch(/\bat .*\.js/);
+  });
+
+  test('--debug and QCOW2_DEBUG=1 add the stack trace', () => {
+    expect(cli(['--debug', 'info', 'nope.qcow2']).stderr).toMatch(/\n {4}at /);
+    expect(cli(['info', 'nope.qcow2'], { QCOW2_DEBUG: '1' }).stderr).toMatch(/\n {4}at /);
+  });
+
+  test('--help lists the commands with examples; help SUBCOMMAND shows its flags', () => {
+    const help = cli(['--help']);
+    expect(help.status).toBe(0);
+    for (const command of ['info', 'map', 'convert', 'check']) expect(help.stdout).toContain(command);
+    expect(help.stdout).toContain('Examples:');
+    const convertHelp = cli(['help', 'convert']);
+    expect(convertHelp.status).toBe(0);
+    for (const flag of ['-O <fmt>', '-l <snapshot>', '-s <snapshot>', '-p', '--force-share']) {
+      expect(convertHelp.stdout).toContain(flag);
+    }
+    const version = cli(['--version']);
+    expect(version.status).toBe(0);
+    expect(version.stdout).toMatch(/^\d+\.\d+\.\d+\n$/);
+  });
+
+  test('errors match the shape of qemu-img for the same mistakes', () => {
+    const theirs = run('sh', ['-c', 'qemu-img info nope.qcow2 2>&1 || true'], { cwd: dir.path });
+    expect(theirs).toContain("Could not open 'nope.qcow2'");
+    expect(theirs).toContain('No such file or directory');
+  });
+});
