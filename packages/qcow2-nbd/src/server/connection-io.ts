@@ -39,10 +39,8 @@ export class ConnectionIo {
     if (!this.corked) {
       this.corked = true;
       this.stream.cork();
-      process.nextTick(() => {
-        this.corked = false;
-        this.stream.uncork();
-      });
+      // Replies completing in the same turn of the event loop leave in one writev.
+      setImmediate(() => this.flush());
     }
     this.pendingBytes += bytes.length;
     this.stream.write(bytes, () => {
@@ -50,6 +48,13 @@ export class ConnectionIo {
       if (this.pendingBytes === 0) this.wakeDrain();
       done?.();
     });
+  }
+
+  /** Sends what is corked now (when nothing else is about to complete). */
+  flush(): void {
+    if (!this.corked) return;
+    this.corked = false;
+    this.stream.uncork();
   }
 
   /** Resolves when everything sent so far has been written out (or the connection is gone). */
