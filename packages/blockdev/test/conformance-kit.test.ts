@@ -1,0 +1,82 @@
+/** The kit must catch broken devices, or passing it would mean nothing. */
+import { type Extent, MemoryBlockDevice, type RequestOptions, type WriteOptions } from '@qcowkit/blockdev';
+import { type ConformanceOptions, checkBounds, modelProperty } from '@qcowkit/blockdev/testing';
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+
+/** Silently drops writes that start at or past 100 000. */
+class DropsFarWrites extends MemoryBlockDevice {
+  override async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    if (offset >= 100_000) return;
+    await super.write(offset, data, options);
+  }
+}
+
+/** Calls everything a hole. */
+class LiesAboutHoles extends MemoryBlockDevice {
+  override async blockStatus(offset: number, length: number, options?: RequestOptions): Promise<Extent[]> {
+    await super.blockStatus(offset, length, options);
+    return [{ offset, length, zero: true, data: false, present: false, depth: 0 }];
+  }
+}
+
+/** Keeps offsets in 32 bits, as `offset | 0` style code does. */
+class Wraps32Bit extends MemoryBlockDevice {
+  override async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    await super.write(
+      offset % 2 ** 32,
+      data.subarray(0, Math.min(data.length, this.size - (offset % 2 ** 32))),
+      options,
+    );
+  }
+}
+
+/** Does not check bounds on reads: returns zeros for any range. */
+class ReadsPastEnd extends MemoryBlockDevice {
+  override async read(_offset: number, length: number): Promise<Uint8Array> {
+    return new Uint8Array(Math.max(0, Math.floor(length) || 0));
+  }
+}
+
+async function failureOf(options: ConformanceOptions, size: number): Promise<string> {
+  try {
+    await fc.assert(modelProperty(options, size), { numRuns: 300, endOnFailure: true, seed: 42 });
+  } catch (error) {
+    // fast-check reports the counterexample; the kit's own message is the cause.
+    return `${String(error)}\n${String((error as Error).cause)}`;
+  }
+  return 'no failure';
+}
+
+describe('the conformance kit', () => {
+  it('catches a device that drops writes past an offset', async () => {
+    const message = await failureOf(
+      { name: 'drops', create: async (size) => new DropsFarWrites(size) },
+      197_635,
+    );
+    expect(message).toMatch(/reads \d+, expected \d+/);
+  });
+
+  it('catches a device that calls data a hole', async () => {
+    const message = await failureOf({ name: 'lies', create: async (size) => new LiesAboutHoles(size) }, 4097);
+    expect(message).toMatch(/zero or a hole, but they hold data/);
+  });
+
+  it('catches 32-bit offset arithmetic on a device larger than 4 GiB', async () => {
+    const message = await failureOf(
+      { name: 'wraps', create: async (size) => new Wraps32Bit(size) },
+      2 ** 32 + 1536,
+    );
+    expect(message).toMatch(/reads \d+, expected \d+/);
+  });
+
+  it('catches missing bounds checks', async () => {
+    await expect(checkBounds(new ReadsPastEnd(4096))).rejects.toThrow(/expected a rejection with EINVAL/);
+  });
+
+  it('passes a correct device with the same settings', async () => {
+    expect(
+      await failureOf({ name: 'memory', create: async (size) => new MemoryBlockDevice(size) }, 197_635),
+    ).toBe('no failure');
+  });
+});

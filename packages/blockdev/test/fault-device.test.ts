@@ -1,0 +1,59 @@
+import { FaultInjectingBlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
+import { describe, expect, it } from 'vitest';
+
+const bytes = (...values: number[]) => new Uint8Array(values);
+
+describe('FaultInjectingBlockDevice', () => {
+  it('fails every request after failAfter operations, with the code asked for', async () => {
+    const device = new FaultInjectingBlockDevice(new MemoryBlockDevice(1024), {
+      failAfter: 2,
+      failWith: 'ENOSPC',
+    });
+    await device.write(0, bytes(1));
+    await device.read(0, 1);
+    await expect(device.read(0, 1)).rejects.toMatchObject({ code: 'ENOSPC' });
+    await expect(device.flush()).rejects.toMatchObject({ code: 'ENOSPC' });
+    expect(device.operations).toBe(4);
+    expect(device.crashed).toBe(false);
+  });
+
+  it('loses unflushed writes at a crash and keeps flushed ones', async () => {
+    const inner = new MemoryBlockDevice(1024);
+    const device = new FaultInjectingBlockDevice(inner, { crashAfter: 5 });
+    await device.write(0, bytes(1, 1)); // 1
+    await device.writeZeroes(100, 10); // 2
+    await device.flush(); // 3
+    await device.write(1, bytes(2)); // 4: never flushed
+    expect(await device.read(0, 2)).toEqual(bytes(1, 2)); // 5: reads see unflushed data
+    expect(await inner.read(0, 2)).toEqual(bytes(1, 1));
+    await expect(device.flush()).rejects.toMatchObject({ code: 'EIO' }); // 6: crashed
+    expect(device.crashed).toBe(true);
+    await expect(device.read(0, 1)).rejects.toMatchObject({ code: 'EIO' });
+    expect(await inner.read(0, 2)).toEqual(bytes(1, 1));
+    await device.close();
+    expect(await inner.read(0, 1)).toEqual(bytes(1)); // the inner device stays open after a crash
+  });
+
+  it('makes fua writes durable at once and applies changes in order at flush', async () => {
+    const inner = new MemoryBlockDevice(1024);
+    const device = new FaultInjectingBlockDevice(inner);
+    await device.write(0, bytes(1, 1, 1));
+    await device.discard(1, 1);
+    await device.write(2, bytes(3), { fua: true });
+    expect(await inner.read(0, 3)).toEqual(bytes(1, 0, 3));
+    await device.write(5, bytes(5));
+    expect(device.unflushedChanges).toBe(1);
+    device.crashNow();
+    expect(await inner.read(5, 1)).toEqual(bytes(0));
+    await expect(device.write(0, bytes(1))).rejects.toMatchObject({ code: 'EIO' });
+  });
+
+  it('reports unflushed changes as data in blockStatus', async () => {
+    const device = new FaultInjectingBlockDevice(new MemoryBlockDevice(128 * 1024));
+    await device.write(70_000, bytes(1));
+    const extents = await device.blockStatus(65_536, 65_536);
+    expect(extents).toEqual([
+      { offset: 65_536, length: 65_536, zero: false, data: true, present: true, depth: 0 },
+    ]);
+  });
+});
