@@ -42,7 +42,7 @@ export interface FileOpenOptions {
   /** Use native calls (SEEK_DATA, fallocate, OFD locks) when available (default true). With
    * false the device uses only Node's fs API: no holes reported, zeros written, no locking. */
   readonly native?: boolean;
-  /** Most file-system calls this device keeps in flight at once (default 8). */
+  /** Most file-system calls this device keeps in flight at once (default 16). */
   readonly maxInFlight?: number;
 }
 
@@ -55,7 +55,7 @@ export interface FileCreateOptions extends Omit<FileOpenOptions, 'readOnly' | 'f
 export const MAX_EXTENTS_PER_CALL = 1024;
 /** Largest zero buffer written at once when zeroing by writing. */
 const ZERO_CHUNK = 1024 * 1024;
-const DEFAULT_MAX_IN_FLIGHT = 8;
+const DEFAULT_MAX_IN_FLIGHT = 16;
 const MAXIMUM_TRANSFER = 32 * 1024 * 1024;
 
 let zeroChunk: Uint8Array | undefined;
@@ -272,19 +272,27 @@ export class FileBlockDevice implements BlockDevice {
     return buffer;
   }
 
-  async readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
-    this.#check('read', options);
-    validateRange(this.#size, offset, buffer.length, 'read');
-    if (buffer.length === 0) return;
-    await this.#readFully(buffer, offset);
+  readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+    // Not async: the hot path creates one promise per request, not three.
+    try {
+      this.#check('read', options);
+      validateRange(this.#size, offset, buffer.length, 'read');
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    return buffer.length === 0 ? Promise.resolve() : this.#readFully(buffer, offset);
   }
 
-  async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
-    this.#check('write', options);
-    assertWritable(this, 'write');
-    validateRange(this.#size, offset, data.length, 'write');
-    if (data.length > 0) await this.#writeFully(data, offset);
-    if (options?.fua) await this.#datasync();
+  write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    try {
+      this.#check('write', options);
+      assertWritable(this, 'write');
+      validateRange(this.#size, offset, data.length, 'write');
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    const written = data.length === 0 ? Promise.resolve() : this.#writeFully(data, offset);
+    return options?.fua ? written.then(() => this.#datasync()) : written;
   }
 
   async writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
@@ -449,7 +457,9 @@ export class FileBlockDevice implements BlockDevice {
               reject(
                 error
                   ? fsError('write', this.path, error, offset + done)
-                  : new BlockDeviceError('EIO', `write: ${this.path}: no progress`, { offset: offset + done }),
+                  : new BlockDeviceError('EIO', `write: ${this.path}: no progress`, {
+                      offset: offset + done,
+                    }),
               );
               return;
             }
