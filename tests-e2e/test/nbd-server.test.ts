@@ -431,7 +431,7 @@ async function rawExchange(port: number, parts: Buffer[]): Promise<{ closed: boo
       socket.destroy();
       // Skip the 18-byte greeting and the 10-byte EXPORT_NAME reply, then read simple replies.
       const errors: number[] = [];
-      let position = received.length >= 28 ? 28 : received.length;
+      let position = Math.min(28, received.length);
       while (position + 16 <= received.length) {
         const error = received.readUInt32BE(position + 4);
         errors.push(error);

@@ -40,13 +40,15 @@ export async function startCli(environment: CliEnvironment): Promise<RunningCli 
   const opened = await openExports(options);
   const log = options.verbose ? (line: string) => environment.stderr(`qcow2-nbd: ${line}\n`) : undefined;
   let server: NbdServer | undefined;
-  let stopping: Promise<void> | undefined;
+  let stopping = false;
   let resolveDone!: (status: number) => void;
   const done = new Promise<number>((resolve) => {
     resolveDone = resolve;
   });
   const stop = () => {
-    stopping ??= (async () => {
+    if (stopping) return;
+    stopping = true;
+    void (async () => {
       await server?.close();
       await opened.close();
       if (options.pidFile !== undefined) await unlink(options.pidFile).catch(() => {});
