@@ -508,6 +508,68 @@ export function concurrencyProperty(options: ConformanceOptions, size: number) {
   });
 }
 
+/** Overlapping writes, zeroes and discards issued at once: afterwards every byte holds what one
+ * of the competing requests (or the earlier content) left there, and the device still works. */
+export function overlapProperty(options: ConformanceOptions, size: number) {
+  const window = Math.min(size, 3 * 65536);
+  const request = fc.record({
+    offset: fc.integer({ min: 0, max: Math.max(0, window - 1) }),
+    length: fc.oneof(fc.integer({ min: 1, max: 600 }), fc.integer({ min: 1, max: window })),
+    kind: fc.constantFrom<'write' | 'writeZeroes' | 'discard'>('write', 'write', 'writeZeroes', 'discard'),
+    seed: fc.nat(),
+  });
+  return fc.asyncProperty(
+    fc.integer({ min: 0, max: Math.max(0, size - window) }),
+    fc.array(request, { minLength: 2, maxLength: 6 }),
+    async (base, requests) => {
+      const device = await options.create(size);
+      try {
+        const model = new DeviceModel(device.size, options.initialContent?.(device.size));
+        const prior = model.expected(base, window);
+        const candidates: { from: number; to: number; bytes: Uint8Array | undefined }[] = [];
+        const work: Promise<void>[] = [];
+        for (const entry of requests) {
+          const from = base + entry.offset;
+          const length = Math.min(entry.length, base + window - from);
+          if (entry.kind === 'write') {
+            const data = patternBytes(entry.seed, length);
+            candidates.push({ from, to: from + length, bytes: data });
+            work.push(device.write(from, data));
+          } else {
+            candidates.push({ from, to: from + length, bytes: undefined });
+            work.push(
+              entry.kind === 'discard' ? device.discard(from, length) : device.writeZeroes(from, length),
+            );
+          }
+        }
+        await Promise.all(work);
+        const actual = await device.read(base, window);
+        for (let index = 0; index < window; index++) {
+          const position = base + index;
+          const got = actual[index]!;
+          if (got === prior[index]) continue;
+          const explained = candidates.some(
+            (candidate) =>
+              position >= candidate.from &&
+              position < candidate.to &&
+              got === (candidate.bytes === undefined ? 0 : candidate.bytes[position - candidate.from]),
+          );
+          if (!explained) {
+            throw new Error(`overlapping requests left byte ${got} at ${position}, which none of them wrote`);
+          }
+        }
+        // The device must still work normally afterwards.
+        const data = patternBytes(77, window);
+        await device.write(base, data);
+        model.write(base, data);
+        await verify(device, model, base, window, 'write after overlapping requests');
+      } finally {
+        await device.close();
+      }
+    },
+  );
+}
+
 /** Bounds: requests outside the device reject with the right code and change nothing. */
 export async function checkBounds(device: BlockDevice): Promise<void> {
   const size = device.size;
@@ -670,6 +732,16 @@ export function describeBlockDeviceConformance(options: ConformanceOptions): voi
           'serves concurrent non-overlapping requests',
           async () => {
             await fc.assert(concurrencyProperty(options, size), {
+              ...parameters,
+              numRuns: Math.max(1, Math.ceil(numRuns / 2)),
+            });
+          },
+          timeout,
+        );
+        it(
+          'leaves each byte as one of several overlapping requests left it',
+          async () => {
+            await fc.assert(overlapProperty(options, size), {
               ...parameters,
               numRuns: Math.max(1, Math.ceil(numRuns / 2)),
             });
