@@ -107,6 +107,12 @@ describe.skipIf(!haveTools)('FileBlockDevice against QEMU', () => {
     for (const e of extents) {
       if (e.data) expect(e.hostOffset).toBe(e.offset);
     }
+    const info = JSON.parse(run('qemu-img', ['info', '--output=json', '-f', 'raw', path])) as {
+      'actual-size': number;
+      'virtual-size': number;
+    };
+    expect(await device.allocatedBytes()).toBe(info['actual-size']);
+    expect(device.size).toBe(info['virtual-size']);
   });
 
   test('interoperates with QEMU image locks', async () => {
