@@ -26,7 +26,7 @@ import {
   type Qcow2Header,
 } from './format/header.js';
 import { decodeL1Table } from './format/l1-entry.js';
-import { decodeRefcountTable } from './format/refcount.js';
+import { decodeRefcount, decodeRefcountTable, refcountsPerBlock } from './format/refcount.js';
 import type { Qcow2SnapshotEntry } from './format/snapshot-table.js';
 import { Qcow2Mapper } from './mapping/qcow2-mapper.js';
 import { readClipped, type SegmentSource } from './mapping/read-segments.js';
@@ -107,7 +107,7 @@ export class Qcow2Image extends ReadOnlyImage {
     this.clusterSize = header.clusterSize;
     this.clusterBits = header.clusterBits;
     this.refcountBits = 2 ** header.refcountOrder;
-    this.size = openedSnapshot?.diskSize ?? header.size;
+    this.size = options.snapshotSize === 'snapshot' ? (openedSnapshot?.diskSize ?? header.size) : header.size;
     this.dirty = flags.dirty;
     this.corrupt = flags.corrupt;
     this.lazyRefcounts = flags.lazyRefcounts;
@@ -279,6 +279,47 @@ export class Qcow2Image extends ReadOnlyImage {
   /** L2 cache statistics (entries, bytes, hits, misses). */
   get l2CacheStats(): TableCache<DataView>['stats'] {
     return this.#l2Cache.stats;
+  }
+
+  #metadataPreallocation: Promise<boolean> | undefined;
+
+  /**
+   * QEMU's test for a metadata-preallocated image: the file has clearly more clusters with a
+   * non-zero refcount than it has allocated storage (at least 10/9 of them, and 2 more). Such
+   * images get their data runs checked for holes in blockStatus. Needs the file device's
+   * `allocatedBytes()` (FileBlockDevice has it); without it the answer is no.
+   */
+  protected override recurseIntoData(): Promise<boolean> {
+    this.#metadataPreallocation ??= this.#detectMetadataPreallocation().catch(() => false);
+    return this.#metadataPreallocation;
+  }
+
+  async #detectMetadataPreallocation(): Promise<boolean> {
+    const file = this.file as BlockDevice & { allocatedBytes?: () => Promise<number> };
+    if (typeof file.allocatedBytes !== 'function') return false;
+    const realClusters = Math.floor((await file.allocatedBytes()) / this.clusterSize);
+    const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+    const endCluster = Math.ceil(file.size / this.clusterSize);
+    const order = this.header.refcountOrder;
+    const perBlock = refcountsPerBlock(this.clusterSize, order);
+    const table = await this.readRefcountTable();
+    let count = 0;
+    let cluster = 0;
+    while (cluster < endCluster && count < threshold) {
+      const blockIndex = Math.floor(cluster / perBlock);
+      const blockOffset = table[blockIndex] ?? 0;
+      const stop = Math.min(endCluster, (blockIndex + 1) * perBlock);
+      if (blockOffset === 0 || blockIndex >= table.length) {
+        cluster = stop;
+        if (blockIndex >= table.length) break;
+        continue;
+      }
+      const block = await this.readRefcountBlock(blockOffset);
+      for (; cluster < stop && count < threshold; cluster++) {
+        if (decodeRefcount(block, cluster - blockIndex * perBlock, order) !== 0) count++;
+      }
+    }
+    return count >= threshold;
   }
 
   protected mapRange(guestOffset: number, length: number, maxEntries?: number): Promise<Segment[]> {

@@ -12,4 +12,5 @@ export {
   type Qcow2OpenOptions,
 } from './options.js';
 export { QcowImage } from './qcow-image.js';
+export { RawImage } from './raw-image.js';
 export { findSnapshot, readSnapshotTable } from './snapshot/index.js';

@@ -44,6 +44,15 @@ export interface ImageOpenOptions {
 export interface Qcow2OpenOptions extends ImageOpenOptions {
   /** Opens the external data file named by the image (required to read an image that has one). */
   resolveDataFile?: (name: string) => Promise<BlockDevice>;
-  /** Opens an internal snapshot (read-only) instead of the active state. */
-  snapshot?: { id?: string; name?: string };
+  /**
+   * Opens an internal snapshot (read-only) instead of the active state: by `id`, by `name`, or by
+   * `idOrName` (an id first, then a name, as qemu-img's `-s` / `-l X`).
+   */
+  snapshot?: { id?: string; name?: string; idOrName?: string };
+  /**
+   * Guest size of an opened snapshot: `'current'` (default) keeps the image's current virtual size
+   * as QEMU does for `qemu-img convert -l` and `qemu-nbd -l` (clusters beyond the snapshot's L1
+   * read as unallocated); `'snapshot'` uses the size recorded in the snapshot.
+   */
+  snapshotSize?: 'current' | 'snapshot';
 }

@@ -8,9 +8,11 @@ import {
   type BlockDeviceCapabilities,
   BlockDeviceError,
   type Extent,
+  type RequestKind,
   type RequestOptions,
   throwIfAborted,
   validateRange,
+  type WriteOptions,
 } from '@qcowkit/blockdev';
 import { readSegments, type SegmentSource, segmentsToExtents } from './mapping/read-segments.js';
 import type { Segment } from './mapping/segment.js';
@@ -33,6 +35,11 @@ export abstract class ReadOnlyImage implements BlockDevice {
   protected abstract segmentSource(): SegmentSource;
   /** Devices this image owns and closes with itself (file, data file, backing). */
   protected abstract ownedDevices(): (BlockDevice | undefined)[];
+
+  /** Whether blockStatus asks the data's device for holes under data runs (default no). */
+  protected recurseIntoData(): Promise<boolean> {
+    return Promise.resolve(false);
+  }
 
   protected get closed(): boolean {
     return this.#closed;
@@ -87,29 +94,31 @@ export abstract class ReadOnlyImage implements BlockDevice {
     if (length === 0) return [];
     throwIfAborted(options?.signal);
     const segments = await this.mapRange(offset, length, BLOCK_STATUS_MAX_ENTRIES);
-    return segmentsToExtents(segments, this.segmentSource().backing, options);
+    const recurseIntoData = await this.recurseIntoData();
+    return segmentsToExtents(segments, { ...this.segmentSource(), recurseIntoData }, options);
   }
 
-  #readOnly(kind: string): Promise<never> {
-    if (this.#closed)
-      return Promise.reject(new BlockDeviceError('ECLOSED', `${kind}: ${this.description} is closed`));
-    return Promise.reject(new BlockDeviceError('EROFS', `${kind}: ${this.description} is read-only`));
+  /** Bounds are checked first (EINVAL / ENOSPC as for any device), then EROFS. */
+  async #readOnly(kind: RequestKind | 'resize', offset: number, length: number): Promise<never> {
+    assertOpen(this.#closed, this.description, kind);
+    if (kind !== 'resize') validateRange(this.size, offset, length, kind);
+    throw new BlockDeviceError('EROFS', `${kind}: ${this.description} is read-only`);
   }
 
-  write(_offset: number, _data: Uint8Array): Promise<void> {
-    return this.#readOnly('write');
+  write(offset: number, data: Uint8Array, _options?: WriteOptions): Promise<void> {
+    return this.#readOnly('write', offset, data.length);
   }
 
-  writeZeroes(_offset: number, _length: number): Promise<void> {
-    return this.#readOnly('writeZeroes');
+  writeZeroes(offset: number, length: number, _options?: WriteOptions): Promise<void> {
+    return this.#readOnly('writeZeroes', offset, length);
   }
 
-  discard(_offset: number, _length: number): Promise<void> {
-    return this.#readOnly('discard');
+  discard(offset: number, length: number, _options?: RequestOptions): Promise<void> {
+    return this.#readOnly('discard', offset, length);
   }
 
   resize(_newSize: number): Promise<void> {
-    return this.#readOnly('resize');
+    return this.#readOnly('resize', 0, 0);
   }
 
   async flush(_options?: RequestOptions): Promise<void> {

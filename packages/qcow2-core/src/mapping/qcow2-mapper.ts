@@ -210,8 +210,12 @@ export class Qcow2Mapper {
         pushSegment(segments, 'zero', position, length, -1);
         return;
       case 'unallocated':
-      case 'unallocated-alloc':
         pushSegment(segments, 'unallocated', position, length, -1);
+        return;
+      case 'unallocated-alloc':
+        // The host cluster exists but this subcluster is not allocated: qemu-img map still
+        // reports its offset when no backing layer answers.
+        pushSegment(segments, 'unallocated', position, length, hostCluster + offsetInCluster);
         return;
       default:
         throw new BlockDeviceError('ECORRUPT', `L2 entry: unexpected cluster type ${type}`);

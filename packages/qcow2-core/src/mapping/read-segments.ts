@@ -75,25 +75,22 @@ export async function readSegments(
   await runBounded(tasks, source.concurrency);
 }
 
-/** Extents for segments; unallocated runs ask the backing device (depth + 1). */
+/**
+ * Extents for segments; unallocated runs ask the backing device (depth + 1). With
+ * `recurseIntoData` (QEMU does it for images it detects as metadata-preallocated), data runs ask
+ * the device holding them whether the host range reads as zeros (a hole, or past its end): such
+ * ranges are reported `zero: true, data: true`.
+ */
 export async function segmentsToExtents(
   segments: readonly Segment[],
-  backing: BlockDevice | undefined,
+  source: Pick<SegmentSource, 'backing' | 'dataDevice'> & { recurseIntoData?: boolean },
   options?: RequestOptions,
 ): Promise<Extent[]> {
   const extents: Extent[] = [];
   for (const segment of segments) {
     switch (segment.kind) {
       case 'data':
-        extents.push({
-          offset: segment.guestOffset,
-          length: segment.length,
-          zero: false,
-          data: true,
-          present: true,
-          depth: 0,
-          hostOffset: segment.hostOffset,
-        });
+        await dataExtents(extents, segment, source.recurseIntoData ? source.dataDevice : undefined, options);
         break;
       case 'zero':
         extents.push({
@@ -118,21 +115,62 @@ export async function segmentsToExtents(
         });
         break;
       case 'unallocated':
-        await backingExtents(extents, segment.guestOffset, segment.length, backing, options);
+        await backingExtents(extents, segment, source.backing, options);
         break;
     }
   }
   return extents;
 }
 
+async function dataExtents(
+  extents: Extent[],
+  segment: Segment,
+  device: BlockDevice | undefined,
+  options?: RequestOptions,
+): Promise<void> {
+  const push = (offset: number, length: number, zero: boolean): void => {
+    extents.push({
+      offset,
+      length,
+      zero,
+      data: true,
+      present: true,
+      depth: 0,
+      hostOffset: segment.hostOffset + (offset - segment.guestOffset),
+    });
+  };
+  if (device === undefined || !device.capabilities.blockStatus) {
+    push(segment.guestOffset, segment.length, false);
+    return;
+  }
+  const hostEnd = Math.min(segment.hostOffset + segment.length, device.size);
+  let host = segment.hostOffset;
+  while (host < hostEnd) {
+    const below = await device.blockStatus(host, hostEnd - host, options);
+    if (below.length === 0) throw new BlockDeviceError('EIO', 'blockStatus: the file returned no extent');
+    for (const extent of below) {
+      const length = Math.min(extent.length, hostEnd - host);
+      if (extent.offset !== host || length <= 0) {
+        throw new BlockDeviceError('EIO', 'blockStatus: the file returned a bad extent', { offset: host });
+      }
+      push(segment.guestOffset + (host - segment.hostOffset), length, extent.zero);
+      host += length;
+      if (host >= hostEnd) break;
+    }
+  }
+  const done = host - segment.hostOffset;
+  if (done < segment.length)
+    push(segment.guestOffset + Math.max(0, done), segment.length - Math.max(0, done), true);
+}
+
 async function backingExtents(
   extents: Extent[],
-  offset: number,
-  length: number,
+  segment: Segment,
   backing: BlockDevice | undefined,
   options?: RequestOptions,
 ): Promise<void> {
-  const end = offset + length;
+  const offset = segment.guestOffset;
+  const end = offset + segment.length;
   let position = offset;
   if (backing !== undefined) {
     const backingEnd = Math.min(end, backing.size);
@@ -154,13 +192,18 @@ async function backingExtents(
     }
   }
   if (position < end) {
+    // Nothing answers (no backing file, or past its end): qemu-img map says depth 0 there, and
+    // keeps the offset of an allocated cluster's unallocated subclusters.
     extents.push({
       offset: position,
       length: end - position,
       zero: true,
       data: false,
       present: false,
-      depth: backing === undefined ? 0 : 1,
+      depth: 0,
+      ...(backing === undefined && segment.hostOffset >= 0
+        ? { hostOffset: segment.hostOffset + (position - offset) }
+        : {}),
     });
   }
 }

@@ -17,7 +17,8 @@ export interface Segment {
   readonly guestOffset: number;
   length: number;
   readonly kind: SegmentKind;
-  /** Host offset of `guestOffset` for data and allocated zero runs; -1 otherwise. */
+  /** Host offset of `guestOffset` for data and allocated zero runs (and unallocated subclusters
+   * of an allocated cluster); -1 otherwise. */
   readonly hostOffset: number;
   /** Compressed runs: the descriptor and the offset of `guestOffset` in the decompressed cluster. */
   readonly compressed?: CompressedDescriptor;

@@ -18,8 +18,9 @@ import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import type { Qcow2Codecs } from '../codecs.js';
 import { DETECT_BYTES, detectFormat, type ImageFormat } from '../detect.js';
 import { Qcow2Image } from '../image.js';
-import { MAX_CHAIN_DEPTH } from '../options.js';
+import { MAX_CHAIN_DEPTH, type Qcow2OpenOptions } from '../options.js';
 import { QcowImage } from '../qcow-image.js';
+import { RawImage } from '../raw-image.js';
 import { nodeCodecs } from './node-codecs.js';
 
 export interface OpenImageOptions {
@@ -29,8 +30,10 @@ export interface OpenImageOptions {
   readOnly?: boolean;
   /** Ignore other processes' locks (qemu-img -U). */
   forceShare?: boolean;
-  /** Open an internal snapshot of the top image (qcow2). */
-  snapshot?: { id?: string; name?: string };
+  /** Open an internal snapshot of the top image (qcow2): by id, name, or id-or-name (qemu-img -s). */
+  snapshot?: { id?: string; name?: string; idOrName?: string };
+  /** Guest size of an opened snapshot; see {@link Qcow2OpenOptions.snapshotSize} (default 'current'). */
+  snapshotSize?: 'current' | 'snapshot';
   /** Default true; false: backing files are not opened (unallocated reads as zeros). */
   openBacking?: boolean;
   /** L2 cache bytes per qcow2 layer. */
@@ -51,7 +54,7 @@ export interface ChainLayer {
 }
 
 export interface OpenedImage extends AsyncDisposable {
-  /** What to read: the qcow2/qcow image or the raw file. */
+  /** What to read: the qcow2/qcow image, or for raw a {@link RawImage} over the file. */
   device: BlockDevice;
   format: ImageFormat;
   path: string;
@@ -149,7 +152,10 @@ async function openLayer(request: LayerRequest): Promise<ChainLayer> {
     file,
   };
   chain.push(layer);
-  if (format === 'raw') return layer;
+  if (format === 'raw') {
+    layer.device = new RawImage(file);
+    return layer;
+  }
   const codecs = options.codecs ?? nodeCodecs;
   const common = {
     readOnly: true,
@@ -182,6 +188,7 @@ async function openLayer(request: LayerRequest): Promise<ChainLayer> {
   const image = await Qcow2Image.open(file, {
     ...common,
     ...(depth === 0 && options.snapshot !== undefined ? { snapshot: options.snapshot } : {}),
+    ...(options.snapshotSize !== undefined ? { snapshotSize: options.snapshotSize } : {}),
     resolveDataFile: async (name) => {
       // QEMU resolves a relative data file name against the current working directory.
       return FileBlockDevice.open(resolve(name), {

@@ -30,11 +30,21 @@ export async function readSnapshotTable(
   }
 }
 
-/** The snapshot with this id or name; with both given, both must match. */
+/**
+ * The snapshot with this id or name (with both given, both must match), or with `idOrName` as an
+ * id, else as a name (QEMU's order).
+ */
 export function findSnapshot(
   entries: readonly Qcow2SnapshotEntry[],
-  wanted: { id?: string; name?: string },
+  wanted: { id?: string; name?: string; idOrName?: string },
 ): Qcow2SnapshotEntry {
+  if (wanted.idOrName !== undefined) {
+    const key = wanted.idOrName;
+    const found = entries.find((entry) => entry.id === key) ?? entries.find((entry) => entry.name === key);
+    if (found === undefined)
+      throw new BlockDeviceError('ENOENT', `snapshot: no snapshot with id or name '${key}'`);
+    return found;
+  }
   if (wanted.id === undefined && wanted.name === undefined) {
     throw new BlockDeviceError('EINVAL', 'snapshot: give an id or a name');
   }
