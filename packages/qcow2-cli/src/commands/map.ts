@@ -1,11 +1,12 @@
 /** `qcow2 map`: where the guest's bytes live, as qemu-img map prints it. */
 import { appendExtent, type Extent } from '@qcowkit/blockdev';
-import type { ImageFormat } from '../engine.js';
+import type { ChainLayer, ImageFormat } from '../engine.js';
 import { openImage } from '../engine.js';
 import { CliError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { formatMapHumanHeader, formatMapHumanRow, formatMapJsonEntry } from '../output/map.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
+import { type MapLayer, qemuMapView } from '../qemu-map-view.js';
 
 export interface MapOptions {
   readonly format?: ImageFormat | undefined;
@@ -33,10 +34,11 @@ export async function mapCommand(
     const start = Math.min(options.startOffset, device.size);
     const end =
       options.maxLength === undefined ? device.size : Math.min(device.size, start + options.maxLength);
-    const names = layerNames(
-      file,
-      opened.chain.map((layer) => layer.image?.backingFileName),
-    );
+    const names = layerNames(file, opened.chain);
+    const layers: MapLayer[] = opened.chain.map((layer) => ({
+      format: layer.format,
+      size: layer.device.size,
+    }));
     const out = context.io.stdout;
     if (options.output === 'human') out.write(formatMapHumanHeader());
     let pending: Extent | undefined;
@@ -48,7 +50,8 @@ export async function mapCommand(
         if (extent.data && extent.hostOffset === undefined) {
           throw new CliError('File contains external, encrypted or compressed clusters.');
         }
-        if (extent.data) out.write(formatMapHumanRow(extent, names[extent.depth] ?? file));
+        // The table lists stored data only: runs that read as zeros are left out, as qemu-img does.
+        if (extent.data && !extent.zero) out.write(formatMapHumanRow(extent, names[extent.depth] ?? file));
       }
       first = false;
     };
@@ -57,10 +60,12 @@ export async function mapCommand(
       const extents = await device.blockStatus(position, Math.min(end - position, STATUS_STEP));
       if (extents.length === 0) throw new CliError(`${file}: block status returned nothing at ${position}`);
       for (const extent of extents) {
-        const list: Extent[] = pending === undefined ? [] : [pending];
-        appendExtent(list, opened.format === 'raw' ? asRawLayer(extent) : withoutCompressedFlag(extent));
-        if (list.length === 2) emit(list[0]!);
-        pending = list[list.length - 1];
+        for (const piece of qemuMapView(extent, layers)) {
+          const list: Extent[] = pending === undefined ? [] : [pending];
+          appendExtent(list, piece);
+          if (list.length === 2) emit(list[0]!);
+          pending = list[list.length - 1];
+        }
         position = extent.offset + extent.length;
       }
     }
@@ -72,26 +77,17 @@ export async function mapCommand(
   return 0;
 }
 
-/** qemu-img map (QEMU 7.2) has no `compressed` field: compressed runs merge like any data. */
-function withoutCompressedFlag(extent: Extent): Extent {
-  if (extent.compressed === undefined) return extent;
-  const { compressed: _compressed, ...rest } = extent;
-  return rest;
-}
-
-/** In a raw image every guest byte is held by the file at the same offset, holes included: QEMU
- * reports them present, with an offset. */
-function asRawLayer(extent: Extent): Extent {
-  return { ...extent, present: true, depth: 0, hostOffset: extent.offset };
-}
-
-/** The file name shown for each layer: the top as given, then each backing name combined with
- * the name of the layer above it, as QEMU does. */
-function layerNames(top: string, backingNames: readonly (string | undefined)[]): string[] {
-  const names = [top];
-  for (const backing of backingNames) {
+/** The file name shown for each layer's data: the top as given, then each backing name combined
+ * with the name of the layer above it, as QEMU does; a layer with an external data file shows the
+ * data file's name (QEMU opens it relative to the working folder). */
+function layerNames(top: string, chain: readonly ChainLayer[]): string[] {
+  const names: string[] = [];
+  let name = top;
+  for (const layer of chain) {
+    names.push(layer.image?.dataFileName ?? name);
+    const backing = layer.image?.backingFileName;
     if (backing === undefined) break;
-    names.push(pathCombine(names[names.length - 1]!, backing));
+    name = pathCombine(name, backing);
   }
   return names;
 }

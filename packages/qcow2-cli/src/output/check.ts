@@ -2,6 +2,17 @@
 import type { CheckResult } from '../engine.js';
 import type { JsonObject } from './qemu-json.js';
 
+/** C's `%0.2f`: like `toFixed(2)` but an exact tie rounds to even (40.625 prints 40.62). */
+export function cFixed2(value: number): string {
+  const doubled = value * 200;
+  if (Number.isInteger(doubled) && Math.abs(doubled % 2) === 1 && doubled / 200 === value) {
+    const lower = (doubled - 1) / 2;
+    const even = lower % 2 === 0 ? lower : lower + 1;
+    return (even / 100).toFixed(2);
+  }
+  return value.toFixed(2);
+}
+
 const ifPositive = (value: number) => (value > 0 ? value : undefined);
 
 export function checkToJson(result: CheckResult, filename: string, format: string): JsonObject {
@@ -38,7 +49,7 @@ export function formatCheckHuman(result: CheckResult): string {
   }
   if (result.totalClusters > 0 && result.allocatedClusters > 0) {
     const allocated = result.allocatedClusters;
-    out += `${allocated}/${result.totalClusters} = ${((allocated * 100) / result.totalClusters).toFixed(2)}% allocated, ${((result.fragmentedClusters * 100) / allocated).toFixed(2)}% fragmented, ${((result.compressedClusters * 100) / allocated).toFixed(2)}% compressed clusters\n`;
+    out += `${allocated}/${result.totalClusters} = ${cFixed2((allocated * 100) / result.totalClusters)}% allocated, ${cFixed2((result.fragmentedClusters * 100) / allocated)}% fragmented, ${cFixed2((result.compressedClusters * 100) / allocated)}% compressed clusters\n`;
   }
   if (result.imageEndOffset > 0) out += `Image end offset: ${result.imageEndOffset}\n`;
   return out;
