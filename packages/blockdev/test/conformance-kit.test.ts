@@ -1,5 +1,11 @@
 /** The kit must catch broken devices, or passing it would mean nothing. */
-import { type Extent, MemoryBlockDevice, type RequestOptions, type WriteOptions } from '@qcowkit/blockdev';
+import {
+  type Extent,
+  MemoryBlockDevice,
+  type RequestOptions,
+  validateRange,
+  type WriteOptions,
+} from '@qcowkit/blockdev';
 import { type ConformanceOptions, checkBounds, modelProperty } from '@qcowkit/blockdev/testing';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
@@ -38,6 +44,13 @@ class ReadsPastEnd extends MemoryBlockDevice {
   }
 }
 
+/** Discard only checks its arguments, as devices without real discard may do. */
+class IgnoresDiscard extends MemoryBlockDevice {
+  override async discard(offset: number, length: number): Promise<void> {
+    validateRange(this.size, offset, length, 'discard');
+  }
+}
+
 async function failureOf(options: ConformanceOptions, size: number): Promise<string> {
   try {
     await fc.assert(modelProperty(options, size), { numRuns: 300, endOnFailure: true, seed: 42 });
@@ -72,6 +85,12 @@ describe('the conformance kit', () => {
 
   it('catches missing bounds checks', async () => {
     await expect(checkBounds(new ReadsPastEnd(4096))).rejects.toThrow(/expected a rejection with EINVAL/);
+  });
+
+  it('holds discard to zeros by default, and accepts old data with discardReadsZero: false', async () => {
+    const create = async (size: number) => new IgnoresDiscard(size);
+    expect(await failureOf({ name: 'no discard', create }, 4097)).toMatch(/reads \d+, expected 0/);
+    expect(await failureOf({ name: 'no discard', create, discardReadsZero: false }, 4097)).toBe('no failure');
   });
 
   it('passes a correct device with the same settings', async () => {

@@ -36,8 +36,8 @@ export interface ConformanceOptions {
   readonly maxOperations?: number;
   /** The device implements `resize`: test it, and mix resizes into the random sequences. */
   readonly supportsResize?: boolean;
-  /** After `discard`, the range reads as zeros (default true). When false, the kit accepts zeros
-   * or the previous bytes. */
+  /** After `discard`, the range reads as zeros (default true). When false, the kit accepts zeros,
+   * the previous bytes, or the initial content (a layered device showing its lower layer). */
   readonly discardReadsZero?: boolean;
   /** Per-test timeout in milliseconds (default: vitest's). */
   readonly timeout?: number;
@@ -61,6 +61,8 @@ export type ConformanceOperation =
       readonly length: number;
       readonly mayUnmap: boolean;
       readonly fua: boolean;
+      /** Devices without `capabilities.fastZero` may reject with `ENOTSUP` and change nothing. */
+      readonly fastOnly: boolean;
     }
   | { readonly kind: 'discard'; readonly offset: number; readonly length: number }
   | { readonly kind: 'read'; readonly offset: number; readonly length: number; readonly into: boolean }
@@ -165,8 +167,14 @@ export function operationsArbitrary(
     {
       weight: 2,
       arbitrary: fc
-        .tuple(range, fc.boolean(), fc.boolean())
-        .map(([r, mayUnmap, fua]) => ({ kind: 'writeZeroes', ...r, mayUnmap, fua })),
+        .tuple(range, fc.boolean(), fc.boolean(), fc.nat(3))
+        .map(([r, mayUnmap, fua, fast]) => ({
+          kind: 'writeZeroes',
+          ...r,
+          mayUnmap,
+          fua,
+          fastOnly: fast === 0,
+        })),
     },
     { weight: 2, arbitrary: range.map((r) => ({ kind: 'discard', ...r })) },
     {
@@ -333,7 +341,17 @@ class ModelRun {
         break;
       }
       case 'writeZeroes':
-        await device.writeZeroes(offset, length, { mayUnmap: operation.mayUnmap, fua: operation.fua });
+        try {
+          await device.writeZeroes(offset, length, {
+            mayUnmap: operation.mayUnmap,
+            fua: operation.fua,
+            fastOnly: operation.fastOnly,
+          });
+        } catch (error) {
+          // Without fast zeroing, a fastOnly request may be refused; nothing changes then.
+          if (operation.fastOnly && !device.capabilities.fastZero && errorCode(error) === 'ENOTSUP') break;
+          throw error;
+        }
         this.model.zero(offset, length);
         this.changed.push([offset, offset + length]);
         break;

@@ -68,12 +68,17 @@ class SparseBytes {
 export class DeviceModel {
   size: number;
   readonly #bytes = new SparseBytes();
-  /** 1 where the byte may read either as its value or as zero. */
+  /** 1 where the byte may read as its value, as zero, or as the initial content (after a discard
+   * on a device whose discard need not zero, or that shows a lower layer through). */
   readonly #mayBeZero = new SparseBytes();
+  readonly #initial = new SparseBytes();
 
   constructor(size: number, content?: Uint8Array) {
     this.size = size;
-    if (content !== undefined) this.#bytes.set(0, content);
+    if (content !== undefined) {
+      this.#bytes.set(0, content);
+      this.#initial.set(0, content);
+    }
   }
 
   write(offset: number, data: Uint8Array): void {
@@ -86,7 +91,7 @@ export class DeviceModel {
     this.#mayBeZero.fill(offset, length, 0);
   }
 
-  /** A discard whose range may keep its old bytes or read as zeros. */
+  /** A discard whose range may keep its old bytes, read as zeros, or show the initial content. */
   discardMaybe(offset: number, length: number): void {
     this.#mayBeZero.fill(offset, length, 1);
   }
@@ -95,6 +100,7 @@ export class DeviceModel {
     if (newSize < this.size) {
       this.#bytes.truncate(newSize);
       this.#mayBeZero.truncate(newSize);
+      this.#initial.truncate(newSize);
     }
     this.size = newSize;
   }
@@ -103,9 +109,12 @@ export class DeviceModel {
   firstMismatch(offset: number, actual: Uint8Array): number {
     const expected = this.#bytes.get(offset, actual.length);
     const mayBeZero = this.#mayBeZero.get(offset, actual.length);
+    const initial = this.#initial.get(offset, actual.length);
     for (let index = 0; index < actual.length; index++) {
       const got = actual[index]!;
-      if (got !== expected[index] && !(got === 0 && mayBeZero[index] === 1)) return index;
+      if (got === expected[index]) continue;
+      if (mayBeZero[index] === 1 && (got === 0 || got === initial[index])) continue;
+      return index;
     }
     return -1;
   }
