@@ -120,10 +120,15 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
     lseek: (fd, offset, whence) => result(fn.lseek(fd, offset, whence)),
     fallocate: (fd, mode, offset, length) =>
       new Promise((resolve) => {
-        fn.fallocate.async(fd, mode, offset, length, (error: unknown, value: number) => {
-          if (error === null && value >= 0) resolve({ ok: true, value });
-          else resolve(result(fn.fallocate(fd, mode, offset, length)));
-        });
+        try {
+          fn.fallocate.async(fd, mode, offset, length, (error: unknown, value: number) => {
+            if (error === null && value >= 0) resolve({ ok: true, value });
+            else resolve(result(fn.fallocate(fd, mode, offset, length)));
+          });
+        } catch {
+          // koffi refuses async calls beyond its limit (max_async_calls): run this one here.
+          resolve(result(fn.fallocate(fd, mode, offset, length)));
+        }
       }),
     ofdTestConflict: (fd, start, length) => {
       const buf = flockStruct(F_WRLCK, start, length);
