@@ -23,6 +23,9 @@ export const nodeCodecs: Qcow2Codecs = {
         maxOutputLength: output.length,
       });
     } catch (error) {
+      // More output than a cluster: QEMU takes the first cluster's worth; the pure codec does that.
+      if ((error as { code?: string }).code === 'ERR_BUFFER_TOO_LARGE')
+        return pureCodecs.decompress(type, input, output);
       throw new BlockDeviceError('ECORRUPT', 'compressed cluster: deflate data is invalid', { cause: error });
     }
     output.set(produced);
