@@ -2,9 +2,10 @@
 /**
  * qcowkit's benchmark runner: `pnpm bench [-- --filter NAME] [--rounds N]`.
  *
- * Every module in bench/jobs/ exports `jobs`: `{ name, description, tools?, setup(dir), ours(ctx),
- * theirs(ctx), teardown?(ctx) }` where `ours` and `theirs` each do the same work and return the
- * seconds it took. The runner works in a fresh directory on /dev/shm (memory-backed, so the
+ * Every module in bench/jobs/ exports `jobs`: `{ name, description, tools?, theirsName?, setup(dir),
+ * ours(ctx), theirs(ctx), teardown?(ctx) }` where `ours` and `theirs` each do the same work and
+ * return the seconds it took (`theirsName` names the other side when it is not QEMU's, e.g.
+ * nbdkit; `tools` lists the programs the job needs, and a job missing one is skipped). The runner works in a fresh directory on /dev/shm (memory-backed, so the
  * figures measure CPU cost, not a disk), alternates ours and theirs for several rounds, takes the
  * median of each, prints `job | ours | qemu | ratio` (ours / theirs: below 1 means we are
  * faster) and writes bench/results.json.
@@ -128,10 +129,13 @@ async function main() {
         const o = median(ours);
         const t = median(theirs);
         const ratio = o / t;
-        rows.push([job.name, formatSeconds(o), formatSeconds(t), ratio.toFixed(2)]);
+        const theirsName = job.theirsName ?? 'qemu';
+        const theirsCell = theirsName === 'qemu' ? formatSeconds(t) : `${formatSeconds(t)} (${theirsName})`;
+        rows.push([job.name, formatSeconds(o), theirsCell, ratio.toFixed(2)]);
         results.push({
           name: job.name,
           description: job.description,
+          theirsName,
           ours,
           theirs,
           oursMedian: o,
@@ -139,7 +143,7 @@ async function main() {
           ratio,
         });
         console.log(
-          `${job.name}: ours ${formatSeconds(o)}, qemu ${formatSeconds(t)}, ratio ${ratio.toFixed(2)}  (${job.description})`,
+          `${job.name}: ours ${formatSeconds(o)}, ${theirsName} ${formatSeconds(t)}, ratio ${ratio.toFixed(2)}  (${job.description})`,
         );
       } finally {
         await job.teardown?.(ctx);
