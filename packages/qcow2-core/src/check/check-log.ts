@@ -32,6 +32,22 @@ export class CheckLog {
     this.message(line);
   }
 
+  private readonly deferred: string[] = [];
+
+  /** A corruption whose line is printed later (after the refcount comparison, where qemu-img
+   * prints it) though it was found earlier. */
+  deferredCorruption(line: string): void {
+    this.corruptions++;
+    if (this.messages.length + this.deferred.length < MAX_CHECK_MESSAGES) this.deferred.push(line);
+    else this.dropped++;
+  }
+
+  /** Appends the deferred lines. */
+  flushDeferred(): void {
+    for (const line of this.deferred) this.message(line);
+    this.deferred.length = 0;
+  }
+
   /** The kept lines, plus one line saying how many were left out. */
   finalMessages(): string[] {
     if (this.dropped === 0) return [...this.messages];

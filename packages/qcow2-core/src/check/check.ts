@@ -49,7 +49,7 @@ export interface Qcow2CheckTarget {
 /** L1 entries read at a time. */
 const L1_CHUNK_ENTRIES = 64 * 1024;
 /** L2 tables read ahead while one is examined. */
-const L2_READ_AHEAD = 8;
+const L2_READ_AHEAD = 16;
 /** QEMU's cap on an L1 table, in entries (32 MiB). */
 const QCOW_MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
 /** QEMU refuses to check a file of more clusters than this. */
@@ -136,18 +136,31 @@ export async function checkQcow2Image(
     (sum, s) => sum + Math.min(s.l1Size, QCOW_MAX_L1_ENTRIES),
     0,
   );
-  const pacer = new Pacer(
-    header.l1Size * 2 + snapshotL1Entries + nbClusters,
-    options.signal,
-    options.onProgress,
-  );
+  const pacer = new Pacer(header.l1Size + snapshotL1Entries + nbClusters, options.signal, options.onProgress);
 
   const refcounts = new ComputedRefcounts(fileSize, clusterSize, refcountBits, log);
   const frag: FragInfo = { allocated: 0, fragmented: 0, compressed: 0 };
 
-  // 1. References. Header cluster (with the extension area) first.
+  const stored = await StoredRefcounts.load(file, {
+    clusterSize,
+    refcountBits,
+    refcountTableOffset: header.refcountTableOffset,
+    refcountTableClusters: header.refcountTableClusters,
+    request,
+  });
+
+  // 1. References. Header cluster (with the extension area) first. The active tables' COPIED
+  // flags are checked in the same pass (their lines are printed after the comparison's).
   refcounts.add(0, clusterSize);
-  await countL1References(geometry, header.l1TableOffset, header.l1Size, frag, refcounts, log, pacer);
+  await countL1References(
+    geometry,
+    header.l1TableOffset,
+    header.l1Size,
+    { frag, stored },
+    refcounts,
+    log,
+    pacer,
+  );
   if (geometry.hasDataFile && header.nbSnapshots > 0) {
     log.corruption(`ERROR ${header.nbSnapshots} snapshots in image with data file`);
   }
@@ -185,20 +198,13 @@ export async function checkQcow2Image(
     await countBitmapReferences(file, bitmaps, clusterSize, refcounts, log, request);
   }
 
-  const stored = await StoredRefcounts.load(file, {
-    clusterSize,
-    refcountBits,
-    refcountTableOffset: header.refcountTableOffset,
-    refcountTableClusters: header.refcountTableClusters,
-    request,
-  });
   countRefcountBlocks(stored, clusterSize, refcounts, log);
 
   // 2. Compare.
   const highestCluster = await compareRefcounts(stored, refcounts, log, pacer, request);
 
-  // 3. COPIED flags of the active tables.
-  await checkCopiedFlags(geometry, header.l1TableOffset, header.l1Size, stored, log, pacer);
+  // 3. COPIED flags of the active tables, found in step 1.
+  log.flushDeferred();
 
   pacer.finish();
   return {
@@ -274,13 +280,14 @@ async function* readTablesInOrder(
 
 /**
  * Counts the references of one L1 table: the table itself, its L2 tables and what they map.
- * `frag` is given for the active table only (qemu-img counts fragmentation there alone).
+ * `active` is given for the active table only: qemu-img counts fragmentation there alone, and
+ * checks COPIED flags there alone.
  */
 async function countL1References(
   geometry: Geometry,
   l1TableOffset: number,
   l1Size: number,
-  frag: FragInfo | undefined,
+  active: { frag: FragInfo; stored: StoredRefcounts } | undefined,
   refcounts: ComputedRefcounts,
   log: CheckLog,
   pacer: Pacer,
@@ -305,8 +312,11 @@ async function countL1References(
     }
   }
   let lastIndex = 0;
-  for await (const { tag, table } of readTablesInOrder(geometry, l2Tables())) {
-    countL2References(geometry, table, frag, refcounts, log);
+  for await (const { hostOffset, tag, high, low, table } of readTablesInOrder(geometry, l2Tables())) {
+    countL2References(geometry, table, active?.frag, refcounts, log);
+    if (active !== undefined && hostOffset !== 0) {
+      await checkCopiedFlags(geometry, tag, high, low, hostOffset, table, active.stored, log);
+    }
     await pacer.step(tag + 1 - lastIndex);
     lastIndex = tag + 1;
   }
@@ -486,52 +496,42 @@ async function compareRefcounts(
   return highestCluster;
 }
 
-/** Checks that COPIED is set on exactly the active L1 and L2 entries whose cluster has refcount 1. */
+/**
+ * Checks that COPIED is set on an active L1 entry and on its L2 table's entries exactly when the
+ * cluster's stored refcount is 1 (clusters whose refcount cannot be read are skipped, as in QEMU).
+ */
 async function checkCopiedFlags(
   geometry: Geometry,
-  l1TableOffset: number,
-  l1Size: number,
+  l1Index: number,
+  high: number,
+  low: number,
+  l2Offset: number,
+  table: Uint8Array,
   stored: StoredRefcounts,
   log: CheckLog,
-  pacer: Pacer,
 ): Promise<void> {
   const { clusterSize, extendedL2, hasDataFile, l2EntryBytes, request } = geometry;
-  async function* l2Tables() {
-    for await (const { index, high, low } of l1Entries(geometry, l1TableOffset, l1Size)) {
-      const l2Offset = entryOffset(high, low);
-      if (l2Offset === 0) continue;
-      yield { hostOffset: l2Offset, tag: index, high, low };
-    }
+  const l2Refcount = await stored.get(Math.floor(l2Offset / clusterSize), request);
+  if (typeof l2Refcount === 'number' && (l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+    log.deferredCorruption(
+      `ERROR OFLAG_COPIED L2 cluster: l1_index=${l1Index} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
+    );
   }
-  let lastIndex = 0;
-  for await (const { hostOffset, tag, high, low, table } of readTablesInOrder(geometry, l2Tables())) {
-    const l2Refcount = await stored.get(Math.floor(hostOffset / clusterSize), request);
-    if (typeof l2Refcount === 'number' && (l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-      log.corruption(
-        `ERROR OFLAG_COPIED L2 cluster: l1_index=${tag} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
+  const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+  const entries = clusterSize / l2EntryBytes;
+  for (let i = 0; i < entries; i++) {
+    const entryHigh = view.getUint32(i * l2EntryBytes);
+    const entryLow = view.getUint32(i * l2EntryBytes + 4);
+    if (entryHigh === 0 && entryLow === 0) continue;
+    const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
+    if (type !== 'normal' && type !== 'zero-alloc') continue;
+    const dataCluster = Math.floor(entryOffset(entryHigh, entryLow) / clusterSize);
+    const refcount = hasDataFile ? 1 : (stored.peek(dataCluster) ?? (await stored.get(dataCluster, request)));
+    if (typeof refcount !== 'number') continue;
+    if ((refcount === 1) !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+      log.deferredCorruption(
+        `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
       );
     }
-    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
-    const entries = clusterSize / l2EntryBytes;
-    for (let i = 0; i < entries; i++) {
-      const entryHigh = view.getUint32(i * l2EntryBytes);
-      const entryLow = view.getUint32(i * l2EntryBytes + 4);
-      if (entryHigh === 0 && entryLow === 0) continue;
-      const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
-      if (type !== 'normal' && type !== 'zero-alloc') continue;
-      const dataCluster = Math.floor(entryOffset(entryHigh, entryLow) / clusterSize);
-      const refcount = hasDataFile
-        ? 1
-        : (stored.peek(dataCluster) ?? (await stored.get(dataCluster, request)));
-      if (typeof refcount !== 'number') continue;
-      if ((refcount === 1) !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-        log.corruption(
-          `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
-        );
-      }
-    }
-    await pacer.step(tag + 1 - lastIndex);
-    lastIndex = tag + 1;
   }
-  await pacer.step(l1Size - lastIndex);
 }
