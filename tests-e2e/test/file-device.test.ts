@@ -147,6 +147,16 @@ describe.skipIf(!haveTools)('FileBlockDevice against QEMU', () => {
     expect(shared.status).toBe(0);
     await writer.write(0, new Uint8Array(512).fill(7));
     await writer.flush();
+    const qcow2Path = freshPath();
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', qcow2Path, '1M']);
+    {
+      // Holding a qcow2 file's bytes for writing keeps qemu-img's qcow2 driver out too.
+      await using _qcow2 = await FileBlockDevice.open(qcow2Path);
+      const info = runStatus('qemu-img', ['info', qcow2Path]);
+      expect(info.status).not.toBe(0);
+      expect(info.stderr).toContain('lock');
+    }
+    expect(runStatus('qemu-img', ['info', qcow2Path]).status).toBe(0);
     const readBack = runStatus('qemu-io', ['-U', '-r', '-f', 'raw', '-c', 'read -P 7 0 512', path]);
     expect(readBack.status).toBe(0);
     expect(readBack.stdout).toContain('read 512/512 bytes');

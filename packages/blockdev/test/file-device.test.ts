@@ -258,6 +258,14 @@ describe('FileBlockDevice locking', () => {
     await reader2.close();
     const unlockedWriter = await FileBlockDevice.open(path);
     await unlockedWriter.close();
+
+    // Writers in shared mode write side by side; an exclusive writer is refused meanwhile.
+    const shared1 = await FileBlockDevice.open(path, { lock: 'shared' });
+    const shared2 = await FileBlockDevice.open(path, { lock: 'shared' });
+    await expectCode(FileBlockDevice.open(path, { lock: 'exclusive' }), 'EBUSY');
+    const unlocked = await FileBlockDevice.open(path, { lock: 'none' });
+    expect(unlocked.lockMechanism).toBe('none');
+    await Promise.all([shared1.close(), shared2.close(), unlocked.close()]);
   });
 
   it('refuses a writer while another process holds the file for writing', async () => {
