@@ -1,4 +1,6 @@
 import { FaultInjectingBlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
+import { patternBytes } from '@qcowkit/blockdev/testing';
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 
 const bytes = (...values: number[]) => new Uint8Array(values);
@@ -55,5 +57,60 @@ describe('FaultInjectingBlockDevice', () => {
     expect(extents).toEqual([
       { offset: 65_536, length: 65_536, zero: false, data: true, present: true, depth: 0 },
     ]);
+  });
+
+  it('leaves the inner device exactly as of the last completed flush, wherever the crash falls', async () => {
+    const SIZE = 8192;
+    const step = fc.oneof(
+      fc.record({
+        kind: fc.constant<'write'>('write'),
+        offset: fc.integer({ min: 0, max: SIZE - 1 }),
+        length: fc.integer({ min: 1, max: 3000 }),
+        seed: fc.nat(),
+        fua: fc.boolean(),
+      }),
+      fc.record({
+        kind: fc.constantFrom<'zero' | 'discard'>('zero', 'discard'),
+        offset: fc.integer({ min: 0, max: SIZE - 1 }),
+        length: fc.integer({ min: 1, max: 3000 }),
+      }),
+      fc.constant({ kind: 'flush' as const }),
+    );
+    await fc.assert(
+      fc.asyncProperty(fc.array(step, { maxLength: 25 }), fc.nat(30), async (steps, crashAfter) => {
+        const inner = new MemoryBlockDevice(SIZE);
+        const device = new FaultInjectingBlockDevice(inner, { crashAfter });
+        const current = new Uint8Array(SIZE);
+        let durable = current.slice();
+        for (const entry of steps) {
+          try {
+            if (entry.kind === 'flush') {
+              await device.flush();
+              durable = current.slice();
+              continue;
+            }
+            const length = Math.min(entry.length, SIZE - entry.offset);
+            if (entry.kind === 'write') {
+              const data = patternBytes(entry.seed, length);
+              await device.write(entry.offset, data, { fua: entry.fua });
+              current.set(data, entry.offset);
+              if (entry.fua) durable = current.slice();
+            } else {
+              await (entry.kind === 'zero'
+                ? device.writeZeroes(entry.offset, length)
+                : device.discard(entry.offset, length));
+              current.fill(0, entry.offset, entry.offset + length);
+            }
+          } catch (error) {
+            expect(device.crashed).toBe(true);
+            expect((error as { code?: string }).code).toBe('EIO');
+            break;
+          }
+        }
+        if (!device.crashed) device.crashNow();
+        expect(Buffer.from(await inner.read(0, SIZE)).equals(durable)).toBe(true);
+      }),
+      { numRuns: 150 },
+    );
   });
 });
