@@ -55,6 +55,8 @@ export interface FileCreateOptions extends Omit<FileOpenOptions, 'readOnly' | 'f
 export const MAX_EXTENTS_PER_CALL = 1024;
 /** Largest zero buffer written at once when zeroing by writing. */
 const ZERO_CHUNK = 1024 * 1024;
+/** Zero chunks written at once. */
+const ZERO_LANES = 4;
 const DEFAULT_MAX_IN_FLIGHT = 16;
 const MAXIMUM_TRANSFER = 32 * 1024 * 1024;
 
@@ -477,14 +479,26 @@ export class FileBlockDevice implements BlockDevice {
     });
   }
 
+  /** Writes zeros in 1 MiB chunks, a few at a time (never a promise per chunk of a huge range). */
   async #writeZeros(offset: number, length: number): Promise<void> {
     const end = offset + length;
-    const writes: Promise<void>[] = [];
-    for (let position = offset; position < end; position += ZERO_CHUNK) {
-      const chunk = Math.min(ZERO_CHUNK, end - position);
-      writes.push(this.#writeFully(zeros(chunk), position));
-    }
-    await settleAll(writes);
+    let position = offset;
+    let failure: unknown;
+    const lane = async (): Promise<void> => {
+      while (position < end && failure === undefined) {
+        const at = position;
+        const chunk = Math.min(ZERO_CHUNK, end - at);
+        position += chunk;
+        try {
+          await this.#writeFully(zeros(chunk), at);
+        } catch (error) {
+          failure ??= error;
+        }
+      }
+    };
+    const lanes = Math.min(ZERO_LANES, Math.ceil(length / ZERO_CHUNK));
+    await Promise.all(Array.from({ length: lanes }, lane));
+    if (failure !== undefined) throw failure;
   }
 
   /** Deallocates the block-aligned middle of the range and writes zeros on its edges. Returns false
