@@ -10,6 +10,7 @@ import type { BlockDevice } from '@qcowkit/blockdev';
 import type { ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
+import { walkExtents } from '../extents.js';
 import type { CommandContext } from '../io.js';
 import { ProgressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
@@ -30,9 +31,6 @@ export interface ConvertOptions {
 export const SPARSE_BLOCK = 4096;
 const DEFAULT_CHUNK = 2 * 2 ** 20;
 const DEFAULT_PARALLEL = 4;
-/** Guest bytes asked of blockStatus at once. */
-const STATUS_STEP = 2 ** 30;
-
 export async function convertCommand(
   context: CommandContext,
   source: string,
@@ -112,7 +110,7 @@ export async function convertToRaw(
     handle = await open(targetPath, 'w');
     await handle.truncate(device.size);
   } catch (error) {
-    throw new CliError(`${targetName}: Could not create '${targetName}': ${describeError(error)}`, {
+    throw new CliError(`Could not create '${targetName}': ${describeError(error)}`, {
       cause: error,
     });
   }
@@ -155,24 +153,17 @@ function dataChunks(
   onSkip: (bytes: number) => void,
 ): { next(): Promise<IteratorResult<{ offset: number; length: number }>> } {
   const generator = (async function* () {
-    const size = device.size;
-    let position = 0;
-    while (position < size) {
-      const extents = await device.blockStatus(position, Math.min(size - position, STATUS_STEP));
-      if (extents.length === 0) throw new CliError(`${device.description}: block status returned nothing`);
-      for (const extent of extents) {
-        const end = extent.offset + extent.length;
-        if (extent.zero) {
-          onSkip(extent.length);
-        } else {
-          let offset = extent.offset;
-          while (offset < end) {
-            const chunkEnd = Math.min(end, offset - (offset % chunkSize) + chunkSize);
-            yield { offset, length: chunkEnd - offset };
-            offset = chunkEnd;
-          }
-        }
-        position = end;
+    for await (const extent of walkExtents(device, 0, device.size)) {
+      const end = extent.offset + extent.length;
+      if (extent.zero) {
+        onSkip(extent.length);
+        continue;
+      }
+      let offset = extent.offset;
+      while (offset < end) {
+        const chunkEnd = Math.min(end, offset - (offset % chunkSize) + chunkSize);
+        yield { offset, length: chunkEnd - offset };
+        offset = chunkEnd;
       }
     }
   })();

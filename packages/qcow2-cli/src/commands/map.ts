@@ -3,6 +3,7 @@ import { appendExtent, type Extent } from '@qcowkit/blockdev';
 import type { ChainLayer, ImageFormat } from '../engine.js';
 import { openImage } from '../engine.js';
 import { CliError } from '../errors.js';
+import { walkExtents } from '../extents.js';
 import type { CommandContext } from '../io.js';
 import { formatMapHumanHeader, formatMapHumanRow, formatMapJsonEntry } from '../output/map.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
@@ -15,9 +16,6 @@ export interface MapOptions {
   readonly maxLength: number | undefined;
   readonly forceShare: boolean;
 }
-
-/** Guest bytes asked of the device per blockStatus call (the device may answer with less). */
-const STATUS_STEP = 2 ** 30;
 
 export async function mapCommand(
   context: CommandContext,
@@ -55,18 +53,12 @@ export async function mapCommand(
       }
       first = false;
     };
-    let position = start;
-    while (position < end) {
-      const extents = await device.blockStatus(position, Math.min(end - position, STATUS_STEP));
-      if (extents.length === 0) throw new CliError(`${file}: block status returned nothing at ${position}`);
-      for (const extent of extents) {
-        for (const piece of qemuMapView(extent, layers)) {
-          const list: Extent[] = pending === undefined ? [] : [pending];
-          appendExtent(list, piece);
-          if (list.length === 2) emit(list[0]!);
-          pending = list[list.length - 1];
-        }
-        position = extent.offset + extent.length;
+    for await (const extent of walkExtents(device, start, end)) {
+      for (const piece of qemuMapView(extent, layers)) {
+        const list: Extent[] = pending === undefined ? [] : [pending];
+        appendExtent(list, piece);
+        if (list.length === 2) emit(list[0]!);
+        pending = list[list.length - 1];
       }
     }
     if (pending !== undefined) emit(pending);
