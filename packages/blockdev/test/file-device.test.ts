@@ -229,6 +229,13 @@ describe('FileBlockDevice errors', () => {
     expect(blockErrorCodeFor('ESOMETHINGELSE')).toBe('EIO');
   });
 
+  it('a failed create leaves no file behind', async () => {
+    const path = freshPath('failed');
+    // The bad option is noticed only after the file exists.
+    await expectCode(FileBlockDevice.create(path, 4096, { maxInFlight: 0 }), 'EINVAL');
+    expect(existsSync(path)).toBe(false);
+  });
+
   it('forceShare needs a read-only open', async () => {
     const path = freshPath('force');
     writeFileSync(path, new Uint8Array(512));

@@ -7,7 +7,7 @@
  * still works with plain Node I/O and says so in its capabilities.
  */
 import { constants, fdatasync, read as fsRead, write as fsWrite, type Stats } from 'node:fs';
-import { type FileHandle, open } from 'node:fs/promises';
+import { type FileHandle, open, unlink } from 'node:fs/promises';
 import type {
   BlockDevice,
   BlockDeviceCapabilities,
@@ -145,7 +145,13 @@ export class FileBlockDevice implements BlockDevice {
     } catch (error) {
       throw fsError('create', path, error);
     }
-    return FileBlockDevice.#setUp(path, handle, false, false, options, true, size);
+    try {
+      return await FileBlockDevice.#setUp(path, handle, false, false, options, true, size);
+    } catch (error) {
+      // A file this call created is removed again; an existing one is left as it was.
+      if (!options.overwrite) await unlink(path).catch(() => {});
+      throw error;
+    }
   }
 
   static async #setUp(
