@@ -4,7 +4,10 @@
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { checkQcow2Image, checkResultToQemuJson } from '@qcowkit/qcow2-core';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { buildCorpus, CORPUS } from '../src/corpus.js';
 import { qcow2 } from '../src/qcow2-cli.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
@@ -107,5 +110,28 @@ describe.skipIf(!haveTools)('qcow2 check matches qemu-img check', () => {
     expect(oursHuman.stdout).toBe(qemuHuman.stdout);
     expect(oursHuman.status).toBe(qemuHuman.status);
     expect(oursHuman.stderr).toBe(qemuHuman.stderr);
+  });
+});
+
+describe.skipIf(!haveTools)('checkQcow2Image on the read corpus matches qemu-img check', () => {
+  let dir: { path: string; remove: () => void };
+  beforeAll(() => {
+    dir = tempDir('qcowkit-check-corpus-');
+    buildCorpus(dir.path);
+  });
+  afterAll(() => dir?.remove());
+
+  test.each(CORPUS.filter((image) => image.format === 'qcow2'))('$file: $about', async (image) => {
+    const qemu = runStatus('qemu-img', ['check', '-U', '--output=json', image.file], { cwd: dir.path });
+    // The check needs only the image file (not the backing or external data file), so it reads
+    // the file device directly: data file names resolve against the cwd, as in QEMU.
+    const file = await FileBlockDevice.open(join(dir.path, image.file), { readOnly: true, forceShare: true });
+    try {
+      const result = await checkQcow2Image({ file });
+      expect(checkResultToQemuJson(result, { filename: image.file })).toEqual(JSON.parse(qemu.stdout));
+      expect(result.messages).toEqual(qemu.stderr.split('\n').filter((line) => line !== ''));
+    } finally {
+      await file.close();
+    }
   });
 });
