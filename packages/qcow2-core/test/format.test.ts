@@ -315,8 +315,8 @@ describe('refcounts', () => {
         { length: count },
         (_, index) => (index * 2654435761) % (maxRefcount(order) + 1),
       );
-      values.forEach((value, index) => encodeRefcount(block, index, order, value));
-      values.forEach((value, index) => expect(decodeRefcount(block, index, order)).toBe(value));
+      for (const [index, value] of values.entries()) encodeRefcount(block, index, order, value);
+      expect(values.map((_, index) => decodeRefcount(block, index, order))).toEqual(values);
     }
   });
 
