@@ -214,6 +214,29 @@ const cases: Case[] = [
     patch: (p) => p.setU64(Number(p.u64(64)), 1n << 34n),
   },
   {
+    name: 'snapshot-count-one-too-many',
+    after: (path) => run('qemu-img', ['snapshot', '-c', 's1', path]),
+    patch: (p) => p.bytes.writeUInt32BE(2, 60),
+  },
+  {
+    name: 'snapshot-table-offset-past-eof',
+    after: (path) => run('qemu-img', ['snapshot', '-c', 's1', path]),
+    patch: (p) => p.setU64(64, 1n << 32n),
+  },
+  {
+    name: 'snapshot-l1-size-too-large',
+    after: (path) => run('qemu-img', ['snapshot', '-c', 's1', path]),
+    patch: (p) => p.bytes.writeUInt32BE(0x100_0000, Number(p.u64(64)) + 8),
+  },
+  {
+    name: 'snapshot-id-length-garbage',
+    after: (path) => {
+      run('qemu-img', ['snapshot', '-c', 's1', path]);
+      run('qemu-img', ['snapshot', '-c', 's2', path]);
+    },
+    patch: (p) => p.bytes.writeUInt16BE(60000, Number(p.u64(64)) + 12),
+  },
+  {
     name: 'snapshot-l2-refcount-decreased',
     after: (path) => run('qemu-img', ['snapshot', '-c', 's1', path]),
     patch: (p) => p.setRefcount16(p.dataCluster(0), 1),
@@ -257,6 +280,32 @@ describe.skipIf(!haveQemu)('checkQcow2Image agrees with qemu-img check', () => {
     expect(checkVerdictExitCode(result)).toBe(human.status);
     // Every patch must damage something qemu-img sees (else the case tests nothing).
     if (testCase.patch !== undefined) expect(human.status).not.toBe(0);
+  });
+});
+
+describe.skipIf(!haveQemu)('images qemu-img cannot check make our check fail with a typed error', () => {
+  it.each([
+    [
+      'too much snapshot extra data',
+      (bytes: Buffer) => bytes.writeUInt32BE(2000, Number(bytes.readBigUInt64BE(64)) + 36),
+    ],
+    ['70000 snapshots', (bytes: Buffer) => bytes.writeUInt32BE(70000, 60)],
+  ])('%s', async (_name, damage) => {
+    const dir = tempDir('qcowkit-check-');
+    try {
+      const path = join(dir.path, 'bad.qcow2');
+      run('qemu-img', ['create', '-f', 'qcow2', path, '8M']);
+      run('qemu-img', ['snapshot', '-c', 's1', path]);
+      const bytes = readFileSync(path);
+      damage(bytes);
+      writeFileSync(path, bytes);
+      expect(runStatus('qemu-img', ['check', path]).status).toBe(1);
+      const error = await checkQcow2Image({ file: MemoryBlockDevice.from(bytes) }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(BlockDeviceError);
+      expect((error as BlockDeviceError).code).toBe('ECORRUPT');
+    } finally {
+      dir.remove();
+    }
   });
 });
 

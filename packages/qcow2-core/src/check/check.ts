@@ -141,6 +141,13 @@ export async function checkQcow2Image(
   const refcounts = new ComputedRefcounts(fileSize, clusterSize, refcountBits, log);
   const frag: FragInfo = { allocated: 0, fragmented: 0, compressed: 0 };
 
+  // v3 snapshot entries carry at least vm_state_size_large and disk_size (16 bytes of extra data).
+  if (header.version === 3) {
+    snapshotTable.snapshots.forEach((snapshot, index) => {
+      if (snapshot.extraDataSize < 16) log.corruption(`ERROR snapshot table entry ${index} is incomplete`);
+    });
+  }
+
   const stored = await StoredRefcounts.load(file, {
     clusterSize,
     refcountBits,

@@ -19,6 +19,7 @@ export interface CheckSnapshot {
   name: string;
   l1TableOffset: number;
   l1Size: number;
+  extraDataSize: number;
 }
 
 export interface CheckSnapshotTable {
@@ -83,7 +84,7 @@ export async function readSnapshotTableForCheck(
     at += idSize;
     const name = decoder.decode(await bytesAt(at, nameSize));
     at += nameSize;
-    snapshots.push({ id, name, l1TableOffset, l1Size });
+    snapshots.push({ id, name, l1TableOffset, l1Size, extraDataSize: extraSize });
   }
   return { snapshots, size: at };
 }
