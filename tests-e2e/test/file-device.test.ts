@@ -3,7 +3,7 @@
  * status against `qemu-img map`, and locking against a running `qemu-io`.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type BlockDevice, blockStatusAll, isBlockDeviceError } from '@qcowkit/blockdev';
@@ -55,16 +55,13 @@ function mergeRuns(runs: Run[]): Run[] {
   return out;
 }
 
-/** Waits until `path` is locked by someone else (our read-only open is refused). */
+/** Waits until some process holds an OFD lock on `path`, watching /proc/locks (probing with an
+ * open of our own could take lock bytes at the moment QEMU checks them and make it give up). */
 async function waitUntilLocked(path: string): Promise<void> {
-  for (let attempt = 0; attempt < 200; attempt++) {
-    try {
-      const probe = await FileBlockDevice.open(path, { readOnly: true });
-      await probe.close();
-    } catch (error) {
-      if (isBlockDeviceError(error, 'EBUSY')) return;
-      throw error;
-    }
+  const inode = statSync(path).ino;
+  for (let attempt = 0; attempt < 400; attempt++) {
+    const locks = readFileSync('/proc/locks', 'utf8');
+    if (locks.split('\n').some((line) => line.includes('OFDLCK') && line.includes(`:${inode} `))) return;
     await sleep(25);
   }
   throw new Error(`${path} never got locked`);
