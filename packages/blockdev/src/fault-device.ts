@@ -7,8 +7,9 @@
  *   a volatile layer of its own and applies them to the inner device only at `flush()` (or for a
  *   `fua` write). After `n` requests (or at `crashNow()`) the volatile layer is dropped and every
  *   later request rejects with `EIO`. The inner device then holds exactly what a real disk would
- *   after the crash: everything flushed, nothing else (a flush cut short by the crash may have
- *   applied some of its writes, in order, as a real one may).
+ *   after the crash: everything flushed, nothing else. A flush cut short by the crash may have
+ *   applied part of its changes (they are applied in address order, as a disk may reorder writes
+ *   between two flushes).
  *
  * Every request counts as one operation: read, readInto, write, writeZeroes, discard, flush,
  * blockStatus, resize.
@@ -23,6 +24,7 @@ import type {
 } from './block-device.js';
 import { BlockDeviceError, type BlockErrorCode } from './errors.js';
 import { appendExtent, assertOpen, assertWritable, throwIfAborted, validateRange } from './range.js';
+import { VolatileLayer } from './volatile-layer.js';
 
 export interface FaultInjectingOptions {
   /** Requests after this many reject with `failWith`. */
@@ -36,21 +38,6 @@ export interface FaultInjectingOptions {
   readonly closeInner?: boolean;
 }
 
-/** A change not yet applied to the inner device. */
-type PendingChange =
-  | { readonly kind: 'write'; readonly offset: number; readonly data: Uint8Array }
-  | {
-      readonly kind: 'writeZeroes';
-      readonly offset: number;
-      readonly length: number;
-      readonly mayUnmap: boolean;
-    }
-  | { readonly kind: 'discard'; readonly offset: number; readonly length: number };
-
-function changeEnd(change: PendingChange): number {
-  return change.offset + (change.kind === 'write' ? change.data.length : change.length);
-}
-
 export class FaultInjectingBlockDevice implements BlockDevice {
   readonly inner: BlockDevice;
   readonly capabilities: BlockDeviceCapabilities;
@@ -62,10 +49,10 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   #operations = 0;
   #crashed = false;
   #closed = false;
-  /** Changes made since the last flush started, in order. */
-  #pending: PendingChange[] = [];
-  /** Changes a running flush is applying to the inner device, in order (still visible to reads). */
-  #applying: PendingChange[] = [];
+  /** Changes made since the last flush started. */
+  #pending = new VolatileLayer();
+  /** Changes a running flush is applying to the inner device (still visible to reads). */
+  #applying: VolatileLayer | undefined;
   /** The flush running now, so flushes run one at a time. */
   #flushing: Promise<void> = Promise.resolve();
   readonly #inFlight = new Set<Promise<unknown>>();
@@ -111,14 +98,14 @@ export class FaultInjectingBlockDevice implements BlockDevice {
 
   /** Changes waiting for a flush. */
   get unflushedChanges(): number {
-    return this.#pending.length + this.#applying.length;
+    return this.#pending.changes + (this.#applying?.changes ?? 0);
   }
 
   /** Crashes now: drops every unflushed change; later requests reject with `EIO`. */
   crashNow(): void {
     this.#crashed = true;
-    this.#pending = [];
-    this.#applying = [];
+    this.#pending = new VolatileLayer();
+    this.#applying = undefined;
   }
 
   read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
@@ -141,7 +128,7 @@ export class FaultInjectingBlockDevice implements BlockDevice {
     return this.#run('write', options, async () => {
       assertWritable(this, 'write');
       validateRange(this.size, offset, data.length, 'write');
-      if (data.length > 0) this.#pending.push({ kind: 'write', offset, data: data.slice() });
+      this.#pending.write(offset, data);
       if (options?.fua) await this.#flush();
     });
   }
@@ -156,7 +143,7 @@ export class FaultInjectingBlockDevice implements BlockDevice {
         });
       }
       if (length > 0)
-        this.#pending.push({ kind: 'writeZeroes', offset, length, mayUnmap: options?.mayUnmap ?? false });
+        this.#pending.zero(offset, length, options?.mayUnmap ? 'writeZeroesUnmap' : 'writeZeroes');
       if (options?.fua) await this.#flush();
     });
   }
@@ -165,7 +152,7 @@ export class FaultInjectingBlockDevice implements BlockDevice {
     return this.#run('discard', options, async () => {
       assertWritable(this, 'discard');
       validateRange(this.size, offset, length, 'discard');
-      if (length > 0) this.#pending.push({ kind: 'discard', offset, length });
+      this.#pending.zero(offset, length, 'discard');
     });
   }
 
@@ -176,13 +163,13 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   blockStatus(offset: number, length: number, options?: RequestOptions): Promise<Extent[]> {
     return this.#run('blockStatus', options, async () => {
       validateRange(this.size, offset, length, 'blockStatus');
+      const layers = this.#layers();
       const innerExtents = await this.inner.blockStatus(offset, length, options);
       // Where an unflushed change overlaps, say "data" (a safe answer: never a false hole).
-      const changes = [...this.#applying, ...this.#pending];
       const extents: Extent[] = [];
       for (const extent of innerExtents) {
         const end = extent.offset + extent.length;
-        const touched = changes.some((change) => change.offset < end && changeEnd(change) > extent.offset);
+        const touched = layers.some((layer) => layer.touches(extent.offset, end));
         appendExtent(
           extents,
           touched
@@ -223,21 +210,18 @@ export class FaultInjectingBlockDevice implements BlockDevice {
     await this.close();
   }
 
-  /** Reads the inner device with the unflushed changes laid over it, oldest first. */
+  /** Reads the inner device with the unflushed changes laid over it. The layers are taken before
+   * reading, so a flush finishing meanwhile cannot hide a change from this read. */
   async #load(buffer: Uint8Array, offset: number, options: RequestOptions | undefined): Promise<void> {
     if (buffer.length === 0) return;
+    const layers = this.#layers();
     await this.inner.readInto(buffer, offset, options);
-    const end = offset + buffer.length;
-    for (const change of [...this.#applying, ...this.#pending]) {
-      const from = Math.max(offset, change.offset);
-      const to = Math.min(end, changeEnd(change));
-      if (from >= to) continue;
-      if (change.kind === 'write') {
-        buffer.set(change.data.subarray(from - change.offset, to - change.offset), from - offset);
-      } else {
-        buffer.fill(0, from - offset, to - offset);
-      }
-    }
+    for (const layer of layers) layer.overlay(buffer, offset);
+  }
+
+  /** The volatile layers, oldest first. */
+  #layers(): VolatileLayer[] {
+    return this.#applying === undefined ? [this.#pending] : [this.#applying, this.#pending];
   }
 
   /** Counts the request, injects the configured fault, and tracks it for close(). */
@@ -262,29 +246,27 @@ export class FaultInjectingBlockDevice implements BlockDevice {
     }
   }
 
-  /** Applies every pending change to the inner device in order, then flushes it. */
+  /** Applies every pending change to the inner device, then flushes it. */
   #flush(): Promise<void> {
     const run = this.#flushing.then(async () => {
       if (this.#crashed)
         throw new BlockDeviceError('EIO', `flush: ${this.description} has crashed (injected)`);
-      this.#applying = this.#pending;
-      this.#pending = [];
+      const applying = this.#pending;
+      this.#applying = applying;
+      this.#pending = new VolatileLayer();
       try {
-        for (const change of this.#applying) {
-          if (this.#crashed) break;
-          if (change.kind === 'write') await this.inner.write(change.offset, change.data);
-          else if (change.kind === 'writeZeroes') {
-            await this.inner.writeZeroes(change.offset, change.length, { mayUnmap: change.mayUnmap });
-          } else await this.inner.discard(change.offset, change.length);
-        }
-        if (this.#crashed)
+        const completed = await applying.applyTo(this.inner, () => this.#crashed);
+        if (!completed)
           throw new BlockDeviceError('EIO', `flush: ${this.description} crashed while flushing`);
         await this.inner.flush();
-        this.#applying = [];
+        this.#applying = undefined;
       } catch (error) {
-        // Not durable: keep the changes (in order, before newer ones) for the next flush.
-        if (!this.#crashed) this.#pending = [...this.#applying, ...this.#pending];
-        this.#applying = [];
+        // Not durable: keep the changes, under newer ones, for the next flush.
+        if (!this.#crashed) {
+          applying.absorb(this.#pending);
+          this.#pending = applying;
+        }
+        this.#applying = undefined;
         throw error;
       }
     });
