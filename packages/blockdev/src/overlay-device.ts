@@ -69,6 +69,8 @@ export class OverlayBlockDevice implements BlockDevice {
   /** Serializes writers per granule. */
   readonly #lock = new RangeLock();
   readonly #inFlight = new Set<Promise<unknown>>();
+  /** Reads in flight (commit waits for them before it empties the upper device). */
+  readonly #reads = new Set<Promise<void>>();
   readonly #closeLower: boolean;
   readonly #closeUpper: boolean;
   #closed = false;
@@ -340,6 +342,8 @@ export class OverlayBlockDevice implements BlockDevice {
         await this.lower.flush();
         this.#granules.clear();
         this.#lowerLimit = this.#size;
+        // Reads that started before may still be reading the upper device: let them finish.
+        await Promise.allSettled([...this.#reads]);
         if (this.upper.capabilities.discard && this.upper.size > 0)
           await this.upper.discard(0, this.upper.size);
       } finally {
@@ -404,6 +408,16 @@ export class OverlayBlockDevice implements BlockDevice {
 
   /** Reads `[offset, offset + buffer.length)` as the overlay shows it. */
   async #load(offset: number, buffer: Uint8Array, options?: RequestOptions): Promise<void> {
+    const read = this.#loadNow(offset, buffer, options);
+    this.#reads.add(read);
+    try {
+      await read;
+    } finally {
+      this.#reads.delete(read);
+    }
+  }
+
+  async #loadNow(offset: number, buffer: Uint8Array, options?: RequestOptions): Promise<void> {
     if (buffer.length === 0) return;
     const end = offset + buffer.length;
     const g = this.granularity;

@@ -98,4 +98,24 @@ describe('OverlayBlockDevice', () => {
     await overlay.resize(4 * G);
     expect((await overlay.read(G + 1, 3 * G - 1)).every((b) => b === 0)).toBe(true);
   });
+
+  it('keeps reads that overlap a commit correct', async () => {
+    /** An upper device whose reads take a turn of the event loop. */
+    class SlowUpper extends MemoryBlockDevice {
+      override async readInto(buffer: Uint8Array, offset: number): Promise<void> {
+        await new Promise((resolve) => setTimeout(resolve, 1));
+        await super.readInto(buffer, offset);
+      }
+    }
+    const lower = new MemoryBlockDevice(4 * G);
+    const overlay = new OverlayBlockDevice(lower, { granularity: G, upper: new SlowUpper(4 * G) });
+    const data = patternBytes(3, 4 * G);
+    await overlay.write(0, data);
+    const reads = Array.from({ length: 8 }, (_, index) => overlay.read(index * 512, G));
+    await overlay.commit();
+    for (const [index, read] of reads.entries()) {
+      expect(Buffer.from(await read).equals(data.subarray(index * 512, index * 512 + G))).toBe(true);
+    }
+    expect(Buffer.from(await lower.read(0, 4 * G)).equals(data)).toBe(true);
+  });
 });
