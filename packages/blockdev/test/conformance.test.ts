@@ -68,3 +68,41 @@ describeBlockDeviceConformance({
     new FaultInjectingBlockDevice(MemoryBlockDevice.from(content, { readOnly: true })),
   supportsResize: true,
 });
+
+/** Forwards every request to a memory device after a turn of the event loop, so requests to the
+ * overlay interleave the way they do over real storage. */
+class YieldingDevice extends MemoryBlockDevice {
+  static #turn() {
+    return new Promise<void>((resolve) => setImmediate(resolve));
+  }
+  override async readInto(buffer: Uint8Array, offset: number): Promise<void> {
+    await YieldingDevice.#turn();
+    await super.readInto(buffer, offset);
+  }
+  override async write(offset: number, data: Uint8Array): Promise<void> {
+    const copy = data.slice();
+    await YieldingDevice.#turn();
+    await super.write(offset, copy);
+  }
+  override async writeZeroes(offset: number, length: number): Promise<void> {
+    await YieldingDevice.#turn();
+    await super.writeZeroes(offset, length);
+  }
+  override async discard(offset: number, length: number): Promise<void> {
+    await YieldingDevice.#turn();
+    await super.discard(offset, length);
+  }
+}
+
+describeBlockDeviceConformance({
+  name: 'OverlayBlockDevice over slow devices (requests interleave)',
+  create: async (size) => {
+    const lower = new YieldingDevice(size);
+    await lower.write(0, lowerContent(size));
+    return new OverlayBlockDevice(lower, { granularity: 4096, upper: new YieldingDevice(size) });
+  },
+  initialContent: lowerContent,
+  sizes: [4097, 197_635],
+  numRuns: 25,
+  supportsResize: true,
+});
