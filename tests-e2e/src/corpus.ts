@@ -23,6 +23,8 @@ export interface CorpusImage {
   readonly snapshot?: string;
   /** The virtual size is huge (terabytes): compare sparse-aware only. */
   readonly huge?: boolean;
+  /** The image has a backing file (worth an `info --backing-chain`). */
+  readonly backed?: boolean;
   /** Builds the image (and whatever it depends on) in `dir`. */
   readonly build: (dir: string) => void;
 }
@@ -141,6 +143,7 @@ export const CORPUS: readonly CorpusImage[] = [
     file: 'chain/top.qcow2',
     format: 'qcow2',
     about: 'raw <- qcow2 <- qcow2 chain in a sub-folder',
+    backed: true,
     build: (dir) => {
       mkdirSync(join(dir, 'chain'), { recursive: true });
       const size = 4 * MiB;
@@ -156,6 +159,7 @@ export const CORPUS: readonly CorpusImage[] = [
     file: 'short-backing.qcow2',
     format: 'qcow2',
     about: 'a backing file shorter than its overlay',
+    backed: true,
     build: (dir) => {
       qemuImg(dir, 'create', '-q', '-f', 'raw', 'short-base.raw', String(MiB + 1000));
       qemuIo(dir, 'short-base.raw', 'raw', ['write -P 0x71 0 1049576']);
@@ -182,6 +186,7 @@ export const CORPUS: readonly CorpusImage[] = [
     file: 'extl2-backing.qcow2',
     format: 'qcow2',
     about: 'extended L2 over a backing file (subclusters falling through)',
+    backed: true,
     build: (dir) => {
       qemuImg(dir, 'create', '-q', '-f', 'qcow2', 'extl2-base.qcow2', '4M');
       qemuIo(dir, 'extl2-base.qcow2', 'qcow2', ['write -P 0x81 0 4194304']);

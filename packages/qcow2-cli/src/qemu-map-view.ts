@@ -32,9 +32,11 @@ export function qemuMapView(extent: Extent, layers: readonly MapLayer[]): Extent
     const piece = { ...plain, offset, length: pieceEnd - offset, depth };
     if (layers[depth]?.format === 'raw') {
       out.push({ ...piece, present: true, hostOffset: offset });
+    } else if (plain.hostOffset !== undefined) {
+      // An unallocated subcluster of an allocated cluster keeps its host offset, as in QEMU.
+      out.push({ ...piece, hostOffset: plain.hostOffset + (offset - plain.offset) });
     } else {
-      const { hostOffset: _hostOffset, ...rest } = piece;
-      out.push(rest);
+      out.push(piece);
     }
     offset = pieceEnd;
   }
