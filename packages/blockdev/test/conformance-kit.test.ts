@@ -6,7 +6,12 @@ import {
   validateRange,
   type WriteOptions,
 } from '@qcowkit/blockdev';
-import { type ConformanceOptions, checkBounds, modelProperty } from '@qcowkit/blockdev/testing';
+import {
+  type ConformanceOptions,
+  checkBounds,
+  modelProperty,
+  overlapProperty,
+} from '@qcowkit/blockdev/testing';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 
@@ -51,6 +56,19 @@ class IgnoresDiscard extends MemoryBlockDevice {
   }
 }
 
+/** Read-modify-write of whole 4 KiB blocks with no lock: overlapping writes lose each other. */
+class RacyReadModifyWrite extends MemoryBlockDevice {
+  override async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    validateRange(this.size, offset, data.length, 'write');
+    const start = Math.floor(offset / 4096) * 4096;
+    const end = Math.min(this.size, Math.ceil((offset + data.length) / 4096) * 4096);
+    const block = await super.read(start, end - start);
+    await new Promise((resolve) => setImmediate(resolve));
+    block.set(data, offset - start);
+    await super.write(start, block, options);
+  }
+}
+
 async function failureOf(options: ConformanceOptions, size: number): Promise<string> {
   try {
     await fc.assert(modelProperty(options, size), { numRuns: 300, endOnFailure: true, seed: 42 });
@@ -91,6 +109,17 @@ describe('the conformance kit', () => {
     const create = async (size: number) => new IgnoresDiscard(size);
     expect(await failureOf({ name: 'no discard', create }, 4097)).toMatch(/reads \d+, expected 0/);
     expect(await failureOf({ name: 'no discard', create, discardReadsZero: false }, 4097)).toBe('no failure');
+  });
+
+  it('catches overlapping writes that lose each other', async () => {
+    const options = { name: 'racy', create: async (size: number) => new RacyReadModifyWrite(size) };
+    let message = 'no failure';
+    try {
+      await fc.assert(overlapProperty(options, 197_635), { numRuns: 100, endOnFailure: true, seed: 7 });
+    } catch (error) {
+      message = String((error as Error).cause);
+    }
+    expect(message).toMatch(/overlapping requests left byte/);
   });
 
   it('passes a correct device with the same settings', async () => {

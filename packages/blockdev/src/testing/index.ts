@@ -166,15 +166,13 @@ export function operationsArbitrary(
     },
     {
       weight: 2,
-      arbitrary: fc
-        .tuple(range, fc.boolean(), fc.boolean(), fc.nat(3))
-        .map(([r, mayUnmap, fua, fast]) => ({
-          kind: 'writeZeroes',
-          ...r,
-          mayUnmap,
-          fua,
-          fastOnly: fast === 0,
-        })),
+      arbitrary: fc.tuple(range, fc.boolean(), fc.boolean(), fc.nat(3)).map(([r, mayUnmap, fua, fast]) => ({
+        kind: 'writeZeroes',
+        ...r,
+        mayUnmap,
+        fua,
+        fastOnly: fast === 0,
+      })),
     },
     { weight: 2, arbitrary: range.map((r) => ({ kind: 'discard', ...r })) },
     {
@@ -544,17 +542,18 @@ export function overlapProperty(options: ConformanceOptions, size: number) {
       try {
         const model = new DeviceModel(device.size, options.initialContent?.(device.size));
         const prior = model.expected(base, window);
-        const candidates: { from: number; to: number; bytes: Uint8Array | undefined }[] = [];
+        const candidates: { from: number; to: number; bytes: Uint8Array | undefined; discard: boolean }[] =
+          [];
         const work: Promise<void>[] = [];
         for (const entry of requests) {
           const from = base + entry.offset;
           const length = Math.min(entry.length, base + window - from);
           if (entry.kind === 'write') {
             const data = patternBytes(entry.seed, length);
-            candidates.push({ from, to: from + length, bytes: data });
+            candidates.push({ from, to: from + length, bytes: data, discard: false });
             work.push(device.write(from, data));
           } else {
-            candidates.push({ from, to: from + length, bytes: undefined });
+            candidates.push({ from, to: from + length, bytes: undefined, discard: entry.kind === 'discard' });
             work.push(
               entry.kind === 'discard' ? device.discard(from, length) : device.writeZeroes(from, length),
             );
@@ -562,18 +561,37 @@ export function overlapProperty(options: ConformanceOptions, size: number) {
         }
         await Promise.all(work);
         const actual = await device.read(base, window);
+        const initial = options.initialContent?.(device.size);
+        const discardReadsZero = options.discardReadsZero ?? true;
         for (let index = 0; index < window; index++) {
           const position = base + index;
           const got = actual[index]!;
-          if (got === prior[index]) continue;
-          const explained = candidates.some(
-            (candidate) =>
-              position >= candidate.from &&
-              position < candidate.to &&
-              got === (candidate.bytes === undefined ? 0 : candidate.bytes[position - candidate.from]),
+          // A byte no request covers keeps its value; a covered byte holds what one of the
+          // requests covering it left there.
+          const covering = candidates.filter(
+            (candidate) => position >= candidate.from && position < candidate.to,
           );
+          const explained =
+            covering.length === 0
+              ? got === prior[index]
+              : covering.some((candidate) => {
+                  if (candidate.bytes !== undefined)
+                    return got === candidate.bytes[position - candidate.from];
+                  if (got === 0) return true;
+                  return (
+                    candidate.discard &&
+                    !discardReadsZero &&
+                    (got === prior[index] || got === initial?.[position])
+                  );
+                });
           if (!explained) {
-            throw new Error(`overlapping requests left byte ${got} at ${position}, which none of them wrote`);
+            throw new Error(
+              `overlapping requests left byte ${got} at ${position}: ${
+                covering.length === 0
+                  ? `no request covers it, it held ${prior[index]}`
+                  : 'none of them wrote that'
+              }`,
+            );
           }
         }
         // The device must still work normally afterwards.
