@@ -1,15 +1,14 @@
 /**
  * How the CLI opens images: the one place that talks to `@qcowkit/qcow2-core/node`.
  *
- * The types here restate the shared qcow2-core contract (only the members the CLI reads), so the
- * commands compile against the contract while the engine lands piece by piece. At run time the
- * engine's `openImage` is used when the installed core exports it; until then raw files open
- * through `FileBlockDevice` (or a minimal read-only fallback) and qcow2/qcow images are refused
- * with a clear message.
+ * The interfaces below name only the members of the engine's objects the commands read (every
+ * qcow2-only member optional, so a qcow v1 image or a raw file fits too); the engine's own
+ * `OpenedImage` is checked against them at compile time.
  */
 import type { BlockDevice, Extent } from '@qcowkit/blockdev';
+import { detectFormat as coreDetectFormat } from '@qcowkit/qcow2-core';
+import { openImage as coreOpenImage } from '@qcowkit/qcow2-core/node';
 import { CliError, openError } from './errors.js';
-import { openRawFallback } from './raw-fallback.js';
 
 export type ImageFormat = 'qcow2' | 'qcow' | 'raw';
 export const IMAGE_FORMATS: readonly ImageFormat[] = ['qcow2', 'qcow', 'raw'];
@@ -97,71 +96,25 @@ export interface OpenImageOptions {
   readonly displayName?: string;
 }
 
-interface CoreNodeApi {
-  openImage(
-    path: string,
-    options?: OpenImageOptions & { readOnly?: boolean },
-  ): Promise<OpenedImage & AsyncDisposable>;
-}
-
-let coreNode: Partial<CoreNodeApi> | undefined;
-
-async function loadCore(): Promise<Partial<CoreNodeApi>> {
-  if (coreNode === undefined) {
-    try {
-      coreNode = (await import('@qcowkit/qcow2-core/node')) as unknown as Partial<CoreNodeApi>;
-    } catch {
-      coreNode = {};
-    }
-  }
-  return coreNode;
-}
-
-/** Opens `path` read-only as the engine would; errors become `Could not open 'PATH': why`. */
+/** Opens `path` read-only with the engine; errors become `Could not open 'NAME': why`. */
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<OpenedImage> {
-  const core = await loadCore();
+  const { displayName, snapshot, ...rest } = options;
   try {
-    if (typeof core.openImage === 'function') {
-      const { displayName: _name, ...engineOptions } = options;
-      return await core.openImage(path, { ...engineOptions, readOnly: true });
-    }
-    return await openWithoutEngine(path, options);
+    const opened: OpenedImage = await coreOpenImage(path, {
+      ...rest,
+      ...(snapshot === undefined ? {} : { snapshot }),
+      readOnly: true,
+    });
+    return opened;
   } catch (error) {
     if (error instanceof CliError) throw error;
-    throw openError(options.displayName ?? path, error);
+    throw openError(displayName ?? path, error);
   }
-}
-
-async function openWithoutEngine(path: string, options: OpenImageOptions): Promise<OpenedImage> {
-  const name = options.displayName ?? path;
-  const file = await openRawFallback(path, options.forceShare ?? false);
-  try {
-    const head = await file.read(0, Math.min(file.size, 512));
-    const format = options.format ?? detectFormat(head);
-    if (format !== 'raw') {
-      throw new CliError(`Could not open '${name}': the ${format} engine is not available in this build`);
-    }
-    if (options.snapshot !== undefined) {
-      throw new CliError(`Could not open '${name}': a raw image has no snapshots`);
-    }
-  } catch (error) {
-    await file.close();
-    throw error;
-  }
-  const layer: ChainLayer = { path, filename: path, format: 'raw', device: file, image: undefined, file };
-  return { device: file, format: 'raw', path, image: undefined, chain: [layer], close: () => file.close() };
 }
 
 /** The format of an image from its first bytes, as qemu-img probes it. */
 export function detectFormat(firstBytes: Uint8Array): ImageFormat {
-  if (firstBytes.length >= 8 && firstBytes[0] === 0x51 && firstBytes[1] === 0x46 && firstBytes[2] === 0x49) {
-    if (firstBytes[3] === 0xfb) {
-      const version = new DataView(firstBytes.buffer, firstBytes.byteOffset, 8).getUint32(4);
-      if (version === 1) return 'qcow';
-      if (version === 2 || version === 3) return 'qcow2';
-    }
-  }
-  return 'raw';
+  return coreDetectFormat(firstBytes);
 }
 
 export type { Extent };
