@@ -15,7 +15,7 @@
  */
 import { BlockDeviceError } from '../errors.js';
 import { errnoError } from './fs-errors.js';
-import { F_RDLCK, type Libc, LOCK_EX, LOCK_NB, LOCK_SH } from './libc.js';
+import { F_RDLCK, F_UNLCK, type Libc, LOCK_EX, LOCK_NB, LOCK_SH } from './libc.js';
 
 /** How an opener locks: `exclusive` (default for writers) refuses other writers and plain
  * readers; `shared` (default for readers) refuses writers that deny sharing; `none` takes no
@@ -24,6 +24,9 @@ export type LockMode = 'exclusive' | 'shared' | 'none';
 
 /** What actually holds the lock. */
 export type LockMechanism = 'ofd' | 'flock' | 'none';
+
+/** Answers meaning "this kernel or file system has no such locks" rather than a conflict. */
+const NO_LOCKS: ReadonlySet<string> = new Set(['EINVAL', 'ENOSYS', 'ENOLCK', 'EOPNOTSUPP', 'ENOTSUP']);
 
 /** QEMU's lock byte bases (block/file-posix.c). */
 export const RAW_LOCK_PERM_BASE = 100;
@@ -85,13 +88,18 @@ export function acquireLock(
   let ofdWorks = true;
   for (const perm of plan.uses) {
     const r = libc.ofdSetLock(fd, F_RDLCK, RAW_LOCK_PERM_BASE + perm, 1);
-    if (!r.ok) {
-      if (r.code === 'EINVAL' || r.code === 'ENOSYS') {
-        ofdWorks = false;
-        break;
-      }
-      throw errnoError('lock', path, r.code, RAW_LOCK_PERM_BASE + perm);
+    if (r.ok) continue;
+    if (NO_LOCKS.has(r.code)) {
+      // No OFD locks on this kernel or file system: drop what was taken and try flock.
+      libc.ofdSetLock(fd, F_UNLCK, RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE + 100 - RAW_LOCK_PERM_BASE);
+      ofdWorks = false;
+      break;
     }
+    if (r.code === 'EAGAIN' || r.code === 'EACCES') {
+      // Someone holds a write lock on QEMU's bytes: not QEMU, but still a conflicting user.
+      throw new BlockDeviceError('EBUSY', lockedByWriterMessage(path));
+    }
+    throw errnoError('lock', path, r.code, RAW_LOCK_PERM_BASE + perm);
   }
   if (ofdWorks) {
     for (const perm of plan.denies) {
@@ -124,9 +132,7 @@ export function acquireLock(
   if (r.code === 'EWOULDBLOCK' || r.code === 'EAGAIN') {
     throw new BlockDeviceError('EBUSY', writer ? lockedByReaderMessage(path) : lockedByWriterMessage(path));
   }
-  if (r.code === 'ENOLCK' || r.code === 'EINVAL' || r.code === 'ENOSYS' || r.code === 'EOPNOTSUPP') {
-    return 'none';
-  }
+  if (NO_LOCKS.has(r.code)) return 'none';
   throw errnoError('lock', path, r.code);
 }
 
