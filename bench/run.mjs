@@ -104,6 +104,7 @@ async function main() {
 
   const results = [];
   const rows = [];
+  let failures = 0;
   try {
     for (const job of jobs) {
       const missing = (job.tools ?? []).filter((t) => !hasTool(t));
@@ -112,8 +113,9 @@ async function main() {
         results.push({ name: job.name, skipped: `needs ${missing.join(', ')}` });
         continue;
       }
-      const ctx = await job.setup(dir);
+      let ctx;
       try {
+        ctx = await job.setup(dir);
         const ours = [];
         const theirs = [];
         for (let round = 0; round < options.rounds; round++) {
@@ -145,8 +147,14 @@ async function main() {
         console.log(
           `${job.name}: ours ${formatSeconds(o)}, ${theirsName} ${formatSeconds(t)}, ratio ${ratio.toFixed(2)}  (${job.description})`,
         );
+      } catch (error) {
+        // One broken job is reported and the others still run; the exit code says so.
+        failures++;
+        console.log(`${job.name}: FAILED: ${error instanceof Error ? error.message : String(error)}`);
+        rows.push([job.name, 'failed', 'failed', '-']);
+        results.push({ name: job.name, failed: String(error instanceof Error ? error.message : error) });
       } finally {
-        await job.teardown?.(ctx);
+        if (ctx !== undefined) await job.teardown?.(ctx);
       }
     }
   } finally {
@@ -166,6 +174,7 @@ async function main() {
   };
   await writeFile(out, toJson(report));
   console.log(`results written to ${out}`);
+  if (failures > 0) process.exitCode = 1;
 }
 
 await main();
