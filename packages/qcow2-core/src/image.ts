@@ -16,7 +16,14 @@ import { checkQcow2Image } from './check/index.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './check/types.js';
 import { pureCodecs, type Qcow2Codecs } from './codecs.js';
 import { hex } from './format/binary.js';
+import {
+  decodeBitmapDirectory,
+  QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+  QCOW2_MAX_BITMAPS,
+  type Qcow2BitmapEntry,
+} from './format/bitmap-directory.js';
 import type { CompressedDescriptor } from './format/compressed-descriptor.js';
+import { QCOW2_AUTOCLEAR_BITMAPS } from './format/feature-bits.js';
 import { sizeToL1 } from './format/geometry.js';
 import {
   decodeHeader,
@@ -82,6 +89,10 @@ export class Qcow2Image extends ReadOnlyImage {
   readonly openedSnapshot: Qcow2SnapshotInfo | undefined;
   /** Depth of this image in its chain (0 = top). */
   readonly chainDepth: number;
+  /** Persistent dirty bitmaps (as `qemu-img info` lists them: name, granularity, flags). */
+  bitmaps: readonly Qcow2BitmapInfo[] = [];
+  /** The raw bitmap directory entries. */
+  bitmapDirectory: readonly Qcow2BitmapEntry[] = [];
 
   #dataFile: BlockDevice | undefined;
   #backing: BlockDevice | undefined;
@@ -205,6 +216,12 @@ export class Qcow2Image extends ReadOnlyImage {
       }
     }
     const image = new Qcow2Image(file, header, snapshotTable, openedSnapshot, options);
+    image.bitmapDirectory = await readBitmapDirectory(file, header);
+    image.bitmaps = image.bitmapDirectory.map((entry) => ({
+      name: entry.name,
+      granularity: entry.granularity,
+      flags: [...(entry.inUse ? ['in-use'] : []), ...(entry.auto ? ['auto'] : [])],
+    }));
     const l1Count = Math.min(l1Size, sizeToL1(image.size, clusterSize, image.extendedL2));
     const l1 = decodeL1Table(
       l1Count > 0 ? await file.read(l1Offset, l1Count * 8) : new Uint8Array(0),
@@ -413,6 +430,42 @@ export class Qcow2Image extends ReadOnlyImage {
     await readClipped(this.file, hostOffset, bytes, options);
     return bytes;
   }
+}
+
+/** A persistent dirty bitmap as `qemu-img info` shows it. */
+export interface Qcow2BitmapInfo {
+  name: string;
+  granularity: number;
+  /** 'in-use' and/or 'auto'. */
+  flags: string[];
+}
+
+/**
+ * The bitmap directory, when the bitmaps extension is present and valid (its autoclear bit set; a
+ * clear bit means another program changed the image and QEMU ignores the bitmaps).
+ */
+async function readBitmapDirectory(file: BlockDevice, header: Qcow2Header): Promise<Qcow2BitmapEntry[]> {
+  const extension = header.extensions.bitmaps;
+  if (extension === undefined || (header.autoclearFeatures.low & QCOW2_AUTOCLEAR_BITMAPS) === 0) return [];
+  const { nbBitmaps, bitmapDirectoryOffset, bitmapDirectorySize } = extension;
+  if (nbBitmaps === 0) return [];
+  if (nbBitmaps > QCOW2_MAX_BITMAPS || bitmapDirectorySize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE) {
+    throw new BlockDeviceError('ECORRUPT', 'bitmaps extension: too many bitmaps or too large a directory');
+  }
+  if (
+    bitmapDirectoryOffset % header.clusterSize !== 0 ||
+    bitmapDirectoryOffset + bitmapDirectorySize > file.size
+  ) {
+    throw new BlockDeviceError(
+      'ECORRUPT',
+      'bitmaps extension: the directory is unaligned or past the end of the file',
+      {
+        offset: bitmapDirectoryOffset,
+      },
+    );
+  }
+  const bytes = await file.read(bitmapDirectoryOffset, bitmapDirectorySize);
+  return decodeBitmapDirectory(bytes, nbBitmaps, bitmapDirectoryOffset);
 }
 
 function toSnapshotInfo(entry: Qcow2SnapshotEntry, imageSize: number): Qcow2SnapshotInfo {

@@ -3,7 +3,12 @@ export * from './check/index.js';
 export { pureCodecs, type Qcow2Codecs, zstdFrameLength } from './codecs.js';
 export { DETECT_BYTES, detectFormat, type ImageFormat } from './detect.js';
 export * from './format/index.js';
-export { DEFAULT_L2_CACHE_MAX_BYTES, Qcow2Image, type Qcow2SnapshotInfo } from './image.js';
+export {
+  DEFAULT_L2_CACHE_MAX_BYTES,
+  type Qcow2BitmapInfo,
+  Qcow2Image,
+  type Qcow2SnapshotInfo,
+} from './image.js';
 export type { Segment, SegmentKind } from './mapping/segment.js';
 export {
   type BackingResolver,

@@ -273,6 +273,24 @@ describe.skipIf(!haveQemu)('reading images made by qemu-img', () => {
     });
   }
 
+  it('lists persistent dirty bitmaps as qemu-img info does', async () => {
+    const d = dir.path;
+    qemuImg(d, 'create', '-f', 'qcow2', 'bitmaps.qcow2', String(4 * MiB));
+    qemuImg(d, 'bitmap', '--add', 'bitmaps.qcow2', 'first');
+    qemuImg(d, 'bitmap', '--add', '-g', '131072', '--disable', 'bitmaps.qcow2', 'second');
+    qemuIo(d, 'bitmaps.qcow2', ['write -P 0x77 0 65536']);
+    const info = JSON.parse(qemuImg(d, 'info', '--output=json', 'bitmaps.qcow2')) as {
+      'format-specific': { data: { bitmaps: unknown[] } };
+    };
+    const opened = await openImage(join(d, 'bitmaps.qcow2'));
+    const image = opened.image as import('../src/image.js').Qcow2Image;
+    expect(image.bitmaps.map((b) => ({ flags: b.flags, name: b.name, granularity: b.granularity }))).toEqual(
+      info['format-specific'].data.bitmaps,
+    );
+    expect(image.bitmaps).toHaveLength(2);
+    await opened.close();
+  });
+
   it('internal snapshots: each snapshot reads like qemu-img convert -l', async () => {
     const d = dir.path;
     qemuImg(d, 'create', '-f', 'qcow2', 'snap.qcow2', String(4 * MiB));

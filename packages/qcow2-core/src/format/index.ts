@@ -1,4 +1,5 @@
 export { decodeText, encodeText, readU64, viewOf, writeU64 } from './binary.js';
+export * from './bitmap-directory.js';
 export * from './compressed-descriptor.js';
 export * from './feature-bits.js';
 export * from './geometry.js';
