@@ -36,8 +36,9 @@ export interface ConformanceOptions {
   readonly maxOperations?: number;
   /** The device implements `resize`: test it, and mix resizes into the random sequences. */
   readonly supportsResize?: boolean;
-  /** After `discard`, the range reads as zeros (default true). When false, the kit accepts zeros,
-   * the previous bytes, or the initial content (a layered device showing its lower layer). */
+  /** After `discard`, the range reads as zeros (default: `capabilities.discard`, since a device
+   * without real discard ignores it). When false, the kit accepts zeros, the previous bytes, or
+   * the initial content (a layered device showing its lower layer). */
   readonly discardReadsZero?: boolean;
   /** Per-test timeout in milliseconds (default: vitest's). */
   readonly timeout?: number;
@@ -199,6 +200,10 @@ export function operationsArbitrary(
   });
 }
 
+function discardReadsZero(options: ConformanceOptions, device: BlockDevice): boolean {
+  return options.discardReadsZero ?? device.capabilities.discard;
+}
+
 function describeOperation(operation: ConformanceOperation): string {
   return JSON.stringify(operation);
 }
@@ -355,7 +360,7 @@ class ModelRun {
         break;
       case 'discard':
         await device.discard(offset, length);
-        if (this.options.discardReadsZero ?? true) this.model.zero(offset, length);
+        if (discardReadsZero(this.options, device)) this.model.zero(offset, length);
         else this.model.discardMaybe(offset, length);
         this.changed.push([offset, offset + length]);
         break;
@@ -490,7 +495,7 @@ export function concurrencyProperty(options: ConformanceOptions, size: number) {
             work.push(device.writeZeroes(range.offset, range.length, { mayUnmap: range.seed % 2 === 0 }));
             break;
           case 'discard':
-            if (options.discardReadsZero ?? true) model.zero(range.offset, range.length);
+            if (discardReadsZero(options, device)) model.zero(range.offset, range.length);
             else model.discardMaybe(range.offset, range.length);
             work.push(device.discard(range.offset, range.length));
             break;
@@ -562,7 +567,7 @@ export function overlapProperty(options: ConformanceOptions, size: number) {
         await Promise.all(work);
         const actual = await device.read(base, window);
         const initial = options.initialContent?.(device.size);
-        const discardReadsZero = options.discardReadsZero ?? true;
+        const zeroAfterDiscard = discardReadsZero(options, device);
         for (let index = 0; index < window; index++) {
           const position = base + index;
           const got = actual[index]!;
@@ -580,7 +585,7 @@ export function overlapProperty(options: ConformanceOptions, size: number) {
                   if (got === 0) return true;
                   return (
                     candidate.discard &&
-                    !discardReadsZero &&
+                    !zeroAfterDiscard &&
                     (got === prior[index] || got === initial?.[position])
                   );
                 });
@@ -643,6 +648,32 @@ export async function checkBounds(device: BlockDevice): Promise<void> {
   await device.write(size, new Uint8Array(0));
   await device.writeZeroes(size, 0);
   await device.discard(size, 0);
+}
+
+/** A request given an already-aborted signal rejects and changes nothing. */
+export async function checkAbortedSignal(device: BlockDevice): Promise<void> {
+  const signal = AbortSignal.abort();
+  const before = await device.read(0, Math.min(1, device.size));
+  const attempts: [string, () => Promise<unknown>][] = [
+    ['read', () => device.read(0, Math.min(1, device.size), { signal })],
+    ['write', () => device.write(0, new Uint8Array(Math.min(1, device.size)).fill(0x77), { signal })],
+    ['writeZeroes', () => device.writeZeroes(0, Math.min(1, device.size), { signal })],
+    ['flush', () => device.flush({ signal })],
+    ['blockStatus', () => device.blockStatus(0, Math.min(1, device.size), { signal })],
+  ];
+  for (const [what, attempt] of attempts) {
+    let rejected = false;
+    try {
+      await attempt();
+    } catch {
+      rejected = true;
+    }
+    if (!rejected) throw new Error(`${what} with an aborted signal: expected a rejection, but it succeeded`);
+  }
+  const after = await device.read(0, Math.min(1, device.size));
+  if (after[0] !== before[0]) {
+    throw new Error('write with an aborted signal changed the device');
+  }
 }
 
 /** Read-only devices: every change rejects with `EROFS` and the content stays. */
@@ -799,6 +830,18 @@ export function describeBlockDeviceConformance(options: ConformanceOptions): voi
       });
     }
     it('rejects requests after close with ECLOSED', () => checkClose(options, sizes[0] ?? 4096), timeout);
+    it(
+      'rejects requests whose signal is already aborted',
+      async () => {
+        const device = await options.create(sizes[0] ?? 4096);
+        try {
+          await checkAbortedSignal(device);
+        } finally {
+          await device.close();
+        }
+      },
+      timeout,
+    );
     const createReadOnly = options.createReadOnly;
     if (createReadOnly !== undefined) {
       it(
