@@ -21,12 +21,12 @@ const human = (n) => {
   const [name, unit] = units.find(([, unit]) => n >= unit) ?? ['B', 1];
   return `${Number((n / unit).toFixed(3))} ${name}`;
 };
+const hex = (n) => `0x${n.toString(16)}`;
 const map = async (device, offset, length) => {
+  console.log(`    ${'offset'.padStart(16)} ${'length'.padStart(16)}  kind  depth`);
   for (const e of await blockStatusAll(device, offset, length)) {
     const kind = e.data ? 'data' : e.present ? 'zero' : 'hole';
-    console.log(
-      `    ${human(e.offset).padStart(13)} +${human(e.length).padEnd(13)} ${kind.padEnd(4)} depth ${e.depth}`,
-    );
+    console.log(`    ${hex(e.offset).padStart(16)} ${hex(e.length).padStart(16)}  ${kind}  ${e.depth}`);
   }
 };
 
