@@ -1,7 +1,8 @@
 /**
  * Walks a device's block status from `start` to `end`. Requests start small, so the first data can
  * be read while later lookups are still to come, and double while the device reports only zeros, so
- * an 8 TiB guest holding 2 MiB takes a handful of calls instead of one per step.
+ * an 8 TiB guest holding 2 MiB takes a handful of calls instead of one per step. The next lookup
+ * is already under way while the caller works through the current batch.
  */
 import type { BlockDevice, Extent } from '@qcowkit/blockdev';
 import { CliError } from './errors.js';
@@ -11,20 +12,30 @@ const FIRST_STEP = 64 * 2 ** 20;
 export async function* walkExtents(device: BlockDevice, start: number, end: number): AsyncGenerator<Extent> {
   let position = start;
   let step = FIRST_STEP;
-  while (position < end) {
-    const extents = await device.blockStatus(position, Math.min(end - position, step));
+  const lookup = (at: number, length: number) => {
+    const promise = device.blockStatus(at, length);
+    // Handled where it is awaited; this only keeps an abandoned prefetch from being reported.
+    promise.catch(() => undefined);
+    return promise;
+  };
+  let pending = position < end ? lookup(position, Math.min(end - position, step)) : undefined;
+  while (pending !== undefined) {
+    const extents = await pending;
     if (extents.length === 0) {
       throw new CliError(`${device.description}: block status returned no extent at offset ${position}`);
     }
+    let batchEnd = position;
     let sawData = false;
     for (const extent of extents) {
-      if (extent.offset !== position || extent.length <= 0 || extent.offset + extent.length > end) {
-        throw new CliError(`${device.description}: block status returned a bad extent at offset ${position}`);
+      if (extent.offset !== batchEnd || extent.length <= 0 || extent.offset + extent.length > end) {
+        throw new CliError(`${device.description}: block status returned a bad extent at offset ${batchEnd}`);
       }
       if (!extent.zero) sawData = true;
-      position += extent.length;
-      yield extent;
+      batchEnd += extent.length;
     }
     step = sawData ? FIRST_STEP : Math.min(step * 2, Number.MAX_SAFE_INTEGER);
+    pending = batchEnd < end ? lookup(batchEnd, Math.min(end - batchEnd, step)) : undefined;
+    for (const extent of extents) yield extent;
+    position = batchEnd;
   }
 }
