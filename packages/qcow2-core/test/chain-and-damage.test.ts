@@ -2,7 +2,7 @@
  * Backing chains (loops, depth limit, probing rules, resolvers), feature refusals, and damaged
  * images: each ends in a typed error, quickly.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -163,6 +163,26 @@ describe.skipIf(!haveQemu)('backing chains', () => {
     expect(Array.from(await withBacking.read(200_000, 1))).toEqual([9]);
     await withBacking.close();
     await alone.close();
+  });
+
+  it('resolves a relative data file name against the working directory, as QEMU does', async () => {
+    mkdirSync(join(d, 'df'), { recursive: true });
+    qemuImg(join(d, 'df'), 'create', '-f', 'qcow2', '-o', 'data_file=rel.data', 'img.qcow2', '1M');
+    qemuIo(join(d, 'df'), 'img.qcow2', ['write -P 0x66 0 4096']);
+    const previous = process.cwd();
+    try {
+      process.chdir(d);
+      // qemu-io from the parent folder cannot find rel.data either.
+      expect(() => qemuIo(d, 'df/img.qcow2', ['read 0 512'])).toThrow(/rel\.data/);
+      await expect(openImage(join(d, 'df', 'img.qcow2'))).rejects.toMatchObject({ code: 'ENOENT' });
+      process.chdir(join(d, 'df'));
+      const opened = await openImage(join(d, 'df', 'img.qcow2'));
+      expect((opened.image as Qcow2Image).dataFileName).toBe('rel.data');
+      expect((await opened.device.read(0, 1))[0]).toBe(0x66);
+      await opened.close();
+    } finally {
+      process.chdir(previous);
+    }
   });
 
   it('reads an in-memory compressed image with the pure codecs', async () => {
