@@ -3,6 +3,8 @@
  *
  * - `failAfter: n`: the first `n` requests behave normally; every later request rejects (`EIO`,
  *   or the code in `failWith`). Nothing is lost: it models a device that went away.
+ * - `failWhen(request)`: rejects the requests it picks (only writes, only past some offset, only
+ *   the 7th operation), with `failWith`.
  * - `crashAfter: n`: models power loss. The wrapper holds every write, writeZeroes and discard in
  *   a volatile layer of its own and applies them to the inner device only at `flush()` (or for a
  *   `fua` write). After `n` requests (or at `crashNow()`) the volatile layer is dropped and every
@@ -26,11 +28,21 @@ import { BlockDeviceError, type BlockErrorCode } from './errors.js';
 import { appendExtent, assertOpen, assertWritable, throwIfAborted, validateRange } from './range.js';
 import { VolatileLayer } from './volatile-layer.js';
 
+/** A request as `failWhen` sees it (`resize` puts the new size in `offset`). */
+export interface FaultRequest {
+  readonly kind: 'read' | 'write' | 'writeZeroes' | 'discard' | 'flush' | 'blockStatus' | 'resize';
+  readonly offset: number;
+  readonly length: number;
+}
+
 export interface FaultInjectingOptions {
   /** Requests after this many reject with `failWith`. */
   readonly failAfter?: number;
   /** The device crashes (drops unflushed writes) once this many requests were made. */
   readonly crashAfter?: number;
+  /** Fails the requests for which it returns true (with `failWith`), e.g. only writes past some
+   * offset, or only the 5th flush. `operation` counts from 1 and includes this request. */
+  readonly failWhen?: (request: FaultRequest & { readonly operation: number }) => boolean;
   /** Code of the injected errors (default `EIO`). Crashes always report `EIO`. */
   readonly failWith?: BlockErrorCode;
   /** Close the inner device when this one is closed before any crash (default true). After a
@@ -45,6 +57,7 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   readonly #failAfter: number | undefined;
   readonly #crashAfter: number | undefined;
   readonly #failWith: BlockErrorCode;
+  readonly #failWhen: FaultInjectingOptions['failWhen'];
   readonly #closeInner: boolean;
   #operations = 0;
   #crashed = false;
@@ -73,6 +86,7 @@ export class FaultInjectingBlockDevice implements BlockDevice {
     this.#failAfter = options.failAfter;
     this.#crashAfter = options.crashAfter;
     this.#failWith = options.failWith ?? 'EIO';
+    this.#failWhen = options.failWhen;
     this.#closeInner = options.closeInner ?? true;
     this.description = `faulty(${inner.description})`;
     this.capabilities = { ...inner.capabilities, flush: true, fua: false };
@@ -109,7 +123,7 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   }
 
   read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
-    return this.#run('read', options, async () => {
+    return this.#run({ kind: 'read', offset, length }, options, async () => {
       validateRange(this.size, offset, length, 'read');
       const buffer = new Uint8Array(length);
       await this.#load(buffer, offset, options);
@@ -118,14 +132,14 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   }
 
   readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
-    return this.#run('readInto', options, async () => {
+    return this.#run({ kind: 'read', offset, length: buffer.length }, options, async () => {
       validateRange(this.size, offset, buffer.length, 'read');
       await this.#load(buffer, offset, options);
     });
   }
 
   write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
-    return this.#run('write', options, async () => {
+    return this.#run({ kind: 'write', offset, length: data.length }, options, async () => {
       assertWritable(this, 'write');
       validateRange(this.size, offset, data.length, 'write');
       this.#pending.write(offset, data);
@@ -134,7 +148,7 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   }
 
   writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
-    return this.#run('writeZeroes', options, async () => {
+    return this.#run({ kind: 'writeZeroes', offset, length }, options, async () => {
       assertWritable(this, 'writeZeroes');
       validateRange(this.size, offset, length, 'writeZeroes');
       if (options?.fastOnly && !this.inner.capabilities.fastZero) {
@@ -149,7 +163,7 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   }
 
   discard(offset: number, length: number, options?: RequestOptions): Promise<void> {
-    return this.#run('discard', options, async () => {
+    return this.#run({ kind: 'discard', offset, length }, options, async () => {
       assertWritable(this, 'discard');
       validateRange(this.size, offset, length, 'discard');
       this.#pending.zero(offset, length, 'discard');
@@ -157,11 +171,11 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   }
 
   flush(options?: RequestOptions): Promise<void> {
-    return this.#run('flush', options, () => this.#flush());
+    return this.#run({ kind: 'flush', offset: 0, length: 0 }, options, () => this.#flush());
   }
 
   blockStatus(offset: number, length: number, options?: RequestOptions): Promise<Extent[]> {
-    return this.#run('blockStatus', options, async () => {
+    return this.#run({ kind: 'blockStatus', offset, length }, options, async () => {
       validateRange(this.size, offset, length, 'blockStatus');
       const layers = this.#layers();
       const innerExtents = await this.inner.blockStatus(offset, length, options);
@@ -189,7 +203,7 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   }
 
   resize(newSize: number): Promise<void> {
-    return this.#run('resize', undefined, async () => {
+    return this.#run({ kind: 'resize', offset: newSize, length: 0 }, undefined, async () => {
       assertWritable(this, 'resize');
       // Resizing is a metadata change of the inner device: apply what is pending first.
       await this.#flush();
@@ -225,7 +239,12 @@ export class FaultInjectingBlockDevice implements BlockDevice {
   }
 
   /** Counts the request, injects the configured fault, and tracks it for close(). */
-  async #run<T>(kind: string, options: RequestOptions | undefined, task: () => Promise<T>): Promise<T> {
+  async #run<T>(
+    request: FaultRequest,
+    options: RequestOptions | undefined,
+    task: () => Promise<T>,
+  ): Promise<T> {
+    const kind = request.kind;
     assertOpen(this.#closed, this.description, kind);
     throwIfAborted(options?.signal);
     this.#operations++;
@@ -234,8 +253,13 @@ export class FaultInjectingBlockDevice implements BlockDevice {
     if (this.#crashed) {
       throw new BlockDeviceError('EIO', `${kind}: ${this.description} has crashed (injected)`);
     }
-    if (this.#failAfter !== undefined && this.#operations > this.#failAfter) {
-      throw new BlockDeviceError(this.#failWith, `${kind}: ${this.description} failed (injected)`);
+    const failing =
+      (this.#failAfter !== undefined && this.#operations > this.#failAfter) ||
+      (this.#failWhen?.({ ...request, operation: this.#operations }) ?? false);
+    if (failing) {
+      throw new BlockDeviceError(this.#failWith, `${kind}: ${this.description} failed (injected)`, {
+        offset: request.offset,
+      });
     }
     const promise = task();
     this.#inFlight.add(promise);

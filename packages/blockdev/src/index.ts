@@ -7,7 +7,7 @@ export type {
   WriteZeroesOptions,
 } from './block-device.js';
 export { BlockDeviceError, type BlockErrorCode, isBlockDeviceError } from './errors.js';
-export { FaultInjectingBlockDevice, type FaultInjectingOptions } from './fault-device.js';
+export { FaultInjectingBlockDevice, type FaultInjectingOptions, type FaultRequest } from './fault-device.js';
 export { MemoryBlockDevice, type MemoryBlockDeviceOptions } from './memory-device.js';
 export { OverlayBlockDevice, type OverlayBlockDeviceOptions } from './overlay-device.js';
 export {

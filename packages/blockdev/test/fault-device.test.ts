@@ -19,6 +19,20 @@ describe('FaultInjectingBlockDevice', () => {
     expect(device.crashed).toBe(false);
   });
 
+  it('fails only the requests failWhen picks', async () => {
+    const device = new FaultInjectingBlockDevice(new MemoryBlockDevice(8192), {
+      failWhen: ({ kind, offset, operation }) => (kind === 'write' && offset >= 4096) || operation === 5,
+    });
+    await device.write(0, bytes(1));
+    await expect(device.write(4096, bytes(1))).rejects.toMatchObject({ code: 'EIO', offset: 4096 });
+    await device.read(4096, 1);
+    await device.writeZeroes(4096, 10);
+    await expect(device.flush()).rejects.toMatchObject({ code: 'EIO' });
+    await device.flush();
+    expect(await device.read(0, 1)).toEqual(bytes(1));
+    expect(device.operations).toBe(7);
+  });
+
   it('loses unflushed writes at a crash and keeps flushed ones', async () => {
     const inner = new MemoryBlockDevice(1024);
     const device = new FaultInjectingBlockDevice(inner, { crashAfter: 5 });
