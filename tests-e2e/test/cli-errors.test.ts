@@ -2,13 +2,14 @@
  * The `qcow2` bin as a user meets it: bad input ends in exit 1 and one line on stderr, never a
  * stack trace unless asked; help and version work.
  */
+import { spawn } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { qcow2 } from '../src/qcow2-cli.js';
-import { requireTools, run, tempDir } from '../src/tools.js';
+import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
-const haveTools = requireTools('qemu-img');
+const haveTools = requireTools('qemu-img', 'qemu-io');
 
 describe.skipIf(!haveTools)('qcow2 CLI errors and help', () => {
   let dir: { path: string; remove: () => void };
@@ -64,6 +65,29 @@ describe.skipIf(!haveTools)('qcow2 CLI errors and help', () => {
     const version = cli(['--version']);
     expect(version.status).toBe(0);
     expect(version.stdout).toMatch(/^\d+\.\d+\.\d+\n$/);
+  });
+
+  test('an image another process has open for writing: refused without -U, read with -U', async () => {
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', 'busy.qcow2', '1M'], { cwd: dir.path });
+    // qemu-io holds the image's write lock while it sleeps, then exits by itself.
+    const holder = spawn('qemu-io', ['-c', 'sleep 20000', 'busy.qcow2'], { cwd: dir.path, stdio: 'ignore' });
+    try {
+      for (let tries = 0; tries < 100; tries++) {
+        if (runStatus('qemu-img', ['info', 'busy.qcow2'], { cwd: dir.path }).status !== 0) break;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+      const refused = cli(['info', 'busy.qcow2']);
+      expect(refused.status).toBe(1);
+      expect(refused.stderr).toMatch(
+        /^qcow2: Could not open 'busy.qcow2': Failed to get shared "write" lock/,
+      );
+      expect(refused.stderr.trimEnd().split('\n')).toHaveLength(1);
+      const shared = cli(['info', '-U', '--output=json', 'busy.qcow2']);
+      expect(shared.status, shared.stderr).toBe(0);
+      expect(JSON.parse(shared.stdout)['virtual-size']).toBe(1048576);
+    } finally {
+      holder.kill();
+    }
   });
 
   test('errors match the shape of qemu-img for the same mistakes', () => {
