@@ -62,7 +62,33 @@ const DEFAULT_CONCURRENCY = 8;
 /** Decompressed clusters kept for sequential small reads of one compressed cluster. */
 const COMPRESSED_CACHE_CLUSTERS = 4;
 
-export class Qcow2Image extends ReadOnlyImage {
+/**
+ * Raw metadata access for tools that examine an image's structures themselves (check, dump,
+ * repair later). Nothing is cached or validated beyond the file's bounds; decode with the
+ * format codecs (`decodeL2Entry`, `decodeRefcount`, ...).
+ */
+export interface Qcow2MetadataReader {
+  /** The image file. */
+  readonly file: BlockDevice;
+  /** The decoded, validated header (extensions included). */
+  readonly header: Qcow2Header;
+  /** The decoded snapshot table. */
+  readonly snapshotTable: readonly Qcow2SnapshotEntry[];
+  /** The raw bitmap directory entries (empty when the bitmaps extension is absent or stale). */
+  readonly bitmapDirectory: readonly Qcow2BitmapEntry[];
+  /** The whole active L1 table (l1_size entries) as 32-bit halves. */
+  readL1Table(options?: RequestOptions): Promise<{ high: Uint32Array; low: Uint32Array }>;
+  /** One L2 table (a cluster) at `hostOffset`. */
+  readL2Table(hostOffset: number, options?: RequestOptions): Promise<Uint8Array>;
+  /** Refcount block host offsets, one per refcount table entry (0 = none). */
+  readRefcountTable(options?: RequestOptions): Promise<number[]>;
+  /** One refcount block (a cluster) at `hostOffset`. */
+  readRefcountBlock(hostOffset: number, options?: RequestOptions): Promise<Uint8Array>;
+  /** `length` bytes of the file at `hostOffset`, zeros past its end. */
+  readHostBytes(hostOffset: number, length: number, options?: RequestOptions): Promise<Uint8Array>;
+}
+
+export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   readonly file: BlockDevice;
   readonly header: Qcow2Header;
   readonly version: 2 | 3;
