@@ -7,6 +7,7 @@ export {
   DEFAULT_L2_CACHE_MAX_BYTES,
   type Qcow2BitmapInfo,
   Qcow2Image,
+  type Qcow2MetadataReader,
   type Qcow2SnapshotInfo,
 } from './image.js';
 export type { Segment, SegmentKind } from './mapping/segment.js';
