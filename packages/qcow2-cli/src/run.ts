@@ -114,6 +114,7 @@ function buildProgram(context: CommandContext, setExit: (code: number) => void):
     .addOption(new Option('-l <snapshot>', 'snapshot.name=NAME, snapshot.id=ID, or an id or name'))
     .addOption(new Option('-s <snapshot>', 'snapshot id or name'))
     .option('-p', 'show a progress bar on stderr')
+    .option('-q', 'quiet: no progress bar even with -p')
     .addHelpText('after', '\nExample:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n')
     .action(async (source: string, target: string, options: Record<string, unknown>) => {
       setExit(
@@ -121,7 +122,7 @@ function buildProgram(context: CommandContext, setExit: (code: number) => void):
           format: options.f as ImageFormat | undefined,
           outputFormat: options.O as string,
           snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
-          progress: options.p === true,
+          progress: options.p === true && options.q !== true,
           forceShare: options.forceShare === true,
         }),
       );
@@ -130,6 +131,7 @@ function buildProgram(context: CommandContext, setExit: (code: number) => void):
   addCommon(program.command('check').argument('<file>', 'the image'))
     .description('check an image for consistency, read-only (as qemu-img check)')
     .addOption(outputOption())
+    .option('-q', 'quiet: print nothing, only set the exit code')
     .addHelpText(
       'after',
       '\nExit codes: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check could not run,\n63 the format has no checks (raw).\n\nExample:\n  qcow2 check disk.qcow2\n',
@@ -140,6 +142,7 @@ function buildProgram(context: CommandContext, setExit: (code: number) => void):
           format: options.f as ImageFormat | undefined,
           output: options.output as 'human' | 'json',
           forceShare: options.forceShare === true,
+          quiet: options.q === true,
         }),
       );
     });

@@ -62,6 +62,12 @@ describe('run() in-process', () => {
     expect(err()).toMatch(/^ {4}\(0\.00\/100%\)\r.* {4}\(100\.00\/100%\)\r\n$/s);
   });
 
+  test('convert -p -q stays silent', async () => {
+    const { io, out, err } = memoryIo(dir);
+    expect(await run(['convert', '-p', '-q', 'disk.raw', 'copy3.raw'], io)).toBe(0);
+    expect(out() + err()).toBe('');
+  });
+
   test.each([
     [['info', 'missing.qcow2'], /^qcow2: Could not open 'missing.qcow2': No such file or directory\n$/],
     [['info', '-f', 'vmdk', 'disk.raw'], /^qcow2: .*Unknown driver 'vmdk'/],

@@ -12,6 +12,8 @@ export interface CheckCommandOptions {
   readonly format?: ImageFormat | undefined;
   readonly output: 'human' | 'json';
   readonly forceShare: boolean;
+  /** `-q`: no report on stdout (findings and errors still go to stderr). */
+  readonly quiet?: boolean;
 }
 
 /** qemu-img check's exit code when the format cannot be checked at all (raw). */
@@ -45,10 +47,12 @@ export async function checkCommand(
     await opened.close();
   }
   for (const message of result.messages) context.io.stderr.write(`${message}\n`);
-  if (options.output === 'json') {
-    context.io.stdout.write(`${toQemuJson(checkToJson(result, file, opened.format))}\n`);
-  } else {
-    context.io.stdout.write(formatCheckHuman(result));
+  if (options.quiet !== true) {
+    context.io.stdout.write(
+      options.output === 'json'
+        ? `${toQemuJson(checkToJson(result, file, opened.format))}\n`
+        : formatCheckHuman(result),
+    );
   }
   return checkExitCode(result);
 }
