@@ -5,6 +5,9 @@
 
 export const MAX_CHECK_MESSAGES = 10_000;
 
+/** A line, or a function making it: hot paths pass functions so lines past the cap cost nothing. */
+export type CheckMessage = string | (() => string);
+
 export class CheckLog {
   corruptions = 0;
   leaks = 0;
@@ -12,22 +15,23 @@ export class CheckLog {
   readonly messages: string[] = [];
   private dropped = 0;
 
-  message(line: string): void {
-    if (this.messages.length < MAX_CHECK_MESSAGES) this.messages.push(line);
+  message(line: CheckMessage): void {
+    if (this.messages.length < MAX_CHECK_MESSAGES)
+      this.messages.push(typeof line === 'string' ? line : line());
     else this.dropped++;
   }
 
-  corruption(line: string): void {
+  corruption(line: CheckMessage): void {
     this.corruptions++;
     this.message(line);
   }
 
-  leak(line: string): void {
+  leak(line: CheckMessage): void {
     this.leaks++;
     this.message(line);
   }
 
-  checkError(line: string): void {
+  checkError(line: CheckMessage): void {
     this.checkErrors++;
     this.message(line);
   }
@@ -36,10 +40,13 @@ export class CheckLog {
 
   /** A corruption whose line is printed later (after the refcount comparison, where qemu-img
    * prints it) though it was found earlier. */
-  deferredCorruption(line: string): void {
+  deferredCorruption(line: CheckMessage): void {
     this.corruptions++;
-    if (this.messages.length + this.deferred.length < MAX_CHECK_MESSAGES) this.deferred.push(line);
-    else this.dropped++;
+    if (this.messages.length + this.deferred.length < MAX_CHECK_MESSAGES) {
+      this.deferred.push(typeof line === 'string' ? line : line());
+    } else {
+      this.dropped++;
+    }
   }
 
   /** Appends the deferred lines. */

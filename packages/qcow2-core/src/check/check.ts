@@ -144,7 +144,8 @@ export async function checkQcow2Image(
   // v3 snapshot entries carry at least vm_state_size_large and disk_size (16 bytes of extra data).
   if (header.version === 3) {
     snapshotTable.snapshots.forEach((snapshot, index) => {
-      if (snapshot.extraDataSize < 16) log.corruption(`ERROR snapshot table entry ${index} is incomplete`);
+      if (snapshot.extraDataSize < 16)
+        log.corruption(() => `ERROR snapshot table entry ${index} is incomplete`);
     });
   }
 
@@ -169,19 +170,21 @@ export async function checkQcow2Image(
     pacer,
   );
   if (geometry.hasDataFile && header.nbSnapshots > 0) {
-    log.corruption(`ERROR ${header.nbSnapshots} snapshots in image with data file`);
+    log.corruption(() => `ERROR ${header.nbSnapshots} snapshots in image with data file`);
   }
   for (const snapshot of snapshotTable.snapshots) {
     if (snapshot.l1TableOffset % clusterSize !== 0) {
       log.corruption(
-        `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_offset=${hashHex(snapshot.l1TableOffset)}: ` +
+        () =>
+          `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_offset=${hashHex(snapshot.l1TableOffset)}: ` +
           'L1 table is not cluster aligned; snapshot table entry corrupted',
       );
       continue;
     }
     if (snapshot.l1Size > QCOW_MAX_L1_ENTRIES) {
       log.corruption(
-        `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_size=${hashHex(snapshot.l1Size)}: ` +
+        () =>
+          `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_size=${hashHex(snapshot.l1Size)}: ` +
           'L1 table is too large; snapshot table entry corrupted',
       );
       continue;
@@ -234,61 +237,19 @@ function hashHex(value: number): string {
   return value === 0 ? '0' : `0x${value.toString(16)}`;
 }
 
-/**
- * Yields the L2 table offsets of an L1 table, one chunk of the table at a time, with the L1 entry
- * index and halves. Entries past the end of the file read as zeros (no tables).
- */
-async function* l1Entries(
-  geometry: Geometry,
-  l1TableOffset: number,
-  l1Size: number,
-): AsyncGenerator<{ index: number; high: number; low: number }> {
-  for (let first = 0; first < l1Size; first += L1_CHUNK_ENTRIES) {
-    const count = Math.min(L1_CHUNK_ENTRIES, l1Size - first);
-    const bytes = await readZeroPadded(geometry.file, l1TableOffset + first * 8, count * 8, geometry.request);
-    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    for (let i = 0; i < count; i++) {
-      const high = view.getUint32(i * 8);
-      const low = view.getUint32(i * 8 + 4);
-      if (high !== 0 || low !== 0) yield { index: first + i, high, low };
-    }
-  }
-}
-
-/**
- * Reads the tables at `offsets` with a few reads in flight, handing them over in order.
- */
-async function* readTablesInOrder(
-  geometry: Geometry,
-  offsets: AsyncIterable<{ hostOffset: number; tag: number; high: number; low: number }>,
-): AsyncGenerator<{ hostOffset: number; tag: number; high: number; low: number; table: Uint8Array }> {
-  const pending: {
-    hostOffset: number;
-    tag: number;
-    high: number;
-    low: number;
-    table: Promise<Uint8Array>;
-  }[] = [];
-  for await (const item of offsets) {
-    const table = readZeroPadded(geometry.file, item.hostOffset, geometry.clusterSize, geometry.request);
-    // Keep a rejection from being reported as unhandled before it is awaited.
-    table.catch(() => undefined);
-    pending.push({ ...item, table });
-    if (pending.length >= L2_READ_AHEAD) {
-      const next = pending.shift()!;
-      yield { ...next, table: await next.table };
-    }
-  }
-  while (pending.length > 0) {
-    const next = pending.shift()!;
-    yield { ...next, table: await next.table };
-  }
+/** A non-zero L1 entry, with where its L2 table lies. */
+interface L1Item {
+  index: number;
+  high: number;
+  low: number;
+  l2Offset: number;
 }
 
 /**
  * Counts the references of one L1 table: the table itself, its L2 tables and what they map.
  * `active` is given for the active table only: qemu-img counts fragmentation there alone, and
- * checks COPIED flags there alone.
+ * checks COPIED flags there alone. The table is read in chunks; L2 tables are read a few ahead
+ * of the one examined, and a table wholly past the end of the file (zeros) is not read at all.
  */
 async function countL1References(
   geometry: Geometry,
@@ -300,36 +261,53 @@ async function countL1References(
   pacer: Pacer,
 ): Promise<void> {
   refcounts.add(l1TableOffset, l1Size * 8);
-  const { clusterSize } = geometry;
-  async function* l2Tables() {
-    for await (const { index, high, low } of l1Entries(geometry, l1TableOffset, l1Size)) {
+  const { clusterSize, file, request } = geometry;
+  for (let first = 0; first < l1Size; first += L1_CHUNK_ENTRIES) {
+    const count = Math.min(L1_CHUNK_ENTRIES, l1Size - first);
+    const bytes = await readZeroPadded(file, l1TableOffset + first * 8, count * 8, request);
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const items: L1Item[] = [];
+    for (let i = 0; i < count; i++) {
+      const high = view.getUint32(i * 8);
+      const low = view.getUint32(i * 8 + 4);
+      if (high !== 0 || low !== 0)
+        items.push({ index: first + i, high, low, l2Offset: entryOffset(high, low) });
+    }
+    const reads: (Promise<Uint8Array> | undefined)[] = new Array(items.length);
+    let started = 0;
+    for (let k = 0; k < items.length; k++) {
+      for (; started < items.length && started <= k + L2_READ_AHEAD; started++) {
+        const l2Offset = items[started]!.l2Offset;
+        if (l2Offset >= file.size) continue;
+        const read = readZeroPadded(file, l2Offset, clusterSize, request);
+        // Keep a rejection from being reported as unhandled before it is awaited.
+        read.catch(() => undefined);
+        reads[started] = read;
+      }
+      const { index, high, low, l2Offset } = items[k]!;
       if (l1ReservedBitsSet(high, low)) {
-        log.corruption(`ERROR found L1 entry with reserved bits set: ${entryHex(high, low)}`);
+        log.corruption(() => `ERROR found L1 entry with reserved bits set: ${entryHex(high, low)}`);
       }
       // Like QEMU, a non-zero entry is followed even when its offset bits are zero (it then
       // names the header cluster as its L2 table, which the checks below report).
-      const l2Offset = entryOffset(high, low);
       refcounts.add(l2Offset, clusterSize);
       if (l2Offset % clusterSize !== 0) {
         log.corruption(
-          `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`,
+          () => `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`,
         );
       }
-      yield { hostOffset: l2Offset, tag: index, high, low };
+      const read = reads[k];
+      reads[k] = undefined;
+      const table = read === undefined ? undefined : await read;
+      if (table !== undefined) countL2References(geometry, table, active?.frag, refcounts, log);
+      if (active !== undefined && l2Offset !== 0) {
+        await checkCopiedFlags(geometry, index, high, low, l2Offset, table, active.stored, log);
+      }
+      if ((k & 255) === 255 && pacer.advance(0)) await pacer.pause();
     }
+    if (pacer.advance(count)) await pacer.pause();
   }
-  let lastIndex = 0;
-  for await (const { hostOffset, tag, high, low, table } of readTablesInOrder(geometry, l2Tables())) {
-    countL2References(geometry, table, active?.frag, refcounts, log);
-    if (active !== undefined && hostOffset !== 0) {
-      await checkCopiedFlags(geometry, tag, high, low, hostOffset, table, active.stored, log);
-    }
-    await pacer.step(tag + 1 - lastIndex);
-    lastIndex = tag + 1;
-  }
-  await pacer.step(l1Size - lastIndex);
 }
-
 /** Counts the references of one L2 table's entries and checks each entry. */
 function countL2References(
   geometry: Geometry,
@@ -352,29 +330,33 @@ function countL2References(
     if (high === 0 && low === 0 && zeroBits === 0 && allocBits === 0) continue;
     const type = classifyL2Entry(high, low, extendedL2, hasDataFile);
     if (type !== 'compressed' && l2ReservedBitsSet(high, low)) {
-      log.corruption(`ERROR found l2 entry with reserved bits set: ${entryHex(high, low)}`);
+      log.corruption(() => `ERROR found l2 entry with reserved bits set: ${entryHex(high, low)}`);
     }
     switch (type) {
       case 'compressed': {
         if ((high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
           const extent = decodeCompressedDescriptor(high, low, clusterBits);
           log.corruption(
-            `ERROR: coffset=0x${extent.hostOffsetHex()}: copied flag must never be set for compressed clusters`,
+            () =>
+              `ERROR: coffset=0x${extent.hostOffsetHex()}: copied flag must never be set for compressed clusters`,
           );
         }
         if (hasDataFile) {
-          log.corruption(`ERROR compressed cluster ${i} with data file, entry=0x${entryHex(high, low)}`);
+          log.corruption(
+            () => `ERROR compressed cluster ${i} with data file, entry=0x${entryHex(high, low)}`,
+          );
           break;
         }
         if (zeroBits !== 0 || allocBits !== 0) {
           log.corruption(
-            `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${entryHex(high, low)}`,
+            () =>
+              `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${entryHex(high, low)}`,
           );
           break;
         }
         const extent = decodeCompressedDescriptor(high & ~QCOW_OFLAG_COPIED_HIGH, low, clusterBits);
         if (refcounts.pastEnd(extent.hostOffset, extent.length)) {
-          refcounts.reportPastEnd(extent.hostOffsetHex(), extent.length);
+          refcounts.reportPastEnd(extent.hostOffsetHex, extent.length);
         } else {
           refcounts.add(extent.hostOffset, extent.length);
         }
@@ -391,7 +373,8 @@ function countL2References(
         const hostOffset = entryOffset(high, low);
         if ((zeroBits & allocBits) !== 0) {
           log.corruption(
-            `ERROR offset=${hostOffset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
+            () =>
+              `ERROR offset=${hostOffset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
           );
         }
         if (hostOffset % clusterSize !== 0) {
@@ -432,23 +415,25 @@ function countRefcountBlocks(
     const { high, low } = stored.tableEntry(index);
     if (high === 0 && low === 0) continue;
     if (reftableReservedBitsSet(low)) {
-      log.corruption(`ERROR refcount table entry ${index} has reserved bits set`);
+      log.corruption(() => `ERROR refcount table entry ${index} has reserved bits set`);
       continue;
     }
     const hostOffset = entryOffset(high, low);
     if (hostOffset % clusterSize !== 0) {
-      log.corruption(`ERROR refcount block ${index} is not cluster aligned; refcount table entry corrupted`);
+      log.corruption(
+        () => `ERROR refcount block ${index} is not cluster aligned; refcount table entry corrupted`,
+      );
       continue;
     }
     const clusterIndex = hostOffset / clusterSize;
     if (clusterIndex >= refcounts.used) {
-      log.corruption(`ERROR refcount block ${index} is outside image`);
+      log.corruption(() => `ERROR refcount block ${index} is outside image`);
       continue;
     }
     if (hostOffset === 0) continue;
     refcounts.add(hostOffset, clusterSize);
     const count = refcounts.get(clusterIndex);
-    if (count !== 1) log.corruption(`ERROR refcount block ${index} refcount=${count}`);
+    if (count !== 1) log.corruption(() => `ERROR refcount block ${index} refcount=${count}`);
   }
 }
 
@@ -480,7 +465,7 @@ async function compareRefcounts(
               `(reftable index: ${hashHex(blockIndex)}); further non-fatal corruption events will be suppressed`,
           );
         }
-        log.checkError(`Can't get refcount for cluster ${clusterIndex}: Input/output error`);
+        log.checkError(() => `Can't get refcount for cluster ${clusterIndex}: Input/output error`);
         continue;
       }
       if (block === undefined) {
@@ -492,9 +477,9 @@ async function compareRefcounts(
       if (refcount > 0 || reference > 0) highestCluster = clusterIndex;
       if (refcount === reference) continue;
       if (refcount < reference) {
-        log.corruption(`ERROR cluster ${clusterIndex} refcount=${refcount} reference=${reference}`);
+        log.corruption(() => `ERROR cluster ${clusterIndex} refcount=${refcount} reference=${reference}`);
       } else {
-        log.leak(`Leaked cluster ${clusterIndex} refcount=${refcount} reference=${reference}`);
+        log.leak(() => `Leaked cluster ${clusterIndex} refcount=${refcount} reference=${reference}`);
       }
     }
     await pacer.step(blockEnd - start);
@@ -513,17 +498,20 @@ async function checkCopiedFlags(
   high: number,
   low: number,
   l2Offset: number,
-  table: Uint8Array,
+  table: Uint8Array | undefined,
   stored: StoredRefcounts,
   log: CheckLog,
 ): Promise<void> {
   const { clusterSize, extendedL2, hasDataFile, l2EntryBytes, request } = geometry;
-  const l2Refcount = await stored.get(Math.floor(l2Offset / clusterSize), request);
+  const l2Cluster = Math.floor(l2Offset / clusterSize);
+  const l2Refcount = stored.peek(l2Cluster) ?? (await stored.get(l2Cluster, request));
   if (typeof l2Refcount === 'number' && (l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
     log.deferredCorruption(
-      `ERROR OFLAG_COPIED L2 cluster: l1_index=${l1Index} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
+      () =>
+        `ERROR OFLAG_COPIED L2 cluster: l1_index=${l1Index} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
     );
   }
+  if (table === undefined) return;
   const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
   const entries = clusterSize / l2EntryBytes;
   for (let i = 0; i < entries; i++) {
@@ -537,7 +525,8 @@ async function checkCopiedFlags(
     if (typeof refcount !== 'number') continue;
     if ((refcount === 1) !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
       log.deferredCorruption(
-        `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
+        () =>
+          `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
       );
     }
   }

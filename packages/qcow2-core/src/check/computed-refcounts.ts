@@ -33,7 +33,7 @@ export class ComputedRefcounts {
   add(hostOffset: number, length: number): void {
     if (length <= 0) return;
     if (this.pastEnd(hostOffset, length)) {
-      this.reportPastEnd(hostOffset.toString(16), length);
+      this.reportPastEnd(() => hostOffset.toString(16), length);
       return;
     }
     const first = Math.floor(hostOffset / this.clusterSize);
@@ -62,10 +62,11 @@ export class ComputedRefcounts {
   }
 
   /** Reports a region not counted because it lies past the end (`offsetHex` exact, no prefix). */
-  reportPastEnd(offsetHex: string, length: number): void {
+  reportPastEnd(offsetHex: string | (() => string), length: number): void {
     this.log.corruption(
-      'ERROR: counting reference for region exceeding the end of the file by one cluster or more: ' +
-        `offset 0x${offsetHex} size 0x${length.toString(16)}`,
+      () =>
+        'ERROR: counting reference for region exceeding the end of the file by one cluster or more: ' +
+        `offset 0x${typeof offsetHex === 'string' ? offsetHex : offsetHex()} size 0x${length.toString(16)}`,
     );
   }
 

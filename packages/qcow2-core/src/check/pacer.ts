@@ -21,6 +21,24 @@ export class Pacer {
     this.total += units;
   }
 
+  /**
+   * Records `units` of work done without yielding; true when it is time to {@link pause}.
+   * Throws the abort reason when aborted.
+   */
+  advance(units: number): boolean {
+    this.done += units;
+    this.signal?.throwIfAborted();
+    return performance.now() - this.lastYield >= YIELD_EVERY_MS;
+  }
+
+  /** Reports progress and yields a macrotask turn. */
+  async pause(): Promise<void> {
+    this.onProgress?.(Math.min(this.done, this.total), this.total);
+    await new Promise<void>((resolve) => setTimeout(resolve, 0));
+    this.lastYield = performance.now();
+    this.signal?.throwIfAborted();
+  }
+
   /** Records `units` of work done; may yield. Throws the abort reason when aborted. */
   async step(units: number): Promise<void> {
     this.done += units;
