@@ -52,6 +52,16 @@ describe.skipIf(!haveTools)('read corpus against qemu-img', () => {
     }
   }
 
+  test('map --start-offset/--max-length (with size suffixes) equals qemu-img map', () => {
+    for (const file of ['chain/top.qcow2', 'huge-8t.qcow2']) {
+      const args = ['map', '--output=json', '--start-offset=1000000', '--max-length=2M', file];
+      const theirs = qemuImg(args);
+      const mine = ours(args);
+      expect(mine.status, mine.stderr).toBe(theirs.status);
+      expect(mine.stdout).toBe(theirs.stdout);
+    }
+  });
+
   describe.each(CORPUS)('$file: $about', (image) => {
     test('convert -O raw gives the bytes qemu-img convert gives, as sparse', () => {
       expectSameConversion(image, [], image.file.replaceAll('/', '_'));
