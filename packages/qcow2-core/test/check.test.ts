@@ -144,6 +144,18 @@ const cases: Case[] = [
   { name: 'l1-entry-past-eof', patch: (p) => p.setU64(p.l1Offset, (1n << 63n) | (1n << 36n)) },
   { name: 'l1-entry-misaligned', patch: (p) => p.setU64(p.l1Offset, p.u64(p.l1Offset) + 0x200n) },
   { name: 'l1-entry-at-header', patch: (p) => p.setU64(p.l1Offset, 1n << 63n) },
+  {
+    // Findings of several L1 entries and their L2 tables, in qemu-img's order.
+    name: 'several-tables-damaged',
+    create: ['-o', 'cluster_size=512'],
+    clusterSize: '512',
+    patch: (p) => {
+      p.setU64(p.l2Entry(0), p.u64(p.l2Entry(0)) | (1n << 60n));
+      p.setU64(p.l1Offset + 8, p.u64(p.l1Offset + 8) | (1n << 60n));
+      p.setU64(p.l1Offset + 16, (1n << 63n) | (1n << 40n));
+      p.setU64(p.l1Offset + 24, p.u64(p.l1Offset + 24) & ~(1n << 63n));
+    },
+  },
   { name: 'shared-data-cluster', patch: (p) => p.setU64(p.l2Entry(3), p.u64(p.l2Entry(0))) },
   {
     name: 'refcount-overflow-1-bit',
