@@ -309,6 +309,26 @@ describe.skipIf(!haveTools)('damaged images', () => {
     expect(await attempt(top)).toMatchObject({ kind: 'error' });
   });
 
+  test('4M L1 entries pointing past the end: a verdict in bounded memory (qemu-img takes minutes)', async () => {
+    // A 1 TiB guest whose 32 MiB L1 table (inside the file) names 4M distinct L2 tables past EOF.
+    const path = join(dir.path, 'huge-l1.qcow2');
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', path, '1T']);
+    const header = readFileSync(path);
+    const entries = 4 * 1024 * 1024;
+    const l1 = Buffer.alloc(entries * 8);
+    for (let i = 0; i < entries; i++)
+      l1.writeBigUInt64BE((1n << 63n) | ((1n << 40n) + BigInt(i) * 65536n), i * 8);
+    const head = Buffer.alloc(1 << 20);
+    header.copy(head);
+    const bytes = Buffer.concat([head, l1]);
+    bytes.writeUInt32BE(entries, 36);
+    bytes.writeBigUInt64BE(1n << 20n, 40);
+    writeFileSync(path, bytes);
+    const outcome = await attempt(path);
+    expect(outcome).toMatchObject({ kind: 'opened', format: 'qcow2' });
+    expect((outcome as { checkCorruptions: number }).checkCorruptions).toBeGreaterThanOrEqual(entries);
+  });
+
   test('fuzzed header bytes never give an untyped exception or a hang', async () => {
     let opened = 0;
     let failed = 0;
