@@ -7,6 +7,7 @@
 import { type AddressInfo, createServer, type Server, type Socket } from 'node:net';
 import { createSecureContext, type SecureContext, type SecureContextOptions } from 'node:tls';
 import { ConnectionIo } from './connection-io.js';
+import { DataExtentCache } from './data-extent-cache.js';
 import type { NbdExport } from './export.js';
 import { HandshakeAbort, negotiate } from './handshake.js';
 import { errorMessage } from './nbd-errors.js';
@@ -77,7 +78,8 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
     tlsRequired: options.tls?.required ?? true,
     multiConn: options.multiConn ?? maxConnections !== 1,
   };
-  const transmissionConfig = { maxInFlightBytes: options.maxInFlightBytes ?? 64 * 1024 * 1024, log };
+  const maxInFlightBytes = options.maxInFlightBytes ?? 64 * 1024 * 1024;
+  const dataExtents = new Map(options.exports.map((entry) => [entry, new DataExtentCache()]));
   const connections = new Set<Connection>();
   let served = 0;
   let closing: Promise<void> | undefined;
@@ -87,7 +89,11 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
     try {
       const session = await negotiate(io, handshakeConfig);
       if (session === undefined || closing !== undefined) return;
-      const transmission = new Transmission(io, session, transmissionConfig);
+      const transmission = new Transmission(io, session, {
+        maxInFlightBytes,
+        log,
+        dataExtents: dataExtents.get(session.export)!,
+      });
       connection.transmission = transmission;
       const end = await transmission.run();
       if (end === 'protocol-error') io.destroy();

@@ -45,6 +45,7 @@ import {
   validateRequest,
 } from '../protocol/requests.js';
 import type { ConnectionIo } from './connection-io.js';
+import type { DataExtentCache } from './data-extent-cache.js';
 import { CONTEXT_ID_ALLOCATION_DEPTH, isExportReadOnly } from './export.js';
 import type { Session } from './handshake.js';
 import { errorMessage, nbdErrorName, toNbdError } from './nbd-errors.js';
@@ -55,6 +56,8 @@ const SPARSE_READ_MINIMUM = 64 * 1024;
 const MAX_DESCRIPTORS = 64 * 1024;
 
 export interface TransmissionConfig {
+  /** Known data ranges of the export, shared by every connection to it. */
+  readonly dataExtents: DataExtentCache;
   /** Bound on bytes held by requests in flight on this connection. */
   readonly maxInFlightBytes: number;
   /** Called for events worth logging (a client broke the protocol, a device failed). */
@@ -176,6 +179,7 @@ export class Transmission {
           break;
         case NBD_CMD_TRIM:
           if (entry.discard !== false && request.length > 0) {
+            this.config.dataExtents.invalidate(request.offset, request.length);
             await device.discard(request.offset, request.length);
             if (fua) await device.flush();
           }
@@ -186,6 +190,7 @@ export class Transmission {
             this.replySimple(request, NBD_ENOTSUP);
             return;
           }
+          this.config.dataExtents.invalidate(request.offset, request.length);
           await device.writeZeroes(request.offset, request.length, {
             fua,
             fastOnly,
@@ -222,8 +227,16 @@ export class Transmission {
     const sparse =
       length >= SPARSE_READ_MINIMUM &&
       (request.flags & NBD_CMD_FLAG_DF) === 0 &&
-      device.capabilities.blockStatus;
+      device.capabilities.blockStatus &&
+      !this.config.dataExtents.covers(offset, length);
     if (!sparse) {
+      const chunk = encodeOffsetDataChunk(cookie, true, offset, length);
+      await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), offset);
+      this.io.send(chunk);
+      return;
+    }
+    await this.config.dataExtents.learn(device, offset, length);
+    if (this.config.dataExtents.covers(offset, length)) {
       const chunk = encodeOffsetDataChunk(cookie, true, offset, length);
       await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), offset);
       this.io.send(chunk);

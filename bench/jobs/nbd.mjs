@@ -1,0 +1,136 @@
+/**
+ * qcow2-nbd against nbdkit's file plugin (the fastest peer for raw files here) serving the same
+ * 1 GiB raw file over a unix socket on /dev/shm. The same client runs against each server: fio's
+ * nbd engine (4 KiB random read and write at depth 16, 1 MiB sequential read) and nbdcopy with 4
+ * connections out of and into the export. Only the client's run is timed (server start excluded).
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { open, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const BIN = fileURLToPath(new URL('../../packages/qcow2-nbd/dist/bin/qcow2-nbd.js', import.meta.url));
+const FILE_SIZE = 1024 * 1024 * 1024;
+const MiB = 1024 * 1024;
+
+async function makeFile(path) {
+  const handle = await open(path, 'w');
+  const chunk = randomFillSync(Buffer.alloc(8 * MiB));
+  for (let offset = 0; offset < FILE_SIZE; offset += chunk.length)
+    await handle.write(chunk, 0, chunk.length, offset);
+  await handle.close();
+}
+
+async function setup(dir) {
+  const file = join(dir, 'nbd-export.raw');
+  const source = join(dir, 'nbd-source.raw');
+  await makeFile(file);
+  await makeFile(source);
+  return { dir, file, source };
+}
+
+async function teardown(ctx) {
+  await rm(ctx.file, { force: true });
+  await rm(ctx.source, { force: true });
+}
+
+/** Starts a server process listening on a fresh unix socket; resolves once the socket exists. */
+async function startServer(command, args, socket) {
+  await rm(socket, { force: true });
+  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+  const deadline = Date.now() + 20_000;
+  while (!existsSync(socket)) {
+    if (child.exitCode !== null) throw new Error(`${command} exited with ${child.exitCode}`);
+    if (Date.now() > deadline) throw new Error(`${command} did not start`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  return {
+    uri: `nbd+unix:///?socket=${socket}`,
+    async stop() {
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      if (child.exitCode === null) child.kill('SIGTERM');
+      await exited;
+      await rm(socket, { force: true });
+    },
+  };
+}
+
+const servers = {
+  ours: (ctx) =>
+    startServer(
+      process.execPath,
+      [BIN, '-f', 'raw', '-t', '-e', '0', '-k', join(ctx.dir, 'ours.sock'), ctx.file],
+      join(ctx.dir, 'ours.sock'),
+    ),
+  theirs: (ctx) =>
+    startServer(
+      'nbdkit',
+      ['-f', '-U', join(ctx.dir, 'nbdkit.sock'), 'file', ctx.file],
+      join(ctx.dir, 'nbdkit.sock'),
+    ),
+};
+
+function timed(command, args) {
+  const start = performance.now();
+  const result = spawnSync(command, args, { encoding: 'utf8' });
+  const seconds = (performance.now() - start) / 1000;
+  if (result.status !== 0) throw new Error(`${command} failed: ${result.stderr}`);
+  return seconds;
+}
+
+function fio(uri, rw, bs, ioSize) {
+  return timed('fio', [
+    '--name=bench',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    `--rw=${rw}`,
+    `--bs=${bs}`,
+    '--iodepth=16',
+    `--io_size=${ioSize}`,
+    '--norandommap',
+    '--randrepeat=0',
+    '--output-format=terse',
+  ]);
+}
+
+function job(name, description, work) {
+  const side = (which) => async (ctx) => {
+    const server = await servers[which](ctx);
+    try {
+      return work(ctx, server.uri);
+    } finally {
+      await server.stop();
+    }
+  };
+  return {
+    name,
+    description,
+    tools: ['nbdkit', 'fio', 'nbdcopy'],
+    setup,
+    ours: side('ours'),
+    theirs: side('theirs'),
+    teardown,
+  };
+}
+
+export const jobs = [
+  job('nbd-fio-randread-4k', 'fio 4 KiB random reads, depth 16, 256 MiB, vs nbdkit file', (_ctx, uri) =>
+    fio(uri, 'randread', '4k', '256M'),
+  ),
+  job('nbd-fio-randwrite-4k', 'fio 4 KiB random writes, depth 16, 256 MiB, vs nbdkit file', (_ctx, uri) =>
+    fio(uri, 'randwrite', '4k', '256M'),
+  ),
+  job('nbd-fio-seqread-1m', 'fio 1 MiB sequential reads, depth 16, 4 GiB, vs nbdkit file', (_ctx, uri) =>
+    fio(uri, 'read', '1m', '4G'),
+  ),
+  job('nbd-nbdcopy-out', 'nbdcopy of the 1 GiB export to null:, 4 connections, vs nbdkit file', (_ctx, uri) =>
+    timed('nbdcopy', ['--connections=4', uri, 'null:']),
+  ),
+  job(
+    'nbd-nbdcopy-in',
+    'nbdcopy of a 1 GiB file into the export, 4 connections, vs nbdkit file',
+    (ctx, uri) => timed('nbdcopy', ['--connections=4', ctx.source, uri]),
+  ),
+];

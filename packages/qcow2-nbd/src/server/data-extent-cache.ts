@@ -1,0 +1,82 @@
+/**
+ * Remembers ranges of an export known to hold data, so that reads looking for holes do not ask
+ * the device for block status every time. Asking can be dear: on tmpfs, SEEK_HOLE walks every
+ * page up to the next hole, so a status query per read over a dense 1 GiB file costs more than
+ * the read itself. The device is asked about whole aligned windows, once per window even when
+ * many reads want it at the same time.
+ *
+ * A stale entry is harmless for correctness: it only makes a read send a hole as data (the bytes
+ * are still read from the device). Entries that zeroing or trimming may have turned into holes
+ * are dropped anyway, so OFFSET_HOLE chunks stay accurate for this server's own writes.
+ */
+import type { BlockDevice } from '@qcowkit/blockdev';
+
+const MAX_ENTRIES = 64;
+/** Size of the windows the device is asked about. */
+export const STATUS_WINDOW = 64 * 1024 * 1024;
+
+export class DataExtentCache {
+  /** Disjoint [start, end) guest ranges, most recently added last. */
+  private entries: { start: number; end: number }[] = [];
+  private readonly pending = new Map<number, Promise<void>>();
+
+  /** True when [offset, offset + length) lies inside one known data range. */
+  covers(offset: number, length: number): boolean {
+    const end = offset + length;
+    for (const entry of this.entries) {
+      if (entry.start <= offset && end <= entry.end) return true;
+    }
+    return false;
+  }
+
+  /** Records a data range, merging it with ranges it touches. */
+  add(start: number, end: number): void {
+    if (end <= start) return;
+    let merged = { start, end };
+    this.entries = this.entries.filter((entry) => {
+      if (entry.end < merged.start || merged.end < entry.start) return true;
+      merged = { start: Math.min(entry.start, merged.start), end: Math.max(entry.end, merged.end) };
+      return false;
+    });
+    this.entries.push(merged);
+    if (this.entries.length > MAX_ENTRIES) this.entries.shift();
+  }
+
+  /** Forgets every range overlapping [offset, offset + length). */
+  invalidate(offset: number, length: number): void {
+    const end = offset + length;
+    this.entries = this.entries.filter((entry) => entry.end <= offset || end <= entry.start);
+  }
+
+  /** Asks the device about the windows around [offset, offset + length) not asked about yet. */
+  async learn(device: BlockDevice, offset: number, length: number): Promise<void> {
+    const first = Math.floor(offset / STATUS_WINDOW);
+    const last = Math.floor((offset + Math.max(length, 1) - 1) / STATUS_WINDOW);
+    const waits: Promise<void>[] = [];
+    for (let window = first; window <= last; window++) {
+      let pending = this.pending.get(window);
+      if (pending === undefined) {
+        pending = this.query(device, window).finally(() => this.pending.delete(window));
+        this.pending.set(window, pending);
+      }
+      waits.push(pending);
+    }
+    await Promise.all(waits);
+  }
+
+  private async query(device: BlockDevice, window: number): Promise<void> {
+    const start = window * STATUS_WINDOW;
+    const end = Math.min(device.size, start + STATUS_WINDOW);
+    let position = start;
+    while (position < end) {
+      const extents = await device.blockStatus(position, end - position);
+      if (extents.length === 0) return;
+      for (const extent of extents) {
+        if (extent.offset !== position || extent.length <= 0) return;
+        if (extent.data && !extent.zero)
+          this.add(extent.offset, Math.min(end, extent.offset + extent.length));
+        position += extent.length;
+      }
+    }
+  }
+}
