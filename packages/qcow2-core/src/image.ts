@@ -273,7 +273,10 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     image.#source = {
       dataDevice: image.#dataFile ?? (headerFlags(header).dataFile ? undefined : file),
       backing: image.#backing,
-      readCompressed: (descriptor) => image.#readCompressed(descriptor),
+      readCompressed: (descriptor, compressedBytes, into) =>
+        image.#readCompressed(descriptor, compressedBytes, into),
+      clusterSize: image.clusterSize,
+      compressedDevice: file,
       concurrency: image.#concurrency,
     };
     return image;
@@ -377,42 +380,57 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     return [this.#backing, this.#dataFile, this.file];
   }
 
-  #readCompressed(descriptor: CompressedDescriptor): Promise<Uint8Array> {
-    return this.#compressedCache.get(descriptor.hostOffset, async () => {
-      if (descriptor.hostOffset >= this.file.size) {
-        throw new BlockDeviceError('ECORRUPT', 'compressed cluster: data lies past the end of the file', {
-          offset: descriptor.hostOffset,
-        });
-      }
-      const input = new Uint8Array(descriptor.compressedLength);
+  #readCompressed(
+    descriptor: CompressedDescriptor,
+    compressedBytes?: Uint8Array,
+    into?: Uint8Array,
+  ): Promise<Uint8Array> {
+    if (into !== undefined) return this.#decompress(descriptor, compressedBytes, into);
+    return this.#compressedCache.get(descriptor.hostOffset, () =>
+      this.#decompress(descriptor, compressedBytes, new Uint8Array(this.clusterSize)),
+    );
+  }
+
+  async #decompress(
+    descriptor: CompressedDescriptor,
+    compressedBytes: Uint8Array | undefined,
+    output: Uint8Array,
+  ): Promise<Uint8Array> {
+    if (descriptor.hostOffset >= this.file.size) {
+      throw new BlockDeviceError('ECORRUPT', 'compressed cluster: data lies past the end of the file', {
+        offset: descriptor.hostOffset,
+      });
+    }
+    let input = compressedBytes;
+    if (input === undefined) {
+      input = new Uint8Array(descriptor.compressedLength);
       await readClipped(this.file, descriptor.hostOffset, input);
-      const output = new Uint8Array(this.clusterSize);
-      let produced: number;
-      try {
-        produced = await this.#codecs.decompress(
-          this.compressionType === 'zstd' ? 'zstd' : 'deflate',
-          input,
-          output,
-        );
-      } catch (error) {
-        throw new BlockDeviceError(
-          'ECORRUPT',
-          `compressed cluster: cannot decompress (${this.compressionType})`,
-          {
-            offset: descriptor.hostOffset,
-            cause: error,
-          },
-        );
-      }
-      if (produced !== this.clusterSize) {
-        throw new BlockDeviceError(
-          'ECORRUPT',
-          `compressed cluster: decompressed to ${produced} bytes instead of ${this.clusterSize}`,
-          { offset: descriptor.hostOffset },
-        );
-      }
-      return output;
-    });
+    }
+    let produced: number;
+    try {
+      produced = await this.#codecs.decompress(
+        this.compressionType === 'zstd' ? 'zstd' : 'deflate',
+        input,
+        output,
+      );
+    } catch (error) {
+      throw new BlockDeviceError(
+        'ECORRUPT',
+        `compressed cluster: cannot decompress (${this.compressionType})`,
+        {
+          offset: descriptor.hostOffset,
+          cause: error,
+        },
+      );
+    }
+    if (produced !== this.clusterSize) {
+      throw new BlockDeviceError(
+        'ECORRUPT',
+        `compressed cluster: decompressed to ${produced} bytes instead of ${this.clusterSize}`,
+        { offset: descriptor.hostOffset },
+      );
+    }
+    return output;
   }
 
   /** Checks the image like `qemu-img check` (read-only). */

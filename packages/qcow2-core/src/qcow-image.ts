@@ -129,7 +129,10 @@ export class QcowImage extends ReadOnlyImage {
     image.#source = {
       dataDevice: file,
       backing: image.#backing,
-      readCompressed: (descriptor) => image.#readCompressed(descriptor),
+      readCompressed: (descriptor, compressedBytes, into) =>
+        image.#readCompressed(descriptor, compressedBytes, into),
+      clusterSize: image.clusterSize,
+      compressedDevice: file,
       concurrency: options.concurrency ?? 8,
     };
     return image;
@@ -151,26 +154,41 @@ export class QcowImage extends ReadOnlyImage {
     return [this.#backing, this.file];
   }
 
-  #readCompressed(descriptor: CompressedDescriptor): Promise<Uint8Array> {
-    return this.#compressedCache.get(descriptor.hostOffset, async () => {
-      const input = new Uint8Array(descriptor.compressedLength);
+  #readCompressed(
+    descriptor: CompressedDescriptor,
+    compressedBytes?: Uint8Array,
+    into?: Uint8Array,
+  ): Promise<Uint8Array> {
+    if (into !== undefined) return this.#decompress(descriptor, compressedBytes, into);
+    return this.#compressedCache.get(descriptor.hostOffset, () =>
+      this.#decompress(descriptor, compressedBytes, new Uint8Array(this.clusterSize)),
+    );
+  }
+
+  async #decompress(
+    descriptor: CompressedDescriptor,
+    compressedBytes: Uint8Array | undefined,
+    output: Uint8Array,
+  ): Promise<Uint8Array> {
+    let input = compressedBytes;
+    if (input === undefined) {
+      input = new Uint8Array(descriptor.compressedLength);
       await readClipped(this.file, descriptor.hostOffset, input);
-      const output = new Uint8Array(this.clusterSize);
-      let produced: number;
-      try {
-        produced = await this.#codecs.decompress('deflate', input, output);
-      } catch (error) {
-        throw new BlockDeviceError('ECORRUPT', 'qcow compressed cluster: cannot decompress', {
-          offset: descriptor.hostOffset,
-          cause: error,
-        });
-      }
-      if (produced !== this.clusterSize) {
-        throw new BlockDeviceError('ECORRUPT', `qcow compressed cluster: decompressed to ${produced} bytes`, {
-          offset: descriptor.hostOffset,
-        });
-      }
-      return output;
-    });
+    }
+    let produced: number;
+    try {
+      produced = await this.#codecs.decompress('deflate', input, output);
+    } catch (error) {
+      throw new BlockDeviceError('ECORRUPT', 'qcow compressed cluster: cannot decompress', {
+        offset: descriptor.hostOffset,
+        cause: error,
+      });
+    }
+    if (produced !== this.clusterSize) {
+      throw new BlockDeviceError('ECORRUPT', `qcow compressed cluster: decompressed to ${produced} bytes`, {
+        offset: descriptor.hostOffset,
+      });
+    }
+    return output;
   }
 }

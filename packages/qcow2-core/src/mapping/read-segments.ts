@@ -12,8 +12,20 @@ export interface SegmentSource {
   readonly dataDevice: BlockDevice | undefined;
   /** The backing device, or undefined (unallocated reads as zeros). */
   readonly backing: BlockDevice | undefined;
-  /** The whole decompressed cluster a compressed segment points at. */
-  readonly readCompressed: (descriptor: CompressedDescriptor) => Promise<Uint8Array>;
+  /**
+   * The whole decompressed cluster a compressed segment points at. `compressedBytes`, when given,
+   * are the descriptor's bytes already read (by a coalesced read of neighbouring clusters).
+   */
+  readonly readCompressed: (
+    descriptor: CompressedDescriptor,
+    compressedBytes?: Uint8Array,
+    /** A buffer of exactly one cluster to decompress into (no copy, no caching). */
+    into?: Uint8Array,
+  ) => Promise<Uint8Array>;
+  /** Bytes per (decompressed) cluster. */
+  readonly clusterSize: number;
+  /** Where compressed data lives (the image file). */
+  readonly compressedDevice: BlockDevice;
   /** Most host I/Os in flight for one request. */
   readonly concurrency: number;
 }
@@ -38,6 +50,7 @@ export async function readSegments(
   options?: RequestOptions,
 ): Promise<void> {
   const tasks: (() => Promise<void>)[] = [];
+  const compressedRuns: CompressedRun[] = [];
   for (const segment of segments) {
     const target = buffer.subarray(
       segment.guestOffset - bufferGuestOffset,
@@ -61,18 +74,90 @@ export async function readSegments(
         else tasks.push(() => readClipped(backing, segment.guestOffset, target, options));
         break;
       }
-      case 'compressed': {
-        const descriptor = segment.compressed!;
-        const start = segment.offsetInCluster!;
-        tasks.push(async () => {
-          const cluster = await source.readCompressed(descriptor);
-          target.set(cluster.subarray(start, start + target.length));
-        });
+      case 'compressed':
+        addToCompressedRun(compressedRuns, segment, target);
         break;
-      }
+    }
+  }
+  for (const run of compressedRuns) {
+    if (run.members.length === 1) {
+      const [{ segment, target }] = run.members as [CompressedMember];
+      tasks.push(async () => {
+        const into = wholeCluster(source, segment, target);
+        const cluster = await source.readCompressed(segment.compressed!, undefined, into);
+        if (into === undefined) copyFromCluster(cluster, segment, target);
+      });
+    } else {
+      tasks.push(() => readCompressedRun(source, run, options));
     }
   }
   await runBounded(tasks, source.concurrency);
+}
+
+interface CompressedMember {
+  readonly segment: Segment;
+  readonly target: Uint8Array;
+}
+
+/** Compressed clusters whose data lie next to each other in the file: read with one I/O. */
+interface CompressedRun {
+  hostStart: number;
+  hostEnd: number;
+  readonly members: CompressedMember[];
+}
+
+/** Most bytes of compressed data read at once for a run of compressed clusters. */
+const MAX_COMPRESSED_RUN_BYTES = 4 * 1024 * 1024;
+
+function addToCompressedRun(runs: CompressedRun[], segment: Segment, target: Uint8Array): void {
+  const { hostOffset, compressedLength } = segment.compressed!;
+  const end = hostOffset + compressedLength;
+  const last = runs[runs.length - 1];
+  // Compressed clusters are byte-packed: the next one starts inside or right after the sector
+  // where the previous one ends.
+  if (
+    last !== undefined &&
+    hostOffset >= last.hostStart &&
+    hostOffset <= last.hostEnd &&
+    Math.max(end, last.hostEnd) - last.hostStart <= MAX_COMPRESSED_RUN_BYTES
+  ) {
+    last.hostEnd = Math.max(last.hostEnd, end);
+    last.members.push({ segment, target });
+    return;
+  }
+  runs.push({ hostStart: hostOffset, hostEnd: end, members: [{ segment, target }] });
+}
+
+async function readCompressedRun(
+  source: SegmentSource,
+  run: CompressedRun,
+  options?: RequestOptions,
+): Promise<void> {
+  const bytes = new Uint8Array(run.hostEnd - run.hostStart);
+  await readClipped(source.compressedDevice, run.hostStart, bytes, options);
+  await Promise.all(
+    run.members.map(async ({ segment, target }) => {
+      const descriptor = segment.compressed!;
+      const start = descriptor.hostOffset - run.hostStart;
+      const into = wholeCluster(source, segment, target);
+      const cluster = await source.readCompressed(
+        descriptor,
+        bytes.subarray(start, start + descriptor.compressedLength),
+        into,
+      );
+      if (into === undefined) copyFromCluster(cluster, segment, target);
+    }),
+  );
+}
+
+/** `target` when it is exactly the segment's whole cluster (decompress straight into it). */
+function wholeCluster(source: SegmentSource, segment: Segment, target: Uint8Array): Uint8Array | undefined {
+  return segment.offsetInCluster === 0 && target.length === source.clusterSize ? target : undefined;
+}
+
+function copyFromCluster(cluster: Uint8Array, segment: Segment, target: Uint8Array): void {
+  const start = segment.offsetInCluster!;
+  target.set(cluster.subarray(start, start + target.length));
 }
 
 /**
