@@ -197,6 +197,7 @@ describe.skipIf(!haveTools)('damaged images', () => {
 
   // Table entries: the open succeeds; reads fail with a typed error or the check says what is wrong.
   const entryCases: [string, () => [number, Buffer][]][] = [
+    ['l1_table_offset 0 (the L1 table is the header)', () => [[40, u64(0n)]]],
     ['L1 entry past EOF', () => [[l1Offset, u64((1n << 63n) | (1n << 40n))]]],
     ['L1 entry at the header', () => [[l1Offset, u64(1n << 63n)]]],
     ['L1 entry misaligned', () => [[l1Offset, u64(BigInt(l2Offset + 512) | (1n << 63n))]]],

@@ -133,6 +133,10 @@ const cases: Case[] = [
   { name: 'refcount-decreased', patch: (p) => p.setRefcount16(p.dataCluster(0), 0) },
   { name: 'refcount-increased', patch: (p) => p.setRefcount16(p.dataCluster(0), 2) },
   { name: 'leak', patch: (p) => p.setU64(p.l2Entry(1), 0n) },
+  {
+    name: 'refcount-block-not-covering-itself',
+    patch: (p) => p.setRefcount16(Number(p.u64(p.reftableOffset) & ~0x1ffn) / 65536, 0),
+  },
   { name: 'header-refcount-zero', patch: (p) => p.setRefcount16(0, 0) },
   { name: 'copied-cleared', patch: (p) => p.setU64(p.l2Entry(1), p.u64(p.l2Entry(1)) & ~(1n << 63n)) },
   { name: 'l1-copied-cleared', patch: (p) => p.setU64(p.l1Offset, p.u64(p.l1Offset) & ~(1n << 63n)) },
