@@ -108,6 +108,40 @@ describe.skipIf(!haveQemu)('read-only BlockDevice conformance', () => {
     });
   }
 
+  it('reads correctly through a tiny L2 cache under concurrency (eviction and shared misses)', async () => {
+    const bytes = content(600_000);
+    writeFileSync(join(dir.path, 'tiny-cache.raw'), bytes);
+    qemuImg(
+      dir.path,
+      'convert',
+      '-f',
+      'raw',
+      '-O',
+      'qcow2',
+      '-o',
+      'cluster_size=512',
+      'tiny-cache.raw',
+      'tiny-cache.qcow2',
+    );
+    const file = MemoryBlockDevice.from(new Uint8Array(readFileSync(join(dir.path, 'tiny-cache.qcow2'))));
+    const image = await Qcow2Image.open(file, { l2CacheBytes: 1024, concurrency: 3 });
+    try {
+      const reads = Array.from({ length: 40 }, (_, index) => {
+        const offset = (index * 15_013) % (bytes.length - 20_000);
+        return image.read(offset, 20_000).then((data) => ({ offset, data }));
+      });
+      for (const { offset, data } of await Promise.all(reads)) {
+        expect(Buffer.from(data).equals(Buffer.from(bytes.subarray(offset, offset + data.length)))).toBe(
+          true,
+        );
+      }
+      expect(image.l2CacheStats.bytes).toBeLessThanOrEqual(1024);
+      expect(image.l2CacheStats.misses).toBeGreaterThan(2);
+    } finally {
+      await image.close();
+    }
+  });
+
   it('close waits for reads in flight', async () => {
     const bytes = content(500_000);
     const device = await build(variants[0]!, bytes);
