@@ -124,20 +124,30 @@ export async function convertToRaw(
       done += skipped;
       report();
     });
+    // On the first failure the other workers stop taking work; every worker has finished before
+    // the file is closed, so no write lands on a closed handle.
+    let failed = false;
     const worker = async () => {
       const buffer = Buffer.allocUnsafe(chunkSize);
-      for (;;) {
-        const next = await tasks.next();
-        if (next.done) return;
-        const { offset, length } = next.value;
-        const view = buffer.subarray(0, length);
-        await device.readInto(view, offset);
-        await writeNonZero(handle, view, offset, targetName);
-        done += length;
-        report();
+      try {
+        while (!failed) {
+          const next = await tasks.next();
+          if (next.done) return;
+          const { offset, length } = next.value;
+          const view = buffer.subarray(0, length);
+          await device.readInto(view, offset);
+          await writeNonZero(handle, view, offset, targetName);
+          done += length;
+          report();
+        }
+      } catch (error) {
+        failed = true;
+        throw error;
       }
     };
-    await Promise.all(Array.from({ length: Math.max(1, options.parallel) }, worker));
+    const results = await Promise.allSettled(Array.from({ length: Math.max(1, options.parallel) }, worker));
+    const failure = results.find((result) => result.status === 'rejected');
+    if (failure !== undefined) throw failure.reason;
   } finally {
     await handle.close();
   }
