@@ -363,6 +363,24 @@ describe('checkQcow2Image options', () => {
     await expect(aborted).rejects.toThrow('stop');
   });
 
+  it.skipIf(!haveQemu)(
+    'refuses, without allocating, a file that would need over 1 GiB of counters',
+    async () => {
+      const dir = tempDir('qcowkit-check-');
+      try {
+        const path = join(dir.path, 'small.qcow2');
+        run('qemu-img', ['create', '-f', 'qcow2', path, '1M']);
+        const bytes = readFileSync(path);
+        // 64 TiB of file at 64 KiB clusters: 2^30 clusters of 16-bit counters.
+        const file = new MemoryBlockDevice(2 ** 46);
+        await file.write(0, bytes);
+        await expect(checkQcow2Image({ file })).rejects.toMatchObject({ code: 'EUNSUPPORTED' });
+      } finally {
+        dir.remove();
+      }
+    },
+  );
+
   it('refuses repair for now and rejects a file that is not qcow2 with a typed error', async () => {
     const notQcow2 = MemoryBlockDevice.from(new Uint8Array(65536).fill(7));
     await expect(checkQcow2Image({ file: notQcow2 }, { repair: 'leaks' })).rejects.toMatchObject({

@@ -54,6 +54,8 @@ const L2_READ_AHEAD = 16;
 const QCOW_MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
 /** QEMU refuses to check a file of more clusters than this. */
 const MAX_FILE_CLUSTERS = 0x7fff_ffff;
+/** Most memory the rebuilt refcounts may take (one counter per host cluster of the file). */
+const MAX_COUNTER_BYTES = 1024 * 1024 * 1024;
 
 /** Fixed facts about the image every step uses. */
 interface Geometry {
@@ -123,6 +125,13 @@ export async function checkQcow2Image(
     throw new BlockDeviceError(
       'EUNSUPPORTED',
       `qcow2 check: file of ${nbClusters} clusters is too large to check`,
+    );
+  }
+  const counterBytes = (nbClusters + 1) * (refcountBits <= 8 ? 1 : refcountBits <= 16 ? 2 : 4);
+  if (counterBytes > MAX_COUNTER_BYTES) {
+    throw new BlockDeviceError(
+      'EUNSUPPORTED',
+      `qcow2 check: a file of ${nbClusters} clusters needs ${counterBytes} bytes of refcounts, more than ${MAX_COUNTER_BYTES}`,
     );
   }
   const log = new CheckLog();
