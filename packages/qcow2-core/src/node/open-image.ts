@@ -152,6 +152,9 @@ async function openLayer(request: LayerRequest): Promise<ChainLayer> {
     file,
   };
   chain.push(layer);
+  if (depth === 0 && options.snapshot !== undefined && format !== 'qcow2') {
+    throw new BlockDeviceError('EUNSUPPORTED', `${path}: a ${format} image has no internal snapshots`);
+  }
   if (format === 'raw') {
     layer.device = new RawImage(file);
     return layer;
