@@ -267,6 +267,7 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
         '--size=8M',
         '--offset_increment=16M',
         '--verify=crc32c',
+        '--verify_state_save=0',
         '--group_reporting',
       ]);
       expect(fio).toMatch(/err= 0/);

@@ -87,8 +87,8 @@ describe('qcow2-nbd flags', () => {
   });
 
   it('parses -l snapshot forms', () => {
-    expect(parseSnapshotSpec('snap1')).toEqual([{ id: 'snap1' }, { name: 'snap1' }]);
-    expect(parseSnapshotSpec('snapshot.id=2,snapshot.name=x')).toEqual([{ id: '2', name: 'x' }]);
+    expect(parseSnapshotSpec('snap1')).toEqual({ idOrName: 'snap1' });
+    expect(parseSnapshotSpec('snapshot.id=2,snapshot.name=x')).toEqual({ id: '2', name: 'x' });
     expect(() => parseSnapshotSpec('snapshot.foo=1')).toThrow(CliError);
   });
 });

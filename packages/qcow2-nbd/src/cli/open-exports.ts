@@ -6,19 +6,10 @@
 import { open as openFile } from 'node:fs/promises';
 import { type BlockDevice, isBlockDeviceError, OverlayBlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { type OpenedImage, openImage } from '@qcowkit/qcow2-core/node';
 import type { NbdExport } from '../server/export.js';
 import { CliError } from './errors.js';
 import { type CliOptions, type ExportSpec, type ImageFormat, parseSnapshotSpec } from './options.js';
-
-/** The part of `@qcowkit/qcow2-core/node`'s contract this CLI uses. */
-interface OpenedImage {
-  readonly device: BlockDevice;
-  close(): Promise<void>;
-}
-type OpenImage = (
-  path: string,
-  options: { format?: ImageFormat; readOnly?: boolean; snapshot?: { id?: string; name?: string } },
-) => Promise<OpenedImage>;
 
 export interface OpenedExports {
   readonly exports: NbdExport[];
@@ -94,21 +85,13 @@ async function openImageOf(
   format: ImageFormat,
   snapshotSpec: string | undefined,
 ): Promise<OpenedImage> {
-  const core = (await import('@qcowkit/qcow2-core/node')) as unknown as { openImage?: OpenImage };
-  const openImage = core.openImage;
-  if (typeof openImage !== 'function') {
-    throw new CliError(`${path}: ${format} images need the qcow2-core engine, which this build lacks`);
-  }
   if (snapshotSpec === undefined) return openImage(path, { format, readOnly: true });
-  let lastError: unknown;
-  for (const snapshot of parseSnapshotSpec(snapshotSpec)) {
-    try {
-      return await openImage(path, { format, readOnly: true, snapshot });
-    } catch (error) {
-      lastError = error;
-    }
-  }
-  throw lastError;
+  return openImage(path, {
+    format,
+    readOnly: true,
+    snapshot: parseSnapshotSpec(snapshotSpec),
+    snapshotSize: 'snapshot',
+  });
 }
 
 /** qemu's probe, reduced to what we serve: qcow2 and qcow magics, anything else raw. */

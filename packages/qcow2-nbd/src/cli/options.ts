@@ -173,19 +173,16 @@ function baseName(path: string): string {
 }
 
 /** `-l` forms: `ID_OR_NAME`, or `snapshot.id=ID,snapshot.name=NAME` (either part optional). */
-export function parseSnapshotSpec(spec: string): { id?: string; name?: string }[] {
-  if (spec.startsWith('snapshot.')) {
-    const out: { id?: string; name?: string } = {};
-    for (const part of spec.split(',')) {
-      const at = part.indexOf('=');
-      const key = part.slice(0, at);
-      const value = part.slice(at + 1);
-      if (key === 'snapshot.id') out.id = value;
-      else if (key === 'snapshot.name') out.name = value;
-      else throw new CliError(`-l ${spec}: unknown key '${key}'`);
-    }
-    return [out];
+export function parseSnapshotSpec(spec: string): { id?: string; name?: string; idOrName?: string } {
+  if (!spec.startsWith('snapshot.')) return { idOrName: spec };
+  const out: { id?: string; name?: string } = {};
+  for (const part of spec.split(',')) {
+    const at = part.indexOf('=');
+    const key = part.slice(0, at);
+    const value = part.slice(at + 1);
+    if (key === 'snapshot.id') out.id = value;
+    else if (key === 'snapshot.name') out.name = value;
+    else throw new CliError(`-l ${spec}: unknown key '${key}'`);
   }
-  // Like QEMU: try it as an id first, then as a name.
-  return [{ id: spec }, { name: spec }];
+  return out;
 }
