@@ -69,6 +69,13 @@ describe.skipIf(!haveQemu)('backing chains', () => {
     qemuImg(d, 'create', '-f', 'qcow2', 'self.qcow2', '1M');
     qemuImg(d, 'rebase', '-u', '-b', 'self.qcow2', '-F', 'qcow2', 'self.qcow2');
     await expect(openImage(join(d, 'self.qcow2'))).rejects.toMatchObject({ code: 'EINVAL', message: /loop/ });
+    // Snapshots exist only in qcow2 images.
+    await expect(
+      openImage(join(d, 'self.qcow2'), { format: 'raw', snapshot: { name: 'x' } }),
+    ).rejects.toMatchObject({
+      code: 'EUNSUPPORTED',
+      message: /no internal snapshots/,
+    });
   });
 
   it('opens 64 layers and refuses 65', async () => {
