@@ -8,7 +8,7 @@
  * (`write -z`) and discards, so each cluster type appears.
  */
 import { execFileSync } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 
 export type CorpusFormat = 'qcow2' | 'qcow' | 'raw';
@@ -309,4 +309,27 @@ export const CORPUS: readonly CorpusImage[] = [
 /** Builds every corpus image in `dir` (which must exist). */
 export function buildCorpus(dir: string, images: readonly CorpusImage[] = CORPUS): void {
   for (const image of images) image.build(dir);
+  syncTree(dir);
+}
+
+/**
+ * Flushes every file under `dir`. File systems with delayed allocation change a file's st_blocks
+ * when its data is written back; QEMU's tools and ours both read st_blocks (info's actual-size,
+ * and the metadata-preallocation test behind map's zero flags), so it must not move between the
+ * two runs being compared.
+ */
+function syncTree(dir: string): void {
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) {
+      syncTree(path);
+    } else if (entry.isFile()) {
+      const fd = openSync(path, 'r');
+      try {
+        fsyncSync(fd);
+      } finally {
+        closeSync(fd);
+      }
+    }
+  }
 }

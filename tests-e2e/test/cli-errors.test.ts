@@ -3,7 +3,7 @@
  * stack trace unless asked; help and version work.
  */
 import { spawn } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { qcow2 } from '../src/qcow2-cli.js';
@@ -18,6 +18,11 @@ describe.skipIf(!haveTools)('qcow2 CLI errors and help', () => {
     run('qemu-img', ['create', '-q', '-f', 'qcow2', 'snap.qcow2', '1M'], { cwd: dir.path });
     run('qemu-img', ['snapshot', '-c', 'one', 'snap.qcow2'], { cwd: dir.path });
     writeFileSync(join(dir.path, 'plain.raw'), Buffer.alloc(65536, 1));
+    writeFileSync(join(dir.path, 'gone.raw'), Buffer.alloc(65536, 2));
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'gone.raw', '-F', 'raw', 'orphan.qcow2'], {
+      cwd: dir.path,
+    });
+    rmSync(join(dir.path, 'gone.raw'));
   });
   afterAll(() => dir?.remove());
 
@@ -38,6 +43,8 @@ describe.skipIf(!haveTools)('qcow2 CLI errors and help', () => {
     ['unknown snapshot id', ['convert', '-s', '42', 'snap.qcow2', 'out.raw'], "Can't find snapshot"],
     ['unsupported output format', ['convert', '-O', 'vmdk', 'plain.raw', 'out.vmdk'], "output format 'vmdk'"],
     ['unknown command', ['frobnicate'], "qcow2: unknown command 'frobnicate'"],
+    ['missing backing file', ['map', 'orphan.qcow2'], "qcow2: Could not open 'orphan.qcow2': open: "],
+    ['missing backing file in a chain', ['info', '--backing-chain', 'orphan.qcow2'], 'gone.raw'],
   ])('%s: exit 1, one line, no stack trace', (_what, args, message) => {
     const result = cli(args);
     expect(result.status).toBe(1);
@@ -72,10 +79,15 @@ describe.skipIf(!haveTools)('qcow2 CLI errors and help', () => {
     // qemu-io holds the image's write lock while it sleeps, then exits by itself.
     const holder = spawn('qemu-io', ['-c', 'sleep 20000', 'busy.qcow2'], { cwd: dir.path, stdio: 'ignore' });
     try {
-      for (let tries = 0; tries < 100; tries++) {
-        if (runStatus('qemu-img', ['info', 'busy.qcow2'], { cwd: dir.path }).status !== 0) break;
+      // While qemu-io opens the image its locks change several times: wait until qemu-img has
+      // been refused three times in a row.
+      let refusals = 0;
+      for (let tries = 0; tries < 200 && refusals < 3; tries++) {
+        const locked = runStatus('qemu-img', ['info', 'busy.qcow2'], { cwd: dir.path }).status !== 0;
+        refusals = locked ? refusals + 1 : 0;
         await new Promise((resolve) => setTimeout(resolve, 100));
       }
+      expect(refusals).toBe(3);
       const refused = cli(['info', 'busy.qcow2']);
       expect(refused.status).toBe(1);
       expect(refused.stderr).toMatch(

@@ -108,7 +108,7 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
     return opened;
   } catch (error) {
     if (error instanceof CliError) throw error;
-    throw openError(displayName ?? path, error);
+    throw openError(displayName ?? path, error, path);
   }
 }
 

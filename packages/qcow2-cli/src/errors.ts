@@ -48,12 +48,30 @@ const OPEN_MESSAGES: Record<string, string> = {
   EBUSY: 'Failed to get shared "write" lock (is another process using the image? -U opens it anyway)',
 };
 
-/** Wraps an error from opening `file` as qemu-img words it: `Could not open 'FILE': why`. */
-export function openError(file: string, error: unknown): CliError {
+/**
+ * Wraps an error from opening `file` as qemu-img words it: `Could not open 'FILE': why`. When the
+ * error concerns the file itself (its message names `path`), the system's short wording is used;
+ * an error about another file of the chain (a backing or data file) keeps the message naming it.
+ */
+export function openError(file: string, error: unknown, path?: string): CliError {
   const code = isBlockDeviceError(error) ? error.code : undefined;
+  const aboutThisFile = path === undefined || !(error instanceof Error) || error.message.includes(path);
   const why =
-    code !== undefined && OPEN_MESSAGES[code] !== undefined ? OPEN_MESSAGES[code] : describeError(error);
+    code !== undefined && OPEN_MESSAGES[code] !== undefined && aboutThisFile
+      ? OPEN_MESSAGES[code]
+      : describeError(error);
   return new CliError(`Could not open '${file}': ${why}`, { cause: error });
+}
+
+/** The stack of `error` and of every `cause` under it, for `--debug`. */
+export function debugTrace(error: unknown): string {
+  const parts: string[] = [];
+  let current: unknown = error;
+  for (let depth = 0; current !== undefined && depth < 8; depth++) {
+    parts.push(current instanceof Error ? (current.stack ?? String(current)) : String(current));
+    current = current instanceof Error ? current.cause : undefined;
+  }
+  return parts.join('\nCaused by: ');
 }
 
 function oneLine(text: string): string {

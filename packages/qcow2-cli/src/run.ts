@@ -8,7 +8,7 @@ import { convertCommand } from './commands/convert.js';
 import { infoCommand } from './commands/info.js';
 import { mapCommand } from './commands/map.js';
 import { IMAGE_FORMATS, type ImageFormat } from './engine.js';
-import { CliError, describeError, UsageError } from './errors.js';
+import { CliError, debugTrace, describeError, UsageError } from './errors.js';
 import type { CliIo, CommandContext } from './io.js';
 import { parseSize } from './size.js';
 
@@ -31,7 +31,7 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
       return error.exitCode === 0 ? 0 : 1;
     }
     io.stderr.write(`qcow2: ${describeError(error)}\n`);
-    if (debug && error instanceof Error && error.stack !== undefined) io.stderr.write(`${error.stack}\n`);
+    if (debug) io.stderr.write(`${debugTrace(error)}\n`);
     return error instanceof CliError ? error.exitCode : 1;
   }
 }
