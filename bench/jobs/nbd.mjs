@@ -36,6 +36,17 @@ async function teardown(ctx) {
   await rm(ctx.source, { force: true });
 }
 
+/** A fully allocated 1 GiB qcow2 image (64 KiB clusters) made from random data by qemu-img. */
+async function setupQcow2(dir) {
+  const raw = join(dir, 'nbd-qcow2-source.raw');
+  const image = join(dir, 'nbd-export.qcow2');
+  await makeFile(raw);
+  const result = spawnSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, image]);
+  await rm(raw, { force: true });
+  if (result.status !== 0) throw new Error(`qemu-img convert failed: ${result.stderr}`);
+  return { dir, image };
+}
+
 /** Starts a server process listening on a fresh unix socket; resolves once the socket exists. */
 async function startServer(command, args, socket) {
   await rm(socket, { force: true });
@@ -71,6 +82,41 @@ const servers = {
       join(ctx.dir, 'nbdkit.sock'),
     ),
 };
+
+const qcow2Servers = {
+  ours: (ctx) =>
+    startServer(
+      process.execPath,
+      [BIN, '-r', '-f', 'qcow2', '-t', '-e', '0', '-k', join(ctx.dir, 'ours.sock'), ctx.image],
+      join(ctx.dir, 'ours.sock'),
+    ),
+  theirs: (ctx) =>
+    startServer(
+      'qemu-nbd',
+      ['-r', '-f', 'qcow2', '-t', '-e', '4', '-k', join(ctx.dir, 'qemu-nbd.sock'), ctx.image],
+      join(ctx.dir, 'qemu-nbd.sock'),
+    ),
+};
+
+function qcow2Job(name, description, work) {
+  const side = (which) => async (ctx) => {
+    const server = await qcow2Servers[which](ctx);
+    try {
+      return work(ctx, server.uri);
+    } finally {
+      await server.stop();
+    }
+  };
+  return {
+    name,
+    description,
+    tools: ['qemu-nbd', 'qemu-img', 'fio', 'nbdcopy'],
+    setup: setupQcow2,
+    ours: side('ours'),
+    theirs: side('theirs'),
+    teardown: (ctx) => rm(ctx.image, { force: true }),
+  };
+}
 
 function timed(command, args) {
   const start = performance.now();
@@ -132,5 +178,15 @@ export const jobs = [
     'nbd-nbdcopy-in',
     'nbdcopy of a 1 GiB file into the export, 4 connections, vs nbdkit file',
     (ctx, uri) => timed('nbdcopy', ['--connections=4', ctx.source, uri]),
+  ),
+  qcow2Job(
+    'nbd-qcow2-fio-randread-4k',
+    'qcow2 (read-only): fio 4 KiB random reads, depth 16, 256 MiB, vs qemu-nbd',
+    (_ctx, uri) => fio(uri, 'randread', '4k', '256M'),
+  ),
+  qcow2Job(
+    'nbd-qcow2-nbdcopy-out',
+    'qcow2 (read-only): nbdcopy of 1 GiB to null:, 4 connections, vs qemu-nbd',
+    (_ctx, uri) => timed('nbdcopy', ['--connections=4', uri, 'null:']),
   ),
 ];
