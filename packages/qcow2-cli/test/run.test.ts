@@ -62,6 +62,16 @@ describe('run() in-process', () => {
     expect(err()).toMatch(/^ {4}\(0\.00\/100%\)\r.* {4}\(100\.00\/100%\)\r\n$/s);
   });
 
+  test('convert refuses to overwrite its own source', async () => {
+    const { io, err } = memoryIo(dir);
+    const { readFileSync, statSync } = await import('node:fs');
+    const before = readFileSync(join(dir, 'disk.raw'));
+    expect(await run(['convert', '-O', 'raw', 'disk.raw', `${dir}/./disk.raw`], io)).toBe(1);
+    expect(err()).toMatch(/^qcow2: Could not create '.*disk.raw': it is a file the source image reads/);
+    expect(statSync(join(dir, 'disk.raw')).size).toBe(1048576);
+    expect(readFileSync(join(dir, 'disk.raw')).equals(before)).toBe(true);
+  });
+
   test('convert -p -q stays silent', async () => {
     const { io, out, err } = memoryIo(dir);
     expect(await run(['convert', '-p', '-q', 'disk.raw', 'copy3.raw'], io)).toBe(0);

@@ -5,7 +5,7 @@
  * file. Data ranges are read in chunks by a few workers (bounded memory), and each 4 KiB block of
  * the guest that reads as all zeros is skipped too, as qemu-img does by default (`-S 4k`).
  */
-import { open } from 'node:fs/promises';
+import { open, stat } from 'node:fs/promises';
 import type { BlockDevice } from '@qcowkit/blockdev';
 import type { ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
@@ -49,8 +49,10 @@ export async function convertCommand(
     snapshot,
   });
   try {
+    const targetPath = resolveAgainst(context.io.cwd, target);
+    await refuseOverwritingSource(targetPath, target, opened);
     const progress = options.progress ? new ProgressReporter(context.io.stderr) : undefined;
-    await convertToRaw(opened.device, resolveAgainst(context.io.cwd, target), target, {
+    await convertToRaw(opened.device, targetPath, target, {
       chunkSize: options.chunkSize ?? DEFAULT_CHUNK,
       parallel: options.parallel ?? DEFAULT_PARALLEL,
       onProgress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
@@ -60,6 +62,29 @@ export async function convertCommand(
     await opened.close();
   }
   return 0;
+}
+
+/** Creating the target truncates it: refuse when it is the source or any file the source reads
+ * (a backing file, an external data file). */
+async function refuseOverwritingSource(
+  targetPath: string,
+  target: string,
+  opened: OpenedImage,
+): Promise<void> {
+  const targetStat = await stat(targetPath).catch(() => undefined);
+  if (targetStat === undefined) return;
+  const sources = opened.chain.flatMap((layer) => [layer.path, ...dataFilePath(layer)]);
+  for (const sourcePath of sources) {
+    const sourceStat = await stat(sourcePath).catch(() => undefined);
+    if (sourceStat !== undefined && sourceStat.dev === targetStat.dev && sourceStat.ino === targetStat.ino) {
+      throw new CliError(`Could not create '${target}': it is a file the source image reads (${sourcePath})`);
+    }
+  }
+}
+
+function dataFilePath(layer: OpenedImage['chain'][number]): string[] {
+  const name = layer.image?.dataFileName;
+  return name === undefined ? [] : [name];
 }
 
 /** Turns `-l`/`-s` into the snapshot's id, looking names up in the image's snapshot table. */
