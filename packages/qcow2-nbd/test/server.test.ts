@@ -323,6 +323,44 @@ describe('transmission', () => {
     client.destroy();
   });
 
+  it('handles 32 MiB writes and reads, and many pipelined writes under a small in-flight bound', async () => {
+    const big = new MemoryBlockDevice(64 * 1024 * 1024);
+    await start([{ name: '', device: big }], { maxInFlightBytes: 64 * 1024 });
+    const client = await TestClient.connect(socketPath);
+    await client.open({ structured: true });
+    const data = pattern(32 * 1024 * 1024, 9);
+    client.request(P.NBD_CMD_WRITE, 1000, data.length, { data });
+    expect((await client.simpleReply()).error).toBe(0);
+    for (let i = 0; i < 200; i++) client.request(P.NBD_CMD_WRITE, i * 8192, 8192, { data: pattern(8192, i) });
+    for (let i = 0; i < 200; i++) expect((await client.simpleReply()).error).toBe(0);
+    client.request(P.NBD_CMD_READ, 16 * 1024 * 1024, 32 * 1024 * 1024);
+    const chunks = await client.chunks();
+    expect(
+      chunks.every((c) => c.type === P.NBD_REPLY_TYPE_OFFSET_DATA || c.type === P.NBD_REPLY_TYPE_OFFSET_HOLE),
+    ).toBe(true);
+    const total = chunks.reduce(
+      (sum, c) =>
+        sum + (c.type === P.NBD_REPLY_TYPE_OFFSET_DATA ? c.payload.length - 8 : c.payload.readUInt32BE(8)),
+      0,
+    );
+    expect(total).toBe(32 * 1024 * 1024);
+    expect(
+      Buffer.from(await big.read(200 * 8192, 4096)).equals(
+        data.subarray(200 * 8192 - 1000, 200 * 8192 - 1000 + 4096),
+      ),
+    ).toBe(true);
+    expect(Buffer.from(await big.read(199 * 8192, 8192)).equals(pattern(8192, 199))).toBe(true);
+    client.destroy();
+  });
+
+  it('closes a connection that does not finish the handshake in time', async () => {
+    await start(undefined, { handshakeTimeout: 100 });
+    const client = await TestClient.connect(socketPath);
+    await client.greeting();
+    expect(await client.closed()).toBe(true);
+    expect(logs.some((line) => line.includes('too slow'))).toBe(true);
+  });
+
   it('finishes requests in flight and flushes on close', async () => {
     let flushes = 0;
     const counting = wrap(device, {

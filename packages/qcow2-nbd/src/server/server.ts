@@ -33,6 +33,9 @@ export interface NbdServerOptions {
   readonly multiConn?: boolean;
   /** Bytes held by requests in flight per connection. Default 64 MiB. */
   readonly maxInFlightBytes?: number;
+  /** A client must finish the handshake within this many milliseconds (default 10 000, as
+   * qemu-nbd); 0 disables the limit. */
+  readonly handshakeTimeout?: number;
   /** Receives one line per notable event (bad client, failed request). Default: ignored. */
   readonly log?: (message: string) => void;
   /** Called after a connection has ended, with the number still open. */
@@ -69,6 +72,7 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
     names.add(entry.name);
   }
   const log = options.log ?? (() => {});
+  const handshakeTimeout = options.handshakeTimeout ?? 10_000;
   const maxConnections = options.maxConnections ?? Number.POSITIVE_INFINITY;
   const secureContext: SecureContext | undefined =
     options.tls === undefined ? undefined : createSecureContext(tlsContextOptions(options.tls));
@@ -86,8 +90,15 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
 
   const serve = async (connection: Connection): Promise<void> => {
     const { io } = connection;
+    const timer =
+      handshakeTimeout > 0
+        ? setTimeout(() => {
+            log('handshake: client too slow, closing the connection');
+            io.destroy();
+          }, handshakeTimeout)
+        : undefined;
     try {
-      const session = await negotiate(io, handshakeConfig);
+      const session = await negotiate(io, handshakeConfig).finally(() => clearTimeout(timer));
       if (session === undefined || closing !== undefined) return;
       const transmission = new Transmission(io, session, {
         maxInFlightBytes,
