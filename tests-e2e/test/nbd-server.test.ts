@@ -297,6 +297,21 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
     expect(bad.stderr.trim().split('\n')).toHaveLength(1);
   });
 
+  it('without -t exits after the last client; --pid-file is written and removed; unix socket removed', async () => {
+    const pidFile = join(dir.path, 'server.pid');
+    const server = await startServer(dir.path, ['-r', '-f', 'raw', '--pid-file', pidFile, image]);
+    const socket = server.uri.split('socket=')[1]!;
+    expect(readFileSync(pidFile, 'utf8').trim()).toBe(String(server.child.pid));
+    expect((await must('nbdinfo', ['--size', server.uri])).trim()).toBe(String(64 * 1024 * 1024));
+    const code = await new Promise<number | null>((resolve) => {
+      if (server.child.exitCode !== null) resolve(server.child.exitCode);
+      else server.child.once('exit', (status) => resolve(status));
+    });
+    expect(code).toBe(0);
+    expect(existsSync(pidFile)).toBe(false);
+    expect(existsSync(socket)).toBe(false);
+  });
+
   it('bad clients get errors or a closed connection while a good client keeps working', async () => {
     const server = await startServer(dir.path, ['-t', '-e', '0', '-f', 'raw', '-r', image], {
       port: 20000 + Math.floor(Math.random() * 20000),
