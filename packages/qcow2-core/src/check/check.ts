@@ -32,6 +32,8 @@ import {
   l1ReservedBitsSet,
   l2ReservedBitsSet,
   QCOW_OFLAG_COPIED_HIGH,
+  reftableEntryAligned,
+  reftableEntryOffset,
   reftableReservedBitsSet,
 } from './entries.js';
 import { Pacer } from './pacer.js';
@@ -427,14 +429,14 @@ function countRefcountBlocks(
       log.corruption(() => `ERROR refcount table entry ${index} has reserved bits set`);
       continue;
     }
-    const hostOffset = entryOffset(high, low);
-    if (hostOffset % clusterSize !== 0) {
+    const hostOffset = reftableEntryOffset(high, low);
+    if (!reftableEntryAligned(low, clusterSize)) {
       log.corruption(
         () => `ERROR refcount block ${index} is not cluster aligned; refcount table entry corrupted`,
       );
       continue;
     }
-    const clusterIndex = hostOffset / clusterSize;
+    const clusterIndex = Math.floor(hostOffset / clusterSize);
     if (clusterIndex >= refcounts.used) {
       log.corruption(() => `ERROR refcount block ${index} is outside image`);
       continue;
@@ -465,12 +467,12 @@ async function compareRefcounts(
     for (let clusterIndex = start; clusterIndex < blockEnd; clusterIndex++) {
       const reference = refcounts.get(clusterIndex);
       let refcount: number;
-      if (block === null) {
-        if (!signaledCorruption) {
+      if (typeof block === 'string') {
+        if (block === 'unaligned' && !signaledCorruption) {
           signaledCorruption = true;
           const { high, low } = stored.tableEntry(blockIndex);
           log.message(
-            `qcow2: Image is corrupt: Refblock offset 0x${entryOffset(high, low).toString(16)} unaligned ` +
+            `qcow2: Image is corrupt: Refblock offset 0x${entryHex(high, low & 0xffff_fe00)} unaligned ` +
               `(reftable index: ${hashHex(blockIndex)}); further non-fatal corruption events will be suppressed`,
           );
         }
@@ -514,7 +516,9 @@ async function checkCopiedFlags(
   const { clusterSize, extendedL2, hasDataFile, l2EntryBytes, request } = geometry;
   const l2Cluster = Math.floor(l2Offset / clusterSize);
   const l2Refcount = stored.peek(l2Cluster) ?? (await stored.get(l2Cluster, request));
-  if (typeof l2Refcount === 'number' && (l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+  // Like QEMU: when the L2 table's own refcount is unreadable, its entries are not examined.
+  if (typeof l2Refcount !== 'number') return;
+  if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
     log.deferredCorruption(
       () =>
         `ERROR OFLAG_COPIED L2 cluster: l1_index=${l1Index} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,

@@ -38,6 +38,20 @@ export function l2ReservedBitsSet(high: number, low: number): boolean {
   return (high & L2E_STD_RESERVED_HIGH) !== 0 || (low & L2E_STD_RESERVED_LOW) !== 0;
 }
 
+/**
+ * The block offset of a refcount table entry: REFT_OFFSET_MASK keeps bits 9-63 (not 9-55), so a
+ * damaged top byte puts the block far outside the image. Inexact above 2^53, where only "past the
+ * end" matters; test alignment with {@link reftableEntryAligned}.
+ */
+export function reftableEntryOffset(high: number, low: number): number {
+  return (high >>> 0) * TWO_POW_32 + ((low & OFFSET_MASK_LOW) >>> 0);
+}
+
+/** Whether a refcount table entry's block offset is cluster aligned (exact at any size). */
+export function reftableEntryAligned(low: number, clusterSize: number): boolean {
+  return ((low & OFFSET_MASK_LOW) >>> 0) % clusterSize === 0;
+}
+
 export function reftableReservedBitsSet(low: number): boolean {
   return (low & REFT_RESERVED_LOW) !== 0;
 }

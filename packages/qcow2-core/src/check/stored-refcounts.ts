@@ -6,8 +6,11 @@
  * makes the refcounts of that block unreadable, as in QEMU.
  */
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
-import { entryOffset, TWO_POW_32 } from './entries.js';
+import { reftableEntryAligned, reftableEntryOffset, TWO_POW_32 } from './entries.js';
 import { readZeroPadded } from './read-padded.js';
+
+/** High half of the first offset QEMU's block layer refuses to read (it stops just below 2^63). */
+const UNREADABLE_OFFSET_HIGH = 0x7fff_ffff;
 
 /** Refcount blocks kept in memory at once. */
 const BLOCK_CACHE_ENTRIES = 32;
@@ -17,7 +20,7 @@ export type StoredRefcount = number | { error: string };
 export class StoredRefcounts {
   /** Refcount entries per refcount block. */
   readonly entriesPerBlock: number;
-  private readonly cache = new Map<number, Uint8Array | null>();
+  private readonly cache = new Map<number, Uint8Array>();
 
   private constructor(
     private readonly file: BlockDevice,
@@ -65,7 +68,7 @@ export class StoredRefcounts {
     const blockIndex = Math.floor(clusterIndex / this.entriesPerBlock);
     const block = await this.block(blockIndex, request);
     if (block === undefined) return 0;
-    if (block === null) return { error: 'Input/output error' };
+    if (typeof block === 'string') return { error: 'Input/output error' };
     return decodeRefcount(block, clusterIndex - blockIndex * this.entriesPerBlock, this.refcountBits);
   }
 
@@ -77,11 +80,13 @@ export class StoredRefcounts {
     const blockIndex = Math.floor(clusterIndex / this.entriesPerBlock);
     if (blockIndex >= this.tableEntries) return 0;
     const { high, low } = this.tableEntry(blockIndex);
-    const hostOffset = entryOffset(high, low);
+    const hostOffset = reftableEntryOffset(high, low);
     if (hostOffset === 0) return 0;
-    if (hostOffset % this.clusterSize !== 0) return { error: 'Input/output error' };
+    if (!reftableEntryAligned(low, this.clusterSize) || high >= UNREADABLE_OFFSET_HIGH) {
+      return { error: 'Input/output error' };
+    }
     const block = this.cache.get(blockIndex);
-    if (block === undefined || block === null) return undefined;
+    if (block === undefined) return undefined;
     return decodeRefcount(block, clusterIndex - blockIndex * this.entriesPerBlock, this.refcountBits);
   }
 
@@ -92,14 +97,19 @@ export class StoredRefcounts {
 
   /**
    * The refcount block for table index `blockIndex`: undefined when there is none (all zeros),
-   * null when its offset is not cluster aligned (unreadable).
+   * 'unaligned' when its offset is not cluster aligned, 'unreadable' when the offset is beyond what
+   * QEMU's block layer reads (about 2^63): both make its refcounts unreadable.
    */
-  async block(blockIndex: number, request?: RequestOptions): Promise<Uint8Array | null | undefined> {
+  async block(
+    blockIndex: number,
+    request?: RequestOptions,
+  ): Promise<Uint8Array | undefined | 'unaligned' | 'unreadable'> {
     if (blockIndex >= this.tableEntries) return undefined;
     const { high, low } = this.tableEntry(blockIndex);
-    const hostOffset = entryOffset(high, low);
+    const hostOffset = reftableEntryOffset(high, low);
     if (hostOffset === 0) return undefined;
-    if (hostOffset % this.clusterSize !== 0) return null;
+    if (!reftableEntryAligned(low, this.clusterSize)) return 'unaligned';
+    if (high >= UNREADABLE_OFFSET_HIGH) return 'unreadable';
     const cached = this.cache.get(blockIndex);
     if (cached !== undefined) {
       this.cache.delete(blockIndex);
