@@ -131,6 +131,26 @@ describe('handshake', () => {
     }
   });
 
+  it('keeps clients beyond maxConnections waiting until a slot frees, without multi-conn', async () => {
+    await start(undefined, { maxConnections: 1 });
+    const first = await TestClient.connect(socketPath);
+    const { flags } = await first.open();
+    expect(flags & P.NBD_FLAG_CAN_MULTI_CONN).toBe(0);
+    const second = await TestClient.connect(socketPath);
+    let greeted = false;
+    const greeting = second.greeting().then((value) => {
+      greeted = true;
+      return value;
+    });
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(greeted).toBe(false);
+    first.request(P.NBD_CMD_DISC, 0, 0);
+    await greeting;
+    expect(greeted).toBe(true);
+    second.sendOption(P.NBD_OPT_ABORT);
+    expect((await second.optionReply()).type).toBe(P.NBD_REP_ACK);
+  });
+
   it('closes the connection on an unknown EXPORT_NAME, a bad option magic, unknown client flags', async () => {
     await start();
     const a = await TestClient.connect(socketPath);

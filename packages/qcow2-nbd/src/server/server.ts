@@ -27,7 +27,8 @@ export interface NbdTlsOptions {
 export interface NbdServerOptions {
   readonly exports: readonly NbdExport[];
   readonly tls?: NbdTlsOptions;
-  /** Connections served at once; more are closed on arrival. Default: unlimited. */
+  /** Connections served at once; more wait (up to 64, then are closed) until one ends, as with
+   * qemu-nbd's `-e`. Default: unlimited. */
   readonly maxConnections?: number;
   /** Advertise NBD_FLAG_CAN_MULTI_CONN. Default: true unless maxConnections is 1. */
   readonly multiConn?: boolean;
@@ -56,6 +57,9 @@ export interface NbdServer extends AsyncDisposable {
   /** Stops accepting, lets requests in flight finish, flushes the exports, closes connections. */
   close(): Promise<void>;
 }
+
+/** Most clients kept waiting for a slot; more are closed on arrival. */
+const MAX_WAITING = 64;
 
 interface Connection {
   readonly io: ConnectionIo;
@@ -119,11 +123,9 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
     }
   };
 
-  const netServer: Server = createServer({ pauseOnConnect: false }, (socket: Socket) => {
-    if (closing !== undefined || connections.size >= maxConnections) {
-      socket.destroy();
-      return;
-    }
+  /** Clients waiting for a free slot: they get the greeting when one frees (as qemu-nbd's -e). */
+  const waiting: Socket[] = [];
+  const admit = (socket: Socket): void => {
     served++;
     const connection: Connection = {
       io: new ConnectionIo(socket),
@@ -133,14 +135,44 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
     connections.add(connection);
     connection.done = serve(connection).finally(() => {
       connections.delete(connection);
+      let next = waiting.shift();
+      while (next?.destroyed) next = waiting.shift();
+      if (next !== undefined && closing === undefined) {
+        next.removeAllListeners('close');
+        next.resume();
+        admit(next);
+      }
       options.onDisconnect?.({ open: connections.size, served });
     });
+  };
+
+  const netServer: Server = createServer({ pauseOnConnect: true }, (socket: Socket) => {
+    if (closing !== undefined) {
+      socket.destroy();
+      return;
+    }
+    if (connections.size >= maxConnections) {
+      if (waiting.length >= MAX_WAITING) {
+        socket.destroy();
+        return;
+      }
+      socket.on('error', () => {});
+      socket.once('close', () => {
+        const index = waiting.indexOf(socket);
+        if (index >= 0) waiting.splice(index, 1);
+      });
+      waiting.push(socket);
+      return;
+    }
+    socket.resume();
+    admit(socket);
   });
   netServer.on('error', (error) => log(`server: ${error.message}`));
 
   const close = (): Promise<void> => {
     closing ??= (async () => {
       const stopped = new Promise<void>((resolve) => netServer.close(() => resolve()));
+      for (const socket of waiting.splice(0)) socket.destroy();
       for (const connection of connections) {
         if (connection.transmission === undefined) connection.io.destroy();
         else connection.transmission.stop();
