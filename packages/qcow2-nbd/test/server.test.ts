@@ -373,6 +373,28 @@ describe('transmission', () => {
     client.destroy();
   });
 
+  it('stops serving a client that does not read its replies (bounded memory), then catches up', async () => {
+    let reads = 0;
+    const counting = wrap(device, {
+      readInto: (buffer: Uint8Array, offset: number) => {
+        reads++;
+        return device.readInto(buffer, offset);
+      },
+    });
+    await start([{ name: '', device: counting }], { maxInFlightBytes: 2 * 1024 * 1024 });
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    client.socket.pause();
+    for (let i = 0; i < 100; i++) client.request(P.NBD_CMD_READ, 0, 512 * 1024);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(reads).toBeGreaterThan(0);
+    expect(reads).toBeLessThan(40);
+    client.socket.resume();
+    for (let i = 0; i < 100; i++) expect((await client.simpleReply(512 * 1024)).error).toBe(0);
+    expect(reads).toBe(100);
+    client.destroy();
+  });
+
   it('closes a connection that does not finish the handshake in time', async () => {
     await start(undefined, { handshakeTimeout: 100 });
     const client = await TestClient.connect(socketPath);

@@ -14,7 +14,9 @@ export class ConnectionIo {
   private corked = false;
   private closed = false;
   /** Bytes handed to the socket whose write has not completed. */
-  private pendingBytes = 0;
+  private pending = 0;
+  /** Called whenever a write completes (the transmission loop waits on it for backpressure). */
+  onWritten: (() => void) | undefined;
   private drainWaiters: (() => void)[] = [];
   tls = false;
 
@@ -24,6 +26,11 @@ export class ConnectionIo {
     socket.on('error', () => {});
     socket.setNoDelay?.(true);
     this.reader = new ByteReader(socket);
+  }
+
+  /** Reply bytes queued and not yet written to the socket. */
+  get pendingBytes(): number {
+    return this.pending;
   }
 
   get isClosed(): boolean {
@@ -42,10 +49,11 @@ export class ConnectionIo {
       // Replies completing in the same turn of the event loop leave in one writev.
       setImmediate(() => this.flush());
     }
-    this.pendingBytes += bytes.length;
+    this.pending += bytes.length;
     this.stream.write(bytes, () => {
-      this.pendingBytes -= bytes.length;
-      if (this.pendingBytes === 0) this.wakeDrain();
+      this.pending -= bytes.length;
+      if (this.pending === 0) this.wakeDrain();
+      this.onWritten?.();
       done?.();
     });
   }
@@ -59,7 +67,7 @@ export class ConnectionIo {
 
   /** Resolves when everything sent so far has been written out (or the connection is gone). */
   async drained(): Promise<void> {
-    if (this.pendingBytes === 0 || this.isClosed) return;
+    if (this.pending === 0 || this.isClosed) return;
     await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
   }
 
@@ -112,5 +120,6 @@ export class ConnectionIo {
     this.stream.destroy();
     this.socket.destroy();
     this.wakeDrain();
+    this.onWritten?.();
   }
 }

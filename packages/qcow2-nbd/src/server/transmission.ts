@@ -80,6 +80,8 @@ export class Transmission {
     private readonly config: TransmissionConfig,
   ) {
     this.readOnly = isExportReadOnly(session.export);
+    // Replies leaving our buffers free room too: a client that stops reading stops being served.
+    io.onWritten = () => this.wake();
   }
 
   /** Stops reading requests (graceful shutdown). Requests in flight finish. */
@@ -125,7 +127,11 @@ export class Transmission {
           continue;
         }
         const cost = (request.type === NBD_CMD_READ ? request.length : 0) + (payload?.length ?? 0);
-        while (this.inFlightCount > 0 && this.inFlightBytes + cost > this.config.maxInFlightBytes) {
+        while (
+          (this.inFlightCount > 0 || this.io.pendingBytes > 0) &&
+          !this.io.isClosed &&
+          this.inFlightBytes + this.io.pendingBytes + cost > this.config.maxInFlightBytes
+        ) {
           await new Promise<void>((resolve) => this.waiters.push(resolve));
         }
         this.inFlightBytes += cost;
@@ -157,6 +163,10 @@ export class Transmission {
   private release(cost: number): void {
     this.inFlightBytes -= cost;
     this.inFlightCount--;
+    this.wake();
+  }
+
+  private wake(): void {
     const waiters = this.waiters;
     this.waiters = [];
     for (const waiter of waiters) waiter();
