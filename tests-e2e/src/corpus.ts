@@ -269,6 +269,32 @@ export const CORPUS: readonly CorpusImage[] = [
       }
     },
   },
+  {
+    file: 'bitmaps.qcow2',
+    format: 'qcow2',
+    about: 'persistent dirty bitmaps (enabled, disabled, 128 KiB granularity)',
+    build: (dir) => {
+      qemuImg(dir, 'create', '-q', '-f', 'qcow2', 'bitmaps.qcow2', '4M');
+      qemuImg(dir, 'bitmap', '--add', 'bitmaps.qcow2', 'nightly');
+      qemuImg(dir, 'bitmap', '--add', '-g', '131072', 'bitmaps.qcow2', 'weekly');
+      qemuImg(dir, 'bitmap', '--disable', 'bitmaps.qcow2', 'weekly');
+      qemuIo(dir, 'bitmaps.qcow2', 'qcow2', standardWrites(4 * MiB, 10));
+    },
+  },
+  {
+    file: 'bitmap-in-use.qcow2',
+    format: 'qcow2',
+    about: 'a bitmap left in use by a crash',
+    build: (dir) => {
+      qemuImg(dir, 'create', '-q', '-f', 'qcow2', 'bitmap-in-use.qcow2', '4M');
+      qemuImg(dir, 'bitmap', '--add', 'bitmap-in-use.qcow2', 'live');
+      try {
+        qemuIo(dir, 'bitmap-in-use.qcow2', 'qcow2', [...standardWrites(4 * MiB, 11), 'abort']);
+      } catch {
+        // the abort is the point
+      }
+    },
+  },
   qcow2With('prealloc-metadata.qcow2', 'preallocation=metadata'),
   qcow2With('prealloc-falloc.qcow2', 'preallocation=falloc'),
   qcow2With('odd-size.qcow2', '', 1000001, 'a size of 1000001 bytes'),

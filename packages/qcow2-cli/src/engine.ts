@@ -6,7 +6,7 @@
  * `OpenedImage` is checked against them at compile time.
  */
 import type { BlockDevice, Extent } from '@qcowkit/blockdev';
-import { detectFormat as coreDetectFormat } from '@qcowkit/qcow2-core';
+import { detectFormat as coreDetectFormat, type Qcow2Header, type QcowV1Header } from '@qcowkit/qcow2-core';
 import { openImage as coreOpenImage } from '@qcowkit/qcow2-core/node';
 import { CliError, openError } from './errors.js';
 
@@ -59,7 +59,9 @@ export interface FormatImage extends BlockDevice {
   readonly dataFileRaw?: boolean;
   readonly encrypted?: boolean;
   readonly snapshots?: readonly SnapshotInfo[];
-  readonly bitmaps?: readonly { name: string; granularity: number; flags: readonly string[] }[];
+  /** The decoded qcow2 header and the image file (for the bitmap directory). */
+  readonly header?: Qcow2Header | QcowV1Header;
+  readonly file?: BlockDevice;
   check?(options?: CheckOptions): Promise<CheckResult>;
 }
 

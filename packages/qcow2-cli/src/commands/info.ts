@@ -1,10 +1,11 @@
 /** `qcow2 info`: what qemu-img info tells about an image (and its backing chain). */
-import type { ChainLayer, ImageFormat, OpenedImage } from '../engine.js';
+import type { ChainLayer, FormatImage, ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
 import type { CommandContext } from '../io.js';
 import { formatInfoHuman, type ImageInfo, infoToJson } from '../output/info.js';
 import { toQemuJson } from '../output/qemu-json.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
+import { type BitmapInfo, readBitmapList } from '../qcow2-bitmaps.js';
 
 export interface InfoOptions {
   readonly format?: ImageFormat | undefined;
@@ -56,6 +57,12 @@ export async function collectInfo(
   return infos;
 }
 
+async function bitmapsOf(image: FormatImage): Promise<BitmapInfo[]> {
+  const header = image.header;
+  if (header === undefined || image.file === undefined || !('extensions' in header)) return [];
+  return readBitmapList(image.file, header);
+}
+
 async function layerInfo(layer: ChainLayer, displayName: string): Promise<ImageInfo> {
   const image = layer.image;
   const actualSize =
@@ -85,7 +92,7 @@ async function layerInfo(layer: ChainLayer, displayName: string): Promise<ImageI
             extendedL2: image.extendedL2 ?? false,
             dataFile: image.dataFileName,
             dataFileRaw: image.dataFileRaw ?? false,
-            bitmaps: image.bitmaps,
+            bitmaps: await bitmapsOf(image),
           }
         : undefined,
   };
