@@ -16,9 +16,13 @@ import {
   STRUCTURED_REPLY_HEADER_SIZE,
 } from './constants.js';
 
+/** Where encoders get their buffers (a pool for large ones). */
+export type Allocate = (size: number) => Buffer;
+const allocate: Allocate = (size) => Buffer.allocUnsafe(size);
+
 /** A simple reply; with `dataLength` the buffer has room for the data after the header. */
-export function encodeSimpleReply(cookie: bigint, error: number, dataLength = 0): Buffer {
-  const out = Buffer.allocUnsafe(SIMPLE_REPLY_HEADER_SIZE + dataLength);
+export function encodeSimpleReply(cookie: bigint, error: number, dataLength = 0, alloc = allocate): Buffer {
+  const out = alloc(SIMPLE_REPLY_HEADER_SIZE + dataLength);
   out.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, 0);
   out.writeUInt32BE(error, 4);
   out.writeBigUInt64BE(cookie, 8);
@@ -49,8 +53,9 @@ export function encodeOffsetDataChunk(
   done: boolean,
   offset: number,
   dataLength: number,
+  alloc = allocate,
 ): Buffer {
-  const out = Buffer.allocUnsafe(OFFSET_DATA_PAYLOAD_START + dataLength);
+  const out = alloc(OFFSET_DATA_PAYLOAD_START + dataLength);
   chunkHeader(out, cookie, done ? NBD_REPLY_FLAG_DONE : 0, NBD_REPLY_TYPE_OFFSET_DATA, 8 + dataLength);
   out.writeBigUInt64BE(BigInt(offset), STRUCTURED_REPLY_HEADER_SIZE);
   return out;

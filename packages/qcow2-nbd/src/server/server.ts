@@ -6,6 +6,7 @@
  */
 import { type AddressInfo, createServer, type Server, type Socket } from 'node:net';
 import { createSecureContext, type SecureContext, type SecureContextOptions } from 'node:tls';
+import { BufferPool } from './buffer-pool.js';
 import { ConnectionIo } from './connection-io.js';
 import { DataExtentCache } from './data-extent-cache.js';
 import type { NbdExport } from './export.js';
@@ -87,6 +88,7 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
     multiConn: options.multiConn ?? maxConnections !== 1,
   };
   const maxInFlightBytes = options.maxInFlightBytes ?? 64 * 1024 * 1024;
+  const buffers = new BufferPool();
   const dataExtents = new Map(options.exports.map((entry) => [entry, new DataExtentCache()]));
   const connections = new Set<Connection>();
   let served = 0;
@@ -107,6 +109,7 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
       const transmission = new Transmission(io, session, {
         maxInFlightBytes,
         log,
+        buffers,
         dataExtents: dataExtents.get(session.export)!,
       });
       connection.transmission = transmission;

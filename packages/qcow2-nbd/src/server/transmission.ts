@@ -44,6 +44,7 @@ import {
   type RequestHeader,
   validateRequest,
 } from '../protocol/requests.js';
+import type { BufferPool } from './buffer-pool.js';
 import type { ConnectionIo } from './connection-io.js';
 import type { DataExtentCache } from './data-extent-cache.js';
 import { CONTEXT_ID_ALLOCATION_DEPTH, isExportReadOnly } from './export.js';
@@ -56,6 +57,8 @@ const SPARSE_READ_MINIMUM = 64 * 1024;
 const MAX_DESCRIPTORS = 64 * 1024;
 
 export interface TransmissionConfig {
+  /** Large reply buffers, reused once written. */
+  readonly buffers: BufferPool;
   /** Known data ranges of the export, shared by every connection to it. */
   readonly dataExtents: DataExtentCache;
   /** Bound on bytes held by requests in flight on this connection. */
@@ -225,9 +228,9 @@ export class Transmission {
     const device = this.session.export.device;
     const { cookie, offset, length } = request;
     if (!this.session.structuredReplies) {
-      const reply = encodeSimpleReply(cookie, 0, length);
-      await device.readInto(reply.subarray(SIMPLE_REPLY_HEADER_SIZE), offset);
-      this.io.send(reply);
+      const reply = encodeSimpleReply(cookie, 0, length, this.allocate);
+      await this.fill(reply, SIMPLE_REPLY_HEADER_SIZE, offset);
+      this.sendPooled(reply);
       return;
     }
     if (length === 0) {
@@ -240,16 +243,16 @@ export class Transmission {
       device.capabilities.blockStatus &&
       !this.config.dataExtents.covers(offset, length);
     if (!sparse) {
-      const chunk = encodeOffsetDataChunk(cookie, true, offset, length);
-      await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), offset);
-      this.io.send(chunk);
+      const chunk = encodeOffsetDataChunk(cookie, true, offset, length, this.allocate);
+      await this.fill(chunk, OFFSET_DATA_PAYLOAD_START, offset);
+      this.sendPooled(chunk);
       return;
     }
     await this.config.dataExtents.learn(device, offset, length);
     if (this.config.dataExtents.covers(offset, length)) {
-      const chunk = encodeOffsetDataChunk(cookie, true, offset, length);
-      await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), offset);
-      this.io.send(chunk);
+      const chunk = encodeOffsetDataChunk(cookie, true, offset, length, this.allocate);
+      await this.fill(chunk, OFFSET_DATA_PAYLOAD_START, offset);
+      this.sendPooled(chunk);
       return;
     }
     const extents = await statusExtents(this.session, offset, length, Number.POSITIVE_INFINITY);
@@ -262,12 +265,28 @@ export class Transmission {
           chunks[index] = encodeOffsetHoleChunk(cookie, last, extent.offset, extent.length);
           return;
         }
-        const chunk = encodeOffsetDataChunk(cookie, last, extent.offset, extent.length);
-        await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), extent.offset);
+        const chunk = encodeOffsetDataChunk(cookie, last, extent.offset, extent.length, this.allocate);
         chunks[index] = chunk;
+        await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), extent.offset);
       }),
     );
-    for (const chunk of chunks) this.io.send(chunk);
+    for (const chunk of chunks) this.sendPooled(chunk);
+  }
+
+  private readonly allocate = (size: number): Buffer => this.config.buffers.acquire(size);
+
+  /** Reads into `reply` after its header; on failure the buffer goes back to the pool. */
+  private async fill(reply: Buffer, start: number, offset: number): Promise<void> {
+    try {
+      await this.session.export.device.readInto(reply.subarray(start), offset);
+    } catch (error) {
+      this.config.buffers.release(reply);
+      throw error;
+    }
+  }
+
+  private sendPooled(reply: Buffer): void {
+    this.io.send(reply, () => this.config.buffers.release(reply));
   }
 
   private async blockStatus(request: RequestHeader): Promise<void> {
