@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { qcow2 } from '../src/qcow2-cli.js';
+import { QCOW2_BIN, qcow2 } from '../src/qcow2-cli.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
 const haveTools = requireTools('qemu-img', 'qemu-io');
@@ -100,6 +100,24 @@ describe.skipIf(!haveTools)('qcow2 CLI errors and help', () => {
     } finally {
       holder.kill();
     }
+  });
+
+  test('a reader that goes away early (| head) ends the command quietly', () => {
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', 'many.qcow2', '64M'], {
+      cwd: dir.path,
+    });
+    const writes = Array.from({ length: 2000 }, (_, i) => ['-c', `write -P 1 ${i * 16384} 4096`]).flat();
+    run('qemu-io', ['-f', 'qcow2', ...writes, 'many.qcow2'], { cwd: dir.path });
+    const result = runStatus(
+      'sh',
+      ['-c', `"${process.execPath}" "${QCOW2_BIN}" map --output=json many.qcow2 | head -1`],
+      {
+        cwd: dir.path,
+      },
+    );
+    expect(result.status).toBe(0);
+    expect(result.stdout).toMatch(/^\[\{ "start": 0, /);
+    expect(result.stderr).toBe('');
   });
 
   test('errors match the shape of qemu-img for the same mistakes', () => {
