@@ -312,6 +312,30 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
     expect(existsSync(socket)).toBe(false);
   });
 
+  it('SIGTERM stops gracefully (exit 0); a second signal exits at once (exit 1)', async () => {
+    for (const signals of [1, 2]) {
+      const server = await startServer(dir.path, ['-t', '-f', 'raw', '-r', image]);
+      const socketPath = server.uri.split('socket=')[1]!;
+      // A client that keeps its side open after the server's FIN: the graceful stop waits for it.
+      const client = connect({ path: socketPath, allowHalfOpen: true });
+      client.on('error', () => {});
+      for (const part of handshake()) client.write(part);
+      await new Promise<void>((resolve) => {
+        let received = 0;
+        client.on('data', (chunk: Buffer) => {
+          received += chunk.length;
+          if (received >= 28) resolve(); // greeting and the EXPORT_NAME reply: in transmission
+        });
+      });
+      const exited = new Promise<number | null>((resolve) => server.child.once('exit', resolve));
+      server.child.kill('SIGTERM');
+      // Signals sent back to back may merge into one: give the first time to be handled.
+      if (signals === 2) setTimeout(() => server.child.kill('SIGTERM'), 300);
+      expect(await exited).toBe(signals === 1 ? 0 : 1);
+      client.destroy();
+    }
+  });
+
   it('bad clients get errors or a closed connection while a good client keeps working', async () => {
     const server = await startServer(dir.path, ['-t', '-e', '0', '-f', 'raw', '-r', image], {
       port: 20000 + Math.floor(Math.random() * 20000),

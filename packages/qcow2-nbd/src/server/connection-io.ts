@@ -109,7 +109,7 @@ export class ConnectionIo {
       setTimeout(() => {
         this.destroy();
         resolve();
-      }, 5000).unref();
+      }, 2000).unref();
     });
     this.socket.destroy();
   }
