@@ -2,19 +2,26 @@
  * Errors the CLI reports, and the one place that turns any error into an exit code and the single
  * line a person sees.
  */
-import { isBlockDeviceError } from '@qcowkit/blockdev';
+import { BlockDeviceError, type BlockErrorCode, isBlockDeviceError } from '@qcowkit/blockdev';
 
-/** A bad command line: unknown flag, bad value, missing argument. Exit 1. */
-export class UsageError extends Error {
+/** A bad command line: unknown flag, bad value, missing argument. Code `EINVAL`, exit 1. */
+export class UsageError extends BlockDeviceError {
   override name = 'UsageError';
+  constructor(message: string) {
+    super('EINVAL', message);
+  }
 }
 
-/** A failure with a message ready for the user and an exit code (default 1). */
-export class CliError extends Error {
+/**
+ * A failure with a message ready for the user and an exit code (default 1). Its `code` is the
+ * wrapped error's when that is a {@link BlockDeviceError}, else the one given (default `EIO`).
+ */
+export class CliError extends BlockDeviceError {
   override name = 'CliError';
   readonly exitCode: number;
-  constructor(message: string, options?: { exitCode?: number; cause?: unknown }) {
-    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+  constructor(message: string, options?: { exitCode?: number; cause?: unknown; code?: BlockErrorCode }) {
+    const code = options?.code ?? (isBlockDeviceError(options?.cause) ? options.cause.code : 'EIO');
+    super(code, message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.exitCode = options?.exitCode ?? 1;
   }
 }

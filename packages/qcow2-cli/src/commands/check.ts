@@ -34,7 +34,10 @@ export async function checkCommand(
   try {
     const image = opened.image;
     if (image === undefined || typeof image.check !== 'function') {
-      throw new CliError('This image format does not support checks', { exitCode: EXIT_CHECK_UNSUPPORTED });
+      throw new CliError('This image format does not support checks', {
+        exitCode: EXIT_CHECK_UNSUPPORTED,
+        code: 'EUNSUPPORTED',
+      });
     }
     try {
       result = await image.check();

@@ -77,7 +77,12 @@ async function refuseOverwritingSource(
   for (const sourcePath of sources) {
     const sourceStat = await stat(sourcePath).catch(() => undefined);
     if (sourceStat !== undefined && sourceStat.dev === targetStat.dev && sourceStat.ino === targetStat.ino) {
-      throw new CliError(`Could not create '${target}': it is a file the source image reads (${sourcePath})`);
+      throw new CliError(
+        `Could not create '${target}': it is a file the source image reads (${sourcePath})`,
+        {
+          code: 'EINVAL',
+        },
+      );
     }
   }
 }
@@ -110,7 +115,8 @@ async function resolveSnapshot(
           ? snapshots.find((s) => s.name === wanted.name)
           : (snapshots.find((s) => s.id === wanted.idOrName) ??
             snapshots.find((s) => s.name === wanted.idOrName));
-    if (found === undefined) throw new CliError("Failed to load snapshot: Can't find snapshot");
+    if (found === undefined)
+      throw new CliError("Failed to load snapshot: Can't find snapshot", { code: 'ENOENT' });
     return { id: found.id };
   } finally {
     await probe.close();
