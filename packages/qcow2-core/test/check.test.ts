@@ -3,6 +3,8 @@
  * patching bytes; for every one our JSON fields, our finding lines and our human summary must
  * equal qemu-img check's.
  */
+
+import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BlockDeviceError, MemoryBlockDevice } from '@qcowkit/blockdev';
@@ -303,81 +305,99 @@ describe.skipIf(!haveQemu)('checkQcow2Image agrees with qemu-img check', () => {
 
 describe.skipIf(!haveQemu)('differential fuzzing against qemu-img check', () => {
   it.each([
-    ['64k', []],
-    ['extended-l2', ['-o', 'extended_l2=on']],
-    ['refcount-bits-2', ['-o', 'refcount_bits=2']],
-  ])('random damage to the L1, L2, refcount table and refcount block (%s)', async (_name, createOptions) => {
-    const dir = tempDir('qcowkit-check-fuzz-');
-    try {
-      const basePath = join(dir.path, 'base.qcow2');
-      run('qemu-img', ['create', '-q', '-f', 'qcow2', ...createOptions, basePath, '8M']);
-      run('qemu-io', [
-        ...['write -P 1 0 200k', `write -c ${COMPRESSED_AT} 64k`, 'write -z 2M 64k', 'write 4M 64k'].flatMap(
-          (command) => ['-c', command],
-        ),
-        basePath,
-      ]);
-      const base = readFileSync(basePath);
-      const l1 = Number(base.readBigUInt64BE(40));
-      const reftable = Number(base.readBigUInt64BE(48));
-      const l2 = Number(base.readBigUInt64BE(l1) & 0xfffffffffe00n);
-      const refblock = Number(base.readBigUInt64BE(reftable) & ~0x1ffn);
-      // [start, length] of the bytes worth damaging: L1 entry, L2 entries in use, reftable, refcounts.
-      const regions: [number, number][] = [
-        [l1, 8],
-        [l2, 8 * 120],
-        [reftable, 16],
-        [refblock, 64],
-      ];
-      const path = join(dir.path, 'fuzz.qcow2');
-      let compared = 0;
-      await fc.assert(
-        fc.asyncProperty(
-          fc.array(
-            fc.record({
-              region: fc.integer({ min: 0, max: regions.length - 1 }),
-              at: fc.nat(),
-              value: fc.integer({ min: 0, max: 255 }),
-              flip: fc.boolean(),
-            }),
-            { minLength: 1, maxLength: 3 },
+    ['64k', [], false],
+    ['extended-l2', ['-o', 'extended_l2=on'], false],
+    ['refcount-bits-2', ['-o', 'refcount_bits=2'], false],
+    ['with a snapshot', [], true],
+  ] as [string, string[], boolean][])(
+    'random damage to tables, refcounts and snapshots (%s)',
+    async (_name, createOptions, withSnapshot) => {
+      const dir = tempDir('qcowkit-check-fuzz-');
+      try {
+        const basePath = join(dir.path, 'base.qcow2');
+        run('qemu-img', ['create', '-q', '-f', 'qcow2', ...createOptions, basePath, '8M']);
+        run('qemu-io', [
+          ...[
+            'write -P 1 0 200k',
+            `write -c ${COMPRESSED_AT} 64k`,
+            'write -z 2M 64k',
+            'write 4M 64k',
+          ].flatMap((command) => ['-c', command]),
+          basePath,
+        ]);
+        if (withSnapshot) {
+          run('qemu-img', ['snapshot', '-c', 's1', basePath]);
+          run('qemu-io', ['-c', 'write -P 3 0 64k', basePath]);
+        }
+        const base = readFileSync(basePath);
+        const l1 = Number(base.readBigUInt64BE(40));
+        const reftable = Number(base.readBigUInt64BE(48));
+        const l2 = Number(base.readBigUInt64BE(l1) & 0xfffffffffe00n);
+        const refblock = Number(base.readBigUInt64BE(reftable) & ~0x1ffn);
+        // [start, length] of the bytes worth damaging: L1 entry, L2 entries in use, reftable, refcounts.
+        const regions: [number, number][] = [
+          [l1, 8],
+          [l2, 8 * 120],
+          [reftable, 16],
+          [refblock, 64],
+        ];
+        if (withSnapshot) {
+          const snapshots = Number(base.readBigUInt64BE(64));
+          regions.push([snapshots, 64], [Number(base.readBigUInt64BE(snapshots)), 8]);
+        }
+        const path = join(dir.path, 'fuzz.qcow2');
+        let compared = 0;
+        await fc.assert(
+          fc.asyncProperty(
+            fc.array(
+              fc.record({
+                region: fc.integer({ min: 0, max: regions.length - 1 }),
+                at: fc.nat(),
+                value: fc.integer({ min: 0, max: 255 }),
+                flip: fc.boolean(),
+              }),
+              { minLength: 1, maxLength: 3 },
+            ),
+            async (damages) => {
+              const bytes = Buffer.from(base);
+              for (const { region, at, value, flip } of damages) {
+                const [start, length] = regions[region]!;
+                const offset = start + (at % length);
+                bytes[offset] = flip ? bytes[offset]! ^ (1 << (value & 7)) : value;
+              }
+              writeFileSync(path, bytes);
+              const qemu = spawnSync('qemu-img', ['check', '--output=json', path], {
+                encoding: 'utf8',
+                maxBuffer: 64 * 1024 * 1024,
+              });
+              const ours = await checkQcow2Image({ file: MemoryBlockDevice.from(bytes) }).catch(
+                (e: unknown) => e,
+              );
+              if (!qemu.stdout.startsWith('{')) {
+                // qemu-img could not open it: we must end in a typed error or a verdict.
+                if (!(ours instanceof BlockDeviceError)) expect(ours).toHaveProperty('corruptions');
+                return;
+              }
+              compared++;
+              expect(ours).not.toBeInstanceOf(Error);
+              const result = ours as Awaited<ReturnType<typeof checkQcow2Image>>;
+              expect(checkResultToQemuJson(result, { filename: path })).toEqual(JSON.parse(qemu.stdout));
+              const qemuLines = qemu.stderr
+                .split('\n')
+                .filter((line) => line !== '' && !line.startsWith('qemu-img:'));
+              expect(result.messages.slice(0, MAX_CHECK_MESSAGES)).toEqual(
+                qemuLines.slice(0, MAX_CHECK_MESSAGES),
+              );
+            },
           ),
-          async (damages) => {
-            const bytes = Buffer.from(base);
-            for (const { region, at, value, flip } of damages) {
-              const [start, length] = regions[region]!;
-              const offset = start + (at % length);
-              bytes[offset] = flip ? bytes[offset]! ^ (1 << (value & 7)) : value;
-            }
-            writeFileSync(path, bytes);
-            const qemu = runStatus('qemu-img', ['check', '--output=json', path]);
-            const ours = await checkQcow2Image({ file: MemoryBlockDevice.from(bytes) }).catch(
-              (e: unknown) => e,
-            );
-            if (!qemu.stdout.startsWith('{')) {
-              // qemu-img could not open it: we must end in a typed error or a verdict.
-              if (!(ours instanceof BlockDeviceError)) expect(ours).toHaveProperty('corruptions');
-              return;
-            }
-            compared++;
-            expect(ours).not.toBeInstanceOf(Error);
-            const result = ours as Awaited<ReturnType<typeof checkQcow2Image>>;
-            expect(checkResultToQemuJson(result, { filename: path })).toEqual(JSON.parse(qemu.stdout));
-            const qemuLines = qemu.stderr
-              .split('\n')
-              .filter((line) => line !== '' && !line.startsWith('qemu-img:'));
-            expect(result.messages.slice(0, MAX_CHECK_MESSAGES)).toEqual(
-              qemuLines.slice(0, MAX_CHECK_MESSAGES),
-            );
-          },
-        ),
-        { numRuns: 60 },
-      );
-      expect(compared).toBeGreaterThan(30);
-    } finally {
-      dir.remove();
-    }
-  });
+          { numRuns: 60 },
+        );
+        expect(compared).toBeGreaterThan(30);
+      } finally {
+        dir.remove();
+      }
+    },
+  );
 });
 
 describe.skipIf(!haveQemu)('images qemu-img cannot check make our check fail with a typed error', () => {

@@ -49,10 +49,34 @@ export class CheckLog {
     }
   }
 
+  /**
+   * QEMU reports the first unreadable (misaligned) refcount block once, where it is met, as an
+   * image corruption notice; later ones are suppressed. `deferred` notices are met during the
+   * COPIED checks and are placed among their (deferred) lines.
+   */
+  private noticeGiven = false;
+  private deferredNotice: number | undefined;
+
+  corruptionNotice(line: CheckMessage, deferred: boolean): void {
+    if (this.noticeGiven) return;
+    if (!deferred) {
+      this.noticeGiven = true;
+      this.message(line);
+    } else if (this.deferredNotice === undefined) {
+      this.deferredNotice = this.deferred.length;
+      this.deferred.push(typeof line === 'string' ? line : line());
+    }
+  }
+
   /** Appends the deferred lines. */
   flushDeferred(): void {
-    for (const line of this.deferred) this.message(line);
+    this.deferred.forEach((line, index) => {
+      if (index === this.deferredNotice && this.noticeGiven) return;
+      this.message(line);
+    });
+    if (this.deferredNotice !== undefined) this.noticeGiven = true;
     this.deferred.length = 0;
+    this.deferredNotice = undefined;
   }
 
   /** The kept lines, plus one line saying how many were left out. */

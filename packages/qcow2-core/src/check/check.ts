@@ -39,7 +39,7 @@ import {
 import { Pacer } from './pacer.js';
 import { readZeroPadded } from './read-padded.js';
 import { readSnapshotTableForCheck } from './snapshot-table.js';
-import { StoredRefcounts } from './stored-refcounts.js';
+import { type StoredRefcount, StoredRefcounts } from './stored-refcounts.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './types.js';
 
 /** What the check needs of an image: its file, and its decoded header when already known. */
@@ -184,10 +184,10 @@ export async function checkQcow2Image(
     log.corruption(() => `ERROR ${header.nbSnapshots} snapshots in image with data file`);
   }
   for (const snapshot of snapshotTable.snapshots) {
-    if (snapshot.l1TableOffset % clusterSize !== 0) {
+    if (snapshot.l1TableOffsetLow % clusterSize !== 0) {
       log.corruption(
         () =>
-          `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_offset=${hashHex(snapshot.l1TableOffset)}: ` +
+          `ERROR snapshot ${snapshot.id} (${snapshot.name}) l1_offset=${snapshot.l1TableOffset === 0 ? '0' : `0x${snapshot.l1TableOffsetHex}`}: ` +
           'L1 table is not cluster aligned; snapshot table entry corrupted',
       );
       continue;
@@ -208,6 +208,7 @@ export async function checkQcow2Image(
       refcounts,
       log,
       pacer,
+      snapshot.l1TableOffsetHex,
     );
   }
   refcounts.add(header.snapshotsOffset, snapshotTable.size);
@@ -243,6 +244,20 @@ export async function checkQcow2Image(
   };
 }
 
+/** QEMU's notice when it first meets a misaligned refcount block. */
+function unalignedNotice(offsetHex: string, blockIndex: number): string {
+  return (
+    `qcow2: Image is corrupt: Refblock offset 0x${offsetHex} unaligned ` +
+    `(reftable index: ${hashHex(blockIndex)}); further non-fatal corruption events will be suppressed`
+  );
+}
+
+/** Gives the (deferred) notice for a refcount unreadable because its block is misaligned. */
+function noticeUnaligned(refcount: Exclude<StoredRefcount, number>, log: CheckLog): void {
+  const block = refcount.unalignedBlock;
+  if (block !== undefined) log.corruptionNotice(() => unalignedNotice(block.offsetHex, block.index), true);
+}
+
 /** `%#x` of C: 0x-prefixed hex, except plain 0. */
 function hashHex(value: number): string {
   return value === 0 ? '0' : `0x${value.toString(16)}`;
@@ -270,8 +285,13 @@ async function countL1References(
   refcounts: ComputedRefcounts,
   log: CheckLog,
   pacer: Pacer,
+  l1TableOffsetHex?: string,
 ): Promise<void> {
-  refcounts.add(l1TableOffset, l1Size * 8);
+  if (l1TableOffsetHex !== undefined && refcounts.pastEnd(l1TableOffset, l1Size * 8)) {
+    refcounts.reportPastEnd(l1TableOffsetHex, l1Size * 8);
+  } else {
+    refcounts.add(l1TableOffset, l1Size * 8);
+  }
   const { clusterSize, file, request } = geometry;
   for (let first = 0; first < l1Size; first += L1_CHUNK_ENTRIES) {
     const count = Math.min(L1_CHUNK_ENTRIES, l1Size - first);
@@ -457,7 +477,6 @@ async function compareRefcounts(
   request: RequestOptions,
 ): Promise<number> {
   let highestCluster = 0;
-  let signaledCorruption = false;
   const end = refcounts.used;
   const perBlock = stored.entriesPerBlock;
   for (let start = 0; start < end; ) {
@@ -468,13 +487,9 @@ async function compareRefcounts(
       const reference = refcounts.get(clusterIndex);
       let refcount: number;
       if (typeof block === 'string') {
-        if (block === 'unaligned' && !signaledCorruption) {
-          signaledCorruption = true;
+        if (block === 'unaligned') {
           const { high, low } = stored.tableEntry(blockIndex);
-          log.message(
-            `qcow2: Image is corrupt: Refblock offset 0x${entryHex(high, low & 0xffff_fe00)} unaligned ` +
-              `(reftable index: ${hashHex(blockIndex)}); further non-fatal corruption events will be suppressed`,
-          );
+          log.corruptionNotice(() => unalignedNotice(entryHex(high, low & 0xffff_fe00), blockIndex), false);
         }
         log.checkError(() => `Can't get refcount for cluster ${clusterIndex}: Input/output error`);
         continue;
@@ -517,7 +532,10 @@ async function checkCopiedFlags(
   const l2Cluster = Math.floor(l2Offset / clusterSize);
   const l2Refcount = stored.peek(l2Cluster) ?? (await stored.get(l2Cluster, request));
   // Like QEMU: when the L2 table's own refcount is unreadable, its entries are not examined.
-  if (typeof l2Refcount !== 'number') return;
+  if (typeof l2Refcount !== 'number') {
+    noticeUnaligned(l2Refcount, log);
+    return;
+  }
   if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
     log.deferredCorruption(
       () =>
@@ -535,7 +553,10 @@ async function checkCopiedFlags(
     if (type !== 'normal' && type !== 'zero-alloc') continue;
     const dataCluster = Math.floor(entryOffset(entryHigh, entryLow) / clusterSize);
     const refcount = hasDataFile ? 1 : (stored.peek(dataCluster) ?? (await stored.get(dataCluster, request)));
-    if (typeof refcount !== 'number') continue;
+    if (typeof refcount !== 'number') {
+      noticeUnaligned(refcount, log);
+      continue;
+    }
     if ((refcount === 1) !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
       log.deferredCorruption(
         () =>

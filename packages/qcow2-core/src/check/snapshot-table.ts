@@ -18,6 +18,10 @@ export interface CheckSnapshot {
   id: string;
   name: string;
   l1TableOffset: number;
+  /** The exact L1 table offset in hex, without a prefix. */
+  l1TableOffsetHex: string;
+  /** The offset modulo 2^32 (exact), for alignment tests. */
+  l1TableOffsetLow: number;
   l1Size: number;
   extraDataSize: number;
 }
@@ -29,6 +33,12 @@ export interface CheckSnapshotTable {
 }
 
 const decoder = new TextDecoder('utf-8', { fatal: false });
+
+/** The text up to the first NUL, as C prints it. */
+function cString(bytes: Uint8Array): string {
+  const end = bytes.indexOf(0);
+  return decoder.decode(end < 0 ? bytes : bytes.subarray(0, end));
+}
 
 export async function readSnapshotTableForCheck(
   file: BlockDevice,
@@ -58,16 +68,11 @@ export async function readSnapshotTableForCheck(
     const fixed = await bytesAt(at, SNAPSHOT_HEADER_SIZE);
     const view = new DataView(fixed.buffer, fixed.byteOffset, fixed.byteLength);
     const l1High = view.getUint32(0);
-    if (l1High > 0x1fffff) {
-      throw new BlockDeviceError(
-        'ECORRUPT',
-        `qcow2 snapshot table: entry ${index} has an L1 offset too large`,
-        {
-          offset: snapshotsOffset + at,
-        },
-      );
-    }
-    const l1TableOffset = l1High * 0x1_0000_0000 + view.getUint32(4);
+    const l1Low = view.getUint32(4);
+    // Inexact above 2^53 (then far past the end of any file); messages use the exact hex.
+    const l1TableOffset = l1High * 0x1_0000_0000 + l1Low;
+    const l1TableOffsetHex =
+      l1High === 0 ? l1Low.toString(16) : l1High.toString(16) + l1Low.toString(16).padStart(8, '0');
     const l1Size = view.getUint32(8);
     const idSize = view.getUint16(12);
     const nameSize = view.getUint16(14);
@@ -80,11 +85,19 @@ export async function readSnapshotTableForCheck(
       );
     }
     at += SNAPSHOT_HEADER_SIZE + extraSize;
-    const id = decoder.decode(await bytesAt(at, idSize));
+    const id = cString(await bytesAt(at, idSize));
     at += idSize;
-    const name = decoder.decode(await bytesAt(at, nameSize));
+    const name = cString(await bytesAt(at, nameSize));
     at += nameSize;
-    snapshots.push({ id, name, l1TableOffset, l1Size, extraDataSize: extraSize });
+    snapshots.push({
+      id,
+      name,
+      l1TableOffset,
+      l1TableOffsetHex,
+      l1TableOffsetLow: l1Low,
+      l1Size,
+      extraDataSize: extraSize,
+    });
   }
   return { snapshots, size: at };
 }

@@ -6,7 +6,7 @@
  * makes the refcounts of that block unreadable, as in QEMU.
  */
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
-import { reftableEntryAligned, reftableEntryOffset, TWO_POW_32 } from './entries.js';
+import { entryHex, reftableEntryAligned, reftableEntryOffset, TWO_POW_32 } from './entries.js';
 import { readZeroPadded } from './read-padded.js';
 
 /** High half of the first offset QEMU's block layer refuses to read (it stops just below 2^63). */
@@ -15,7 +15,11 @@ const UNREADABLE_OFFSET_HIGH = 0x7fff_ffff;
 /** Refcount blocks kept in memory at once. */
 const BLOCK_CACHE_ENTRIES = 32;
 
-export type StoredRefcount = number | { error: string };
+/** A refcount, or why it cannot be read (`unalignedBlock`: the refcount table index whose block
+ * offset is misaligned, and that offset in hex). */
+export type StoredRefcount =
+  | number
+  | { error: string; unalignedBlock?: { index: number; offsetHex: string } };
 
 export class StoredRefcounts {
   /** Refcount entries per refcount block. */
@@ -68,7 +72,7 @@ export class StoredRefcounts {
     const blockIndex = Math.floor(clusterIndex / this.entriesPerBlock);
     const block = await this.block(blockIndex, request);
     if (block === undefined) return 0;
-    if (typeof block === 'string') return { error: 'Input/output error' };
+    if (typeof block === 'string') return this.unreadable(blockIndex, block);
     return decodeRefcount(block, clusterIndex - blockIndex * this.entriesPerBlock, this.refcountBits);
   }
 
@@ -82,12 +86,20 @@ export class StoredRefcounts {
     const { high, low } = this.tableEntry(blockIndex);
     const hostOffset = reftableEntryOffset(high, low);
     if (hostOffset === 0) return 0;
-    if (!reftableEntryAligned(low, this.clusterSize) || high >= UNREADABLE_OFFSET_HIGH) {
-      return { error: 'Input/output error' };
-    }
+    if (!reftableEntryAligned(low, this.clusterSize)) return this.unreadable(blockIndex, 'unaligned');
+    if (high >= UNREADABLE_OFFSET_HIGH) return this.unreadable(blockIndex, 'unreadable');
     const block = this.cache.get(blockIndex);
     if (block === undefined) return undefined;
     return decodeRefcount(block, clusterIndex - blockIndex * this.entriesPerBlock, this.refcountBits);
+  }
+
+  private unreadable(blockIndex: number, why: 'unaligned' | 'unreadable'): StoredRefcount {
+    if (why === 'unreadable') return { error: 'Input/output error' };
+    const { high, low } = this.tableEntry(blockIndex);
+    return {
+      error: 'Input/output error',
+      unalignedBlock: { index: blockIndex, offsetHex: entryHex(high, low & 0xffff_fe00) },
+    };
   }
 
   /** Entry `index` of a refcount block read with {@link block}. */
