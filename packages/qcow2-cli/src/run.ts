@@ -147,6 +147,23 @@ function buildProgram(context: CommandContext, setExit: (code: number) => void):
       );
     });
 
+  // `help COMMAND` of our own: an unknown command is one line, not the whole usage on stderr.
+  program.helpCommand(false);
+  program
+    .command('help')
+    .argument('[command]', 'the command to describe')
+    .description('show the usage of a command')
+    .action((name: string | undefined) => {
+      if (name === undefined) {
+        program.outputHelp();
+        return;
+      }
+      const command = program.commands.find((candidate) => candidate.name() === name);
+      if (command === undefined || command.name() === 'help')
+        throw new UsageError(`unknown command '${name}'`);
+      command.outputHelp();
+    });
+
   program.addHelpText(
     'after',
     '\nExamples:\n  qcow2 info disk.qcow2\n  qcow2 map --output=json disk.qcow2\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 check disk.qcow2\n',

@@ -90,6 +90,8 @@ describe('run() in-process', () => {
       /^qcow2: Failed to load snapshot: Can't find snapshot\n$/,
     ],
     [['info'], /^qcow2: missing required argument 'file'\n$/],
+    [['help', 'bogus'], /^qcow2: unknown command 'bogus'\n$/],
+    [['info', 'a', 'b'], /^qcow2: too many arguments for 'info'/],
   ])('%j fails with exit 1 and one line', async (argv, message) => {
     const { io, err } = memoryIo(dir);
     expect(await run(argv, io)).toBe(1);
