@@ -23,6 +23,9 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
     exitCode = code;
   });
   try {
+    if (argv.filter((arg) => arg !== '--debug').length === 0) {
+      throw new UsageError("a command is needed: info, map, convert or check ('qcow2 --help' tells more)");
+    }
     await program.parseAsync([...argv], { from: 'user' });
     return exitCode;
   } catch (error) {
