@@ -1,0 +1,75 @@
+/**
+ * `qcow2 convert` details beyond the bytes: every way of naming a snapshot, the progress line, and
+ * converting a raw file.
+ */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { qcow2 } from '../src/qcow2-cli.js';
+import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
+
+const haveTools = requireTools('qemu-img', 'qemu-io');
+
+describe.skipIf(!haveTools)('qcow2 convert', () => {
+  let dir: { path: string; remove: () => void };
+  beforeAll(() => {
+    dir = tempDir('qcowkit-convert-');
+    const io = (...commands: string[]) =>
+      run('qemu-io', ['-f', 'qcow2', ...commands.flatMap((c) => ['-c', c]), 'snap.qcow2'], { cwd: dir.path });
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', 'snap.qcow2', '8M'], { cwd: dir.path });
+    io('write -P 0x11 0 1M', 'write -P 0x12 5M 100k');
+    run('qemu-img', ['snapshot', '-c', 'first', 'snap.qcow2'], { cwd: dir.path });
+    io('write -P 0x21 512k 1M', 'discard 5M 64k');
+    run('qemu-img', ['snapshot', '-c', '7', 'snap.qcow2'], { cwd: dir.path });
+    io('write -z 0 4M');
+    run('qemu-img', ['convert', '-l', 'snapshot.name=first', '-O', 'raw', 'snap.qcow2', 'qemu-first.raw'], {
+      cwd: dir.path,
+    });
+    run('qemu-img', ['convert', '-l', 'snapshot.id=2', '-O', 'raw', 'snap.qcow2', 'qemu-id2.raw'], {
+      cwd: dir.path,
+    });
+  });
+  afterAll(() => dir?.remove());
+
+  const same = (a: string, b: string) =>
+    runStatus('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', join(dir.path, a), join(dir.path, b)])
+      .status;
+
+  test.each([
+    [['-l', 'snapshot.name=first'], 'qemu-first.raw'],
+    [['-l', 'snapshot.id=1'], 'qemu-first.raw'],
+    [['-l', 'first'], 'qemu-first.raw'],
+    [['-s', 'first'], 'qemu-first.raw'],
+    [['-l', 'snapshot.id=2'], 'qemu-id2.raw'],
+    // A snapshot named "7" whose id is 2: a bare "7" is looked up as an id first, then as a name.
+    [['-s', '7'], 'qemu-id2.raw'],
+  ])('snapshot %j converts as qemu-img converts it', (flags, expected) => {
+    const result = qcow2(['convert', ...flags, '-O', 'raw', 'snap.qcow2', 'ours.raw'], { cwd: dir.path });
+    expect(result.status, result.stderr).toBe(0);
+    expect(same(expected, 'ours.raw')).toBe(0);
+  });
+
+  test('-p draws the progress line qemu-img draws (on stderr; qemu-img uses stdout)', () => {
+    const ours = qcow2(['convert', '-p', '-O', 'raw', 'snap.qcow2', 'progress.raw'], { cwd: dir.path });
+    const theirs = runStatus('qemu-img', ['convert', '-p', '-O', 'raw', 'snap.qcow2', 'progress-qemu.raw'], {
+      cwd: dir.path,
+    });
+    for (const line of [ours.stderr, theirs.stdout]) {
+      expect(line).toMatch(
+        /^ {4}\(0\.00\/100%\)\r( {4}\(\d{1,3}\.\d\d\/100%\)\r)* {4}\(100\.00\/100%\)\r\n$/,
+      );
+    }
+    expect(ours.stdout).toBe('');
+    expect(same('progress-qemu.raw', 'progress.raw')).toBe(0);
+  });
+
+  test('a raw file converts to an identical raw file', () => {
+    const result = qcow2(['convert', '-f', 'raw', '-O', 'raw', 'qemu-first.raw', 'copy.raw'], {
+      cwd: dir.path,
+    });
+    expect(result.status, result.stderr).toBe(0);
+    expect(
+      readFileSync(join(dir.path, 'copy.raw')).equals(readFileSync(join(dir.path, 'qemu-first.raw'))),
+    ).toBe(true);
+  });
+});
