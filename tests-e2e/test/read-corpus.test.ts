@@ -2,7 +2,7 @@
  * Every image of the read corpus, read by the `qcow2` bin and by QEMU's tools: converted bytes,
  * info, map and check must agree with qemu-img's.
  */
-import { mkdirSync, rmSync, statSync } from 'node:fs';
+import { closeSync, fstatSync, fsyncSync, mkdirSync, openSync, rmSync, type Stats } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { buildCorpus, CORPUS, type CorpusImage } from '../src/corpus.js';
@@ -10,6 +10,16 @@ import { qcow2 } from '../src/qcow2-cli.js';
 import { requireTools, runStatus, tempDir } from '../src/tools.js';
 
 const haveTools = requireTools('qemu-img', 'qemu-io');
+
+function syncedStat(path: string): Stats {
+  const fd = openSync(path, 'r');
+  try {
+    fsyncSync(fd);
+    return fstatSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
 
 describe.skipIf(!haveTools)('read corpus against qemu-img', () => {
   let root: { path: string; remove: () => void };
@@ -41,8 +51,9 @@ describe.skipIf(!haveTools)('read corpus against qemu-img', () => {
       expect(theirs.status, theirs.stderr).toBe(0);
       const compare = runStatus('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', qemuFile, oursFile]);
       expect(compare.status, `${compare.stdout}${compare.stderr}`).toBe(0);
-      const oursStat = statSync(oursFile);
-      const qemuStat = statSync(qemuFile);
+      // Settle delayed allocation first: st_blocks may count reservations until written back.
+      const oursStat = syncedStat(oursFile);
+      const qemuStat = syncedStat(qemuFile);
       expect(oursStat.size).toBe(qemuStat.size);
       // Holes where the guest reads zeros: never more allocated than qemu-img's own output.
       expect(oursStat.blocks * 512).toBeLessThanOrEqual(qemuStat.blocks * 512);
