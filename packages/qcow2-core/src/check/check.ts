@@ -372,16 +372,18 @@ function countL2References(
               `ERROR: coffset=0x${extent.hostOffsetHex()}: copied flag must never be set for compressed clusters`,
           );
         }
+        // QEMU clears COPIED from the entry once reported, so later lines show it without.
+        const shownHigh = high & ~QCOW_OFLAG_COPIED_HIGH;
         if (hasDataFile) {
           log.corruption(
-            () => `ERROR compressed cluster ${i} with data file, entry=0x${entryHex(high, low)}`,
+            () => `ERROR compressed cluster ${i} with data file, entry=0x${entryHex(shownHigh, low)}`,
           );
           break;
         }
         if (zeroBits !== 0 || allocBits !== 0) {
           log.corruption(
             () =>
-              `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${entryHex(high, low)}`,
+              `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${entryHex(shownHigh, low)}`,
           );
           break;
         }
@@ -503,9 +505,15 @@ async function compareRefcounts(
       if (refcount > 0 || reference > 0) highestCluster = clusterIndex;
       if (refcount === reference) continue;
       if (refcount < reference) {
-        log.corruption(() => `ERROR cluster ${clusterIndex} refcount=${refcount} reference=${reference}`);
+        log.corruption(
+          () =>
+            `ERROR cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
+        );
       } else {
-        log.leak(() => `Leaked cluster ${clusterIndex} refcount=${refcount} reference=${reference}`);
+        log.leak(
+          () =>
+            `Leaked cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
+        );
       }
     }
     await pacer.step(blockEnd - start);
@@ -539,7 +547,7 @@ async function checkCopiedFlags(
   if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
     log.deferredCorruption(
       () =>
-        `ERROR OFLAG_COPIED L2 cluster: l1_index=${l1Index} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
+        `ERROR OFLAG_COPIED L2 cluster: l1_index=${l1Index} l1_entry=${entryHex(high, low)} refcount=${stored.exactText(l2Cluster, l2Refcount)}`,
     );
   }
   if (table === undefined) return;
@@ -560,7 +568,7 @@ async function checkCopiedFlags(
     if ((refcount === 1) !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
       log.deferredCorruption(
         () =>
-          `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
+          `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${hasDataFile ? '1' : stored.exactText(dataCluster, refcount)}`,
       );
     }
   }

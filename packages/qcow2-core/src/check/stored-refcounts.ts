@@ -102,6 +102,19 @@ export class StoredRefcounts {
     };
   }
 
+  /**
+   * The stored refcount of `clusterIndex` in decimal, exact even above 2^53 (64-bit refcounts),
+   * when its block is cached; otherwise `approximate` as text. For messages.
+   */
+  exactText(clusterIndex: number, approximate: number): string {
+    if (approximate <= Number.MAX_SAFE_INTEGER || this.refcountBits !== 64) return String(approximate);
+    const blockIndex = Math.floor(clusterIndex / this.entriesPerBlock);
+    const block = this.cache.get(blockIndex);
+    if (block === undefined) return String(approximate);
+    const at = (clusterIndex - blockIndex * this.entriesPerBlock) * 8;
+    return new DataView(block.buffer, block.byteOffset + at, 8).getBigUint64(0).toString();
+  }
+
   /** Entry `index` of a refcount block read with {@link block}. */
   decode(block: Uint8Array, index: number): number {
     return decodeRefcount(block, index, this.refcountBits);
