@@ -5,43 +5,24 @@
  * qcow2-only member optional, so a qcow v1 image or a raw file fits too); the engine's own
  * `OpenedImage` is checked against them at compile time.
  */
-import type { BlockDevice, Extent } from '@qcowkit/blockdev';
-import { detectFormat as coreDetectFormat, type Qcow2Header, type QcowV1Header } from '@qcowkit/qcow2-core';
+import type { BlockDevice } from '@qcowkit/blockdev';
+import {
+  detectFormat as coreDetectFormat,
+  type Qcow2CheckOptions,
+  type Qcow2CheckResult,
+  type Qcow2Header,
+  type Qcow2SnapshotInfo,
+  type QcowV1Header,
+} from '@qcowkit/qcow2-core';
 import { openImage as coreOpenImage } from '@qcowkit/qcow2-core/node';
 import { CliError, openError } from './errors.js';
 
 export type ImageFormat = 'qcow2' | 'qcow' | 'raw';
 export const IMAGE_FORMATS: readonly ImageFormat[] = ['qcow2', 'qcow', 'raw'];
 
-export interface SnapshotInfo {
-  readonly id: string;
-  readonly name: string;
-  readonly vmStateSize: number;
-  readonly dateSec: number;
-  readonly dateNsec: number;
-  readonly vmClockNsec: number;
-  readonly icount: number | undefined;
-  readonly diskSize: number;
-}
-
-export interface CheckResult {
-  readonly totalClusters: number;
-  readonly allocatedClusters: number;
-  readonly fragmentedClusters: number;
-  readonly compressedClusters: number;
-  readonly imageEndOffset: number;
-  readonly corruptions: number;
-  readonly leaks: number;
-  readonly checkErrors: number;
-  readonly corruptionsFixed: number;
-  readonly leaksFixed: number;
-  readonly messages: readonly string[];
-}
-
-export interface CheckOptions {
-  readonly signal?: AbortSignal;
-  readonly onProgress?: (done: number, total: number) => void;
-}
+/** A snapshot as the engine lists it, and the result of its consistency check. */
+export type SnapshotInfo = Qcow2SnapshotInfo;
+export type CheckResult = Qcow2CheckResult;
 
 /** What the CLI reads of a `Qcow2Image` or `QcowImage` (every member optional for qcow v1). */
 export interface FormatImage extends BlockDevice {
@@ -62,7 +43,7 @@ export interface FormatImage extends BlockDevice {
   /** The decoded qcow2 header and the image file (for the bitmap directory). */
   readonly header?: Qcow2Header | QcowV1Header;
   readonly file?: BlockDevice;
-  check?(options?: CheckOptions): Promise<CheckResult>;
+  check?(options?: Qcow2CheckOptions): Promise<CheckResult>;
 }
 
 /** The image file itself: a `FileBlockDevice`. */
@@ -118,5 +99,3 @@ export async function openImage(path: string, options: OpenImageOptions = {}): P
 export function detectFormat(firstBytes: Uint8Array): ImageFormat {
   return coreDetectFormat(firstBytes);
 }
-
-export type { Extent };
