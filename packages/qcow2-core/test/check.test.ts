@@ -309,6 +309,8 @@ describe.skipIf(!haveQemu)('differential fuzzing against qemu-img check', () => 
     ['extended-l2', ['-o', 'extended_l2=on'], false],
     ['refcount-bits-2', ['-o', 'refcount_bits=2'], false],
     ['with a snapshot', [], true],
+    ['64-bit refcounts with a snapshot', ['-o', 'refcount_bits=64'], true],
+    ['512-byte clusters', ['-o', 'cluster_size=512'], false],
   ] as [string, string[], boolean][])(
     'random damage to tables, refcounts and snapshots (%s)',
     async (_name, createOptions, withSnapshot) => {
