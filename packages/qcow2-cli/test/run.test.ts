@@ -92,6 +92,7 @@ describe('run() in-process', () => {
     [['info'], /^qcow2: missing required argument 'file'\n$/],
     [['help', 'bogus'], /^qcow2: unknown command 'bogus'\n$/],
     [[], /^qcow2: a command is needed/],
+    [['convert', 'disk.raw', '/dev/null'], /^qcow2: Could not create '\/dev\/null': not a regular file/],
     [['info', 'a', 'b'], /^qcow2: too many arguments for 'info'/],
   ])('%j fails with exit 1 and one line', async (argv, message) => {
     const { io, err } = memoryIo(dir);

@@ -65,7 +65,7 @@ export async function convertCommand(
 }
 
 /** Creating the target truncates it: refuse when it is the source or any file the source reads
- * (a backing file, an external data file). */
+ * (a backing file, an external data file), and anything but a regular file. */
 async function refuseOverwritingSource(
   targetPath: string,
   target: string,
@@ -73,6 +73,14 @@ async function refuseOverwritingSource(
 ): Promise<void> {
   const targetStat = await stat(targetPath).catch(() => undefined);
   if (targetStat === undefined) return;
+  if (!targetStat.isFile()) {
+    throw new CliError(
+      `Could not create '${target}': not a regular file (block devices are not supported yet)`,
+      {
+        code: 'EUNSUPPORTED',
+      },
+    );
+  }
   const sources = opened.chain.flatMap((layer) => [layer.path, ...dataFilePath(layer)]);
   for (const sourcePath of sources) {
     const sourceStat = await stat(sourcePath).catch(() => undefined);
