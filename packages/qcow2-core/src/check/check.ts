@@ -339,6 +339,7 @@ async function countL1References(
     if (pacer.advance(count)) await pacer.pause();
   }
 }
+
 /** Counts the references of one L2 table's entries and checks each entry. */
 function countL2References(
   geometry: Geometry,
