@@ -125,6 +125,23 @@ const cases: Case[] = [
     },
   },
   {
+    name: 'bitmap-data-cluster-past-eof',
+    writes: [],
+    after: (path) => {
+      run('qemu-img', ['bitmap', '--add', path, 'b0']);
+      run('qemu-io', ['-c', 'write 0 1M', path]);
+    },
+    patch: (p) => {
+      // Header extensions from header_length: the bitmaps one names the directory, whose first
+      // entry names the bitmap table; point its first entry past the end of the file.
+      let at = p.bytes.readUInt32BE(100);
+      while (p.bytes.readUInt32BE(at) !== 0x23852875)
+        at += 8 + Math.ceil(p.bytes.readUInt32BE(at + 4) / 8) * 8;
+      const directory = Number(p.u64(at + 8 + 16));
+      p.setU64(Number(p.u64(directory)), 1n << 36n);
+    },
+  },
+  {
     // A crash with lazy refcounts: refcounts not yet written (corruptions until repaired).
     name: 'lazy-refcounts-crash',
     create: ['-o', 'lazy_refcounts=on'],
