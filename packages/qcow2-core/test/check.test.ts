@@ -125,6 +125,22 @@ const cases: Case[] = [
     },
   },
   {
+    // Zero writes allocate L2 tables only, so they lie next to each other (read together).
+    name: 'adjacent-l2-tables',
+    create: ['-o', 'cluster_size=512'],
+    writes: ['write -z 0 2M', 'write -P 1 3M 64k', 'write -z 5M 1M'],
+  },
+  {
+    name: 'adjacent-l2-tables-damaged',
+    create: ['-o', 'cluster_size=512'],
+    writes: ['write -z 0 2M', 'write -P 1 3M 64k'],
+    patch: (p) => {
+      const third = Number(p.u64(p.l1Offset + 16) & 0x00fffffffffffe00n);
+      p.setU64(third + 8, (1n << 63n) | (1n << 40n) | 1n);
+      p.setU64(Number(p.u64(p.l1Offset + 24) & 0x00fffffffffffe00n), 1n << 62n);
+    },
+  },
+  {
     name: 'bitmap-data-cluster-past-eof',
     writes: [],
     after: (path) => {

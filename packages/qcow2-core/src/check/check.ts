@@ -52,6 +52,12 @@ export interface Qcow2CheckTarget {
 const L1_CHUNK_ENTRIES = 64 * 1024;
 /** L2 tables read ahead while one is examined. */
 const L2_READ_AHEAD = 16;
+/** L2 tables close together in the file are read at once, within this many bytes ... */
+const L2_READ_WINDOW = 256 * 1024;
+/** ... and at most this many tables ... */
+const L2_READ_GROUP = 64;
+/** ... when at most this many bytes lie between one table and the next (not worth a read). */
+const L2_READ_MAX_GAP = 4096;
 /** QEMU's cap on an L1 table, in entries (32 MiB). */
 const QCOW_MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
 /** QEMU refuses to check a file of more clusters than this. */
@@ -307,13 +313,8 @@ async function countL1References(
     const reads: (Promise<Uint8Array> | undefined)[] = new Array(items.length);
     let started = 0;
     for (let k = 0; k < items.length; k++) {
-      for (; started < items.length && started <= k + L2_READ_AHEAD; started++) {
-        const l2Offset = items[started]!.l2Offset;
-        if (l2Offset >= file.size) continue;
-        const read = readZeroPadded(file, l2Offset, clusterSize, request);
-        // Keep a rejection from being reported as unhandled before it is awaited.
-        read.catch(() => undefined);
-        reads[started] = read;
+      while (started < items.length && started <= k + L2_READ_AHEAD) {
+        started = startL2Reads(geometry, items, started, reads);
       }
       const { index, high, low, l2Offset } = items[k]!;
       if (l1ReservedBitsSet(high, low)) {
@@ -338,6 +339,41 @@ async function countL1References(
     }
     if (pacer.advance(count)) await pacer.pause();
   }
+}
+
+/**
+ * Starts the read of the L2 table of `items[first]`, together with the tables of the items after
+ * it that follow it closely in the file (preallocated or converted images keep L2 tables
+ * together): one read of up to L2_READ_WINDOW bytes serves them all. Returns the index of the
+ * next item to read.
+ */
+function startL2Reads(
+  geometry: Geometry,
+  items: readonly L1Item[],
+  first: number,
+  reads: (Promise<Uint8Array> | undefined)[],
+): number {
+  const { clusterSize, file, request } = geometry;
+  const start = items[first]!.l2Offset;
+  // A table wholly past the end of the file reads as zeros: nothing to read.
+  if (start >= file.size) return first + 1;
+  let last = first;
+  while (last + 1 < items.length && last + 1 - first < L2_READ_GROUP) {
+    const next = items[last + 1]!.l2Offset;
+    const previousEnd = items[last]!.l2Offset + clusterSize;
+    const near = next >= previousEnd - clusterSize && next - previousEnd <= L2_READ_MAX_GAP;
+    if (!near || next + clusterSize - start > L2_READ_WINDOW || next >= file.size) break;
+    last++;
+  }
+  const read = readZeroPadded(file, start, items[last]!.l2Offset + clusterSize - start, request);
+  for (let index = first; index <= last; index++) {
+    const at = items[index]!.l2Offset - start;
+    const table = read.then((bytes) => bytes.subarray(at, at + clusterSize));
+    // Keep a rejection from being reported as unhandled before it is awaited.
+    table.catch(() => undefined);
+    reads[index] = table;
+  }
+  return last + 1;
 }
 
 /** Counts the references of one L2 table's entries and checks each entry. */

@@ -12,8 +12,10 @@ import { readZeroPadded } from './read-padded.js';
 /** High half of the first offset QEMU's block layer refuses to read (it stops just below 2^63). */
 const UNREADABLE_OFFSET_HIGH = 0x7fff_ffff;
 
-/** Refcount blocks kept in memory at once. */
-const BLOCK_CACHE_ENTRIES = 32;
+/** Bytes of refcount blocks kept in memory (at least 32 blocks): the blocks the COPIED checks
+ * read usually serve the comparison too. */
+const BLOCK_CACHE_BYTES = 8 * 1024 * 1024;
+const MIN_CACHED_BLOCKS = 32;
 
 /** A refcount, or why it cannot be read (`unalignedBlock`: the refcount table index whose block
  * offset is misaligned, and that offset in hex). */
@@ -142,7 +144,7 @@ export class StoredRefcounts {
       return cached;
     }
     const bytes = await readZeroPadded(this.file, hostOffset, this.clusterSize, request);
-    if (this.cache.size >= BLOCK_CACHE_ENTRIES) {
+    if (this.cache.size >= Math.max(MIN_CACHED_BLOCKS, BLOCK_CACHE_BYTES / this.clusterSize)) {
       const oldest = this.cache.keys().next().value;
       if (oldest !== undefined) this.cache.delete(oldest);
     }
