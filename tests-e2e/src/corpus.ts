@@ -322,6 +322,36 @@ export const CORPUS: readonly CorpusImage[] = [
     },
   },
   {
+    file: 'v1-compressed.qcow',
+    format: 'qcow',
+    about: 'qcow version 1, compressed, partly rewritten',
+    build: (dir) => {
+      qemuImg(dir, 'create', '-q', '-f', 'qcow', 'v1-compressed.qcow', '4M');
+      // Compressed writes are whole clusters (4 KiB in qcow v1).
+      qemuIo(dir, 'v1-compressed.qcow', 'qcow', [
+        'write -c -P 0x5a 0 4096',
+        'write -c -P 0x5b 8192 4096',
+        'write -c -s /proc/self/exe 1048576 4096',
+        'write -P 0x5c 6000 5000',
+        'write -z 3000000 4096',
+      ]);
+    },
+  },
+  {
+    file: 'v1-backing.qcow',
+    format: 'qcow',
+    about: 'qcow version 1 over a raw backing file',
+    backed: true,
+    build: (dir) => {
+      qemuImg(dir, 'create', '-q', '-f', 'raw', 'v1-base.raw', '4M');
+      qemuIo(dir, 'v1-base.raw', 'raw', standardWrites(4 * MiB, 12));
+      qemuImg(dir, 'create', '-q', '-f', 'qcow', '-b', 'v1-base.raw', '-F', 'raw', 'v1-backing.qcow');
+      qemuIo(dir, 'v1-backing.qcow', 'qcow', ['write -P 0x6d 300000 70000']);
+    },
+  },
+  qcow2With('extl2-2m.qcow2', 'extended_l2=on,cluster_size=2097152', 8 * MiB),
+  qcow2With('cluster-512-refcount-64.qcow2', 'cluster_size=512,refcount_bits=64', 2 * MiB),
+  {
     file: 'plain.raw',
     format: 'raw',
     about: 'a raw file with holes',
