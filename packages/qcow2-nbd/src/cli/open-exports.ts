@@ -6,7 +6,7 @@
 import { open as openFile } from 'node:fs/promises';
 import { type BlockDevice, isBlockDeviceError, OverlayBlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { type OpenedImage, openImage } from '@qcowkit/qcow2-core/node';
+import type { OpenedImage } from '@qcowkit/qcow2-core/node';
 import type { NbdExport } from '../server/export.js';
 import { CliError } from './errors.js';
 import { type CliOptions, type ExportSpec, type ImageFormat, parseSnapshotSpec } from './options.js';
@@ -85,6 +85,8 @@ async function openImageOf(
   format: ImageFormat,
   snapshotSpec: string | undefined,
 ): Promise<OpenedImage> {
+  // Loaded on first use: serving raw files does not load the qcow2 engine at all.
+  const { openImage } = await import('@qcowkit/qcow2-core/node');
   if (snapshotSpec === undefined) return openImage(path, { format, readOnly: true });
   return openImage(path, {
     format,
