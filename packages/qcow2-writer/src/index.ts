@@ -1,1 +1,5 @@
-export {};
+export { type ClusterKind, ClusterMap } from './cluster-map.js';
+export { type CreateImageOptions, createEmptyImage, planEmptyImage } from './empty.js';
+export { planLayout, type Qcow2Layout } from './layout.js';
+export { type ImageGeometry, type Qcow2ImageOptions, resolveGeometry } from './options.js';
+export { type ByteSink, type NodeWritableLike, type Qcow2Sink, toByteSink } from './sink.js';

@@ -2,6 +2,7 @@ export { decodeText, encodeText, readU64, viewOf, writeU64 } from './binary.js';
 export * from './bitmap-directory.js';
 export * from './compressed-descriptor.js';
 export * from './feature-bits.js';
+export * from './feature-name-table.js';
 export * from './geometry.js';
 export * from './header.js';
 export * from './header-extensions.js';
