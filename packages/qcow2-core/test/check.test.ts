@@ -517,10 +517,10 @@ describe('checkQcow2Image options', () => {
     },
   );
 
-  it('refuses repair for now and rejects a file that is not qcow2 with a typed error', async () => {
+  it('rejects a file that is not qcow2 with a typed error, also when asked to repair', async () => {
     const notQcow2 = MemoryBlockDevice.from(new Uint8Array(65536).fill(7));
     await expect(checkQcow2Image({ file: notQcow2 }, { repair: 'leaks' })).rejects.toMatchObject({
-      code: 'EUNSUPPORTED',
+      code: 'ECORRUPT',
     });
     const error = await checkQcow2Image({ file: notQcow2 }).catch((e: unknown) => e);
     expect(error).toBeInstanceOf(BlockDeviceError);

@@ -38,6 +38,7 @@ import {
 } from './entries.js';
 import { Pacer } from './pacer.js';
 import { readZeroPadded } from './read-padded.js';
+import { repairQcow2Image } from './repair.js';
 import { readSnapshotTableForCheck } from './snapshot-table.js';
 import { type StoredRefcount, StoredRefcounts } from './stored-refcounts.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './types.js';
@@ -85,7 +86,7 @@ interface FragInfo {
 }
 
 /** Reads and decodes the header when the caller did not pass one. */
-async function loadHeader(file: BlockDevice, request: RequestOptions): Promise<Qcow2Header> {
+export async function loadHeader(file: BlockDevice, request: RequestOptions): Promise<Qcow2Header> {
   const head = await readZeroPadded(file, 0, Math.min(file.size, 4096), request);
   if (file.size < 72) {
     throw new BlockDeviceError('ECORRUPT', `qcow2 header: file too short (${file.size} bytes)`, {
@@ -98,17 +99,31 @@ async function loadHeader(file: BlockDevice, request: RequestOptions): Promise<Q
   return decodeHeader(firstCluster);
 }
 
-/** Checks a qcow2 image read-only and returns what `qemu-img check` would report. */
+/**
+ * Checks a qcow2 image and returns what `qemu-img check` would report. With `repair`, fixes what
+ * it found as `qemu-img check -r` does (the file must be writable) and reports the state after.
+ */
 export async function checkQcow2Image(
   image: Qcow2CheckTarget,
   options: Qcow2CheckOptions = {},
 ): Promise<Qcow2CheckResult> {
-  if (options.repair !== undefined) {
-    throw new BlockDeviceError(
-      'EUNSUPPORTED',
-      `qcow2 check: repair (${options.repair}) is not supported yet`,
-    );
-  }
+  if (options.repair !== undefined) return repairQcow2Image(image, options.repair, options);
+  return (await inspectQcow2Image(image, options)).result;
+}
+
+/** What a read-only check found, with the rebuilt and the stored refcounts (for repair). */
+export interface Qcow2Inspection {
+  result: Qcow2CheckResult;
+  header: Qcow2Header;
+  computed: ComputedRefcounts;
+  stored: StoredRefcounts;
+}
+
+/** The read-only check, keeping what it rebuilt. */
+export async function inspectQcow2Image(
+  image: Qcow2CheckTarget,
+  options: Omit<Qcow2CheckOptions, 'repair'> = {},
+): Promise<Qcow2Inspection> {
   const request: RequestOptions = options.signal === undefined ? {} : { signal: options.signal };
   options.signal?.throwIfAborted();
   const { file } = image;
@@ -235,7 +250,7 @@ export async function checkQcow2Image(
   log.flushDeferred();
 
   pacer.finish();
-  return {
+  const result: Qcow2CheckResult = {
     totalClusters,
     allocatedClusters: frag.allocated,
     fragmentedClusters: frag.fragmented,
@@ -248,6 +263,7 @@ export async function checkQcow2Image(
     leaksFixed: 0,
     messages: log.finalMessages(),
   };
+  return { result, header, computed: refcounts, stored };
 }
 
 /** QEMU's notice when it first meets a misaligned refcount block. */

@@ -26,7 +26,9 @@ export interface Qcow2CheckResult {
 }
 
 export interface Qcow2CheckOptions {
-  /** Repair mode (not implemented yet: any value rejects with EUNSUPPORTED). */
+  /** Repair as `qemu-img check -r`: `leaks` frees leaked clusters; `all` also fixes refcounts
+   * too low and COPIED flags, rebuilding the refcount structures when needed. Needs a writable
+   * file. The result is the state after the repair, with leaksFixed / corruptionsFixed. */
   repair?: 'leaks' | 'all';
   signal?: AbortSignal;
   /** Called between chunks of work with units done and total units (both grow monotonically). */

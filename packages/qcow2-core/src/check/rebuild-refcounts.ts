@@ -1,0 +1,125 @@
+/**
+ * Rebuilding the refcount structures from the references the check counted, as `qemu-img check
+ * -r all` does when the stored ones cannot be fixed in place: new refcount blocks go into free
+ * clusters (first fit), a new refcount table after the last cluster in use, each covering the
+ * others and itself. They are written and flushed before the header points at them (then flushed
+ * again), so a crash leaves either the old structures or the new ones. The old ones become leaks,
+ * which the caller frees afterwards.
+ */
+import { type BlockDevice, BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
+import { QCOW_MAX_REFTABLE_SIZE } from '../format/geometry.js';
+import { encodeRefcount, maxRefcount } from '../format/refcount.js';
+import type { ComputedRefcounts } from './computed-refcounts.js';
+
+/** Header fields rewritten: refcount_table_offset (u64 at 48), refcount_table_clusters (u32 at 56). */
+const REFCOUNT_TABLE_OFFSET_FIELD = 48;
+
+/** Where the new structures go, in clusters. */
+export interface RefcountLayout {
+  /** Refcount block index -> host cluster index of the new block. */
+  blocks: Map<number, number>;
+  tableClusterIndex: number;
+  tableClusters: number;
+  /** The refcount of every host cluster, the new structures included. */
+  counts: number[];
+}
+
+/** Places new refcount blocks and a new table so that they count every cluster, themselves too. */
+export function planRefcountStructure(
+  counts: number[],
+  clusterSize: number,
+  entriesPerBlock: number,
+): RefcountLayout {
+  const blocks = new Map<number, number>();
+  let tableClusterIndex = -1;
+  let tableClusters = 0;
+  let firstFree = 0;
+  const highestUsed = (): number => {
+    let index = counts.length - 1;
+    while (index >= 0 && (counts[index] ?? 0) === 0) index--;
+    return index;
+  };
+  for (;;) {
+    let changed = false;
+    const blockCount = Math.floor(highestUsed() / entriesPerBlock) + 1;
+    for (let blockIndex = 0; blockIndex < blockCount; blockIndex++) {
+      if (blocks.has(blockIndex)) continue;
+      const first = blockIndex * entriesPerBlock;
+      const end = Math.min(counts.length, first + entriesPerBlock);
+      let used = false;
+      for (let clusterIndex = first; clusterIndex < end && !used; clusterIndex++) {
+        used = (counts[clusterIndex] ?? 0) !== 0;
+      }
+      if (!used) continue;
+      while ((counts[firstFree] ?? 0) !== 0) firstFree++;
+      counts[firstFree] = 1;
+      blocks.set(blockIndex, firstFree);
+      changed = true;
+    }
+    const needed = Math.ceil(((Math.floor(highestUsed() / entriesPerBlock) + 1) * 8) / clusterSize);
+    if (needed > tableClusters) {
+      for (let k = 0; k < tableClusters; k++) counts[tableClusterIndex + k] = 0;
+      tableClusterIndex = highestUsed() + 1;
+      tableClusters = needed;
+      for (let k = 0; k < tableClusters; k++) counts[tableClusterIndex + k] = 1;
+      changed = true;
+    }
+    if (!changed) break;
+  }
+  if (tableClusters * clusterSize > QCOW_MAX_REFTABLE_SIZE) {
+    throw new BlockDeviceError(
+      'EUNSUPPORTED',
+      `qcow2 repair: a refcount table of ${tableClusters} clusters is larger than ${QCOW_MAX_REFTABLE_SIZE} bytes`,
+    );
+  }
+  return { blocks, tableClusterIndex, tableClusters, counts };
+}
+
+/** Writes new refcount structures for `computed` and switches the header to them. */
+export async function rebuildRefcountStructure(
+  file: BlockDevice,
+  computed: ComputedRefcounts,
+  geometry: { clusterSize: number; refcountOrder: number },
+  request: RequestOptions,
+): Promise<void> {
+  const { clusterSize, refcountOrder } = geometry;
+  const entriesPerBlock = (clusterSize * 8) / 2 ** refcountOrder;
+  const max = maxRefcount(refcountOrder);
+  const counts: number[] = [];
+  for (let clusterIndex = 0; clusterIndex < computed.used; clusterIndex++) {
+    counts.push(Math.min(computed.get(clusterIndex), max));
+  }
+  const layout = planRefcountStructure(counts, clusterSize, entriesPerBlock);
+  let end = (layout.tableClusterIndex + layout.tableClusters) * clusterSize;
+  for (const clusterIndex of layout.blocks.values()) end = Math.max(end, (clusterIndex + 1) * clusterSize);
+  if (end > file.size) await file.resize(end);
+
+  for (const [blockIndex, clusterIndex] of layout.blocks) {
+    const block = new Uint8Array(clusterSize);
+    const first = blockIndex * entriesPerBlock;
+    const last = Math.min(layout.counts.length, first + entriesPerBlock);
+    for (let index = first; index < last; index++) {
+      const count = layout.counts[index] ?? 0;
+      if (count !== 0) encodeRefcount(block, index - first, refcountOrder, count);
+    }
+    await file.write(clusterIndex * clusterSize, block, request);
+  }
+  const table = new Uint8Array(layout.tableClusters * clusterSize);
+  const view = new DataView(table.buffer);
+  for (const [blockIndex, clusterIndex] of layout.blocks) {
+    const hostOffset = clusterIndex * clusterSize;
+    view.setUint32(blockIndex * 8, Math.floor(hostOffset / 0x1_0000_0000));
+    view.setUint32(blockIndex * 8 + 4, hostOffset >>> 0);
+  }
+  await file.write(layout.tableClusterIndex * clusterSize, table, request);
+  await file.flush(request);
+
+  const field = new Uint8Array(12);
+  const fieldView = new DataView(field.buffer);
+  const tableOffset = layout.tableClusterIndex * clusterSize;
+  fieldView.setUint32(0, Math.floor(tableOffset / 0x1_0000_0000));
+  fieldView.setUint32(4, tableOffset >>> 0);
+  fieldView.setUint32(8, layout.tableClusters);
+  await file.write(REFCOUNT_TABLE_OFFSET_FIELD, field, request);
+  await file.flush(request);
+}

@@ -1,0 +1,108 @@
+/**
+ * Repairing the COPIED flags of the active L1 and L2 tables against the stored refcounts (after
+ * those are repaired), as `qemu-img check -r all` does: set exactly when the refcount is 1. A
+ * compressed entry never carries COPIED. Tables that cannot be read or written safely (misaligned,
+ * past the end of the file) are left alone: the check after the repair still reports them.
+ */
+import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
+import { classifyL2Entry, entryHex, entryOffset, QCOW_OFLAG_COPIED_HIGH } from './entries.js';
+import type { StoredRefcounts } from './stored-refcounts.js';
+
+const L1_CHUNK_ENTRIES = 64 * 1024;
+
+export interface CopiedRepairGeometry {
+  clusterSize: number;
+  l1TableOffset: number;
+  l1Size: number;
+  extendedL2: boolean;
+  hasDataFile: boolean;
+}
+
+/** Sets `high`'s COPIED bit to `copied`. */
+function withCopied(high: number, copied: boolean): number {
+  return (copied ? high | QCOW_OFLAG_COPIED_HIGH : high & ~QCOW_OFLAG_COPIED_HIGH) >>> 0;
+}
+
+/** Fixes COPIED flags; returns the lines and how many entries were fixed. */
+export async function repairCopiedFlags(
+  file: BlockDevice,
+  stored: StoredRefcounts,
+  geometry: CopiedRepairGeometry,
+  request: RequestOptions,
+): Promise<{ lines: string[]; fixed: number }> {
+  const { clusterSize, l1TableOffset, l1Size, extendedL2, hasDataFile } = geometry;
+  const lines: string[] = [];
+  let fixed = 0;
+  const l2EntryBytes = extendedL2 ? 16 : 8;
+  const refcountOf = async (hostOffset: number): Promise<number | undefined> => {
+    const refcount = await stored.get(Math.floor(hostOffset / clusterSize), request);
+    return typeof refcount === 'number' ? refcount : undefined;
+  };
+  const fits = (hostOffset: number, length: number): boolean =>
+    hostOffset !== 0 && hostOffset % clusterSize === 0 && hostOffset + length <= file.size;
+  if (l1TableOffset % clusterSize !== 0) return { lines, fixed };
+  for (let first = 0; first < l1Size; first += L1_CHUNK_ENTRIES) {
+    const count = Math.min(L1_CHUNK_ENTRIES, l1Size - first);
+    const l1At = l1TableOffset + first * 8;
+    if (l1At + count * 8 > file.size) break;
+    const l1 = await file.read(l1At, count * 8, request);
+    const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    let l1Dirty = false;
+    for (let i = 0; i < count; i++) {
+      const high = l1View.getUint32(i * 8);
+      const low = l1View.getUint32(i * 8 + 4);
+      const l2Offset = entryOffset(high, low);
+      if (!fits(l2Offset, clusterSize)) continue;
+      const l2Refcount = await refcountOf(l2Offset);
+      if (l2Refcount === undefined) continue;
+      if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+        lines.push(
+          `Repairing OFLAG_COPIED L2 cluster: l1_index=${first + i} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
+        );
+        l1View.setUint32(i * 8, withCopied(high, l2Refcount === 1));
+        l1Dirty = true;
+        fixed++;
+      }
+      const table = await file.read(l2Offset, clusterSize, request);
+      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+      let l2Dirty = false;
+      for (let at = 0; at < clusterSize; at += l2EntryBytes) {
+        const entryHigh = view.getUint32(at);
+        const entryLow = view.getUint32(at + 4);
+        if (entryHigh === 0 && entryLow === 0) continue;
+        const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
+        let want: boolean;
+        if (type === 'compressed') {
+          want = false;
+        } else if (type === 'normal' || type === 'zero-alloc') {
+          const hostOffset = entryOffset(entryHigh, entryLow);
+          if (hostOffset % clusterSize !== 0) continue;
+          const refcount = hasDataFile ? 1 : await refcountOf(hostOffset);
+          if (refcount === undefined) continue;
+          want = refcount === 1;
+          if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+            lines.push(
+              `Repairing OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
+            );
+          }
+        } else {
+          continue;
+        }
+        if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+          if (type === 'compressed') {
+            lines.push(
+              `Repairing compressed cluster entry with the copied flag: l2_entry=${entryHex(entryHigh, entryLow)}`,
+            );
+          }
+          view.setUint32(at, withCopied(entryHigh, want));
+          l2Dirty = true;
+          fixed++;
+        }
+      }
+      if (l2Dirty) await file.write(l2Offset, table, request);
+    }
+    if (l1Dirty) await file.write(l1At, l1, request);
+  }
+  if (fixed > 0) await file.flush(request);
+  return { lines, fixed };
+}

@@ -1,0 +1,124 @@
+/**
+ * `qemu-img check -r leaks|all`: check, repair what the mode allows, check again.
+ *
+ * 1. Refcounts that differ from the counted references are fixed in place (leaks: decreased;
+ *    all: also increased).
+ * 2. Mode all, when refcounts cannot be fixed in place (a referenced cluster with refcount 0, an
+ *    unreadable refcount block, a damaged refcount table): the refcount structures are rebuilt
+ *    (see rebuild-refcounts.ts), then the old ones, now leaked, are freed.
+ * 3. Mode all: COPIED flags of the active tables are set to match the refcounts.
+ * 4. The image is checked again; that state is the result, with leaksFixed / corruptionsFixed.
+ *    When no corruption and no check error remain, the dirty and corrupt bits are cleared, as
+ *    QEMU marks a repaired image clean and consistent.
+ *
+ * Every step flushes before the next one, and each only raises refcounts, lowers refcounts nothing
+ * references, or switches the header to fully written structures: a crash mid-repair leaves at
+ * worst leaks. Data clusters are never moved or rewritten.
+ */
+import { BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
+import { QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2 } from '../format/feature-bits.js';
+import { inspectQcow2Image, loadHeader, type Qcow2CheckTarget, type Qcow2Inspection } from './check.js';
+import { rebuildRefcountStructure } from './rebuild-refcounts.js';
+import { repairCopiedFlags } from './repair-copied.js';
+import { type RepairMode, repairRefcountsInPlace } from './repair-refcounts.js';
+import { StoredRefcounts } from './stored-refcounts.js';
+import type { Qcow2CheckOptions, Qcow2CheckResult } from './types.js';
+
+/** Incompatible feature bits QEMU clears on a repaired image: dirty (0) and corrupt (1). */
+const DIRTY_AND_CORRUPT = 0b11;
+/** Byte offset of the low half of incompatible_features (v3). */
+const INCOMPATIBLE_FEATURES_LOW_FIELD = 76;
+
+export async function repairQcow2Image(
+  image: Qcow2CheckTarget,
+  mode: RepairMode,
+  options: Qcow2CheckOptions = {},
+): Promise<Qcow2CheckResult> {
+  if (mode !== 'leaks' && mode !== 'all') {
+    throw new BlockDeviceError('EINVAL', `qcow2 check: repair mode ${String(mode)} is not leaks or all`);
+  }
+  const { file } = image;
+  if (file.readOnly) {
+    throw new BlockDeviceError('EROFS', `qcow2 check: repair needs a writable file (${file.description})`);
+  }
+  const request: RequestOptions = options.signal === undefined ? {} : { signal: options.signal };
+  const inspectOptions = { ...options };
+  delete inspectOptions.repair;
+  const first = await inspectQcow2Image(image, inspectOptions);
+  const before = first.result;
+  const lines: string[] = [];
+  let leaksFixed = 0;
+  let corruptionsFixed = 0;
+  const needsWork = before.leaks > 0 || before.corruptions > 0 || before.checkErrors > 0;
+
+  if (needsWork) {
+    const geometry = { clusterSize: first.header.clusterSize, refcountOrder: first.header.refcountOrder };
+    const inPlace = await repairRefcountsInPlace(file, first.stored, first.computed, geometry, mode, request);
+    lines.push(...inPlace.lines);
+    leaksFixed += inPlace.leaksFixed;
+    corruptionsFixed += inPlace.corruptionsFixed;
+    if (inPlace.rebuildNeeded) {
+      lines.push('Rebuilding refcount structure');
+      await rebuildRefcountStructure(file, first.computed, geometry, request);
+      corruptionsFixed += inPlace.unfixedCorruptions;
+      // The old structures are leaked now: free them.
+      const rebuilt = await inspectQcow2Image({ file }, inspectOptions);
+      const freed = await repairRefcountsInPlace(
+        file,
+        rebuilt.stored,
+        rebuilt.computed,
+        geometry,
+        'leaks',
+        request,
+      );
+      lines.push(...freed.lines);
+    }
+    if (mode === 'all') {
+      const header = await loadHeader(file, request);
+      const stored = await StoredRefcounts.load(file, {
+        clusterSize: header.clusterSize,
+        refcountBits: 2 ** header.refcountOrder,
+        refcountTableOffset: header.refcountTableOffset,
+        refcountTableClusters: header.refcountTableClusters,
+        request,
+      });
+      const copied = await repairCopiedFlags(
+        file,
+        stored,
+        {
+          clusterSize: header.clusterSize,
+          l1TableOffset: header.l1TableOffset,
+          l1Size: header.l1Size,
+          extendedL2: (header.incompatibleFeatures.low & QCOW2_INCOMPAT_EXTL2) !== 0,
+          hasDataFile: (header.incompatibleFeatures.low & QCOW2_INCOMPAT_DATA_FILE) !== 0,
+        },
+        request,
+      );
+      lines.push(...copied.lines);
+      corruptionsFixed += copied.fixed;
+    }
+  }
+
+  const after: Qcow2Inspection = needsWork ? await inspectQcow2Image({ file }, inspectOptions) : first;
+  if (after.result.corruptions === 0 && after.result.checkErrors === 0) await markClean(image, request);
+  return {
+    ...after.result,
+    leaksFixed,
+    corruptionsFixed,
+    messages: [...lines, ...after.result.messages],
+  };
+}
+
+/** Clears the dirty and corrupt bits of a v3 header (QEMU marks a repaired image clean). */
+async function markClean(image: Qcow2CheckTarget, request: RequestOptions): Promise<void> {
+  const { file } = image;
+  const version = new DataView((await file.read(4, 4, request)).buffer).getUint32(0);
+  if (version !== 3) return;
+  const field = await file.read(INCOMPATIBLE_FEATURES_LOW_FIELD, 4, request);
+  const view = new DataView(field.buffer, field.byteOffset, 4);
+  const low = view.getUint32(0);
+  if ((low & DIRTY_AND_CORRUPT) === 0) return;
+  view.setUint32(0, (low & ~DIRTY_AND_CORRUPT) >>> 0);
+  await file.write(INCOMPATIBLE_FEATURES_LOW_FIELD, field, request);
+  await file.flush(request);
+}
