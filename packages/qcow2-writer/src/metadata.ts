@@ -11,6 +11,7 @@ import {
   encodeL2Entry,
   encodeRefcount,
   encodeText,
+  maxRefcount,
   QCOW_CRYPT_NONE,
   QCOW2_AUTOCLEAR_DATA_FILE_RAW,
   QCOW2_COMPAT_LAZY_REFCOUNTS,
@@ -29,7 +30,6 @@ import {
 } from '@qcowkit/qcow2-core';
 import { CompressedPacker } from './compressed-packing.js';
 import { layoutRefcount, type Qcow2Layout } from './layout.js';
-import type { ImageGeometry } from './options.js';
 
 /** qemu-img writes the feature name table only when the cluster is larger than 4 KiB. */
 const FEATURE_TABLE_MIN_CLUSTER_SIZE = 8192;
@@ -146,7 +146,7 @@ export class L2TableBuilder {
     const geometry = layout.geometry;
     this.packer =
       layout.compressed !== undefined
-        ? new CompressedPacker(geometry.clusterSize, maxRefcountFor(geometry))
+        ? new CompressedPacker(geometry.clusterSize, maxRefcount(geometry.refcountOrder))
         : undefined;
   }
 
@@ -209,8 +209,4 @@ export class L2TableBuilder {
     }
     return table;
   }
-}
-
-function maxRefcountFor(geometry: ImageGeometry): number {
-  return geometry.refcountOrder >= 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** geometry.refcountOrder) - 1;
 }

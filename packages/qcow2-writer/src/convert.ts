@@ -1,0 +1,341 @@
+/**
+ * Conversion to qcow2 in one forward pass over the output.
+ *
+ * Seekable sources (any BlockDevice): a scan pass (block status, then the data, for zero detection,
+ * backing comparison and compressed sizes) fixes the whole layout; the writing pass then emits
+ * metadata first and data in host order, reading (and compressing) again only what the scan could
+ * not keep within `cacheBytes`. The output size is known before the first byte, compressed or not.
+ *
+ * Raw streams (read once): nothing can be known ahead, so every cluster is stored (a fully
+ * allocated image, zero clusters included); compression and zero detection need a seekable source.
+ */
+import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
+import { maxRefcount } from '@qcowkit/qcow2-core';
+import { ClusterMap } from './cluster-map.js';
+import { CompressedPacker } from './compressed-packing.js';
+import type { ClusterCompressor } from './compressor.js';
+import { emitImage } from './emit.js';
+import { planLayout, type Qcow2Layout } from './layout.js';
+import { type Qcow2ImageOptions, resolveGeometry } from './options.js';
+import { type ClusterRange, readAhead, splitRange } from './read-ahead.js';
+import { type CachedChunk, readClusters, scanSource } from './scan.js';
+import { OutputWriter, type Qcow2Sink, toByteSink } from './sink.js';
+import { type ConvertSource, isBlockDevice, StreamReader } from './source.js';
+
+export interface ConvertOptions extends Qcow2ImageOptions {
+  /** Store data clusters compressed (qemu-img convert -c). Needs `compressor`. */
+  readonly compress?: boolean;
+  /** Does the compression (the node entry supplies a worker-thread pool by default). */
+  readonly compressor?: ClusterCompressor;
+  /** Compressions in flight (default 2 per worker, 8). */
+  readonly compressDepth?: number;
+  /** A device to compare against (qemu-img convert -B): clusters equal to it are not stored. Name
+   * it in the header with `backingFile` (and `backingFormat`). */
+  readonly backing?: BlockDevice;
+  /** Drop clusters that read as all zeros (default true). */
+  readonly detectZeroes?: boolean;
+  /** Memory the scan may keep to avoid reading twice (default 64 MiB). */
+  readonly cacheBytes?: number;
+  /** Reads in flight (default 4) and their size (default 4 MiB). */
+  readonly readDepth?: number;
+  readonly chunkBytes?: number;
+  readonly signal?: AbortSignal;
+}
+
+/** A conversion whose layout is fixed: its exact output size is known before writing. */
+export interface ConversionPlan {
+  readonly layout: Qcow2Layout;
+  /** Exact length of the output in bytes. */
+  readonly fileSize: number;
+  /** Writes the image to `sink` and closes it. Call once. */
+  write(sink: Qcow2Sink): Promise<number>;
+}
+
+const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
+const DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024;
+
+/** Plans a conversion of `source` (running the scan pass for a seekable source). */
+export async function planConversion(
+  source: ConvertSource,
+  options: ConvertOptions = {},
+): Promise<ConversionPlan> {
+  const size = options.size ?? source.size;
+  const geometry = resolveGeometry(options, size);
+  if (geometry.dataFile !== undefined) {
+    throw new BlockDeviceError('EUNSUPPORTED', 'qcow2 convert: an external data file is not supported yet');
+  }
+  if (options.compress && geometry.preallocation !== 'off') {
+    throw new BlockDeviceError('EINVAL', 'qcow2 convert: compression cannot be combined with preallocation');
+  }
+  const compressor = options.compress ? options.compressor : undefined;
+  if (options.compress && compressor === undefined) {
+    throw new BlockDeviceError(
+      'EUNSUPPORTED',
+      'qcow2 convert: compression needs a compressor (the node entry has one)',
+    );
+  }
+  const readDepth = options.readDepth ?? 4;
+  const chunkBytes = Math.max(options.chunkBytes ?? DEFAULT_CHUNK_BYTES, geometry.clusterSize);
+  const chunkClusters = Math.floor(chunkBytes / geometry.clusterSize);
+  const clusterSize = geometry.clusterSize;
+  const signal = options.signal;
+
+  if (!isBlockDevice(source)) {
+    if (compressor !== undefined || options.backing !== undefined) {
+      throw new BlockDeviceError(
+        'EUNSUPPORTED',
+        'qcow2 convert: compression and backing comparison need a seekable source (a BlockDevice), not a stream',
+      );
+    }
+    const map = new ClusterMap();
+    map.add(0, Math.ceil(source.size / clusterSize), 'data');
+    if (geometry.preallocation === 'metadata')
+      map.add(map.hostClusters, geometry.guestClusters - map.hostClusters, 'fill');
+    const layout = planLayout(geometry, map);
+    const reader = new StreamReader(source.stream);
+    let streamLeft = source.size;
+    const fetch = async (range: ClusterRange) => {
+      const bytes = new Uint8Array(range.count * clusterSize);
+      const take = Math.min(bytes.length, streamLeft);
+      await reader.readInto(bytes.subarray(0, take));
+      streamLeft -= take;
+      return bytes;
+    };
+    return makePlan(layout, [], fetch, 1, chunkClusters, undefined, signal, () => reader.cancel());
+  }
+
+  const map0 = await scanSource(source, {
+    geometry,
+    backing: options.backing,
+    detectZeroes: options.detectZeroes ?? true,
+    compression:
+      compressor !== undefined
+        ? { compressor, type: geometry.compressionType, depth: options.compressDepth ?? 8 }
+        : undefined,
+    cacheBytes: options.cacheBytes ?? DEFAULT_CACHE_BYTES,
+    readDepth,
+    chunkBytes,
+    signal,
+  });
+  let map = map0.map;
+  if (geometry.preallocation === 'metadata') map = withFill(map, geometry.guestClusters);
+  const layout = planLayout(geometry, map, map0.lengths);
+  const fetch = (range: ClusterRange) => readClusters(source, range, clusterSize, signal);
+  return makePlan(
+    layout,
+    map0.cachedChunks,
+    fetch,
+    readDepth,
+    chunkClusters,
+    compressor !== undefined
+      ? { compressor, cache: map0.compressedCache, depth: options.compressDepth ?? 8 }
+      : undefined,
+    signal,
+  );
+}
+
+/** The map with every cluster it does not store preallocated (preallocation=metadata). */
+function withFill(map: ClusterMap, guestClusters: number): ClusterMap {
+  const out = new ClusterMap();
+  let next = 0;
+  for (let run = 0; run < map.runCount; run++) {
+    out.add(next, map.starts[run]! - next, 'fill');
+    out.add(map.starts[run]!, map.counts[run]!, map.kinds[run]! === 'zero' ? 'fill' : map.kinds[run]!);
+    next = map.starts[run]! + map.counts[run]!;
+  }
+  out.add(next, guestClusters - next, 'fill');
+  return out;
+}
+
+/** Data clusters of `map` in guest order, as ranges of at most `maxCount`, from data cluster `skip`. */
+function* dataRanges(layout: Qcow2Layout, maxCount: number, skip = 0): Generator<ClusterRange> {
+  const map = layout.map;
+  const perTable = layout.geometry.l2Entries;
+  let skipped = 0;
+  for (let run = 0; run < map.runCount; run++) {
+    if (map.kinds[run] !== 'data') continue;
+    let start = map.starts[run]!;
+    let count = map.counts[run]!;
+    if (skipped < skip) {
+      const drop = Math.min(count, skip - skipped);
+      skipped += drop;
+      start += drop;
+      count -= drop;
+    }
+    // Split at L2 table boundaries so a range never spans two groups.
+    while (count > 0) {
+      const tableEnd = (Math.floor(start / perTable) + 1) * perTable;
+      const piece = Math.min(count, tableEnd - start);
+      yield* splitRange(start, piece, maxCount);
+      start += piece;
+      count -= piece;
+    }
+  }
+}
+
+function makePlan(
+  layout: Qcow2Layout,
+  cachedChunks: CachedChunk[],
+  fetch: (range: ClusterRange) => Promise<Uint8Array>,
+  readDepth: number,
+  chunkClusters: number,
+  compression: { compressor: ClusterCompressor; cache: Uint8Array[]; depth: number } | undefined,
+  signal: AbortSignal | undefined,
+  cleanup?: () => Promise<void>,
+): ConversionPlan {
+  let used = false;
+  return {
+    layout,
+    fileSize: layout.fileSize,
+    async write(sinkLike) {
+      if (used) throw new BlockDeviceError('EINVAL', 'qcow2 convert: a plan can be written once');
+      used = true;
+      const sink = toByteSink(sinkLike);
+      const out = new OutputWriter(sink);
+      try {
+        if (compression === undefined) {
+          await emitImage(layout, out, {
+            signal,
+            group: groupWriter(layout, out, cachedChunks, fetch, readDepth, chunkClusters),
+          });
+        } else {
+          await emitImage(layout, out, {
+            signal,
+            area: (areaOffset) =>
+              writeCompressedArea(layout, out, areaOffset, fetch, readDepth, chunkClusters, compression),
+          });
+        }
+        await sink.close();
+      } catch (error) {
+        await sink.abort?.(error);
+        await cleanup?.().catch(() => {});
+        throw error;
+      }
+      return layout.fileSize;
+    },
+  };
+}
+
+function groupWriter(
+  layout: Qcow2Layout,
+  out: OutputWriter,
+  cachedChunks: CachedChunk[],
+  fetch: (range: ClusterRange) => Promise<Uint8Array>,
+  readDepth: number,
+  chunkClusters: number,
+) {
+  const clusterSize = layout.geometry.clusterSize;
+  const perTable = layout.geometry.l2Entries;
+  const map = layout.map;
+  let cacheIndex = 0;
+  const fromCache = (range: ClusterRange): Uint8Array | undefined => {
+    while (cacheIndex < cachedChunks.length) {
+      const chunk = cachedChunks[cacheIndex]!;
+      if (chunk.cluster + chunk.count <= range.cluster) {
+        cacheIndex++;
+        continue;
+      }
+      if (chunk.cluster <= range.cluster && range.cluster + range.count <= chunk.cluster + chunk.count) {
+        const from = (range.cluster - chunk.cluster) * clusterSize;
+        return chunk.bytes.subarray(from, from + range.count * clusterSize);
+      }
+      return undefined;
+    }
+    return undefined;
+  };
+  const reads = readAhead(dataRanges(layout, chunkClusters), readDepth, async (range) => {
+    return fromCache(range) ?? fetch(range);
+  });
+  let run = 0;
+  return async (group: number, hostOffset: number) => {
+    const firstCluster = layout.groupL1Index[group]! * perTable;
+    const endCluster = firstCluster + perTable;
+    let cursor = hostOffset;
+    while (run < map.runCount && map.starts[run]! + map.counts[run]! <= firstCluster) run++;
+    for (; run < map.runCount && map.starts[run]! < endCluster; run++) {
+      const start = Math.max(map.starts[run]!, firstCluster);
+      const end = Math.min(map.starts[run]! + map.counts[run]!, endCluster);
+      const kind = map.kinds[run]!;
+      if (kind === 'fill') {
+        cursor += (end - start) * clusterSize;
+        await out.zeroTo(cursor);
+      } else if (kind === 'data') {
+        for (let at = start; at < end; ) {
+          const next = await reads.next();
+          if (next.done || next.value.item.cluster !== at) {
+            throw new Error(`qcow2 convert: data out of order at guest cluster ${at}`);
+          }
+          await out.writeAt(cursor, next.value.result);
+          cursor += next.value.result.length;
+          at += next.value.item.count;
+        }
+      }
+      if (map.starts[run]! + map.counts[run]! > endCluster) break;
+    }
+  };
+}
+
+async function writeCompressedArea(
+  layout: Qcow2Layout,
+  out: OutputWriter,
+  areaOffset: number,
+  fetch: (range: ClusterRange) => Promise<Uint8Array>,
+  readDepth: number,
+  chunkClusters: number,
+  compression: { compressor: ClusterCompressor; cache: Uint8Array[]; depth: number },
+): Promise<void> {
+  const geometry = layout.geometry;
+  const clusterSize = geometry.clusterSize;
+  const lengths = layout.compressed!.lengths;
+  const packer = new CompressedPacker(clusterSize, maxRefcount(geometry.refcountOrder));
+  let dataIndex = 0;
+  const put = async (stored: Uint8Array) => {
+    const expected = lengths[dataIndex]!;
+    if (stored.length !== expected) {
+      throw new BlockDeviceError(
+        'EIO',
+        `qcow2 convert: data cluster ${dataIndex} now stores ${stored.length} bytes, ${expected} when planned (did the source change?)`,
+      );
+    }
+    const placed = packer.place(stored.length);
+    await out.writeAt(areaOffset + placed.offset, stored);
+    dataIndex++;
+  };
+  for (const stored of compression.cache) await put(stored);
+  const depth = Math.max(readDepth, compression.depth);
+  const batches = readAhead(
+    dataRanges(layout, chunkClusters, compression.cache.length),
+    depth,
+    async (range) => {
+      const data = await fetch(range);
+      const outputs = await compression.compressor.compressClusters(
+        data,
+        clusterSize,
+        geometry.compressionType,
+      );
+      return outputs.map((output, index) =>
+        output.length >= clusterSize ? data.subarray(index * clusterSize, (index + 1) * clusterSize) : output,
+      );
+    },
+  );
+  for await (const { result } of batches) for (const stored of result) await put(stored);
+  if (dataIndex !== lengths.length) {
+    throw new BlockDeviceError(
+      'EIO',
+      `qcow2 convert: wrote ${dataIndex} data clusters, planned ${lengths.length}`,
+    );
+  }
+}
+
+/**
+ * Converts `source` to a qcow2 image written to `sink` (closed at the end); resolves with the
+ * number of bytes written.
+ */
+export async function convertToQcow2(
+  source: ConvertSource,
+  sink: Qcow2Sink,
+  options: ConvertOptions = {},
+): Promise<number> {
+  const plan = await planConversion(source, options);
+  return plan.write(sink);
+}
