@@ -19,6 +19,7 @@ import {
   NBD_CMD_TRIM,
   NBD_CMD_WRITE,
   NBD_CMD_WRITE_ZEROES,
+  NBD_EINVAL,
   NBD_ENOTSUP,
   NBD_ESHUTDOWN,
   NBD_MAX_PAYLOAD_SIZE,
@@ -293,7 +294,7 @@ export class Transmission {
     const { cookie, offset, length } = request;
     const one = (request.flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
     if (length === 0) {
-      this.replyError(request, 22, 'NBD_CMD_BLOCK_STATUS: zero length');
+      this.replyError(request, NBD_EINVAL, 'NBD_CMD_BLOCK_STATUS: zero length');
       return;
     }
     const extents = await statusExtents(this.session, offset, length, one ? 1 : MAX_DESCRIPTORS);
