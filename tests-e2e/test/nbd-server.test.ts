@@ -4,7 +4,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { connect } from 'node:net';
+import { type AddressInfo, connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -338,7 +338,7 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
 
   it('bad clients get errors or a closed connection while a good client keeps working', async () => {
     const server = await startServer(dir.path, ['-t', '-e', '0', '-f', 'raw', '-r', image], {
-      port: 20000 + Math.floor(Math.random() * 20000),
+      port: await freePort(),
     });
     try {
       const port = Number(new URL(server.uri).port);
@@ -418,7 +418,7 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
       '-extfile',
       'ext.cnf',
     ]);
-    const port = 20000 + Math.floor(Math.random() * 20000);
+    const port = await freePort();
     const server = await startServer(
       dir.path,
       ['-t', '-e', '0', '-r', '-f', 'raw', '--tls-creds', pki, image],
@@ -439,6 +439,18 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
     }
   });
 });
+
+/** A TCP port free right now on 127.0.0.1 (the kernel picks it). */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address() as AddressInfo;
+      probe.close(() => resolve(port));
+    });
+  });
+}
 
 /** Handshake bytes for a client that negotiates nothing and asks for the default export. */
 function handshake(): Buffer[] {
