@@ -75,20 +75,29 @@ export function planRefcountStructure(
   return { blocks, tableClusterIndex, tableClusters, counts };
 }
 
-/** Writes new refcount structures for `computed` and switches the header to them. */
-export async function rebuildRefcountStructure(
-  file: BlockDevice,
-  computed: ComputedRefcounts,
-  geometry: { clusterSize: number; refcountOrder: number },
-  request: RequestOptions,
-): Promise<void> {
-  const { clusterSize, refcountOrder } = geometry;
-  const entriesPerBlock = (clusterSize * 8) / 2 ** refcountOrder;
+/** The counted references as an array (capped at the refcount width), ready for a rebuild. */
+export function countsOf(computed: ComputedRefcounts, refcountOrder: number): number[] {
   const max = maxRefcount(refcountOrder);
   const counts: number[] = [];
   for (let clusterIndex = 0; clusterIndex < computed.used; clusterIndex++) {
     counts.push(Math.min(computed.get(clusterIndex), max));
   }
+  return counts;
+}
+
+/**
+ * Writes new refcount structures holding `counts` and switches the header to them. `counts` must
+ * count every cluster in use, the current refcount structures included (so the new ones avoid
+ * them); it gains the new structures. Returns where they went.
+ */
+export async function rebuildRefcountStructure(
+  file: BlockDevice,
+  counts: number[],
+  geometry: { clusterSize: number; refcountOrder: number },
+  request: RequestOptions,
+): Promise<RefcountLayout> {
+  const { clusterSize, refcountOrder } = geometry;
+  const entriesPerBlock = (clusterSize * 8) / 2 ** refcountOrder;
   const layout = planRefcountStructure(counts, clusterSize, entriesPerBlock);
   let end = (layout.tableClusterIndex + layout.tableClusters) * clusterSize;
   for (const clusterIndex of layout.blocks.values()) end = Math.max(end, (clusterIndex + 1) * clusterSize);
@@ -122,4 +131,5 @@ export async function rebuildRefcountStructure(
   fieldView.setUint32(8, layout.tableClusters);
   await file.write(REFCOUNT_TABLE_OFFSET_FIELD, field, request);
   await file.flush(request);
+  return layout;
 }

@@ -18,7 +18,7 @@
 import { BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
 import { QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2 } from '../format/feature-bits.js';
 import { inspectQcow2Image, loadHeader, type Qcow2CheckTarget, type Qcow2Inspection } from './check.js';
-import { rebuildRefcountStructure } from './rebuild-refcounts.js';
+import { countsOf, rebuildRefcountStructure } from './rebuild-refcounts.js';
 import { repairCopiedFlags } from './repair-copied.js';
 import { type RepairMode, repairRefcountsInPlace } from './repair-refcounts.js';
 import { StoredRefcounts } from './stored-refcounts.js';
@@ -59,7 +59,12 @@ export async function repairQcow2Image(
     corruptionsFixed += inPlace.corruptionsFixed;
     if (inPlace.rebuildNeeded) {
       lines.push('Rebuilding refcount structure');
-      await rebuildRefcountStructure(file, first.computed, geometry, request);
+      await rebuildRefcountStructure(
+        file,
+        countsOf(first.computed, geometry.refcountOrder),
+        geometry,
+        request,
+      );
       corruptionsFixed += inPlace.unfixedCorruptions;
       // The old structures are leaked now: free them.
       const rebuilt = await inspectQcow2Image({ file }, inspectOptions);
