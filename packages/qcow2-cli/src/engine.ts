@@ -6,15 +6,16 @@
  * `OpenedImage` is checked against them at compile time.
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
-import {
-  detectFormat as coreDetectFormat,
-  type Qcow2CheckOptions,
-  type Qcow2CheckResult,
-  type Qcow2Header,
-  type Qcow2SnapshotInfo,
-  type QcowV1Header,
+import type {
+  Qcow2CheckOptions,
+  Qcow2CheckResult,
+  Qcow2Header,
+  Qcow2SnapshotInfo,
+  QcowV1Header,
 } from '@qcowkit/qcow2-core';
-import { openImage as coreOpenImage } from '@qcowkit/qcow2-core/node';
+// The node entry only: the main entry also loads the checker and every codec, which no command
+// but check needs (start-up time).
+import { detectFormat as coreDetectFormat, openImage as coreOpenImage } from '@qcowkit/qcow2-core/node';
 import { CliError, openError } from './errors.js';
 
 export type ImageFormat = 'qcow2' | 'qcow' | 'raw';

@@ -1,16 +1,22 @@
 /**
  * The `qcow2` command line, testable in-process: `run(argv, io)` parses the arguments, runs one
  * subcommand and returns the exit code. Nothing here touches `process`.
+ *
+ * Start-up is part of every command's time, so nothing heavy loads before it is needed: commander
+ * and each subcommand's module are imported when used (`import()` in the actions), and a plain
+ * `qcow2 convert` command line (see `convertFastPath`) runs without commander at all. Anything
+ * that fast path does not recognise goes through commander, so messages stay the same.
  */
-import { Command, CommanderError, Option } from 'commander';
-import { checkCommand } from './commands/check.js';
-import { convertCommand } from './commands/convert.js';
-import { infoCommand } from './commands/info.js';
-import { mapCommand } from './commands/map.js';
+import type { Command } from 'commander';
+import { convertFastPath, parseSnapshotOption } from './commands/convert-args.js';
 import { IMAGE_FORMATS, type ImageFormat } from './engine.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
 import type { CliIo, CommandContext } from './io.js';
 import { parseSize } from './size.js';
+
+export { parseSnapshotOption };
+
+type Commander = typeof import('commander');
 
 export const VERSION = '0.1.0';
 
@@ -19,17 +25,24 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
   const debug = argv.includes('--debug') || io.env.QCOW2_DEBUG === '1';
   const context: CommandContext = { io };
   let exitCode = 0;
-  const program = buildProgram(context, (code) => {
-    exitCode = code;
-  });
+  let commander: Commander | undefined;
   try {
     if (argv.filter((arg) => arg !== '--debug').length === 0) {
       throw new UsageError("a command is needed: info, map, convert or check ('qcow2 --help' tells more)");
     }
+    const fastConvert = argv[0] === 'convert' ? convertFastPath(argv.slice(1)) : undefined;
+    if (fastConvert !== undefined) {
+      const { convertCommand } = await import('./commands/convert.js');
+      return await convertCommand(context, fastConvert.source, fastConvert.target, fastConvert.options);
+    }
+    commander = await import('commander');
+    const program = buildProgram(commander, context, (code) => {
+      exitCode = code;
+    });
     await program.parseAsync([...argv], { from: 'user' });
     return exitCode;
   } catch (error) {
-    if (error instanceof CommanderError) {
+    if (commander !== undefined && error instanceof commander.CommanderError) {
       // Help and version exit 0; commander already printed the problem line through outputError.
       return error.exitCode === 0 ? 0 : 1;
     }
@@ -39,7 +52,11 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
   }
 }
 
-function buildProgram(context: CommandContext, setExit: (code: number) => void): Command {
+function buildProgram(
+  { Command, Option }: Commander,
+  context: CommandContext,
+  setExit: (code: number) => void,
+): Command {
   const { io } = context;
   const program = new Command('qcow2');
   program
@@ -76,6 +93,7 @@ function buildProgram(context: CommandContext, setExit: (code: number) => void):
     .option('--backing-chain', 'show every image of the backing chain')
     .addHelpText('after', '\nExample:\n  qcow2 info --output=json disk.qcow2\n')
     .action(async (file: string, options: Record<string, unknown>) => {
+      const { infoCommand } = await import('./commands/info.js');
       setExit(
         await infoCommand(context, file, {
           format: options.f as ImageFormat | undefined,
@@ -95,6 +113,7 @@ function buildProgram(context: CommandContext, setExit: (code: number) => void):
     .addOption(new Option('--max-length <size>', 'how many bytes to map').argParser(sizeParser('max length')))
     .addHelpText('after', '\nExample:\n  qcow2 map --output=json disk.qcow2\n')
     .action(async (file: string, options: Record<string, unknown>) => {
+      const { mapCommand } = await import('./commands/map.js');
       setExit(
         await mapCommand(context, file, {
           format: options.f as ImageFormat | undefined,
@@ -120,6 +139,7 @@ function buildProgram(context: CommandContext, setExit: (code: number) => void):
     .option('-q', 'quiet: no progress bar even with -p')
     .addHelpText('after', '\nExample:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n')
     .action(async (source: string, target: string, options: Record<string, unknown>) => {
+      const { convertCommand } = await import('./commands/convert.js');
       setExit(
         await convertCommand(context, source, target, {
           format: options.f as ImageFormat | undefined,
@@ -140,6 +160,7 @@ function buildProgram(context: CommandContext, setExit: (code: number) => void):
       '\nExit codes: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check could not run,\n63 the format has no checks (raw).\n\nExample:\n  qcow2 check disk.qcow2\n',
     )
     .action(async (file: string, options: Record<string, unknown>) => {
+      const { checkCommand } = await import('./commands/check.js');
       setExit(
         await checkCommand(context, file, {
           format: options.f as ImageFormat | undefined,
@@ -183,19 +204,4 @@ function parseFormat(value: string): ImageFormat {
 
 function sizeParser(what: string): (value: string) => number {
   return (value) => parseSize(value, what);
-}
-
-/** `-l snapshot.name=N`, `-l snapshot.id=I`, `-l X` (id or name), `-s X` (id or name). */
-export function parseSnapshotOption(
-  l: string | undefined,
-  s: string | undefined,
-): { id?: string; name?: string; idOrName?: string } | undefined {
-  if (l !== undefined && s !== undefined) throw new UsageError('-l and -s cannot be used together');
-  if (s !== undefined) return { idOrName: s };
-  if (l === undefined) return undefined;
-  if (l.startsWith('snapshot.name=')) return { name: l.slice('snapshot.name='.length) };
-  if (l.startsWith('snapshot.id=')) return { id: l.slice('snapshot.id='.length) };
-  if (l.includes('='))
-    throw new UsageError(`Invalid snapshot option '${l}' (use snapshot.name=NAME or snapshot.id=ID)`);
-  return { idOrName: l };
 }

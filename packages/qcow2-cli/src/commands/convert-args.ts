@@ -1,0 +1,70 @@
+/**
+ * `qcow2 convert`'s command line without commander: the common spellings (`-f FMT -O FMT -l X -s X
+ * -p -q -U --force-share --debug` and two file names, each flag and value its own argument) are
+ * parsed here so the command starts without loading commander. Anything else (bundled flags,
+ * `--help`, unknown or misspelt options, a missing value or file name, an unknown format) returns
+ * undefined and goes to commander, which reports it: the fast path never words an error itself.
+ */
+import { IMAGE_FORMATS, type ImageFormat } from '../engine.js';
+import { UsageError } from '../errors.js';
+import type { ConvertOptions } from './convert.js';
+
+export interface ConvertCommandLine {
+  readonly source: string;
+  readonly target: string;
+  readonly options: ConvertOptions;
+}
+
+const WITH_VALUE = new Set(['-f', '-O', '-l', '-s']);
+const FLAGS = new Set(['-p', '-q', '-U', '--force-share', '--debug']);
+
+/** `args` are the arguments after `convert`; undefined when commander has to look at them. */
+export function convertFastPath(args: readonly string[]): ConvertCommandLine | undefined {
+  const values = new Map<string, string>();
+  const flags = new Set<string>();
+  const files: string[] = [];
+  for (let index = 0; index < args.length; index++) {
+    const arg = args[index]!;
+    if (WITH_VALUE.has(arg)) {
+      const value = args[index + 1];
+      if (value === undefined || value.startsWith('-')) return undefined;
+      values.set(arg, value);
+      index++;
+    } else if (FLAGS.has(arg)) {
+      flags.add(arg);
+    } else if (arg.startsWith('-')) {
+      return undefined;
+    } else {
+      files.push(arg);
+    }
+  }
+  if (files.length !== 2) return undefined;
+  const format = values.get('-f');
+  if (format !== undefined && !(IMAGE_FORMATS as readonly string[]).includes(format)) return undefined;
+  return {
+    source: files[0]!,
+    target: files[1]!,
+    options: {
+      format: format as ImageFormat | undefined,
+      outputFormat: values.get('-O') ?? 'raw',
+      snapshot: parseSnapshotOption(values.get('-l'), values.get('-s')),
+      progress: flags.has('-p') && !flags.has('-q'),
+      forceShare: flags.has('-U') || flags.has('--force-share'),
+    },
+  };
+}
+
+/** `-l snapshot.name=N`, `-l snapshot.id=I`, `-l X` (id or name), `-s X` (id or name). */
+export function parseSnapshotOption(
+  l: string | undefined,
+  s: string | undefined,
+): { id?: string; name?: string; idOrName?: string } | undefined {
+  if (l !== undefined && s !== undefined) throw new UsageError('-l and -s cannot be used together');
+  if (s !== undefined) return { idOrName: s };
+  if (l === undefined) return undefined;
+  if (l.startsWith('snapshot.name=')) return { name: l.slice('snapshot.name='.length) };
+  if (l.startsWith('snapshot.id=')) return { id: l.slice('snapshot.id='.length) };
+  if (l.includes('='))
+    throw new UsageError(`Invalid snapshot option '${l}' (use snapshot.name=NAME or snapshot.id=ID)`);
+  return { idOrName: l };
+}

@@ -1,0 +1,110 @@
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { convertFastPath } from '../src/commands/convert-args.js';
+import { type CliIo, run } from '../src/index.js';
+
+describe('convertFastPath (qcow2 convert without commander)', () => {
+  test('the usual spellings', () => {
+    expect(convertFastPath(['-f', 'qcow2', '-O', 'raw', 'a.qcow2', 'b.raw'])).toEqual({
+      source: 'a.qcow2',
+      target: 'b.raw',
+      options: {
+        format: 'qcow2',
+        outputFormat: 'raw',
+        snapshot: undefined,
+        progress: false,
+        forceShare: false,
+      },
+    });
+    const line = convertFastPath(['-p', '-U', 'a', '-l', 'snapshot.name=s1', 'b', '--debug']);
+    expect(line?.options).toMatchObject({
+      format: undefined,
+      outputFormat: 'raw',
+      snapshot: { name: 's1' },
+      progress: true,
+      forceShare: true,
+    });
+    expect(convertFastPath(['-p', '-q', '--force-share', '-s', '2', 'a', 'b'])?.options).toMatchObject({
+      progress: false,
+      forceShare: true,
+      snapshot: { idOrName: '2' },
+    });
+    // The output format is checked by the command, as when commander parses it.
+    expect(convertFastPath(['-O', 'vmdk', 'a', 'b'])?.options.outputFormat).toBe('vmdk');
+  });
+
+  test('anything unusual is left to commander', () => {
+    for (const args of [
+      ['a'],
+      ['a', 'b', 'c'],
+      ['-Oraw', 'a', 'b'],
+      ['-pq', 'a', 'b'],
+      ['--help'],
+      ['-f', 'vmdk', 'a', 'b'],
+      ['-f', '-O', 'a', 'b'],
+      ['a', 'b', '-f'],
+      ['--output=json', 'a', 'b'],
+      ['--', 'a', 'b'],
+      ['-x', 'a', 'b'],
+    ]) {
+      expect(convertFastPath(args), args.join(' ')).toBeUndefined();
+    }
+  });
+
+  test('snapshot options are checked as commander does', () => {
+    expect(() => convertFastPath(['-l', 'a', '-s', 'b', 'x', 'y'])).toThrow(/together/);
+  });
+});
+
+describe('run(): convert with and without commander', () => {
+  let dir: string;
+  beforeAll(() => {
+    dir = mkdtempSync(join(tmpdir(), 'qcow2-cli-args-'));
+    const disk = Buffer.alloc(1 << 20);
+    disk.fill(0x5a, 4096, 12288);
+    writeFileSync(join(dir, 'disk.raw'), disk);
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  const runIn = async (argv: string[]) => {
+    let stderr = '';
+    const io: CliIo = {
+      stdout: { write: () => undefined },
+      stderr: {
+        write: (chunk) => {
+          stderr += chunk;
+        },
+      },
+      cwd: dir,
+      env: {},
+      isTTY: false,
+    };
+    return { code: await run(argv, io), stderr };
+  };
+
+  test('both parsers make the same file', async () => {
+    expect(await runIn(['convert', '-f', 'raw', '-O', 'raw', 'disk.raw', 'fast.raw'])).toEqual({
+      code: 0,
+      stderr: '',
+    });
+    expect(await runIn(['convert', '-fraw', '-Oraw', 'disk.raw', 'commander.raw'])).toEqual({
+      code: 0,
+      stderr: '',
+    });
+    const source = readFileSync(join(dir, 'disk.raw'));
+    expect(readFileSync(join(dir, 'fast.raw')).equals(source)).toBe(true);
+    expect(readFileSync(join(dir, 'commander.raw')).equals(source)).toBe(true);
+  });
+
+  test.each([
+    [['convert', '-f', 'vmdk', 'disk.raw', 'x.raw'], /^qcow2: .*Unknown driver 'vmdk'/],
+    [['convert', 'disk.raw'], /^qcow2: missing required argument 'target'\n$/],
+    [['convert', '-x', 'disk.raw', 'x.raw'], /^qcow2: unknown option '-x'\n$/],
+  ])('%j is reported by commander', async (argv, message) => {
+    const { code, stderr } = await runIn(argv);
+    expect(code).toBe(1);
+    expect(stderr).toMatch(message);
+  });
+});
