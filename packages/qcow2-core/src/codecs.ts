@@ -4,7 +4,7 @@
  * `nodeCodecs` uses node:zlib on the thread pool for deflate.
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { inflateSync } from 'fflate';
+import { deflateSync, inflateSync } from 'fflate';
 import { decompress as zstdDecompress } from 'fzstd';
 
 export interface Qcow2Codecs {
@@ -13,6 +13,11 @@ export interface Qcow2Codecs {
    * `output`; returns the number of bytes produced. Must not write past `output`.
    */
   decompress(type: 'deflate' | 'zstd', input: Uint8Array, output: Uint8Array): Promise<number>;
+  /**
+   * Compresses one cluster (raw deflate stream, or a zstd frame). Optional: without it, or when it
+   * rejects with EUNSUPPORTED, compressed writes are not available.
+   */
+  compress?(type: 'deflate' | 'zstd', input: Uint8Array): Promise<Uint8Array>;
 }
 
 const ZSTD_MAGIC = 0xfd2fb528;
@@ -64,6 +69,12 @@ function deliver(produced: Uint8Array, output: Uint8Array): number {
 
 /** Codecs without Node APIs: fflate (raw inflate) and fzstd. Synchronous work, run on the caller's thread. */
 export const pureCodecs: Qcow2Codecs = {
+  async compress(type, input) {
+    if (type === 'zstd') {
+      throw new BlockDeviceError('EUNSUPPORTED', 'zstd compression is not available (decompression only)');
+    }
+    return deflateSync(input, { level: 6 });
+  },
   async decompress(type, input, output) {
     try {
       if (type === 'zstd') return deliver(zstdDecompress(input.subarray(0, zstdFrameLength(input))), output);

@@ -6,15 +6,23 @@
  * buffer, and run several I/Os in parallel. Unallocated clusters fall through to the backing device.
  */
 import {
+  assertOpen,
   type BlockDevice,
   type BlockDeviceCapabilities,
   BlockDeviceError,
+  type RequestKind,
   type RequestOptions,
+  throwIfAborted,
+  validateRange,
+  validateSize,
+  type WriteOptions,
+  type WriteZeroesOptions,
 } from '@qcowkit/blockdev';
 import { TableCache } from './cache/table-cache.js';
 import { checkQcow2Image } from './check/index.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './check/types.js';
 import { pureCodecs, type Qcow2Codecs } from './codecs.js';
+import { planQcow2Create, type Qcow2CreateOptions, writeQcow2Layout } from './create.js';
 import { hex } from './format/binary.js';
 import {
   decodeBitmapDirectory,
@@ -35,6 +43,7 @@ import {
 import { decodeL1Table } from './format/l1-entry.js';
 import { decodeRefcount, decodeRefcountTable, refcountsPerBlock } from './format/refcount.js';
 import type { Qcow2SnapshotEntry } from './format/snapshot-table.js';
+import { ImageWriter } from './image-writer.js';
 import { Qcow2Mapper } from './mapping/qcow2-mapper.js';
 import { readClipped, type SegmentSource } from './mapping/read-segments.js';
 import type { Segment } from './mapping/segment.js';
@@ -90,12 +99,14 @@ export interface Qcow2MetadataReader {
 
 export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   readonly file: BlockDevice;
-  readonly header: Qcow2Header;
+  /** The decoded header; replaced when the image's header changes (writable images). */
+  header: Qcow2Header;
   readonly version: 2 | 3;
   readonly clusterSize: number;
   readonly clusterBits: number;
   readonly refcountBits: number;
-  readonly size: number;
+  /** Guest size; changes only through `resize`. */
+  size: number;
   readonly dirty: boolean;
   readonly corrupt: boolean;
   readonly lazyRefcounts: boolean;
@@ -107,7 +118,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   readonly dataFileRaw: boolean;
   readonly encrypted: boolean;
   readonly description: string;
-  readonly capabilities: BlockDeviceCapabilities;
+  capabilities: BlockDeviceCapabilities;
   /** The decoded snapshot table (raw entries). */
   readonly snapshotTable: readonly Qcow2SnapshotEntry[];
   readonly snapshots: readonly Qcow2SnapshotInfo[];
@@ -128,6 +139,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   readonly #codecs: Qcow2Codecs;
   readonly #concurrency: number;
   #source!: SegmentSource;
+  #writer: ImageWriter | undefined;
 
   private constructor(
     file: BlockDevice,
@@ -182,13 +194,33 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     this.#concurrency = options.concurrency ?? DEFAULT_CONCURRENCY;
   }
 
+  /**
+   * Creates a new, empty image in `file` (its content is replaced) laid out as qemu-img create
+   * does, and returns it opened for writing (read-only when it has an external data file, which
+   * this engine does not write yet). Open options (`resolveBacking`, `codecs`, ...) apply.
+   */
+  static async create(
+    file: BlockDevice,
+    options: Qcow2CreateOptions & Omit<Qcow2OpenOptions, 'readOnly' | 'snapshot' | 'snapshotSize'>,
+  ): Promise<Qcow2Image> {
+    const plan = planQcow2Create(options);
+    await writeQcow2Layout(file, plan);
+    const { size: _size, ...openOptions } = options;
+    const image = await Qcow2Image.open(file, { ...openOptions, readOnly: plan.dataFile !== undefined });
+    if (plan.preallocation === 'metadata') {
+      if (image.#writer === undefined) {
+        await image.close();
+        throw new BlockDeviceError('EUNSUPPORTED', 'qcow2 create: metadata preallocation with a data file');
+      }
+      await image.#writer.preallocateMetadata();
+    }
+    return image;
+  }
+
   /** Opens the qcow2 image stored in `file`. See {@link Qcow2OpenOptions}. */
   static async open(file: BlockDevice, options: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
-    if (options.readOnly === false) {
-      throw new BlockDeviceError(
-        'EUNSUPPORTED',
-        `qcow2: ${file.description}: opening for writing is not supported yet`,
-      );
+    if (options.readOnly === false && options.snapshot !== undefined) {
+      throw new BlockDeviceError('EINVAL', `qcow2: ${file.description}: a snapshot opens read-only`);
     }
     const chainDepth = options.chainDepth ?? 0;
     if (chainDepth >= MAX_CHAIN_DEPTH) {
@@ -255,7 +287,9 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     );
     image.#mapper = new Qcow2Mapper({
       readMetadata: (hostOffset, length) => file.read(hostOffset, length),
-      fileSize: file.size,
+      get fileSize() {
+        return file.size;
+      },
       l1High: l1.high,
       l1Low: l1.low,
       clusterBits: header.clusterBits,
@@ -279,7 +313,165 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       compressedDevice: file,
       concurrency: image.#concurrency,
     };
+    if (options.readOnly === false) {
+      try {
+        await image.#openForWriting();
+      } catch (error) {
+        await image.#backing?.close().catch(() => {});
+        await image.#dataFile?.close().catch(() => {});
+        throw error;
+      }
+    }
     return image;
+  }
+
+  async #openForWriting(): Promise<void> {
+    const codecs = this.#codecs;
+    const type = this.compressionType === 'zstd' ? 'zstd' : 'deflate';
+    this.#writer = await ImageWriter.open({
+      file: this.file,
+      description: this.description,
+      header: () => this.header,
+      setHeader: (header) => {
+        this.header = header;
+      },
+      size: () => this.size,
+      setSize: (size) => {
+        this.size = size;
+      },
+      snapshotTable: this.snapshotTable,
+      hasBitmaps: this.bitmapDirectory.length > 0,
+      mapper: this.#mapper,
+      cache: this.#l2Cache,
+      sliceBytes: Math.min(this.clusterSize, MAX_SLICE_BYTES),
+      readGuest: (buffer, guestOffset) => super.readInto(buffer, guestOffset),
+      forgetCompressed: (hostOffset) => this.#compressedCache.invalidate(hostOffset),
+      compress: async (input) => {
+        if (codecs.compress === undefined) {
+          throw new BlockDeviceError('EUNSUPPORTED', `qcow2: ${this.description}: no compressor available`);
+        }
+        return codecs.compress(type, input);
+      },
+    });
+    this.capabilities = {
+      ...this.capabilities,
+      discard: true,
+      writeZeroes: true,
+      flush: true,
+      resize: true,
+    };
+  }
+
+  override get readOnly(): boolean {
+    return this.#writer === undefined;
+  }
+
+  override readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+    const writer = this.#writer;
+    if (writer === undefined) return super.readInto(buffer, offset, options);
+    return writer.lock.shared(() => super.readInto(buffer, offset, options));
+  }
+
+  override async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    const writer = this.#writer;
+    if (writer === undefined) return super.write(offset, data, options);
+    return this.#change('write', offset, data.length, options?.signal, async () => {
+      await writer.write(offset, data);
+      if (options?.fua) await writer.flush();
+    });
+  }
+
+  override async writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
+    const writer = this.#writer;
+    if (writer === undefined) return super.writeZeroes(offset, length, options);
+    return this.#change('writeZeroes', offset, length, options?.signal, async () => {
+      if (options?.fastOnly) {
+        throw new BlockDeviceError('ENOTSUP', `writeZeroes: ${this.description}: no fast zeroing`);
+      }
+      await writer.writeZeroes(offset, length, 'zero');
+      if (options?.fua) await writer.flush();
+    });
+  }
+
+  override async discard(offset: number, length: number, options?: RequestOptions): Promise<void> {
+    const writer = this.#writer;
+    if (writer === undefined) return super.discard(offset, length, options);
+    return this.#change('discard', offset, length, options?.signal, () =>
+      writer.writeZeroes(offset, length, 'discard'),
+    );
+  }
+
+  /**
+   * Writes whole clusters compressed (qemu-img convert -c): `guestOffset` is cluster-aligned and
+   * `data` one cluster long (shorter only for the image's last cluster). A cluster that does not
+   * shrink is written uncompressed, as QEMU does.
+   */
+  async writeCompressed(guestOffset: number, data: Uint8Array): Promise<void> {
+    const writer = this.#writer;
+    if (writer === undefined) return super.write(guestOffset, data);
+    const lastCluster = guestOffset + data.length === this.size;
+    if (guestOffset % this.clusterSize !== 0 || (data.length !== this.clusterSize && !lastCluster)) {
+      throw new BlockDeviceError('EINVAL', 'writeCompressed: needs one whole, aligned cluster', {
+        offset: guestOffset,
+      });
+    }
+    return this.#change('write', guestOffset, data.length, undefined, async () => {
+      let whole = data;
+      if (data.length < this.clusterSize) {
+        whole = new Uint8Array(this.clusterSize);
+        whole.set(data);
+      }
+      await writer.writeCompressed(guestOffset, whole.length === data.length ? data : whole);
+    });
+  }
+
+  override async flush(options?: RequestOptions): Promise<void> {
+    const writer = this.#writer;
+    if (writer === undefined) return super.flush(options);
+    assertOpen(this.closed, this.description, 'flush');
+    await this.#tracked(writer.flush());
+  }
+
+  override async resize(newSize: number): Promise<void> {
+    const writer = this.#writer;
+    if (writer === undefined) return super.resize(newSize);
+    assertOpen(this.closed, this.description, 'resize');
+    validateSize(newSize, 'resize');
+    await this.#tracked(writer.resize(newSize));
+  }
+
+  override async close(): Promise<void> {
+    const writer = this.#writer;
+    if (writer !== undefined && !this.closed) {
+      await Promise.allSettled([...this.#changes]);
+      await writer.close();
+    }
+    await super.close();
+  }
+
+  readonly #changes = new Set<Promise<unknown>>();
+
+  #tracked<T>(promise: Promise<T>): Promise<T> {
+    this.#changes.add(promise);
+    const forget = (): void => {
+      this.#changes.delete(promise);
+    };
+    promise.then(forget, forget);
+    return promise;
+  }
+
+  async #change(
+    kind: RequestKind,
+    offset: number,
+    length: number,
+    signal: AbortSignal | undefined,
+    task: () => Promise<void>,
+  ): Promise<void> {
+    assertOpen(this.closed, this.description, kind);
+    validateRange(this.size, offset, length, kind);
+    throwIfAborted(signal);
+    if (length === 0) return;
+    await this.#tracked(task());
   }
 
   async #openExternalFiles(options: Qcow2OpenOptions): Promise<void> {

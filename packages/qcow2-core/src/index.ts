@@ -1,6 +1,12 @@
 export { TableCache } from './cache/index.js';
 export * from './check/index.js';
 export { pureCodecs, type Qcow2Codecs, zstdFrameLength } from './codecs.js';
+export {
+  planQcow2Create,
+  type Qcow2CreateOptions,
+  type Qcow2CreatePlan,
+  writeQcow2Layout,
+} from './create.js';
 export { DETECT_BYTES, detectFormat, type ImageFormat } from './detect.js';
 export * from './format/index.js';
 export {

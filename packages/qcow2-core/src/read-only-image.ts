@@ -25,7 +25,10 @@ const BLOCK_STATUS_MAX_ENTRIES = 65536;
 export abstract class ReadOnlyImage implements BlockDevice {
   abstract readonly size: number;
   abstract readonly description: string;
-  readonly readOnly = true;
+  /** Always true here; a writable subclass overrides it. */
+  get readOnly(): boolean {
+    return true;
+  }
   abstract readonly capabilities: BlockDeviceCapabilities;
   #closed = false;
   #inFlight = new Set<Promise<unknown>>();

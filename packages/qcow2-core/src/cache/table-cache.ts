@@ -53,6 +53,11 @@ export class TableCache<T extends { readonly byteLength: number }> {
     return this.#entries.get(key);
   }
 
+  /** Stores `table` at `key` (a table just written by the write path), replacing any copy. */
+  put(key: number, table: T): void {
+    this.#insert(key, table);
+  }
+
   /** Forgets `key`. */
   invalidate(key: number): void {
     const table = this.#entries.get(key);

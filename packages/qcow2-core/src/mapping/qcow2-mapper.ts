@@ -39,9 +39,13 @@ export class Qcow2Mapper {
   readonly #entriesPerSlice: number;
   readonly #bytesPerL1: number;
   readonly #subclusterSize: number;
+  #l1High: Uint32Array;
+  #l1Low: Uint32Array;
 
   constructor(options: Qcow2MapperOptions) {
     this.#options = options;
+    this.#l1High = options.l1High;
+    this.#l1Low = options.l1Low;
     this.#clusterSize = 2 ** options.clusterBits;
     this.#entrySize = options.extendedL2 ? 16 : 8;
     this.#entriesPerSlice = options.sliceBytes / this.#entrySize;
@@ -49,9 +53,22 @@ export class Qcow2Mapper {
     this.#subclusterSize = this.#clusterSize / 32;
   }
 
+  /** The L1 table in use (the write path changes its entries in place). */
+  get l1(): { high: Uint32Array; low: Uint32Array } {
+    return { high: this.#l1High, low: this.#l1Low };
+  }
+
+  /** Replaces the L1 table (after a resize). */
+  setL1(high: Uint32Array, low: Uint32Array): void {
+    this.#l1High = high;
+    this.#l1Low = low;
+  }
+
   /** Host offset of the L2 table for `l1Index` (0 = none), validated. */
   l2TableOffset(l1Index: number): number {
-    const { l1High, l1Low, fileSize } = this.#options;
+    const { fileSize } = this.#options;
+    const l1High = this.#l1High;
+    const l1Low = this.#l1Low;
     if (l1Index >= l1High.length) return 0;
     const high = l1High[l1Index]!;
     const low = l1Low[l1Index]!;

@@ -8,7 +8,7 @@
  * millisecond. Larger clusters (up to 2 MiB) use the asynchronous inflateRaw on libuv's thread pool.
  */
 import { promisify } from 'node:util';
-import { constants, inflateRaw, inflateRawSync } from 'node:zlib';
+import { constants, deflateRaw, inflateRaw, inflateRawSync } from 'node:zlib';
 import { BlockDeviceError } from '@qcowkit/blockdev';
 import { pureCodecs, type Qcow2Codecs } from '../codecs.js';
 
@@ -20,7 +20,18 @@ const inflateRawAsync = promisify(inflateRaw) as (
   options: { finishFlush: number; maxOutputLength: number },
 ) => Promise<Buffer>;
 
+const deflateRawAsync = promisify(deflateRaw) as (
+  input: Uint8Array,
+  options: { windowBits: number; level: number },
+) => Promise<Buffer>;
+
 export const nodeCodecs: Qcow2Codecs = {
+  async compress(type, input) {
+    if (type === 'zstd') return pureCodecs.compress!(type, input);
+    // A 4 KiB window (windowBits 12) as QEMU uses for compressed clusters.
+    const output = await deflateRawAsync(input, { windowBits: 12, level: 6 });
+    return new Uint8Array(output.buffer, output.byteOffset, output.byteLength);
+  },
   async decompress(type, input, output) {
     if (type === 'zstd') return pureCodecs.decompress(type, input, output);
     // Z_SYNC_FLUSH: a stream that fills the cluster without an end marker is accepted, as QEMU does.

@@ -1,0 +1,340 @@
+/**
+ * The read-write side of an open qcow2 image: the metadata lock, the refcounts and allocator, the
+ * overlap map, header updates, the sticky corrupt state, resize, and the write path.
+ *
+ * Refcounts are always written before anything points at a cluster, also on images with lazy
+ * refcounts, so this engine never needs the dirty bit. A dirty image (another program's crash with
+ * lazy refcounts) needs its refcounts rebuilt before writing, which is not implemented yet: it is
+ * refused (EUNSUPPORTED); a corrupt-flagged one too (ECORRUPT).
+ */
+import { type BlockDevice, BlockDeviceError, isBlockDeviceError } from '@qcowkit/blockdev';
+import { MetadataLock } from './alloc/metadata-lock.js';
+import { MetadataMap, OverlapError } from './alloc/metadata-map.js';
+import { RefcountStore } from './alloc/refcount-store.js';
+import type { TableCache } from './cache/table-cache.js';
+import { writeU64 } from './format/binary.js';
+import { QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_INCOMPAT_CORRUPT } from './format/feature-bits.js';
+import { sizeToL1 } from './format/geometry.js';
+import { headerFlags, type Qcow2Header } from './format/header.js';
+import { decodeL1Table, l1EntryOffset } from './format/l1-entry.js';
+import type { Qcow2SnapshotEntry } from './format/snapshot-table.js';
+import type { Qcow2Mapper } from './mapping/qcow2-mapper.js';
+import { WritePath } from './mapping/write-path.js';
+
+export interface ImageWriterContext {
+  readonly file: BlockDevice;
+  readonly description: string;
+  readonly header: () => Qcow2Header;
+  readonly setHeader: (header: Qcow2Header) => void;
+  readonly size: () => number;
+  readonly setSize: (size: number) => void;
+  readonly snapshotTable: readonly Qcow2SnapshotEntry[];
+  readonly hasBitmaps: boolean;
+  readonly mapper: Qcow2Mapper;
+  readonly cache: TableCache<DataView>;
+  readonly sliceBytes: number;
+  readonly readGuest: (buffer: Uint8Array, guestOffset: number) => Promise<void>;
+  readonly forgetCompressed: (hostOffset: number) => void;
+  readonly compress: (input: Uint8Array) => Promise<Uint8Array | undefined>;
+}
+
+export class ImageWriter {
+  readonly lock = new MetadataLock();
+  readonly #context: ImageWriterContext;
+  readonly #metadata: MetadataMap;
+  readonly #refcounts: RefcountStore;
+  readonly #writePath: WritePath;
+  readonly #clusterSize: number;
+  #l1Offset: number;
+  #corruption: BlockDeviceError | undefined;
+
+  private constructor(
+    context: ImageWriterContext,
+    metadata: MetadataMap,
+    refcounts: RefcountStore,
+    l1Offset: number,
+  ) {
+    this.#context = context;
+    this.#metadata = metadata;
+    this.#refcounts = refcounts;
+    this.#l1Offset = l1Offset;
+    const header = context.header();
+    this.#clusterSize = header.clusterSize;
+    this.#writePath = new WritePath({
+      file: context.file,
+      clusterBits: header.clusterBits,
+      extendedL2: headerFlags(header).extendedL2,
+      version: header.version,
+      hasBacking: header.backingFileName !== undefined && header.backingFileName !== '',
+      mapper: context.mapper,
+      cache: context.cache,
+      sliceBytes: context.sliceBytes,
+      refcounts,
+      metadata,
+      l1: () => ({ ...context.mapper.l1, offset: this.#l1Offset }),
+      size: context.size,
+      readGuest: context.readGuest,
+      forgetCompressed: context.forgetCompressed,
+    });
+  }
+
+  /** Prepares `context`'s image for writing (see the file comment for what is refused). */
+  static async open(context: ImageWriterContext): Promise<ImageWriter> {
+    const { file, description } = context;
+    const header = context.header();
+    const flags = headerFlags(header);
+    const refuse = (code: 'EUNSUPPORTED' | 'ECORRUPT' | 'EROFS', why: string): never => {
+      throw new BlockDeviceError(code, `qcow2: ${description}: cannot open for writing: ${why}`);
+    };
+    if (file.readOnly) refuse('EROFS', 'the file is read-only');
+    if (flags.corrupt) refuse('ECORRUPT', 'the image is marked corrupt (repair it with check -r all)');
+    if (flags.dirty) refuse('EUNSUPPORTED', 'the image is dirty and refcount repair is not implemented yet');
+    if (flags.dataFile)
+      refuse('EUNSUPPORTED', 'writing images with an external data file is not supported yet');
+    if (context.hasBitmaps)
+      refuse('EUNSUPPORTED', 'writing images with persistent bitmaps is not supported yet');
+    const metadata = new MetadataMap(header.clusterSize);
+    metadata.add(0, header.clusterSize, 'header');
+    metadata.add(header.l1TableOffset, Math.max(1, header.l1Size * 8), 'l1-table');
+    if (header.nbSnapshots > 0) metadata.add(header.snapshotsOffset, 1, 'snapshot-table');
+    for (const snapshot of context.snapshotTable) {
+      if (snapshot.l1Size > 0) metadata.add(snapshot.l1TableOffset, snapshot.l1Size * 8, 'snapshot-l1-table');
+    }
+    const { high, low } = context.mapper.l1;
+    for (let index = 0; index < high.length; index++) {
+      const l2Offset = l1EntryOffset(high[index]!, low[index]!);
+      if (l2Offset !== 0) metadata.add(l2Offset, header.clusterSize, 'l2-table');
+    }
+    let writer: ImageWriter | undefined;
+    const refcounts = await RefcountStore.load({
+      file,
+      clusterBits: header.clusterBits,
+      refcountOrder: header.refcountOrder,
+      tableOffset: header.refcountTableOffset,
+      tableClusters: header.refcountTableClusters,
+      metadata,
+      writeTablePointer: async (tableOffset, tableClusters) => {
+        const bytes = new Uint8Array(12);
+        const view = new DataView(bytes.buffer);
+        writeU64(view, 0, tableOffset);
+        view.setUint32(8, tableClusters);
+        await writer!.#patchHeader(48, bytes);
+        context.setHeader({
+          ...context.header(),
+          refcountTableOffset: tableOffset,
+          refcountTableClusters: tableClusters,
+        });
+      },
+    });
+    writer = new ImageWriter(context, metadata, refcounts, header.l1TableOffset);
+    // Unknown autoclear bits (and the bitmaps bit: this engine does not keep bitmaps) are cleared
+    // before the first write.
+    if (header.version === 3) {
+      const keep = header.autoclearFeatures.low & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+      if (header.autoclearFeatures.high !== 0 || header.autoclearFeatures.low !== keep) {
+        const bytes = new Uint8Array(8);
+        new DataView(bytes.buffer).setUint32(4, keep);
+        await writer.#patchHeader(88, bytes);
+        context.setHeader({ ...header, autoclearFeatures: { high: 0, low: keep } });
+      }
+    }
+    return writer;
+  }
+
+  /** Writes header bytes in place (fields within the first sector) and flushes. */
+  async #patchHeader(at: number, bytes: Uint8Array): Promise<void> {
+    this.#metadata.check(at, bytes.length, 'header', 'header write');
+    await this.#context.file.write(at, bytes);
+    await this.#context.file.flush();
+  }
+
+  /** Runs a change to the image, turning a detected inconsistency into a sticky corrupt state. */
+  async #guarded<T>(task: () => Promise<T>): Promise<T> {
+    if (this.#corruption !== undefined) throw this.#corruption;
+    try {
+      return await task();
+    } catch (error) {
+      if (error instanceof OverlapError || isBlockDeviceError(error, 'ECORRUPT')) {
+        await this.#markCorrupt(error as BlockDeviceError);
+      }
+      throw error;
+    }
+  }
+
+  async #markCorrupt(error: BlockDeviceError): Promise<void> {
+    this.#corruption ??= new BlockDeviceError(
+      'ECORRUPT',
+      `qcow2: ${this.#context.description}: marked corrupt, no more writes: ${error.message}`,
+      { cause: error },
+    );
+    const header = this.#context.header();
+    if (header.version !== 3) return;
+    const low = (header.incompatibleFeatures.low | QCOW2_INCOMPAT_CORRUPT) >>> 0;
+    const bytes = new Uint8Array(4);
+    new DataView(bytes.buffer).setUint32(0, low);
+    try {
+      await this.#context.file.write(76, bytes);
+      await this.#context.file.flush();
+      this.#context.setHeader({
+        ...header,
+        incompatibleFeatures: { high: header.incompatibleFeatures.high, low },
+      });
+    } catch {
+      // The image is unusable for writing either way.
+    }
+  }
+
+  get corrupt(): boolean {
+    return this.#corruption !== undefined;
+  }
+
+  async write(guestOffset: number, data: Uint8Array): Promise<void> {
+    if (this.#corruption !== undefined) throw this.#corruption;
+    const done = await this.lock.shared(() =>
+      this.#guarded(() => this.#writePath.tryWriteInPlace(guestOffset, data)),
+    );
+    if (done) return;
+    await this.lock.exclusive(() => this.#guarded(() => this.#writePath.write(guestOffset, data)));
+  }
+
+  async writeZeroes(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
+    await this.lock.exclusive(() =>
+      this.#guarded(async () => {
+        const header = this.#context.header();
+        const hasBacking = header.backingFileName !== undefined && header.backingFileName !== '';
+        const clusterSize = this.#clusterSize;
+        const end = guestOffset + length;
+        const size = this.#context.size();
+        // Whole clusters (the image's last, short cluster counts as whole when covered to the end).
+        const wholeStart = Math.ceil(guestOffset / clusterSize) * clusterSize;
+        let wholeEnd = Math.floor(end / clusterSize) * clusterSize;
+        // The image's last, short cluster is whole when covered up to the end.
+        if (end === size && end % clusterSize !== 0) wholeEnd = end;
+        const partial: [number, number][] = [];
+        if (wholeStart >= wholeEnd || (mode === 'zero' && header.version === 2 && hasBacking)) {
+          partial.push([guestOffset, end]);
+        } else {
+          if (guestOffset < wholeStart) partial.push([guestOffset, wholeStart]);
+          if (wholeEnd < end) partial.push([wholeEnd, end]);
+          await this.#writePath.zeroOrDiscardClusters(wholeStart, wholeEnd - wholeStart, mode);
+        }
+        // Partial clusters: a discard over a backing file leaves them (discard is advisory);
+        // otherwise they are written as zeros.
+        if (mode === 'discard' && hasBacking) return;
+        for (const [from, to] of partial) {
+          for (let at = from; at < to; at += 1024 * 1024) {
+            await this.#writePath.write(at, new Uint8Array(Math.min(1024 * 1024, to - at)));
+          }
+        }
+      }),
+    );
+  }
+
+  /** Writes whole cluster `clusterIndex` compressed (uncompressed when it does not shrink). */
+  async writeCompressed(guestOffset: number, data: Uint8Array): Promise<void> {
+    const compressed = await this.#context.compress(data);
+    await this.lock.exclusive(() =>
+      this.#guarded(async () => {
+        if (compressed === undefined || compressed.length >= this.#clusterSize - 512) {
+          await this.#writePath.write(guestOffset, data);
+          return;
+        }
+        await this.#writePath.writeCompressedCluster(guestOffset / this.#clusterSize, compressed);
+      }),
+    );
+  }
+
+  /** Allocates every L2 table and data cluster (preallocation=metadata, on a new image). */
+  async preallocateMetadata(): Promise<void> {
+    await this.lock.exclusive(() => this.#guarded(() => this.#writePath.preallocate(this.#context.size())));
+  }
+
+  /** Data then metadata durable. */
+  async flush(): Promise<void> {
+    await this.lock.exclusive(() =>
+      this.#guarded(async () => {
+        await this.#context.file.flush();
+        await this.#refcounts.commit();
+      }),
+    );
+  }
+
+  /** Grows the guest size (the L1 table moves when it must grow). Shrinking is not supported yet. */
+  async resize(newSize: number): Promise<void> {
+    await this.lock.exclusive(() =>
+      this.#guarded(async () => {
+        const header = this.#context.header();
+        const size = this.#context.size();
+        if (newSize === size) return;
+        if (newSize < size) {
+          throw new BlockDeviceError(
+            'EUNSUPPORTED',
+            `resize: ${this.#context.description}: shrinking is not supported yet`,
+          );
+        }
+        const extendedL2 = headerFlags(header).extendedL2;
+        const needed = sizeToL1(newSize, this.#clusterSize, extendedL2);
+        const { file } = this.#context;
+        let l1Offset = header.l1TableOffset;
+        let l1Size = header.l1Size;
+        if (needed * 8 > 32 * 1024 * 1024) {
+          throw new BlockDeviceError('EINVAL', `resize: ${newSize} bytes need an L1 table above 32 MiB`);
+        }
+        const old = this.#context.mapper.l1;
+        if (needed > l1Size) {
+          const clusters = Math.ceil((needed * 8) / this.#clusterSize);
+          const start = await this.#refcounts.allocate(clusters);
+          await this.#refcounts.commit();
+          const bytes = new Uint8Array(clusters * this.#clusterSize);
+          const view = new DataView(bytes.buffer);
+          for (let index = 0; index < old.high.length; index++) {
+            view.setUint32(index * 8, old.high[index]!);
+            view.setUint32(index * 8 + 4, old.low[index]!);
+          }
+          const newOffset = start * this.#clusterSize;
+          this.#metadata.check(newOffset, bytes.length, undefined, 'L1 table write');
+          await file.write(newOffset, bytes);
+          await file.flush();
+          const pointer = new Uint8Array(12);
+          const pointerView = new DataView(pointer.buffer);
+          pointerView.setUint32(0, needed);
+          writeU64(pointerView, 4, newOffset);
+          await this.#patchHeader(36, pointer);
+          this.#metadata.remove(l1Offset, Math.max(1, l1Size * 8));
+          this.#metadata.add(newOffset, Math.max(1, needed * 8), 'l1-table');
+          const oldClusters = l1Size === 0 ? 0 : Math.ceil((l1Size * 8) / this.#clusterSize);
+          if (oldClusters > 0 && l1Offset !== 0) {
+            await this.#refcounts.adjust(l1Offset / this.#clusterSize, oldClusters, -1);
+          }
+          l1Offset = newOffset;
+          l1Size = needed;
+          const decoded = decodeL1Table(bytes, needed);
+          this.#context.mapper.setL1(decoded.high, decoded.low);
+        } else if (needed > old.high.length) {
+          const decoded = decodeL1Table(await file.read(l1Offset, needed * 8), needed);
+          this.#context.mapper.setL1(decoded.high, decoded.low);
+        }
+        this.#l1Offset = l1Offset;
+        const sizeBytes = new Uint8Array(8);
+        writeU64(new DataView(sizeBytes.buffer), 0, newSize);
+        await this.#patchHeader(24, sizeBytes);
+        this.#context.setHeader({
+          ...this.#context.header(),
+          size: newSize,
+          l1TableOffset: l1Offset,
+          l1Size,
+        });
+        this.#context.setSize(newSize);
+      }),
+    );
+  }
+
+  /** Writes what is pending and flushes (the image is consistent on disk afterwards). */
+  async close(): Promise<void> {
+    await this.lock.exclusive(async () => {
+      if (this.#corruption !== undefined) return;
+      await this.#refcounts.commit();
+      await this.#context.file.flush();
+    });
+  }
+}

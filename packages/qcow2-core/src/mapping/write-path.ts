@@ -1,0 +1,528 @@
+/**
+ * The allocating write path of a qcow2 image: writes, zeroing and discard over the L1/L2 tables.
+ *
+ * Ordering (a crash anywhere leaves at worst leaked clusters):
+ * 1. new clusters get their refcounts written and flushed (RefcountStore.commit);
+ * 2. data is written; when the new cluster holds copied bytes (copy-on-write of a partial write
+ *    over the backing file, a shared or compressed cluster, or unallocated subclusters), the data is
+ *    flushed before anything points at it;
+ * 3. the L2 entries are written (a new L2 table is written and flushed before its L1 entry);
+ * 4. clusters no longer referenced are freed only after the L2 update is flushed.
+ * Every metadata and data write is first checked against the metadata map (overlap check).
+ *
+ * The caller serialises calls that change the mapping (one at a time) and runs in-place writes
+ * (see `tryWriteInPlace`) under a shared lock.
+ */
+import type { BlockDevice } from '@qcowkit/blockdev';
+import type { MetadataMap } from '../alloc/metadata-map.js';
+import type { RefcountStore } from '../alloc/refcount-store.js';
+import type { TableCache } from '../cache/table-cache.js';
+import { decodeCompressedDescriptor, encodeCompressedDescriptor } from '../format/compressed-descriptor.js';
+import { encodeL1Entry, QCOW_OFLAG_COPIED_HIGH } from '../format/l1-entry.js';
+import { classifyL2Entry, encodeL2Entry, l2EntryHostOffset } from '../format/l2-entry.js';
+import type { Qcow2Mapper } from './qcow2-mapper.js';
+
+const ALL_SUBCLUSTERS = 0xffffffff;
+/** Host writes of one request in flight at once. */
+const WRITE_CONCURRENCY = 8;
+
+export interface WritePathOptions {
+  readonly file: BlockDevice;
+  readonly clusterBits: number;
+  readonly extendedL2: boolean;
+  readonly version: 2 | 3;
+  /** The image names a backing file (unallocated clusters show it). */
+  readonly hasBacking: boolean;
+  readonly mapper: Qcow2Mapper;
+  readonly cache: TableCache<DataView>;
+  readonly sliceBytes: number;
+  readonly refcounts: RefcountStore;
+  readonly metadata: MetadataMap;
+  /** Current L1 table (mutated in place by this class) and its host offset. */
+  readonly l1: () => { high: Uint32Array; low: Uint32Array; offset: number };
+  /** Guest size. */
+  readonly size: () => number;
+  /** Reads the current guest view (no lock: the caller holds it). */
+  readonly readGuest: (buffer: Uint8Array, guestOffset: number) => Promise<void>;
+  /** Forgets a decompressed cluster cached for `hostOffset`. */
+  readonly forgetCompressed: (hostOffset: number) => void;
+}
+
+/** One L2 entry as read for writing. */
+interface EntryRef {
+  readonly slice: DataView;
+  readonly sliceHostOffset: number;
+  readonly at: number;
+}
+
+/** A host range freed once the L2 update is durable. */
+interface Release {
+  readonly clusterIndex: number;
+  readonly count: number;
+}
+
+export class WritePath {
+  readonly #o: WritePathOptions;
+  readonly #clusterSize: number;
+  readonly #entrySize: number;
+  readonly #entriesPerSlice: number;
+  readonly #bytesPerL1: number;
+  readonly #subclusterSize: number;
+  /** Byte allocator for compressed clusters: next free byte in the last compressed cluster. */
+  #compressedTail = -1;
+
+  constructor(options: WritePathOptions) {
+    this.#o = options;
+    this.#clusterSize = 2 ** options.clusterBits;
+    this.#entrySize = options.extendedL2 ? 16 : 8;
+    this.#entriesPerSlice = options.sliceBytes / this.#entrySize;
+    this.#bytesPerL1 = (this.#clusterSize / this.#entrySize) * this.#clusterSize;
+    this.#subclusterSize = this.#clusterSize / 32;
+  }
+
+  async #entry(l2Offset: number, l2Index: number): Promise<EntryRef> {
+    const sliceIndex = Math.floor(l2Index / this.#entriesPerSlice);
+    const sliceHostOffset = l2Offset + sliceIndex * this.#o.sliceBytes;
+    const slice = await this.#o.cache.get(sliceHostOffset, async (key) => {
+      const bytes = await this.#o.file.read(key, this.#o.sliceBytes);
+      return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    });
+    return { slice, sliceHostOffset, at: (l2Index - sliceIndex * this.#entriesPerSlice) * this.#entrySize };
+  }
+
+  /** Guest clusters of `[guestOffset, guestOffset + length)` (first index, end index). */
+  #clusterSpan(guestOffset: number, length: number): [number, number] {
+    return [
+      Math.floor(guestOffset / this.#clusterSize),
+      Math.ceil((guestOffset + length) / this.#clusterSize),
+    ];
+  }
+
+  /** Bytes of guest cluster `clusterIndex` inside the image (the last one may be short). */
+  #clusterLength(clusterIndex: number): number {
+    return Math.min(this.#clusterSize, this.#o.size() - clusterIndex * this.#clusterSize);
+  }
+
+  /**
+   * Writes `data` when every cluster it touches is allocated here with refcount 1 (COPIED) and,
+   * with extended L2, every touched subcluster is allocated: no metadata changes. Returns false
+   * (having written nothing) otherwise.
+   */
+  async tryWriteInPlace(guestOffset: number, data: Uint8Array): Promise<boolean> {
+    const pieces: { hostOffset: number; bytes: Uint8Array }[] = [];
+    const end = guestOffset + data.length;
+    let position = guestOffset;
+    while (position < end) {
+      const l1Index = Math.floor(position / this.#bytesPerL1);
+      const { high } = this.#o.l1();
+      const l2Offset = this.#o.mapper.l2TableOffset(l1Index);
+      if (l2Offset === 0 || (high[l1Index]! & QCOW_OFLAG_COPIED_HIGH) === 0) return false;
+      const clusterIndex = Math.floor(position / this.#clusterSize);
+      const ref = await this.#entry(
+        l2Offset,
+        clusterIndex - l1Index * (this.#bytesPerL1 / this.#clusterSize),
+      );
+      const entryHigh = ref.slice.getUint32(ref.at);
+      const entryLow = ref.slice.getUint32(ref.at + 4);
+      if ((entryHigh & QCOW_OFLAG_COPIED_HIGH) === 0) return false;
+      if (classifyL2Entry(entryHigh, entryLow, false, this.#o.extendedL2) !== 'normal') return false;
+      const clusterStart = clusterIndex * this.#clusterSize;
+      const pieceEnd = Math.min(end, clusterStart + this.#clusterSize);
+      if (this.#o.extendedL2) {
+        const allocBits = ref.slice.getUint32(ref.at + 12);
+        const first = Math.floor((position - clusterStart) / this.#subclusterSize);
+        const last = Math.floor((pieceEnd - 1 - clusterStart) / this.#subclusterSize);
+        for (let sub = first; sub <= last; sub++) if (((allocBits >>> sub) & 1) === 0) return false;
+      }
+      const hostOffset = l2EntryHostOffset(entryHigh, entryLow) + (position - clusterStart);
+      const bytes = data.subarray(position - guestOffset, pieceEnd - guestOffset);
+      const last = pieces[pieces.length - 1];
+      if (last !== undefined && last.hostOffset + last.bytes.length === hostOffset) {
+        pieces[pieces.length - 1] = {
+          hostOffset: last.hostOffset,
+          bytes: data.subarray(last.bytes.byteOffset - data.byteOffset, pieceEnd - guestOffset),
+        };
+      } else {
+        pieces.push({ hostOffset, bytes });
+      }
+      position = pieceEnd;
+    }
+    for (const piece of pieces)
+      this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
+    await runBounded(pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
+    return true;
+  }
+
+  /** Writes `data` at `guestOffset`, allocating and copying on write as needed. */
+  async write(guestOffset: number, data: Uint8Array): Promise<void> {
+    const end = guestOffset + data.length;
+    let position = guestOffset;
+    while (position < end) {
+      const l1Index = Math.floor(position / this.#bytesPerL1);
+      const tableEnd = Math.min(end, (l1Index + 1) * this.#bytesPerL1);
+      await this.#writeInTable(
+        l1Index,
+        position,
+        data.subarray(position - guestOffset, tableEnd - guestOffset),
+      );
+      position = tableEnd;
+    }
+  }
+
+  async #writeInTable(l1Index: number, guestOffset: number, data: Uint8Array): Promise<void> {
+    const l2Offset = await this.#l2ForWrite(l1Index);
+    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    const end = guestOffset + data.length;
+    const [firstCluster, endCluster] = this.#clusterSpan(guestOffset, data.length);
+    const inPlace: { hostOffset: number; bytes: Uint8Array }[] = [];
+    const subUpdates: { ref: EntryRef; allocBits: number }[] = [];
+    const toAllocate: { clusterIndex: number; ref: EntryRef; old: Release[] }[] = [];
+    let copied = false;
+    for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
+      const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
+      const high = ref.slice.getUint32(ref.at);
+      const low = ref.slice.getUint32(ref.at + 4);
+      const type = classifyL2Entry(high, low, false, this.#o.extendedL2);
+      const clusterStart = clusterIndex * this.#clusterSize;
+      const writeStart = Math.max(guestOffset, clusterStart);
+      const writeEnd = Math.min(end, clusterStart + this.#clusterSize);
+      const bytes = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
+      if (type === 'normal' && (high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
+        const hostCluster = l2EntryHostOffset(high, low);
+        if (!this.#o.extendedL2) {
+          inPlace.push({ hostOffset: hostCluster + (writeStart - clusterStart), bytes });
+          continue;
+        }
+        // Extended L2: widen to whole subclusters, filling unallocated ones from the guest view.
+        const allocBits = ref.slice.getUint32(ref.at + 12);
+        const first = Math.floor((writeStart - clusterStart) / this.#subclusterSize);
+        const last = Math.floor((writeEnd - 1 - clusterStart) / this.#subclusterSize);
+        let newBits = allocBits;
+        for (let sub = first; sub <= last; sub++) newBits = (newBits | (1 << sub)) >>> 0;
+        if (newBits === allocBits) {
+          inPlace.push({ hostOffset: hostCluster + (writeStart - clusterStart), bytes });
+          continue;
+        }
+        const padStart = clusterStart + first * this.#subclusterSize;
+        const padEnd = Math.min(clusterStart + (last + 1) * this.#subclusterSize, this.#o.size());
+        const padded = new Uint8Array(padEnd - padStart);
+        await this.#o.readGuest(padded, padStart);
+        padded.set(bytes, writeStart - padStart);
+        inPlace.push({ hostOffset: hostCluster + (padStart - clusterStart), bytes: padded });
+        subUpdates.push({ ref, allocBits: newBits });
+        copied = true;
+        continue;
+      }
+      toAllocate.push({ clusterIndex, ref, old: this.#releasesOf(ref) });
+    }
+
+    const pieces = [...inPlace];
+    if (toAllocate.length > 0) {
+      const start = await this.#o.refcounts.allocate(toAllocate.length);
+      await this.#o.refcounts.commit();
+      for (const [index, item] of toAllocate.entries()) {
+        const hostCluster = (start + index) * this.#clusterSize;
+        const clusterStart = item.clusterIndex * this.#clusterSize;
+        const clusterLength = this.#clusterLength(item.clusterIndex);
+        const writeStart = Math.max(guestOffset, clusterStart);
+        const writeEnd = Math.min(end, clusterStart + clusterLength);
+        let bytes: Uint8Array;
+        if (
+          writeStart === clusterStart &&
+          writeEnd === clusterStart + clusterLength &&
+          clusterLength === this.#clusterSize
+        ) {
+          bytes = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
+        } else {
+          // A whole cluster: the tail past a short last cluster is zeros (it shows after a grow).
+          bytes = new Uint8Array(this.#clusterSize);
+          const covered = writeStart === clusterStart && writeEnd === clusterStart + clusterLength;
+          if (!covered) {
+            await this.#o.readGuest(bytes.subarray(0, clusterLength), clusterStart);
+            copied = true;
+          }
+          bytes.set(
+            data.subarray(writeStart - guestOffset, writeEnd - guestOffset),
+            writeStart - clusterStart,
+          );
+        }
+        const last = pieces[pieces.length - 1];
+        if (
+          last !== undefined &&
+          last.hostOffset + last.bytes.length === hostCluster &&
+          last.bytes.buffer === bytes.buffer &&
+          last.bytes.byteOffset + last.bytes.length === bytes.byteOffset &&
+          last.bytes.length % this.#clusterSize === 0
+        ) {
+          pieces[pieces.length - 1] = {
+            hostOffset: last.hostOffset,
+            bytes: new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length),
+          };
+        } else {
+          pieces.push({ hostOffset: hostCluster, bytes });
+        }
+      }
+      for (const piece of pieces) {
+        this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
+      }
+      await runBounded(pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
+      if (copied) await this.#o.file.flush();
+      const touched = new Map<number, DataView>();
+      const releases: Release[] = [];
+      for (const [index, item] of toAllocate.entries()) {
+        const { high, low } = encodeL2Entry({
+          type: 'normal',
+          hostOffset: (start + index) * this.#clusterSize,
+          copied: true,
+        });
+        item.ref.slice.setUint32(item.ref.at, high);
+        item.ref.slice.setUint32(item.ref.at + 4, low);
+        if (this.#o.extendedL2) {
+          item.ref.slice.setUint32(item.ref.at + 8, 0);
+          item.ref.slice.setUint32(item.ref.at + 12, ALL_SUBCLUSTERS);
+        }
+        touched.set(item.ref.sliceHostOffset, item.ref.slice);
+        releases.push(...item.old);
+      }
+      for (const { ref, allocBits } of subUpdates) {
+        const zeroBits = ref.slice.getUint32(ref.at + 8);
+        ref.slice.setUint32(ref.at + 8, (zeroBits & ~allocBits) >>> 0);
+        ref.slice.setUint32(ref.at + 12, allocBits);
+        touched.set(ref.sliceHostOffset, ref.slice);
+      }
+      await this.#writeSlices(touched);
+      await this.#release(releases);
+      return;
+    }
+    for (const piece of pieces)
+      this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
+    await runBounded(pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
+    if (subUpdates.length > 0) {
+      if (copied) await this.#o.file.flush();
+      const touched = new Map<number, DataView>();
+      for (const { ref, allocBits } of subUpdates) {
+        const zeroBits = ref.slice.getUint32(ref.at + 8);
+        ref.slice.setUint32(ref.at + 8, (zeroBits & ~allocBits) >>> 0);
+        ref.slice.setUint32(ref.at + 12, allocBits);
+        touched.set(ref.sliceHostOffset, ref.slice);
+      }
+      await this.#writeSlices(touched);
+    }
+  }
+
+  /** What to free when the entry at `ref` stops pointing where it does. */
+  #releasesOf(ref: EntryRef): Release[] {
+    const high = ref.slice.getUint32(ref.at);
+    const low = ref.slice.getUint32(ref.at + 4);
+    const type = classifyL2Entry(high, low, false, this.#o.extendedL2);
+    switch (type) {
+      case 'normal':
+      case 'zero-alloc':
+        return [{ clusterIndex: l2EntryHostOffset(high, low) / this.#clusterSize, count: 1 }];
+      case 'compressed': {
+        const descriptor = decodeCompressedDescriptor(high, low, this.#o.clusterBits);
+        this.#o.forgetCompressed(descriptor.hostOffset);
+        const first = Math.floor(descriptor.hostOffset / this.#clusterSize);
+        const last = Math.floor(
+          (descriptor.hostOffset + descriptor.compressedLength - 1) / this.#clusterSize,
+        );
+        return [{ clusterIndex: first, count: last - first + 1 }];
+      }
+      default:
+        return [];
+    }
+  }
+
+  /** Writes changed L2 slices (overlap-checked) and puts them back in the cache. */
+  async #writeSlices(touched: Map<number, DataView>): Promise<void> {
+    const list = [...touched.entries()].sort((a, b) => a[0] - b[0]);
+    for (const [hostOffset] of list)
+      this.#o.metadata.check(hostOffset, this.#o.sliceBytes, 'l2-table', 'L2 table write');
+    await runBounded(list, async ([hostOffset, slice]) => {
+      await this.#o.file.write(hostOffset, new Uint8Array(slice.buffer, slice.byteOffset, slice.byteLength));
+      this.#o.cache.put(hostOffset, slice);
+    });
+  }
+
+  /** Frees clusters once the L2 change that dropped them is durable. */
+  async #release(releases: Release[]): Promise<void> {
+    if (releases.length === 0) return;
+    await this.#o.file.flush();
+    for (const release of releases) await this.#o.refcounts.adjust(release.clusterIndex, release.count, -1);
+    await this.#o.refcounts.writeBack();
+  }
+
+  /**
+   * The L2 table for `l1Index`, ready to be changed: allocated when missing (`allocate`), copied
+   * when shared with a snapshot (L1 entry without COPIED). Returns 0 when missing and not allocated.
+   */
+  async #l2ForWrite(l1Index: number, allocate = true): Promise<number> {
+    const l1 = this.#o.l1();
+    const current = this.#o.mapper.l2TableOffset(l1Index);
+    if (current !== 0 && (l1.high[l1Index]! & QCOW_OFLAG_COPIED_HIGH) !== 0) return current;
+    if (current === 0 && !allocate) return 0;
+    const table =
+      current === 0 ? new Uint8Array(this.#clusterSize) : await this.#o.file.read(current, this.#clusterSize);
+    const clusterIndex = await this.#o.refcounts.allocate(1);
+    await this.#o.refcounts.commit();
+    const l2Offset = clusterIndex * this.#clusterSize;
+    this.#o.metadata.check(l2Offset, this.#clusterSize, undefined, 'L2 table write');
+    await this.#o.file.write(l2Offset, table);
+    await this.#o.file.flush();
+    this.#o.metadata.add(l2Offset, this.#clusterSize, 'l2-table');
+    const entry = encodeL1Entry({ l2Offset, copied: true });
+    const bytes = new Uint8Array(8);
+    const view = new DataView(bytes.buffer);
+    view.setUint32(0, entry.high);
+    view.setUint32(4, entry.low);
+    this.#o.metadata.check(l1.offset + l1Index * 8, 8, 'l1-table', 'L1 table write');
+    await this.#o.file.write(l1.offset + l1Index * 8, bytes);
+    l1.high[l1Index] = entry.high;
+    l1.low[l1Index] = entry.low;
+    if (current !== 0) {
+      // The old table stays with the snapshot that shares it.
+      this.#o.metadata.remove(current, this.#clusterSize);
+      await this.#release([{ clusterIndex: current / this.#clusterSize, count: 1 }]);
+    }
+    return l2Offset;
+  }
+
+  /**
+   * Makes whole clusters of `[guestOffset, guestOffset + length)` read as zeros (`mode` 'zero') or
+   * unallocated (`'discard'`), freeing their host clusters. Partial clusters are the caller's.
+   * Returns false when it cannot (v2 image with a backing file: zeros must be written).
+   */
+  async zeroOrDiscardClusters(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
+    const end = guestOffset + length;
+    let position = guestOffset;
+    while (position < end) {
+      const l1Index = Math.floor(position / this.#bytesPerL1);
+      const tableEnd = Math.min(end, (l1Index + 1) * this.#bytesPerL1);
+      await this.#zeroInTable(l1Index, position, tableEnd, mode);
+      position = tableEnd;
+    }
+  }
+
+  async #zeroInTable(l1Index: number, start: number, end: number, mode: 'zero' | 'discard'): Promise<void> {
+    const needTable = mode === 'zero' && this.#o.hasBacking;
+    const existing = this.#o.mapper.l2TableOffset(l1Index);
+    if (existing === 0 && !needTable) return;
+    const l2Offset = await this.#l2ForWrite(l1Index, needTable);
+    if (l2Offset === 0) return;
+    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    const [firstCluster, endCluster] = this.#clusterSpan(start, end - start);
+    const touched = new Map<number, DataView>();
+    const releases: Release[] = [];
+    const zeroFlag = mode === 'zero' && (this.#o.hasBacking || this.#o.version === 3);
+    for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
+      const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
+      const high = ref.slice.getUint32(ref.at);
+      const low = ref.slice.getUint32(ref.at + 4);
+      const newHigh = 0;
+      let newLow = 0;
+      let zeroBits = 0;
+      if (zeroFlag) {
+        if (this.#o.extendedL2) zeroBits = ALL_SUBCLUSTERS;
+        else newLow = encodeL2Entry({ type: 'zero-plain' }).low;
+      }
+      const same =
+        high === newHigh &&
+        low === newLow &&
+        (!this.#o.extendedL2 ||
+          (ref.slice.getUint32(ref.at + 8) === zeroBits && ref.slice.getUint32(ref.at + 12) === 0));
+      if (same) continue;
+      releases.push(...this.#releasesOf(ref));
+      ref.slice.setUint32(ref.at, newHigh);
+      ref.slice.setUint32(ref.at + 4, newLow);
+      if (this.#o.extendedL2) {
+        ref.slice.setUint32(ref.at + 8, zeroBits);
+        ref.slice.setUint32(ref.at + 12, 0);
+      }
+      touched.set(ref.sliceHostOffset, ref.slice);
+    }
+    await this.#writeSlices(touched);
+    await this.#release(releases);
+  }
+
+  /**
+   * Metadata preallocation (a new image): every L2 table and data cluster of the first `size`
+   * guest bytes allocated, entries normal and COPIED. The data clusters are not written: the file
+   * grows sparse and they read as zeros.
+   */
+  async preallocate(size: number): Promise<void> {
+    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    const totalClusters = Math.ceil(size / this.#clusterSize);
+    for (let l1Index = 0; l1Index * clustersPerTable < totalClusters; l1Index++) {
+      const l2Offset = await this.#l2ForWrite(l1Index);
+      const first = l1Index * clustersPerTable;
+      const count = Math.min(clustersPerTable, totalClusters - first);
+      const start = await this.#o.refcounts.allocate(count);
+      await this.#o.refcounts.commit();
+      const touched = new Map<number, DataView>();
+      for (let index = 0; index < count; index++) {
+        const ref = await this.#entry(l2Offset, index);
+        const { high, low } = encodeL2Entry({
+          type: 'normal',
+          hostOffset: (start + index) * this.#clusterSize,
+          copied: true,
+        });
+        ref.slice.setUint32(ref.at, high);
+        ref.slice.setUint32(ref.at + 4, low);
+        if (this.#o.extendedL2) ref.slice.setUint32(ref.at + 12, ALL_SUBCLUSTERS);
+        touched.set(ref.sliceHostOffset, ref.slice);
+      }
+      await this.#writeSlices(touched);
+    }
+    await this.#o.file.flush();
+  }
+
+  /**
+   * Writes one whole guest cluster compressed: `compressed` is the codec's output (shorter than a
+   * cluster). The bytes are packed after the previous compressed cluster when they fit.
+   */
+  async writeCompressedCluster(clusterIndex: number, compressed: Uint8Array): Promise<void> {
+    const l1Index = Math.floor((clusterIndex * this.#clusterSize) / this.#bytesPerL1);
+    const l2Offset = await this.#l2ForWrite(l1Index);
+    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
+    let hostOffset: number;
+    const tail = this.#compressedTail;
+    const fitsTail =
+      tail > 0 &&
+      tail % this.#clusterSize !== 0 &&
+      Math.floor((tail + compressed.length - 1) / this.#clusterSize) ===
+        Math.floor(tail / this.#clusterSize) &&
+      (await this.#o.refcounts.get(Math.floor(tail / this.#clusterSize))) > 0;
+    if (fitsTail) {
+      hostOffset = tail;
+      await this.#o.refcounts.adjust(Math.floor(tail / this.#clusterSize), 1, 1);
+    } else {
+      const count = Math.ceil(compressed.length / this.#clusterSize);
+      hostOffset = (await this.#o.refcounts.allocate(count)) * this.#clusterSize;
+    }
+    await this.#o.refcounts.commit();
+    this.#o.metadata.check(hostOffset, compressed.length, undefined, 'compressed data write');
+    await this.#o.file.write(hostOffset, compressed);
+    this.#compressedTail = hostOffset + compressed.length;
+    const old = this.#releasesOf(ref);
+    const { high, low } = encodeCompressedDescriptor(hostOffset, compressed.length, this.#o.clusterBits);
+    ref.slice.setUint32(ref.at, high);
+    ref.slice.setUint32(ref.at + 4, low);
+    if (this.#o.extendedL2) {
+      ref.slice.setUint32(ref.at + 8, 0);
+      ref.slice.setUint32(ref.at + 12, 0);
+    }
+    await this.#writeSlices(new Map([[ref.sliceHostOffset, ref.slice]]));
+    await this.#release(old);
+  }
+}
+
+/** Runs `task` over `items`, at most WRITE_CONCURRENCY at a time. */
+async function runBounded<T>(items: readonly T[], task: (item: T) => Promise<void>): Promise<void> {
+  if (items.length === 1) return task(items[0]!);
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < items.length) await task(items[next++]!);
+  };
+  await Promise.all(Array.from({ length: Math.min(WRITE_CONCURRENCY, items.length) }, worker));
+}
