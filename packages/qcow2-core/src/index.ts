@@ -17,6 +17,7 @@ export {
   type Qcow2SnapshotInfo,
 } from './image.js';
 export type { Segment, SegmentKind } from './mapping/segment.js';
+export * from './ops/index.js';
 export {
   type BackingResolver,
   type ImageOpenOptions,
@@ -25,4 +26,4 @@ export {
 } from './options.js';
 export { QcowImage } from './qcow-image.js';
 export { RawImage } from './raw-image.js';
-export { findSnapshot, readSnapshotTable } from './snapshot/index.js';
+export * from './snapshot/index.js';

@@ -95,6 +95,8 @@ export async function rebuildRefcountStructure(
   counts: number[],
   geometry: { clusterSize: number; refcountOrder: number },
   request: RequestOptions,
+  /** Leave the header alone (the caller switches it, e.g. together with refcount_order). */
+  switchHeader = true,
 ): Promise<RefcountLayout> {
   const { clusterSize, refcountOrder } = geometry;
   const entriesPerBlock = (clusterSize * 8) / 2 ** refcountOrder;
@@ -122,6 +124,7 @@ export async function rebuildRefcountStructure(
   }
   await file.write(layout.tableClusterIndex * clusterSize, table, request);
   await file.flush(request);
+  if (!switchHeader) return layout;
 
   const field = new Uint8Array(12);
   const fieldView = new DataView(field.buffer);

@@ -1,0 +1,190 @@
+/**
+ * Backing files: `qemu-img rebase` and `qemu-img commit` as library calls over BlockDevices.
+ *
+ * - {@link setBackingFile} rewrites the backing file name and format in the header (rebase -u).
+ * - {@link copyBackingDifferences} is the data part of a safe rebase: wherever the overlay does not
+ *   hold the data itself, and the old and new backing differ, the old backing's bytes are written
+ *   into the overlay, so the guest view stays the same once the header names the new backing.
+ * - {@link commitToBacking} writes what the overlay holds into its backing device;
+ *   {@link emptyImage} then drops every cluster of the overlay, as qemu-img commit does by default.
+ *
+ * The overlay and backing images are BlockDevices the caller opens (a qcow2 image opened for
+ * writing, a raw file, ...), so the same calls serve any backing format.
+ */
+import { type BlockDevice, BlockDeviceError, type Extent } from '@qcowkit/blockdev';
+import { QCOW2_EXT_MAGIC_BACKING_FORMAT } from '../format/header-extensions.js';
+import { rewriteHeader } from './header-rewrite.js';
+import { ImageEdit, type ImageEditOptions } from './image-edit.js';
+
+/** Bytes compared or copied at a time. */
+const CHUNK = 1024 * 1024;
+/** QEMU's limit on a backing file name (bytes). */
+const MAX_BACKING_NAME = 1023;
+
+export interface BackingFileSpec {
+  /** The new backing file name (as stored: relative names resolve against the overlay's folder); undefined removes it. */
+  readonly backingFile: string | undefined;
+  /** Its format (`qcow2`, `raw`, ...), stored in the backing format extension; undefined leaves none. */
+  readonly backingFormat?: string;
+}
+
+/** Rewrites the backing file name and format (`qemu-img rebase -u`). */
+export async function setBackingFile(
+  file: BlockDevice,
+  spec: BackingFileSpec,
+  options: ImageEditOptions = {},
+): Promise<void> {
+  if (
+    spec.backingFile !== undefined &&
+    new TextEncoder().encode(spec.backingFile).length > MAX_BACKING_NAME
+  ) {
+    throw new BlockDeviceError(
+      'EINVAL',
+      `qcow2 rebase: backing file name longer than ${MAX_BACKING_NAME} bytes`,
+    );
+  }
+  if (spec.backingFile === undefined && spec.backingFormat !== undefined) {
+    throw new BlockDeviceError('EINVAL', 'qcow2 rebase: a backing format needs a backing file');
+  }
+  const edit = await ImageEdit.open(file, options);
+  const others = edit.header.extensions.list.filter((e) => e.type !== QCOW2_EXT_MAGIC_BACKING_FORMAT);
+  const extensions =
+    spec.backingFormat === undefined
+      ? others
+      : [
+          { type: QCOW2_EXT_MAGIC_BACKING_FORMAT, data: new TextEncoder().encode(spec.backingFormat) },
+          ...others,
+        ];
+  await rewriteHeader(edit, { backingFileName: spec.backingFile, extensions });
+}
+
+/** All extents of `[0, device.size)`. */
+async function* extentsOf(device: BlockDevice, signal?: AbortSignal): AsyncGenerator<Extent> {
+  let offset = 0;
+  while (offset < device.size) {
+    const extents = await device.blockStatus(offset, Math.min(device.size - offset, 64 * CHUNK), { signal });
+    for (const extent of extents) yield extent;
+    const last = extents[extents.length - 1];
+    if (last === undefined) break;
+    offset = last.offset + last.length;
+  }
+}
+
+/** Bytes of `device` at `[offset, offset + length)`, zeros where the device ends (or is absent). */
+async function readOrZero(
+  device: BlockDevice | undefined,
+  offset: number,
+  length: number,
+): Promise<Uint8Array> {
+  const bytes = new Uint8Array(length);
+  if (device === undefined || offset >= device.size) return bytes;
+  const available = Math.min(length, device.size - offset);
+  bytes.set(await device.read(offset, available), 0);
+  return bytes;
+}
+
+function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+export interface CopyBackingOptions {
+  /** The overlay's guest view over its current (old) backing, opened for writing. */
+  readonly overlay: BlockDevice;
+  /** The current backing (undefined: none). */
+  readonly oldBacking: BlockDevice | undefined;
+  /** The backing the overlay is moving to (undefined: none). */
+  readonly newBacking: BlockDevice | undefined;
+  /** Comparison granularity in bytes (default 64 KiB): differing pieces are copied whole. */
+  readonly granularity?: number;
+  readonly signal?: AbortSignal;
+}
+
+/**
+ * The data part of a safe rebase: copies into the overlay the old backing's bytes wherever the
+ * overlay does not hold the data and the new backing differs. Returns the bytes copied. Flushes
+ * the overlay at the end; then close it and call {@link setBackingFile}.
+ */
+export async function copyBackingDifferences(options: CopyBackingOptions): Promise<number> {
+  const { overlay, oldBacking, newBacking, signal } = options;
+  const granularity = options.granularity ?? 64 * 1024;
+  let copied = 0;
+  const pending: Extent[] = [];
+  for await (const extent of extentsOf(overlay, signal)) {
+    if (extent.present && extent.depth === 0) continue;
+    pending.push(extent);
+  }
+  for (const extent of pending) {
+    for (let offset = extent.offset; offset < extent.offset + extent.length; ) {
+      signal?.throwIfAborted();
+      const length = Math.min(granularity - (offset % granularity), extent.offset + extent.length - offset);
+      const before = await readOrZero(oldBacking, offset, length);
+      const after = await readOrZero(newBacking, offset, length);
+      if (!equalBytes(before, after)) {
+        await overlay.write(offset, before);
+        copied += length;
+      }
+      offset += length;
+    }
+  }
+  await overlay.flush();
+  return copied;
+}
+
+export interface CommitOptions {
+  /** The overlay's guest view (its data and what shows through from the backing). */
+  readonly overlay: BlockDevice;
+  /** The backing device, opened for writing; grown to the overlay's size when smaller. */
+  readonly backing: BlockDevice;
+  readonly signal?: AbortSignal;
+}
+
+/** Writes every range the overlay itself holds into the backing device; returns the bytes written. */
+export async function commitToBacking(options: CommitOptions): Promise<number> {
+  const { overlay, backing, signal } = options;
+  if (backing.size < overlay.size) {
+    if (!backing.capabilities.resize) {
+      throw new BlockDeviceError('ENOSPC', 'qcow2 commit: the backing device is smaller and cannot grow');
+    }
+    await backing.resize(overlay.size);
+  }
+  let written = 0;
+  const own: Extent[] = [];
+  for await (const extent of extentsOf(overlay, signal)) {
+    if (extent.present && extent.depth === 0) own.push(extent);
+  }
+  for (const extent of own) {
+    const end = extent.offset + extent.length;
+    for (let offset = extent.offset; offset < end; offset += CHUNK) {
+      signal?.throwIfAborted();
+      const length = Math.min(CHUNK, end - offset);
+      if (extent.zero) await backing.writeZeroes(offset, length, { signal });
+      else await backing.write(offset, await overlay.read(offset, length, { signal }), { signal });
+      written += length;
+    }
+  }
+  await backing.flush({ signal });
+  return written;
+}
+
+/**
+ * Drops every cluster of the active layer (`qemu-img commit` empties the overlay afterwards):
+ * the L1 table is cleared first, then the refcounts lowered. Refused with internal snapshots.
+ */
+export async function emptyImage(file: BlockDevice, options: ImageEditOptions = {}): Promise<void> {
+  const edit = await ImageEdit.open(file, options);
+  const { header } = edit;
+  if (header.nbSnapshots > 0) {
+    throw new BlockDeviceError('EUNSUPPORTED', 'qcow2: cannot empty an image with internal snapshots');
+  }
+  if (header.l1Size === 0) return;
+  await edit.addL1References(header.l1TableOffset, header.l1Size, -1);
+  await edit.write(header.l1TableOffset, new Uint8Array(header.l1Size * 8));
+  await edit.flush();
+  await edit.commitRefcounts();
+  let last = edit.counts.length - 1;
+  while (last >= 0 && (edit.counts[last] ?? 0) === 0) last--;
+  const end = (last + 1) * edit.clusterSize;
+  if (end < file.size && file.capabilities.resize) await file.resize(end);
+}

@@ -1,0 +1,12 @@
+export { type AmendOptions, amendImage } from './amend.js';
+export {
+  type BackingFileSpec,
+  type CommitOptions,
+  type CopyBackingOptions,
+  commitToBacking,
+  copyBackingDifferences,
+  emptyImage,
+  setBackingFile,
+} from './backing.js';
+export type { ImageEditOptions } from './image-edit.js';
+export { type ResizeOptions, resizeImage } from './resize.js';

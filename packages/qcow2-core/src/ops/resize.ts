@@ -1,0 +1,145 @@
+/**
+ * `qemu-img resize` on a qcow2 file: grow (the L1 table moved to a larger place when it must
+ * grow), or shrink when asked (clusters past the new end freed, the file truncated after the last
+ * cluster in use). Shrinking an image with internal snapshots is refused, as QEMU does.
+ */
+import type { BlockDevice } from '@qcowkit/blockdev';
+import { BlockDeviceError } from '@qcowkit/blockdev';
+import { classifyL2Entry, decodeCompressedDescriptor, entryOffset } from '../check/entries.js';
+import { QCOW_MAX_L1_SIZE, sizeToL1 } from '../format/geometry.js';
+import { ImageEdit, type ImageEditOptions, setU64 } from './image-edit.js';
+
+export interface ResizeOptions extends ImageEditOptions {
+  /** Allow a smaller size (qemu-img's --shrink); data past the new end is lost. */
+  readonly shrink?: boolean;
+}
+
+/** Header fields 24..48: size, crypt_method, l1_size, l1_table_offset (one write). */
+const SIZE_FIELD = 24;
+
+/** Resizes the image to `newSize` bytes, a multiple of 512 (as QEMU requires). */
+export async function resizeImage(
+  file: BlockDevice,
+  newSize: number,
+  options: ResizeOptions = {},
+): Promise<void> {
+  if (!Number.isSafeInteger(newSize) || newSize < 0) {
+    throw new BlockDeviceError('EINVAL', `qcow2 resize: ${newSize} is not a valid size`);
+  }
+  if (newSize % 512 !== 0) {
+    throw new BlockDeviceError('EINVAL', `qcow2 resize: the new size must be a multiple of 512 (${newSize})`);
+  }
+  const size = newSize;
+  const edit = await ImageEdit.open(file, options);
+  const { header, clusterSize } = edit;
+  if (size < header.size) {
+    if (options.shrink !== true) {
+      throw new BlockDeviceError(
+        'EINVAL',
+        'qcow2 resize: use the shrink option to shrink the image (data past the new end is lost)',
+      );
+    }
+    if (header.nbSnapshots > 0) {
+      throw new BlockDeviceError(
+        'EUNSUPPORTED',
+        'qcow2 resize: cannot shrink an image with internal snapshots',
+      );
+    }
+    await shrink(edit, size);
+    return;
+  }
+  const l1Needed = sizeToL1(size, clusterSize, edit.extendedL2);
+  if (l1Needed * 8 > QCOW_MAX_L1_SIZE) {
+    throw new BlockDeviceError('EINVAL', `qcow2 resize: ${size} bytes need an L1 table larger than 32 MiB`);
+  }
+  let l1Size = header.l1Size;
+  let l1TableOffset = header.l1TableOffset;
+  if (l1Needed > header.l1Size) {
+    // A new, larger L1 table: written and refcounted before the header names it.
+    l1Size = l1Needed;
+    l1TableOffset = edit.allocate(Math.ceil((l1Size * 8) / clusterSize));
+    const l1 = new Uint8Array(Math.ceil((l1Size * 8) / clusterSize) * clusterSize);
+    if (header.l1Size > 0) l1.set(await file.read(header.l1TableOffset, header.l1Size * 8));
+    await edit.write(l1TableOffset, l1);
+    await edit.flush();
+    await edit.commitRefcounts();
+  }
+  await writeSizeAndL1(edit, size, l1Size, l1TableOffset);
+  if (l1TableOffset !== header.l1TableOffset && header.l1Size > 0) {
+    edit.addReferences(header.l1TableOffset, header.l1Size * 8, -1);
+    await edit.commitRefcounts();
+  }
+}
+
+async function writeSizeAndL1(
+  edit: ImageEdit,
+  size: number,
+  l1Size: number,
+  l1TableOffset: number,
+): Promise<void> {
+  const field = new Uint8Array(24);
+  const view = new DataView(field.buffer);
+  setU64(view, 0, size);
+  view.setUint32(8, edit.header.cryptMethod);
+  view.setUint32(12, l1Size);
+  setU64(view, 16, l1TableOffset);
+  await edit.writeHeader(SIZE_FIELD, field);
+}
+
+/** Drops every mapping past the new end, then the size, then the refcounts; truncates the file. */
+async function shrink(edit: ImageEdit, size: number): Promise<void> {
+  const { header, clusterSize, file, extendedL2, hasDataFile } = edit;
+  const l2EntryBytes = extendedL2 ? 16 : 8;
+  const entriesPerL2 = clusterSize / l2EntryBytes;
+  const firstDroppedCluster = Math.ceil(size / clusterSize);
+  const l1 =
+    header.l1Size === 0 ? new Uint8Array(0) : await file.read(header.l1TableOffset, header.l1Size * 8);
+  const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  let l1Dirty = false;
+  for (let l1Index = 0; l1Index < header.l1Size; l1Index++) {
+    const firstGuestCluster = l1Index * entriesPerL2;
+    if (firstGuestCluster + entriesPerL2 <= firstDroppedCluster) continue;
+    const l2Offset = entryOffset(l1View.getUint32(l1Index * 8), l1View.getUint32(l1Index * 8 + 4));
+    if (l2Offset === 0) continue;
+    const table = await file.read(l2Offset, clusterSize);
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    const keepFrom = Math.max(0, firstDroppedCluster - firstGuestCluster);
+    for (let index = keepFrom; index < entriesPerL2; index++) {
+      const at = index * l2EntryBytes;
+      const high = view.getUint32(at);
+      const low = view.getUint32(at + 4);
+      switch (classifyL2Entry(high, low, extendedL2, hasDataFile)) {
+        case 'normal':
+        case 'zero-alloc':
+          if (!hasDataFile) edit.addReferences(entryOffset(high, low), clusterSize, -1);
+          break;
+        case 'compressed': {
+          const extent = decodeCompressedDescriptor(high, low, header.clusterBits);
+          edit.addReferences(extent.hostOffset, extent.length, -1);
+          break;
+        }
+        default:
+          break;
+      }
+      table.fill(0, at, at + l2EntryBytes);
+    }
+    if (keepFrom === 0) {
+      // The whole table falls off: unhook it from the L1 table and free it.
+      l1View.setUint32(l1Index * 8, 0);
+      l1View.setUint32(l1Index * 8 + 4, 0);
+      l1Dirty = true;
+      edit.addReferences(l2Offset, clusterSize, -1);
+    } else {
+      await file.write(l2Offset, table);
+    }
+  }
+  if (l1Dirty) await file.write(header.l1TableOffset, l1);
+  await edit.flush();
+  await writeSizeAndL1(edit, size, header.l1Size, header.l1TableOffset);
+  await edit.commitRefcounts();
+  // The file ends after the last cluster in use.
+  let last = edit.counts.length - 1;
+  while (last >= 0 && (edit.counts[last] ?? 0) === 0) last--;
+  const end = (last + 1) * clusterSize;
+  if (end < file.size && file.capabilities.resize) await file.resize(end);
+}
