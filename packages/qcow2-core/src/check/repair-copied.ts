@@ -6,7 +6,12 @@
  */
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
 import { classifyL2Entry, entryHex, entryOffset, QCOW_OFLAG_COPIED_HIGH } from './entries.js';
-import type { StoredRefcounts } from './stored-refcounts.js';
+import type { StoredRefcount } from './stored-refcounts.js';
+
+/** Where the refcounts come from: the stored ones, or a plan not yet written. */
+export interface RefcountSource {
+  get(clusterIndex: number, request?: RequestOptions): Promise<StoredRefcount>;
+}
 
 const L1_CHUNK_ENTRIES = 64 * 1024;
 
@@ -26,7 +31,7 @@ function withCopied(high: number, copied: boolean): number {
 /** Fixes COPIED flags; returns the lines and how many entries were fixed. */
 export async function repairCopiedFlags(
   file: BlockDevice,
-  stored: StoredRefcounts,
+  stored: RefcountSource,
   geometry: CopiedRepairGeometry,
   request: RequestOptions,
 ): Promise<{ lines: string[]; fixed: number }> {

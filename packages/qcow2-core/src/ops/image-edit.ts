@@ -226,12 +226,18 @@ export class ImageEdit {
     await this.commitRefcounts();
   }
 
-  /** Sets the COPIED flags of the active tables from the stored refcounts. */
-  async fixCopiedFlags(): Promise<void> {
-    const stored = await this.loadStored();
+  /**
+   * Sets the COPIED flags of the active tables from the stored refcounts, or with `planned` from
+   * the planned ones. COPIED may be cleared before a refcount rises (a needless copy at worst) but
+   * set only once the refcount 1 is durable: use `planned` only to clear flags ahead of an increase.
+   */
+  async fixCopiedFlags(planned = false): Promise<void> {
+    const source = planned
+      ? { get: async (clusterIndex: number) => this.counts[clusterIndex] ?? 0 }
+      : await this.loadStored();
     await repairCopiedFlags(
       this.file,
-      stored,
+      source,
       {
         clusterSize: this.clusterSize,
         l1TableOffset: this.header.l1TableOffset,

@@ -81,15 +81,15 @@ export async function createSnapshot(
   const l1Bytes = header.l1Size * 8;
   const l1Offset = l1Bytes === 0 ? 0 : edit.allocate(Math.ceil(l1Bytes / clusterSize));
   await edit.addL1References(header.l1TableOffset, header.l1Size, 1);
-  // 2. The copy, then the refcounts (durable before the snapshot table names the copy).
+  // 2. The copy; shared clusters lose COPIED in the active tables (writes to them copy from now
+  // on) before their refcounts rise; then the refcounts, durable before the table names the copy.
   if (l1Bytes > 0) {
     await edit.write(l1Offset, await readL1WithoutCopied(file, header.l1TableOffset, header.l1Size));
     await edit.flush();
   }
+  await edit.fixCopiedFlags(true);
   await edit.commitRefcounts();
-  // 3. Shared clusters lose COPIED in the active tables (writes to them copy from now on).
-  await edit.fixCopiedFlags();
-  // 4. The new table, the header switch, then the old table freed.
+  // 3. The new table, the header switch, then the old table freed.
   const entry: SnapshotEntryFields = {
     l1TableOffset: l1Offset,
     l1Size: header.l1Size,
