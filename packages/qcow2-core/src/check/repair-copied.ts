@@ -11,6 +11,8 @@ import type { StoredRefcount } from './stored-refcounts.js';
 /** Where the refcounts come from: the stored ones, or a plan not yet written. */
 export interface RefcountSource {
   get(clusterIndex: number, request?: RequestOptions): Promise<StoredRefcount>;
+  /** The refcount when known without I/O, else undefined. */
+  peek?(clusterIndex: number): StoredRefcount | undefined;
 }
 
 const L1_CHUNK_ENTRIES = 64 * 1024;
@@ -34,14 +36,20 @@ export async function repairCopiedFlags(
   stored: RefcountSource,
   geometry: CopiedRepairGeometry,
   request: RequestOptions,
+  /** Keep a line per fix (false for the offline operations, which fix many on purpose). */
+  collectLines = true,
 ): Promise<{ lines: string[]; fixed: number }> {
   const { clusterSize, l1TableOffset, l1Size, extendedL2, hasDataFile } = geometry;
   const lines: string[] = [];
   let fixed = 0;
   const l2EntryBytes = extendedL2 ? 16 : 8;
   const refcountOf = async (hostOffset: number): Promise<number | undefined> => {
-    const refcount = await stored.get(Math.floor(hostOffset / clusterSize), request);
+    const clusterIndex = Math.floor(hostOffset / clusterSize);
+    const refcount = stored.peek?.(clusterIndex) ?? (await stored.get(clusterIndex, request));
     return typeof refcount === 'number' ? refcount : undefined;
+  };
+  const note = (line: () => string): void => {
+    if (collectLines) lines.push(line());
   };
   const fits = (hostOffset: number, length: number): boolean =>
     hostOffset !== 0 && hostOffset % clusterSize === 0 && hostOffset + length <= file.size;
@@ -61,8 +69,9 @@ export async function repairCopiedFlags(
       const l2Refcount = await refcountOf(l2Offset);
       if (l2Refcount === undefined) continue;
       if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-        lines.push(
-          `Repairing OFLAG_COPIED L2 cluster: l1_index=${first + i} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
+        note(
+          () =>
+            `Repairing OFLAG_COPIED L2 cluster: l1_index=${first + i} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
         );
         l1View.setUint32(i * 8, withCopied(high, l2Refcount === 1));
         l1Dirty = true;
@@ -86,8 +95,9 @@ export async function repairCopiedFlags(
           if (refcount === undefined) continue;
           want = refcount === 1;
           if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-            lines.push(
-              `Repairing OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
+            note(
+              () =>
+                `Repairing OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
             );
           }
         } else {
@@ -95,8 +105,9 @@ export async function repairCopiedFlags(
         }
         if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
           if (type === 'compressed') {
-            lines.push(
-              `Repairing compressed cluster entry with the copied flag: l2_entry=${entryHex(entryHigh, entryLow)}`,
+            note(
+              () =>
+                `Repairing compressed cluster entry with the copied flag: l2_entry=${entryHex(entryHigh, entryLow)}`,
             );
           }
           view.setUint32(at, withCopied(entryHigh, want));

@@ -90,10 +90,18 @@ export class ImageEdit {
     return start * this.clusterSize;
   }
 
+  #maxCount: { order: number; max: number } | undefined;
+
+  private maxCount(): number {
+    const order = this.header.refcountOrder;
+    if (this.#maxCount?.order !== order) this.#maxCount = { order, max: maxRefcount(order) };
+    return this.#maxCount.max;
+  }
+
   /** Adds `delta` references to every cluster touched by `[hostOffset, hostOffset + length)`. */
   addReferences(hostOffset: number, length: number, delta: number): void {
     if (length <= 0) return;
-    const max = maxRefcount(this.header.refcountOrder);
+    const max = this.maxCount();
     const first = Math.floor(hostOffset / this.clusterSize);
     const last = Math.floor((hostOffset + length - 1) / this.clusterSize);
     for (let clusterIndex = first; clusterIndex <= last; clusterIndex++) {
@@ -233,7 +241,10 @@ export class ImageEdit {
    */
   async fixCopiedFlags(planned = false): Promise<void> {
     const source = planned
-      ? { get: async (clusterIndex: number) => this.counts[clusterIndex] ?? 0 }
+      ? {
+          get: async (clusterIndex: number) => this.counts[clusterIndex] ?? 0,
+          peek: (clusterIndex: number) => this.counts[clusterIndex] ?? 0,
+        }
       : await this.loadStored();
     await repairCopiedFlags(
       this.file,
@@ -246,6 +257,7 @@ export class ImageEdit {
         hasDataFile: this.hasDataFile,
       },
       this.request,
+      false,
     );
   }
 
