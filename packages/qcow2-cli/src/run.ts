@@ -9,6 +9,7 @@
  */
 import type { Command } from 'commander';
 import { convertFastPath, parseSnapshotOption } from './commands/convert-args.js';
+import { registerOpsCommands } from './commands/register-ops.js';
 import { IMAGE_FORMATS, type ImageFormat } from './engine.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
 import type { CliIo, CommandContext } from './io.js';
@@ -28,7 +29,9 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
   let commander: Commander | undefined;
   try {
     if (argv.filter((arg) => arg !== '--debug').length === 0) {
-      throw new UsageError("a command is needed: info, map, convert or check ('qcow2 --help' tells more)");
+      throw new UsageError(
+        "a command is needed: info, map, convert, check, compare, dd or bench ('qcow2 --help' tells more)",
+      );
     }
     const fastConvert = argv[0] === 'convert' ? convertFastPath(argv.slice(1)) : undefined;
     if (fastConvert !== undefined) {
@@ -171,6 +174,8 @@ function buildProgram(
       );
     });
 
+  registerOpsCommands({ program, Option, context, setExit, addCommon });
+
   // `help COMMAND` of our own: an unknown command is one line, not the whole usage on stderr.
   program.helpCommand(false);
   program
@@ -190,7 +195,7 @@ function buildProgram(
 
   program.addHelpText(
     'after',
-    '\nExamples:\n  qcow2 info disk.qcow2\n  qcow2 map --output=json disk.qcow2\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 check disk.qcow2\n',
+    '\nExamples:\n  qcow2 info disk.qcow2\n  qcow2 map --output=json disk.qcow2\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 check disk.qcow2\n  qcow2 compare disk.qcow2 disk.raw\n  qcow2 dd if=disk.qcow2 of=head.raw bs=1M count=1\n  qcow2 bench -c 10000 disk.qcow2\n',
   );
   return program;
 }

@@ -1,0 +1,169 @@
+/**
+ * The subcommands beyond info, map, convert and check, registered on the program `run.ts`
+ * builds. Each action imports its command module when it runs, so start-up stays light.
+ */
+import type { Command, Option as OptionClass } from 'commander';
+import type { ImageFormat } from '../engine.js';
+import { UsageError } from '../errors.js';
+import type { CommandContext } from '../io.js';
+import { parseSize } from '../size.js';
+
+export interface RegisterContext {
+  readonly program: Command;
+  readonly Option: typeof OptionClass;
+  readonly context: CommandContext;
+  readonly setExit: (code: number) => void;
+  /** Adds `-f FMT` (checked) and `-U` and the program's error handling to a command. */
+  readonly addCommon: (command: Command) => Command;
+}
+
+const SUFFIX_HINT =
+  'You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.';
+
+/** An integer in `[min, max]`, else a {@link UsageError} with `message`. */
+export function integerParser(min: number, max: number, message: string): (value: string) => number {
+  return (value) => {
+    const parsed = /^\s*\d+\s*$/.test(value) ? Number(value) : Number.NaN;
+    if (!Number.isSafeInteger(parsed) || parsed < min || parsed > max) throw new UsageError(message);
+    return parsed;
+  };
+}
+
+/** A size with qemu-img's suffixes, at most 2^31 - 1, else qemu-img's message for `what`. */
+export function benchSizeParser(what: string): (value: string) => number {
+  return (value) => {
+    let size: number;
+    try {
+      size = parseSize(value, what);
+    } catch {
+      throw new UsageError(`Invalid ${what} specified. ${SUFFIX_HINT}`);
+    }
+    if (size > 2147483647) throw new UsageError(`Invalid ${what} specified. ${SUFFIX_HINT}`);
+    return size;
+  };
+}
+
+export function registerOpsCommands({ program, Option, context, setExit, addCommon }: RegisterContext): void {
+  program
+    .command('compare')
+    .argument('<file1>', 'the first image')
+    .argument('<file2>', 'the second image')
+    .description('compare the guest content of two images (as qemu-img compare)')
+    .addOption(new Option('-f <fmt>', 'format of the first image (default: detected)'))
+    .addOption(new Option('-F <fmt>', 'format of the second image (default: detected)'))
+    .addOption(new Option('-T <cache>', 'source cache mode (accepted, ignored)'))
+    .option('-s', 'strict: sizes and allocation must match too')
+    .option('-p', 'show a progress bar on stderr')
+    .option('-q', 'quiet: print nothing, only set the exit code')
+    .addOption(new Option('-U, --force-share', 'open the images even if another process has them locked'))
+    .exitOverride()
+    .configureOutput(program.configureOutput())
+    .addHelpText(
+      'after',
+      '\nExit codes: 0 identical, 1 different, 2 an image could not be opened, 3 block status failed,\n4 a read failed.\n\nExamples:\n  qcow2 compare disk.qcow2 disk.raw\n  qcow2 compare -s -f qcow2 -F raw disk.qcow2 disk.raw\n',
+    )
+    .action(async (first: string, second: string, options: Record<string, unknown>) => {
+      const { compareCommand } = await import('./compare.js');
+      setExit(
+        await compareCommand(context, first, second, {
+          format: options.f as string | undefined,
+          secondFormat: options.F as string | undefined,
+          strict: options.s === true,
+          progress: options.p === true,
+          quiet: options.q === true,
+          forceShare: options.forceShare === true,
+        }),
+      );
+    });
+
+  addCommon(program.command('bench').argument('<file>', 'the image'))
+    .description('run a simple I/O benchmark on an image (as qemu-img bench)')
+    .addOption(
+      new Option('-c <count>', 'number of requests (default 75000)')
+        .argParser(integerParser(1, 2147483647, 'Invalid request count specified'))
+        .default(75000),
+    )
+    .addOption(
+      new Option('-d <depth>', 'requests in flight (default 64)')
+        .argParser(integerParser(1, 2147483647, 'Invalid queue depth specified'))
+        .default(64),
+    )
+    .addOption(
+      new Option('-s <size>', 'bytes per request (default 4k)')
+        .argParser(benchSizeParser('buffer size'))
+        .default(4096),
+    )
+    .addOption(
+      new Option('-S <step>', 'bytes between requests (default: the buffer size)')
+        .argParser(benchSizeParser('step_size'))
+        .default(0),
+    )
+    .addOption(
+      new Option('-o <offset>', 'offset of the first request')
+        .argParser(benchSizeParser('offset'))
+        .default(0),
+    )
+    .option('-w', 'write instead of read (raw images for now)')
+    .addOption(
+      new Option('--pattern <byte>', 'byte written by -w (default 0)')
+        .argParser(integerParser(0, 255, 'Invalid pattern byte specified'))
+        .default(0),
+    )
+    .addOption(
+      new Option('--flush-interval <n>', 'flush every N requests (-w only)')
+        .argParser(integerParser(0, 2147483647, 'Invalid flush interval specified'))
+        .default(0),
+    )
+    .option('--no-drain', 'with --flush-interval: flush without waiting for requests in flight')
+    .addOption(new Option('-t <cache>', 'cache mode (accepted; the page cache is always used)'))
+    .addOption(new Option('-i <aio>', 'AIO mode: threads, native or io_uring (accepted)'))
+    .option('-n', 'native AIO (same as -i native)')
+    .option('-p', 'show a progress bar on stderr')
+    .option('-q', 'quiet: print nothing')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  qcow2 bench -c 100000 -d 16 disk.qcow2\n  qcow2 bench -w -s 64k -S 128k --pattern=0xab disk.raw\n',
+    )
+    .action(async (file: string, options: Record<string, unknown>) => {
+      const { benchCommand } = await import('./bench.js');
+      setExit(
+        await benchCommand(context, file, {
+          format: options.f as ImageFormat | undefined,
+          count: options.c as number,
+          depth: options.d as number,
+          bufferSize: options.s as number,
+          step: options.S as number,
+          offset: options.o as number,
+          write: options.w === true,
+          pattern: options.pattern as number,
+          flushInterval: options.flushInterval as number,
+          drain: options.drain !== false,
+          cache: options.t as string | undefined,
+          aio: options.n === true ? 'native' : (options.i as string | undefined),
+          quiet: options.q === true,
+          progress: options.p === true,
+          forceShare: options.forceShare === true,
+        }),
+      );
+    });
+
+  addCommon(
+    program.command('dd').argument('[operands...]', 'if=INPUT of=OUTPUT [bs=SIZE] [count=N] [skip=N]'),
+  )
+    .description('copy part of an image into a raw file, dd style (as qemu-img dd)')
+    .addOption(new Option('-O <fmt>', 'output format (raw)').default('raw'))
+    .addHelpText(
+      'after',
+      '\nAs in qemu-img, count=N ends the copy at N*bs bytes into the input (skip included).\n\nExamples:\n  qcow2 dd if=disk.qcow2 of=first-mib.raw bs=1M count=1\n  qcow2 dd -f qcow2 if=disk.qcow2 of=tail.raw bs=64k skip=16\n',
+    )
+    .action(async (operands: string[], options: Record<string, unknown>) => {
+      const { ddCommand, parseDdOperands } = await import('./dd.js');
+      setExit(
+        await ddCommand(context, parseDdOperands(operands), {
+          format: options.f as ImageFormat | undefined,
+          outputFormat: options.O as string,
+          forceShare: options.forceShare === true,
+        }),
+      );
+    });
+}
