@@ -119,7 +119,10 @@ export async function ddCommand(
     const start = skipPastEnd ? end : skipBytes;
     let target: FileBlockDevice;
     try {
-      target = await FileBlockDevice.create(outputPath, end - start, { overwrite: true });
+      // The raw output is created as qemu-img creates images: its size rounded up to 512 bytes.
+      target = await FileBlockDevice.create(outputPath, Math.ceil((end - start) / 512) * 512, {
+        overwrite: true,
+      });
     } catch (error) {
       throw new CliError(`Could not create '${operands.output}': ${describeError(error)}`, { cause: error });
     }
