@@ -49,16 +49,19 @@ export async function repairQcow2Image(
   const lines: string[] = [];
   let leaksFixed = 0;
   let corruptionsFixed = 0;
+  let rebuilt = false;
   const needsWork = before.leaks > 0 || before.corruptions > 0 || before.checkErrors > 0;
 
   if (needsWork) {
     const geometry = { clusterSize: first.header.clusterSize, refcountOrder: first.header.refcountOrder };
     const inPlace = await repairRefcountsInPlace(file, first.stored, first.computed, geometry, mode, request);
-    lines.push(...inPlace.lines);
+    // QEMU prints the in-place pass only when it does not rebuild.
+    if (!inPlace.rebuildNeeded) lines.push(...inPlace.lines);
     leaksFixed += inPlace.leaksFixed;
     corruptionsFixed += inPlace.corruptionsFixed;
     if (inPlace.rebuildNeeded) {
       lines.push('Rebuilding refcount structure');
+      rebuilt = true;
       await rebuildRefcountStructure(
         file,
         countsOf(first.computed, geometry.refcountOrder),
@@ -67,11 +70,11 @@ export async function repairQcow2Image(
       );
       corruptionsFixed += inPlace.unfixedCorruptions;
       // The old structures are leaked now: free them.
-      const rebuilt = await inspectQcow2Image({ file }, inspectOptions);
+      const afterRebuild = await inspectQcow2Image({ file }, inspectOptions);
       const freed = await repairRefcountsInPlace(
         file,
-        rebuilt.stored,
-        rebuilt.computed,
+        afterRebuild.stored,
+        afterRebuild.computed,
         geometry,
         'leaks',
         request,
@@ -99,7 +102,7 @@ export async function repairQcow2Image(
         },
         request,
       );
-      lines.push(...copied.lines);
+      if (!inPlace.rebuildNeeded) lines.push(...copied.lines);
       corruptionsFixed += copied.fixed;
     }
   }
@@ -110,8 +113,34 @@ export async function repairQcow2Image(
     ...after.result,
     leaksFixed,
     corruptionsFixed,
-    messages: [...lines, ...after.result.messages],
+    messages: needsWork
+      ? repairMessages(before.messages, lines, after.result.messages, mode, rebuilt)
+      : before.messages,
   };
+}
+
+/** COPIED findings (checked after the refcounts). */
+const isCopiedLine = (line: string): boolean => line.startsWith('ERROR OFLAG_COPIED');
+
+/**
+ * The lines as `qemu-img check -r` prints them: its comparison before repairing (without COPIED
+ * findings, checked only after the repair), the repair (in-place fixes then COPIED findings, which
+ * leaks mode reports without fixing; or the rebuild and the freeing of the old structures), then
+ * the check after.
+ */
+function repairMessages(
+  before: string[],
+  lines: string[],
+  after: string[],
+  mode: RepairMode,
+  rebuilt: boolean,
+): string[] {
+  return [
+    ...before.filter((line) => !isCopiedLine(line)),
+    ...lines,
+    ...(mode === 'leaks' && !rebuilt ? after.filter(isCopiedLine) : []),
+    ...after,
+  ];
 }
 
 /** Clears the dirty and corrupt bits of a v3 header (QEMU marks a repaired image clean). */

@@ -38,9 +38,21 @@ export function formatPercent(value: number): string {
   return (Number(tie[1]) + 0.01 * Math.sign(value || 1)).toFixed(2);
 }
 
-/** qemu-img check's human summary (what it prints on stdout after the finding lines). */
+/** qemu-img check's human summary (what it prints on stdout after the finding lines), with
+ * check -r's account of the repair first when something was fixed. */
 export function formatCheckResultHuman(result: Qcow2CheckResult): string {
   const lines: string[] = [];
+  if (result.leaksFixed !== 0 || result.corruptionsFixed !== 0) {
+    // After a repair (check -r), qemu-img says what it fixed before the state it double-checked.
+    lines.push(
+      'The following inconsistencies were found and repaired:',
+      '',
+      `    ${result.leaksFixed} leaked clusters`,
+      `    ${result.corruptionsFixed} corruptions`,
+      '',
+      'Double checking the fixed image now...',
+    );
+  }
   if (result.corruptions === 0 && result.leaks === 0 && result.checkErrors === 0) {
     lines.push('No errors were found on the image.');
   } else {
