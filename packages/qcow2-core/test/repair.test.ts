@@ -13,6 +13,7 @@ import {
   checkResultToQemuJson,
   checkVerdictExitCode,
   formatCheckResultHuman,
+  Qcow2RebuildNeededError,
 } from '../src/check/index.js';
 import { planRefcountStructure } from '../src/check/rebuild-refcounts.js';
 
@@ -173,6 +174,32 @@ describe.skipIf(!haveQemu)('check repair agrees with qemu-img check -r', () => {
     expect(ourCheck.corruptions).toBe(result.corruptions);
     expect(ourCheck.leaks).toBe(result.leaks);
     expect(runStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', expectedRaw, ours]).status).toBe(0);
+  });
+
+  it('leaks mode refuses, changing nothing, when only a rebuild helps (as qemu-img fails)', async () => {
+    const path = join(dir.path, 'needs-rebuild.qcow2');
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', path, '1M']);
+    run('qemu-io', ['-c', 'write 0 64k', path]);
+    const patch = new Patch(path);
+    patch.setRefcount16(patch.dataCluster(0), 0);
+    patch.setRefcount16(3, 2);
+    patch.save();
+    const qemu = runStatus('qemu-img', ['check', '-r', 'leaks', path]);
+    const before = readFileSync(path);
+    const file = await FileBlockDevice.open(path);
+    try {
+      const error = await checkQcow2Image({ file }, { repair: 'leaks' }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(Qcow2RebuildNeededError);
+      expect((error as Qcow2RebuildNeededError).code).toBe('EIO');
+      const qemuLines = qemu.stderr
+        .split('\n')
+        .filter((line) => line !== '' && !line.startsWith('qemu-img:'));
+      expect((error as Qcow2RebuildNeededError).messages).toEqual(qemuLines);
+    } finally {
+      await file.close();
+    }
+    expect(qemu.status).toBe(1);
+    expect(readFileSync(path).equals(before)).toBe(true);
   });
 
   it('refuses a read-only file', async () => {

@@ -153,5 +153,20 @@ describe.skipIf(!haveQemu)('snapshots agree with qemu-img snapshot', () => {
       code: 'ENOENT',
     });
     expect(readFileSync(path).equals(before)).toBe(true);
+
+    const withDataFile = join(dir.path, 'data-file.qcow2');
+    run('qemu-img', [
+      'create',
+      '-q',
+      '-f',
+      'qcow2',
+      '-o',
+      `data_file=${withDataFile}.data`,
+      withDataFile,
+      '1M',
+    ]);
+    await expect(onFile(withDataFile, (file) => createSnapshot(file, 's'))).rejects.toMatchObject({
+      code: 'EUNSUPPORTED',
+    });
   });
 });

@@ -18,7 +18,8 @@ export interface RefcountRepairOutcome {
   lines: string[];
   leaksFixed: number;
   corruptionsFixed: number;
-  /** Some refcounts cannot be fixed in place: the refcount structures must be rebuilt. */
+  /** Some refcounts cannot be fixed in place: the refcount structures must be rebuilt (in leaks
+   * mode nothing is then written). */
   rebuildNeeded: boolean;
   /** Corruptions found and not fixed in place (refcounts too low, a damaged refcount table):
    * a rebuild fixes them. */
@@ -61,7 +62,7 @@ export async function repairRefcountsInPlace(
     lines: [],
     leaksFixed: 0,
     corruptionsFixed: 0,
-    rebuildNeeded: mode === 'all' && tableDamage > 0,
+    rebuildNeeded: tableDamage > 0,
     unfixedCorruptions: tableDamage,
   };
   const perBlock = stored.entriesPerBlock;
@@ -73,13 +74,13 @@ export async function repairRefcountsInPlace(
     for (let clusterIndex = start; clusterIndex < blockEnd; clusterIndex++) {
       const reference = computed.get(clusterIndex);
       if (typeof block === 'string') {
-        if (mode === 'all') outcome.rebuildNeeded = true;
+        outcome.rebuildNeeded = true;
         continue;
       }
       const refcount = block === undefined ? 0 : stored.decode(block, clusterIndex - blockIndex * perBlock);
       if (refcount === reference) continue;
       const fixable = block !== undefined && refcount !== 0 && (refcount > reference || mode === 'all');
-      if (refcount === 0 && mode === 'all') outcome.rebuildNeeded = true;
+      if (refcount === 0) outcome.rebuildNeeded = true;
       const label = fixable ? 'Repairing' : refcount < reference ? 'ERROR' : 'Leaked';
       outcome.lines.push(`${label} cluster ${clusterIndex} refcount=${refcount} reference=${reference}`);
       if (!fixable || block === undefined) {
@@ -98,6 +99,8 @@ export async function repairRefcountsInPlace(
     }
     start = blockEnd;
   }
+  // Leaks mode cannot rebuild: then it changes nothing (the caller reports it, as QEMU fails).
+  if (mode === 'leaks' && outcome.rebuildNeeded) return { ...outcome, leaksFixed: 0, corruptionsFixed: 0 };
   for (const { hostOffset, bytes } of changed.values()) {
     await file.write(hostOffset, bytes, request);
   }

@@ -29,6 +29,18 @@ const DIRTY_AND_CORRUPT = 0b11;
 /** Byte offset of the low half of incompatible_features (v3). */
 const INCOMPATIBLE_FEATURES_LOW_FIELD = 76;
 
+/**
+ * `repair: 'leaks'` met refcounts only a rebuild can fix (`repair: 'all'`): nothing was changed.
+ * qemu-img fails the same way ("Check failed: Input/output error", exit 1); `messages` holds the
+ * lines it prints before.
+ */
+export class Qcow2RebuildNeededError extends BlockDeviceError {
+  override name = 'Qcow2RebuildNeededError';
+  constructor(readonly messages: string[]) {
+    super('EIO', "qcow2 check: the refcount structures need a rebuild, which only repair 'all' does");
+  }
+}
+
 export async function repairQcow2Image(
   image: Qcow2CheckTarget,
   mode: RepairMode,
@@ -55,6 +67,12 @@ export async function repairQcow2Image(
   if (needsWork) {
     const geometry = { clusterSize: first.header.clusterSize, refcountOrder: first.header.refcountOrder };
     const inPlace = await repairRefcountsInPlace(file, first.stored, first.computed, geometry, mode, request);
+    if (mode === 'leaks' && inPlace.rebuildNeeded) {
+      throw new Qcow2RebuildNeededError([
+        ...before.messages.filter((line) => !isCopiedLine(line)),
+        'ERROR need to rebuild refcount structures',
+      ]);
+    }
     // QEMU prints the in-place pass only when it does not rebuild.
     if (!inPlace.rebuildNeeded) lines.push(...inPlace.lines);
     leaksFixed += inPlace.leaksFixed;

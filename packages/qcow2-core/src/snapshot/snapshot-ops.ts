@@ -4,7 +4,7 @@
  * writes in the crash-safe order: refcounts raised before the snapshot table or the active L1
  * table points at anything new, lowered only after nothing points at it any more.
  */
-import type { BlockDevice } from '@qcowkit/blockdev';
+import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import { loadHeader } from '../check/check.js';
 import type { Qcow2SnapshotEntry } from '../format/snapshot-table.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from '../ops/image-edit.js';
@@ -72,6 +72,12 @@ export async function createSnapshot(
 ): Promise<Qcow2SnapshotEntry> {
   const edit = await ImageEdit.open(file, options);
   const { header, clusterSize } = edit;
+  if (edit.hasDataFile) {
+    throw new BlockDeviceError(
+      'EUNSUPPORTED',
+      'snapshot: internal snapshots are not supported with an external data file (as in QEMU)',
+    );
+  }
   const entries = await readSnapshotTable(file, header);
   const id = String(entries.reduce((max, entry) => Math.max(max, Number.parseInt(entry.id, 10) || 0), 0) + 1);
   const date = options.date ?? new Date();
