@@ -9,6 +9,7 @@ import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
 import { checkQcow2Image } from '../src/check/index.js';
+import { Qcow2Image } from '../src/image.js';
 import { openImage } from '../src/node/open-image.js';
 import {
   amendImage,
@@ -18,6 +19,7 @@ import {
   resizeImage,
   setBackingFile,
 } from '../src/ops/index.js';
+import { RawImage } from '../src/raw-image.js';
 import { createSnapshot } from '../src/snapshot/index.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
@@ -218,6 +220,88 @@ describe.skipIf(!haveQemu)('ops agree with qemu-img', () => {
     const map = JSON.parse(run('qemu-img', ['map', '--output=json', ours])) as { depth: number }[];
     expect(map.every((extent) => extent.depth === 1)).toBe(true);
     expectSameGuest(ours, theirs);
+  });
+});
+
+describe.skipIf(!haveQemu)('safe rebase and commit into qcow2 through the write path', () => {
+  let dir: { path: string; remove: () => void };
+  beforeAll(() => {
+    dir = tempDir('qcowkit-ops-rw-');
+  });
+  afterAll(() => dir.remove());
+
+  it('safe rebase keeps the guest view, as qemu-img rebase', async () => {
+    const oldBase = join(dir.path, 'old.qcow2');
+    const newBase = join(dir.path, 'new.raw');
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', oldBase, '4M']);
+    io(oldBase, 'write -P 1 0 4M');
+    run('qemu-img', ['create', '-q', '-f', 'raw', newBase, '3M']);
+    io(newBase, 'write -P 1 0 1M', 'write -P 2 1M 1M');
+    const [ours, theirs] = [join(dir.path, 'top.qcow2'), join(dir.path, 'top.qemu.qcow2')];
+    for (const path of [ours, theirs]) {
+      run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', oldBase, '-F', 'qcow2', path]);
+      io(path, 'write -P 3 512k 640k', 'write -z 3M 64k');
+    }
+    const before = join(dir.path, 'before.raw');
+    run('qemu-img', ['convert', '-O', 'raw', ours, before]);
+
+    const oldImage = await Qcow2Image.open(await FileBlockDevice.open(oldBase, { readOnly: true }));
+    const newDevice = new RawImage(await FileBlockDevice.open(newBase, { readOnly: true }));
+    const overlay = await Qcow2Image.open(await FileBlockDevice.open(ours), {
+      readOnly: false,
+      resolveBacking: async () => oldImage,
+    });
+    try {
+      await copyBackingDifferences({ overlay, oldBacking: oldImage, newBacking: newDevice });
+    } finally {
+      await overlay.close();
+      await oldImage.close().catch(() => undefined);
+      await newDevice.close();
+    }
+    await onFile(ours, (file) => setBackingFile(file, { backingFile: newBase, backingFormat: 'raw' }));
+    run('qemu-img', ['rebase', '-q', '-b', newBase, '-F', 'raw', theirs]);
+
+    expect(info(ours)['backing-filename']).toBe(newBase);
+    expect(runStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', before, ours]).status).toBe(0);
+    expectSameGuest(ours, theirs);
+    await expectBothChecksClean(ours);
+  });
+
+  it('commit into a qcow2 backing file, as qemu-img commit', async () => {
+    const [ourBase, theirBase] = [join(dir.path, 'cbase.qcow2'), join(dir.path, 'cbase.qemu.qcow2')];
+    const [ours, theirs] = [join(dir.path, 'ctop.qcow2'), join(dir.path, 'ctop.qemu.qcow2')];
+    for (const [base, top] of [
+      [ourBase, ours],
+      [theirBase, theirs],
+    ] as const) {
+      run('qemu-img', ['create', '-q', '-f', 'qcow2', base, '4M']);
+      io(base, 'write -P 9 0 1M', 'write -c 2M 64k');
+      run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '6M']);
+      io(top, 'write -P 4 512k 640k', 'write -z 2M 64k', 'write -P 5 5M 64k');
+    }
+    const expected = join(dir.path, 'commit-expected.raw');
+    run('qemu-img', ['convert', '-O', 'raw', ours, expected]);
+
+    const overlay = await openImage(ours, { forceShare: true });
+    try {
+      const backing = await Qcow2Image.open(await FileBlockDevice.open(ourBase), { readOnly: false });
+      try {
+        await commitToBacking({ overlay: overlay.device, backing });
+      } finally {
+        await backing.close();
+      }
+    } finally {
+      await overlay.close();
+    }
+    await onFile(ours, (file) => emptyImage(file));
+    run('qemu-img', ['commit', '-q', theirs]);
+
+    expect(info(ourBase)['virtual-size']).toBe(6 * 1024 * 1024);
+    expect(runStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', expected, ourBase]).status).toBe(0);
+    expectSameGuest(ourBase, theirBase);
+    expectSameGuest(ours, theirs);
+    await expectBothChecksClean(ourBase);
+    await expectBothChecksClean(ours);
   });
 });
 
