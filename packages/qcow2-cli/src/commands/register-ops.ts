@@ -166,4 +166,106 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
         }),
       );
     });
+
+  program
+    .command('create')
+    .argument('<file>', 'the image to create')
+    .argument('[size]', 'guest size (suffixes k, M, G, T, P, E); default: the backing file size')
+    .description('create a new image (as qemu-img create)')
+    .addOption(new Option('-f <fmt>', 'qcow2 or raw').default('raw'))
+    .addOption(
+      new Option(
+        '-o <options>',
+        'cluster_size=,refcount_bits=,extended_l2=,compat=,lazy_refcounts=,...',
+      ).argParser((value: string, previous: string[] | undefined) => [...(previous ?? []), value]),
+    )
+    .addOption(new Option('-b <backing>', 'backing file (relative to the new image)'))
+    .addOption(new Option('-F <fmt>', 'backing file format'))
+    .option('-u', 'unsafe: do not open the backing file (a size is needed)')
+    .option('-q', 'quiet: no "Formatting" line')
+    .exitOverride()
+    .configureOutput(program.configureOutput())
+    .addHelpText(
+      'after',
+      '\nExamples:\n  qcow2 create -f qcow2 disk.qcow2 20G\n  qcow2 create -f qcow2 -o cluster_size=4k,refcount_bits=64 disk.qcow2 1T\n  qcow2 create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n',
+    )
+    .action(async (file: string, size: string | undefined, options: Record<string, unknown>) => {
+      const { createCommand } = await import('./create.js');
+      setExit(
+        await createCommand(context, file, size, {
+          format: options.f as string,
+          options: (options.o as string[] | undefined) ?? [],
+          backingFile: options.b as string | undefined,
+          backingFormat: options.F as string | undefined,
+          unsafe: options.u === true,
+          quiet: options.q === true,
+        }),
+      );
+    });
+
+  addCommon(program.command('snapshot').argument('<file>', 'the image'))
+    .description('list, create, apply or delete internal snapshots (as qemu-img snapshot)')
+    .option('-l', 'list the snapshots (the default)')
+    .addOption(new Option('-c <name>', 'create a snapshot'))
+    .addOption(new Option('-a <snapshot>', 'apply (revert to) a snapshot, by id or name'))
+    .addOption(new Option('-d <snapshot>', 'delete a snapshot, by id or name'))
+    .option('-q', 'quiet')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  qcow2 snapshot -c before-upgrade disk.qcow2\n  qcow2 snapshot -l disk.qcow2\n  qcow2 snapshot -a before-upgrade disk.qcow2\n',
+    )
+    .action(async (file: string, options: Record<string, unknown>) => {
+      const { snapshotAction, snapshotCommand } = await import('./snapshot.js');
+      setExit(
+        await snapshotCommand(
+          context,
+          file,
+          snapshotAction(options as { l?: boolean; c?: string; a?: string; d?: string }),
+          {
+            format: options.f as ImageFormat | undefined,
+            forceShare: options.forceShare === true,
+            quiet: options.q === true,
+          },
+        ),
+      );
+    });
+
+  program
+    .command('resize')
+    .argument('<file>', 'the image')
+    .argument('<size>', 'new size, or +SIZE / -SIZE relative to the current one')
+    .description('change the guest size (as qemu-img resize)')
+    .addOption(
+      new Option('-f <fmt>', 'image format: qcow2 or raw (default: detected)').argParser((value: string) => {
+        if (value !== 'qcow2' && value !== 'raw' && value !== 'qcow') {
+          throw new UsageError(`Unknown driver '${value}' (formats: qcow2, qcow, raw)`);
+        }
+        return value;
+      }),
+    )
+    .option('--shrink', 'allow shrinking (data past the new end is lost)')
+    .option('-q', 'quiet')
+    // `-1G` is a size, not an option: unknown dashes reach the arguments and are checked there.
+    .allowUnknownOption(true)
+    .exitOverride()
+    .configureOutput(program.configureOutput())
+    .addHelpText(
+      'after',
+      '\nExamples:\n  qcow2 resize disk.qcow2 +10G\n  qcow2 resize --shrink disk.qcow2 -1G\n',
+    )
+    .action(async (file: string, size: string, options: Record<string, unknown>, command: Command) => {
+      const extra = command.args.slice(2);
+      const stray = [file, ...extra].find((arg) => arg.startsWith('-'));
+      if (stray !== undefined) throw new UsageError(`unknown option '${stray}'`);
+      if (extra.length > 0) throw new UsageError("too many arguments for 'resize'");
+      if (size.startsWith('-') && !/^-\d/.test(size)) throw new UsageError(`unknown option '${size}'`);
+      const { resizeCommand } = await import('./resize.js');
+      setExit(
+        await resizeCommand(context, file, size, {
+          format: options.f as ImageFormat | undefined,
+          shrink: options.shrink === true,
+          quiet: options.q === true,
+        }),
+      );
+    });
 }

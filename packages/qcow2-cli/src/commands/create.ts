@@ -1,0 +1,238 @@
+/**
+ * `qcow2 create`: qemu-img create's flags, `-o` options, size rules and "Formatting ..." line.
+ * qcow2 images are laid out by qcow2-core (`planQcow2Create` / `writeQcow2Layout`, or
+ * `Qcow2Image.create` for metadata preallocation); raw images are sparse files.
+ */
+import { access } from 'node:fs/promises';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { planQcow2Create, type Qcow2CreateOptions, Qcow2Image, writeQcow2Layout } from '@qcowkit/qcow2-core';
+import { type ImageFormat, openImage } from '../engine.js';
+import { CliError, describeError, UsageError } from '../errors.js';
+import type { CommandContext } from '../io.js';
+import { pathCombine, resolveAgainst } from '../paths.js';
+import { parseSize } from '../size.js';
+
+export interface CreateCommandOptions {
+  readonly format: string;
+  /** `-o a=b,c=d` (each `-o` given, in order). */
+  readonly options: readonly string[];
+  readonly backingFile?: string | undefined;
+  readonly backingFormat?: string | undefined;
+  /** `-u`: do not open the backing file (the size must then be given). */
+  readonly unsafe: boolean;
+  readonly quiet: boolean;
+}
+
+const QCOW2_KEYS = [
+  'size',
+  'compat',
+  'backing_file',
+  'backing_fmt',
+  'data_file',
+  'data_file_raw',
+  'encryption',
+  'cluster_size',
+  'preallocation',
+  'lazy_refcounts',
+  'refcount_bits',
+  'extended_l2',
+  'compression_type',
+] as const;
+const RAW_KEYS = ['size', 'preallocation'] as const;
+
+/** Splits `-o` strings into key/value pairs (`,,` is a literal comma, as in QEMU). */
+export function parseCreateOptions(
+  file: string,
+  format: string,
+  list: readonly string[],
+): Map<string, string> {
+  const allowed: readonly string[] = format === 'raw' ? RAW_KEYS : QCOW2_KEYS;
+  const out = new Map<string, string>();
+  for (const text of list) {
+    for (const item of text.replaceAll(',,', '\u0000').split(',')) {
+      if (item === '') continue;
+      const equals = item.indexOf('=');
+      const key = equals < 0 ? item : item.slice(0, equals);
+      const value = (equals < 0 ? '' : item.slice(equals + 1)).replaceAll('\u0000', ',');
+      if (!allowed.includes(key)) throw new UsageError(`${file}: Invalid parameter '${key}'`);
+      out.set(key, value);
+    }
+  }
+  return out;
+}
+
+function onOff(file: string, key: string, value: string | undefined): boolean | undefined {
+  if (value === undefined) return undefined;
+  if (value === 'on' || value === 'true' || value === 'yes') return true;
+  if (value === 'off' || value === 'false' || value === 'no') return false;
+  throw new UsageError(`${file}: Parameter '${key}' expects 'on' or 'off'`);
+}
+
+function imageSize(text: string): number {
+  try {
+    return parseSize(text, 'image size');
+  } catch {
+    throw new UsageError(
+      'Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.',
+    );
+  }
+}
+
+export async function createCommand(
+  context: CommandContext,
+  file: string,
+  sizeText: string | undefined,
+  options: CreateCommandOptions,
+): Promise<number> {
+  const { format } = options;
+  if (format !== 'qcow2' && format !== 'raw') {
+    throw new UsageError(`${file}: Unknown file format '${format}'`);
+  }
+  const values = parseCreateOptions(file, format, options.options);
+  if (options.backingFile !== undefined) values.set('backing_file', options.backingFile);
+  if (options.backingFormat !== undefined) values.set('backing_fmt', options.backingFormat);
+  if (values.has('backing_fmt') && !values.has('backing_file')) {
+    throw new UsageError(`${file}: backing_fmt requires a backing file (-b)`);
+  }
+  let size = sizeText !== undefined ? imageSize(sizeText) : undefined;
+  if (size === undefined && values.has('size')) size = imageSize(values.get('size')!);
+  const path = resolveAgainst(context.io.cwd, file);
+  const backingFile = values.get('backing_file');
+  if (backingFile !== undefined && values.get('backing_fmt') === undefined && !options.unsafe) {
+    throw new UsageError(`${file}: a backing format is needed with a backing file (-F qcow2|raw|qcow)`);
+  }
+  if (backingFile !== undefined && !options.unsafe) {
+    // As qemu-img: the backing file must open, and gives the size when none is given.
+    const backingPath = pathCombine(path, backingFile);
+    const backing = await openImage(backingPath, {
+      displayName: backingFile,
+      format: values.get('backing_fmt') as ImageFormat | undefined,
+      forceShare: true,
+    }).catch((error: unknown) => {
+      throw new CliError(`${file}: Could not open backing file: ${describeError(error)}`, { cause: error });
+    });
+    size ??= backing.device.size;
+    await backing.close();
+  }
+  if (size === undefined) throw new UsageError(`${file}: Image creation needs a size parameter`);
+  size = Math.ceil(size / 512) * 512;
+  const preallocation = values.get('preallocation');
+
+  if (format === 'raw') {
+    if (preallocation !== undefined && preallocation !== 'off') {
+      throw new CliError(`${file}: preallocation=${preallocation} is not supported yet for raw (use off)`, {
+        code: 'EUNSUPPORTED',
+      });
+    }
+    if (!options.quiet) {
+      context.io.stdout.write(
+        `Formatting '${file}', fmt=raw size=${size}${preallocation === undefined ? '' : ` preallocation=${preallocation}`}\n`,
+      );
+    }
+    const device = await FileBlockDevice.create(path, size, { overwrite: true }).catch((error: unknown) => {
+      throw new CliError(`${file}: Could not create '${file}': ${describeError(error)}`, { cause: error });
+    });
+    await device.close();
+    return 0;
+  }
+
+  const createOptions = qcow2CreateOptions(file, size, values);
+  planQcow2Create(createOptions); // validates before anything is written
+  if (!options.quiet) context.io.stdout.write(`${formattingLine(file, size, values, createOptions)}\n`);
+  const device = await FileBlockDevice.create(path, 0, { overwrite: true }).catch((error: unknown) => {
+    throw new CliError(`${file}: Could not create '${file}': ${describeError(error)}`, { cause: error });
+  });
+  try {
+    if (createOptions.dataFile !== undefined) {
+      const dataPath = resolveAgainst(context.io.cwd, createOptions.dataFile);
+      const exists = await access(dataPath).then(
+        () => true,
+        () => false,
+      );
+      if (!exists) await (await FileBlockDevice.create(dataPath, 0)).close();
+    }
+    if (createOptions.preallocation === 'metadata') {
+      const image = await Qcow2Image.create(device, createOptions);
+      await image.close();
+    } else {
+      await writeQcow2Layout(device, planQcow2Create(createOptions));
+    }
+  } catch (error) {
+    throw new CliError(`${file}: ${describeError(error)}`, { cause: error });
+  } finally {
+    await device.close();
+  }
+  return 0;
+}
+
+function qcow2CreateOptions(file: string, size: number, values: Map<string, string>): Qcow2CreateOptions {
+  const out: Qcow2CreateOptions = { size };
+  const clusterSize = values.get('cluster_size');
+  if (clusterSize !== undefined) out.clusterSize = parseSize(clusterSize, 'cluster size');
+  const refcountBits = values.get('refcount_bits');
+  if (refcountBits !== undefined) out.refcountBits = Number.parseInt(refcountBits, 10);
+  const extendedL2 = onOff(file, 'extended_l2', values.get('extended_l2'));
+  if (extendedL2 !== undefined) out.extendedL2 = extendedL2;
+  const compat = values.get('compat');
+  if (compat !== undefined) {
+    const normalized = compat === 'v2' ? '0.10' : compat === 'v3' ? '1.1' : compat;
+    if (normalized !== '0.10' && normalized !== '1.1') {
+      throw new UsageError(`${file}: Invalid parameter value for 'compat': '${compat}'`);
+    }
+    out.compat = normalized;
+  }
+  const lazy = onOff(file, 'lazy_refcounts', values.get('lazy_refcounts'));
+  if (lazy !== undefined) out.lazyRefcounts = lazy;
+  const compression = values.get('compression_type');
+  if (compression !== undefined) {
+    if (compression !== 'zlib' && compression !== 'zstd') {
+      throw new UsageError(`${file}: Invalid parameter value for 'compression_type': '${compression}'`);
+    }
+    out.compressionType = compression;
+  }
+  const preallocation = values.get('preallocation');
+  if (preallocation !== undefined) {
+    if (preallocation === 'falloc' || preallocation === 'full') {
+      throw new CliError(`${file}: preallocation=${preallocation} is not supported yet (off or metadata)`, {
+        code: 'EUNSUPPORTED',
+      });
+    }
+    if (preallocation !== 'off' && preallocation !== 'metadata') {
+      throw new UsageError(`${file}: Invalid parameter value for 'preallocation': '${preallocation}'`);
+    }
+    out.preallocation = preallocation;
+  }
+  const backingFile = values.get('backing_file');
+  if (backingFile !== undefined) out.backingFile = backingFile;
+  const backingFormat = values.get('backing_fmt');
+  if (backingFormat !== undefined) out.backingFormat = backingFormat;
+  const dataFile = values.get('data_file');
+  if (dataFile !== undefined) out.dataFile = dataFile;
+  const dataFileRaw = onOff(file, 'data_file_raw', values.get('data_file_raw'));
+  if (dataFileRaw !== undefined) out.dataFileRaw = dataFileRaw;
+  if (values.has('encryption')) {
+    throw new CliError(`${file}: encryption is not supported`, { code: 'EUNSUPPORTED' });
+  }
+  return out;
+}
+
+/** qemu-img's line: its options in its order, the ones it always shows and those given. */
+function formattingLine(
+  file: string,
+  size: number,
+  values: Map<string, string>,
+  options: Qcow2CreateOptions,
+): string {
+  const parts = [`Formatting '${file}', fmt=qcow2`, `cluster_size=${options.clusterSize ?? 65536}`];
+  parts.push(`extended_l2=${options.extendedL2 === true ? 'on' : 'off'}`);
+  if (values.has('preallocation')) parts.push(`preallocation=${options.preallocation}`);
+  parts.push(`compression_type=${options.compressionType ?? 'zlib'}`, `size=${size}`);
+  if (values.has('compat')) parts.push(`compat=${values.get('compat')}`);
+  if (options.backingFile !== undefined) parts.push(`backing_file=${options.backingFile}`);
+  if (options.backingFormat !== undefined) parts.push(`backing_fmt=${options.backingFormat}`);
+  if (options.dataFile !== undefined) parts.push(`data_file=${options.dataFile}`);
+  if (values.has('data_file_raw')) parts.push(`data_file_raw=${options.dataFileRaw === true ? 'on' : 'off'}`);
+  parts.push(`lazy_refcounts=${options.lazyRefcounts === true ? 'on' : 'off'}`);
+  parts.push(`refcount_bits=${options.refcountBits ?? 16}`);
+  return parts.join(' ');
+}
