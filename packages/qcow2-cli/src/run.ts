@@ -158,6 +158,10 @@ function buildProgram(
     .description('check an image for consistency, read-only (as qemu-img check)')
     .addOption(outputOption())
     .option('-q', 'quiet: print nothing, only set the exit code')
+    .addOption(
+      new Option('-r <mode>', 'repair: leaks or all (writes to the image)').choices(['leaks', 'all']),
+    )
+    .option('-p', 'show a progress bar on stderr')
     .addHelpText(
       'after',
       '\nExit codes: 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check could not run,\n63 the format has no checks (raw).\n\nExample:\n  qcow2 check disk.qcow2\n',
@@ -170,6 +174,8 @@ function buildProgram(
           output: options.output as 'human' | 'json',
           forceShare: options.forceShare === true,
           quiet: options.q === true,
+          repair: options.r as 'leaks' | 'all' | undefined,
+          progress: options.p === true,
         }),
       );
     });

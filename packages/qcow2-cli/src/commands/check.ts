@@ -1,10 +1,13 @@
 /** `qcow2 check` (read-only): qemu-img check's verdict, layout and exit codes. */
 
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { checkQcow2Image } from '@qcowkit/qcow2-core';
 import type { CheckResult, ImageFormat } from '../engine.js';
-import { openImage } from '../engine.js';
-import { CliError } from '../errors.js';
+import { detectFormat, openImage } from '../engine.js';
+import { CliError, openError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { checkToJson, formatCheckHuman } from '../output/check.js';
+import { ProgressReporter } from '../output/progress.js';
 import { toQemuJson } from '../output/qemu-json.js';
 import { resolveAgainst } from '../paths.js';
 
@@ -14,6 +17,10 @@ export interface CheckCommandOptions {
   readonly forceShare: boolean;
   /** `-q`: no report on stdout (findings and errors still go to stderr). */
   readonly quiet?: boolean;
+  /** `-r leaks|all`: repair (opens the image file for writing). */
+  readonly repair?: 'leaks' | 'all' | undefined;
+  /** `-p`: a progress bar on stderr. */
+  readonly progress?: boolean;
 }
 
 /** qemu-img check's exit code when the format cannot be checked at all (raw). */
@@ -24,6 +31,7 @@ export async function checkCommand(
   file: string,
   options: CheckCommandOptions,
 ): Promise<number> {
+  if (options.repair !== undefined) return repairCommand(context, file, options, options.repair);
   const opened = await openImage(resolveAgainst(context.io.cwd, file), {
     displayName: file,
     format: options.format,
@@ -40,7 +48,11 @@ export async function checkCommand(
       });
     }
     try {
-      result = await image.check();
+      const progress = progressFor(context, options);
+      result = await image.check(
+        progress === undefined ? {} : { onProgress: (d, t) => progress.update(d, t) },
+      );
+      progress?.finish();
     } catch (error) {
       throw new CliError(`Check failed: ${error instanceof Error ? error.message : String(error)}`, {
         cause: error,
@@ -56,6 +68,70 @@ export async function checkCommand(
         ? `${toQemuJson(checkToJson(result, file, opened.format))}\n`
         : formatCheckHuman(result),
     );
+  }
+  return checkExitCode(result);
+}
+
+function progressFor(context: CommandContext, options: CheckCommandOptions): ProgressReporter | undefined {
+  return options.progress === true && options.quiet !== true
+    ? new ProgressReporter(context.io.stderr)
+    : undefined;
+}
+
+/** `check -r`: repairs in place, then reports the state after the repair as qemu-img does. */
+async function repairCommand(
+  context: CommandContext,
+  file: string,
+  options: CheckCommandOptions,
+  repair: 'leaks' | 'all',
+): Promise<number> {
+  const path = resolveAgainst(context.io.cwd, file);
+  let device: FileBlockDevice;
+  try {
+    device = await FileBlockDevice.open(path, { readOnly: false });
+  } catch (error) {
+    throw openError(file, error, path);
+  }
+  let result: CheckResult;
+  let format: string;
+  try {
+    format = options.format ?? detectFormat(await device.read(0, Math.min(device.size, 512)));
+    if (format !== 'qcow2') {
+      throw new CliError('This image format does not support checks', {
+        exitCode: EXIT_CHECK_UNSUPPORTED,
+        code: 'EUNSUPPORTED',
+      });
+    }
+    const progress = progressFor(context, options);
+    try {
+      result = await checkQcow2Image(
+        { file: device },
+        {
+          repair,
+          ...(progress === undefined ? {} : { onProgress: (d: number, t: number) => progress.update(d, t) }),
+        },
+      );
+    } catch (error) {
+      throw new CliError(`Check failed: ${error instanceof Error ? error.message : String(error)}`, {
+        cause: error,
+      });
+    }
+    progress?.finish();
+  } finally {
+    await device.close();
+  }
+  for (const message of result.messages) context.io.stderr.write(`${message}\n`);
+  if (options.quiet !== true) {
+    if (options.output === 'json') {
+      context.io.stdout.write(`${toQemuJson(checkToJson(result, file, format))}\n`);
+    } else {
+      if (result.leaksFixed > 0 || result.corruptionsFixed > 0) {
+        context.io.stdout.write(
+          `The following inconsistencies were found and repaired:\n\n    ${result.leaksFixed} leaked clusters\n    ${result.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`,
+        );
+      }
+      context.io.stdout.write(formatCheckHuman(result));
+    }
   }
   return checkExitCode(result);
 }
