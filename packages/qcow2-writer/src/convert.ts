@@ -21,6 +21,7 @@ import { type ClusterRange, readAhead, splitRange } from './read-ahead.js';
 import { type CachedChunk, readClusters, scanSource } from './scan.js';
 import { OutputWriter, type Qcow2Sink, toByteSink } from './sink.js';
 import { type ConvertSource, isBlockDevice, StreamReader } from './source.js';
+import type { Spool } from './spool.js';
 
 export interface ConvertOptions extends Qcow2ImageOptions {
   /** Store data clusters compressed (qemu-img convert -c). Needs `compressor`. */
@@ -36,6 +37,9 @@ export interface ConvertOptions extends Qcow2ImageOptions {
   readonly detectZeroes?: boolean;
   /** Memory the scan may keep to avoid reading twice (default 64 MiB). */
   readonly cacheBytes?: number;
+  /** Compressed clusters beyond `cacheBytes` are kept here instead of compressed again (the node
+   * entry uses a temporary file by default). */
+  readonly spool?: Spool;
   /** Reads in flight (default 4) and their size (default 4 MiB). */
   readonly readDepth?: number;
   readonly chunkBytes?: number;
@@ -113,6 +117,7 @@ export async function planConversion(
         ? { compressor, type: geometry.compressionType, depth: options.compressDepth ?? 8 }
         : undefined,
     cacheBytes: options.cacheBytes ?? DEFAULT_CACHE_BYTES,
+    spool: compressor !== undefined ? options.spool : undefined,
     readDepth,
     chunkBytes,
     signal,
@@ -128,7 +133,13 @@ export async function planConversion(
     readDepth,
     chunkClusters,
     compressor !== undefined
-      ? { compressor, cache: map0.compressedCache, depth: options.compressDepth ?? 8 }
+      ? {
+          compressor,
+          cache: map0.compressedCache,
+          spool: options.spool,
+          spooled: map0.spooled,
+          depth: options.compressDepth ?? 8,
+        }
       : undefined,
     signal,
   );
@@ -173,13 +184,22 @@ function* dataRanges(layout: Qcow2Layout, maxCount: number, skip = 0): Generator
   }
 }
 
+/** Where the writing pass finds compressed clusters: memory, then the spool, then compressing again. */
+interface CompressedSources {
+  readonly compressor: ClusterCompressor;
+  readonly cache: Uint8Array[];
+  readonly spool: Spool | undefined;
+  readonly spooled: number;
+  readonly depth: number;
+}
+
 function makePlan(
   layout: Qcow2Layout,
   cachedChunks: CachedChunk[],
   fetch: (range: ClusterRange) => Promise<Uint8Array>,
   readDepth: number,
   chunkClusters: number,
-  compression: { compressor: ClusterCompressor; cache: Uint8Array[]; depth: number } | undefined,
+  compression: CompressedSources | undefined,
   signal: AbortSignal | undefined,
   cleanup?: () => Promise<void>,
 ): ConversionPlan {
@@ -282,7 +302,7 @@ async function writeCompressedArea(
   fetch: (range: ClusterRange) => Promise<Uint8Array>,
   readDepth: number,
   chunkClusters: number,
-  compression: { compressor: ClusterCompressor; cache: Uint8Array[]; depth: number },
+  compression: CompressedSources,
 ): Promise<void> {
   const geometry = layout.geometry;
   const clusterSize = geometry.clusterSize;
@@ -324,6 +344,25 @@ async function writeCompressedArea(
       'EIO',
       `qcow2 convert: wrote ${dataIndex} data clusters, planned ${lengths.length}`,
     );
+  }
+}
+
+/** Spool reads of about 4 MiB covering data clusters [first, first + count). */
+function* spoolBatches(
+  lengths: Uint32Array,
+  first: number,
+  count: number,
+): Generator<{ first: number; end: number; offset: number; bytes: number }> {
+  let offset = 0;
+  let index = first;
+  const end = first + count;
+  while (index < end) {
+    const batchFirst = index;
+    let bytes = 0;
+    while (index < end && (bytes === 0 || bytes + lengths[index]! <= 4 * 1024 * 1024))
+      bytes += lengths[index++]!;
+    yield { first: batchFirst, end: index, offset, bytes };
+    offset += bytes;
   }
 }
 

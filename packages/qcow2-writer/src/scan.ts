@@ -10,6 +10,7 @@ import { ClusterMap } from './cluster-map.js';
 import type { ClusterCompressor, CompressionType } from './compressor.js';
 import type { ImageGeometry } from './options.js';
 import { type ClusterRange, readAhead, splitRange } from './read-ahead.js';
+import type { Spool } from './spool.js';
 import { isAllZero, sameBytes } from './zero-detect.js';
 
 export interface ScanOptions {
@@ -18,6 +19,8 @@ export interface ScanOptions {
   readonly detectZeroes: boolean;
   readonly compression: { compressor: ClusterCompressor; type: CompressionType; depth: number } | undefined;
   readonly cacheBytes: number;
+  /** Where compressed clusters beyond `cacheBytes` go (else they are compressed again later). */
+  readonly spool: Spool | undefined;
   readonly readDepth: number;
   readonly chunkBytes: number;
   readonly signal: AbortSignal | undefined;
@@ -37,6 +40,9 @@ export interface ScanResult {
   readonly lengths: Uint32Array | undefined;
   /** Compressed conversions: stored bytes of the first data clusters (as many as the budget held). */
   readonly compressedCache: Uint8Array[];
+  /** Compressed conversions: data clusters after the cache whose stored bytes are in the spool,
+   * back to back from spool offset 0. */
+  readonly spooled: number;
 }
 
 /** Guest cluster ranges where `device` may read as non-zero (block status), merged and sorted. */
@@ -114,7 +120,9 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
     cachedChunks,
     lengths: options.compression !== undefined ? new Uint32Array(1024) : undefined,
     compressedCache: [],
+    spooled: 0,
   };
+  let spooled = 0;
 
   const mustRead = options.detectZeroes || backing !== undefined || options.compression !== undefined;
   if (!mustRead) {
@@ -135,7 +143,7 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
   const compression = options.compression;
   const zeroKind = geometry.version === 3 ? 'zero' : 'data';
 
-  const recordCompressed = (outputs: Uint8Array[], inputs: Uint8Array) => {
+  const recordCompressed = async (outputs: Uint8Array[], inputs: Uint8Array) => {
     for (let index = 0; index < outputs.length; index++) {
       let stored = outputs[index]!;
       if (stored.length >= clusterSize) stored = inputs.slice(index * clusterSize, (index + 1) * clusterSize);
@@ -150,6 +158,10 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
         cacheUsed += stored.length;
       } else {
         caching = false;
+        if (options.spool !== undefined && spooled === dataIndex - 1 - result.compressedCache.length) {
+          await options.spool.append(stored);
+          spooled++;
+        }
       }
     }
   };
@@ -213,5 +225,5 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
     }
   }
   for (const pending of compressQueue) await pending;
-  return { ...result, lengths: lengths?.subarray(0, dataIndex) };
+  return { ...result, lengths: lengths?.subarray(0, dataIndex), spooled };
 }

@@ -13,10 +13,12 @@ import type { Qcow2Sink } from '../sink.js';
 import type { ConvertSource } from '../source.js';
 import { createCompressorPool } from './compress-pool.js';
 import { openFileSink } from './file-sink.js';
+import { createFileSpool } from './file-spool.js';
 
 export * from '../index.js';
 export { type CompressorPool, createCompressorPool } from './compress-pool.js';
 export { openFileSink } from './file-sink.js';
+export { createFileSpool } from './file-spool.js';
 
 /** A sink, or a file path. */
 export type NodeQcow2Sink = Qcow2Sink | string;
@@ -30,8 +32,8 @@ export async function createEmptyImage(sink: NodeQcow2Sink, options: CreateImage
   return createEmptyImagePure(await resolveSink(sink), options);
 }
 
-/** planConversion with a worker-thread compressor when `compress` is set and none is given. The
- * plan's `write` accepts file paths and closes the pool it started. */
+/** planConversion with a worker-thread compressor and a temporary-file spool when `compress` is set
+ * and none is given. The plan's `write` accepts file paths and releases what it started. */
 export async function planConversion(
   source: ConvertSource,
   options: ConvertOptions = {},
