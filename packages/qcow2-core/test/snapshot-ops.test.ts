@@ -118,6 +118,22 @@ describe.skipIf(!haveQemu)('snapshots agree with qemu-img snapshot', () => {
     expectSameData(dir.path, ours, theirs);
   });
 
+  it('a dirty image (lazy refcounts, crashed) is repaired before the snapshot, as QEMU does', async () => {
+    const ours = join(dir.path, 'dirty.qcow2');
+    const theirs = `${ours}.qemu`;
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', ours, '4M']);
+    runStatus('qemu-io', ['-c', 'write -P 7 0 300k', '-c', 'write -P 8 3M 64k', '-c', 'abort', ours]);
+    expect(runStatus('qemu-img', ['check', ours]).status).toBe(2);
+    copyFileSync(ours, theirs);
+    await onFile(ours, (file) => createSnapshot(file, 's1'));
+    run('qemu-img', ['snapshot', '-c', 's1', theirs]);
+    expect(snapshotList(ours)).toEqual(snapshotList(theirs));
+    expectClean(ours);
+    await expectOurCheckClean(ours);
+    expectSameData(dir.path, ours, theirs);
+    expectSameData(dir.path, ours, theirs, 's1');
+  });
+
   it('apply restores the guest size the snapshot had', async () => {
     const ours = join(dir.path, 'resized.qcow2');
     const theirs = `${ours}.qemu`;

@@ -2,7 +2,8 @@
  * Offline metadata edits on a qcow2 file (snapshots, resize, amend, commit, rebase), with the
  * refcounts planned in memory first.
  *
- * An edit starts from a check of the image (refused when it finds corruptions: repair first), so
+ * An edit starts from a check of the image (refused when it finds corruptions: repair first; a
+ * dirty image is repaired first, as QEMU does when it opens one for writing), so
  * it knows the true reference count of every host cluster. Operations allocate clusters from that
  * picture (first fit over clusters nothing references), count the references they add or drop,
  * and write in the safe order: new tables written and refcounts raised (durable) before anything
@@ -17,14 +18,17 @@ import { type BlockDevice, BlockDeviceError, type RequestOptions } from '@qcowki
 import { inspectQcow2Image, loadHeader } from '../check/check.js';
 import { classifyL2Entry, decodeCompressedDescriptor, entryOffset } from '../check/entries.js';
 import { countsOf, rebuildRefcountStructure } from '../check/rebuild-refcounts.js';
+import { repairQcow2Image } from '../check/repair.js';
 import { repairCopiedFlags } from '../check/repair-copied.js';
 import { StoredRefcounts } from '../check/stored-refcounts.js';
-import { QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2 } from '../format/feature-bits.js';
+import {
+  QCOW2_INCOMPAT_CORRUPT,
+  QCOW2_INCOMPAT_DATA_FILE,
+  QCOW2_INCOMPAT_DIRTY,
+  QCOW2_INCOMPAT_EXTL2,
+} from '../format/feature-bits.js';
 import type { Qcow2Header } from '../format/header.js';
 import { encodeRefcount, maxRefcount } from '../format/refcount.js';
-
-/** Incompatible feature bit 0: the image was not closed cleanly. */
-const QCOW2_INCOMPAT_DIRTY = 0x1;
 
 export interface ImageEditOptions {
   readonly signal?: AbortSignal;
@@ -39,12 +43,19 @@ export class ImageEdit {
     readonly request: RequestOptions,
   ) {}
 
-  /** Checks the image and starts an edit; refuses a read-only file and a damaged or dirty image. */
+  /** Checks the image and starts an edit; refuses a read-only file and a damaged image. A dirty
+   * one (lazy refcounts, not closed cleanly) is repaired first. */
   static async open(file: BlockDevice, options: ImageEditOptions = {}): Promise<ImageEdit> {
     if (file.readOnly) {
       throw new BlockDeviceError('EROFS', `qcow2: ${file.description}: the file is read-only`);
     }
     const request: RequestOptions = options.signal === undefined ? {} : { signal: options.signal };
+    const head = await loadHeader(file, request);
+    const incompatible = head.incompatibleFeatures.low;
+    if ((incompatible & QCOW2_INCOMPAT_DIRTY) !== 0 && (incompatible & QCOW2_INCOMPAT_CORRUPT) === 0) {
+      // Left dirty (lazy refcounts): repaired first, as QEMU does when it opens one for writing.
+      await repairQcow2Image({ file, header: head }, 'all', request);
+    }
     const inspection = await inspectQcow2Image({ file }, request);
     const { result, header } = inspection;
     if (result.corruptions > 0 || result.checkErrors > 0) {

@@ -6,6 +6,7 @@
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import { loadHeader } from '../check/check.js';
+import { QCOW_MAX_SNAPSHOTS } from '../format/geometry.js';
 import type { Qcow2SnapshotEntry } from '../format/snapshot-table.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from '../ops/image-edit.js';
 import { findSnapshot, readSnapshotTable } from './snapshot-list.js';
@@ -79,6 +80,9 @@ export async function createSnapshot(
     );
   }
   const entries = await readSnapshotTable(file, header);
+  if (entries.length >= QCOW_MAX_SNAPSHOTS) {
+    throw new BlockDeviceError('EUNSUPPORTED', `snapshot: the image already has ${entries.length} snapshots`);
+  }
   const id = String(entries.reduce((max, entry) => Math.max(max, Number.parseInt(entry.id, 10) || 0), 0) + 1);
   const date = options.date ?? new Date();
   const ms = date.getTime();
