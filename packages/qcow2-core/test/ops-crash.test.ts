@@ -79,6 +79,29 @@ describe.skipIf(!haveQemu)('offline operations survive a crash at any point', ()
     }
   });
 
+  it('resize of a 512-byte-cluster image (the refcount structures are rebuilt)', async () => {
+    const path = join(dir.path, 'small-clusters.qcow2');
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', path, '1M']);
+    run('qemu-io', ['-c', 'write -P 1 0 100k', path]);
+    const bytes = readFileSync(path);
+    const expected = await guestHash(MemoryBlockDevice.from(bytes), 1024 * 1024);
+    let completed = false;
+    for (let crashAfter = 1; !completed; crashAfter++) {
+      expect(crashAfter).toBeLessThan(2000);
+      const disk = MemoryBlockDevice.from(bytes);
+      const faulty = new FaultInjectingBlockDevice(disk, { crashAfter, closeInner: false });
+      try {
+        await resizeImage(faulty, 64 * 1024 * 1024);
+        completed = true;
+      } catch (error) {
+        expect(error).toMatchObject({ code: 'EIO' });
+      }
+      const result = await checkQcow2Image({ file: disk });
+      expect(result.corruptions + result.checkErrors, `crash after ${crashAfter} operations`).toBe(0);
+      expect(await guestHash(disk, 1024 * 1024)).toBe(expected);
+    }
+  });
+
   it('empty (after commit)', async () => {
     const base = join(dir.path, 'plain.qcow2');
     run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', base, '8M']);
