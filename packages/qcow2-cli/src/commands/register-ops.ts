@@ -205,7 +205,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
 
   addCommon(program.command('snapshot').argument('<file>', 'the image'))
     .description('list, create, apply or delete internal snapshots (as qemu-img snapshot)')
-    .option('-l', 'list the snapshots (the default)')
+    .option('-l', 'list the snapshots')
     .addOption(new Option('-c <name>', 'create a snapshot'))
     .addOption(new Option('-a <snapshot>', 'apply (revert to) a snapshot, by id or name'))
     .addOption(new Option('-d <snapshot>', 'delete a snapshot, by id or name'))

@@ -1,7 +1,7 @@
 /** `qcow2 snapshot -l | -c NAME | -a NAME | -d NAME`: qemu-img snapshot's actions and messages. */
-import { isBlockDeviceError } from '@qcowkit/blockdev';
+import { BlockDeviceError, isBlockDeviceError } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { applySnapshot, createSnapshot, deleteSnapshot } from '@qcowkit/qcow2-core';
+import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '@qcowkit/qcow2-core';
 import { detectFormat, type ImageFormat, openImage } from '../engine.js';
 import { CliError, describeError, openError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
@@ -10,6 +10,7 @@ import { resolveAgainst } from '../paths.js';
 
 export type SnapshotAction =
   | { readonly kind: 'list' }
+  | { readonly kind: 'none' }
   | { readonly kind: 'create' | 'apply' | 'delete'; readonly name: string };
 
 export interface SnapshotCommandOptions {
@@ -18,7 +19,8 @@ export interface SnapshotCommandOptions {
   readonly quiet: boolean;
 }
 
-/** One of -l, -c, -a, -d (qemu-img: "Cannot mix '-l', '-a', '-c', '-d'"). */
+/** One of -l, -c, -a, -d (qemu-img: "Cannot mix '-l', '-a', '-c', '-d'"); none of them: qemu-img
+ * opens the image and does nothing. */
 export function snapshotAction(options: { l?: boolean; c?: string; a?: string; d?: string }): SnapshotAction {
   const given = [
     options.l === true ? ({ kind: 'list' } as const) : undefined,
@@ -27,7 +29,7 @@ export function snapshotAction(options: { l?: boolean; c?: string; a?: string; d
     options.d === undefined ? undefined : ({ kind: 'delete', name: options.d } as const),
   ].filter((action) => action !== undefined);
   if (given.length > 1) throw new UsageError("Cannot mix '-l', '-a', '-c', '-d'");
-  return given[0] ?? { kind: 'list' };
+  return given[0] ?? { kind: 'none' };
 }
 
 const VERBS = { create: 'create', apply: 'apply', delete: 'delete' } as const;
@@ -39,7 +41,7 @@ export async function snapshotCommand(
   options: SnapshotCommandOptions,
 ): Promise<number> {
   const path = resolveAgainst(context.io.cwd, file);
-  if (action.kind === 'list') {
+  if (action.kind === 'list' || action.kind === 'none') {
     const opened = await openImage(path, {
       displayName: file,
       format: options.format,
@@ -48,7 +50,7 @@ export async function snapshotCommand(
     });
     try {
       const snapshots = opened.image?.snapshots ?? [];
-      if (snapshots.length > 0 && !options.quiet) {
+      if (action.kind === 'list' && snapshots.length > 0 && !options.quiet) {
         const rows = snapshots.map((snapshot) => formatSnapshotRow(snapshot));
         context.io.stdout.write(`Snapshot list:\n${formatSnapshotHeader()}\n${rows.join('\n')}\n`);
       }
@@ -57,6 +59,7 @@ export async function snapshotCommand(
     }
     return 0;
   }
+  const name = action.name;
   let device: FileBlockDevice;
   try {
     device = await FileBlockDevice.open(path, { readOnly: false });
@@ -66,17 +69,20 @@ export async function snapshotCommand(
   try {
     const format = options.format ?? detectFormat(await device.read(0, Math.min(device.size, 512)));
     if (format !== 'qcow2') {
-      throw new CliError(
-        `Could not ${VERBS[action.kind]} snapshot '${action.name}': Operation not supported`,
-        {
-          code: 'EUNSUPPORTED',
-        },
-      );
+      throw new CliError(`Could not ${VERBS[action.kind]} snapshot '${name}': Operation not supported`, {
+        code: 'EUNSUPPORTED',
+      });
     }
     try {
-      if (action.kind === 'create') await createSnapshot(device, action.name);
-      else if (action.kind === 'apply') await applySnapshot(device, action.name);
-      else await deleteSnapshot(device, action.name);
+      if (action.kind === 'create') await createSnapshot(device, name);
+      else if (action.kind === 'apply') await applySnapshot(device, name);
+      else {
+        // qemu-img snapshot -d finds the snapshot by name only (-a takes an id or a name).
+        const victim = (await listSnapshots(device)).find((entry) => entry.name === name);
+        if (victim === undefined)
+          throw new BlockDeviceError('ENOENT', `snapshot: no snapshot named '${name}'`);
+        await deleteSnapshot(device, victim.id);
+      }
     } catch (error) {
       // A missing snapshot in qemu-img's words (they differ between -a and -d).
       const missing = isBlockDeviceError(error, 'ENOENT') && action.kind !== 'create';
@@ -85,7 +91,7 @@ export async function snapshotCommand(
         : action.kind === 'apply'
           ? 'Failed to load snapshot: No such file or directory'
           : 'snapshot not found';
-      throw new CliError(`Could not ${VERBS[action.kind]} snapshot '${action.name}': ${why}`, {
+      throw new CliError(`Could not ${VERBS[action.kind]} snapshot '${name}': ${why}`, {
         cause: error,
       });
     }
