@@ -322,9 +322,22 @@ async function writeCompressedArea(
     dataIndex++;
   };
   for (const stored of compression.cache) await put(stored);
+  if (compression.spool !== undefined && compression.spooled > 0) {
+    const spool = compression.spool;
+    const batches = spoolBatches(lengths, compression.cache.length, compression.spooled);
+    for await (const { item, result } of readAhead(batches, readDepth, (batch) =>
+      spool.read(batch.offset, batch.bytes),
+    )) {
+      let at = 0;
+      for (let index = item.first; index < item.end; index++) {
+        await put(result.subarray(at, at + lengths[index]!));
+        at += lengths[index]!;
+      }
+    }
+  }
   const depth = Math.max(readDepth, compression.depth);
   const batches = readAhead(
-    dataRanges(layout, chunkClusters, compression.cache.length),
+    dataRanges(layout, chunkClusters, compression.cache.length + compression.spooled),
     depth,
     async (range) => {
       const data = await fetch(range);

@@ -1,5 +1,6 @@
 import { BlockDeviceError, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { decodeHeader, headerFlags } from '@qcowkit/qcow2-core';
+import { planConversion as planConversionPure } from '@qcowkit/qcow2-writer';
 import {
   type ConvertOptions,
   convertToQcow2,
@@ -33,6 +34,8 @@ const OPTION_SETS: Record<string, ConvertOptions> = {
     refcountBits: 2,
   },
   'compressed, extended L2': { compress: true, compressor: pool, extendedL2: true },
+  'compressed, nothing cached (temporary-file spool)': { compress: true, compressor: pool, cacheBytes: 0 },
+  'uncompressed, nothing cached (read twice)': { cacheBytes: 0, chunkBytes: 65536 },
 };
 
 describe('empty images', () => {
@@ -133,6 +136,19 @@ describe('conversion reads back as the source', () => {
       );
     });
   }
+});
+
+it('without a spool, compresses again what the cache did not hold', async () => {
+  const size = 2 * 1024 * 1024;
+  const source = await memorySource(size, [
+    { offset: 0, data: new Uint8Array(size).map((_, i) => (i * 31) % 7) },
+  ]);
+  const plan = await planConversionPure(source, { compress: true, compressor: pool, cacheBytes: 1000 });
+  const out = memorySink();
+  await plan.write(out.sink);
+  const image = await openChecked(out.bytes());
+  expectSameBytes(await image.read(0, size), await source.read(0, size));
+  await image.close();
 });
 
 describe('over a backing file', () => {

@@ -39,14 +39,17 @@ export async function planConversion(
   options: ConvertOptions = {},
 ): Promise<ConversionPlan & { write(sink: NodeQcow2Sink): Promise<number>; dispose(): Promise<void> }> {
   const pool = options.compress && options.compressor === undefined ? createCompressorPool() : undefined;
+  const spool = options.compress && options.spool === undefined ? await createFileSpool() : undefined;
   const dispose = async () => {
     await pool?.close();
+    await spool?.close();
   };
   try {
-    const plan = await planConversionPure(
-      source,
-      pool !== undefined ? { ...options, compressor: pool } : options,
-    );
+    const plan = await planConversionPure(source, {
+      ...options,
+      compressor: options.compressor ?? pool,
+      spool: options.spool ?? spool,
+    });
     return {
       layout: plan.layout,
       fileSize: plan.fileSize,
