@@ -9,6 +9,8 @@ import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
 import { checkQcow2Image } from '../src/check/index.js';
+import { Qcow2Image } from '../src/image.js';
+import { amendImage, resizeImage } from '../src/ops/index.js';
 import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../src/snapshot/index.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
@@ -132,6 +134,32 @@ describe.skipIf(!haveQemu)('snapshots agree with qemu-img snapshot', () => {
     await expectOurCheckClean(ours);
     expectSameData(dir.path, ours, theirs);
     expectSameData(dir.path, ours, theirs, 's1');
+  });
+
+  it('on an image our engine created and wrote: snapshots, resize and amend, checked by qemu-img', async () => {
+    const ours = join(dir.path, 'ours-made.qcow2');
+    const theirs = `${ours}.qemu`;
+    const image = await Qcow2Image.create(await FileBlockDevice.create(ours, 0), {
+      size: 8 * 1024 * 1024,
+      clusterSize: 4096,
+    });
+    await image.write(0, new Uint8Array(100 * 1024).fill(1));
+    await image.write(5 * 1024 * 1024 + 100, new Uint8Array(9000).fill(2));
+    await image.close();
+    copyFileSync(ours, theirs);
+    await onFile(ours, (file) => createSnapshot(file, 'a'));
+    run('qemu-img', ['snapshot', '-c', 'a', theirs]);
+    for (const path of [ours, theirs]) io(path, 'write -P 3 0 8k');
+    await onFile(ours, (file) => resizeImage(file, 32 * 1024 * 1024));
+    run('qemu-img', ['resize', '-q', theirs, '32M']);
+    await onFile(ours, (file) => amendImage(file, { refcountBits: 8 }));
+    run('qemu-img', ['amend', '-o', 'refcount_bits=8', theirs]);
+    await onFile(ours, (file) => applySnapshot(file, 'a'));
+    run('qemu-img', ['snapshot', '-a', 'a', theirs]);
+    expect(snapshotList(ours)).toEqual(snapshotList(theirs));
+    expectClean(ours);
+    await expectOurCheckClean(ours);
+    expectSameData(dir.path, ours, theirs);
   });
 
   it('apply restores the guest size the snapshot had', async () => {
