@@ -11,8 +11,12 @@ import {
   type ClusterType,
   classifyL2Entry,
   classifySubcluster,
+  L2E_STD_RESERVED_MASK_HIGH,
+  L2E_STD_RESERVED_MASK_LOW,
   l2EntryHostOffset,
   l2EntryReservedBitsSet,
+  QCOW_OFLAG_COMPRESSED_HIGH,
+  QCOW_OFLAG_ZERO,
   type SubclusterType,
 } from '../format/l2-entry.js';
 import { pushSegment, type Segment } from './segment.js';
@@ -111,7 +115,10 @@ export class Qcow2Mapper {
       const l1Start = l1Index * this.#bytesPerL1;
       const l2Offset = this.l2TableOffset(l1Index);
       if (l2Offset === 0) {
-        const runEnd = Math.min(end, l1Start + this.#bytesPerL1);
+        // Skip every following L1 entry without an L2 table at once (an 8 TiB guest holding
+        // little has tens of thousands), and everything past the end of the L1 table.
+        const nextL1 = this.#nextL1WithTable(l1Index + 1, Math.ceil(end / this.#bytesPerL1));
+        const runEnd = Math.min(end, nextL1 * this.#bytesPerL1);
         pushSegment(segments, 'unallocated', position, runEnd - position, -1);
         position = runEnd;
         continue;
@@ -122,12 +129,33 @@ export class Qcow2Mapper {
       const slice = await cache.get(sliceHostOffset, this.#loadSlice);
       const sliceEnd = Math.min(end, l1Start + (sliceIndex + 1) * this.#entriesPerSlice * clusterSize);
       let entryIndex = l2Index - sliceIndex * this.#entriesPerSlice;
+      const sliceGuestStart = l1Start + sliceIndex * this.#entriesPerSlice * clusterSize;
       while (position < sliceEnd && examined < maxEntries) {
+        if (!extendedL2) {
+          // The common entries (unallocated, or data continuing the previous cluster on the host)
+          // are classified from their bits in a tight loop that merges them into one run; any
+          // other entry takes the general path below, one at a time.
+          const lastEntry = Math.min(
+            Math.ceil((sliceEnd - sliceGuestStart) / clusterSize),
+            entryIndex + (maxEntries - examined),
+          );
+          const run = scanStandardRun(slice, entryIndex, lastEntry, clusterSize);
+          if (run.next > entryIndex) {
+            const runEnd = Math.min(sliceEnd, sliceGuestStart + run.next * clusterSize);
+            const offsetInFirst = position - (sliceGuestStart + entryIndex * clusterSize);
+            if (run.hostCluster === -1) pushSegment(segments, 'unallocated', position, runEnd - position, -1);
+            else pushSegment(segments, 'data', position, runEnd - position, run.hostCluster + offsetInFirst);
+            examined += run.next - entryIndex;
+            entryIndex = run.next;
+            position = runEnd;
+            continue;
+          }
+        }
         examined++;
         const at = entryIndex * this.#entrySize;
         const high = slice.getUint32(at);
         const low = slice.getUint32(at + 4);
-        const clusterStart = l1Start + (sliceIndex * this.#entriesPerSlice + entryIndex) * clusterSize;
+        const clusterStart = sliceGuestStart + entryIndex * clusterSize;
         const clusterEnd = Math.min(sliceEnd, clusterStart + clusterSize);
         const type = classifyL2Entry(high, low, hasDataFile, extendedL2);
         const entryHostOffset = sliceHostOffset + at;
@@ -208,6 +236,16 @@ export class Qcow2Mapper {
     return segments;
   }
 
+  /** The first L1 index in `[from, limit)` whose entry is not zero (`limit` when none). */
+  #nextL1WithTable(from: number, limit: number): number {
+    const l1High = this.#l1High;
+    const l1Low = this.#l1Low;
+    const stop = Math.min(limit, l1High.length);
+    let index = from;
+    while (index < stop && l1High[index] === 0 && l1Low[index] === 0) index++;
+    return index < stop ? index : limit;
+  }
+
   #pushCluster(
     segments: Segment[],
     type: ClusterType | SubclusterType,
@@ -238,4 +276,51 @@ export class Qcow2Mapper {
         throw new BlockDeviceError('ECORRUPT', `L2 entry: unexpected cluster type ${type}`);
     }
   }
+}
+
+/** Bits that send a standard L2 entry to the general path: compressed, reserved, zero. */
+const SLOW_BITS_HIGH = (QCOW_OFLAG_COMPRESSED_HIGH | L2E_STD_RESERVED_MASK_HIGH) >>> 0;
+const SLOW_BITS_LOW = L2E_STD_RESERVED_MASK_LOW | QCOW_OFLAG_ZERO;
+
+/** Reused result of {@link scanStandardRun} (no allocation per run). */
+const scanned = { next: 0, hostCluster: -1 };
+
+/**
+ * The run of standard (8-byte) L2 entries from `first` (before `last`) that reads one way: all
+ * unallocated (entry 0; `hostCluster` -1), or all normal clusters each right after the previous on
+ * the host (`hostCluster` the first one's offset). `next` is the entry after the run, `first` when
+ * entry `first` is neither (or misaligned: the general path reports it).
+ */
+function scanStandardRun(
+  slice: DataView,
+  first: number,
+  last: number,
+  clusterSize: number,
+): { readonly next: number; readonly hostCluster: number } {
+  scanned.next = first;
+  scanned.hostCluster = -1;
+  if (first >= last) return scanned;
+  const high = slice.getUint32(first * 8);
+  const low = slice.getUint32(first * 8 + 4);
+  let index = first + 1;
+  if (high === 0 && low === 0) {
+    while (index < last && slice.getUint32(index * 8) === 0 && slice.getUint32(index * 8 + 4) === 0) index++;
+    scanned.next = index;
+    return scanned;
+  }
+  if ((high & SLOW_BITS_HIGH) !== 0 || (low & SLOW_BITS_LOW) !== 0) return scanned;
+  const hostCluster = l2EntryHostOffset(high, low);
+  if (hostCluster === 0 || hostCluster % clusterSize !== 0) return scanned;
+  let expected = hostCluster + clusterSize;
+  while (index < last) {
+    const nextHigh = slice.getUint32(index * 8);
+    const nextLow = slice.getUint32(index * 8 + 4);
+    if ((nextHigh & SLOW_BITS_HIGH) !== 0 || (nextLow & SLOW_BITS_LOW) !== 0) break;
+    if (l2EntryHostOffset(nextHigh, nextLow) !== expected) break;
+    expected += clusterSize;
+    index++;
+  }
+  scanned.next = index;
+  scanned.hostCluster = hostCluster;
+  return scanned;
 }
