@@ -98,7 +98,7 @@ describe.skipIf(!haveTools)('qcow2 create, snapshot, resize and check -r against
       expect(undated(actual.stdout)).toBe(undated(expected.stdout));
       if (expected.status !== 0)
         expect(actual.stderr.replaceAll('qcow2:', 'qemu-img:')).toBe(
-          expected.stderr.split('\nTry')[0]!.trimEnd() + '\n',
+          `${expected.stderr.split('\nTry')[0]!.trimEnd()}\n`,
         );
     }
     expectClean('snap-ours.qcow2');
@@ -160,5 +160,34 @@ describe.skipIf(!haveTools)('qcow2 create, snapshot, resize and check -r against
     expect(actual.stderr).toBe(expected.stderr);
     expectClean('leak-ours.qcow2');
     expectIdentical('leak-theirs.qcow2', 'leak-ours.qcow2');
+  });
+  test('amend: the same steps give the same image options and content as qemu-img amend', () => {
+    copyFileSync(at('base.qcow2'), at('amend-theirs.qcow2'));
+    copyFileSync(at('base.qcow2'), at('amend-ours.qcow2'));
+    const specific = (file: string) => {
+      const info = JSON.parse(qemuImg(['info', '--output=json', file]).stdout);
+      return { size: info['virtual-size'], data: info['format-specific'] };
+    };
+    for (const options of [
+      [],
+      ['-o', 'bogus=1'],
+      ['-o', 'refcount_bits=64,lazy_refcounts=on'],
+      ['-o', 'compat=0.10'],
+      ['-o', 'lazy_refcounts=off,refcount_bits=16'],
+      ['-o', 'compat=0.10'],
+      ['-o', 'size=1G'],
+      ['-o', 'compat=1.1'],
+    ]) {
+      const { expected, actual } = both(
+        ['amend', ...options, 'FILE'],
+        'amend-theirs.qcow2',
+        'amend-ours.qcow2',
+      );
+      expect(actual.status, options.join(' ')).toBe(expected.status);
+      if (expected.status !== 0) expect(actual.stderr.split('\n').filter(Boolean)).toHaveLength(1);
+      expect(specific('amend-ours.qcow2')).toEqual(specific('amend-theirs.qcow2'));
+      expectClean('amend-ours.qcow2');
+      expectIdentical('amend-theirs.qcow2', 'amend-ours.qcow2');
+    }
   });
 });

@@ -45,6 +45,7 @@ export function parseCreateOptions(
   file: string,
   format: string,
   list: readonly string[],
+  prefix = `${file}: `,
 ): Map<string, string> {
   const allowed: readonly string[] = format === 'raw' ? RAW_KEYS : QCOW2_KEYS;
   const out = new Map<string, string>();
@@ -54,7 +55,7 @@ export function parseCreateOptions(
       const equals = item.indexOf('=');
       const key = equals < 0 ? item : item.slice(0, equals);
       const value = (equals < 0 ? '' : item.slice(equals + 1)).replaceAll('\u0000', ',');
-      if (!allowed.includes(key)) throw new UsageError(`${file}: Invalid parameter '${key}'`);
+      if (!allowed.includes(key)) throw new UsageError(`${prefix}Invalid parameter '${key}'`);
       out.set(key, value);
     }
   }

@@ -268,4 +268,28 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
         }),
       );
     });
+
+  addCommon(program.command('amend').argument('<file>', 'the image'))
+    .description('change options of an existing qcow2 image (as qemu-img amend)')
+    .addOption(
+      new Option(
+        '-o <options>',
+        'compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N, size=SIZE',
+      ).argParser((value: string, previous: string[] | undefined) => [...(previous ?? []), value]),
+    )
+    .option('-p', 'accepted (amend runs without a progress bar)')
+    .option('-q', 'quiet')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  qcow2 amend -o refcount_bits=64 disk.qcow2\n  qcow2 amend -o compat=0.10 disk.qcow2\n',
+    )
+    .action(async (file: string, options: Record<string, unknown>) => {
+      const { amendCommand } = await import('./amend.js');
+      setExit(
+        await amendCommand(context, file, {
+          format: options.f as ImageFormat | undefined,
+          options: (options.o as string[] | undefined) ?? [],
+        }),
+      );
+    });
 }

@@ -1,0 +1,89 @@
+/** `qcow2 amend -o OPTIONS [-f FMT] FILE`: qemu-img amend's options for qcow2 (compat,
+ * lazy_refcounts, refcount_bits, size) through qcow2-core's `amendImage` / `resizeImage`. */
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { type AmendOptions, amendImage, resizeImage } from '@qcowkit/qcow2-core';
+import { detectFormat, type ImageFormat } from '../engine.js';
+import { CliError, describeError, openError, UsageError } from '../errors.js';
+import type { CommandContext } from '../io.js';
+import { resolveAgainst } from '../paths.js';
+import { parseSize } from '../size.js';
+import { parseCreateOptions } from './create.js';
+
+export interface AmendCommandOptions {
+  readonly format?: ImageFormat | undefined;
+  readonly options: readonly string[];
+}
+
+const AMENDABLE = new Set(['compat', 'lazy_refcounts', 'refcount_bits', 'size']);
+
+/** The `-o` list as amend options; creation-only keys are refused as qemu-img does. */
+export function parseAmendOptions(file: string, list: readonly string[]): AmendOptions & { size?: number } {
+  if (list.length === 0) throw new UsageError('Must specify options (-o)');
+  const values = parseCreateOptions(file, 'qcow2', list, '');
+  const out: { compat?: '0.10' | '1.1'; lazyRefcounts?: boolean; refcountBits?: number; size?: number } = {};
+  for (const [key, value] of values) {
+    if (!AMENDABLE.has(key)) {
+      throw new UsageError(`Invalid parameter '${key}': this option is only supported for image creation`);
+    }
+    if (key === 'compat') {
+      const compat = value === 'v2' ? '0.10' : value === 'v3' ? '1.1' : value;
+      if (compat !== '0.10' && compat !== '1.1')
+        throw new UsageError(`Invalid compatibility level: '${value}'`);
+      out.compat = compat;
+    } else if (key === 'lazy_refcounts') {
+      if (value !== 'on' && value !== 'off')
+        throw new UsageError(`Parameter 'lazy_refcounts' expects 'on' or 'off'`);
+      out.lazyRefcounts = value === 'on';
+    } else if (key === 'refcount_bits') {
+      const bits = Number(value);
+      if (![1, 2, 4, 8, 16, 32, 64].includes(bits)) {
+        throw new UsageError('Refcount width must be a power of two and may not exceed 64 bits');
+      }
+      out.refcountBits = bits;
+    } else {
+      out.size = parseSize(value, 'size');
+    }
+  }
+  if (out.compat === '0.10' && (out.refcountBits ?? 16) !== 16 && out.refcountBits !== undefined) {
+    throw new UsageError('compat=0.10 requires refcount_bits=16');
+  }
+  return out;
+}
+
+export async function amendCommand(
+  context: CommandContext,
+  file: string,
+  options: AmendCommandOptions,
+): Promise<number> {
+  const { size, ...amend } = parseAmendOptions(file, options.options);
+  const path = resolveAgainst(context.io.cwd, file);
+  let device: FileBlockDevice;
+  try {
+    device = await FileBlockDevice.open(path, { readOnly: false });
+  } catch (error) {
+    throw openError(file, error, path);
+  }
+  try {
+    const format = options.format ?? detectFormat(await device.read(0, Math.min(device.size, 512)));
+    if (format !== 'qcow2') {
+      throw new CliError(`Format driver '${format}' does not support option amendment`, {
+        code: 'EUNSUPPORTED',
+      });
+    }
+    try {
+      if (
+        amend.compat !== undefined ||
+        amend.lazyRefcounts !== undefined ||
+        amend.refcountBits !== undefined
+      ) {
+        await amendImage(device, amend);
+      }
+      if (size !== undefined) await resizeImage(device, size);
+    } catch (error) {
+      throw new CliError(describeError(error).replace(/^qcow2 amend: /, ''), { cause: error });
+    }
+  } finally {
+    await device.close();
+  }
+  return 0;
+}
