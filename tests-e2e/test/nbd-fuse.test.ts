@@ -1,6 +1,7 @@
 /**
- * A real ext4 file system through qcow2-nbd and nbdfuse: mke2fs writes it through the FUSE file,
- * e2fsck finds it clean, and the files read back identical from the raw image afterwards.
+ * A real ext4 file system through qcow2-nbd and nbdfuse, on a raw file and on a writable qcow2
+ * image: mke2fs writes it through the FUSE file, e2fsck finds it clean, the qcow2 image is
+ * `qemu-img check`-clean after a clean stop, and the files read back identical afterwards.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -42,48 +43,58 @@ describe.skipIf(!tools || !fuse)('ext4 through nbdfuse', () => {
   });
   afterAll(() => dir.remove());
 
-  it('mke2fs -d onto the FUSE file, e2fsck clean, files identical', async () => {
-    const image = join(dir.path, 'fs.raw');
-    const source = join(dir.path, 'source');
-    const mount = join(dir.path, 'mnt');
-    const socket = join(dir.path, 'nbd.sock');
-    mkdirSync(join(source, 'sub'), { recursive: true });
-    mkdirSync(mount);
-    const files: Record<string, Buffer> = {
-      'hello.txt': Buffer.from('hello through NBD\n'),
-      'sub/random.bin': Buffer.from(Array.from({ length: 777_777 }, (_, i) => (i * 2654435761) >>> 24)),
-      'sub/zeros.bin': Buffer.alloc(2 * 1024 * 1024),
-    };
-    for (const [name, content] of Object.entries(files)) writeFileSync(join(source, name), content);
-    run('qemu-img', ['create', '-f', 'raw', image, '64M']);
+  it.each(['raw', 'qcow2'])(
+    'mke2fs -d onto the FUSE file (%s), e2fsck clean, files identical',
+    async (format) => {
+      const image = join(dir.path, `fs.${format}`);
+      const source = join(dir.path, `source-${format}`);
+      const mount = join(dir.path, `mnt-${format}`);
+      const socket = join(dir.path, `nbd-${format}.sock`);
+      mkdirSync(join(source, 'sub'), { recursive: true });
+      mkdirSync(mount);
+      const files: Record<string, Buffer> = {
+        'hello.txt': Buffer.from('hello through NBD\n'),
+        'sub/random.bin': Buffer.from(Array.from({ length: 777_777 }, (_, i) => (i * 2654435761) >>> 24)),
+        'sub/zeros.bin': Buffer.alloc(2 * 1024 * 1024),
+      };
+      for (const [name, content] of Object.entries(files)) writeFileSync(join(source, name), content);
+      run('qemu-img', ['create', '-f', format, image, '64M']);
 
-    const server = spawn(process.execPath, [BIN, '-f', 'raw', '-t', '-k', socket, image], {
-      stdio: 'ignore',
-    });
-    let fuseProcess: ChildProcess | undefined;
-    try {
-      await waitFor(() => existsSync(socket), 'the NBD socket');
-      const disk = join(mount, 'disk');
-      fuseProcess = spawn('nbdfuse', [disk, '--unix', socket], { stdio: 'ignore' });
-      await waitFor(() => existsSync(disk), 'the FUSE file');
-      run('mke2fs', ['-q', '-t', 'ext4', '-F', '-d', source, disk]);
-      const check = runStatus('e2fsck', ['-fn', disk]);
-      expect(check.status, check.stdout + check.stderr).toBe(0);
-      run('fusermount3', ['-u', mount]);
-      await exited(fuseProcess);
-    } finally {
-      if (fuseProcess !== undefined && fuseProcess.exitCode === null) {
-        runStatus('fusermount3', ['-u', mount]);
-        fuseProcess.kill('SIGTERM');
+      const server = spawn(process.execPath, [BIN, '-f', format, '-t', '-k', socket, image], {
+        stdio: 'ignore',
+      });
+      let fuseProcess: ChildProcess | undefined;
+      try {
+        await waitFor(() => existsSync(socket), 'the NBD socket');
+        const disk = join(mount, 'disk');
+        fuseProcess = spawn('nbdfuse', [disk, '--unix', socket], { stdio: 'ignore' });
+        await waitFor(() => existsSync(disk), 'the FUSE file');
+        run('mke2fs', ['-q', '-t', 'ext4', '-F', '-d', source, disk]);
+        const check = runStatus('e2fsck', ['-fn', disk]);
+        expect(check.status, check.stdout + check.stderr).toBe(0);
+        run('fusermount3', ['-u', mount]);
+        await exited(fuseProcess);
+      } finally {
+        if (fuseProcess !== undefined && fuseProcess.exitCode === null) {
+          runStatus('fusermount3', ['-u', mount]);
+          fuseProcess.kill('SIGTERM');
+        }
+        server.kill('SIGTERM');
+        expect(await exited(server)).toBe(0);
       }
-      server.kill('SIGTERM');
-      expect(await exited(server)).toBe(0);
-    }
-    expect(runStatus('e2fsck', ['-fn', image]).status).toBe(0);
-    for (const [name, content] of Object.entries(files)) {
-      const copy = join(dir.path, 'copy.bin');
-      run('debugfs', ['-R', `dump /${name} ${copy}`, image]);
-      expect(readFileSync(copy).equals(content), name).toBe(true);
-    }
-  });
+      let rawImage = image;
+      if (format === 'qcow2') {
+        const check = runStatus('qemu-img', ['check', image]);
+        expect(check.status, check.stdout + check.stderr).toBe(0);
+        rawImage = join(dir.path, 'fs-from-qcow2.raw');
+        run('qemu-img', ['convert', '-O', 'raw', image, rawImage]);
+      }
+      expect(runStatus('e2fsck', ['-fn', rawImage]).status).toBe(0);
+      for (const [name, content] of Object.entries(files)) {
+        const copy = join(dir.path, 'copy.bin');
+        run('debugfs', ['-R', `dump /${name} ${copy}`, rawImage]);
+        expect(readFileSync(copy).equals(content), name).toBe(true);
+      }
+    },
+  );
 });

@@ -1,7 +1,7 @@
 /**
  * qcow2 images through qcow2-nbd: block status against `qemu-img map`, contents against
  * `qemu-img compare`, internal snapshots (-l), a writable overlay in memory (-s), allocation depth
- * over a backing chain (-A), and the refusal of a writable qcow2 export.
+ * over a backing chain (-A), and the refusal of a writable qcow (v1) export.
  */
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -216,11 +216,13 @@ describe.skipIf(!ok)('qcow2 images over NBD', () => {
     expect((await runAsync('qemu-img', ['check', image])).status).toBe(0);
   });
 
-  it('refuses a writable qcow2 export without -r or -s, in one line', async () => {
-    const result = await runAsync(process.execPath, [BIN, '-k', join(dir.path, 'never.sock'), image]);
+  it('refuses a writable qcow (v1) export without -r or -s, in one line', async () => {
+    const qcow = join(dir.path, 'old.qcow');
+    run('qemu-img', ['create', '-f', 'qcow', qcow, '1M']);
+    const result = await runAsync(process.execPath, [BIN, '-k', join(dir.path, 'never.sock'), qcow]);
     expect(result.status).toBe(1);
     expect(result.stderr).toMatch(
-      /^qcow2-nbd: .*read-only for now: add -r\/--read-only or -s\/--snapshot\n$/,
+      /^qcow2-nbd: .*qcow images are served read-only: add -r\/--read-only or -s\/--snapshot\n$/,
     );
   });
 });

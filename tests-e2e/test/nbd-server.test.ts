@@ -276,7 +276,7 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
     }
   });
 
-  it('a read-only export refuses writes; a qcow2 export needs -r or -s for now', async () => {
+  it('a read-only export refuses writes; a qcow (v1) export needs -r or -s', async () => {
     const server = await startServer(dir.path, ['-r', '-f', 'raw', image]);
     try {
       const result = await runAsync('qemu-io', ['-f', 'raw', '-c', 'write 0 4k', server.uri]);
@@ -286,12 +286,12 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
     } finally {
       await server.stop();
     }
-    const qcow2 = join(dir.path, 'disk.qcow2');
-    run('qemu-img', ['create', '-f', 'qcow2', qcow2, '1M']);
-    const refused = runStatus(process.execPath, [BIN, '-k', join(dir.path, 'never.sock'), qcow2]);
+    const qcow = join(dir.path, 'disk.qcow');
+    run('qemu-img', ['create', '-f', 'qcow', qcow, '1M']);
+    const refused = runStatus(process.execPath, [BIN, '-k', join(dir.path, 'never.sock'), qcow]);
     expect(refused.status).toBe(1);
     expect(refused.stderr.trim().split('\n')).toHaveLength(1);
-    expect(refused.stderr).toMatch(/^qcow2-nbd: .*read-only for now/);
+    expect(refused.stderr).toMatch(/^qcow2-nbd: .*qcow images are served read-only/);
     const bad = runStatus(process.execPath, [BIN, '--discard=sometimes', image]);
     expect(bad.status).toBe(1);
     expect(bad.stderr.trim().split('\n')).toHaveLength(1);

@@ -1,7 +1,8 @@
 /**
  * Opens the images named on the command line as BlockDevices. Raw files are FileBlockDevices;
- * qcow2 and qcow images come from qcow2-core's node entry (`openImage`), which is read-only for
- * now: a qcow2 export is served read-only, or writable through `-s` (an overlay in memory).
+ * qcow2 images are opened read-write through the engine's write path (see open-writable-qcow2),
+ * or read-only through qcow2-core's node entry with -r, -s (then an overlay in memory takes the
+ * writes) or -l. qcow images are served read-only.
  */
 import { open as openFile } from 'node:fs/promises';
 import { type BlockDevice, isBlockDeviceError, OverlayBlockDevice } from '@qcowkit/blockdev';
@@ -9,6 +10,7 @@ import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import type { OpenedImage } from '@qcowkit/qcow2-core/node';
 import type { NbdExport } from '../server/export.js';
 import { CliError } from './errors.js';
+import { openWritableQcow2 } from './open-writable-qcow2.js';
 import { type CliOptions, type ExportSpec, type ImageFormat, parseSnapshotSpec } from './options.js';
 
 export interface OpenedExports {
@@ -56,14 +58,20 @@ async function openOne(
     closers.push(() => file.close());
     device = file;
   } else {
-    if (!readOnlyFile) {
-      throw new CliError(
-        `${spec.path}: ${format} images are served read-only for now: add -r/--read-only or -s/--snapshot`,
-      );
+    if (!readOnlyFile && format === 'qcow2') {
+      const image = await openWritableQcow2(spec.path);
+      closers.push(() => image.close());
+      device = image.device;
+    } else {
+      if (!readOnlyFile) {
+        throw new CliError(
+          `${spec.path}: ${format} images are served read-only: add -r/--read-only or -s/--snapshot`,
+        );
+      }
+      const image = await openImageOf(spec.path, format, options.loadSnapshot);
+      closers.push(() => image.close());
+      device = image.device;
     }
-    const image = await openImageOf(spec.path, format, options.loadSnapshot);
-    closers.push(() => image.close());
-    device = image.device;
   }
   if (options.snapshot) {
     const overlay = new OverlayBlockDevice(device, { readOnly: options.readOnly });
