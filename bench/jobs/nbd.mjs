@@ -7,7 +7,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { open, rm } from 'node:fs/promises';
+import { copyFile, open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -118,6 +118,59 @@ function qcow2Job(name, description, work) {
   };
 }
 
+/**
+ * Writable qcow2 exports: a fully allocated image (overwrites in place) and an empty one (every
+ * write allocates), copied afresh for each run so both servers start from the same bytes.
+ */
+async function setupQcow2Write(dir) {
+  const full = await setupQcow2(dir);
+  const empty = join(dir, 'nbd-empty.qcow2');
+  const result = spawnSync('qemu-img', ['create', '-f', 'qcow2', empty, '1G']);
+  if (result.status !== 0) throw new Error(`qemu-img create failed: ${result.stderr}`);
+  return { dir, full: full.image, empty, image: join(dir, 'nbd-write.qcow2') };
+}
+
+const qcow2WriteServers = {
+  ours: (ctx) =>
+    startServer(
+      process.execPath,
+      [BIN, '-f', 'qcow2', '-t', '-e', '0', '-k', join(ctx.dir, 'ours.sock'), ctx.image],
+      join(ctx.dir, 'ours.sock'),
+    ),
+  theirs: (ctx) =>
+    startServer(
+      'qemu-nbd',
+      ['-f', 'qcow2', '-t', '-e', '4', '-k', join(ctx.dir, 'qemu-nbd.sock'), ctx.image],
+      join(ctx.dir, 'qemu-nbd.sock'),
+    ),
+};
+
+function qcow2WriteJob(name, description, source, work) {
+  const side = (which) => async (ctx) => {
+    await copyFile(ctx[source], ctx.image);
+    const server = await qcow2WriteServers[which](ctx);
+    try {
+      return work(ctx, server.uri);
+    } finally {
+      await server.stop();
+      await rm(ctx.image, { force: true });
+    }
+  };
+  return {
+    name,
+    description,
+    tools: ['qemu-nbd', 'qemu-img', 'fio'],
+    setup: setupQcow2Write,
+    ours: side('ours'),
+    theirs: side('theirs'),
+    teardown: async (ctx) => {
+      await rm(ctx.full, { force: true });
+      await rm(ctx.empty, { force: true });
+      await rm(ctx.image, { force: true });
+    },
+  };
+}
+
 function timed(command, args) {
   const start = performance.now();
   const result = spawnSync(command, args, { encoding: 'utf8' });
@@ -188,5 +241,17 @@ export const jobs = [
     'nbd-qcow2-nbdcopy-out',
     'qcow2 (read-only): nbdcopy of 1 GiB to null:, 4 connections, vs qemu-nbd',
     (_ctx, uri) => timed('nbdcopy', ['--connections=4', uri, 'null:']),
+  ),
+  qcow2WriteJob(
+    'nbd-qcow2-fio-randwrite-4k',
+    'qcow2 (writable, allocated): fio 4 KiB random writes, depth 16, 256 MiB, vs qemu-nbd',
+    'full',
+    (_ctx, uri) => fio(uri, 'randwrite', '4k', '256M'),
+  ),
+  qcow2WriteJob(
+    'nbd-qcow2-fio-randwrite-4k-alloc',
+    'qcow2 (writable, empty: every cluster allocated): fio 4 KiB random writes, depth 16, 64 MiB, vs qemu-nbd',
+    'empty',
+    (_ctx, uri) => fio(uri, 'randwrite', '4k', '64M'),
   ),
 ];
