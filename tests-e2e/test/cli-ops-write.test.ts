@@ -190,4 +190,47 @@ describe.skipIf(!haveTools)('qcow2 create, snapshot, resize and check -r against
       expectIdentical('amend-theirs.qcow2', 'amend-ours.qcow2');
     }
   });
+  /** base <- top (top holds data and a zeroed range over base's data) and a second base. */
+  const chain = (suffix: string) => {
+    const q = (args: string[]) => run('qemu-img', args, { cwd: dir.path });
+    const io = (file: string, ...commands: string[]) =>
+      run('qemu-io', [...commands.flatMap((command) => ['-c', command]), file], { cwd: dir.path });
+    q(['create', '-q', '-f', 'qcow2', `cb-${suffix}.qcow2`, '8M']);
+    io(`cb-${suffix}.qcow2`, 'write -P 1 0 1M', 'write -P 5 6M 64k');
+    q(['create', '-q', '-f', 'qcow2', '-b', `cb-${suffix}.qcow2`, '-F', 'qcow2', `ct-${suffix}.qcow2`]);
+    io(`ct-${suffix}.qcow2`, 'write -P 2 512k 1M', 'write -z 6M 4k');
+    q(['create', '-q', '-f', 'qcow2', `nb-${suffix}.qcow2`, '8M']);
+    io(`nb-${suffix}.qcow2`, 'write -P 1 0 256k');
+  };
+  const backingOf = (file: string) => {
+    const info = JSON.parse(qemuImg(['info', '--output=json', file]).stdout);
+    return [info['backing-filename'], info['backing-filename-format']];
+  };
+
+  test.each([
+    ['commit', ['commit', 'ct-SIDE.qcow2']],
+    ['commit -d', ['commit', '-d', 'ct-SIDE.qcow2']],
+    ['commit without a backing file', ['commit', 'cb-SIDE.qcow2']],
+    ['rebase', ['rebase', '-b', 'nb-SIDE.qcow2', '-F', 'qcow2', 'ct-SIDE.qcow2']],
+    ['rebase onto nothing', ['rebase', '-b', '', 'ct-SIDE.qcow2']],
+    ['rebase -u', ['rebase', '-u', '-b', 'nb-SIDE.qcow2', '-F', 'qcow2', 'ct-SIDE.qcow2']],
+    ['rebase onto a missing file', ['rebase', '-b', 'nope.qcow2', '-F', 'qcow2', 'ct-SIDE.qcow2']],
+  ])('%s as qemu-img', (_name, args) => {
+    chain('theirs');
+    chain('ours');
+    const expected = qemuImg(args.map((arg) => arg.replace('SIDE', 'theirs')));
+    const actual = cli(args.map((arg) => arg.replace('SIDE', 'ours')));
+    expect(actual.status).toBe(expected.status);
+    expect(actual.stdout).toBe(expected.stdout);
+    if (expected.status !== 0) {
+      expect(actual.stderr.replace('qcow2:', 'qemu-img:')).toBe(expected.stderr);
+      return;
+    }
+    for (const name of ['cb', 'ct']) {
+      expectClean(`${name}-ours.qcow2`);
+      expectIdentical(`${name}-theirs.qcow2`, `${name}-ours.qcow2`);
+    }
+    const [theirName, theirFormat] = backingOf('ct-theirs.qcow2');
+    expect(backingOf('ct-ours.qcow2')).toEqual([theirName?.replace('theirs', 'ours'), theirFormat]);
+  });
 });

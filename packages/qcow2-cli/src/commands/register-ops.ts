@@ -292,4 +292,54 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
         }),
       );
     });
+
+  addCommon(program.command('commit').argument('<file>', 'the image whose data goes into its backing file'))
+    .description("write an image's own data into its backing file (as qemu-img commit)")
+    .option('-d', 'keep the data in the image after committing it')
+    .option('-p', 'show a progress bar on stderr')
+    .option('-q', 'quiet')
+    .addHelpText('after', '\nExample:\n  qcow2 commit -p overlay.qcow2\n')
+    .action(async (file: string, options: Record<string, unknown>) => {
+      const { commitCommand } = await import('./commit.js');
+      setExit(
+        await commitCommand(context, file, {
+          format: options.f as ImageFormat | undefined,
+          keep: options.d === true,
+          progress: options.p === true,
+          quiet: options.q === true,
+        }),
+      );
+    });
+
+  addCommon(program.command('rebase').argument('<file>', 'the image'))
+    .description('change the backing file of an image (as qemu-img rebase)')
+    .addOption(new Option('-b <backing>', "the new backing file ('' for none)").makeOptionMandatory(true))
+    .addOption(
+      new Option('-F <fmt>', 'format of the new backing file').argParser((value: string) => {
+        if (value !== 'qcow2' && value !== 'raw' && value !== 'qcow') {
+          throw new UsageError(`Unknown driver '${value}' (formats: qcow2, qcow, raw)`);
+        }
+        return value;
+      }),
+    )
+    .option('-u', 'unsafe: only rewrite the name, copy nothing')
+    .option('-p', 'show a progress bar on stderr')
+    .option('-q', 'quiet')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  qcow2 rebase -b new-base.qcow2 -F qcow2 overlay.qcow2\n  qcow2 rebase -u -b moved/base.qcow2 -F qcow2 overlay.qcow2\n',
+    )
+    .action(async (file: string, options: Record<string, unknown>) => {
+      const { rebaseCommand } = await import('./rebase.js');
+      setExit(
+        await rebaseCommand(context, file, {
+          format: options.f as ImageFormat | undefined,
+          backingFile: options.b as string,
+          backingFormat: options.F as ImageFormat | undefined,
+          unsafe: options.u === true,
+          progress: options.p === true,
+          quiet: options.q === true,
+        }),
+      );
+    });
 }

@@ -1,0 +1,73 @@
+/**
+ * Opening a qcow2 image for writing, for the commands that write guest data (commit, rebase):
+ * the image file read-write, its backing chain read-only through the engine. Read-only layers are
+ * opened with force-share so the command can also hold a writer on one of them.
+ */
+import type { BlockDevice } from '@qcowkit/blockdev';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { Qcow2Image, RawImage } from '@qcowkit/qcow2-core';
+import { detectFormat, type ImageFormat, type OpenedImage, openImage } from '../engine.js';
+import { CliError, openError } from '../errors.js';
+import { pathCombine } from '../paths.js';
+
+export interface WritableImage {
+  readonly device: BlockDevice;
+  readonly format: ImageFormat;
+  close(): Promise<void>;
+}
+
+/** `path` as a writable guest view; `backing` (when given) replaces the image's own backing file. */
+export async function openWritable(
+  path: string,
+  displayName: string,
+  options: { format?: ImageFormat | undefined; backing?: BlockDevice | undefined } = {},
+): Promise<WritableImage> {
+  let file: FileBlockDevice;
+  try {
+    file = await FileBlockDevice.open(path, { readOnly: false });
+  } catch (error) {
+    throw openError(displayName, error, path);
+  }
+  const opened: OpenedImage[] = [];
+  const closeAll = async () => {
+    for (const layer of opened.reverse()) await layer.close();
+  };
+  try {
+    const format = options.format ?? detectFormat(await file.read(0, Math.min(file.size, 512)));
+    if (format === 'raw') {
+      const image = new RawImage(file);
+      return { device: image, format, close: async () => image.close() };
+    }
+    if (format !== 'qcow2') {
+      throw new CliError(`Could not open '${displayName}': writing ${format} images is not supported`, {
+        code: 'EUNSUPPORTED',
+      });
+    }
+    const image = await Qcow2Image.open(file, {
+      readOnly: false,
+      resolveBacking: async ({ name, format: backingFormat }) => {
+        if (options.backing !== undefined) return options.backing;
+        const layer = await openImage(pathCombine(path, name), {
+          displayName: name,
+          format: backingFormat as ImageFormat | undefined,
+          forceShare: true,
+        });
+        opened.push(layer);
+        return layer.device;
+      },
+    });
+    return {
+      device: image,
+      format,
+      close: async () => {
+        await image.close();
+        await closeAll();
+        await file.close();
+      },
+    };
+  } catch (error) {
+    await closeAll();
+    await file.close();
+    throw error;
+  }
+}
