@@ -3,5 +3,6 @@ export {
   type FileCreateOptions,
   type FileOpenOptions,
   MAX_EXTENTS_PER_CALL,
+  SYNC_IO_MAX_BYTES,
 } from './file-device.js';
 export type { LockMechanism, LockMode } from './file-lock.js';
