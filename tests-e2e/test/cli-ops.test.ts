@@ -126,6 +126,25 @@ describe.skipIf(!haveTools)('qcow2 compare, bench and dd against qemu-img', () =
     );
   });
 
+  test('bench -w on a qcow2 overlay gives the image qemu-img bench -w gives', () => {
+    for (const side of ['theirs', 'ours']) {
+      run(
+        'qemu-img',
+        ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', `bw-${side}.qcow2`],
+        {
+          cwd: dir.path,
+        },
+      );
+    }
+    const args = ['-w', '--pattern=9', '-c', '300', '-d', '8', '-s', '3000', '-S', '5000', '-o', '100'];
+    const expected = qemuImg(['bench', ...args, 'bw-theirs.qcow2']);
+    const actual = cli(['bench', ...args, 'bw-ours.qcow2']);
+    expect(actual.status).toBe(expected.status);
+    expect(timeless(actual.stdout)).toBe(timeless(expected.stdout));
+    expect(qemuImg(['check', 'bw-ours.qcow2']).status).toBe(0);
+    expect(qemuImg(['compare', 'bw-theirs.qcow2', 'bw-ours.qcow2']).stdout).toBe('Images are identical.\n');
+  });
+
   test.each([
     ['whole image', ['if=top.qcow2', 'of=OUT']],
     ['count bounds the end, skip included', ['if=base.qcow2', 'of=OUT', 'bs=64k', 'count=40', 'skip=1']],

@@ -5,12 +5,12 @@
  * `flushInterval` requests, draining the queue first unless `noDrain`.
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { detectFormat, type ImageFormat, openImage } from '../engine.js';
-import { CliError, describeError, openError, UsageError } from '../errors.js';
+import { type ImageFormat, openImage } from '../engine.js';
+import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { ProgressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
+import { openWritable } from './writable-image.js';
 
 export interface BenchOptions {
   readonly format?: ImageFormat | undefined;
@@ -84,24 +84,8 @@ async function openForBench(
     });
     return { device: opened.device, close: () => opened.close() };
   }
-  // Writes: raw files now; qcow2 once the engine opens images read-write.
-  let device: FileBlockDevice;
-  try {
-    device = await FileBlockDevice.open(path, { readOnly: false });
-  } catch (error) {
-    throw openError(file, error, path);
-  }
-  const format = options.format ?? detectFormat(await device.read(0, Math.min(device.size, 512)));
-  if (format !== 'raw') {
-    await device.close();
-    throw new CliError(
-      `Could not open '${file}': writing to ${format} images is not supported yet (bench -w)`,
-      {
-        code: 'EUNSUPPORTED',
-      },
-    );
-  }
-  return { device, close: () => device.close() };
+  // Writes: the image file read-write, its backing chain read-only.
+  return openWritable(path, file, { format: options.format });
 }
 
 export async function benchCommand(
