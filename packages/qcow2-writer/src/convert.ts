@@ -22,6 +22,7 @@ import { type CachedChunk, readClusters, scanSource } from './scan.js';
 import { OutputWriter, type Qcow2Sink, toByteSink } from './sink.js';
 import { type ConvertSource, isBlockDevice, StreamReader } from './source.js';
 import type { Spool } from './spool.js';
+import { isAllZero } from './zero-detect.js';
 
 export interface ConvertOptions extends Qcow2ImageOptions {
   /** Store data clusters compressed (qemu-img convert -c). Needs `compressor`. */
@@ -285,7 +286,7 @@ function groupWriter(
           if (next.done || next.value.item.cluster !== at) {
             throw new Error(`qcow2 convert: data out of order at guest cluster ${at}`);
           }
-          await out.writeAt(cursor, next.value.result);
+          await writeSparse(out, cursor, next.value.result, clusterSize);
           cursor += next.value.result.length;
           at += next.value.item.count;
         }
@@ -293,6 +294,28 @@ function groupWriter(
       if (map.starts[run]! + map.counts[run]! > endCluster) break;
     }
   };
+}
+
+/**
+ * Writes `bytes` (whole clusters) at `hostOffset`, all-zero clusters as zeros the sink may skip
+ * (holes in a file). They only occur with `detectZeroes: false`: the scan did not read the data,
+ * so such a cluster stays allocated in the image and reads as zeros from its hole.
+ */
+async function writeSparse(
+  out: OutputWriter,
+  hostOffset: number,
+  bytes: Uint8Array,
+  clusterSize: number,
+): Promise<void> {
+  let runStart = 0;
+  for (let at = 0; at <= bytes.length; at += clusterSize) {
+    const zero = at < bytes.length && isAllZero(bytes.subarray(at, at + clusterSize));
+    if (at === bytes.length || zero) {
+      if (at > runStart) await out.writeAt(hostOffset + runStart, bytes.subarray(runStart, at));
+      if (zero) await out.zeroTo(hostOffset + at + clusterSize);
+      runStart = at + clusterSize;
+    }
+  }
 }
 
 async function writeCompressedArea(

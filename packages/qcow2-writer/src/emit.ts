@@ -20,6 +20,19 @@ export type AreaWriter = (hostOffset: number) => Promise<void>;
 
 const L1_CHUNK = 1024 * 1024;
 
+/** True when some L2 table is referenced from L1 bytes [from, to). */
+function l1SliceHasEntries(layout: Qcow2Layout, from: number, to: number): boolean {
+  const indexes = layout.groupL1Index;
+  let low = 0;
+  let high = indexes.length;
+  while (low < high) {
+    const middle = (low + high) >>> 1;
+    if (indexes[middle]! < from / 8) low = middle + 1;
+    else high = middle;
+  }
+  return low < indexes.length && indexes[low]! < to / 8;
+}
+
 export async function emitImage(
   layout: Qcow2Layout,
   out: OutputWriter,
@@ -33,6 +46,11 @@ export async function emitImage(
   }
   for (let from = 0; from < layout.l1Bytes; from += L1_CHUNK) {
     writers.signal?.throwIfAborted();
+    const to = Math.min(layout.l1Bytes, from + L1_CHUNK);
+    if (!l1SliceHasEntries(layout, from, to)) {
+      await out.zeroTo(layout.l1Offset + to); // a hole where the sink can skip
+      continue;
+    }
     await out.writeAt(
       layout.l1Offset + from,
       encodeL1Slice(layout, from, Math.min(layout.l1Bytes, from + L1_CHUNK)),

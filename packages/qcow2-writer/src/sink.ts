@@ -178,7 +178,8 @@ export class OutputWriter {
   async zeroTo(hostOffset: number): Promise<void> {
     const gap = hostOffset - this.position;
     if (gap <= 0) return;
-    if (gap <= this.chunkSize - this.used) {
+    const small = gap <= 65536 || this.sink.skip === undefined;
+    if (small && gap <= this.chunkSize - this.used) {
       this.buffer.fill(0, this.used, this.used + gap);
       this.used += gap;
       this.position += gap;

@@ -36,6 +36,7 @@ const OPTION_SETS: Record<string, ConvertOptions> = {
   'compressed, extended L2': { compress: true, compressor: pool, extendedL2: true },
   'compressed, nothing cached (temporary-file spool)': { compress: true, compressor: pool, cacheBytes: 0 },
   'uncompressed, nothing cached (read twice)': { cacheBytes: 0, chunkBytes: 65536 },
+  'no zero detection (zero clusters kept, written as zeros)': { detectZeroes: false },
 };
 
 describe('empty images', () => {

@@ -27,7 +27,8 @@ export function createCompressorPool(size = availableParallelism()): CompressorP
   let nextId = 0;
   let closed = false;
   for (let index = 0; index < Math.max(1, size); index++) {
-    const worker = new Worker(workerUrl);
+    // No inherited flags: `node --input-type=module -e` would make the worker fail to start.
+    const worker = new Worker(workerUrl, { execArgv: [] });
     worker.unref();
     const slot = { worker, busy: 0 };
     worker.on('message', (response: CompressResponse) => {

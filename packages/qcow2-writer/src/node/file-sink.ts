@@ -1,22 +1,39 @@
 /**
- * A file as a sink: positioned writes, holes for skipped ranges, the length set at the end.
+ * A file as a sink: positioned writes (up to 4 in flight, each at its own fixed position), holes
+ * for skipped ranges, the length set at the end.
  */
 import { open } from 'node:fs/promises';
 import type { ByteSink } from '../sink.js';
+
+const WRITES_IN_FLIGHT = 4;
 
 /** Opens (creating or truncating) `path` for writing an image. */
 export async function openFileSink(path: string): Promise<ByteSink> {
   const handle = await open(path, 'w');
   let position = 0;
   let closed = false;
+  let failure: unknown;
+  const inFlight: Promise<void>[] = [];
+  const writeAll = async (chunk: Uint8Array, at: number) => {
+    let done = 0;
+    while (done < chunk.length) {
+      const { bytesWritten } = await handle.write(chunk, done, chunk.length - done, at + done);
+      done += bytesWritten;
+    }
+  };
+  const drain = async (limit: number) => {
+    while (inFlight.length > limit) await inFlight.shift();
+    if (failure !== undefined) throw failure;
+  };
   return {
     async write(chunk) {
-      let done = 0;
-      while (done < chunk.length) {
-        const { bytesWritten } = await handle.write(chunk, done, chunk.length - done, position + done);
-        done += bytesWritten;
-      }
+      if (failure !== undefined) throw failure;
+      const pending = writeAll(chunk, position).catch((error: unknown) => {
+        failure ??= error;
+      });
+      inFlight.push(pending);
       position += chunk.length;
+      await drain(WRITES_IN_FLIGHT - 1);
     },
     async skip(length) {
       position += length;
@@ -24,12 +41,17 @@ export async function openFileSink(path: string): Promise<ByteSink> {
     async close() {
       if (closed) return;
       closed = true;
-      await handle.truncate(position);
-      await handle.close();
+      try {
+        await drain(0);
+        await handle.truncate(position);
+      } finally {
+        await handle.close();
+      }
     },
     async abort() {
       if (closed) return;
       closed = true;
+      await Promise.all(inFlight);
       await handle.close();
     },
   };
