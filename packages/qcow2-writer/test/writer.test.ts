@@ -1,3 +1,4 @@
+import { Writable } from 'node:stream';
 import { BlockDeviceError, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { decodeHeader, headerFlags } from '@qcowkit/qcow2-core';
 import { planConversion as planConversionPure } from '@qcowkit/qcow2-writer';
@@ -205,6 +206,34 @@ describe('sinks and sources', () => {
     const image = await openChecked(bytes);
     expectSameBytes(await image.read(0, size), content);
     await image.close();
+  });
+
+  it('writes to a Node Writable with backpressure (small highWaterMark)', async () => {
+    const size = 2 * 1024 * 1024;
+    const source = await memorySource(size, [{ offset: 4096, data: new Uint8Array(1024 * 1024).fill(9) }]);
+    const chunks: Buffer[] = [];
+    const writable = new Writable({
+      highWaterMark: 1024,
+      write(chunk: Buffer, _encoding, callback) {
+        chunks.push(Buffer.from(chunk));
+        setImmediate(callback);
+      },
+    });
+    const written = await convertToQcow2(source, writable);
+    const bytes = Buffer.concat(chunks);
+    expect(bytes.length).toBe(written);
+    const image = await openChecked(new Uint8Array(bytes));
+    expectSameBytes(await image.read(0, size), await source.read(0, size));
+    await image.close();
+  });
+
+  it('stops with the abort reason when the signal is aborted', async () => {
+    const source = await memorySource(1 << 20, [{ offset: 0, data: new Uint8Array(100).fill(1) }]);
+    const controller = new AbortController();
+    controller.abort(new Error('stop here'));
+    await expect(convertToQcow2(source, () => {}, { signal: controller.signal })).rejects.toThrow(
+      'stop here',
+    );
   });
 
   it('fails with EIO when a raw stream ends early', async () => {
