@@ -171,6 +171,43 @@ function qcow2WriteJob(name, description, source, work) {
   };
 }
 
+/** Ours with small requests inline (--aio=sync) against ours through the pool (--aio=threads). */
+function aioJob(name, description, format, work) {
+  const start = (ctx, mode) =>
+    startServer(
+      process.execPath,
+      [BIN, '-f', format, '-t', '-e', '0', `--aio=${mode}`, '-k', join(ctx.dir, `${mode}.sock`), ctx.image],
+      join(ctx.dir, `${mode}.sock`),
+    );
+  const side = (mode) => async (ctx) => {
+    if (format === 'qcow2') await copyFile(ctx.full, ctx.image);
+    const server = await start(ctx, mode);
+    try {
+      return work(ctx, server.uri);
+    } finally {
+      await server.stop();
+    }
+  };
+  return {
+    name,
+    description,
+    theirsName: 'threads',
+    tools: ['qemu-img', 'fio'],
+    setup: async (dir) => {
+      if (format === 'qcow2') return setupQcow2Write(dir);
+      const ctx = await setup(dir);
+      return { ...ctx, image: ctx.file };
+    },
+    ours: side('sync'),
+    theirs: side('threads'),
+    teardown: async (ctx) => {
+      for (const path of [ctx.file, ctx.source, ctx.full, ctx.empty, ctx.image]) {
+        if (path !== undefined) await rm(path, { force: true });
+      }
+    },
+  };
+}
+
 function timed(command, args) {
   const start = performance.now();
   const result = spawnSync(command, args, { encoding: 'utf8' });
@@ -253,5 +290,29 @@ export const jobs = [
     'qcow2 (writable, empty: every cluster allocated): fio 4 KiB random writes, depth 16, 64 MiB, vs qemu-nbd',
     'empty',
     (_ctx, uri) => fio(uri, 'randwrite', '4k', '64M'),
+  ),
+  aioJob(
+    'nbd-aio-raw-randread-4k',
+    'raw: --aio=sync vs --aio=threads, fio 4 KiB random reads',
+    'raw',
+    (_ctx, uri) => fio(uri, 'randread', '4k', '256M'),
+  ),
+  aioJob(
+    'nbd-aio-raw-randwrite-4k',
+    'raw: --aio=sync vs --aio=threads, fio 4 KiB random writes',
+    'raw',
+    (_ctx, uri) => fio(uri, 'randwrite', '4k', '256M'),
+  ),
+  aioJob(
+    'nbd-aio-qcow2-randwrite-4k',
+    'writable qcow2: --aio=sync vs --aio=threads, fio 4 KiB random writes',
+    'qcow2',
+    (_ctx, uri) => fio(uri, 'randwrite', '4k', '256M'),
+  ),
+  aioJob(
+    'nbd-aio-qcow2-randread-4k',
+    'writable qcow2: --aio=sync vs --aio=threads, fio 4 KiB random reads',
+    'qcow2',
+    (_ctx, uri) => fio(uri, 'randread', '4k', '256M'),
   ),
 ];

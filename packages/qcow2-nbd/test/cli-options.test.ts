@@ -17,6 +17,7 @@ describe('qcow2-nbd flags', () => {
       shared: 1,
       persistent: false,
       discard: 'ignore',
+      aio: undefined,
     });
     expect(o.exports).toEqual([{ name: '', path: 'disk.raw' }]);
   });
@@ -41,6 +42,7 @@ describe('qcow2-nbd flags', () => {
       '4',
       '-s',
       '--discard=unmap',
+      '--aio=sync',
       '-A',
       '--pid-file',
       'p',
@@ -59,6 +61,7 @@ describe('qcow2-nbd flags', () => {
       shared: 4,
       snapshot: true,
       discard: 'unmap',
+      aio: 'sync',
       allocationDepth: true,
       pidFile: 'p',
       tlsCreds: 'c',
@@ -80,6 +83,7 @@ describe('qcow2-nbd flags', () => {
     expect(() => options([])).toThrow(/no image/);
     expect(() => options(['-p', 'http', 'a'])).toThrow(CliError);
     expect(() => options(['--discard=maybe', 'a'])).toThrow(CliError);
+    expect(() => options(['--aio=native', 'a'])).toThrow(CliError);
     expect(() => options(['-f', 'vmdk', 'a'])).toThrow(CliError);
     expect(() => options(['-l', 'snap', 'a'])).toThrow(/read-only/);
     expect(parseArgs(['--help'], '1.2.3')).toMatchObject({ kind: 'print' });

@@ -6,7 +6,7 @@
  */
 import { open as openFile } from 'node:fs/promises';
 import { type BlockDevice, isBlockDeviceError, OverlayBlockDevice } from '@qcowkit/blockdev';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 import type { OpenedImage } from '@qcowkit/qcow2-core/node';
 import type { NbdExport } from '../server/export.js';
 import { CliError } from './errors.js';
@@ -54,12 +54,12 @@ async function openOne(
   if (format === 'raw') {
     if (options.loadSnapshot !== undefined)
       throw new CliError(`${spec.path}: -l needs a qcow2 image, not raw`);
-    const file = await FileBlockDevice.open(spec.path, { readOnly: readOnlyFile });
+    const file = await FileBlockDevice.open(spec.path, { readOnly: readOnlyFile, ...fileIo(options) });
     closers.push(() => file.close());
     device = file;
   } else {
     if (!readOnlyFile && format === 'qcow2') {
-      const image = await openWritableQcow2(spec.path);
+      const image = await openWritableQcow2(spec.path, fileIo(options));
       closers.push(() => image.close());
       device = image.device;
     } else {
@@ -86,6 +86,12 @@ async function openOne(
     discard: options.discard === 'unmap',
     allocationDepth: options.allocationDepth,
   };
+}
+
+/** FileBlockDevice options for --aio. */
+function fileIo(options: CliOptions): { syncIoMaxBytes?: number } {
+  if (options.aio === undefined) return {};
+  return { syncIoMaxBytes: options.aio === 'sync' ? SYNC_IO_MAX_BYTES : 0 };
 }
 
 async function openImageOf(

@@ -16,7 +16,10 @@ export interface WritableQcow2 {
 
 const BACKING_FORMATS: readonly string[] = ['qcow2', 'qcow', 'raw'];
 
-export async function openWritableQcow2(path: string): Promise<WritableQcow2> {
+export async function openWritableQcow2(
+  path: string,
+  fileOptions: { syncIoMaxBytes?: number } = {},
+): Promise<WritableQcow2> {
   // Loaded on first use, as for read-only images.
   const { Qcow2Image } = await import('@qcowkit/qcow2-core');
   const { nodeCodecs, openImage } = await import('@qcowkit/qcow2-core/node');
@@ -26,7 +29,7 @@ export async function openWritableQcow2(path: string): Promise<WritableQcow2> {
     for (const opened of below.reverse()) await opened.close().catch(() => {});
     for (const file of extraFiles) await file.close().catch(() => {});
   };
-  const file = await FileBlockDevice.open(path, { readOnly: false });
+  const file = await FileBlockDevice.open(path, { readOnly: false, ...fileOptions });
   try {
     const image = await Qcow2Image.open(file, {
       readOnly: false,

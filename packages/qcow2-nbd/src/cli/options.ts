@@ -25,6 +25,11 @@ export interface CliOptions {
   readonly snapshot: boolean;
   readonly loadSnapshot: string | undefined;
   readonly discard: 'ignore' | 'unmap';
+  /**
+   * File I/O: `threads` always through libuv's pool; `sync` small requests (at most 64 KiB) on the
+   * main thread; undefined: `sync` for files on tmpfs/ramfs, `threads` elsewhere.
+   */
+  readonly aio: 'threads' | 'sync' | undefined;
   readonly allocationDepth: boolean;
   readonly pidFile: string | undefined;
   readonly tlsCreds: string | undefined;
@@ -77,6 +82,12 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
     .addOption(
       new Option('--discard <MODE>', 'what TRIM does').choices(['ignore', 'unmap']).default('ignore'),
     )
+    .addOption(
+      new Option(
+        '--aio <MODE>',
+        'file I/O: threads (pool) or sync (small requests inline); default: sync on tmpfs',
+      ).choices(['threads', 'sync']),
+    )
     .option('-A, --allocation-depth', 'offer the qemu:allocation-depth meta context', false)
     .option('--pid-file <PATH>', 'write the process id to PATH')
     .option('--tls-creds <DIR>', 'require TLS with ca-cert.pem, server-cert.pem and server-key.pem from DIR')
@@ -115,6 +126,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
     snapshot: boolean;
     loadSnapshot?: string;
     discard: 'ignore' | 'unmap';
+    aio?: 'threads' | 'sync';
     allocationDepth: boolean;
     pidFile?: string;
     tlsCreds?: string;
@@ -159,6 +171,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
       snapshot: raw.snapshot,
       loadSnapshot: raw.loadSnapshot,
       discard: raw.discard,
+      aio: raw.aio,
       allocationDepth: raw.allocationDepth,
       pidFile: raw.pidFile,
       tlsCreds: raw.tlsCreds,
