@@ -10,6 +10,8 @@ import type { BlockDevice, Extent } from '@qcowkit/blockdev';
 export const COMPARE_CHUNK = 2 * 2 ** 20;
 /** The granularity of a reported mismatch (`BDRV_SECTOR_SIZE`). */
 export const SECTOR_SIZE = 512;
+/** Chunk pairs read ahead of the comparison. */
+const READS_IN_FLIGHT = 2;
 
 export type CompareResult =
   /** Same content; `sizeMismatch` when the longer device only has zeros past the shorter's end. */
@@ -67,7 +69,9 @@ class ExtentCursor {
 
 let zeroBuffer: Uint8Array | undefined;
 function zeros(length: number): Uint8Array {
-  if (zeroBuffer === undefined || zeroBuffer.length < length) zeroBuffer = new Uint8Array(COMPARE_CHUNK);
+  if (zeroBuffer === undefined || zeroBuffer.length < length) {
+    zeroBuffer = new Uint8Array(Math.max(length, COMPARE_CHUNK));
+  }
   return zeroBuffer.subarray(0, length);
 }
 
@@ -127,24 +131,55 @@ export async function compareDevices(
     new ExtentCursor(first, common, (error) => statusError(0, error)),
     new ExtentCursor(second, common, (error) => statusError(1, error)),
   ] as const;
+  // Reads run ahead of the comparison (READS_IN_FLIGHT chunks), compared in order so the first
+  // difference is the one reported.
+  const inFlight: Array<{
+    readonly position: number;
+    readonly done: number;
+    readonly pair: Promise<Uint8Array[]>;
+  }> = [];
+  const settle = async (): Promise<CompareResult | undefined> => {
+    const next = inFlight.shift()!;
+    const [left, right] = await next.pair;
+    const at = firstDifferingSector(left!, right!);
+    if (at >= 0) return { kind: 'content-mismatch', offset: next.position + at, sizeMismatch };
+    options.onProgress?.(next.done, total);
+    return undefined;
+  };
   let position = 0;
   while (position < common) {
     const [a, b] = await Promise.all([cursors[0].at(position), cursors[1].at(position)]);
     let chunk = Math.min(a.offset + a.length, b.offset + b.length) - position;
-    if (strict && !isStatusEqual(a, first.size, b, second.size))
+    if (strict && !isStatusEqual(a, first.size, b, second.size)) {
+      // Chunks before this one are compared first: a content mismatch there comes first.
+      while (inFlight.length > 0) {
+        const result = await settle();
+        if (result !== undefined) return result;
+      }
       return { kind: 'strict-status-mismatch', offset: position };
+    }
     if (!(a.zero && b.zero) && (a.present || b.present)) {
       chunk = Math.min(chunk, COMPARE_CHUNK);
-      const [left, right] = await Promise.all([
+      const pair = Promise.all([
         a.zero ? zeros(chunk) : read(0, first, position, chunk),
         b.zero ? zeros(chunk) : read(1, second, position, chunk),
       ]);
-      const at = firstDifferingSector(left, right);
-      if (at >= 0) return { kind: 'content-mismatch', offset: position + at, sizeMismatch };
+      pair.catch(() => undefined); // handled when settled
+      inFlight.push({ position, done: position + chunk, pair });
+      if (inFlight.length >= READS_IN_FLIGHT) {
+        const result = await settle();
+        if (result !== undefined) return result;
+      }
+    } else if (inFlight.length === 0) {
+      options.onProgress?.(position + chunk, total);
     }
     position += chunk;
-    options.onProgress?.(position, total);
   }
+  while (inFlight.length > 0) {
+    const result = await settle();
+    if (result !== undefined) return result;
+  }
+  options.onProgress?.(position, total);
   if (sizeMismatch) {
     const longer = first.size > second.size ? first : second;
     const side: 0 | 1 = longer === first ? 0 : 1;
