@@ -4,8 +4,13 @@
  * `nodeCodecs` uses node:zlib on the thread pool for deflate.
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { deflateSync, inflateSync } from 'fflate';
-import { decompress as zstdDecompress } from 'fzstd';
+
+// The codecs load on the first compressed cluster, not with the engine: most images have none,
+// and loading fflate and fzstd costs more than opening an image.
+let fflate: Promise<typeof import('fflate')> | undefined;
+let fzstd: Promise<typeof import('fzstd')> | undefined;
+const loadFflate = () => (fflate ??= import('fflate'));
+const loadFzstd = () => (fzstd ??= import('fzstd'));
 
 export interface Qcow2Codecs {
   /**
@@ -73,11 +78,16 @@ export const pureCodecs: Qcow2Codecs = {
     if (type === 'zstd') {
       throw new BlockDeviceError('EUNSUPPORTED', 'zstd compression is not available (decompression only)');
     }
+    const { deflateSync } = await loadFflate();
     return deflateSync(input, { level: 6 });
   },
   async decompress(type, input, output) {
     try {
-      if (type === 'zstd') return deliver(zstdDecompress(input.subarray(0, zstdFrameLength(input))), output);
+      if (type === 'zstd') {
+        const { decompress } = await loadFzstd();
+        return deliver(decompress(input.subarray(0, zstdFrameLength(input))), output);
+      }
+      const { inflateSync } = await loadFflate();
       const scratch = new Uint8Array(output.length);
       const produced = inflateSync(input, { out: scratch });
       return deliver(produced, output);

@@ -8,34 +8,47 @@
  * millisecond. Larger clusters (up to 2 MiB) use the asynchronous inflateRaw on libuv's thread pool.
  */
 import { promisify } from 'node:util';
-import { constants, deflateRaw, inflateRaw, inflateRawSync } from 'node:zlib';
 import { BlockDeviceError } from '@qcowkit/blockdev';
 import { pureCodecs, type Qcow2Codecs } from '../codecs.js';
 
 /** Largest output inflated on the event loop. */
 const SYNC_INFLATE_MAX_BYTES = 256 * 1024;
 
-const inflateRawAsync = promisify(inflateRaw) as (
-  input: Uint8Array,
-  options: { finishFlush: number; maxOutputLength: number },
-) => Promise<Buffer>;
+interface Zlib {
+  readonly Z_SYNC_FLUSH: number;
+  inflateRawSync(input: Uint8Array, options: { finishFlush: number; maxOutputLength: number }): Buffer;
+  inflateRawAsync(
+    input: Uint8Array,
+    options: { finishFlush: number; maxOutputLength: number },
+  ): Promise<Buffer>;
+  deflateRawAsync(input: Uint8Array, options: { windowBits: number; level: number }): Promise<Buffer>;
+}
 
-const deflateRawAsync = promisify(deflateRaw) as (
-  input: Uint8Array,
-  options: { windowBits: number; level: number },
-) => Promise<Buffer>;
+/** node:zlib, loaded on the first compressed cluster (most images have none). */
+let zlib: Promise<Zlib> | undefined;
+const loadZlib = (): Promise<Zlib> =>
+  (zlib ??= import('node:zlib').then(
+    ({ constants, deflateRaw, inflateRaw, inflateRawSync }): Zlib => ({
+      Z_SYNC_FLUSH: constants.Z_SYNC_FLUSH,
+      inflateRawSync,
+      inflateRawAsync: promisify(inflateRaw) as Zlib['inflateRawAsync'],
+      deflateRawAsync: promisify(deflateRaw) as Zlib['deflateRawAsync'],
+    }),
+  ));
 
 export const nodeCodecs: Qcow2Codecs = {
   async compress(type, input) {
     if (type === 'zstd') return pureCodecs.compress!(type, input);
     // A 4 KiB window (windowBits 12) as QEMU uses for compressed clusters.
+    const { deflateRawAsync } = await loadZlib();
     const output = await deflateRawAsync(input, { windowBits: 12, level: 6 });
     return new Uint8Array(output.buffer, output.byteOffset, output.byteLength);
   },
   async decompress(type, input, output) {
     if (type === 'zstd') return pureCodecs.decompress(type, input, output);
+    const { Z_SYNC_FLUSH, inflateRawSync, inflateRawAsync } = await loadZlib();
     // Z_SYNC_FLUSH: a stream that fills the cluster without an end marker is accepted, as QEMU does.
-    const options = { finishFlush: constants.Z_SYNC_FLUSH, maxOutputLength: output.length };
+    const options = { finishFlush: Z_SYNC_FLUSH, maxOutputLength: output.length };
     let produced: Buffer;
     try {
       produced =
