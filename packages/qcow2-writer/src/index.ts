@@ -1,6 +1,7 @@
 export { type ClusterKind, ClusterMap } from './cluster-map.js';
 export type { ClusterCompressor, CompressionType } from './compressor.js';
 export { type ConversionPlan, type ConvertOptions, convertToQcow2, planConversion } from './convert.js';
+export { convertDirect, type DirectConvertOptions, type RandomAccessSink } from './direct-convert.js';
 export { type CreateImageOptions, createEmptyImage, planEmptyImage } from './empty.js';
 export { planLayout, type Qcow2Layout } from './layout.js';
 export { type MeasureResult, measure, preallocatedSize, refcountMetadataSize } from './measure.js';

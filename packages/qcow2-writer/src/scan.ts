@@ -46,7 +46,7 @@ export interface ScanResult {
 }
 
 /** Guest cluster ranges where `device` may read as non-zero (block status), merged and sorted. */
-async function nonZeroClusters(
+export async function nonZeroClusters(
   device: BlockDevice,
   end: number,
   clusterSize: number,

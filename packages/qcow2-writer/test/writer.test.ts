@@ -1,3 +1,6 @@
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { BlockDeviceError, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { decodeHeader, headerFlags } from '@qcowkit/qcow2-core';
@@ -151,6 +154,32 @@ it('without a spool, compresses again what the cache did not hold', async () => 
   const image = await openChecked(out.bytes());
   expectSameBytes(await image.read(0, size), await source.read(0, size));
   await image.close();
+});
+
+describe('to a file path (read once, metadata finished at the end)', () => {
+  for (const [name, options] of Object.entries(OPTION_SETS)) {
+    if (options.compress || options.preallocation !== undefined || options.detectZeroes === false) continue;
+    it(name, async () => {
+      const folder = mkdtempSync(join(tmpdir(), 'qcowkit-writer-unit-'));
+      try {
+        await fc.assert(
+          fc.asyncProperty(sourceArbitrary, async ({ size, writes }) => {
+            const source = await memorySource(size, writes);
+            const path = join(folder, 'out.qcow2');
+            const written = await convertToQcow2(source, path, options);
+            const bytes = new Uint8Array(readFileSync(path));
+            expect(bytes.length).toBe(written);
+            const image = await openChecked(bytes);
+            expectSameBytes(await image.read(0, size), await source.read(0, size));
+            await image.close();
+          }),
+          { numRuns: 8 },
+        );
+      } finally {
+        rmSync(folder, { recursive: true, force: true });
+      }
+    });
+  }
 });
 
 describe('over a backing file', () => {

@@ -2,6 +2,8 @@
  * The Node entry: everything of the main entry, plus file paths as sinks, a worker-thread
  * compressor used by default, and `writeQcow2ToFile`.
  */
+
+import { convertDirect } from '../direct-convert.js';
 import {
   type ConversionPlan,
   type ConvertOptions,
@@ -9,11 +11,14 @@ import {
   createEmptyImage as createEmptyImagePure,
   planConversion as planConversionPure,
 } from '../index.js';
+import { resolveGeometry } from '../options.js';
 import type { Qcow2Sink } from '../sink.js';
 import type { ConvertSource } from '../source.js';
+import { isBlockDevice } from '../source.js';
 import { createCompressorPool } from './compress-pool.js';
 import { openFileSink } from './file-sink.js';
 import { createFileSpool } from './file-spool.js';
+import { openRandomAccessFile } from './random-access-file.js';
 
 export * from '../index.js';
 export { type CompressorPool, createCompressorPool } from './compress-pool.js';
@@ -68,12 +73,32 @@ export async function planConversion(
   }
 }
 
-/** Converts `source` to qcow2 at `sink` (a path or any sink); resolves with the bytes written. */
+/**
+ * Converts `source` to qcow2 at `sink` (a path or any sink); resolves with the bytes written. To a
+ * file path, an uncompressed conversion of a BlockDevice without `backing` or preallocation reads
+ * the source once (see `convertDirect`); everything else goes through `planConversion`.
+ */
 export async function convertToQcow2(
   source: ConvertSource,
   sink: NodeQcow2Sink,
   options: ConvertOptions = {},
 ): Promise<number> {
+  if (
+    typeof sink === 'string' &&
+    isBlockDevice(source) &&
+    !options.compress &&
+    options.backing === undefined &&
+    (options.preallocation ?? 'off') === 'off' &&
+    options.dataFile === undefined &&
+    options.detectZeroes !== false
+  ) {
+    const geometry = resolveGeometry(options, options.size ?? source.size);
+    return convertDirect(source, geometry, await openRandomAccessFile(sink), {
+      readDepth: options.readDepth ?? 4,
+      chunkBytes: Math.max(options.chunkBytes ?? 4 * 1024 * 1024, geometry.clusterSize),
+      signal: options.signal,
+    });
+  }
   const plan = await planConversion(source, options);
   return plan.write(sink);
 }
