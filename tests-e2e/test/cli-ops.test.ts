@@ -176,8 +176,45 @@ describe.skipIf(!haveTools)('qcow2 compare, bench and dd against qemu-img', () =
     runStatus('rm', ['-f', 'theirs.out', 'ours.out'], { cwd: dir.path });
   });
 
+  test.each([
+    ['new image', ['-O', 'qcow2', '--size', '1G']],
+    ['new image, JSON', ['--output=json', '-O', 'qcow2', '--size', '1G']],
+    ['options', ['-O', 'qcow2', '-o', 'cluster_size=2M,refcount_bits=1', '--size', '1G']],
+    [
+      'extended L2, metadata',
+      ['-O', 'qcow2', '-o', 'extended_l2=on,cluster_size=128k,preallocation=metadata', '--size', '3G'],
+    ],
+    ['raw output', ['--size', '1G']],
+    ['a qcow2 chain', ['--output=json', '-O', 'qcow2', 'top.qcow2']],
+    ['a raw file, small clusters', ['-O', 'qcow2', '-o', 'cluster_size=4k', 'base.raw']],
+    ['v2 target', ['-O', 'qcow2', '-o', 'compat=0.10', 'base.qcow2']],
+    ['raw target', ['-O', 'raw', 'top.qcow2']],
+    ['size and file', ['-O', 'qcow2', '--size', '1G', 'base.qcow2']],
+    ['neither', ['-O', 'qcow2']],
+    ['bad size', ['-O', 'qcow2', '--size', '1Q']],
+    ['bad option', ['-O', 'qcow2', '-o', 'bogus=1', '--size', '1G']],
+    ['unknown output format', ['-O', 'nosuchformat', '--size', '1G']],
+  ])('measure: %s', (_name, args) => {
+    const expected = qemuImg(['measure', ...args]);
+    const actual = cli(['measure', ...args]);
+    expect(actual.status).toBe(expected.status);
+    expect(actual.stdout).toBe(expected.stdout);
+    if (expected.status !== 0) expect(actual.stderr.split('\n').filter(Boolean)).toHaveLength(1);
+  });
+
   test('help and version', () => {
-    for (const name of ['compare', 'bench', 'dd']) {
+    for (const name of [
+      'compare',
+      'bench',
+      'dd',
+      'create',
+      'measure',
+      'snapshot',
+      'resize',
+      'amend',
+      'commit',
+      'rebase',
+    ]) {
       const help = cli(['help', name]);
       expect(help.status).toBe(0);
       expect(help.stdout).toContain(`qcow2 ${name}`);

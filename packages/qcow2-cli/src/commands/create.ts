@@ -166,7 +166,11 @@ export async function createCommand(
   return 0;
 }
 
-function qcow2CreateOptions(file: string, size: number, values: Map<string, string>): Qcow2CreateOptions {
+export function qcow2CreateOptions(
+  file: string,
+  size: number,
+  values: Map<string, string>,
+): Qcow2CreateOptions {
   const out: Qcow2CreateOptions = { size };
   const clusterSize = values.get('cluster_size');
   if (clusterSize !== undefined) out.clusterSize = parseSize(clusterSize, 'cluster size');

@@ -342,4 +342,52 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
         }),
       );
     });
+
+  program
+    .command('measure')
+    .argument('[file]', 'the image to convert (or --size)')
+    .description('how much space a new image or a conversion needs (as qemu-img measure)')
+    .addOption(new Option('--output <fmt>', 'human or json').choices(['human', 'json']).default('human'))
+    .addOption(new Option('-O <fmt>', 'output format: qcow2 or raw').default('raw'))
+    .addOption(
+      new Option('-o <options>', 'qcow2 options, as for create').argParser(
+        (value: string, previous: string[] | undefined) => [...(previous ?? []), value],
+      ),
+    )
+    .addOption(new Option('--size <size>', 'measure a new empty image of this size'))
+    .addOption(
+      new Option('-f <fmt>', 'image format: qcow2, qcow or raw (default: detected)').argParser(
+        (value: string) => {
+          if (value !== 'qcow2' && value !== 'raw' && value !== 'qcow') {
+            throw new UsageError(`Unknown driver '${value}' (formats: qcow2, qcow, raw)`);
+          }
+          return value;
+        },
+      ),
+    )
+    .addOption(new Option('-l <snapshot>', 'snapshot.name=NAME, snapshot.id=ID, or an id or name'))
+    .addOption(new Option('-U, --force-share', 'open the image even if another process has it locked'))
+    .exitOverride()
+    .configureOutput(program.configureOutput())
+    .addHelpText(
+      'after',
+      '\nExamples:\n  qcow2 measure -O qcow2 --size 100G\n  qcow2 measure --output=json -O qcow2 -o cluster_size=2M disk.raw\n',
+    )
+    .action(async (file: string | undefined, options: Record<string, unknown>) => {
+      const [{ measureCommand }, { parseSnapshotOption }] = await Promise.all([
+        import('./measure.js'),
+        import('./convert-args.js'),
+      ]);
+      setExit(
+        await measureCommand(context, file, {
+          output: options.output as 'human' | 'json',
+          outputFormat: options.O as string,
+          options: (options.o as string[] | undefined) ?? [],
+          size: options.size as string | undefined,
+          format: options.f as ImageFormat | undefined,
+          snapshot: parseSnapshotOption(options.l as string | undefined, undefined),
+          forceShare: options.forceShare === true,
+        }),
+      );
+    });
 }

@@ -1,0 +1,129 @@
+/**
+ * `qcow2 measure [--output=human|json] [-O qcow2|raw] [-o OPTIONS] (--size SIZE | [-f FMT]
+ * [-l SNAPSHOT] FILE)`: what a new image or a conversion needs, through qcow2-writer's `measure`,
+ * printed as qemu-img measure prints it.
+ */
+import { measure } from '@qcowkit/qcow2-writer';
+import { type ImageFormat, openImage } from '../engine.js';
+import { UsageError } from '../errors.js';
+import type { CommandContext } from '../io.js';
+import type { JsonObject } from '../output/qemu-json.js';
+import { toQemuJson } from '../output/qemu-json.js';
+import { resolveAgainst } from '../paths.js';
+import { parseSize } from '../size.js';
+import { parseCreateOptions, qcow2CreateOptions } from './create.js';
+
+export interface MeasureCommandOptions {
+  readonly output: 'human' | 'json';
+  readonly outputFormat: string;
+  readonly options: readonly string[];
+  readonly size?: string | undefined;
+  readonly format?: ImageFormat | undefined;
+  readonly snapshot?: { id?: string; name?: string; idOrName?: string } | undefined;
+  readonly forceShare: boolean;
+}
+
+export async function measureCommand(
+  context: CommandContext,
+  file: string | undefined,
+  options: MeasureCommandOptions,
+): Promise<number> {
+  if (options.size !== undefined && file !== undefined) {
+    throw new UsageError('--size N cannot be used together with a filename.');
+  }
+  if (options.size === undefined && file === undefined) {
+    throw new UsageError('Either --size N or one filename must be specified.');
+  }
+  const outputFormat = options.outputFormat;
+  if (outputFormat !== 'qcow2' && outputFormat !== 'raw') {
+    throw new UsageError(`Block driver '${outputFormat}' does not support size measurement`);
+  }
+  const values = parseCreateOptions('', outputFormat, options.options, '');
+  let size: number | undefined;
+  if (options.size !== undefined) {
+    try {
+      size = parseSize(options.size, 'image size');
+    } catch {
+      throw new UsageError(
+        'Invalid image size specified. You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.',
+      );
+    }
+  }
+  const created = qcow2CreateOptions('', size ?? 0, values);
+  const writerOptions = {
+    ...(created.compat === undefined
+      ? {}
+      : { version: created.compat === '0.10' ? (2 as const) : (3 as const) }),
+    ...(created.clusterSize === undefined ? {} : { clusterSize: created.clusterSize }),
+    ...(created.refcountBits === undefined ? {} : { refcountBits: created.refcountBits }),
+    ...(created.extendedL2 === undefined ? {} : { extendedL2: created.extendedL2 }),
+    ...(created.lazyRefcounts === undefined ? {} : { lazyRefcounts: created.lazyRefcounts }),
+    ...(created.compressionType === undefined ? {} : { compressionType: created.compressionType }),
+    ...(created.preallocation === undefined ? {} : { preallocation: created.preallocation }),
+  };
+  let required: number;
+  let fullyAllocated: number;
+  let bitmaps: number | undefined;
+  if (file === undefined) {
+    const bytes = Math.ceil(size! / 512) * 512;
+    if (outputFormat === 'raw') {
+      required = bytes;
+      fullyAllocated = bytes;
+    } else {
+      ({ required, fullyAllocated } = await measure(bytes, writerOptions));
+    }
+  } else {
+    const opened = await openImage(resolveAgainst(context.io.cwd, file), {
+      displayName: file,
+      format: options.format,
+      forceShare: options.forceShare,
+      snapshot: await snapshotFor(context, file, options),
+    });
+    try {
+      if (outputFormat === 'raw') {
+        required = opened.device.size;
+        fullyAllocated = opened.device.size;
+      } else {
+        ({ required, fullyAllocated } = await measure(opened.device, writerOptions));
+        // qemu-img reports the persistent bitmaps' size when the source is qcow2 (0 without any).
+        // (a compat=0.10 target cannot hold bitmaps: no figure then).
+        if (opened.format === 'qcow2' && created.compat !== '0.10') bitmaps = 0;
+      }
+    } finally {
+      await opened.close();
+    }
+  }
+  if (options.output === 'json') {
+    const json: JsonObject = { bitmaps, required, 'fully-allocated': fullyAllocated };
+    context.io.stdout.write(`${toQemuJson(json)}\n`);
+  } else {
+    context.io.stdout.write(`required size: ${required}\nfully allocated size: ${fullyAllocated}\n`);
+    if (bitmaps !== undefined) context.io.stdout.write(`bitmaps size: ${bitmaps}\n`);
+  }
+  return 0;
+}
+
+/** `-l`: a snapshot by id or name (id first, as qemu-img looks it up). */
+async function snapshotFor(
+  context: CommandContext,
+  file: string,
+  options: MeasureCommandOptions,
+): Promise<{ id?: string; name?: string } | undefined> {
+  const wanted = options.snapshot;
+  if (wanted === undefined) return undefined;
+  if (wanted.idOrName === undefined) return wanted;
+  const probe = await openImage(resolveAgainst(context.io.cwd, file), {
+    displayName: file,
+    format: options.format,
+    forceShare: options.forceShare,
+    openBacking: false,
+  });
+  try {
+    const snapshots = probe.image?.snapshots ?? [];
+    return snapshots.some((snapshot) => snapshot.id === wanted.idOrName)
+      ? { id: wanted.idOrName }
+      : { name: wanted.idOrName };
+  } finally {
+    await probe.close();
+  }
+}
