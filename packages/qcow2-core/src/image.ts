@@ -19,7 +19,6 @@ import {
   type WriteZeroesOptions,
 } from '@qcowkit/blockdev';
 import { TableCache } from './cache/table-cache.js';
-import { checkQcow2Image } from './check/index.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './check/types.js';
 import { pureCodecs, type Qcow2Codecs } from './codecs.js';
 import { planQcow2Create, type Qcow2CreateOptions, writeQcow2Layout } from './create.js';
@@ -626,7 +625,9 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   }
 
   /** Checks the image like `qemu-img check` (read-only). */
-  check(options?: Qcow2CheckOptions): Promise<Qcow2CheckResult> {
+  async check(options?: Qcow2CheckOptions): Promise<Qcow2CheckResult> {
+    // Loaded when used: the checker is as large as the rest of the engine, and reading needs none of it.
+    const { checkQcow2Image } = await import('./check/index.js');
     return checkQcow2Image(this, options);
   }
 
