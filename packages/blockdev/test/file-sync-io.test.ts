@@ -1,8 +1,8 @@
 /**
  * FileBlockDevice's synchronous path for small requests: the conformance kit with requests on
- * both sides of the bound, the default bound chosen by the file system, and option validation.
+ * both sides of the bound, the default (off), and option validation.
  */
-import { existsSync, mkdtempSync, readFileSync, rmSync, statfsSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { isBlockDeviceError } from '@qcowkit/blockdev';
@@ -63,28 +63,15 @@ describe('FileBlockDevice sync I/O', () => {
     expect(isBlockDeviceError(closed) && closed.code).toBe('ECLOSED');
   });
 
-  it('defaults to the bound on tmpfs and to never elsewhere', async () => {
-    const here = freshPath();
-    writeFileSync(here, new Uint8Array(4096));
-    const onTmp = await FileBlockDevice.open(here, { readOnly: true });
-    const tmpIsMemory = [0x01021994, 0x858458f6].includes(statfsSync(here).type);
-    expect(onTmp.syncIoMaxBytes).toBe(tmpIsMemory ? SYNC_IO_MAX_BYTES : 0);
-    await onTmp.close();
-    if (existsSync('/dev/shm') && statfsSync('/dev/shm').type === 0x01021994) {
-      const shmDir = mkdtempSync('/dev/shm/qcowkit-file-sync-');
-      try {
-        const inMemory = join(shmDir, 'disk.raw');
-        writeFileSync(inMemory, new Uint8Array(4096));
-        const device = await FileBlockDevice.open(inMemory, { readOnly: true });
-        expect(device.syncIoMaxBytes).toBe(SYNC_IO_MAX_BYTES);
-        await device.close();
-        const off = await FileBlockDevice.open(inMemory, { readOnly: true, syncIoMaxBytes: 0 });
-        expect(off.syncIoMaxBytes).toBe(0);
-        await off.close();
-      } finally {
-        rmSync(shmDir, { recursive: true, force: true });
-      }
-    }
+  it('is off unless asked for', async () => {
+    const path = freshPath();
+    writeFileSync(path, new Uint8Array(4096));
+    const device = await FileBlockDevice.open(path, { readOnly: true });
+    expect(device.syncIoMaxBytes).toBe(0);
+    await device.close();
+    const bounded = await FileBlockDevice.open(path, { readOnly: true, syncIoMaxBytes: SYNC_IO_MAX_BYTES });
+    expect(bounded.syncIoMaxBytes).toBe(65536);
+    await bounded.close();
   });
 
   it('refuses a negative or fractional bound with EINVAL', async () => {

@@ -26,8 +26,8 @@ export interface CliOptions {
   readonly loadSnapshot: string | undefined;
   readonly discard: 'ignore' | 'unmap';
   /**
-   * File I/O: `threads` always through libuv's pool; `sync` small requests (at most 64 KiB) on the
-   * main thread; undefined: `sync` for files on tmpfs/ramfs, `threads` elsewhere.
+   * File I/O: `threads` (the default when undefined) through libuv's pool; `sync` small requests
+   * (at most 64 KiB) on the main thread.
    */
   readonly aio: 'threads' | 'sync' | undefined;
   readonly allocationDepth: boolean;
@@ -85,7 +85,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
     .addOption(
       new Option(
         '--aio <MODE>',
-        'file I/O: threads (pool) or sync (small requests inline); default: sync on tmpfs',
+        'file I/O: threads (pool, default) or sync (requests up to 64 KiB inline)',
       ).choices(['threads', 'sync']),
     )
     .option('-A, --allocation-depth', 'offer the qemu:allocation-depth meta context', false)
