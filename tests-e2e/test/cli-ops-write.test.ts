@@ -233,4 +233,23 @@ describe.skipIf(!haveTools)('qcow2 create, snapshot, resize and check -r against
     const [theirName, theirFormat] = backingOf('ct-theirs.qcow2');
     expect(backingOf('ct-ours.qcow2')).toEqual([theirName?.replace('theirs', 'ours'), theirFormat]);
   });
+  test.each([
+    ['qcow2 to qcow2', ['-O', 'qcow2', 'base.qcow2']],
+    ['raw, compressed', ['-O', 'qcow2', '-c', 'base.raw']],
+    [
+      'small clusters, 64-bit refcounts',
+      ['-O', 'qcow2', '-o', 'cluster_size=4k,refcount_bits=64', 'base.qcow2'],
+    ],
+    ['v2', ['-O', 'qcow2', '-o', 'compat=0.10', 'base.raw']],
+    ['over a backing file', ['-O', 'qcow2', '-B', 'base.qcow2', '-F', 'qcow2', 'base.raw']],
+    ['fast path spelling', ['-O', 'qcow2', '-f', 'raw', 'base.raw']],
+  ])('convert: %s gives an image qemu-img calls identical and clean', (_name, args) => {
+    const expected = qemuImg(['convert', ...args, 'conv-theirs.qcow2']);
+    const actual = cli(['convert', ...args, 'conv-ours.qcow2']);
+    expect(actual.status).toBe(expected.status);
+    expect(actual.stdout).toBe(expected.stdout);
+    expectClean('conv-ours.qcow2');
+    expectIdentical('conv-theirs.qcow2', 'conv-ours.qcow2');
+    expect(backingOf('conv-ours.qcow2')).toEqual(backingOf('conv-theirs.qcow2'));
+  });
 });

@@ -135,14 +135,43 @@ function buildProgram(
       .argument('<target>', 'the raw file to write'),
   )
     .description('convert an image to a sparse raw file (as qemu-img convert -O raw)')
-    .addOption(new Option('-O <fmt>', 'output format (raw)').default('raw'))
+    .addOption(new Option('-O <fmt>', 'output format: raw or qcow2').default('raw'))
     .addOption(new Option('-l <snapshot>', 'snapshot.name=NAME, snapshot.id=ID, or an id or name'))
     .addOption(new Option('-s <snapshot>', 'snapshot id or name'))
     .option('-p', 'show a progress bar on stderr')
     .option('-q', 'quiet: no progress bar even with -p')
-    .addHelpText('after', '\nExample:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n')
+    .addOption(new Option('-o <options>', '-O qcow2: options as for create').argParser(collect))
+    .option('-c', '-O qcow2: compressed clusters')
+    .addOption(new Option('-B <backing>', '-O qcow2: backing file of the new image'))
+    .addOption(new Option('-F <fmt>', '-O qcow2: format of the backing file'))
+    .addOption(new Option('-m <n>', 'reads in flight').argParser(positiveInteger))
+    .option('-W', 'out-of-order writes (accepted)')
+    .option('-n', 'the target exists (not supported yet)')
+    .addHelpText(
+      'after',
+      '\nExamples:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 convert -O qcow2 -c -o cluster_size=2M disk.raw disk.qcow2\n',
+    )
     .action(async (source: string, target: string, options: Record<string, unknown>) => {
       const { convertCommand } = await import('./commands/convert.js');
+      if (options.O === 'qcow2') {
+        const { convertToQcow2Command } = await import('./commands/convert-qcow2.js');
+        setExit(
+          await convertToQcow2Command(context, source, target, {
+            format: options.f as ImageFormat | undefined,
+            outputFormat: 'qcow2',
+            snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
+            progress: options.p === true && options.q !== true,
+            forceShare: options.forceShare === true,
+            createOptions: (options.o as string[] | undefined) ?? [],
+            compress: options.c === true,
+            backingFile: options.B as string | undefined,
+            backingFormat: options.F as string | undefined,
+            parallel: options.m as number | undefined,
+            noCreate: options.n === true,
+          }),
+        );
+        return;
+      }
       setExit(
         await convertCommand(context, source, target, {
           format: options.f as ImageFormat | undefined,
@@ -211,6 +240,17 @@ function parseFormat(value: string): ImageFormat {
     throw new UsageError(`Unknown driver '${value}' (formats: ${IMAGE_FORMATS.join(', ')})`);
   }
   return value as ImageFormat;
+}
+
+function collect(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
+}
+
+function positiveInteger(value: string): number {
+  const parsed = Number(value);
+  if (!Number.isSafeInteger(parsed) || parsed < 1)
+    throw new UsageError(`Invalid value '${value}': a positive integer is needed`);
+  return parsed;
 }
 
 function sizeParser(what: string): (value: string) => number {

@@ -37,6 +37,8 @@ export async function convertCommand(
   target: string,
   options: ConvertOptions,
 ): Promise<number> {
+  if (options.outputFormat === 'qcow2')
+    return (await import('./convert-qcow2.js')).convertToQcow2Command(context, source, target, options);
   if (options.outputFormat !== 'raw') {
     throw new UsageError(`convert: output format '${options.outputFormat}' is not supported yet (only raw)`);
   }

@@ -12,6 +12,7 @@ import { toQemuJson } from '../output/qemu-json.js';
 import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
+import { selectSnapshot } from './snapshot-select.js';
 
 export interface MeasureCommandOptions {
   readonly output: 'human' | 'json';
@@ -77,7 +78,7 @@ export async function measureCommand(
       displayName: file,
       format: options.format,
       forceShare: options.forceShare,
-      snapshot: await snapshotFor(context, file, options),
+      snapshot: await selectSnapshot(resolveAgainst(context.io.cwd, file), file, options),
     });
     try {
       if (outputFormat === 'raw') {
@@ -101,29 +102,4 @@ export async function measureCommand(
     if (bitmaps !== undefined) context.io.stdout.write(`bitmaps size: ${bitmaps}\n`);
   }
   return 0;
-}
-
-/** `-l`: a snapshot by id or name (id first, as qemu-img looks it up). */
-async function snapshotFor(
-  context: CommandContext,
-  file: string,
-  options: MeasureCommandOptions,
-): Promise<{ id?: string; name?: string } | undefined> {
-  const wanted = options.snapshot;
-  if (wanted === undefined) return undefined;
-  if (wanted.idOrName === undefined) return wanted;
-  const probe = await openImage(resolveAgainst(context.io.cwd, file), {
-    displayName: file,
-    format: options.format,
-    forceShare: options.forceShare,
-    openBacking: false,
-  });
-  try {
-    const snapshots = probe.image?.snapshots ?? [];
-    return snapshots.some((snapshot) => snapshot.id === wanted.idOrName)
-      ? { id: wanted.idOrName }
-      : { name: wanted.idOrName };
-  } finally {
-    await probe.close();
-  }
 }

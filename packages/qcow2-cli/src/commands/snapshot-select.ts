@@ -1,0 +1,31 @@
+/** Which snapshot `-l` / `-s` name: an id or a name given alone is looked up as qemu-img does (id
+ * first). */
+import { type ImageFormat, openImage } from '../engine.js';
+
+export async function selectSnapshot(
+  path: string,
+  displayName: string,
+  options: {
+    readonly snapshot?: { id?: string; name?: string; idOrName?: string } | undefined;
+    readonly format?: ImageFormat | undefined;
+    readonly forceShare?: boolean;
+  },
+): Promise<{ id?: string; name?: string } | undefined> {
+  const wanted = options.snapshot;
+  if (wanted === undefined) return undefined;
+  if (wanted.idOrName === undefined) return wanted;
+  const probe = await openImage(path, {
+    displayName,
+    format: options.format,
+    forceShare: options.forceShare === true,
+    openBacking: false,
+  });
+  try {
+    const snapshots = probe.image?.snapshots ?? [];
+    return snapshots.some((snapshot) => snapshot.id === wanted.idOrName)
+      ? { id: wanted.idOrName }
+      : { name: wanted.idOrName };
+  } finally {
+    await probe.close();
+  }
+}
