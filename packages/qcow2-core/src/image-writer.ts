@@ -4,8 +4,8 @@
  *
  * Refcounts are always written before anything points at a cluster, also on images with lazy
  * refcounts, so this engine never needs the dirty bit. A dirty image (another program's crash with
- * lazy refcounts) needs its refcounts rebuilt before writing, which is not implemented yet: it is
- * refused (EUNSUPPORTED); a corrupt-flagged one too (ECORRUPT).
+ * lazy refcounts) is repaired by Qcow2Image.open before it gets here; a corrupt-flagged one is
+ * refused (ECORRUPT).
  */
 import { type BlockDevice, BlockDeviceError, isBlockDeviceError } from '@qcowkit/blockdev';
 import { MetadataLock } from './alloc/metadata-lock.js';
@@ -88,7 +88,7 @@ export class ImageWriter {
     };
     if (file.readOnly) refuse('EROFS', 'the file is read-only');
     if (flags.corrupt) refuse('ECORRUPT', 'the image is marked corrupt (repair it with check -r all)');
-    if (flags.dirty) refuse('EUNSUPPORTED', 'the image is dirty and refcount repair is not implemented yet');
+    if (flags.dirty) refuse('ECORRUPT', 'the image is dirty (its refcounts need a repair first)');
     if (flags.dataFile)
       refuse('EUNSUPPORTED', 'writing images with an external data file is not supported yet');
     if (context.hasBitmaps)

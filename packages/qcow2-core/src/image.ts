@@ -238,6 +238,25 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     const firstCluster =
       clusterSize <= head.length ? head : await file.read(0, Math.min(file.size, clusterSize));
     const header = decodeHeader(firstCluster);
+    if (options.readOnly === false && headerFlags(header).dirty && !headerFlags(header).corrupt) {
+      // A dirty image (lazy refcounts, not closed cleanly) gets its refcounts rebuilt before any
+      // write, as QEMU does; the repair clears the dirty bit when the image is consistent again.
+      const inspected = await Qcow2Image.open(file, {
+        readOnly: true,
+        openBacking: false,
+        ...(options.codecs !== undefined ? { codecs: options.codecs } : {}),
+      });
+      const { repairQcow2Image } = await import('./check/index.js');
+      await repairQcow2Image(inspected, 'all');
+      const again = decodeHeader(await file.read(0, Math.min(file.size, clusterSize)));
+      if (headerFlags(again).dirty) {
+        throw new BlockDeviceError(
+          'ECORRUPT',
+          `qcow2: ${file.description}: the dirty image could not be repaired`,
+        );
+      }
+      return Qcow2Image.open(file, options);
+    }
     if (header.cryptMethod !== QCOW_CRYPT_NONE) {
       throw new BlockDeviceError(
         'EUNSUPPORTED',

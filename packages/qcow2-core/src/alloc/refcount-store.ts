@@ -91,6 +91,11 @@ export class RefcountStore {
     return new RefcountStore(options, offsets);
   }
 
+  /** Largest refcount the width holds. */
+  get maxRefcount(): number {
+    return this.#max;
+  }
+
   get tableOffset(): number {
     return this.#tableOffset;
   }
@@ -182,8 +187,14 @@ export class RefcountStore {
         this.#allocatedEnd = Math.max(this.#allocatedEnd, start + count);
         return start;
       }
-      // Make the missing block first (it covers itself), then search again.
-      await this.#createBlock(missing, Math.max(start, missing * this.#perBlock));
+      // Put the missing block right after the run (so the run stays whole), then search again. When
+      // that cluster lies in a range without a block too, that range's block goes there first,
+      // covering itself.
+      let at = start + count;
+      while ((await this.get(at)) !== 0) at++;
+      const atBlock = Math.floor(at / this.#perBlock);
+      const atBlockExists = atBlock < this.#table.length && this.#table[atBlock] !== 0;
+      await this.#createBlock(atBlockExists ? missing : atBlock, at);
     }
   }
 
@@ -198,6 +209,7 @@ export class RefcountStore {
       if (block === undefined) {
         // A whole range without a block is free.
         const rangeEnd = (blockIndex + 1) * this.#perBlock;
+        if (run === 0) start = cluster;
         run += rangeEnd - cluster;
         cluster = rangeEnd;
         continue;
@@ -219,7 +231,12 @@ export class RefcountStore {
   /** A new, empty refcount block for range `blockIndex`, stored at `atCluster` (default: the
    * range's first cluster, free since no block covers it). */
   async #createBlock(blockIndex: number, atCluster = blockIndex * this.#perBlock): Promise<Uint8Array> {
-    if (blockIndex >= this.#table.length) await this.#growTable(blockIndex + 1);
+    if (blockIndex >= this.#table.length) {
+      await this.#growTable(blockIndex + 1);
+      // Allocating the new table may have made this block already.
+      const made = await this.#block(blockIndex);
+      if (made !== undefined) return made;
+    }
     const block = new Uint8Array(this.#clusterSize);
     this.#blocks.set(blockIndex, block);
     this.#newBlocks.add(blockIndex);

@@ -492,7 +492,8 @@ export class WritePath {
       tail % this.#clusterSize !== 0 &&
       Math.floor((tail + compressed.length - 1) / this.#clusterSize) ===
         Math.floor(tail / this.#clusterSize) &&
-      (await this.#o.refcounts.get(Math.floor(tail / this.#clusterSize))) > 0;
+      (await this.#o.refcounts.get(Math.floor(tail / this.#clusterSize))) > 0 &&
+      (await this.#o.refcounts.get(Math.floor(tail / this.#clusterSize))) < this.#o.refcounts.maxRefcount;
     if (fitsTail) {
       hostOffset = tail;
       await this.#o.refcounts.adjust(Math.floor(tail / this.#clusterSize), 1, 1);
