@@ -6,7 +6,8 @@
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import type { ImageFormat, OpenedImage } from '@qcowkit/qcow2-core/node';
+import type { OpenedImage } from '@qcowkit/qcow2-core/node';
+import type { ImageFormat } from './options.js';
 
 export interface WritableQcow2 {
   readonly device: BlockDevice;
