@@ -341,9 +341,21 @@ async function writeCompressedArea(
       );
     }
     const placed = packer.place(stored.length);
-    await out.writeAt(areaOffset + placed.offset, stored);
+    const hostOffset = areaOffset + placed.offset;
+    if (placed.deferred) {
+      pendingPlain.push({ hostOffset, bytes: stored });
+      dataIndex++;
+      return;
+    }
+    while (pendingPlain.length > 0 && pendingPlain[0]!.hostOffset < hostOffset) {
+      const plain = pendingPlain.shift()!;
+      await out.writeAt(plain.hostOffset, plain.bytes);
+    }
+    await out.writeAt(hostOffset, stored);
     dataIndex++;
   };
+  // Plain clusters placed behind a partly filled host cluster (at most MAX_PENDING_PLAIN_BYTES).
+  const pendingPlain: { hostOffset: number; bytes: Uint8Array }[] = [];
   for (const stored of compression.cache) await put(stored);
   if (compression.spool !== undefined && compression.spooled > 0) {
     const spool = compression.spool;
@@ -375,6 +387,7 @@ async function writeCompressedArea(
     },
   );
   for await (const { result } of batches) for (const stored of result) await put(stored);
+  for (const plain of pendingPlain) await out.writeAt(plain.hostOffset, plain.bytes);
   if (dataIndex !== lengths.length) {
     throw new BlockDeviceError(
       'EIO',

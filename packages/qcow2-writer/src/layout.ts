@@ -104,7 +104,7 @@ export function planLayout(
       counts[cluster] = (counts[cluster] ?? 0) + 1;
     });
     for (let index = 0; index < map.dataClusters; index++) packer.place(compressedLengths[index]!);
-    packedBytes = packer.position;
+    packedBytes = packer.end;
     areaClusters = Math.ceil(packedBytes / clusterSize);
     areaRefcounts = Uint32Array.from(counts, (count) => count ?? 0);
   }

@@ -102,7 +102,7 @@ const sourceArbitrary = fc
       fc.record({
         offset: fc.integer({ min: 0, max: 3 * 1024 * 1024 }),
         length: fc.integer({ min: 1, max: 200_000 }),
-        fill: fc.oneof(fc.constant(-1), fc.constant(0), fc.integer({ min: 1, max: 255 })),
+        fill: fc.oneof(fc.constant(-2), fc.constant(-1), fc.constant(0), fc.integer({ min: 1, max: 255 })),
       }),
       { maxLength: 8 },
     ),
@@ -113,7 +113,16 @@ const sourceArbitrary = fc
       .filter((write) => write.offset < size)
       .map(({ offset, length, fill }) => {
         const data = new Uint8Array(Math.min(length, size - offset));
-        if (fill === -1)
+        if (fill === -2) {
+          // Incompressible: stored plain even when compressing (xorshift32).
+          let state = (offset | 1) >>> 0;
+          for (let index = 0; index < data.length; index++) {
+            state ^= state << 13;
+            state ^= state >>> 17;
+            state ^= state << 5;
+            data[index] = state & 0xff;
+          }
+        } else if (fill === -1)
           for (let index = 0; index < data.length; index++) data[index] = (index * 7919 + offset) % 251;
         else data.fill(fill);
         return { offset, data };
