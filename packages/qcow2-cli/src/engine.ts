@@ -15,7 +15,10 @@ import type {
 } from '@qcowkit/qcow2-core';
 // The node entry only: the main entry also loads the checker and every codec, which no command
 // but check needs (start-up time).
-import { detectFormat as coreDetectFormat, openImage as coreOpenImage } from '@qcowkit/qcow2-core/node';
+// detectFormat from the main entry, where it is part of the documented API (the node entry's
+// re-export of it is not guaranteed).
+import { detectFormat as coreDetectFormat } from '@qcowkit/qcow2-core';
+import { openImage as coreOpenImage } from '@qcowkit/qcow2-core/node';
 import { CliError, openError } from './errors.js';
 
 export type ImageFormat = 'qcow2' | 'qcow' | 'raw';
