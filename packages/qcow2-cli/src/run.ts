@@ -63,7 +63,7 @@ function buildProgram(
   const { io } = context;
   const program = new Command('qcow2');
   program
-    .description('Inspect and convert QEMU disk images (qcow2, qcow, raw) without QEMU.')
+    .description('Inspect, create, convert and change QEMU disk images (qcow2, qcow, raw) without QEMU.')
     .version(VERSION, '-V, --version')
     .option('--debug', 'show stack traces of errors (also QCOW2_DEBUG=1)')
     .showSuggestionAfterError(false)
@@ -134,7 +134,7 @@ function buildProgram(
       .argument('<source>', 'the image to read')
       .argument('<target>', 'the raw file to write'),
   )
-    .description('convert an image to a sparse raw file (as qemu-img convert -O raw)')
+    .description('convert an image to a sparse raw file or a new qcow2 image (as qemu-img convert)')
     .addOption(new Option('-O <fmt>', 'output format: raw or qcow2').default('raw'))
     .addOption(new Option('-l <snapshot>', 'snapshot.name=NAME, snapshot.id=ID, or an id or name'))
     .addOption(new Option('-s <snapshot>', 'snapshot id or name'))
@@ -184,7 +184,7 @@ function buildProgram(
     });
 
   addCommon(program.command('check').argument('<file>', 'the image'))
-    .description('check an image for consistency, read-only (as qemu-img check)')
+    .description('check an image for consistency; -r repairs it (as qemu-img check)')
     .addOption(outputOption())
     .option('-q', 'quiet: print nothing, only set the exit code')
     .addOption(
