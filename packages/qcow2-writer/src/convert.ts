@@ -65,6 +65,12 @@ export async function planConversion(
   options: ConvertOptions = {},
 ): Promise<ConversionPlan> {
   const size = options.size ?? source.size;
+  if (size < source.size) {
+    throw new BlockDeviceError(
+      'EINVAL',
+      `qcow2 convert: size ${size} is smaller than the source (${source.size} bytes)`,
+    );
+  }
   const geometry = resolveGeometry(options, size);
   if (geometry.dataFile !== undefined) {
     throw new BlockDeviceError('EUNSUPPORTED', 'qcow2 convert: an external data file is not supported yet');

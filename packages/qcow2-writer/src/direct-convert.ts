@@ -38,6 +38,12 @@ export async function convertDirect(
 ): Promise<number> {
   const { clusterSize, l2Entries, l2EntrySize, extendedL2 } = geometry;
   const signal = options.signal;
+  if (geometry.size < source.size) {
+    throw new BlockDeviceError(
+      'EINVAL',
+      `qcow2 convert: size ${geometry.size} is smaller than the source (${source.size} bytes)`,
+    );
+  }
   const candidates = await nonZeroClusters(source, Math.min(source.size, geometry.size), clusterSize, signal);
   let candidateClusters = 0;
   const tables = new Set<number>();
