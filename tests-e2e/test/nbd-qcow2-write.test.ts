@@ -199,6 +199,44 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
     expect(check.status, check.stdout + check.stderr).toBe(0);
   });
 
+  it('SIGTERM during fio random writes: requests finish, image flushed, check-clean, dirty bit cleared', async () => {
+    const image = join(dir.path, 'sigterm.qcow2');
+    run('qemu-img', ['create', '-f', 'qcow2', '-o', 'lazy_refcounts=on', image, '64M']);
+    const server = await startServer(dir.path, ['-e', '0', '-f', 'qcow2', image]);
+    const fio = spawn(
+      'fio',
+      [
+        '--name=term',
+        '--ioengine=nbd',
+        `--uri=${server.uri}`,
+        '--rw=randwrite',
+        '--bs=4k',
+        '--iodepth=16',
+        '--numjobs=2',
+        '--size=60M',
+        '--time_based',
+        '--runtime=10',
+      ],
+      { stdio: 'ignore' },
+    );
+    try {
+      const grown = statSync(image).size + 2 * MiB;
+      const deadline = Date.now() + 30_000;
+      while (statSync(image).size < grown && Date.now() < deadline && fio.exitCode === null) {
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      expect(statSync(image).size).toBeGreaterThanOrEqual(grown);
+      expect(await server.stop()).toBe(0);
+    } finally {
+      fio.kill('SIGKILL');
+      await exited(fio);
+      await server.kill();
+    }
+    const check = runStatus('qemu-img', ['check', image]);
+    expect(check.status, check.stdout + check.stderr).toBe(0);
+    expect(infoJson(image)).toEqual({ dirtyFlag: false, lazy: true });
+  });
+
   it('kill -9 during fio random writes, 12 rounds: no corruption, flushed data intact', async () => {
     const image = join(dir.path, 'crash.qcow2');
     run('qemu-img', ['create', '-f', 'qcow2', image, '64M']);
