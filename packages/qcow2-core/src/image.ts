@@ -315,6 +315,8 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       hasDataFile: headerFlags(header).dataFile,
       cache: image.#l2Cache,
       sliceBytes: Math.min(clusterSize, MAX_SLICE_BYTES),
+      // Read-only images load the L2 slices of a long lookup in parallel.
+      readAhead: options.readOnly !== false,
     });
     try {
       await image.#openExternalFiles(options);

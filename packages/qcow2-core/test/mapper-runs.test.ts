@@ -90,7 +90,14 @@ function reference(tables: Uint8Array, guestOffset: number, length: number): Seg
   return segments;
 }
 
-function mapperOver(tables: Uint8Array, l1Present: readonly boolean[]) {
+function mapperOver(
+  tables: Uint8Array,
+  l1Present: readonly boolean[],
+  readAhead = false,
+  cacheBytes = 1 << 20,
+  reads: number[] = [],
+  concurrency = { now: 0, most: 0 },
+) {
   const l1High = new Uint32Array(L1_ENTRIES);
   const l1Low = new Uint32Array(L1_ENTRIES);
   const l2Base = 1024 * CLUSTER;
@@ -99,6 +106,11 @@ function mapperOver(tables: Uint8Array, l1Present: readonly boolean[]) {
   });
   return new Qcow2Mapper({
     readMetadata: async (hostOffset, length) => {
+      reads.push(hostOffset);
+      concurrency.now++;
+      concurrency.most = Math.max(concurrency.most, concurrency.now);
+      await new Promise((resolve) => setTimeout(resolve, 1));
+      concurrency.now--;
       const start = hostOffset - l2Base;
       return tables.slice(start, start + length);
     },
@@ -108,8 +120,9 @@ function mapperOver(tables: Uint8Array, l1Present: readonly boolean[]) {
     clusterBits: CLUSTER_BITS,
     extendedL2: false,
     hasDataFile: false,
-    cache: new TableCache<DataView>(1 << 20),
+    cache: new TableCache<DataView>(cacheBytes),
     sliceBytes: CLUSTER / 2,
+    readAhead,
   });
 }
 
@@ -126,14 +139,16 @@ describe('Qcow2Mapper runs of standard L2 entries', () => {
         fc.boolean(),
         fc.integer({ min: 0, max: L1_ENTRIES * BYTES_PER_L1 - 1 }),
         fc.integer({ min: 1, max: L1_ENTRIES * BYTES_PER_L1 }),
-        async (entries, l1Present, copied, start, wanted) => {
+        fc.boolean(),
+        fc.constantFrom(CLUSTER / 2, 2 * CLUSTER, 1 << 20),
+        async (entries, l1Present, copied, start, wanted, readAhead, cacheBytes) => {
           const length = Math.min(wanted, L1_ENTRIES * BYTES_PER_L1 - start);
           const tables = buildTables(entries, copied);
           // An absent L1 entry reads as a table of unallocated entries.
           l1Present.forEach((present, index) => {
             if (!present) tables.fill(0, index * CLUSTER, (index + 1) * CLUSTER);
           });
-          const segments = await mapperOver(tables, l1Present).map(start, length);
+          const segments = await mapperOver(tables, l1Present, readAhead, cacheBytes).map(start, length);
           expect(shape(segments)).toEqual(shape(reference(tables, start, length)));
         },
       ),
@@ -153,5 +168,27 @@ describe('Qcow2Mapper runs of standard L2 entries', () => {
     const end = segments.at(-1)!.guestOffset + segments.at(-1)!.length;
     expect(end).toBe(40 * CLUSTER);
     expect(shape(segments)).toEqual(shape(reference(tables, 100, end - 100)));
+  });
+
+  it('read ahead loads the slices of a long lookup, each once, and stops at a bad L1 entry', async () => {
+    const tables = buildTables(
+      Array.from({ length: L1_ENTRIES * ENTRIES }, () => ({ kind: 'next' })),
+      false,
+    );
+    const reads: number[] = [];
+    const concurrency = { now: 0, most: 0 };
+    const mapper = mapperOver(tables, [true, true, false, true], true, 1 << 20, reads, concurrency);
+    await mapper.map(0, L1_ENTRIES * BYTES_PER_L1);
+    // Two slices per table, three tables; the absent one is skipped; all loading at once.
+    expect(reads.length).toBe(6);
+    expect(new Set(reads).size).toBe(6);
+    expect(concurrency.most).toBe(6);
+
+    // A corrupt L1 entry past where a lookup stops is not reported by it.
+    const damaged = mapperOver(tables, [true, true, true, true], true);
+    damaged.l1.low[2] = 1024 * CLUSTER + 3;
+    const segments = await damaged.map(0, L1_ENTRIES * BYTES_PER_L1, ENTRIES);
+    expect(segments.at(-1)!.guestOffset + segments.at(-1)!.length).toBe(BYTES_PER_L1);
+    await expect(damaged.map(0, L1_ENTRIES * BYTES_PER_L1)).rejects.toMatchObject({ code: 'ECORRUPT' });
   });
 });

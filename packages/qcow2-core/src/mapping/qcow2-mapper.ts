@@ -34,6 +34,12 @@ export interface Qcow2MapperOptions {
   readonly cache: TableCache<DataView>;
   /** Bytes per cached L2 slice: a power of two dividing the cluster size. */
   readonly sliceBytes: number;
+  /**
+   * Read ahead: a lookup spanning several L2 slices starts loading them all (as many as half the
+   * cache holds, at most {@link MAX_READ_AHEAD_SLICES}) instead of one after the other. Only for
+   * images nobody writes through this mapper (a load must never race a write of the slice).
+   */
+  readonly readAhead?: boolean;
 }
 
 export class Qcow2Mapper {
@@ -110,6 +116,7 @@ export class Qcow2Mapper {
     const { extendedL2, hasDataFile, clusterBits, cache, sliceBytes } = this.#options;
     let position = guestOffset;
     let examined = 0;
+    if (this.#options.readAhead === true) this.#readAhead(guestOffset, end);
     while (position < end && examined < maxEntries) {
       const l1Index = Math.floor(position / this.#bytesPerL1);
       const l1Start = l1Index * this.#bytesPerL1;
@@ -236,6 +243,36 @@ export class Qcow2Mapper {
     return segments;
   }
 
+  /**
+   * Starts loading the L2 slices of `[guestOffset, end)` beyond the first, in order, without
+   * waiting; `map` then finds them loaded or loading. Stops quietly at a bad L1 entry (`map`
+   * reports it when it gets there) and never lets a failed load go unhandled.
+   */
+  #readAhead(guestOffset: number, end: number): void {
+    const { cache, sliceBytes, clusterBits } = this.#options;
+    const budget = Math.min(MAX_READ_AHEAD_SLICES, Math.floor(cache.stats.maxBytes / sliceBytes / 2));
+    const bytesPerSlice = this.#entriesPerSlice * 2 ** clusterBits;
+    let sliceGuest = Math.floor(guestOffset / bytesPerSlice) * bytesPerSlice + bytesPerSlice;
+    for (let started = 0; sliceGuest < end && started < budget; sliceGuest += bytesPerSlice) {
+      const l1Index = Math.floor(sliceGuest / this.#bytesPerL1);
+      let l2Offset: number;
+      try {
+        l2Offset = this.l2TableOffset(l1Index);
+      } catch {
+        return;
+      }
+      if (l2Offset === 0) {
+        // No table here: go on at the next L1 entry that has one.
+        const nextL1 = this.#nextL1WithTable(l1Index + 1, Math.ceil(end / this.#bytesPerL1));
+        sliceGuest = nextL1 * this.#bytesPerL1 - bytesPerSlice;
+        continue;
+      }
+      const sliceIndex = Math.floor((sliceGuest - l1Index * this.#bytesPerL1) / bytesPerSlice);
+      cache.get(l2Offset + sliceIndex * sliceBytes, this.#loadSlice).catch(() => undefined);
+      started++;
+    }
+  }
+
   /** The first L1 index in `[from, limit)` whose entry is not zero (`limit` when none). */
   #nextL1WithTable(from: number, limit: number): number {
     const l1High = this.#l1High;
@@ -277,6 +314,9 @@ export class Qcow2Mapper {
     }
   }
 }
+
+/** Most L2 slices one lookup loads ahead (64 x 4 KiB tables: 128 MiB of guest at 4 KiB clusters). */
+const MAX_READ_AHEAD_SLICES = 64;
 
 /** Bits that send a standard L2 entry to the general path: compressed, reserved, zero. */
 const SLOW_BITS_HIGH = (QCOW_OFLAG_COMPRESSED_HIGH | L2E_STD_RESERVED_MASK_HIGH) >>> 0;
