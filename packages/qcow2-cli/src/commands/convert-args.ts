@@ -2,8 +2,9 @@
  * `qcow2 convert`'s command line without commander: the common spellings (`-f FMT -O FMT -l X -s X
  * -p -q -U --force-share --debug` and two file names, each flag and value its own argument) are
  * parsed here so the command starts without loading commander. Anything else (bundled flags,
- * `--help`, unknown or misspelt options, a missing value or file name, an unknown format) returns
- * undefined and goes to commander, which reports it: the fast path never words an error itself.
+ * `--help`, unknown or misspelt options, a missing value or file name, an unknown format, any
+ * output format but raw) returns undefined and goes to commander, which reports it or runs the
+ * other converter: the fast path never words an error itself.
  */
 import { IMAGE_FORMATS, type ImageFormat } from '../engine.js';
 import { UsageError } from '../errors.js';
@@ -41,12 +42,14 @@ export function convertFastPath(args: readonly string[]): ConvertCommandLine | u
   if (files.length !== 2) return undefined;
   const format = values.get('-f');
   if (format !== undefined && !(IMAGE_FORMATS as readonly string[]).includes(format)) return undefined;
+  // Only raw output is this path's: -O qcow2 (and anything commander rejects) goes to commander.
+  if ((values.get('-O') ?? 'raw') !== 'raw') return undefined;
   return {
     source: files[0]!,
     target: files[1]!,
     options: {
       format: format as ImageFormat | undefined,
-      outputFormat: values.get('-O') ?? 'raw',
+      outputFormat: 'raw',
       snapshot: parseSnapshotOption(values.get('-l'), values.get('-s')),
       progress: flags.has('-p') && !flags.has('-q'),
       forceShare: flags.has('-U') || flags.has('--force-share'),
