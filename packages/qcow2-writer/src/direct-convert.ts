@@ -11,12 +11,14 @@ import { ClusterMap } from './cluster-map.js';
 import type { Qcow2Layout } from './layout.js';
 import { encodeImageHeader, encodeL1Slice, encodeRefcountBlock, encodeRefcountTable } from './metadata.js';
 import type { ImageGeometry } from './options.js';
-import { type ClusterRange, readAhead, splitRange } from './read-ahead.js';
-import { nonZeroClusters, readClusters } from './scan.js';
-import { isAllZero } from './zero-detect.js';
+import { type ClusterRange, splitRange } from './read-ahead.js';
+import { nonZeroClusters } from './scan.js';
+import { isZeroWords } from './zero-detect.js';
 
 /** A sink writing at explicit offsets. */
 export interface RandomAccessSink {
+  /** Resolves once `bytes` is written (or copied): the caller reuses the buffer only after that.
+   * Calls may overlap; the caller bounds how many are in flight. */
   writeAt(hostOffset: number, bytes: Uint8Array): Promise<void>;
   /** Sets the final length and closes. */
   close(length: number): Promise<void>;
@@ -99,6 +101,11 @@ export async function convertDirect(
   try {
     await sink.writeAt(0, encodeImageHeader(layout));
     await sink.writeAt(layout.reftableOffset, encodeRefcountTable(layout));
+    let failure: unknown;
+    const noteFailure = (error: unknown) => {
+      failure ??= error;
+    };
+    const tableWrites: Promise<void>[] = [];
     let cursor = l1Offset + l1Clusters * clusterSize;
     let table: Uint8Array | undefined;
     let tableIndex = -1;
@@ -107,7 +114,7 @@ export async function convertDirect(
       groupL1Index.push(tableIndex);
       groupL2Offset.push(cursor);
       groupHostClusters.push(0);
-      await sink.writeAt(cursor, table);
+      tableWrites.push(sink.writeAt(cursor, table).catch(noteFailure));
       cursor += clusterSize;
       table = undefined;
     };
@@ -125,23 +132,53 @@ export async function convertDirect(
         }
       }
     }
-    const fetch = (range: ClusterRange) => readClusters(source, range, clusterSize, signal);
-    for await (const { item: range, result: data } of readAhead(chunks(), options.readDepth, fetch)) {
+    // Bounded pipeline over `depth` reusable buffers: reads run ahead in guest order, and a
+    // buffer is read into again only once every write from its previous chunk is done.
+    const depth = Math.max(1, options.readDepth);
+    const slots = Array.from({ length: depth }, () => {
+      const buffer = new Uint8Array(chunkClusters * clusterSize);
+      return { buffer, words: new Uint32Array(buffer.buffer), writes: Promise.resolve() };
+    });
+    const iterator = chunks();
+    const queue: { range: ClusterRange; slot: (typeof slots)[number]; read: Promise<void> }[] = [];
+    let issued = 0;
+    let exhausted = false;
+    const fill = () => {
+      while (!exhausted && queue.length < depth) {
+        const next = iterator.next();
+        if (next.done) {
+          exhausted = true;
+          break;
+        }
+        const range = next.value;
+        const slot = slots[issued++ % depth]!;
+        const read = slot.writes.then(() => readChunk(source, slot.buffer, range, clusterSize, signal));
+        read.catch(() => {}); // observed when its turn comes
+        queue.push({ range, slot, read });
+      }
+    };
+    const wordsPerCluster = clusterSize / 4;
+    fill();
+    while (queue.length > 0) {
+      const { range, slot, read } = queue.shift()!;
+      await read;
       signal?.throwIfAborted();
+      if (failure !== undefined) throw failure;
       const chunkTable = Math.floor(range.cluster / l2Entries);
       if (chunkTable !== tableIndex) {
         await finishTable();
         tableIndex = chunkTable;
       }
+      const writes: Promise<void>[] = [];
       let runStart = -1;
-      const flushRun = async (end: number) => {
+      const flushRun = (end: number) => {
         if (runStart < 0) return;
-        await sink.writeAt(cursor, data.subarray(runStart * clusterSize, end * clusterSize));
+        writes.push(sink.writeAt(cursor, slot.buffer.subarray(runStart * clusterSize, end * clusterSize)));
+        table ??= new Uint8Array(clusterSize);
+        const view = viewOf(table);
         for (let index = runStart; index < end; index++) {
-          table ??= new Uint8Array(clusterSize);
           const entry = encodeL2Entry({ type: 'normal', hostOffset: cursor, copied: true });
           const at = ((range.cluster + index) % l2Entries) * l2EntrySize;
-          const view = viewOf(table);
           view.setUint32(at, entry.high);
           view.setUint32(at + 4, entry.low);
           if (extendedL2) view.setUint32(at + 12, 0xffffffff);
@@ -149,14 +186,19 @@ export async function convertDirect(
         }
         runStart = -1;
       };
+      const words = slot.words;
       for (let index = 0; index < range.count; index++) {
-        const zero = isAllZero(data.subarray(index * clusterSize, (index + 1) * clusterSize));
-        if (zero) await flushRun(index);
+        if (isZeroWords(words, index * wordsPerCluster, (index + 1) * wordsPerCluster)) flushRun(index);
         else if (runStart < 0) runStart = index;
       }
-      await flushRun(range.count);
+      flushRun(range.count);
+      slot.writes = Promise.all(writes).then(() => {}, noteFailure);
+      fill();
     }
+    await Promise.all(slots.map((slot) => slot.writes));
     await finishTable();
+    await Promise.all(tableWrites);
+    if (failure !== undefined) throw failure;
     layout.totalClusters = cursor / clusterSize;
     layout.fileSize =
       cursor === l1Offset + l1Clusters * clusterSize && groupL1Index.length === 0
@@ -175,4 +217,19 @@ export async function convertDirect(
     await sink.abort();
     throw error;
   }
+}
+
+/** Reads clusters `range` of `device` into the start of `buffer` (zeros past the device's end). */
+function readChunk(
+  device: BlockDevice,
+  buffer: Uint8Array,
+  range: ClusterRange,
+  clusterSize: number,
+  signal: AbortSignal | undefined,
+): Promise<void> {
+  const length = range.count * clusterSize;
+  const start = range.cluster * clusterSize;
+  const valid = Math.max(0, Math.min(length, device.size - start));
+  if (valid < length) buffer.fill(0, valid, length);
+  return valid > 0 ? device.readInto(buffer.subarray(0, valid), start, { signal }) : Promise.resolve();
 }

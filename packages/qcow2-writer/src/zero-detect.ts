@@ -22,6 +22,12 @@ export function isAllZero(bytes: Uint8Array): boolean {
   return true;
 }
 
+/** True when `words[from..to)` are all zero (a view over a whole reusable buffer, no allocation). */
+export function isZeroWords(words: Uint32Array, from: number, to: number): boolean {
+  for (let index = from; index < to; index++) if (words[index] !== 0) return false;
+  return true;
+}
+
 /** True when `a` and `b` hold the same bytes. */
 export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   if (a.length !== b.length) return false;

@@ -1,50 +1,61 @@
-/** A file as a {@link RandomAccessSink}: up to 4 positioned writes in flight. */
-import { open } from 'node:fs/promises';
+/**
+ * A file as a {@link RandomAccessSink}: each `writeAt` is one positioned write on libuv's thread
+ * pool (callback API: no FileHandle promise machinery per call); the caller bounds concurrency.
+ */
+import { close, ftruncate, open, write } from 'node:fs';
+import { promisify } from 'node:util';
+import { BlockDeviceError } from '@qcowkit/blockdev';
 import type { RandomAccessSink } from '../direct-convert.js';
 
-const WRITES_IN_FLIGHT = 4;
+const openFile = promisify(open);
+const closeFile = promisify(close);
+const truncateFile = promisify(ftruncate);
 
 export async function openRandomAccessFile(path: string): Promise<RandomAccessSink> {
-  const handle = await open(path, 'w');
-  const inFlight: Promise<void>[] = [];
-  let failure: unknown;
+  const fd = await openFile(path, 'w');
+  const inFlight = new Set<Promise<void>>();
   let closed = false;
-  const writeAll = async (bytes: Uint8Array, at: number) => {
-    let done = 0;
-    while (done < bytes.length) {
-      const { bytesWritten } = await handle.write(bytes, done, bytes.length - done, at + done);
-      done += bytesWritten;
-    }
-  };
-  const drain = async (limit: number) => {
-    while (inFlight.length > limit) await inFlight.shift();
-    if (failure !== undefined) throw failure;
+  const writeAll = (bytes: Uint8Array, at: number): Promise<void> =>
+    new Promise((resolve, reject) => {
+      const step = (done: number) => {
+        write(fd, bytes, done, bytes.length - done, at + done, (error, written) => {
+          if (error) reject(error);
+          else if (done + written >= bytes.length) resolve();
+          else if (written === 0)
+            reject(new BlockDeviceError('EIO', `write: ${path}: no progress`, { offset: at + done }));
+          else step(done + written);
+        });
+      };
+      step(0);
+    });
+  const settle = async () => {
+    await Promise.allSettled([...inFlight]);
   };
   return {
-    async writeAt(hostOffset, bytes) {
-      if (failure !== undefined) throw failure;
-      inFlight.push(
-        writeAll(bytes, hostOffset).catch((error: unknown) => {
-          failure ??= error;
-        }),
-      );
-      await drain(WRITES_IN_FLIGHT - 1);
+    writeAt(hostOffset, bytes) {
+      if (closed) return Promise.reject(new BlockDeviceError('EINVAL', `write: ${path}: the sink is closed`));
+      if (bytes.length === 0) return Promise.resolve();
+      const pending = writeAll(bytes, hostOffset);
+      inFlight.add(pending);
+      const forget = () => inFlight.delete(pending);
+      pending.then(forget, forget);
+      return pending;
     },
     async close(length) {
       if (closed) return;
       closed = true;
       try {
-        await drain(0);
-        await handle.truncate(length);
+        await settle();
+        await truncateFile(fd, length);
       } finally {
-        await handle.close();
+        await closeFile(fd);
       }
     },
     async abort() {
       if (closed) return;
       closed = true;
-      await Promise.all(inFlight);
-      await handle.close();
+      await settle();
+      await closeFile(fd);
     },
   };
 }
