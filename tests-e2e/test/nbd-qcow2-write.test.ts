@@ -214,6 +214,7 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
         '--bs=4k',
         '--iodepth=16',
         '--numjobs=2',
+        '--thread', // one process: SIGKILL stops every job
         '--size=60M',
         '--time_based',
         '--runtime=10',
@@ -280,6 +281,7 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
             '--bs=4k',
             '--iodepth=16',
             '--numjobs=2',
+            '--thread', // one process: SIGKILL stops every job
             '--size=60M',
             '--time_based',
             '--runtime=10',
