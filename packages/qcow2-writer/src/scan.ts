@@ -143,10 +143,10 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
   const compression = options.compression;
   const zeroKind = geometry.version === 3 ? 'zero' : 'data';
 
-  const recordCompressed = async (outputs: Uint8Array[], inputs: Uint8Array) => {
+  const recordCompressed = async (outputs: Uint8Array[]) => {
     for (let index = 0; index < outputs.length; index++) {
-      let stored = outputs[index]!;
-      if (stored.length >= clusterSize) stored = inputs.slice(index * clusterSize, (index + 1) * clusterSize);
+      // At least a cluster long: the cluster's own bytes (see ClusterCompressor), stored as is.
+      const stored = outputs[index]!;
       if (lengths!.length <= dataIndex) {
         const grown = new Uint32Array(lengths!.length * 2);
         grown.set(lengths!);
@@ -210,7 +210,7 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
       const outputs = compression.compressor.compressClusters(input, clusterSize, compression.type);
       outputs.catch(() => {});
       // Results are recorded in order: each one waits for the previous one.
-      const recorded = lastRecorded.then(() => outputs).then((list) => recordCompressed(list, input));
+      const recorded = lastRecorded.then(() => outputs).then((list) => recordCompressed(list));
       recorded.catch(() => {});
       lastRecorded = recorded;
       compressQueue.push(recorded);

@@ -72,9 +72,11 @@ export function createCompressorPool(size = availableParallelism()): CompressorP
       slot.busy++;
       return new Promise<Uint8Array[]>((resolve, reject) => {
         pending.set(id, { resolve, reject });
-        // A copy: the caller may keep using `data` (its cache), so nothing is transferred away.
-        const request: CompressRequest = { id, data, clusterSize };
-        slot.worker.postMessage(request);
+        // The caller gave `data` up: transfer its buffer when `data` spans all of it, else a copy.
+        const owned =
+          data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data : data.slice();
+        const request: CompressRequest = { id, data: owned, clusterSize };
+        slot.worker.postMessage(request, [owned.buffer as ArrayBuffer]);
       });
     },
     async close() {
