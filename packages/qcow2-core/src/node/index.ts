@@ -1,3 +1,3 @@
-export { DETECT_BYTES, detectFormat, type ImageFormat } from '../detect.js';
+export { type CreateImageOptions, createImage } from './create-image.js';
 export { nodeCodecs } from './node-codecs.js';
 export { type ChainLayer, type OpenedImage, type OpenImageOptions, openImage } from './open-image.js';

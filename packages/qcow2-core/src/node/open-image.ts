@@ -26,7 +26,8 @@ import { nodeCodecs } from './node-codecs.js';
 export interface OpenImageOptions {
   /** The top image's format; default: probed from its first bytes. */
   format?: ImageFormat;
-  /** Default true; false is refused (EUNSUPPORTED) until writing exists. */
+  /** Default true. False opens the top layer read-write (qcow2 or raw; backing layers stay
+   * read-only) and takes the file's write lock. */
   readOnly?: boolean;
   /** Ignore other processes' locks (qemu-img -U). */
   forceShare?: boolean;
@@ -68,8 +69,8 @@ export interface OpenedImage extends AsyncDisposable {
 const KNOWN_FORMATS: readonly string[] = ['qcow2', 'qcow', 'raw'];
 
 export async function openImage(path: string, options: OpenImageOptions = {}): Promise<OpenedImage> {
-  if (options.readOnly === false) {
-    throw new BlockDeviceError('EUNSUPPORTED', `${path}: opening images for writing is not supported yet`);
+  if (options.readOnly === false && options.snapshot !== undefined) {
+    throw new BlockDeviceError('EINVAL', `${path}: a snapshot opens read-only`);
   }
   const chain: ChainLayer[] = [];
   const seen = new Set<string>();
@@ -137,9 +138,10 @@ async function openLayer(request: LayerRequest): Promise<ChainLayer> {
     throw new BlockDeviceError('EINVAL', `${path}: backing chain loop: this file is already in the chain`);
   }
   seen.add(real);
+  const writable = depth === 0 && options.readOnly === false;
   const file = await FileBlockDevice.open(path, {
-    readOnly: true,
-    ...(options.forceShare !== undefined ? { forceShare: options.forceShare } : {}),
+    readOnly: !writable,
+    ...(options.forceShare !== undefined && !writable ? { forceShare: options.forceShare } : {}),
   });
   const layerIndex = chain.length;
   const format = (request.declaredFormat as ImageFormat | undefined) ?? (await probe(file));
@@ -182,6 +184,9 @@ async function openLayer(request: LayerRequest): Promise<ChainLayer> {
       return below.device;
     },
   };
+  if (format === 'qcow' && writable) {
+    throw new BlockDeviceError('EUNSUPPORTED', `${path}: writing qcow (version 1) images is not supported`);
+  }
   if (format === 'qcow') {
     const image = await QcowImage.open(file, common);
     layer.device = image;
@@ -190,6 +195,7 @@ async function openLayer(request: LayerRequest): Promise<ChainLayer> {
   }
   const image = await Qcow2Image.open(file, {
     ...common,
+    readOnly: !writable,
     ...(depth === 0 && options.snapshot !== undefined ? { snapshot: options.snapshot } : {}),
     ...(options.snapshotSize !== undefined ? { snapshotSize: options.snapshotSize } : {}),
     resolveDataFile: async (name) => {
