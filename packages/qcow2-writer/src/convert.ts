@@ -10,7 +10,7 @@
  * allocated image, zero clusters included); compression and zero detection need a seekable source.
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
-import { maxRefcount } from '@qcowkit/qcow2-core';
+import { maxRefcount } from '@qcowkit/qcow2-core/format';
 import { ClusterMap } from './cluster-map.js';
 import { CompressedPacker } from './compressed-packing.js';
 import type { ClusterCompressor } from './compressor.js';

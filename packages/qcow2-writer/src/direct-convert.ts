@@ -6,7 +6,7 @@
  * written into their reserved place at the end. Refcount blocks beyond the need stay empty.
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
-import { encodeL2Entry, QCOW_MAX_REFTABLE_SIZE, refcountsPerBlock, viewOf } from '@qcowkit/qcow2-core';
+import { encodeL2Entry, QCOW_MAX_REFTABLE_SIZE, refcountsPerBlock, viewOf } from '@qcowkit/qcow2-core/format';
 import { ClusterMap } from './cluster-map.js';
 import type { Qcow2Layout } from './layout.js';
 import { encodeImageHeader, encodeL1Slice, encodeRefcountBlock, encodeRefcountTable } from './metadata.js';

@@ -12,7 +12,7 @@
  * refcount block); with preallocation=metadata it is qemu-img's interleaving of L2 tables and data.
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { maxRefcount, QCOW_MAX_REFTABLE_SIZE, refcountsPerBlock } from '@qcowkit/qcow2-core';
+import { maxRefcount, QCOW_MAX_REFTABLE_SIZE, refcountsPerBlock } from '@qcowkit/qcow2-core/format';
 import type { ClusterMap } from './cluster-map.js';
 import { CompressedPacker } from './compressed-packing.js';
 import type { ImageGeometry } from './options.js';

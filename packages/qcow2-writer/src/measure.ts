@@ -5,7 +5,7 @@
  * source actually holds data in (block status; zero ranges count nothing).
  */
 import { type BlockDevice, blockStatusAll } from '@qcowkit/blockdev';
-import { alignUp, refcountsPerBlock } from '@qcowkit/qcow2-core';
+import { alignUp, refcountsPerBlock } from '@qcowkit/qcow2-core/format';
 import { type Qcow2ImageOptions, resolveGeometry } from './options.js';
 
 export interface MeasureResult {

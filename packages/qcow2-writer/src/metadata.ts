@@ -27,7 +27,7 @@ import {
   refcountsPerBlock,
   viewOf,
   writeU64,
-} from '@qcowkit/qcow2-core';
+} from '@qcowkit/qcow2-core/format';
 import { CompressedPacker } from './compressed-packing.js';
 import { layoutRefcount, type Qcow2Layout } from './layout.js';
 

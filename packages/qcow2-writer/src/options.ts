@@ -10,7 +10,7 @@ import {
   QCOW_MAX_L1_SIZE,
   sizeToClusters,
   sizeToL1,
-} from '@qcowkit/qcow2-core';
+} from '@qcowkit/qcow2-core/format';
 
 /** What the new image looks like (qemu-img create -f qcow2 -o ...). */
 export interface Qcow2ImageOptions {
