@@ -11,7 +11,7 @@ import type { ClusterCompressor, CompressionType } from './compressor.js';
 import type { ImageGeometry } from './options.js';
 import { type ClusterRange, readAhead, splitRange } from './read-ahead.js';
 import type { Spool } from './spool.js';
-import { isAllZero, sameBytes } from './zero-detect.js';
+import { isZeroWords, sameBytes } from './zero-detect.js';
 
 export interface ScanOptions {
   readonly geometry: ImageGeometry;
@@ -179,15 +179,19 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
     const { data, base } = read;
     let allData = true;
     const dataClusters: number[] = [];
+    // One word view per chunk (`data` is a fresh buffer from offset 0), none per cluster.
+    const words = new Uint32Array(data.buffer, data.byteOffset, data.length >>> 2);
+    const clusterWords = clusterSize >>> 2;
     for (let index = 0; index < range.count; index++) {
-      const cluster = data.subarray(index * clusterSize, (index + 1) * clusterSize);
+      const zero = () => isZeroWords(words, index * clusterWords, (index + 1) * clusterWords);
       let kind: 'data' | 'zero' | 'skip';
       if (base !== undefined) {
+        const cluster = data.subarray(index * clusterSize, (index + 1) * clusterSize);
         const backingCluster = base.subarray(index * clusterSize, (index + 1) * clusterSize);
         if (sameBytes(cluster, backingCluster)) kind = 'skip';
-        else kind = isAllZero(cluster) ? 'zero' : 'data';
+        else kind = zero() ? 'zero' : 'data';
       } else {
-        kind = options.detectZeroes && isAllZero(cluster) ? 'skip' : 'data';
+        kind = options.detectZeroes && zero() ? 'skip' : 'data';
       }
       if (kind === 'zero') kind = zeroKind === 'zero' ? 'zero' : 'data';
       if (kind === 'skip') {
@@ -203,9 +207,10 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
       let input = data;
       if (!allData) {
         input = new Uint8Array(dataClusters.length * clusterSize);
-        dataClusters.forEach((index, at) => {
+        for (let at = 0; at < dataClusters.length; at++) {
+          const index = dataClusters[at]!;
           input.set(data.subarray(index * clusterSize, (index + 1) * clusterSize), at * clusterSize);
-        });
+        }
       }
       const outputs = compression.compressor.compressClusters(input, clusterSize, compression.type);
       outputs.catch(() => {});
