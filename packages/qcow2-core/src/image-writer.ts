@@ -198,36 +198,38 @@ export class ImageWriter {
   }
 
   async writeZeroes(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
-    await this.lock.exclusive(() =>
-      this.#guarded(async () => {
-        const header = this.#context.header();
-        const hasBacking = header.backingFileName !== undefined && header.backingFileName !== '';
-        const clusterSize = this.#clusterSize;
-        const end = guestOffset + length;
-        const size = this.#context.size();
-        // Whole clusters (the image's last, short cluster counts as whole when covered to the end).
-        const wholeStart = Math.ceil(guestOffset / clusterSize) * clusterSize;
-        let wholeEnd = Math.floor(end / clusterSize) * clusterSize;
-        // The image's last, short cluster is whole when covered up to the end.
-        if (end === size && end % clusterSize !== 0) wholeEnd = end;
-        const partial: [number, number][] = [];
-        if (wholeStart >= wholeEnd || (mode === 'zero' && header.version === 2 && hasBacking)) {
-          partial.push([guestOffset, end]);
-        } else {
-          if (guestOffset < wholeStart) partial.push([guestOffset, wholeStart]);
-          if (wholeEnd < end) partial.push([wholeEnd, end]);
-          await this.#writePath.zeroOrDiscardClusters(wholeStart, wholeEnd - wholeStart, mode);
+    await this.lock.exclusive(() => this.#guarded(() => this.#zeroRange(guestOffset, length, mode)));
+  }
+
+  async #zeroRange(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
+    {
+      const header = this.#context.header();
+      const hasBacking = header.backingFileName !== undefined && header.backingFileName !== '';
+      const clusterSize = this.#clusterSize;
+      const end = guestOffset + length;
+      const size = this.#context.size();
+      // Whole clusters (the image's last, short cluster counts as whole when covered to the end).
+      const wholeStart = Math.ceil(guestOffset / clusterSize) * clusterSize;
+      let wholeEnd = Math.floor(end / clusterSize) * clusterSize;
+      // The image's last, short cluster is whole when covered up to the end.
+      if (end === size && end % clusterSize !== 0) wholeEnd = end;
+      const partial: [number, number][] = [];
+      if (wholeStart >= wholeEnd || (mode === 'zero' && header.version === 2 && hasBacking)) {
+        partial.push([guestOffset, end]);
+      } else {
+        if (guestOffset < wholeStart) partial.push([guestOffset, wholeStart]);
+        if (wholeEnd < end) partial.push([wholeEnd, end]);
+        await this.#writePath.zeroOrDiscardClusters(wholeStart, wholeEnd - wholeStart, mode);
+      }
+      // Partial clusters: a discard over a backing file leaves them (discard is advisory);
+      // otherwise they are written as zeros.
+      if (mode === 'discard' && hasBacking) return;
+      for (const [from, to] of partial) {
+        for (let at = from; at < to; at += 1024 * 1024) {
+          await this.#writePath.write(at, new Uint8Array(Math.min(1024 * 1024, to - at)));
         }
-        // Partial clusters: a discard over a backing file leaves them (discard is advisory);
-        // otherwise they are written as zeros.
-        if (mode === 'discard' && hasBacking) return;
-        for (const [from, to] of partial) {
-          for (let at = from; at < to; at += 1024 * 1024) {
-            await this.#writePath.write(at, new Uint8Array(Math.min(1024 * 1024, to - at)));
-          }
-        }
-      }),
-    );
+      }
+    }
   }
 
   /** Writes whole cluster `clusterIndex` compressed (uncompressed when it does not shrink). */
@@ -259,7 +261,7 @@ export class ImageWriter {
     );
   }
 
-  /** Grows the guest size (the L1 table moves when it must grow). Shrinking is not supported yet. */
+  /** Grows the guest size (the L1 table moves when it must grow). Shrinking zeroes what falls off. */
   async resize(newSize: number): Promise<void> {
     await this.lock.exclusive(() =>
       this.#guarded(async () => {
@@ -267,10 +269,15 @@ export class ImageWriter {
         const size = this.#context.size();
         if (newSize === size) return;
         if (newSize < size) {
-          throw new BlockDeviceError(
-            'EUNSUPPORTED',
-            `resize: ${this.#context.description}: shrinking is not supported yet`,
-          );
+          // Shrink: what falls off reads as zeros (freed where the format allows), so a later
+          // grow shows zeros there; the L1 table keeps its size.
+          await this.#zeroRange(newSize, size - newSize, 'zero');
+          const sizeBytes = new Uint8Array(8);
+          writeU64(new DataView(sizeBytes.buffer), 0, newSize);
+          await this.#patchHeader(24, sizeBytes);
+          this.#context.setHeader({ ...header, size: newSize });
+          this.#context.setSize(newSize);
+          return;
         }
         const extendedL2 = headerFlags(header).extendedL2;
         const needed = sizeToL1(newSize, this.#clusterSize, extendedL2);

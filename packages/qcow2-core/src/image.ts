@@ -449,6 +449,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     const writer = this.#writer;
     if (writer === undefined) return super.flush(options);
     assertOpen(this.closed, this.description, 'flush');
+    throwIfAborted(options?.signal);
     await this.#tracked(writer.flush());
   }
 
