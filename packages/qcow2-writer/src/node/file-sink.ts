@@ -44,6 +44,8 @@ export async function openFileSink(path: string): Promise<ByteSink> {
       try {
         await drain(0);
         await handle.truncate(position);
+        // One flush at the end, as qemu-img convert does (its default target cache mode flushes).
+        await handle.datasync();
       } finally {
         await handle.close();
       }

@@ -1,8 +1,9 @@
 /**
  * A file as a {@link RandomAccessSink}: each `writeAt` is one positioned write on libuv's thread
  * pool (callback API: no FileHandle promise machinery per call); the caller bounds concurrency.
+ * Closing sets the length and flushes once (fdatasync).
  */
-import { close, ftruncate, open, write } from 'node:fs';
+import { close, fdatasync, ftruncate, open, write } from 'node:fs';
 import { promisify } from 'node:util';
 import { BlockDeviceError } from '@qcowkit/blockdev';
 import type { RandomAccessSink } from '../direct-convert.js';
@@ -10,6 +11,7 @@ import type { RandomAccessSink } from '../direct-convert.js';
 const openFile = promisify(open);
 const closeFile = promisify(close);
 const truncateFile = promisify(ftruncate);
+const datasyncFile = promisify(fdatasync);
 
 export async function openRandomAccessFile(path: string): Promise<RandomAccessSink> {
   const fd = await openFile(path, 'w');
@@ -47,6 +49,8 @@ export async function openRandomAccessFile(path: string): Promise<RandomAccessSi
       try {
         await settle();
         await truncateFile(fd, length);
+        // One flush at the end, as qemu-img convert does (its default target cache mode flushes).
+        await datasyncFile(fd);
       } finally {
         await closeFile(fd);
       }
