@@ -348,7 +348,14 @@ export class WritePath {
   async #release(releases: Release[]): Promise<void> {
     if (releases.length === 0) return;
     await this.#o.file.flush();
-    for (const release of releases) await this.#o.refcounts.adjust(release.clusterIndex, release.count, -1);
+    const tailCluster = this.#compressedTail >= 0 ? Math.floor(this.#compressedTail / this.#clusterSize) : -1;
+    for (const release of releases) {
+      await this.#o.refcounts.adjust(release.clusterIndex, release.count, -1);
+      // The packing cluster may be freed and reused for other data: pack no more into it.
+      if (tailCluster >= release.clusterIndex && tailCluster < release.clusterIndex + release.count) {
+        this.#compressedTail = -1;
+      }
+    }
     await this.#o.refcounts.writeBack();
   }
 
