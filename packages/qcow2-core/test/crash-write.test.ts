@@ -27,7 +27,7 @@ interface Variant {
 }
 
 const variants: Variant[] = [
-  { name: '4 KiB clusters', options: { clusterSize: 4096 }, size: 300_000, runs: 80 },
+  { name: '4 KiB clusters', options: { clusterSize: 4096 }, size: 300_000, runs: 60 },
   {
     name: '512 B clusters, 64-bit refcounts',
     options: { clusterSize: 512, refcountBits: 64 },
@@ -40,7 +40,7 @@ const variants: Variant[] = [
     size: 600_000,
     runs: 40,
   },
-  { name: 'v2', options: { clusterSize: 4096, compat: '0.10' }, size: 200_000, runs: 40 },
+  { name: 'v2', options: { clusterSize: 4096, compat: '0.10' }, size: 200_000, runs: 45 },
 ];
 
 type Op =
