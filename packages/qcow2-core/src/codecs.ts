@@ -27,6 +27,9 @@ export interface Qcow2Codecs {
 
 const ZSTD_MAGIC = 0xfd2fb528;
 
+/** The zstd compressor (@hpcc-js/wasm-zstd), loaded on first use. */
+let zstdCompressor: Promise<{ compress(input: Uint8Array, level: number): Uint8Array }> | undefined;
+
 /**
  * Length of the zstd frame at the start of `input` (header, blocks, checksum), so padding after it
  * is not taken for another frame. Throws ECORRUPT on a malformed frame.
@@ -76,7 +79,9 @@ function deliver(produced: Uint8Array, output: Uint8Array): number {
 export const pureCodecs: Qcow2Codecs = {
   async compress(type, input) {
     if (type === 'zstd') {
-      throw new BlockDeviceError('EUNSUPPORTED', 'zstd compression is not available (decompression only)');
+      // WebAssembly, loaded on the first zstd-compressed write; level 3 is zstd's default.
+      zstdCompressor ??= import('@hpcc-js/wasm-zstd').then(({ Zstd }) => Zstd.load());
+      return (await zstdCompressor).compress(input, 3);
     }
     const { deflateSync } = await loadFflate();
     return deflateSync(input, { level: 6 });

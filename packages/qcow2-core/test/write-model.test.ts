@@ -103,6 +103,7 @@ const variants: Variant[] = [
   { name: 'v2 4 KiB clusters', options: { clusterSize: 4096, compat: '0.10' }, size: 1 << 20 },
   { name: 'extended L2 32 KiB clusters', options: { clusterSize: 32768, extendedL2: true }, size: 2 << 20 },
   { name: '2 MiB clusters', options: { clusterSize: 2 << 20 }, size: 7 << 20 },
+  { name: '16 KiB clusters, zstd', options: { clusterSize: 16384, compressionType: 'zstd' }, size: 1 << 20 },
   { name: '4 KiB over a backing file', options: { clusterSize: 4096 }, size: 1 << 20, backing: true },
   {
     name: 'v2 over a backing file',
