@@ -5,78 +5,18 @@
  * round: `qemu-img check` finds no corruption and data flushed before the kill is intact; SIGTERM
  * mid-write and an image left dirty by QEMU end clean.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, statSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { exited, must, runAsync, startServer as startNbdServer } from '../src/nbd-server.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
-const BIN = fileURLToPath(new URL('../../packages/qcow2-nbd/dist/bin/qcow2-nbd.js', import.meta.url));
 const ok = requireTools('qemu-img', 'qemu-io', 'fio', 'nbdinfo');
 
-function runAsync(
-  command: string,
-  args: string[],
-): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (chunk) => {
-      stdout += chunk;
-    });
-    child.stderr.on('data', (chunk) => {
-      stderr += chunk;
-    });
-    child.once('exit', (status) => resolve({ status, stdout, stderr }));
-  });
-}
-
-async function must(command: string, args: string[]): Promise<string> {
-  const result = await runAsync(command, args);
-  if (result.status !== 0) throw new Error(`${command} ${args.join(' ')} failed: ${result.stderr}`);
-  return result.stdout;
-}
-
-function exited(child: ChildProcess): Promise<number | null> {
-  return child.exitCode !== null || child.signalCode !== null
-    ? Promise.resolve(child.exitCode)
-    : new Promise((resolve) => child.once('exit', (code) => resolve(code)));
-}
-
-/** Starts the bin on a unix socket serving `args`; resolves once it listens. */
-async function startServer(dir: string, args: string[]) {
-  const socket = join(dir, `w-${Math.random().toString(36).slice(2)}.sock`);
-  const child = spawn(process.execPath, [BIN, '-k', socket, '-t', ...args], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  let stderr = '';
-  child.stderr?.on('data', (chunk) => {
-    stderr += chunk;
-  });
-  const deadline = Date.now() + 20_000;
-  while (!existsSync(socket)) {
-    if (child.exitCode !== null || Date.now() > deadline) {
-      child.kill('SIGKILL');
-      throw new Error(`qcow2-nbd did not start: ${stderr}`);
-    }
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-  return {
-    child,
-    uri: `nbd+unix:///?socket=${socket}`,
-    stderr: () => stderr,
-    /** SIGTERM, then the exit status. */
-    async stop() {
-      if (child.exitCode === null) child.kill('SIGTERM');
-      return exited(child);
-    },
-    async kill() {
-      if (child.exitCode === null) child.kill('SIGKILL');
-      await exited(child);
-    },
-  };
+/** Every export here is writable: the bin with `-t` (persistent) in front of `args`. */
+function startServer(dir: string, args: string[]) {
+  return startNbdServer(dir, ['-t', ...args]);
 }
 
 function infoJson(image: string): { dirtyFlag: boolean; lazy: boolean | undefined } {

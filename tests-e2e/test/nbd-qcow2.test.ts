@@ -3,65 +3,12 @@
  * `qemu-img compare`, internal snapshots (-l), a writable overlay in memory (-s), allocation depth
  * over a backing chain (-A), and the refusal of a writable qcow (v1) export.
  */
-import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NBD_BIN as BIN, must, runAsync, startServer } from '../src/nbd-server.js';
 import { requireTools, run, tempDir } from '../src/tools.js';
 
-const BIN = fileURLToPath(new URL('../../packages/qcow2-nbd/dist/bin/qcow2-nbd.js', import.meta.url));
 const ok = requireTools('qemu-img', 'qemu-io', 'nbdinfo');
-
-function runAsync(
-  command: string,
-  args: string[],
-): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (chunk) => {
-      stdout += chunk;
-    });
-    child.stderr.on('data', (chunk) => {
-      stderr += chunk;
-    });
-    child.once('exit', (status) => resolve({ status, stdout, stderr }));
-  });
-}
-
-async function must(command: string, args: string[]): Promise<string> {
-  const result = await runAsync(command, args);
-  if (result.status !== 0) throw new Error(`${command} ${args.join(' ')} failed: ${result.stderr}`);
-  return result.stdout;
-}
-
-/** Starts the bin on a unix socket; resolves with its URI and a stop function. */
-async function startServer(dir: string, args: string[]) {
-  const socket = join(dir, `q-${Math.random().toString(36).slice(2)}.sock`);
-  const child = spawn(process.execPath, [BIN, '-k', socket, ...args], {
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  let stderr = '';
-  child.stderr?.on('data', (chunk) => {
-    stderr += chunk;
-  });
-  const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
-  const deadline = Date.now() + 20_000;
-  while (!existsSync(socket)) {
-    if (child.exitCode !== null || Date.now() > deadline)
-      throw new Error(`qcow2-nbd did not start: ${stderr}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  return {
-    uri: `nbd+unix:///?socket=${socket}`,
-    async stop() {
-      if (child.exitCode === null) child.kill('SIGTERM');
-      return exited;
-    },
-  };
-}
 
 type Run = { start: number; length: number; value: string };
 

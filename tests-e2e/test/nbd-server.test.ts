@@ -2,86 +2,14 @@
  * qcow2-nbd against real NBD clients: nbdinfo, qemu-img, qemu-io, nbdcopy, fio, and raw sockets
  * behaving badly. Each test starts its own server (the built bin) and stops it.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
 import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { type AddressInfo, connect, createServer } from 'node:net';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NBD_BIN as BIN, must, runAsync, startServer } from '../src/nbd-server.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
-const BIN = fileURLToPath(new URL('../../packages/qcow2-nbd/dist/bin/qcow2-nbd.js', import.meta.url));
 const ok = requireTools('qemu-img', 'qemu-io', 'nbdinfo', 'nbdcopy', 'fio', 'openssl');
-
-interface Running {
-  readonly child: ChildProcess;
-  readonly uri: string;
-  readonly stderr: () => string;
-  stop(): Promise<number | null>;
-}
-
-/** Starts the bin on a unix socket (or TCP with `port`) and waits until it accepts. */
-async function startServer(dir: string, args: string[], options: { port?: number } = {}): Promise<Running> {
-  const socket = join(dir, `nbd-${Math.random().toString(36).slice(2)}.sock`);
-  const where = options.port === undefined ? ['-k', socket] : ['-p', String(options.port)];
-  const child = spawn(process.execPath, [BIN, ...where, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  child.stderr?.on('data', (chunk) => {
-    stderr += chunk;
-  });
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`qcow2-nbd exited: ${stderr}`);
-    const ready =
-      options.port === undefined
-        ? existsSync(socket)
-        : await new Promise<boolean>((resolve) => {
-            const probe = connect(options.port!, '127.0.0.1', () => {
-              probe.destroy();
-              resolve(true);
-            });
-            probe.once('error', () => resolve(false));
-          });
-    if (ready) break;
-    if (Date.now() > deadline) throw new Error(`qcow2-nbd did not start: ${stderr}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  return {
-    child,
-    uri: options.port === undefined ? `nbd+unix:///?socket=${socket}` : `nbd://127.0.0.1:${options.port}/`,
-    stderr: () => stderr,
-    async stop() {
-      if (child.exitCode === null) child.kill('SIGTERM');
-      return exited;
-    },
-  };
-}
-
-/** A command run asynchronously (the server lives in this process's event loop). */
-function runAsync(
-  command: string,
-  args: string[],
-): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (chunk) => {
-      stdout += chunk;
-    });
-    child.stderr.on('data', (chunk) => {
-      stderr += chunk;
-    });
-    child.once('exit', (status) => resolve({ status, stdout, stderr }));
-  });
-}
-
-async function must(command: string, args: string[]): Promise<string> {
-  const result = await runAsync(command, args);
-  if (result.status !== 0) throw new Error(`${command} ${args.join(' ')} failed: ${result.stderr}`);
-  return result.stdout;
-}
 
 describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
   let dir: { path: string; remove: () => void };

@@ -1,0 +1,112 @@
+/**
+ * Starting and stopping the built qcow2-nbd bin from an end-to-end test, and running NBD clients
+ * asynchronously (the server under test may live in the same event loop).
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { connect } from 'node:net';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The built qcow2-nbd bin (run `pnpm build` first). */
+export const NBD_BIN = fileURLToPath(
+  new URL('../../packages/qcow2-nbd/dist/bin/qcow2-nbd.js', import.meta.url),
+);
+
+export interface RunningServer {
+  readonly child: ChildProcess;
+  readonly uri: string;
+  readonly stderr: () => string;
+  /** SIGTERM (if still running), then the exit status. */
+  stop(): Promise<number | null>;
+  /** SIGKILL (if still running), then waits for the exit. */
+  kill(): Promise<void>;
+}
+
+/** Resolves with the exit status once `child` has exited (at once if it already has). */
+export function exited(child: ChildProcess): Promise<number | null> {
+  return child.exitCode !== null || child.signalCode !== null
+    ? Promise.resolve(child.exitCode)
+    : new Promise((resolve) => child.once('exit', (code) => resolve(code)));
+}
+
+function accepts(port: number): Promise<boolean> {
+  return new Promise<boolean>((resolve) => {
+    const probe = connect(port, '127.0.0.1', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+}
+
+/**
+ * Starts the bin on a fresh unix socket in `dir` (or on loopback TCP with `port`) serving `args`,
+ * and resolves once it accepts connections. A server that exits or is not up in 20 s fails.
+ */
+export async function startServer(
+  dir: string,
+  args: readonly string[],
+  options: { port?: number } = {},
+): Promise<RunningServer> {
+  const socket = join(dir, `nbd-${Math.random().toString(36).slice(2)}.sock`);
+  const where = options.port === undefined ? ['-k', socket] : ['-p', String(options.port)];
+  const child = spawn(process.execPath, [NBD_BIN, ...where, ...args], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let stderr = '';
+  child.stderr?.on('data', (chunk) => {
+    stderr += chunk;
+  });
+  const exit = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`qcow2-nbd exited: ${stderr}`);
+    const ready = options.port === undefined ? existsSync(socket) : await accepts(options.port);
+    if (ready) break;
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`qcow2-nbd did not start: ${stderr}`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  return {
+    child,
+    uri: options.port === undefined ? `nbd+unix:///?socket=${socket}` : `nbd://127.0.0.1:${options.port}/`,
+    stderr: () => stderr,
+    async stop() {
+      if (child.exitCode === null) child.kill('SIGTERM');
+      return exit;
+    },
+    async kill() {
+      if (child.exitCode === null) child.kill('SIGKILL');
+      await exit;
+    },
+  };
+}
+
+/** A command run asynchronously: its exit status, stdout and stderr, never throwing. */
+export function runAsync(
+  command: string,
+  args: readonly string[],
+): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk) => {
+      stdout += chunk;
+    });
+    child.stderr.on('data', (chunk) => {
+      stderr += chunk;
+    });
+    child.once('exit', (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
+/** Runs a command asynchronously, returning stdout; throws with stderr on a non-zero exit. */
+export async function must(command: string, args: readonly string[]): Promise<string> {
+  const result = await runAsync(command, args);
+  if (result.status !== 0) throw new Error(`${command} ${args.join(' ')} failed: ${result.stderr}`);
+  return result.stdout;
+}
