@@ -1,32 +1,13 @@
 /**
- * QEMU tools for the qcow2-core tests: in CI (CI=true) a missing tool is a failure; locally the
- * tests that need it are skipped with a visible message. Images are made at test time.
+ * QEMU tools for the qcow2-core tests (images are made at test time). The tool check and temporary
+ * directories come from tests-e2e/src/tools.ts; `run` here takes a cwd and names the command in
+ * its error.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { tempDir as sharedTempDir } from '../../../tests-e2e/src/tools.js';
 
-const found = new Map<string, boolean>();
-
-function hasTool(name: string): boolean {
-  let ok = found.get(name);
-  if (ok === undefined) {
-    ok = spawnSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' }).status === 0;
-    found.set(name, ok);
-  }
-  return ok;
-}
-
-/** True when every tool is there; in CI a missing tool throws, locally it warns and returns false. */
-export function requireTools(...names: string[]): boolean {
-  const missing = names.filter((name) => !hasTool(name));
-  if (missing.length === 0) return true;
-  const message = `qcow2-core tests need ${missing.join(', ')}: install qemu-utils`;
-  if (process.env.CI) throw new Error(message);
-  console.warn(`SKIPPED: ${message}`);
-  return false;
-}
+/** The e2e tool check, shared: in CI a missing tool throws, locally it warns and returns false. */
+export { requireTools } from '../../../tests-e2e/src/tools.js';
 
 /** Runs a command in `cwd`, returning stdout; throws with stderr on failure. */
 export function run(command: string, args: readonly string[], cwd?: string): string {
@@ -57,9 +38,9 @@ export function qemuIo(
   return run('qemu-io', [...extra, ...commands.flatMap((command) => ['-c', command]), image], cwd);
 }
 
+/** A fresh temporary directory (prefix `qcowkit-core-`) and a function that removes it. */
 export function tempDir(prefix = 'qcowkit-core-'): { path: string; remove: () => void } {
-  const path = mkdtempSync(join(tmpdir(), prefix));
-  return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
+  return sharedTempDir(prefix);
 }
 
 /** qemu-io whose exit status is ignored (e.g. ending with `abort` to leave an image dirty). */
