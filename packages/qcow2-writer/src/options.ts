@@ -2,15 +2,8 @@
  * Image options (qemu-img's `-o` for qcow2) and their validation into a {@link ImageGeometry}.
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import {
-  l2EntriesPerTable,
-  MAX_CLUSTER_BITS,
-  MIN_CLUSTER_BITS,
-  MIN_EXTENDED_L2_CLUSTER_BITS,
-  QCOW_MAX_L1_SIZE,
-  sizeToClusters,
-  sizeToL1,
-} from '@qcowkit/qcow2-core/format';
+import { planQcow2Create } from '@qcowkit/qcow2-core';
+import { l2EntriesPerTable, sizeToClusters, sizeToL1 } from '@qcowkit/qcow2-core/format';
 
 /** What the new image looks like (qemu-img create -f qcow2 -o ...). */
 export interface Qcow2ImageOptions {
@@ -65,76 +58,33 @@ function invalid(message: string): never {
   throw new BlockDeviceError('EINVAL', `qcow2 options: ${message}`);
 }
 
-function log2Exact(value: number): number | undefined {
-  if (!Number.isSafeInteger(value) || value <= 0) return undefined;
-  const bits = Math.log2(value);
-  return Number.isInteger(bits) ? bits : undefined;
-}
-
-/** Validates `options` the way qemu-img does and derives the geometry. */
+/**
+ * Validates `options` the way qemu-img does (the rules are qcow2-core's {@link planQcow2Create},
+ * shared with `createQcow2`) and derives the geometry.
+ */
 export function resolveGeometry(options: Qcow2ImageOptions, size: number): ImageGeometry {
-  if (!Number.isSafeInteger(size) || size < 0) invalid(`size ${size} is not a non-negative integer`);
-  const roundedSize = Math.ceil(size / 512) * 512;
   const version = options.version ?? 3;
   if (version !== 2 && version !== 3) invalid(`version ${String(version)} is not 2 or 3`);
-  const clusterSize = options.clusterSize ?? 65536;
-  const clusterBits = log2Exact(clusterSize);
-  if (clusterBits === undefined || clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) {
-    invalid(`cluster size ${clusterSize} must be a power of two between 512 B and 2 MiB`);
-  }
-  const refcountBits = options.refcountBits ?? 16;
-  const refcountOrder = log2Exact(refcountBits);
-  if (refcountOrder === undefined || refcountOrder > 6) {
-    invalid(`refcount width ${refcountBits} must be a power of two between 1 and 64`);
-  }
-  const extendedL2 = options.extendedL2 ?? false;
-  const lazyRefcounts = options.lazyRefcounts ?? false;
-  const compressionType = options.compressionType ?? 'zlib';
-  if (compressionType !== 'zlib' && compressionType !== 'zstd') {
-    invalid(`compression type ${String(compressionType)} is not zlib or zstd`);
-  }
-  const preallocation = options.preallocation ?? 'off';
-  if (preallocation !== 'off' && preallocation !== 'metadata') {
-    invalid(`preallocation ${String(preallocation)} is not off or metadata`);
-  }
-  if (version === 2) {
-    if (refcountOrder !== 4) invalid('version 2 images need 16-bit refcounts');
-    if (extendedL2) invalid('extended L2 entries need version 3');
-    if (lazyRefcounts) invalid('lazy refcounts need version 3');
-    if (compressionType !== 'zlib') invalid('a compression type other than zlib needs version 3');
-    if (options.dataFile !== undefined) invalid('an external data file needs version 3');
-  }
-  if (extendedL2 && clusterBits < MIN_EXTENDED_L2_CLUSTER_BITS) {
-    invalid('extended L2 entries need clusters of at least 16 KiB');
-  }
-  if (options.backingFormat !== undefined && options.backingFile === undefined) {
-    invalid('a backing format needs a backing file');
-  }
-  if (options.dataFileRaw && options.dataFile === undefined) invalid('data_file_raw needs a data file');
-  if (options.dataFileRaw && options.backingFile !== undefined) {
-    invalid('data_file_raw cannot be combined with a backing file');
-  }
-  const l1Size = sizeToL1(roundedSize, clusterSize, extendedL2);
-  if (l1Size * 8 > QCOW_MAX_L1_SIZE) {
-    invalid(`size ${roundedSize} needs an L1 table of ${l1Size * 8} bytes, above the 32 MiB limit`);
-  }
-  return {
-    version,
-    size: roundedSize,
-    clusterBits,
-    clusterSize,
-    refcountOrder,
-    extendedL2,
-    lazyRefcounts,
-    compressionType,
-    preallocation,
+  const plan = planQcow2Create({
+    size,
+    compat: version === 2 ? '0.10' : '1.1',
+    clusterSize: options.clusterSize,
+    refcountBits: options.refcountBits,
+    extendedL2: options.extendedL2,
+    lazyRefcounts: options.lazyRefcounts,
+    compressionType: options.compressionType,
+    preallocation: options.preallocation,
     backingFile: options.backingFile,
     backingFormat: options.backingFormat,
     dataFile: options.dataFile,
-    dataFileRaw: options.dataFileRaw ?? false,
-    l2Entries: l2EntriesPerTable(clusterSize, extendedL2),
-    l2EntrySize: extendedL2 ? 16 : 8,
-    l1Size,
-    guestClusters: sizeToClusters(roundedSize, clusterSize),
+    dataFileRaw: options.dataFileRaw,
+  });
+  return {
+    ...plan,
+    version,
+    l2Entries: l2EntriesPerTable(plan.clusterSize, plan.extendedL2),
+    l2EntrySize: plan.extendedL2 ? 16 : 8,
+    l1Size: sizeToL1(plan.size, plan.clusterSize, plan.extendedL2),
+    guestClusters: sizeToClusters(plan.size, plan.clusterSize),
   };
 }
