@@ -1,13 +1,13 @@
 /** `qcow2 amend -o OPTIONS [-f FMT] FILE`: qemu-img amend's options for qcow2 (compat,
  * lazy_refcounts, refcount_bits, size) through qcow2-core's `amendImage` / `resizeImage`. */
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { type AmendOptions, amendImage, resizeImage } from '@qcowkit/qcow2-core';
-import { detectFormat, type ImageFormat } from '../engine.js';
-import { CliError, describeError, openError, UsageError } from '../errors.js';
+import type { ImageFormat } from '../engine.js';
+import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
 import { parseCreateOptions } from './create.js';
+import { withImageFileForWrite } from './image-file.js';
 
 export interface AmendCommandOptions {
   readonly format?: ImageFormat | undefined;
@@ -57,14 +57,7 @@ export async function amendCommand(
 ): Promise<number> {
   const { size, ...amend } = parseAmendOptions(file, options.options);
   const path = resolveAgainst(context.io.cwd, file);
-  let device: FileBlockDevice;
-  try {
-    device = await FileBlockDevice.open(path, { readOnly: false });
-  } catch (error) {
-    throw openError(file, error, path);
-  }
-  try {
-    const format = options.format ?? detectFormat(await device.read(0, Math.min(device.size, 512)));
+  await withImageFileForWrite(path, file, options.format, async (device, format) => {
     if (format !== 'qcow2') {
       throw new CliError(`Format driver '${format}' does not support option amendment`, {
         code: 'EUNSUPPORTED',
@@ -82,8 +75,6 @@ export async function amendCommand(
     } catch (error) {
       throw new CliError(describeError(error).replace(/^qcow2 amend: /, ''), { cause: error });
     }
-  } finally {
-    await device.close();
-  }
+  });
   return 0;
 }

@@ -1,11 +1,12 @@
 /** `qcow2 resize [--shrink] [-f FMT] FILE [+|-]SIZE`: qemu-img resize's rules and messages. */
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import type { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { resizeImage } from '@qcowkit/qcow2-core';
-import { detectFormat, type ImageFormat } from '../engine.js';
-import { CliError, describeError, openError, UsageError } from '../errors.js';
+import type { ImageFormat } from '../engine.js';
+import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
+import { withImageFileForWrite } from './image-file.js';
 
 export interface ResizeCommandOptions {
   readonly format?: ImageFormat | undefined;
@@ -34,14 +35,7 @@ export async function resizeCommand(
 ): Promise<number> {
   const { relative, bytes } = parseResizeSize(sizeText);
   const path = resolveAgainst(context.io.cwd, file);
-  let device: FileBlockDevice;
-  try {
-    device = await FileBlockDevice.open(path, { readOnly: false });
-  } catch (error) {
-    throw openError(file, error, path);
-  }
-  try {
-    const format = options.format ?? detectFormat(await device.read(0, Math.min(device.size, 512)));
+  await withImageFileForWrite(path, file, options.format, async (device, format) => {
     if (format === 'qcow') throw new CliError('This image does not support resize', { code: 'EUNSUPPORTED' });
     const current = format === 'qcow2' ? await qcow2Size(device) : device.size;
     const newSize = relative === 0 ? bytes : current + relative * bytes;
@@ -55,9 +49,7 @@ export async function resizeCommand(
     } catch (error) {
       throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
     }
-  } finally {
-    await device.close();
-  }
+  });
   if (!options.quiet) context.io.stdout.write('Image resized.\n');
   return 0;
 }

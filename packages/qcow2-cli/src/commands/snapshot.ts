@@ -1,12 +1,12 @@
 /** `qcow2 snapshot -l | -c NAME | -a NAME | -d NAME`: qemu-img snapshot's actions and messages. */
 import { BlockDeviceError, isBlockDeviceError } from '@qcowkit/blockdev';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '@qcowkit/qcow2-core';
-import { detectFormat, type ImageFormat, openImage } from '../engine.js';
-import { CliError, describeError, openError, UsageError } from '../errors.js';
+import { type ImageFormat, openImage } from '../engine.js';
+import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { formatSnapshotHeader, formatSnapshotRow } from '../output/info.js';
 import { resolveAgainst } from '../paths.js';
+import { withImageFileForWrite } from './image-file.js';
 
 export type SnapshotAction =
   | { readonly kind: 'list' }
@@ -60,14 +60,7 @@ export async function snapshotCommand(
     return 0;
   }
   const name = action.name;
-  let device: FileBlockDevice;
-  try {
-    device = await FileBlockDevice.open(path, { readOnly: false });
-  } catch (error) {
-    throw openError(file, error, path);
-  }
-  try {
-    const format = options.format ?? detectFormat(await device.read(0, Math.min(device.size, 512)));
+  await withImageFileForWrite(path, file, options.format, async (device, format) => {
     if (format !== 'qcow2') {
       throw new CliError(`Could not ${VERBS[action.kind]} snapshot '${name}': Operation not supported`, {
         code: 'EUNSUPPORTED',
@@ -95,8 +88,6 @@ export async function snapshotCommand(
         cause: error,
       });
     }
-  } finally {
-    await device.close();
-  }
+  });
   return 0;
 }

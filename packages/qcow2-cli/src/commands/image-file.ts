@@ -1,0 +1,28 @@
+/**
+ * The image file itself opened read-write, for the commands that change metadata in place (amend,
+ * resize, snapshot): open (refusals in qemu-img's words), detect the format unless given, run the
+ * change, close whatever happened.
+ */
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { detectFormat, type ImageFormat } from '../engine.js';
+import { openError } from '../errors.js';
+
+/** Runs `change` on `path` opened read-write with its format (`format`, else detected); closes it after. */
+export async function withImageFileForWrite<T>(
+  path: string,
+  displayName: string,
+  format: ImageFormat | undefined,
+  change: (device: FileBlockDevice, format: ImageFormat) => Promise<T>,
+): Promise<T> {
+  let device: FileBlockDevice;
+  try {
+    device = await FileBlockDevice.open(path, { readOnly: false });
+  } catch (error) {
+    throw openError(displayName, error, path);
+  }
+  try {
+    return await change(device, format ?? detectFormat(await device.read(0, Math.min(device.size, 512))));
+  } finally {
+    await device.close();
+  }
+}
