@@ -19,6 +19,28 @@ function startServer(dir: string, args: string[]) {
   return startNbdServer(dir, ['-t', ...args]);
 }
 
+/** fio random 4 KiB writes to `uri` for 10 s from 2 jobs, run in the background (`extra` appended). */
+function fioRandomWrites(name: string, uri: string, extra: readonly string[] = []) {
+  return spawn(
+    'fio',
+    [
+      `--name=${name}`,
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--rw=randwrite',
+      '--bs=4k',
+      '--iodepth=16',
+      '--numjobs=2',
+      '--thread', // one process: SIGKILL stops every job
+      '--size=60M',
+      '--time_based',
+      '--runtime=10',
+      ...extra,
+    ],
+    { stdio: 'ignore' },
+  );
+}
+
 function infoJson(image: string): { dirtyFlag: boolean; lazy: boolean | undefined } {
   const info = JSON.parse(run('qemu-img', ['info', '--output=json', image])) as {
     'dirty-flag'?: boolean;
@@ -144,23 +166,7 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
     const image = join(dir.path, 'sigterm.qcow2');
     run('qemu-img', ['create', '-f', 'qcow2', '-o', 'lazy_refcounts=on', image, '64M']);
     const server = await startServer(dir.path, ['-e', '0', '-f', 'qcow2', image]);
-    const fio = spawn(
-      'fio',
-      [
-        '--name=term',
-        '--ioengine=nbd',
-        `--uri=${server.uri}`,
-        '--rw=randwrite',
-        '--bs=4k',
-        '--iodepth=16',
-        '--numjobs=2',
-        '--thread', // one process: SIGKILL stops every job
-        '--size=60M',
-        '--time_based',
-        '--runtime=10',
-      ],
-      { stdio: 'ignore' },
-    );
+    const fio = fioRandomWrites('term', server.uri);
     try {
       const grown = statSync(image).size + 2 * MiB;
       const deadline = Date.now() + 30_000;
@@ -211,25 +217,7 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
           'flush',
           server.uri,
         ]);
-        const fio = spawn(
-          'fio',
-          [
-            '--name=crash',
-            '--ioengine=nbd',
-            `--uri=${server.uri}`,
-            '--rw=randwrite',
-            '--bs=4k',
-            '--iodepth=16',
-            '--numjobs=2',
-            '--thread', // one process: SIGKILL stops every job
-            '--size=60M',
-            '--time_based',
-            '--runtime=10',
-            `--randseed=${round + 1}`,
-            '--fsync=64',
-          ],
-          { stdio: 'ignore' },
-        );
+        const fio = fioRandomWrites('crash', server.uri, [`--randseed=${round + 1}`, '--fsync=64']);
         // Kill once fio's writes are under way (the file has grown), at a different moment each round.
         const grown = statSync(image).size + 2 * MiB;
         const deadline = Date.now() + 30_000;

@@ -2,7 +2,7 @@
  * Image options (qemu-img's `-o` for qcow2) and their validation into a {@link ImageGeometry}.
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { planQcow2Create } from '@qcowkit/qcow2-core';
+import { planQcow2Create, type Qcow2CreatePlan } from '@qcowkit/qcow2-core';
 import { l2EntriesPerTable, sizeToClusters, sizeToL1 } from '@qcowkit/qcow2-core/format';
 
 /** What the new image looks like (qemu-img create -f qcow2 -o ...). */
@@ -32,21 +32,8 @@ export interface Qcow2ImageOptions {
   readonly dataFileRaw?: boolean;
 }
 
-/** Validated options with everything derived from them. */
-export interface ImageGeometry {
-  readonly version: 2 | 3;
-  readonly size: number;
-  readonly clusterBits: number;
-  readonly clusterSize: number;
-  readonly refcountOrder: number;
-  readonly extendedL2: boolean;
-  readonly lazyRefcounts: boolean;
-  readonly compressionType: 'zlib' | 'zstd';
-  readonly preallocation: 'off' | 'metadata';
-  readonly backingFile: string | undefined;
-  readonly backingFormat: string | undefined;
-  readonly dataFile: string | undefined;
-  readonly dataFileRaw: boolean;
+/** Validated options (qcow2-core's create plan) with everything derived from them. */
+export interface ImageGeometry extends Qcow2CreatePlan {
   /** Entries in one L2 table. */
   readonly l2Entries: number;
   readonly l2EntrySize: 8 | 16;
