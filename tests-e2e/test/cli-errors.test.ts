@@ -76,8 +76,8 @@ describe.skipIf(!haveTools)('qcow2 CLI errors and help', () => {
 
   test('an image another process has open for writing: refused without -U, read with -U', async () => {
     run('qemu-img', ['create', '-q', '-f', 'qcow2', 'busy.qcow2', '1M'], { cwd: dir.path });
-    // qemu-io holds the image's write lock while it sleeps, then exits by itself.
-    const holder = spawn('qemu-io', ['-c', 'sleep 20000', 'busy.qcow2'], { cwd: dir.path, stdio: 'ignore' });
+    // qemu-io holds the image's write lock while it sleeps (long enough for a loaded machine); killed below.
+    const holder = spawn('qemu-io', ['-c', 'sleep 120000', 'busy.qcow2'], { cwd: dir.path, stdio: 'ignore' });
     try {
       // While qemu-io opens the image its locks change several times: wait until qemu-img has
       // been refused three times in a row.

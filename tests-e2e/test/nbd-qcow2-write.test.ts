@@ -20,7 +20,7 @@ function startServer(dir: string, args: string[]) {
 }
 
 /** fio random 4 KiB writes to `uri` for 10 s from 2 jobs, run in the background (`extra` appended). */
-function fioRandomWrites(name: string, uri: string, extra: readonly string[] = []) {
+function fioRandomWrites(name: string, uri: string, extra: readonly string[] = [], size = '60M') {
   return spawn(
     'fio',
     [
@@ -32,7 +32,7 @@ function fioRandomWrites(name: string, uri: string, extra: readonly string[] = [
       '--iodepth=16',
       '--numjobs=2',
       '--thread', // one process: SIGKILL stops every job
-      '--size=60M',
+      `--size=${size}`,
       '--time_based',
       '--runtime=10',
       ...extra,
@@ -201,7 +201,8 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
 
   it('kill -9 during fio random writes, 12 rounds: no corruption, flushed data intact', async () => {
     const image = join(dir.path, 'crash.qcow2');
-    run('qemu-img', ['create', '-f', 'qcow2', image, '64M']);
+    // Large enough that every round's random writes still allocate (the kill waits for growth).
+    run('qemu-img', ['create', '-f', 'qcow2', image, '256M']);
     const rounds = 12;
     for (let round = 0; round < rounds; round++) {
       const server = await startServer(dir.path, ['-e', '0', '-f', 'qcow2', image]);
@@ -212,12 +213,12 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
           '-f',
           'raw',
           '-c',
-          `write -P 0x${stamp} ${63 * MiB + round * 65536} 64k`,
+          `write -P 0x${stamp} ${255 * MiB + round * 65536} 64k`,
           '-c',
           'flush',
           server.uri,
         ]);
-        const fio = fioRandomWrites('crash', server.uri, [`--randseed=${round + 1}`, '--fsync=64']);
+        const fio = fioRandomWrites('crash', server.uri, [`--randseed=${round + 1}`, '--fsync=64'], '240M');
         // Kill once fio's writes are under way (the file has grown), at a different moment each round.
         const grown = statSync(image).size + 2 * MiB;
         const deadline = Date.now() + 30_000;
@@ -236,7 +237,7 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
       expect([0, 3], `round ${round}: ${check.stdout}${check.stderr}`).toContain(check.status);
       const reads = [];
       for (let earlier = 0; earlier <= round; earlier++) {
-        reads.push('-c', `read -P 0x${(0x10 + earlier).toString(16)} ${63 * MiB + earlier * 65536} 64k`);
+        reads.push('-c', `read -P 0x${(0x10 + earlier).toString(16)} ${255 * MiB + earlier * 65536} 64k`);
       }
       const verify = runStatus('qemu-io', ['-r', '-f', 'qcow2', ...reads, image]);
       expect(verify.stdout + verify.stderr, `round ${round}`).not.toMatch(/fail|error/i);
@@ -247,7 +248,7 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
       length: number;
       data: boolean;
     }[];
-    const fioData = map.filter((entry) => entry.data && entry.start < 60 * MiB);
+    const fioData = map.filter((entry) => entry.data && entry.start < 240 * MiB);
     expect(fioData.reduce((sum, entry) => sum + entry.length, 0)).toBeGreaterThan(8 * MiB);
     // A clean stop afterwards leaves the image clean apart from the leaks the kills left.
     const server = await startServer(dir.path, ['-f', 'qcow2', image]);

@@ -11,3 +11,6 @@ export * from './l2-entry.js';
 export * from './qcow-v1-header.js';
 export * from './refcount.js';
 export * from './snapshot-table.js';
+// The creation plan is pure geometry over these codecs: offered here so generators (qcow2-writer)
+// can validate options without loading the engine.
+export { planQcow2Create, type Qcow2CreatePlan } from '../create.js';

@@ -21,16 +21,19 @@ try {
     process.exitCode = started;
   } else {
     let signals = 0;
+    let finished = false;
+    // The handlers stay installed until the process exits: a signal arriving while the server is
+    // already shutting down by itself (the last client left) must not kill it mid-close.
     const onSignal = () => {
       signals++;
+      if (finished) process.exit(process.exitCode ?? 0);
       if (signals > 1) process.exit(1);
       started.stop();
     };
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
     process.exitCode = await started.done;
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    finished = true;
   }
 } catch (error) {
   const message = error instanceof Error ? error.message : String(error);
