@@ -2,8 +2,13 @@
  * Image options (qemu-img's `-o` for qcow2) and their validation into a {@link ImageGeometry}.
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { planQcow2Create, type Qcow2CreatePlan } from '@qcowkit/qcow2-core/format';
-import { l2EntriesPerTable, sizeToClusters, sizeToL1 } from '@qcowkit/qcow2-core/format';
+import {
+  l2EntriesPerTable,
+  planQcow2Create,
+  type Qcow2CreatePlan,
+  sizeToClusters,
+  sizeToL1,
+} from '@qcowkit/qcow2-core/format';
 
 /** What the new image looks like (qemu-img create -f qcow2 -o ...). */
 export interface Qcow2ImageOptions {
