@@ -29,7 +29,6 @@ import {
   QCOW2_MAX_BITMAPS,
   type Qcow2BitmapEntry,
 } from './format/bitmap-directory.js';
-import type { CompressedDescriptor } from './format/compressed-descriptor.js';
 import { QCOW2_AUTOCLEAR_BITMAPS } from './format/feature-bits.js';
 import { sizeToL1 } from './format/geometry.js';
 import {
@@ -43,6 +42,7 @@ import { decodeL1Table } from './format/l1-entry.js';
 import { decodeRefcount, decodeRefcountTable, refcountsPerBlock } from './format/refcount.js';
 import type { Qcow2SnapshotEntry } from './format/snapshot-table.js';
 import { ImageWriter } from './image-writer.js';
+import { CompressedClusterReader } from './mapping/compressed-reader.js';
 import { Qcow2Mapper } from './mapping/qcow2-mapper.js';
 import { readClipped, type SegmentSource } from './mapping/read-segments.js';
 import type { Segment } from './mapping/segment.js';
@@ -134,7 +134,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   #backing: BlockDevice | undefined;
   #mapper!: Qcow2Mapper;
   readonly #l2Cache: TableCache<DataView>;
-  readonly #compressedCache: TableCache<Uint8Array>;
+  readonly #compressed: CompressedClusterReader;
   readonly #codecs: Qcow2Codecs;
   readonly #concurrency: number;
   #source!: SegmentSource;
@@ -188,8 +188,15 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     const neededL2Bytes = sizeToL1(this.size, this.clusterSize, this.extendedL2) * this.clusterSize;
     const cacheBytes = options.l2CacheBytes ?? Math.min(DEFAULT_L2_CACHE_MAX_BYTES, neededL2Bytes);
     this.#l2Cache = new TableCache<DataView>(Math.max(cacheBytes, 2 * sliceBytes));
-    this.#compressedCache = new TableCache<Uint8Array>(COMPRESSED_CACHE_CLUSTERS * this.clusterSize);
     this.#codecs = options.codecs ?? pureCodecs;
+    this.#compressed = new CompressedClusterReader({
+      file: this.file,
+      codecs: this.#codecs,
+      clusterSize: this.clusterSize,
+      algorithm: this.compressionType === 'zstd' ? 'zstd' : 'deflate',
+      label: `compressed cluster (${this.compressionType})`,
+      cachedClusters: COMPRESSED_CACHE_CLUSTERS,
+    });
     this.#concurrency = options.concurrency ?? DEFAULT_CONCURRENCY;
   }
 
@@ -328,7 +335,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       dataDevice: image.#dataFile ?? (headerFlags(header).dataFile ? undefined : file),
       backing: image.#backing,
       readCompressed: (descriptor, compressedBytes, into) =>
-        image.#readCompressed(descriptor, compressedBytes, into),
+        image.#compressed.read(descriptor, compressedBytes, into),
       clusterSize: image.clusterSize,
       compressedDevice: file,
       concurrency: image.#concurrency,
@@ -365,7 +372,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       cache: this.#l2Cache,
       sliceBytes: Math.min(this.clusterSize, MAX_SLICE_BYTES),
       readGuest: (buffer, guestOffset) => super.readInto(buffer, guestOffset),
-      forgetCompressed: (hostOffset) => this.#compressedCache.invalidate(hostOffset),
+      forgetCompressed: (hostOffset) => this.#compressed.forget(hostOffset),
       compress: async (input) => {
         if (codecs.compress === undefined) {
           throw new BlockDeviceError('EUNSUPPORTED', `qcow2: ${this.description}: no compressor available`);
@@ -591,59 +598,6 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
 
   protected ownedDevices(): (BlockDevice | undefined)[] {
     return [this.#backing, this.#dataFile, this.file];
-  }
-
-  #readCompressed(
-    descriptor: CompressedDescriptor,
-    compressedBytes?: Uint8Array,
-    into?: Uint8Array,
-  ): Promise<Uint8Array> {
-    if (into !== undefined) return this.#decompress(descriptor, compressedBytes, into);
-    return this.#compressedCache.get(descriptor.hostOffset, () =>
-      this.#decompress(descriptor, compressedBytes, new Uint8Array(this.clusterSize)),
-    );
-  }
-
-  async #decompress(
-    descriptor: CompressedDescriptor,
-    compressedBytes: Uint8Array | undefined,
-    output: Uint8Array,
-  ): Promise<Uint8Array> {
-    if (descriptor.hostOffset >= this.file.size) {
-      throw new BlockDeviceError('ECORRUPT', 'compressed cluster: data lies past the end of the file', {
-        offset: descriptor.hostOffset,
-      });
-    }
-    let input = compressedBytes;
-    if (input === undefined) {
-      input = new Uint8Array(descriptor.compressedLength);
-      await readClipped(this.file, descriptor.hostOffset, input);
-    }
-    let produced: number;
-    try {
-      produced = await this.#codecs.decompress(
-        this.compressionType === 'zstd' ? 'zstd' : 'deflate',
-        input,
-        output,
-      );
-    } catch (error) {
-      throw new BlockDeviceError(
-        'ECORRUPT',
-        `compressed cluster: cannot decompress (${this.compressionType})`,
-        {
-          offset: descriptor.hostOffset,
-          cause: error,
-        },
-      );
-    }
-    if (produced !== this.clusterSize) {
-      throw new BlockDeviceError(
-        'ECORRUPT',
-        `compressed cluster: decompressed to ${produced} bytes instead of ${this.clusterSize}`,
-        { offset: descriptor.hostOffset },
-      );
-    }
-    return output;
   }
 
   /** Checks the image like `qemu-img check` (read-only). */

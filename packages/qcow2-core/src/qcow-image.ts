@@ -5,12 +5,12 @@
  */
 import { type BlockDevice, type BlockDeviceCapabilities, BlockDeviceError } from '@qcowkit/blockdev';
 import { TableCache } from './cache/table-cache.js';
-import { pureCodecs, type Qcow2Codecs } from './codecs.js';
-import type { CompressedDescriptor } from './format/compressed-descriptor.js';
+import { pureCodecs } from './codecs.js';
 import { decodeL1Table } from './format/l1-entry.js';
 import { decodeQcowV1Header, QCOW_V1_HEADER_LENGTH, type QcowV1Header } from './format/qcow-v1-header.js';
+import { CompressedClusterReader } from './mapping/compressed-reader.js';
 import { QcowV1Mapper } from './mapping/qcow-v1-mapper.js';
-import { readClipped, type SegmentSource } from './mapping/read-segments.js';
+import type { SegmentSource } from './mapping/read-segments.js';
 import type { Segment } from './mapping/segment.js';
 import { type ImageOpenOptions, MAX_CHAIN_DEPTH } from './options.js';
 import { ReadOnlyImage } from './read-only-image.js';
@@ -30,8 +30,7 @@ export class QcowImage extends ReadOnlyImage {
   #backing: BlockDevice | undefined;
   #mapper!: QcowV1Mapper;
   #source!: SegmentSource;
-  readonly #codecs: Qcow2Codecs;
-  readonly #compressedCache: TableCache<Uint8Array>;
+  readonly #compressed: CompressedClusterReader;
 
   private constructor(file: BlockDevice, header: QcowV1Header, options: ImageOpenOptions) {
     super();
@@ -55,8 +54,14 @@ export class QcowImage extends ReadOnlyImage {
       preferredAlignment: this.clusterSize,
       maximumTransfer: 32 * 1024 * 1024,
     };
-    this.#codecs = options.codecs ?? pureCodecs;
-    this.#compressedCache = new TableCache<Uint8Array>(4 * this.clusterSize);
+    this.#compressed = new CompressedClusterReader({
+      file: this.file,
+      codecs: options.codecs ?? pureCodecs,
+      clusterSize: this.clusterSize,
+      algorithm: 'deflate',
+      label: 'qcow compressed cluster',
+      cachedClusters: 4,
+    });
   }
 
   static async open(file: BlockDevice, options: ImageOpenOptions = {}): Promise<QcowImage> {
@@ -130,7 +135,7 @@ export class QcowImage extends ReadOnlyImage {
       dataDevice: file,
       backing: image.#backing,
       readCompressed: (descriptor, compressedBytes, into) =>
-        image.#readCompressed(descriptor, compressedBytes, into),
+        image.#compressed.read(descriptor, compressedBytes, into),
       clusterSize: image.clusterSize,
       compressedDevice: file,
       concurrency: options.concurrency ?? 8,
@@ -152,43 +157,5 @@ export class QcowImage extends ReadOnlyImage {
 
   protected ownedDevices(): (BlockDevice | undefined)[] {
     return [this.#backing, this.file];
-  }
-
-  #readCompressed(
-    descriptor: CompressedDescriptor,
-    compressedBytes?: Uint8Array,
-    into?: Uint8Array,
-  ): Promise<Uint8Array> {
-    if (into !== undefined) return this.#decompress(descriptor, compressedBytes, into);
-    return this.#compressedCache.get(descriptor.hostOffset, () =>
-      this.#decompress(descriptor, compressedBytes, new Uint8Array(this.clusterSize)),
-    );
-  }
-
-  async #decompress(
-    descriptor: CompressedDescriptor,
-    compressedBytes: Uint8Array | undefined,
-    output: Uint8Array,
-  ): Promise<Uint8Array> {
-    let input = compressedBytes;
-    if (input === undefined) {
-      input = new Uint8Array(descriptor.compressedLength);
-      await readClipped(this.file, descriptor.hostOffset, input);
-    }
-    let produced: number;
-    try {
-      produced = await this.#codecs.decompress('deflate', input, output);
-    } catch (error) {
-      throw new BlockDeviceError('ECORRUPT', 'qcow compressed cluster: cannot decompress', {
-        offset: descriptor.hostOffset,
-        cause: error,
-      });
-    }
-    if (produced !== this.clusterSize) {
-      throw new BlockDeviceError('ECORRUPT', `qcow compressed cluster: decompressed to ${produced} bytes`, {
-        offset: descriptor.hostOffset,
-      });
-    }
-    return output;
   }
 }
