@@ -5,10 +5,13 @@
  */
 
 const YIELD_EVERY_MS = 10;
+/** Also yield after this much work, so even a fast check lets timers and I/O run (deterministically). */
+const YIELD_EVERY_UNITS = 16_384;
 
 export class Pacer {
   private lastYield = performance.now();
   private done = 0;
+  private doneAtLastYield = 0;
 
   constructor(
     private total: number,
@@ -28,7 +31,7 @@ export class Pacer {
   advance(units: number): boolean {
     this.done += units;
     this.signal?.throwIfAborted();
-    return performance.now() - this.lastYield >= YIELD_EVERY_MS;
+    return this.#due();
   }
 
   /** Reports progress and yields a macrotask turn. */
@@ -36,6 +39,7 @@ export class Pacer {
     this.onProgress?.(Math.min(this.done, this.total), this.total);
     await new Promise<void>((resolve) => setTimeout(resolve, 0));
     this.lastYield = performance.now();
+    this.doneAtLastYield = this.done;
     this.signal?.throwIfAborted();
   }
 
@@ -43,13 +47,14 @@ export class Pacer {
   async step(units: number): Promise<void> {
     this.done += units;
     this.signal?.throwIfAborted();
-    const now = performance.now();
-    if (now - this.lastYield >= YIELD_EVERY_MS) {
-      this.onProgress?.(Math.min(this.done, this.total), this.total);
-      await new Promise<void>((resolve) => setTimeout(resolve, 0));
-      this.lastYield = performance.now();
-      this.signal?.throwIfAborted();
-    }
+    if (this.#due()) await this.pause();
+  }
+
+  #due(): boolean {
+    return (
+      this.done - this.doneAtLastYield >= YIELD_EVERY_UNITS ||
+      performance.now() - this.lastYield >= YIELD_EVERY_MS
+    );
   }
 
   finish(): void {
