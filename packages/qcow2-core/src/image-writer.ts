@@ -319,6 +319,12 @@ export class ImageWriter {
           this.#context.mapper.setL1(decoded.high, decoded.low);
         } else if (needed > old.high.length) {
           const decoded = decodeL1Table(await file.read(l1Offset, needed * 8), needed);
+          // Entries past the old guest size may still name the L2 tables a shrink left in place
+          // (the table keeps its size): they become live metadata again.
+          for (let index = old.high.length; index < needed; index++) {
+            const l2Offset = l1EntryOffset(decoded.high[index]!, decoded.low[index]!);
+            if (l2Offset !== 0) this.#metadata.add(l2Offset, this.#clusterSize, 'l2-table');
+          }
           this.#context.mapper.setL1(decoded.high, decoded.low);
         }
         this.#l1Offset = l1Offset;

@@ -100,7 +100,8 @@ export class DeviceModel {
     if (newSize < this.size) {
       this.#bytes.truncate(newSize);
       this.#mayBeZero.truncate(newSize);
-      this.#initial.truncate(newSize);
+      // The initial content is kept: a layered device's lower layer outlives a shrink, and a
+      // discard after growing again may show it (where the device's discard does not zero).
     }
     this.size = newSize;
   }
