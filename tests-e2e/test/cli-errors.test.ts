@@ -76,13 +76,22 @@ describe.skipIf(!haveTools)('qcow2 CLI errors and help', () => {
 
   test('an image another process has open for writing: refused without -U, read with -U', async () => {
     run('qemu-img', ['create', '-q', '-f', 'qcow2', 'busy.qcow2', '1M'], { cwd: dir.path });
-    // qemu-io holds the image's write lock while it sleeps (long enough for a loaded machine); killed below.
-    const holder = spawn('qemu-io', ['-c', 'sleep 120000', 'busy.qcow2'], { cwd: dir.path, stdio: 'ignore' });
+    // qemu-io holds the image's write lock while it sleeps (long enough for a loaded machine); killed
+    // below. On a loaded machine it can be slow to start or lose the race: start it again then.
+    let holder = spawn('qemu-io', ['-c', 'sleep 120000', 'busy.qcow2'], { cwd: dir.path, stdio: 'ignore' });
     try {
       // While qemu-io opens the image its locks change several times: wait until qemu-img has
       // been refused three times in a row.
       let refusals = 0;
-      for (let tries = 0; tries < 200 && refusals < 3; tries++) {
+      for (let tries = 0; tries < 300 && refusals < 3; tries++) {
+        if (
+          holder.exitCode !== null ||
+          holder.signalCode !== null ||
+          (tries > 0 && tries % 100 === 0 && refusals === 0)
+        ) {
+          holder.kill();
+          holder = spawn('qemu-io', ['-c', 'sleep 120000', 'busy.qcow2'], { cwd: dir.path, stdio: 'ignore' });
+        }
         const locked = runStatus('qemu-img', ['info', 'busy.qcow2'], { cwd: dir.path }).status !== 0;
         refusals = locked ? refusals + 1 : 0;
         await new Promise((resolve) => setTimeout(resolve, 100));
