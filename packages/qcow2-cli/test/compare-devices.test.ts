@@ -3,10 +3,11 @@ import fc from 'fast-check';
 import { describe, expect, test } from 'vitest';
 import { compareDevices, firstDifferingSector, SECTOR_SIZE } from '../src/compare/compare-devices.js';
 
+/** A sparse device: only the 4 KiB chunks written to hold data (block status reports holes). */
 function device(size: number, writes: ReadonlyArray<readonly [number, number]> = []): MemoryBlockDevice {
-  const bytes = new Uint8Array(size);
-  for (const [offset, value] of writes) bytes[offset] = value;
-  return MemoryBlockDevice.from(bytes);
+  const memory = new MemoryBlockDevice(size, { chunkSize: 4096 });
+  for (const [offset, value] of writes) void memory.write(offset, Uint8Array.of(value));
+  return memory;
 }
 
 /** The reference: the sector (counted from 0) of the first differing byte, zeros past an end
@@ -52,7 +53,7 @@ describe('compareDevices', () => {
 
   test('read and status errors go to their handlers', async () => {
     const failing = device(4096, [[0, 1]]);
-    failing.read = () => Promise.reject(new Error('boom'));
+    failing.readInto = () => Promise.reject(new Error('boom'));
     await expect(
       compareDevices(failing, device(4096), {
         onReadError: (side, offset) => {
@@ -87,7 +88,9 @@ describe('compareDevices', () => {
         fc.constantFrom(65536, 3 * 65536, 100_352),
         writes,
         writes,
-        async (sizeA, sizeB, writesA, writesB) => {
+        fc.constantFrom(512, 4096, 12_288, 2 ** 20),
+        fc.integer({ min: 1, max: 4 }),
+        async (sizeA, sizeB, writesA, writesB, chunkSize, readsInFlight) => {
           const a = device(
             sizeA,
             writesA.filter(([offset]) => offset < sizeA),
@@ -98,7 +101,7 @@ describe('compareDevices', () => {
           );
           const [bytesA, bytesB] = await Promise.all([a.read(0, sizeA), b.read(0, sizeB)]);
           const expected = reference(bytesA, bytesB);
-          const result = await compareDevices(a, b);
+          const result = await compareDevices(a, b, { chunkSize, readsInFlight });
           if (expected < 0) expect(result.kind).toBe('identical');
           else expect(result).toMatchObject({ kind: 'content-mismatch', offset: expected });
         },
@@ -113,5 +116,9 @@ describe('compareDevices', () => {
     expect(firstDifferingSector(a, b)).toBe(-1);
     b[1999] = 1;
     expect(firstDifferingSector(a, b)).toBe(1536);
+    b[700] = 1;
+    expect(firstDifferingSector(a, b)).toBe(512);
+    b[0] = 1;
+    expect(firstDifferingSector(a, b)).toBe(0);
   });
 });
