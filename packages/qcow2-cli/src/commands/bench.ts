@@ -8,7 +8,7 @@ import type { BlockDevice } from '@qcowkit/blockdev';
 import { type ImageFormat, openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
-import { ProgressReporter } from '../output/progress.js';
+import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
 import { openWritable } from './writable-image.js';
 
@@ -97,8 +97,9 @@ export async function benchCommand(
   const target = await openForBench(context, file, options);
   const device = target.device;
   const step = options.step === 0 ? options.bufferSize : options.step;
+  // qemu-img bench prints its lines even with -q; -q only silences our -p progress.
   const say = (line: string) => {
-    if (!options.quiet) context.io.stdout.write(`${line}\n`);
+    context.io.stdout.write(`${line}\n`);
   };
   try {
     say(
@@ -106,7 +107,7 @@ export async function benchCommand(
         `${options.depth} in parallel (starting at offset ${options.offset}, step size ${step})`,
     );
     if (options.flushInterval > 0) say(`Sending flush every ${options.flushInterval} requests`);
-    const progress = options.progress && !options.quiet ? new ProgressReporter(context.io.stderr) : undefined;
+    const progress = progressReporter(context.io, options.progress && !options.quiet);
     const started = performance.now();
     await runRequests(device, { ...options, step }, (done) => progress?.update(done, options.count));
     progress?.finish();

@@ -7,7 +7,7 @@ import { detectFormat, openImage } from '../engine.js';
 import { CliError, openError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { checkToJson, formatCheckHuman } from '../output/check.js';
-import { ProgressReporter } from '../output/progress.js';
+import { type ProgressReporter, progressReporter } from '../output/progress.js';
 import { toQemuJson } from '../output/qemu-json.js';
 import { resolveAgainst } from '../paths.js';
 
@@ -73,9 +73,7 @@ export async function checkCommand(
 }
 
 function progressFor(context: CommandContext, options: CheckCommandOptions): ProgressReporter | undefined {
-  return options.progress === true && options.quiet !== true
-    ? new ProgressReporter(context.io.stderr)
-    : undefined;
+  return progressReporter(context.io, options.progress === true && options.quiet !== true);
 }
 
 /** `check -r`: repairs in place, then reports the state after the repair as qemu-img does. */

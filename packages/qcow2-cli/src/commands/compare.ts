@@ -3,7 +3,7 @@ import { compareDevices } from '../compare/compare-devices.js';
 import { IMAGE_FORMATS, type ImageFormat, type OpenedImage, openImage } from '../engine.js';
 import { CliError, describeError } from '../errors.js';
 import type { CommandContext } from '../io.js';
-import { ProgressReporter } from '../output/progress.js';
+import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
 
 export interface CompareCommandOptions {
@@ -63,8 +63,7 @@ export async function compareCommand(
     const second = await openSide(context, secondFile, options.secondFormat, options.forceShare);
     try {
       const names = [firstFile, secondFile] as const;
-      const progress =
-        options.progress && !options.quiet ? new ProgressReporter(context.io.stderr) : undefined;
+      const progress = progressReporter(context.io, options.progress && !options.quiet);
       progress?.update(0, 1);
       const result = await compareDevices(first.device, second.device, {
         strict: options.strict,

@@ -1,11 +1,18 @@
 /**
  * `qcow2 create`: qemu-img create's flags, `-o` options, size rules and "Formatting ..." line.
  * qcow2 images are laid out by qcow2-core (`planQcow2Create` / `writeQcow2Layout`, or
- * `Qcow2Image.create` for metadata preallocation); raw images are sparse files.
+ * `Qcow2Image.create` for metadata preallocation, then `preallocateData` for falloc and full);
+ * raw images are sparse files, or fallocated (falloc) or written with zeros (full).
  */
 import { access } from 'node:fs/promises';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { planQcow2Create, type Qcow2CreateOptions, Qcow2Image, writeQcow2Layout } from '@qcowkit/qcow2-core';
+import {
+  planQcow2Create,
+  preallocateData,
+  type Qcow2CreateOptions,
+  Qcow2Image,
+  writeQcow2Layout,
+} from '@qcowkit/qcow2-core';
 import { type ImageFormat, openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
@@ -39,6 +46,23 @@ const QCOW2_KEYS = [
   'compression_type',
 ] as const;
 const RAW_KEYS = ['size', 'preallocation'] as const;
+const RAW_PREALLOCATION: readonly string[] = ['off', 'metadata', 'falloc', 'full'];
+/** Bytes of zeros written at a time by preallocation=full. */
+const ZERO_CHUNK = 4 * 1024 * 1024;
+
+/** A raw file's data area: allocated in place (falloc) or written with zeros (full). */
+async function preallocateRaw(device: FileBlockDevice, mode: 'falloc' | 'full'): Promise<void> {
+  if (device.size === 0) return;
+  if (mode === 'falloc') {
+    await device.writeZeroes(0, device.size);
+  } else {
+    const zeros = new Uint8Array(Math.min(ZERO_CHUNK, device.size));
+    for (let at = 0; at < device.size; at += zeros.length) {
+      await device.write(at, zeros.subarray(0, Math.min(zeros.length, device.size - at)));
+    }
+  }
+  await device.flush();
+}
 
 /** Splits `-o` strings into key/value pairs (`,,` is a literal comma, as in QEMU). */
 export function parseCreateOptions(
@@ -120,20 +144,32 @@ export async function createCommand(
   const preallocation = values.get('preallocation');
 
   if (format === 'raw') {
-    if (preallocation !== undefined && preallocation !== 'off') {
-      throw new CliError(`${file}: preallocation=${preallocation} is not supported yet for raw (use off)`, {
-        code: 'EUNSUPPORTED',
-      });
-    }
     if (!options.quiet) {
       context.io.stdout.write(
         `Formatting '${file}', fmt=raw size=${size}${preallocation === undefined ? '' : ` preallocation=${preallocation}`}\n`,
       );
     }
+    // qemu-img's messages, after its Formatting line.
+    if (preallocation !== undefined && !RAW_PREALLOCATION.includes(preallocation)) {
+      throw new UsageError(`${file}: invalid parameter value: ${preallocation}`);
+    }
+    if (preallocation === 'metadata') {
+      throw new CliError(`${file}: Unsupported preallocation mode: metadata`, { code: 'EUNSUPPORTED' });
+    }
     const device = await FileBlockDevice.create(path, size, { overwrite: true }).catch((error: unknown) => {
       throw new CliError(`${file}: Could not create '${file}': ${describeError(error)}`, { cause: error });
     });
-    await device.close();
+    try {
+      if (preallocation === 'falloc' || preallocation === 'full') {
+        await preallocateRaw(device, preallocation);
+      }
+    } catch (error) {
+      throw new CliError(`${file}: Could not preallocate data for the new file: ${describeError(error)}`, {
+        cause: error,
+      });
+    } finally {
+      await device.close();
+    }
     return 0;
   }
 
@@ -155,6 +191,15 @@ export async function createCommand(
     if (createOptions.preallocation === 'metadata') {
       const image = await Qcow2Image.create(device, createOptions);
       await image.close();
+      if (preallocation === 'falloc' || preallocation === 'full') {
+        // Closing the image closed the file: the data area is preallocated through a new handle.
+        const again = await FileBlockDevice.open(path, { readOnly: false });
+        try {
+          await preallocateData(again, preallocation);
+        } finally {
+          await again.close();
+        }
+      }
     } else {
       await writeQcow2Layout(device, planQcow2Create(createOptions));
     }
@@ -197,15 +242,19 @@ export function qcow2CreateOptions(
   }
   const preallocation = values.get('preallocation');
   if (preallocation !== undefined) {
-    if (preallocation === 'falloc' || preallocation === 'full') {
-      throw new CliError(`${file}: preallocation=${preallocation} is not supported yet (off or metadata)`, {
-        code: 'EUNSUPPORTED',
-      });
+    if (!RAW_PREALLOCATION.includes(preallocation)) {
+      throw new UsageError(`${file}: Parameter 'preallocation' does not accept value '${preallocation}'`);
     }
-    if (preallocation !== 'off' && preallocation !== 'metadata') {
-      throw new UsageError(`${file}: Invalid parameter value for 'preallocation': '${preallocation}'`);
+    if (preallocation !== 'off' && values.has('data_file')) {
+      throw new CliError(
+        `${file}: preallocation=${preallocation} with an external data file is not supported`,
+        {
+          code: 'EUNSUPPORTED',
+        },
+      );
     }
-    out.preallocation = preallocation;
+    // falloc and full are metadata preallocation, then the data area (preallocateData).
+    out.preallocation = preallocation === 'off' ? 'off' : 'metadata';
   }
   const backingFile = values.get('backing_file');
   if (backingFile !== undefined) out.backingFile = backingFile;
@@ -230,7 +279,7 @@ function formattingLine(
 ): string {
   const parts = [`Formatting '${file}', fmt=qcow2`, `cluster_size=${options.clusterSize ?? 65536}`];
   parts.push(`extended_l2=${options.extendedL2 === true ? 'on' : 'off'}`);
-  if (values.has('preallocation')) parts.push(`preallocation=${options.preallocation}`);
+  if (values.has('preallocation')) parts.push(`preallocation=${values.get('preallocation')}`);
   parts.push(`compression_type=${options.compressionType ?? 'zlib'}`, `size=${size}`);
   if (values.has('compat')) parts.push(`compat=${values.get('compat')}`);
   if (options.backingFile !== undefined) parts.push(`backing_file=${options.backingFile}`);

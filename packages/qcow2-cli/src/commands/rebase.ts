@@ -10,7 +10,7 @@ import { copyBackingDifferences, setBackingFile } from '@qcowkit/qcow2-core';
 import { detectFormat, type ImageFormat, type OpenedImage, openImage } from '../engine.js';
 import { CliError, describeError, openError } from '../errors.js';
 import type { CommandContext } from '../io.js';
-import { ProgressReporter } from '../output/progress.js';
+import { progressReporter } from '../output/progress.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
 import { openWritable } from './writable-image.js';
 
@@ -52,13 +52,17 @@ export async function rebaseCommand(
         });
       }
       const oldBacking: BlockDevice | undefined = current.chain[1]?.device;
-      const progress =
-        options.progress && !options.quiet ? new ProgressReporter(context.io.stderr) : undefined;
+      const progress = progressReporter(context.io, options.progress && !options.quiet);
       progress?.update(0, 1);
       // The image over its old backing, writable, sharing the layers already open.
       const overlay = await openWritable(path, file, { format, backing: oldBacking });
       try {
-        await copyBackingDifferences({ overlay: overlay.device, oldBacking, newBacking: newBacking?.device });
+        await copyBackingDifferences({
+          overlay: overlay.device,
+          oldBacking,
+          newBacking: newBacking?.device,
+          onProgress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
+        });
       } finally {
         await overlay.close();
       }

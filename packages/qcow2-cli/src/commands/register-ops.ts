@@ -43,6 +43,24 @@ export function benchSizeParser(what: string): (value: string) => number {
   };
 }
 
+/** qemu-img's `-r` rate limit: a size with suffixes, not negative. */
+export function rateLimitParser(value: string): number {
+  try {
+    return parseSize(value, 'rate limit');
+  } catch {
+    throw new UsageError(`Invalid rate limit specified. ${SUFFIX_HINT}`);
+  }
+}
+
+/** QEMU's cache modes (`-t`, `-T`): checked, then the page cache is used whatever the mode. */
+export const CACHE_MODES = ['none', 'writeback', 'unsafe', 'directsync', 'writethrough'] as const;
+
+export function cacheParser(value: string): string {
+  if (!(CACHE_MODES as readonly string[]).includes(value))
+    throw new UsageError(`Invalid cache option: ${value}`);
+  return value;
+}
+
 export function registerOpsCommands({ program, Option, context, setExit, addCommon }: RegisterContext): void {
   program
     .command('compare')
@@ -295,15 +313,29 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
 
   addCommon(program.command('commit').argument('<file>', 'the image whose data goes into its backing file'))
     .description("write an image's own data into its backing file (as qemu-img commit)")
+    .addOption(new Option('-b <base>', 'commit into this image of the backing chain (implies -d)'))
     .option('-d', 'keep the data in the image after committing it')
     .option('-p', 'show a progress bar on stderr')
     .option('-q', 'quiet')
-    .addHelpText('after', '\nExample:\n  qcow2 commit -p overlay.qcow2\n')
+    .addOption(
+      new Option(
+        '-r <rate>',
+        'rate limit in bytes per second (accepted; the commit runs unthrottled)',
+      ).argParser(rateLimitParser),
+    )
+    .addOption(
+      new Option('-t <cache>', 'cache mode (accepted; the page cache is always used)').argParser(cacheParser),
+    )
+    .addHelpText(
+      'after',
+      '\nWithout -b the image is emptied after the commit (unless -d); with -b BASE every image\nabove BASE keeps its data, as in qemu-img.\n\nExamples:\n  qcow2 commit -p overlay.qcow2\n  qcow2 commit -b base.qcow2 top.qcow2\n',
+    )
     .action(async (file: string, options: Record<string, unknown>) => {
       const { commitCommand } = await import('./commit.js');
       setExit(
         await commitCommand(context, file, {
           format: options.f as ImageFormat | undefined,
+          base: options.b as string | undefined,
           keep: options.d === true,
           progress: options.p === true,
           quiet: options.q === true,

@@ -9,4 +9,5 @@ export {
   setBackingFile,
 } from './backing.js';
 export type { ImageEditOptions } from './image-edit.js';
+export { type DataPreallocation, type PreallocateOptions, preallocateData } from './preallocate.js';
 export { type ResizeOptions, resizeImage } from './resize.js';
