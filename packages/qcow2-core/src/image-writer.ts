@@ -2,8 +2,9 @@
  * The read-write side of an open qcow2 image: the metadata lock, the refcounts and allocator, the
  * overlap map, header updates, the sticky corrupt state, resize, and the write path.
  *
- * Refcounts are always written before anything points at a cluster, also on images with lazy
- * refcounts, so this engine never needs the dirty bit. A dirty image (another program's crash with
+ * Metadata is written back on flush and close (see mapping/write-path.ts); refcounts always reach
+ * the disk before anything pointing at their clusters, also on images with lazy refcounts, so this
+ * engine never needs the dirty bit. A dirty image (another program's crash with
  * lazy refcounts) is repaired by Qcow2Image.open before it gets here; a corrupt-flagged one is
  * refused (ECORRUPT).
  */
@@ -251,14 +252,9 @@ export class ImageWriter {
     await this.lock.exclusive(() => this.#guarded(() => this.#writePath.preallocate(this.#context.size())));
   }
 
-  /** Data then metadata durable. */
+  /** Data then metadata durable (the write path's ordered write-back). */
   async flush(): Promise<void> {
-    await this.lock.exclusive(() =>
-      this.#guarded(async () => {
-        await this.#context.file.flush();
-        await this.#refcounts.commit();
-      }),
-    );
+    await this.lock.exclusive(() => this.#guarded(() => this.#writePath.flush()));
   }
 
   /** Grows the guest size (the L1 table moves when it must grow). Shrinking zeroes what falls off. */
@@ -272,6 +268,8 @@ export class ImageWriter {
           // Shrink: what falls off reads as zeros (freed where the format allows), so a later
           // grow shows zeros there; the L1 table keeps its size.
           await this.#zeroRange(newSize, size - newSize, 'zero');
+          // What falls off reads as zeros on disk before the header says the image is smaller.
+          await this.#writePath.flush();
           const sizeBytes = new Uint8Array(8);
           writeU64(new DataView(sizeBytes.buffer), 0, newSize);
           await this.#patchHeader(24, sizeBytes);
@@ -346,8 +344,7 @@ export class ImageWriter {
   async close(): Promise<void> {
     await this.lock.exclusive(async () => {
       if (this.#corruption !== undefined) return;
-      await this.#refcounts.commit();
-      await this.#context.file.flush();
+      await this.#writePath.flush(true);
     });
   }
 }

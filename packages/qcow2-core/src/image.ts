@@ -602,6 +602,9 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
 
   /** Checks the image like `qemu-img check` (read-only). */
   async check(options?: Qcow2CheckOptions): Promise<Qcow2CheckResult> {
+    // Metadata changes still in the caches are written back first: check reads the file.
+    const writer = this.#writer;
+    if (writer !== undefined && !writer.corrupt && !this.closed) await this.flush();
     // Loaded when used: the checker is as large as the rest of the engine, and reading needs none of it.
     const { checkQcow2Image } = await import('./check/index.js');
     return checkQcow2Image(this, options);

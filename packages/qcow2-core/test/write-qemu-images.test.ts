@@ -84,8 +84,8 @@ describe.skipIf(!haveQemu)('writing into images QEMU made', () => {
         }
       }
       await device.discard(0, 65536);
-      if (!variant.backing) expected.fill(0, 0, 65536);
-      else expected.set(patternBytes(index + 50, SIZE).subarray(0, 65536), 0);
+      // A v3 image reads zeros after a discard, a backing file or not (QEMU sets the zero flag).
+      expected.fill(0, 0, 65536);
       expect(Buffer.compare(await device.read(0, SIZE), expected)).toBe(0);
       await opened.close();
 

@@ -1,11 +1,13 @@
 /**
  * The refcount table and refcount blocks of a writable image, and the cluster allocator over them.
  *
- * Changes are made in memory first (`allocate`, `adjust`) and written by `commit`, which keeps the
- * on-disk order safe: new refcount blocks are durable before a table entry points at them, a
+ * Changes are made in memory first (`allocate`, `adjust`) and written back by `commit`, which keeps
+ * the on-disk order safe: new refcount blocks are durable before a table entry points at them, a
  * relocated table is durable before the header points at it, and the old table is freed only
- * afterwards. A commit ends with a flush, so its caller may then point metadata at the clusters it
- * allocated. Decrements are written by the next commit (losing them in a crash only leaks).
+ * afterwards. The write path commits (and flushes) before any L2 entry pointing at a newly
+ * allocated cluster goes to disk, and applies decrements (`adjust` with -1) only once the change
+ * that dropped the reference is durable, so a cluster is never reused while a table on disk still
+ * points at it.
  *
  * Every refcount width (1..64 bits) is handled by the format codecs. Clusters past the end of the
  * table's coverage, or in a range whose block does not exist, have refcount 0.
@@ -254,7 +256,12 @@ export class RefcountStore {
     return block;
   }
 
-  /** Replaces the table in memory by a larger one holding at least `entries` entries. */
+  /**
+   * Replaces the table in memory by a larger one holding at least `entries` entries. The table the
+   * header points at is freed by the next commit; a larger table made before that commit replaces
+   * the one made earlier (never written, so freed at once: a second growth between two commits
+   * does not leak the middle table).
+   */
   async #growTable(entries: number): Promise<void> {
     const perCluster = this.#clusterSize / 8;
     // Room for the new table's own blocks and some growth.
@@ -263,13 +270,24 @@ export class RefcountStore {
     if (clusters * this.#clusterSize > QCOW_MAX_REFTABLE_SIZE) {
       throw new BlockDeviceError('ENOSPC', 'refcount table: would exceed the 8 MiB limit');
     }
-    const previous = { offset: this.#tableOffset, clusters: this.#tableClusters };
+    // Entries first: blocks made while allocating the new table's clusters need them.
     while (this.#table.length < clusters * perCluster) this.#table.push(0);
-    this.#tableClusters = clusters;
     const start = await this.allocate(clusters);
+    if (this.#table.length > clusters * perCluster) {
+      // Allocating grew the table again (a nested growth) and that larger table is in place.
+      await this.adjust(start, clusters, -1);
+      return;
+    }
+    const previous = { offset: this.#tableOffset, clusters: this.#tableClusters };
     this.#tableOffset = start * this.#clusterSize;
-    // Keep the oldest table to free: the header still points at it.
-    this.#oldTable ??= previous;
+    this.#tableClusters = clusters;
+    if (this.#oldTable === undefined) {
+      // The header still points at this one: it is freed once the header points elsewhere.
+      this.#oldTable = previous;
+    } else {
+      // A table made since the last commit, never written and referenced by nothing on disk.
+      await this.adjust(previous.offset / this.#clusterSize, previous.clusters, -1);
+    }
     for (let index = 0; index < this.#table.length; index++) this.#dirtyTableEntries.add(index);
   }
 
@@ -290,8 +308,12 @@ export class RefcountStore {
     }
   }
 
-  /** Writes every change (see the file comment) and flushes. */
-  async commit(): Promise<void> {
+  /**
+   * Writes every change (see the file comment) and flushes (unless `flush` is false: then the
+   * blocks and table entries written last are not flushed yet; new blocks and a relocated table
+   * are still made durable in order before anything points at them).
+   */
+  async commit(options: { flush?: boolean } = {}): Promise<void> {
     const { file, metadata } = this.#options;
     if (!this.pending) return;
     const needOrdering = this.#newBlocks.size > 0 || this.#oldTable !== undefined;
@@ -334,7 +356,7 @@ export class RefcountStore {
       this.#dirtyTableEntries.clear();
     }
     this.#newBlocks.clear();
-    await file.flush();
+    if (options.flush !== false) await file.flush();
   }
 
   #encodeTable(from: number, to: number): Uint8Array {

@@ -1,14 +1,19 @@
 /**
  * A bounded LRU cache of metadata tables (L2 slices, refcount blocks) keyed by host offset. It knows
  * nothing of what a table means. Concurrency-safe: concurrent misses of one key share one load,
- * and a failed load is not cached. Eviction is by total bytes, least recently used first; a table
- * in use by a caller stays valid (tables are immutable values here, the read side never writes).
+ * and a failed load is not cached. Eviction is by total bytes, least recently used first.
+ *
+ * Write-back: an entry marked dirty holds changes not on disk yet. It is never evicted; its owner
+ * writes it (`dirtyEntries`, then `markClean`) before its changes may be lost, and keeps the number
+ * of dirty bytes bounded (`dirtyBytes`). Clean entries are evicted around the dirty ones.
  */
 export class TableCache<T extends { readonly byteLength: number }> {
   readonly #maxBytes: number;
   readonly #entries = new Map<number, T>();
   readonly #loading = new Map<number, Promise<T>>();
+  readonly #dirty = new Set<number>();
   #bytes = 0;
+  #dirtyBytes = 0;
   #hits = 0;
   #misses = 0;
 
@@ -17,16 +22,15 @@ export class TableCache<T extends { readonly byteLength: number }> {
     this.#maxBytes = Math.max(0, maxBytes);
   }
 
+  /** The budget in bytes. */
+  get maxBytes(): number {
+    return this.#maxBytes;
+  }
+
   /** The table at `key`, loading it with `load` on a miss. */
   get(key: number, load: (key: number) => Promise<T>): Promise<T> {
-    const cached = this.#entries.get(key);
-    if (cached !== undefined) {
-      this.#hits++;
-      // Move to the most recently used end.
-      this.#entries.delete(key);
-      this.#entries.set(key, cached);
-      return Promise.resolve(cached);
-    }
+    const cached = this.lookup(key);
+    if (cached !== undefined) return Promise.resolve(cached);
     const pending = this.#loading.get(key);
     if (pending !== undefined) {
       this.#hits++;
@@ -36,6 +40,9 @@ export class TableCache<T extends { readonly byteLength: number }> {
     const promise = load(key).then(
       (table) => {
         this.#loading.delete(key);
+        // A table stored meanwhile (`put`, `markDirty`) is newer than what was read.
+        const stored = this.#entries.get(key);
+        if (stored !== undefined) return stored;
         this.#insert(key, table);
         return table;
       },
@@ -48,6 +55,20 @@ export class TableCache<T extends { readonly byteLength: number }> {
     return promise;
   }
 
+  /**
+   * The table at `key` when cached (counted as a hit and made most recently used), without loading:
+   * the synchronous fast path of {@link get}.
+   */
+  lookup(key: number): T | undefined {
+    const cached = this.#entries.get(key);
+    if (cached === undefined) return undefined;
+    this.#hits++;
+    // Move to the most recently used end (cheap enough, and keeps the LRU order true).
+    this.#entries.delete(key);
+    this.#entries.set(key, cached);
+    return cached;
+  }
+
   /** The table at `key` when cached, without loading; does not change the LRU order. */
   peek(key: number): T | undefined {
     return this.#entries.get(key);
@@ -58,38 +79,97 @@ export class TableCache<T extends { readonly byteLength: number }> {
     this.#insert(key, table);
   }
 
-  /** Forgets `key`. */
+  /** Stores `table` at `key` (when not stored already) and marks it changed: it stays cached until
+   * {@link markClean}. */
+  markDirty(key: number, table: T): void {
+    if (this.#entries.get(key) !== table) this.#insert(key, table);
+    if (!this.#dirty.has(key)) {
+      this.#dirty.add(key);
+      this.#dirtyBytes += table.byteLength;
+    }
+  }
+
+  /** `key`'s changes are on disk: it may be evicted again. */
+  markClean(key: number): void {
+    if (!this.#dirty.delete(key)) return;
+    this.#dirtyBytes -= this.#entries.get(key)?.byteLength ?? 0;
+    this.#evict();
+  }
+
+  isDirty(key: number): boolean {
+    return this.#dirty.has(key);
+  }
+
+  /** The dirty entries, by ascending key. */
+  dirtyEntries(): [number, T][] {
+    return [...this.#dirty].sort((a, b) => a - b).map((key) => [key, this.#entries.get(key)!]);
+  }
+
+  /** Bytes held by dirty entries. */
+  get dirtyBytes(): number {
+    return this.#dirtyBytes;
+  }
+
+  get dirtyCount(): number {
+    return this.#dirty.size;
+  }
+
+  /** Forgets `key` (its changes too, when dirty). */
   invalidate(key: number): void {
     const table = this.#entries.get(key);
     if (table !== undefined) {
       this.#entries.delete(key);
       this.#bytes -= table.byteLength;
+      if (this.#dirty.delete(key)) this.#dirtyBytes -= table.byteLength;
     }
   }
 
+  /** Forgets every entry (dirty ones too). */
   clear(): void {
     this.#entries.clear();
+    this.#dirty.clear();
     this.#bytes = 0;
+    this.#dirtyBytes = 0;
   }
 
-  get stats(): { entries: number; bytes: number; maxBytes: number; hits: number; misses: number } {
+  get stats(): {
+    entries: number;
+    bytes: number;
+    maxBytes: number;
+    hits: number;
+    misses: number;
+    dirty: number;
+  } {
     return {
       entries: this.#entries.size,
       bytes: this.#bytes,
       maxBytes: this.#maxBytes,
       hits: this.#hits,
       misses: this.#misses,
+      dirty: this.#dirty.size,
     };
   }
 
   #insert(key: number, table: T): void {
     const previous = this.#entries.get(key);
-    if (previous !== undefined) this.#bytes -= previous.byteLength;
+    if (previous !== undefined) {
+      this.#bytes -= previous.byteLength;
+      if (this.#dirty.has(key)) this.#dirtyBytes += table.byteLength - previous.byteLength;
+    }
     this.#entries.delete(key);
     this.#entries.set(key, table);
     this.#bytes += table.byteLength;
+    this.#evict();
+  }
+
+  /** Drops least recently used clean entries while over budget (the newest entry always stays). */
+  #evict(): void {
+    if (this.#bytes <= this.#maxBytes) return;
+    let remaining = this.#entries.size;
     for (const [oldKey, oldTable] of this.#entries) {
-      if (this.#bytes <= this.#maxBytes || this.#entries.size <= 1) break;
+      if (this.#bytes <= this.#maxBytes || remaining <= 1) break;
+      remaining--;
+      if (this.#dirty.has(oldKey)) continue;
       this.#entries.delete(oldKey);
       this.#bytes -= oldTable.byteLength;
     }

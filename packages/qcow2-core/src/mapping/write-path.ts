@@ -1,17 +1,23 @@
 /**
  * The allocating write path of a qcow2 image: writes, zeroing and discard over the L1/L2 tables.
  *
- * Ordering (a crash anywhere leaves at worst leaked clusters):
- * 1. new clusters get their refcounts written and flushed (RefcountStore.commit);
- * 2. data is written; when the new cluster holds copied bytes (copy-on-write of a partial write
- *    over the backing file, a shared or compressed cluster, or unallocated subclusters), the data is
- *    flushed before anything points at it;
- * 3. the L2 entries are written (a new L2 table is written and flushed before its L1 entry);
- * 4. clusters no longer referenced are freed only after the L2 update is flushed.
- * Every metadata and data write is first checked against the metadata map (overlap check).
+ * Metadata is written back, as QEMU's qcow2 driver does: changed L2 slices stay dirty in the L2
+ * cache and changed refcounts in the refcount store until {@link WritePath.flush} (or until the
+ * dirty slices pass their cap), which writes them in an order that keeps every crash harmless:
+ * 1. refcount blocks (and a grown refcount table) are written, then the file is flushed: every
+ *    cluster an L2 entry is about to point at is counted on disk, and the data (copied bytes of a
+ *    copy-on-write included) is durable;
+ * 2. the dirty L2 slices are written and the file is flushed again;
+ * 3. clusters that lost their last reference by those L2 changes are freed only now (in memory;
+ *    they reach the disk with the next refcount write-back), so a freed cluster is never reused
+ *    while a table on disk still points at it.
+ * A new L2 table is written and flushed before its L1 entry (eagerly: rare). A newly allocated
+ * cluster's L2 entry changes in the cache only after its data write has completed, so a reader never
+ * sees a mapping to bytes not written yet. Every metadata and data write is first checked against
+ * the metadata map (overlap check).
  *
- * The caller serialises calls that change the mapping (one at a time) and runs in-place writes
- * (see `tryWriteInPlace`) under a shared lock.
+ * The caller serialises calls that change the mapping (one at a time, flush included) and runs
+ * in-place writes (see `tryWriteInPlace`) under a shared lock.
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
 import type { MetadataMap } from '../alloc/metadata-map.js';
@@ -46,6 +52,8 @@ export interface WritePathOptions {
   readonly readGuest: (buffer: Uint8Array, guestOffset: number) => Promise<void>;
   /** Forgets a decompressed cluster cached for `hostOffset`. */
   readonly forgetCompressed: (hostOffset: number) => void;
+  /** Dirty L2 bytes that trigger a write-back (default: half the cache's budget). */
+  readonly maxDirtyBytes?: number;
 }
 
 /** One L2 entry as read for writing. */
@@ -55,7 +63,7 @@ interface EntryRef {
   readonly at: number;
 }
 
-/** A host range freed once the L2 update is durable. */
+/** A host range freed once the L2 change that dropped it is durable. */
 interface Release {
   readonly clusterIndex: number;
   readonly count: number;
@@ -68,8 +76,12 @@ export class WritePath {
   readonly #entriesPerSlice: number;
   readonly #bytesPerL1: number;
   readonly #subclusterSize: number;
+  readonly #maxDirtyBytes: number;
+  readonly #loadSlice: (key: number) => Promise<DataView>;
   /** Byte allocator for compressed clusters: next free byte in the last compressed cluster. */
   #compressedTail = -1;
+  /** Clusters to free once the dirty L2 slices that dropped them are durable. */
+  #pendingFrees: Release[] = [];
 
   constructor(options: WritePathOptions) {
     this.#o = options;
@@ -78,16 +90,80 @@ export class WritePath {
     this.#entriesPerSlice = options.sliceBytes / this.#entrySize;
     this.#bytesPerL1 = (this.#clusterSize / this.#entrySize) * this.#clusterSize;
     this.#subclusterSize = this.#clusterSize / 32;
+    this.#maxDirtyBytes = Math.max(
+      options.sliceBytes,
+      options.maxDirtyBytes ?? Math.floor(options.cache.maxBytes / 2),
+    );
+    this.#loadSlice = async (key) => {
+      const bytes = await this.#o.file.read(key, this.#o.sliceBytes);
+      return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    };
   }
 
   async #entry(l2Offset: number, l2Index: number): Promise<EntryRef> {
     const sliceIndex = Math.floor(l2Index / this.#entriesPerSlice);
     const sliceHostOffset = l2Offset + sliceIndex * this.#o.sliceBytes;
-    const slice = await this.#o.cache.get(sliceHostOffset, async (key) => {
-      const bytes = await this.#o.file.read(key, this.#o.sliceBytes);
-      return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    });
+    const slice =
+      this.#o.cache.lookup(sliceHostOffset) ?? (await this.#o.cache.get(sliceHostOffset, this.#loadSlice));
     return { slice, sliceHostOffset, at: (l2Index - sliceIndex * this.#entriesPerSlice) * this.#entrySize };
+  }
+
+  /** Metadata changes not written yet (dirty L2 slices, refcounts, frees). */
+  get pending(): boolean {
+    return this.#o.cache.dirtyCount > 0 || this.#o.refcounts.pending || this.#pendingFrees.length > 0;
+  }
+
+  /**
+   * Writes every metadata change back in the safe order (see the file comment) and leaves data and
+   * metadata durable. With `final`, the frees it applies are written and flushed too (a clean image
+   * on disk, as on close); otherwise they reach the disk with the next write-back.
+   */
+  async flush(final = false): Promise<void> {
+    const { file, cache, refcounts, metadata } = this.#o;
+    await refcounts.commit({ flush: false });
+    await file.flush();
+    const dirty = cache.dirtyEntries();
+    if (dirty.length > 0) {
+      for (const [hostOffset] of dirty) {
+        metadata.check(hostOffset, this.#o.sliceBytes, 'l2-table', 'L2 table write');
+      }
+      await runBounded(dirty, ([hostOffset, slice]) =>
+        file.write(hostOffset, new Uint8Array(slice.buffer, slice.byteOffset, slice.byteLength)),
+      );
+      await file.flush();
+      for (const [hostOffset] of dirty) cache.markClean(hostOffset);
+    }
+    if (this.#pendingFrees.length > 0) {
+      await this.#applyFrees();
+      // Decrements may reach the disk in any order now: losing them only leaks.
+      await refcounts.writeBack();
+    }
+    if (final && refcounts.pending) await refcounts.commit();
+    else if (final) await file.flush();
+  }
+
+  /** Writes back when the dirty L2 slices pass their cap (the cache stays bounded). */
+  async #writeBackIfFull(): Promise<void> {
+    if (this.#o.cache.dirtyBytes > this.#maxDirtyBytes) await this.flush();
+  }
+
+  /** Marks the slice holding `ref` changed (it is written back by {@link flush}). */
+  #dirty(ref: EntryRef): void {
+    this.#o.cache.markDirty(ref.sliceHostOffset, ref.slice);
+  }
+
+  /** Applies the frees whose L2 changes are durable now. */
+  async #applyFrees(): Promise<void> {
+    const releases = this.#pendingFrees;
+    this.#pendingFrees = [];
+    const tailCluster = this.#compressedTail >= 0 ? Math.floor(this.#compressedTail / this.#clusterSize) : -1;
+    for (const release of releases) {
+      await this.#o.refcounts.adjust(release.clusterIndex, release.count, -1);
+      // The packing cluster may be freed and reused for other data: pack no more into it.
+      if (tailCluster >= release.clusterIndex && tailCluster < release.clusterIndex + release.count) {
+        this.#compressedTail = -1;
+      }
+    }
   }
 
   /** Guest clusters of `[guestOffset, guestOffset + length)` (first index, end index). */
@@ -167,6 +243,7 @@ export class WritePath {
       );
       position = tableEnd;
     }
+    await this.#writeBackIfFull();
   }
 
   async #writeInTable(l1Index: number, guestOffset: number, data: Uint8Array): Promise<void> {
@@ -177,7 +254,6 @@ export class WritePath {
     const inPlace: { hostOffset: number; bytes: Uint8Array }[] = [];
     const subUpdates: { ref: EntryRef; allocBits: number }[] = [];
     const toAllocate: { clusterIndex: number; ref: EntryRef; old: Release[] }[] = [];
-    let copied = false;
     for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
       const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
       const high = ref.slice.getUint32(ref.at);
@@ -210,7 +286,6 @@ export class WritePath {
         padded.set(bytes, writeStart - padStart);
         inPlace.push({ hostOffset: hostCluster + (padStart - clusterStart), bytes: padded });
         subUpdates.push({ ref, allocBits: newBits });
-        copied = true;
         continue;
       }
       toAllocate.push({ clusterIndex, ref, old: this.#releasesOf(ref) });
@@ -219,7 +294,7 @@ export class WritePath {
     const pieces = [...inPlace];
     if (toAllocate.length > 0) {
       const start = await this.#o.refcounts.allocate(toAllocate.length);
-      await this.#o.refcounts.commit();
+      await this.#o.refcounts.extendFile();
       for (const [index, item] of toAllocate.entries()) {
         const hostCluster = (start + index) * this.#clusterSize;
         const clusterStart = item.clusterIndex * this.#clusterSize;
@@ -239,7 +314,6 @@ export class WritePath {
           const covered = writeStart === clusterStart && writeEnd === clusterStart + clusterLength;
           if (!covered) {
             await this.#o.readGuest(bytes.subarray(0, clusterLength), clusterStart);
-            copied = true;
           }
           bytes.set(
             data.subarray(writeStart - guestOffset, writeEnd - guestOffset),
@@ -265,10 +339,9 @@ export class WritePath {
       for (const piece of pieces) {
         this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
       }
+      // Copied bytes need no flush of their own: the write-back flushes before any L2 entry
+      // pointing at them reaches the disk.
       await runBounded(pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
-      if (copied) await this.#o.file.flush();
-      const touched = new Map<number, DataView>();
-      const releases: Release[] = [];
       for (const [index, item] of toAllocate.entries()) {
         const { high, low } = encodeL2Entry({
           type: 'normal',
@@ -281,32 +354,25 @@ export class WritePath {
           item.ref.slice.setUint32(item.ref.at + 8, 0);
           item.ref.slice.setUint32(item.ref.at + 12, ALL_SUBCLUSTERS);
         }
-        touched.set(item.ref.sliceHostOffset, item.ref.slice);
-        releases.push(...item.old);
+        this.#dirty(item.ref);
+        this.#pendingFrees.push(...item.old);
       }
-      for (const { ref, allocBits } of subUpdates) {
-        const zeroBits = ref.slice.getUint32(ref.at + 8);
-        ref.slice.setUint32(ref.at + 8, (zeroBits & ~allocBits) >>> 0);
-        ref.slice.setUint32(ref.at + 12, allocBits);
-        touched.set(ref.sliceHostOffset, ref.slice);
-      }
-      await this.#writeSlices(touched);
-      await this.#release(releases);
+      this.#applySubUpdates(subUpdates);
       return;
     }
     for (const piece of pieces)
       this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
     await runBounded(pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
-    if (subUpdates.length > 0) {
-      if (copied) await this.#o.file.flush();
-      const touched = new Map<number, DataView>();
-      for (const { ref, allocBits } of subUpdates) {
-        const zeroBits = ref.slice.getUint32(ref.at + 8);
-        ref.slice.setUint32(ref.at + 8, (zeroBits & ~allocBits) >>> 0);
-        ref.slice.setUint32(ref.at + 12, allocBits);
-        touched.set(ref.sliceHostOffset, ref.slice);
-      }
-      await this.#writeSlices(touched);
+    this.#applySubUpdates(subUpdates);
+  }
+
+  /** Marks newly written subclusters allocated (and no longer zero). */
+  #applySubUpdates(subUpdates: readonly { ref: EntryRef; allocBits: number }[]): void {
+    for (const { ref, allocBits } of subUpdates) {
+      const zeroBits = ref.slice.getUint32(ref.at + 8);
+      ref.slice.setUint32(ref.at + 8, (zeroBits & ~allocBits) >>> 0);
+      ref.slice.setUint32(ref.at + 12, allocBits);
+      this.#dirty(ref);
     }
   }
 
@@ -333,32 +399,6 @@ export class WritePath {
     }
   }
 
-  /** Writes changed L2 slices (overlap-checked) and puts them back in the cache. */
-  async #writeSlices(touched: Map<number, DataView>): Promise<void> {
-    const list = [...touched.entries()].sort((a, b) => a[0] - b[0]);
-    for (const [hostOffset] of list)
-      this.#o.metadata.check(hostOffset, this.#o.sliceBytes, 'l2-table', 'L2 table write');
-    await runBounded(list, async ([hostOffset, slice]) => {
-      await this.#o.file.write(hostOffset, new Uint8Array(slice.buffer, slice.byteOffset, slice.byteLength));
-      this.#o.cache.put(hostOffset, slice);
-    });
-  }
-
-  /** Frees clusters once the L2 change that dropped them is durable. */
-  async #release(releases: Release[]): Promise<void> {
-    if (releases.length === 0) return;
-    await this.#o.file.flush();
-    const tailCluster = this.#compressedTail >= 0 ? Math.floor(this.#compressedTail / this.#clusterSize) : -1;
-    for (const release of releases) {
-      await this.#o.refcounts.adjust(release.clusterIndex, release.count, -1);
-      // The packing cluster may be freed and reused for other data: pack no more into it.
-      if (tailCluster >= release.clusterIndex && tailCluster < release.clusterIndex + release.count) {
-        this.#compressedTail = -1;
-      }
-    }
-    await this.#o.refcounts.writeBack();
-  }
-
   /**
    * The L2 table for `l1Index`, ready to be changed: allocated when missing (`allocate`), copied
    * when shared with a snapshot (L1 entry without COPIED). Returns 0 when missing and not allocated.
@@ -371,12 +411,15 @@ export class WritePath {
     const table =
       current === 0 ? new Uint8Array(this.#clusterSize) : await this.#o.file.read(current, this.#clusterSize);
     const clusterIndex = await this.#o.refcounts.allocate(1);
+    // Eager (a new table is rare): its refcount, then the table, durable before the L1 entry.
     await this.#o.refcounts.commit();
     const l2Offset = clusterIndex * this.#clusterSize;
     this.#o.metadata.check(l2Offset, this.#clusterSize, undefined, 'L2 table write');
     await this.#o.file.write(l2Offset, table);
     await this.#o.file.flush();
     this.#o.metadata.add(l2Offset, this.#clusterSize, 'l2-table');
+    for (let at = 0; at < this.#clusterSize; at += this.#o.sliceBytes)
+      this.#o.cache.invalidate(l2Offset + at);
     const entry = encodeL1Entry({ l2Offset, copied: true });
     const bytes = new Uint8Array(8);
     const view = new DataView(bytes.buffer);
@@ -387,9 +430,10 @@ export class WritePath {
     l1.high[l1Index] = entry.high;
     l1.low[l1Index] = entry.low;
     if (current !== 0) {
-      // The old table stays with the snapshot that shares it.
+      // The old table stays with the snapshot that shares it; its reference from the active L1
+      // table goes once the L1 entry is durable (the next write-back).
       this.#o.metadata.remove(current, this.#clusterSize);
-      await this.#release([{ clusterIndex: current / this.#clusterSize, count: 1 }]);
+      this.#pendingFrees.push({ clusterIndex: current / this.#clusterSize, count: 1 });
     }
     return l2Offset;
   }
@@ -408,23 +452,30 @@ export class WritePath {
       await this.#zeroInTable(l1Index, position, tableEnd, mode);
       position = tableEnd;
     }
+    await this.#writeBackIfFull();
   }
 
   async #zeroInTable(l1Index: number, start: number, end: number, mode: 'zero' | 'discard'): Promise<void> {
-    const needTable = mode === 'zero' && this.#o.hasBacking;
+    // Zeros over a backing file need an entry (the zero flag) even where nothing is allocated; so
+    // does a discard on a v3 image, as QEMU makes a discarded range read as zeros there.
+    const needTable = this.#o.hasBacking && (mode === 'zero' || this.#o.version === 3);
     const existing = this.#o.mapper.l2TableOffset(l1Index);
     if (existing === 0 && !needTable) return;
     const l2Offset = await this.#l2ForWrite(l1Index, needTable);
     if (l2Offset === 0) return;
     const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
     const [firstCluster, endCluster] = this.#clusterSpan(start, end - start);
-    const touched = new Map<number, DataView>();
-    const releases: Release[] = [];
-    const zeroFlag = mode === 'zero' && (this.#o.hasBacking || this.#o.version === 3);
+    const zeroFlagForZeroes = this.#o.hasBacking || this.#o.version === 3;
     for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
       const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
       const high = ref.slice.getUint32(ref.at);
       const low = ref.slice.getUint32(ref.at + 4);
+      // A discard (QEMU's, not a full discard) leaves zeros on v3 where the backing file or the
+      // cluster's old data would otherwise show; elsewhere it leaves the entry unallocated.
+      const zeroFlag =
+        mode === 'zero'
+          ? zeroFlagForZeroes
+          : this.#o.version === 3 && (this.#o.hasBacking || isAllocated(high, low, this.#o.extendedL2));
       const newHigh = 0;
       let newLow = 0;
       let zeroBits = 0;
@@ -438,17 +489,15 @@ export class WritePath {
         (!this.#o.extendedL2 ||
           (ref.slice.getUint32(ref.at + 8) === zeroBits && ref.slice.getUint32(ref.at + 12) === 0));
       if (same) continue;
-      releases.push(...this.#releasesOf(ref));
+      this.#pendingFrees.push(...this.#releasesOf(ref));
       ref.slice.setUint32(ref.at, newHigh);
       ref.slice.setUint32(ref.at + 4, newLow);
       if (this.#o.extendedL2) {
         ref.slice.setUint32(ref.at + 8, zeroBits);
         ref.slice.setUint32(ref.at + 12, 0);
       }
-      touched.set(ref.sliceHostOffset, ref.slice);
+      this.#dirty(ref);
     }
-    await this.#writeSlices(touched);
-    await this.#release(releases);
   }
 
   /**
@@ -464,8 +513,6 @@ export class WritePath {
       const first = l1Index * clustersPerTable;
       const count = Math.min(clustersPerTable, totalClusters - first);
       const start = await this.#o.refcounts.allocate(count);
-      await this.#o.refcounts.commit();
-      const touched = new Map<number, DataView>();
       for (let index = 0; index < count; index++) {
         const ref = await this.#entry(l2Offset, index);
         const { high, low } = encodeL2Entry({
@@ -476,11 +523,11 @@ export class WritePath {
         ref.slice.setUint32(ref.at, high);
         ref.slice.setUint32(ref.at + 4, low);
         if (this.#o.extendedL2) ref.slice.setUint32(ref.at + 12, ALL_SUBCLUSTERS);
-        touched.set(ref.sliceHostOffset, ref.slice);
+        this.#dirty(ref);
       }
-      await this.#writeSlices(touched);
+      await this.#writeBackIfFull();
     }
-    await this.#o.file.flush();
+    await this.flush();
   }
 
   /**
@@ -507,8 +554,8 @@ export class WritePath {
     } else {
       const count = Math.ceil(compressed.length / this.#clusterSize);
       hostOffset = (await this.#o.refcounts.allocate(count)) * this.#clusterSize;
+      await this.#o.refcounts.extendFile();
     }
-    await this.#o.refcounts.commit();
     this.#o.metadata.check(hostOffset, compressed.length, undefined, 'compressed data write');
     await this.#o.file.write(hostOffset, compressed);
     this.#compressedTail = hostOffset + compressed.length;
@@ -520,9 +567,16 @@ export class WritePath {
       ref.slice.setUint32(ref.at + 8, 0);
       ref.slice.setUint32(ref.at + 12, 0);
     }
-    await this.#writeSlices(new Map([[ref.sliceHostOffset, ref.slice]]));
-    await this.#release(old);
+    this.#dirty(ref);
+    this.#pendingFrees.push(...old);
+    await this.#writeBackIfFull();
   }
+}
+
+/** Whether an L2 entry has a host cluster (QEMU's "allocated": data, compressed, or zero with one). */
+function isAllocated(high: number, low: number, extendedL2: boolean): boolean {
+  const type = classifyL2Entry(high, low, false, extendedL2);
+  return type === 'normal' || type === 'compressed' || type === 'zero-alloc';
 }
 
 /** Runs `task` over `items`, at most WRITE_CONCURRENCY at a time. */
