@@ -1,11 +1,11 @@
 /**
- * `qcow2 convert` details beyond the bytes: every way of naming a snapshot, the progress line, and
- * converting a raw file.
+ * `qcow2 convert` details beyond the bytes: every way of naming a snapshot, the progress line,
+ * converting a raw file, `-n` (into an existing file) and `-` (stdout).
  */
-import { readFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { qcow2 } from '../src/qcow2-cli.js';
+import { QCOW2_BIN, qcow2 } from '../src/qcow2-cli.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
 const haveTools = requireTools('qemu-img', 'qemu-io');
@@ -71,5 +71,57 @@ describe.skipIf(!haveTools)('qcow2 convert', () => {
     expect(
       readFileSync(join(dir.path, 'copy.raw')).equals(readFileSync(join(dir.path, 'qemu-first.raw'))),
     ).toBe(true);
+  });
+
+  test('a target of - streams every byte through a pipe, as qemu-img writes the file', () => {
+    run('qemu-img', ['convert', '-O', 'raw', 'snap.qcow2', 'qemu-now.raw'], { cwd: dir.path });
+    // Through a pipe (cmp reads it), with -p: the progress line stays on stderr.
+    const piped = runStatus(
+      'sh',
+      [
+        '-c',
+        `"${process.execPath}" "${QCOW2_BIN}" convert -p -O raw snap.qcow2 - 2>progress.txt | cmp - qemu-now.raw`,
+      ],
+      { cwd: dir.path },
+    );
+    expect(piped.stdout + piped.stderr).toBe('');
+    expect(piped.status).toBe(0);
+    expect(readFileSync(join(dir.path, 'progress.txt'), 'utf8')).toMatch(/\(100\.00\/100%\)\r\n$/);
+    // A reader that stops early ends the command quietly.
+    const head = runStatus(
+      'sh',
+      ['-c', `"${process.execPath}" "${QCOW2_BIN}" convert -O raw snap.qcow2 - | head -c 10 | wc -c`],
+      {
+        cwd: dir.path,
+      },
+    );
+    expect(head.stdout.trim()).toBe('10');
+    expect(head.stderr).toBe('');
+  });
+
+  test('-n writes into an existing file as qemu-img -n does: zeros where the guest has them, the tail kept', () => {
+    // A 12 MiB target full of 0x77: the 8 MiB guest overwrites its start, zeros included.
+    run('qemu-img', ['create', '-q', '-f', 'raw', 'full.raw', '12M'], { cwd: dir.path });
+    run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 0 12M', 'full.raw'], { cwd: dir.path });
+    copyFileSync(join(dir.path, 'full.raw'), join(dir.path, 'full-qemu.raw'));
+    const ours = qcow2(['convert', '-n', '-O', 'raw', 'snap.qcow2', 'full.raw'], { cwd: dir.path });
+    expect(ours.status, ours.stderr).toBe(0);
+    run('qemu-img', ['convert', '-n', '-O', 'raw', 'snap.qcow2', 'full-qemu.raw'], { cwd: dir.path });
+    expect(
+      readFileSync(join(dir.path, 'full.raw')).equals(readFileSync(join(dir.path, 'full-qemu.raw'))),
+    ).toBe(true);
+    // The guest's zeros became holes, as qemu-img leaves them.
+    expect(statSync(join(dir.path, 'full.raw')).blocks).toBeLessThanOrEqual(
+      statSync(join(dir.path, 'full-qemu.raw')).blocks,
+    );
+
+    run('qemu-img', ['create', '-q', '-f', 'raw', 'small.raw', '1M'], { cwd: dir.path });
+    const small = qcow2(['convert', '-n', '-O', 'raw', 'snap.qcow2', 'small.raw'], { cwd: dir.path });
+    const qemuSmall = runStatus('qemu-img', ['convert', '-n', '-O', 'raw', 'snap.qcow2', 'small.raw'], {
+      cwd: dir.path,
+    });
+    expect(small.status).toBe(1);
+    expect(qemuSmall.status).toBe(1);
+    expect(small.stderr.replace(/^qcow2: /, '')).toBe(qemuSmall.stderr.replace(/^qemu-img: /, ''));
   });
 });

@@ -1,4 +1,6 @@
 /** What a command may touch of the outside world; `bin/qcow2.ts` fills it from `process`. */
+import type { Writable } from 'node:stream';
+
 export interface CliOutput {
   write(chunk: string): void;
 }
@@ -6,6 +8,12 @@ export interface CliOutput {
 export interface CliIo {
   readonly stdout: CliOutput;
   readonly stderr: CliOutput;
+  /**
+   * stdout as a binary stream, for commands that write an image there (`convert ... -`). Write
+   * with a callback (or wait for 'drain') before reusing a buffer. Absent where the caller has
+   * no such stream (in-process use): those commands then fail with a clear error.
+   */
+  readonly stdoutStream?: Writable;
   /** Folder that relative file names resolve against. */
   readonly cwd: string;
   readonly env: Readonly<Record<string, string | undefined>>;

@@ -132,7 +132,7 @@ function buildProgram(
     program
       .command('convert')
       .argument('<source>', 'the image to read')
-      .argument('<target>', 'the raw file to write'),
+      .argument('<target>', "the file to write ('-': stdout)"),
   )
     .description('convert an image to a sparse raw file or a new qcow2 image (as qemu-img convert)')
     .addOption(new Option('-O <fmt>', 'output format: raw or qcow2').default('raw'))
@@ -146,7 +146,7 @@ function buildProgram(
     .addOption(new Option('-F <fmt>', '-O qcow2: format of the backing file'))
     .addOption(new Option('-m <n>', 'reads in flight').argParser(positiveInteger))
     .option('-W', 'out-of-order writes (accepted)')
-    .option('-n', 'the target exists (not supported yet)')
+    .option('-n', 'write into the existing target (do not create it)')
     .addHelpText(
       'after',
       '\nExamples:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 convert -O qcow2 -c -o cluster_size=2M disk.raw disk.qcow2\n',
@@ -179,6 +179,7 @@ function buildProgram(
           snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
           progress: options.p === true && options.q !== true,
           forceShare: options.forceShare === true,
+          noCreate: options.n === true,
         }),
       );
     });

@@ -1,6 +1,7 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { PassThrough } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { convertFastPath } from '../src/commands/convert-args.js';
 import { type CliIo, run } from '../src/index.js';
@@ -16,6 +17,7 @@ describe('convertFastPath (qcow2 convert without commander)', () => {
         snapshot: undefined,
         progress: false,
         forceShare: false,
+        noCreate: false,
       },
     });
     const line = convertFastPath(['-p', '-U', 'a', '-l', 'snapshot.name=s1', 'b', '--debug']);
@@ -30,6 +32,15 @@ describe('convertFastPath (qcow2 convert without commander)', () => {
       progress: false,
       forceShare: true,
       snapshot: { idOrName: '2' },
+    });
+  });
+
+  test('-n and a target of - (stdout)', () => {
+    expect(convertFastPath(['-n', '-O', 'raw', 'a.qcow2', 'b.raw'])?.options.noCreate).toBe(true);
+    expect(convertFastPath(['-O', 'raw', 'a.qcow2', '-'])).toMatchObject({ source: 'a.qcow2', target: '-' });
+    expect(convertFastPath(['-p', 'a.qcow2', '-'])?.options).toMatchObject({
+      progress: true,
+      noCreate: false,
     });
   });
 
@@ -68,10 +79,11 @@ describe('run(): convert with and without commander', () => {
   });
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-  const runIn = async (argv: string[]) => {
+  const runIn = async (argv: string[], stdoutStream?: PassThrough) => {
     let stderr = '';
     const io: CliIo = {
       stdout: { write: () => undefined },
+      ...(stdoutStream === undefined ? {} : { stdoutStream }),
       stderr: {
         write: (chunk) => {
           stderr += chunk;
@@ -96,6 +108,34 @@ describe('run(): convert with and without commander', () => {
     const source = readFileSync(join(dir, 'disk.raw'));
     expect(readFileSync(join(dir, 'fast.raw')).equals(source)).toBe(true);
     expect(readFileSync(join(dir, 'commander.raw')).equals(source)).toBe(true);
+  });
+
+  test.each([
+    ['fast path', ['convert', '-f', 'raw', '-O', 'raw', 'disk.raw', '-']],
+    ['commander', ['convert', '-fraw', '-Oraw', 'disk.raw', '-']],
+  ])('%s: a target of - writes every byte to the stdout stream', async (_name, argv) => {
+    const stream = new PassThrough();
+    const received: Buffer[] = [];
+    stream.on('data', (chunk: Buffer) => received.push(chunk));
+    expect(await runIn(argv, stream)).toEqual({ code: 0, stderr: '' });
+    expect(Buffer.concat(received).equals(readFileSync(join(dir, 'disk.raw')))).toBe(true);
+  });
+
+  test('a target of - without a stdout stream is one clear line', async () => {
+    const { code, stderr } = await runIn(['convert', '-O', 'raw', 'disk.raw', '-']);
+    expect(code).toBe(1);
+    expect(stderr).toMatch(/^qcow2: convert: target '-' needs a binary stdout/);
+  });
+
+  test.each([
+    ['fast path', ['convert', '-n', '-f', 'raw', '-O', 'raw', 'disk.raw', 'existing.raw']],
+    ['commander', ['convert', '-n', '-fraw', '-Oraw', 'disk.raw', 'existing.raw']],
+  ])('%s: -n writes into the existing file and leaves what lies past the guest', async (_name, argv) => {
+    writeFileSync(join(dir, 'existing.raw'), Buffer.alloc((1 << 20) + 4096, 0xee));
+    expect(await runIn(argv)).toEqual({ code: 0, stderr: '' });
+    const written = readFileSync(join(dir, 'existing.raw'));
+    expect(written.subarray(0, 1 << 20).equals(readFileSync(join(dir, 'disk.raw')))).toBe(true);
+    expect(written.subarray(1 << 20).every((byte) => byte === 0xee)).toBe(true);
   });
 
   test.each([

@@ -14,6 +14,7 @@ process.stderr.on('error', () => process.exit(1));
 const exitCode = await run(process.argv.slice(2), {
   stdout: { write: (chunk) => void process.stdout.write(chunk) },
   stderr: { write: (chunk) => void process.stderr.write(chunk) },
+  stdoutStream: process.stdout,
   cwd: process.cwd(),
   env: process.env,
   isTTY: process.stderr.isTTY === true,

@@ -1,6 +1,7 @@
 /**
  * `qcow2 convert`'s command line without commander: the common spellings (`-f FMT -O FMT -l X -s X
- * -p -q -U --force-share --debug` and two file names, each flag and value its own argument) are
+ * -n -p -q -U --force-share --debug` and two file names, each flag and value its own argument; the
+ * target may be `-`, stdout) are
  * parsed here so the command starts without loading commander. Anything else (bundled flags,
  * `--help`, unknown or misspelt options, a missing value or file name, an unknown format, any
  * output format but raw) returns undefined and goes to commander, which reports it or runs the
@@ -17,7 +18,7 @@ export interface ConvertCommandLine {
 }
 
 const WITH_VALUE = new Set(['-f', '-O', '-l', '-s']);
-const FLAGS = new Set(['-p', '-q', '-U', '--force-share', '--debug']);
+const FLAGS = new Set(['-n', '-p', '-q', '-U', '--force-share', '--debug']);
 
 /** `args` are the arguments after `convert`; undefined when commander has to look at them. */
 export function convertFastPath(args: readonly string[]): ConvertCommandLine | undefined {
@@ -33,7 +34,7 @@ export function convertFastPath(args: readonly string[]): ConvertCommandLine | u
       index++;
     } else if (FLAGS.has(arg)) {
       flags.add(arg);
-    } else if (arg.startsWith('-')) {
+    } else if (arg.startsWith('-') && arg !== '-') {
       return undefined;
     } else {
       files.push(arg);
@@ -53,6 +54,7 @@ export function convertFastPath(args: readonly string[]): ConvertCommandLine | u
       snapshot: parseSnapshotOption(values.get('-l'), values.get('-s')),
       progress: flags.has('-p') && !flags.has('-q'),
       forceShare: flags.has('-U') || flags.has('--force-share'),
+      noCreate: flags.has('-n'),
     },
   };
 }

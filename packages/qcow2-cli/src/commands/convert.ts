@@ -1,12 +1,21 @@
 /**
- * `qcow2 convert -O raw`: copies the guest's bytes into a sparse raw file.
+ * `qcow2 convert -O raw`: copies the guest's bytes into a sparse raw file, into an existing file
+ * (`-n`), or onto stdout (target `-`).
  *
  * Block status first: ranges the source reports as zeros are never read and stay holes in the new
  * file. Data ranges are read in chunks by a few workers (bounded memory), and each 4 KiB block of
  * the guest that reads as all zeros is skipped too, as qemu-img does by default (`-S 4k`).
+ *
+ * `-n` writes into the existing file as qemu-img does: the file must be at least as large as the
+ * guest (bytes past the guest's end are left alone), and every range the guest reads as zeros
+ * becomes zeros in the file too: the file's range is punched first when it can punch holes, else
+ * zeros are written only where the file holds data. Stdout gets every byte in order, zeros
+ * included; reads still run ahead in parallel.
  */
-import { open, stat } from 'node:fs/promises';
-import type { BlockDevice } from '@qcowkit/blockdev';
+import { stat } from 'node:fs/promises';
+import type { Writable } from 'node:stream';
+import { type BlockDevice, isBlockDeviceError } from '@qcowkit/blockdev';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import type { ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
@@ -22,6 +31,8 @@ export interface ConvertOptions {
   readonly snapshot?: { id?: string; name?: string; idOrName?: string } | undefined;
   readonly progress: boolean;
   readonly forceShare: boolean;
+  /** `-n`: write into the existing target instead of creating it. */
+  readonly noCreate?: boolean;
   /** Bytes per read (default 2 MiB) and reads in flight (default 4): memory is their product. */
   readonly chunkSize?: number;
   readonly parallel?: number;
@@ -51,14 +62,30 @@ export async function convertCommand(
     snapshot,
   });
   try {
-    const targetPath = resolveAgainst(context.io.cwd, target);
-    await refuseOverwritingSource(targetPath, target, opened);
+    // Progress goes to stderr, so `-p` never mixes with an image written to stdout.
     const progress = options.progress ? new ProgressReporter(context.io.stderr) : undefined;
-    await convertToRaw(opened.device, targetPath, target, {
+    const copyOptions = {
       chunkSize: options.chunkSize ?? DEFAULT_CHUNK,
       parallel: options.parallel ?? DEFAULT_PARALLEL,
-      onProgress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
-    });
+      onProgress:
+        progress === undefined ? undefined : (done: number, total: number) => progress.update(done, total),
+    };
+    if (target === '-') {
+      const stream = context.io.stdoutStream;
+      if (stream === undefined) {
+        throw new CliError("convert: target '-' needs a binary stdout, which this caller did not give", {
+          code: 'EUNSUPPORTED',
+        });
+      }
+      await convertToStream(opened.device, stream, copyOptions);
+    } else {
+      const targetPath = resolveAgainst(context.io.cwd, target);
+      await refuseOverwritingSource(targetPath, target, opened, options.noCreate === true);
+      await convertToRaw(opened.device, targetPath, target, {
+        ...copyOptions,
+        noCreate: options.noCreate === true,
+      });
+    }
     progress?.finish();
   } finally {
     await opened.close();
@@ -66,16 +93,18 @@ export async function convertCommand(
   return 0;
 }
 
-/** Creating the target truncates it: refuse when it is the source or any file the source reads
- * (a backing file, an external data file), and anything but a regular file. */
+/** Creating the target truncates it, and `-n` overwrites it: refuse when it is the source or any
+ * file the source reads (a backing file, an external data file). A new target must be a regular
+ * file; `-n` also takes a block device. */
 async function refuseOverwritingSource(
   targetPath: string,
   target: string,
   opened: OpenedImage,
+  noCreate: boolean,
 ): Promise<void> {
   const targetStat = await stat(targetPath).catch(() => undefined);
   if (targetStat === undefined) return;
-  if (!targetStat.isFile()) {
+  if (!targetStat.isFile() && !(noCreate && targetStat.isBlockDevice())) {
     throw new CliError(
       `Could not create '${target}': not a regular file (block devices are not supported yet)`,
       {
@@ -88,7 +117,7 @@ async function refuseOverwritingSource(
     const sourceStat = await stat(sourcePath).catch(() => undefined);
     if (sourceStat !== undefined && sourceStat.dev === targetStat.dev && sourceStat.ino === targetStat.ino) {
       throw new CliError(
-        `Could not create '${target}': it is a file the source image reads (${sourcePath})`,
+        `Could not ${noCreate ? 'write' : 'create'} '${target}': it is a file the source image reads (${sourcePath})`,
         {
           code: 'EINVAL',
         },
@@ -137,89 +166,237 @@ export interface ConvertToRawOptions {
   readonly chunkSize: number;
   readonly parallel: number;
   readonly onProgress?: ((done: number, total: number) => void) | undefined;
+  /** `-n`: write into the existing file at `targetPath` instead of creating it. */
+  readonly noCreate?: boolean;
 }
 
-/** Writes every non-zero 4 KiB block of `device` into a new sparse raw file at `targetPath`. */
+/** Short wordings of system errors, as qemu-img prints them after `Could not create 'X': `. */
+const SYSTEM_WORDS: Partial<Record<string, string>> = {
+  ENOENT: 'No such file or directory',
+  EACCES: 'Permission denied',
+  EBUSY: 'Failed to get "write" lock (is another process using the image?)',
+  ENOSPC: 'No space left on device',
+  EROFS: 'Read-only file system',
+};
+
+function why(error: unknown): string {
+  return (isBlockDeviceError(error) && SYSTEM_WORDS[error.code]) || describeError(error);
+}
+
+/** Opens (`-n`) or creates the raw target, sized to the guest: holes everywhere when created. */
+async function openTarget(targetPath: string, targetName: string, size: number, noCreate: boolean) {
+  if (!noCreate) {
+    try {
+      return await FileBlockDevice.create(targetPath, size, { overwrite: true });
+    } catch (error) {
+      throw new CliError(`Could not create '${targetName}': ${why(error)}`, { cause: error });
+    }
+  }
+  let file: FileBlockDevice;
+  try {
+    file = await FileBlockDevice.open(targetPath);
+  } catch (error) {
+    throw new CliError(`Could not open '${targetName}': ${why(error)}`, { cause: error });
+  }
+  if (file.size < size) {
+    await file.close();
+    throw new CliError('output file is smaller than input file', { code: 'EINVAL' });
+  }
+  return file;
+}
+
+/**
+ * Writes every non-zero 4 KiB block of `device` into a raw file at `targetPath`: a new sparse file,
+ * or with `noCreate` the existing file, whose first `device.size` bytes end up equal to the guest.
+ */
 export async function convertToRaw(
   device: BlockDevice,
   targetPath: string,
   targetName: string,
   options: ConvertToRawOptions,
 ): Promise<void> {
-  let handle: import('node:fs/promises').FileHandle;
-  try {
-    handle = await open(targetPath, 'w');
-    await handle.truncate(device.size);
-  } catch (error) {
-    throw new CliError(`Could not create '${targetName}': ${describeError(error)}`, {
-      cause: error,
-    });
-  }
+  const noCreate = options.noCreate === true;
+  const file = await openTarget(targetPath, targetName, device.size, noCreate);
+  let failure: unknown;
   try {
     const size = device.size;
     let done = 0;
     const report = () => options.onProgress?.(done, size);
     report();
+    // An existing file: zero the guest's range in one go where that is cheap (a punched hole), so
+    // what follows is the same as for a new file. Otherwise zeros go where the source has them.
+    const zeroAhead = noCreate && file.capabilities.fastZero && size > 0;
+    if (zeroAhead) await zeroTarget(file, targetName, 0, size, true);
+    const zeroInTarget = noCreate && !zeroAhead;
     const chunkSize = Math.max(SPARSE_BLOCK, options.chunkSize - (options.chunkSize % SPARSE_BLOCK));
-    const tasks = dataChunks(device, chunkSize, (skipped) => {
-      done += skipped;
+    const tasks = serialise(
+      chunks(device, chunkSize, false, async (offset, length) => {
+        if (zeroInTarget) await zeroTarget(file, targetName, offset, length, false);
+        done += length;
+        report();
+      }),
+    );
+    await runWorkers(options.parallel, chunkSize, async (buffer) => {
+      const next = await tasks.next();
+      if (next.done) return false;
+      const { offset, length } = next.value;
+      const view = buffer.subarray(0, length);
+      await device.readInto(view, offset);
+      await writeNonZero(file, view, offset, targetName, zeroInTarget);
+      done += length;
       report();
+      return true;
     });
-    // On the first failure the other workers stop taking work; every worker has finished before
-    // the file is closed, so no write lands on a closed handle.
-    let failed = false;
-    const worker = async () => {
-      // Its own ArrayBuffer (never the shared pool): offset 0, so 32-bit views line up.
-      const buffer = Buffer.allocUnsafeSlow(chunkSize);
-      try {
-        while (!failed) {
-          const next = await tasks.next();
-          if (next.done) return;
-          const { offset, length } = next.value;
-          const view = buffer.subarray(0, length);
-          await device.readInto(view, offset);
-          await writeNonZero(handle, view, offset, targetName);
-          done += length;
-          report();
-        }
-      } catch (error) {
-        failed = true;
-        throw error;
-      }
-    };
-    const results = await Promise.allSettled(Array.from({ length: Math.max(1, options.parallel) }, worker));
-    const failure = results.find((result) => result.status === 'rejected');
-    if (failure !== undefined) throw failure.reason;
+  } catch (error) {
+    failure = error;
+    throw error;
   } finally {
-    await handle.close();
+    await file.close().catch((error: unknown) => {
+      if (failure === undefined) {
+        throw new CliError(`error while closing '${targetName}': ${describeError(error)}`, { cause: error });
+      }
+    });
   }
 }
 
 /**
- * The data ranges of `device` cut into chunks that start on 4 KiB boundaries of the guest, as an
- * async iterator safe to share between workers. Zero ranges are reported to `onSkip`.
+ * Writes every byte of `device` to `stream` in order, zeros included (target `-`). Reads run ahead
+ * in parallel; each chunk is written once the one before it has been, and its buffer is reused
+ * only once the stream has taken it.
  */
-function dataChunks(
+export async function convertToStream(
+  device: BlockDevice,
+  stream: Writable,
+  options: Omit<ConvertToRawOptions, 'noCreate'>,
+): Promise<void> {
+  const size = device.size;
+  let done = 0;
+  const report = () => options.onProgress?.(done, size);
+  report();
+  const chunkSize = Math.max(SPARSE_BLOCK, options.chunkSize - (options.chunkSize % SPARSE_BLOCK));
+  const zeros = Buffer.alloc(chunkSize);
+  const tasks = serialise(numbered(chunks(device, chunkSize, true, undefined)));
+  // Chunk n is written once chunk n - 1 has been: `turn(n)` settles when chunk n is written (or
+  // rejects when it failed, so the chunks after it give up instead of waiting forever).
+  const turns = new Map<number, { promise: Promise<void>; resolve(): void; reject(error: unknown): void }>();
+  const turn = (index: number) => {
+    let entry = turns.get(index);
+    if (entry === undefined) {
+      let resolve!: () => void;
+      let reject!: (error: unknown) => void;
+      const promise = new Promise<void>((res, rej) => {
+        resolve = res;
+        reject = rej;
+      });
+      promise.catch(() => undefined);
+      entry = { promise, resolve, reject };
+      turns.set(index, entry);
+    }
+    return entry;
+  };
+  turn(-1).resolve();
+  const streamFailed = new Promise<never>((_resolve, reject) => {
+    stream.once('error', reject);
+  });
+  streamFailed.catch(() => undefined);
+  const write = (data: Uint8Array) =>
+    Promise.race([
+      new Promise<void>((resolve, reject) => {
+        stream.write(data, (error) => (error ? reject(error) : resolve()));
+      }),
+      streamFailed,
+    ]);
+  await runWorkers(options.parallel, chunkSize, async (buffer) => {
+    const next = await tasks.next();
+    if (next.done) return false;
+    const { index, chunk } = next.value;
+    try {
+      let view: Uint8Array;
+      if (chunk.zero) {
+        view = zeros.subarray(0, chunk.length);
+      } else {
+        view = buffer.subarray(0, chunk.length);
+        await device.readInto(view, chunk.offset);
+      }
+      await turn(index - 1).promise;
+      turns.delete(index - 1);
+      await write(view);
+      turn(index).resolve();
+    } catch (error) {
+      turn(index).reject(error);
+      throw error;
+    }
+    done += chunk.length;
+    report();
+    return true;
+  });
+}
+
+async function* numbered<T>(items: AsyncIterable<T>): AsyncGenerator<{ index: number; chunk: T }> {
+  let index = 0;
+  for await (const chunk of items) yield { index: index++, chunk };
+}
+
+/**
+ * Runs `parallel` workers, each with its own buffer of `bufferSize` bytes, calling `step` until
+ * it returns false. On the first failure the other workers stop taking work; every worker has
+ * finished before this settles, so nothing lands on a closed file.
+ */
+async function runWorkers(
+  parallel: number,
+  bufferSize: number,
+  step: (buffer: Buffer) => Promise<boolean>,
+): Promise<void> {
+  let failed = false;
+  const worker = async () => {
+    // Its own ArrayBuffer (never the shared pool): offset 0, so 32-bit views line up.
+    const buffer = Buffer.allocUnsafeSlow(bufferSize);
+    try {
+      while (!failed && (await step(buffer))) {}
+    } catch (error) {
+      failed = true;
+      throw error;
+    }
+  };
+  const results = await Promise.allSettled(Array.from({ length: Math.max(1, parallel) }, worker));
+  const failure = results.find((result) => result.status === 'rejected');
+  if (failure !== undefined) throw failure.reason;
+}
+
+interface Chunk {
+  readonly offset: number;
+  readonly length: number;
+  /** The range reads as zeros (only handed out when zero chunks are asked for). */
+  readonly zero: boolean;
+}
+
+/**
+ * The ranges of `device` cut into chunks that start on `chunkSize` boundaries of the guest. Zero
+ * ranges are handed out as chunks too with `withZeros`, else reported to `onZero`.
+ */
+async function* chunks(
   device: BlockDevice,
   chunkSize: number,
-  onSkip: (bytes: number) => void,
-): { next(): Promise<IteratorResult<{ offset: number; length: number }>> } {
-  const generator = (async function* () {
-    for await (const extent of walkExtents(device, 0, device.size)) {
-      const end = extent.offset + extent.length;
-      if (extent.zero) {
-        onSkip(extent.length);
-        continue;
-      }
-      let offset = extent.offset;
-      while (offset < end) {
-        const chunkEnd = Math.min(end, offset - (offset % chunkSize) + chunkSize);
-        yield { offset, length: chunkEnd - offset };
-        offset = chunkEnd;
-      }
+  withZeros: boolean,
+  onZero: ((offset: number, length: number) => Promise<void>) | undefined,
+): AsyncGenerator<Chunk> {
+  for await (const extent of walkExtents(device, 0, device.size)) {
+    const end = extent.offset + extent.length;
+    if (extent.zero && !withZeros) {
+      await onZero?.(extent.offset, extent.length);
+      continue;
     }
-  })();
-  // Workers call next() concurrently: serialise the calls so the generator never runs twice at once.
+    let offset = extent.offset;
+    while (offset < end) {
+      const chunkEnd = Math.min(end, offset - (offset % chunkSize) + chunkSize);
+      yield { offset, length: chunkEnd - offset, zero: extent.zero };
+      offset = chunkEnd;
+    }
+  }
+}
+
+/** An async iterator safe to share between workers: calls to next() run one at a time. */
+function serialise<T>(generator: AsyncGenerator<T>): { next(): Promise<IteratorResult<T>> } {
   let last: Promise<unknown> = Promise.resolve();
   return {
     next() {
@@ -228,6 +405,34 @@ function dataChunks(
       return result;
     },
   };
+}
+
+/**
+ * Makes `[offset, offset + length)` of the target read as zeros. `whole`: one call over the range
+ * (a punched hole); otherwise only the target's data extents inside it are zeroed, so a range
+ * that is a hole already costs nothing.
+ */
+async function zeroTarget(
+  file: FileBlockDevice,
+  targetName: string,
+  offset: number,
+  length: number,
+  whole: boolean,
+): Promise<void> {
+  try {
+    if (whole) {
+      await file.writeZeroes(offset, length, { mayUnmap: true });
+      return;
+    }
+    for await (const extent of walkExtents(file, offset, offset + length)) {
+      if (!extent.zero) await file.writeZeroes(extent.offset, extent.length, { mayUnmap: true });
+    }
+  } catch (error) {
+    throw new CliError(
+      `error while writing zeros at byte ${offset} of '${targetName}': ${describeError(error)}`,
+      { cause: error },
+    );
+  }
 }
 
 const ZERO_BLOCK = Buffer.alloc(SPARSE_BLOCK);
@@ -246,49 +451,50 @@ function isZeroBlock(data: Buffer, words: Uint32Array, start: number, end: numbe
 }
 
 /** Writes the runs of `data` (guest bytes at `guestOffset`) whose 4 KiB guest blocks hold a non-zero
- * byte; all-zero blocks stay holes. */
+ * byte; all-zero blocks stay holes, or with `zeroRuns` are zeroed in the target where it holds data. */
 async function writeNonZero(
-  handle: import('node:fs/promises').FileHandle,
+  file: FileBlockDevice,
   data: Buffer,
   guestOffset: number,
   targetName: string,
+  zeroRuns: boolean,
 ): Promise<void> {
   const words =
     data.byteOffset % 4 === 0
       ? new Uint32Array(data.buffer, data.byteOffset, data.length >> 2)
       : new Uint32Array(0);
-  let runStart = -1;
+  let runStart = 0;
+  let runIsData = true;
   let index = 0;
+  const flush = async (end: number) => {
+    if (end === runStart) return;
+    if (runIsData) await writeAll(file, data.subarray(runStart, end), guestOffset + runStart, targetName);
+    else if (zeroRuns) await zeroTarget(file, targetName, guestOffset + runStart, end - runStart, false);
+  };
   while (index < data.length) {
     const blockEnd = Math.min(data.length, index + SPARSE_BLOCK - ((guestOffset + index) % SPARSE_BLOCK));
-    if (isZeroBlock(data, words, index, blockEnd)) {
-      if (runStart >= 0) {
-        await writeAll(handle, data.subarray(runStart, index), guestOffset + runStart, targetName);
-      }
-      runStart = -1;
-    } else if (runStart < 0) {
+    const isData = !isZeroBlock(data, words, index, blockEnd);
+    if (isData !== runIsData) {
+      await flush(index);
       runStart = index;
+      runIsData = isData;
     }
     index = blockEnd;
   }
-  if (runStart >= 0) await writeAll(handle, data.subarray(runStart), guestOffset + runStart, targetName);
+  await flush(data.length);
 }
 
 async function writeAll(
-  handle: import('node:fs/promises').FileHandle,
+  file: FileBlockDevice,
   data: Buffer,
   position: number,
   targetName: string,
 ): Promise<void> {
-  let written = 0;
   try {
-    while (written < data.length) {
-      const { bytesWritten } = await handle.write(data, written, data.length - written, position + written);
-      written += bytesWritten;
-    }
+    await file.write(position, data);
   } catch (error) {
     throw new CliError(
-      `error while writing at byte ${position + written} of '${targetName}': ${describeError(error)}`,
+      `error while writing at byte ${position} of '${targetName}': ${describeError(error)}`,
       {
         cause: error,
       },
