@@ -163,6 +163,8 @@ export async function createCommand(
       if (preallocation === 'falloc' || preallocation === 'full') {
         await preallocateRaw(device, preallocation);
       }
+      // As qemu-img: the first block is written, so the file system has allocated it.
+      if (size > 0 && preallocation !== 'full') await device.write(0, new Uint8Array(Math.min(4096, size)));
     } catch (error) {
       throw new CliError(`${file}: Could not preallocate data for the new file: ${describeError(error)}`, {
         cause: error,
@@ -173,6 +175,18 @@ export async function createCommand(
     return 0;
   }
 
+  const requested = values.get('preallocation');
+  if (requested !== undefined && !RAW_PREALLOCATION.includes(requested)) {
+    // qemu-img prints its Formatting line before it refuses the mode.
+    const others = new Map(values);
+    others.delete('preallocation');
+    if (!options.quiet) {
+      context.io.stdout.write(
+        `${formattingLine(file, size, values, qcow2CreateOptions(file, size, others))}\n`,
+      );
+    }
+    throw new UsageError(`${file}: Parameter 'preallocation' does not accept value '${requested}'`);
+  }
   const createOptions = qcow2CreateOptions(file, size, values);
   planQcow2Create(createOptions); // validates before anything is written
   if (!options.quiet) context.io.stdout.write(`${formattingLine(file, size, values, createOptions)}\n`);

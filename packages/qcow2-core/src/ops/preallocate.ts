@@ -3,8 +3,9 @@
  * is first laid out with metadata preallocation (every L2 table and data cluster allocated); then
  * {@link preallocateData} gives every data cluster its storage in the file and turns the
  * preallocated-zero entries into plain data entries, as QEMU's falloc/full images have them
- * (`qemu-img map` shows `"zero": false, "data": true`). With extended L2 the entries stay as they
- * are (QEMU leaves their subclusters unallocated); with compat 0.10 they are data entries already.
+ * (`qemu-img map` shows `"zero": false, "data": true`). With extended L2 the subcluster bitmaps
+ * are cleared (QEMU leaves the subclusters of a preallocated cluster unallocated, reading from the
+ * backing file or as zeros); with compat 0.10 the entries are data entries already.
  *
  * Order: the data area is made durable as zeros first (fallocate for 'falloc', zeros written for
  * 'full'), then the L2 tables are rewritten, so no entry ever claims data that is not zeros.
@@ -72,7 +73,13 @@ export async function preallocateData(
         });
       }
       addRange(hostOffset);
-      if (type === 'zero-alloc') {
+      if (extendedL2) {
+        if (view.getUint32(at + 8) !== 0 || view.getUint32(at + 12) !== 0) {
+          view.setUint32(at + 8, 0);
+          view.setUint32(at + 12, 0);
+          dirty = true;
+        }
+      } else if (type === 'zero-alloc') {
         view.setUint32(at + 4, (low & ~QCOW_OFLAG_ZERO) >>> 0);
         dirty = true;
       }

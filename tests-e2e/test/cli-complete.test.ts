@@ -1,0 +1,177 @@
+/**
+ * The `qcow2` subcommands' remaining qemu-img flags, side by side with qemu-img on images made by
+ * QEMU: commit -b / -r / -t, -p progress of commit and rebase, create -o preallocation=falloc|full,
+ * bench -q, dd -O qcow2 and measure of an image with persistent bitmaps.
+ */
+import { statSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { qcow2 } from '../src/qcow2-cli.js';
+import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
+
+const haveTools = requireTools('qemu-img', 'qemu-io');
+
+describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the rest of qemu-img flags', () => {
+  let dir: { path: string; remove: () => void };
+  const qemuImg = (args: readonly string[]) => runStatus('qemu-img', args, { cwd: dir.path });
+  const cli = (args: readonly string[], env?: NodeJS.ProcessEnv) =>
+    qcow2(args, { cwd: dir.path, ...(env === undefined ? {} : { env: { ...process.env, ...env } }) });
+  const must = (args: string[]) => run('qemu-img', args, { cwd: dir.path });
+  const io = (file: string, ...commands: string[]) =>
+    run('qemu-io', [...commands.flatMap((command) => ['-c', command]), file], { cwd: dir.path });
+  const expectClean = (file: string) => expect(qemuImg(['check', file]).status).toBe(0);
+  const expectIdentical = (a: string, b: string) =>
+    expect(qemuImg(['compare', a, b]).stdout).toBe('Images are identical.\n');
+  const map = (file: string) => JSON.parse(qemuImg(['map', '--output=json', file]).stdout) as unknown[];
+  /** The map without host offsets (where clusters land is the allocator's choice). */
+  const layout = (file: string) =>
+    (JSON.parse(qemuImg(['map', '--output=json', file]).stdout) as Record<string, unknown>[]).map(
+      ({ offset: _offset, ...rest }) => rest,
+    );
+
+  beforeAll(() => {
+    dir = tempDir('qcowkit-cli-complete-');
+  });
+  afterAll(() => dir?.remove());
+
+  /** base <- mid <- top, each holding data of its own, some over the layers below. */
+  const chain = (side: string) => {
+    must(['create', '-q', '-f', 'qcow2', `base-${side}.qcow2`, '4M']);
+    io(`base-${side}.qcow2`, 'write -P 1 0 1M', 'write -P 1 3M 64k');
+    must([
+      'create',
+      '-q',
+      '-f',
+      'qcow2',
+      '-b',
+      `base-${side}.qcow2`,
+      '-F',
+      'qcow2',
+      `mid-${side}.qcow2`,
+      '6M',
+    ]);
+    io(`mid-${side}.qcow2`, 'write -P 2 512k 128k', 'write -z 3M 64k', 'write -P 2 5M 64k');
+    must(['create', '-q', '-f', 'qcow2', '-b', `mid-${side}.qcow2`, '-F', 'qcow2', `top-${side}.qcow2`]);
+    io(`top-${side}.qcow2`, 'write -P 3 576k 8k', 'write -P 3 2M 100k');
+  };
+
+  test.each([
+    ['-b the deepest image', ['commit', '-b', 'base-SIDE.qcow2', 'top-SIDE.qcow2']],
+    ['-b the backing file', ['commit', '-b', 'mid-SIDE.qcow2', 'top-SIDE.qcow2']],
+    ['-b with -d and -p', ['commit', '-d', '-p', '-b', 'base-SIDE.qcow2', 'mid-SIDE.qcow2']],
+    [
+      '-b with a rate limit and a cache mode',
+      ['commit', '-r', '1M', '-t', 'none', '-b', 'base-SIDE.qcow2', 'top-SIDE.qcow2'],
+    ],
+    ['-b not in the chain', ['commit', '-b', 'nope.qcow2', 'top-SIDE.qcow2']],
+    ['-b the image itself', ['commit', '-b', 'top-SIDE.qcow2', 'top-SIDE.qcow2']],
+    ['a bad rate limit', ['commit', '-r', 'fast', 'top-SIDE.qcow2']],
+    ['a bad cache mode', ['commit', '-t', 'bogus', 'top-SIDE.qcow2']],
+  ])('commit %s as qemu-img', (_name, args) => {
+    chain('theirs');
+    chain('ours');
+    const expected = qemuImg(args.map((arg) => arg.replace('SIDE', 'theirs')));
+    const actual = cli(args.map((arg) => arg.replace('SIDE', 'ours')));
+    expect(actual.status).toBe(expected.status);
+    expect(actual.stdout.replace(/^ {4}\(.*\r\n/, '')).toBe(
+      expected.stdout.replace(/^( {4}\(\d+\.\d\d\/100%\)\r?)+\n?/, ''),
+    );
+    if (expected.status !== 0) {
+      expect(actual.stderr.split('\n').filter(Boolean)).toHaveLength(1);
+      // qemu-img wraps its long messages over two lines; ours is one.
+      expect(actual.stderr.replace('qcow2:', 'qemu-img:').replaceAll('ours', 'theirs')).toContain(
+        expected.stderr.split('\n')[0]!.replace(/ You may use.*/, ''),
+      );
+      return;
+    }
+    for (const layer of ['base', 'mid', 'top']) {
+      expectClean(`${layer}-ours.qcow2`);
+      expectIdentical(`${layer}-theirs.qcow2`, `${layer}-ours.qcow2`);
+      expect(layout(`${layer}-ours.qcow2`)).toEqual(layout(`${layer}-theirs.qcow2`));
+    }
+  });
+
+  test('commit -p and rebase -p report progress as they go, in qemu-img form off a terminal', () => {
+    must(['create', '-q', '-f', 'qcow2', 'pbase.qcow2', '16M']);
+    must(['create', '-q', '-f', 'qcow2', '-b', 'pbase.qcow2', '-F', 'qcow2', 'ptop.qcow2']);
+    io('ptop.qcow2', 'write -P 4 0 12M');
+    must(['create', '-q', '-f', 'qcow2', 'pnew.qcow2', '16M']);
+    io('pbase.qcow2', 'write -P 5 0 16M');
+    const figures = (stderr: string) => [...stderr.matchAll(/ {4}\((\d+\.\d\d)\/100%\)\r/g)].map((m) => m[1]);
+
+    const rebase = cli(['rebase', '-p', '-b', 'pnew.qcow2', '-F', 'qcow2', 'ptop.qcow2']);
+    expect(rebase.status).toBe(0);
+    expect(rebase.stderr.endsWith('    (100.00/100%)\r\n')).toBe(true);
+    expect(new Set(figures(rebase.stderr)).size).toBeGreaterThan(3);
+
+    const commit = cli(['commit', '-p', 'ptop.qcow2']);
+    expect(commit.status).toBe(0);
+    expect(commit.stdout).toBe('Image committed.\n');
+    const seen = figures(commit.stderr);
+    expect(seen[0]).toBe('0.00');
+    expect(seen.at(-1)).toBe('100.00');
+    expect(new Set(seen).size).toBeGreaterThan(3);
+    expect(seen.map(Number)).toEqual([...seen.map(Number)].sort((a, b) => a - b));
+
+    // -q silences -p.
+    expect(cli(['commit', '-q', '-p', 'ptop.qcow2'])).toMatchObject({ status: 0, stdout: '', stderr: '' });
+  });
+
+  test.each([
+    ['qcow2, falloc', ['-f', 'qcow2', '-o', 'preallocation=falloc', 'FILE', '5M']],
+    ['qcow2, full', ['-f', 'qcow2', '-o', 'preallocation=full', 'FILE', '3M']],
+    [
+      'qcow2, falloc, 4k clusters',
+      ['-f', 'qcow2', '-o', 'preallocation=falloc,cluster_size=4k', 'FILE', '1M'],
+    ],
+    ['qcow2 v2, full', ['-f', 'qcow2', '-o', 'preallocation=full,compat=0.10', 'FILE', '1M']],
+    [
+      'qcow2, extended L2, falloc',
+      ['-f', 'qcow2', '-o', 'preallocation=falloc,extended_l2=on', 'FILE', '2M'],
+    ],
+    ['raw, falloc', ['-f', 'raw', '-o', 'preallocation=falloc', 'FILE', '3M']],
+    ['raw, full', ['-f', 'raw', '-o', 'preallocation=full', 'FILE', '3M']],
+    ['raw, metadata', ['-f', 'raw', '-o', 'preallocation=metadata', 'FILE', '3M']],
+    ['qcow2, bad mode', ['-f', 'qcow2', '-o', 'preallocation=bogus', 'FILE', '1M']],
+  ])('create -o preallocation: %s as qemu-img', (_name, args) => {
+    const ext = args[1] === 'raw' ? 'raw' : 'qcow2';
+    const [theirs, ours] = [`pre-theirs.${ext}`, `pre-ours.${ext}`];
+    const expected = qemuImg(['create', ...args.map((arg) => arg.replace('FILE', theirs))]);
+    const actual = cli(['create', ...args.map((arg) => arg.replace('FILE', ours))]);
+    expect(actual.status).toBe(expected.status);
+    expect(actual.stdout).toBe(expected.stdout.replaceAll('theirs', 'ours'));
+    if (expected.status !== 0) {
+      expect(actual.stderr.replace('qcow2:', 'qemu-img:').replaceAll('ours', 'theirs')).toBe(expected.stderr);
+      return;
+    }
+    const info = (file: string) => {
+      const {
+        filename: _f,
+        'actual-size': actualSize,
+        ...rest
+      } = JSON.parse(qemuImg(['info', '--output=json', file]).stdout) as Record<string, unknown>;
+      return { rest, actualSize: actualSize as number };
+    };
+    const [mine, qemu] = [info(ours), info(theirs)];
+    expect(mine.rest).toEqual(qemu.rest);
+    // Allocated within a cluster or two of qemu-img's (file systems round differently).
+    expect(Math.abs(mine.actualSize - qemu.actualSize)).toBeLessThanOrEqual(256 * 1024);
+    expect(statSync(join(dir.path, ours)).size).toBe(statSync(join(dir.path, theirs)).size);
+    expect(map(ours)).toEqual(map(theirs));
+    if (ext === 'qcow2') expectClean(ours);
+    expectIdentical(theirs, ours);
+  });
+
+  test('bench -q prints what qemu-img bench -q prints', () => {
+    must(['create', '-q', '-f', 'qcow2', 'bq.qcow2', '1M']);
+    const timeless = (text: string) => text.replace(/in \d+\.\d{3} seconds/, 'in T seconds');
+    for (const extra of [[], ['-w', '-d', '4', '--flush-interval=10']]) {
+      const args = ['bench', '-q', '-c', '100', ...extra, 'bq.qcow2'];
+      const expected = qemuImg(args);
+      const actual = cli(args);
+      expect(actual.status).toBe(expected.status);
+      expect(timeless(actual.stdout)).toBe(timeless(expected.stdout));
+      expect(actual.stdout).toContain('Run completed in');
+    }
+  });
+});
