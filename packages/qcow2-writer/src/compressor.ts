@@ -16,6 +16,29 @@ export interface ClusterCompressor {
    * the caller must not use `data` after the call.
    */
   compressClusters(data: Uint8Array, clusterSize: number, type: CompressionType): Promise<Uint8Array[]>;
+  /**
+   * Optional, for callers that keep a fixed set of buffers circulating: compresses the first
+   * `length` bytes of `data` (taken over, handed back in the result) into `scratch` when it is
+   * given and large enough (taken over too, handed back as the result's `output` buffer). With
+   * SharedArrayBuffers nothing moves: the worker pool works in place.
+   */
+  compressBatch?(
+    data: Uint8Array,
+    clusterSize: number,
+    type: CompressionType,
+    scratch?: ArrayBuffer | SharedArrayBuffer,
+    length?: number,
+  ): Promise<CompressedBatch>;
   /** Stops worker threads, if any. */
   close?(): Promise<void>;
+}
+
+/** A batch compressed by {@link ClusterCompressor.compressBatch}. */
+export interface CompressedBatch {
+  /** The batch's input, handed back (same bytes; the view passed in may be detached). */
+  readonly input: Uint8Array;
+  /** Every output back to back (in `scratch` when it was large enough). */
+  readonly output: Uint8Array;
+  /** Length of each output, in order; an output as long as its piece is the piece, stored plain. */
+  readonly lengths: Uint32Array;
 }

@@ -14,6 +14,7 @@ import { maxRefcount } from '@qcowkit/qcow2-core/format';
 import { ClusterMap } from './cluster-map.js';
 import { CompressedPacker } from './compressed-packing.js';
 import type { ClusterCompressor } from './compressor.js';
+import type { RandomAccessSink } from './direct-convert.js';
 import { emitImage } from './emit.js';
 import { planLayout, type Qcow2Layout } from './layout.js';
 import { type Qcow2ImageOptions, resolveGeometry } from './options.js';
@@ -22,7 +23,7 @@ import { type CachedChunk, readClusters, scanSource } from './scan.js';
 import { OutputWriter, type Qcow2Sink, toByteSink } from './sink.js';
 import { type ConvertSource, isBlockDevice, StreamReader } from './source.js';
 import type { Spool } from './spool.js';
-import { isAllZero } from './zero-detect.js';
+import { isAllZero, isZeroWords } from './zero-detect.js';
 
 export interface ConvertOptions extends Qcow2ImageOptions {
   /** Store data clusters compressed (qemu-img convert -c). Needs `compressor`. */
@@ -45,6 +46,13 @@ export interface ConvertOptions extends Qcow2ImageOptions {
   readonly readDepth?: number;
   readonly chunkBytes?: number;
   readonly signal?: AbortSignal;
+  /** Called as the conversion advances, with work done and work in all (in bytes of source data;
+   * a conversion that reads the source twice counts both passes). */
+  readonly onProgress?: (done: number, total: number) => void;
+  /** Where the data goes when the image has an external data file (`dataFile`): data clusters are
+   * written at their guest offsets, and the sink is closed at the guest size. The node entry opens
+   * `dataFile` (or `dataFilePath`) when none is given. */
+  readonly dataSink?: RandomAccessSink;
 }
 
 /** A conversion whose layout is fixed: its exact output size is known before writing. */
@@ -72,9 +80,21 @@ export async function planConversion(
     );
   }
   const geometry = resolveGeometry(options, size);
-  if (geometry.dataFile !== undefined) {
-    throw new BlockDeviceError('EUNSUPPORTED', 'qcow2 convert: an external data file is not supported yet');
+  const externalData = geometry.dataFile !== undefined;
+  if (externalData && options.compress) {
+    throw new BlockDeviceError(
+      'EINVAL',
+      'qcow2 convert: compressed clusters cannot be stored in an external data file',
+    );
   }
+  if (externalData && options.dataSink === undefined) {
+    throw new BlockDeviceError(
+      'EINVAL',
+      'qcow2 convert: an external data file needs a data sink (the node entry opens the file)',
+    );
+  }
+  // As QEMU does: a raw data file must read as the guest, so every cluster is mapped.
+  const preallocation = geometry.dataFileRaw ? 'metadata' : geometry.preallocation;
   if (options.compress && geometry.preallocation !== 'off') {
     throw new BlockDeviceError('EINVAL', 'qcow2 convert: compression cannot be combined with preallocation');
   }
@@ -100,7 +120,7 @@ export async function planConversion(
     }
     const map = new ClusterMap();
     map.add(0, Math.ceil(source.size / clusterSize), 'data');
-    if (geometry.preallocation === 'metadata')
+    if (preallocation === 'metadata')
       map.add(map.hostClusters, geometry.guestClusters - map.hostClusters, 'fill');
     const layout = planLayout(geometry, map);
     const reader = new StreamReader(source.stream);
@@ -112,9 +132,15 @@ export async function planConversion(
       streamLeft -= take;
       return bytes;
     };
-    return makePlan(layout, [], fetch, 1, chunkClusters, undefined, signal, () => reader.cancel());
+    const progress = progressOf(options.onProgress, 0, source.size);
+    return makePlan(layout, [], fetch, 1, chunkClusters, undefined, signal, {
+      cleanup: () => reader.cancel(),
+      dataSink: options.dataSink,
+      onData: progress,
+    });
   }
 
+  let scanTotal = 0;
   const map0 = await scanSource(source, {
     geometry,
     backing: options.backing,
@@ -128,9 +154,16 @@ export async function planConversion(
     readDepth,
     chunkBytes,
     signal,
+    onProgress:
+      options.onProgress === undefined
+        ? undefined
+        : (done, total) => {
+            scanTotal = total;
+            options.onProgress?.(done, 2 * total);
+          },
   });
   let map = map0.map;
-  if (geometry.preallocation === 'metadata') map = withFill(map, geometry.guestClusters);
+  if (preallocation === 'metadata') map = withFill(map, geometry.guestClusters);
   const layout = planLayout(geometry, map, map0.lengths);
   const fetch = (range: ClusterRange) => readClusters(source, range, clusterSize, signal);
   return makePlan(
@@ -149,7 +182,31 @@ export async function planConversion(
         }
       : undefined,
     signal,
+    {
+      dataSink: options.dataSink,
+      onData: progressOf(options.onProgress, scanTotal, map.dataClusters * clusterSize),
+    },
   );
+}
+
+/**
+ * Progress of the writing pass: `bytes` of data written out of `dataBytes`, shown as the second
+ * half of the work after a scan of `scanBytes` (or all of it when there was no scan).
+ */
+function progressOf(
+  onProgress: ((done: number, total: number) => void) | undefined,
+  scanBytes: number,
+  dataBytes: number,
+): ((bytes: number) => void) | undefined {
+  if (onProgress === undefined) return undefined;
+  const span = scanBytes > 0 ? scanBytes : dataBytes;
+  const total = scanBytes + span;
+  let written = 0;
+  onProgress(scanBytes, total);
+  return (bytes) => {
+    written += bytes;
+    onProgress(scanBytes + (dataBytes === 0 ? span : Math.min(span, (written / dataBytes) * span)), total);
+  };
 }
 
 /** The map with every cluster it does not store preallocated (preallocation=metadata). */
@@ -208,8 +265,14 @@ function makePlan(
   chunkClusters: number,
   compression: CompressedSources | undefined,
   signal: AbortSignal | undefined,
-  cleanup?: () => Promise<void>,
+  extras: {
+    cleanup?: () => Promise<void>;
+    dataSink?: RandomAccessSink | undefined;
+    /** Called with the bytes of each piece of data written. */
+    onData?: ((bytes: number) => void) | undefined;
+  } = {},
 ): ConversionPlan {
+  const { cleanup, dataSink, onData } = extras;
   let used = false;
   return {
     layout,
@@ -220,21 +283,44 @@ function makePlan(
       const sink = toByteSink(sinkLike);
       const out = new OutputWriter(sink);
       try {
-        if (compression === undefined) {
+        if (dataSink !== undefined) {
+          // The data file first, so the image never names data that is not there yet.
+          await writeDataFile(
+            layout,
+            dataSink,
+            cachedChunks,
+            fetch,
+            readDepth,
+            chunkClusters,
+            signal,
+            onData,
+          );
+          await emitImage(layout, out, { signal });
+        } else if (compression === undefined) {
           await emitImage(layout, out, {
             signal,
-            group: groupWriter(layout, out, cachedChunks, fetch, readDepth, chunkClusters),
+            group: groupWriter(layout, out, cachedChunks, fetch, readDepth, chunkClusters, onData),
           });
         } else {
           await emitImage(layout, out, {
             signal,
             area: (areaOffset) =>
-              writeCompressedArea(layout, out, areaOffset, fetch, readDepth, chunkClusters, compression),
+              writeCompressedArea(
+                layout,
+                out,
+                areaOffset,
+                fetch,
+                readDepth,
+                chunkClusters,
+                compression,
+                onData,
+              ),
           });
         }
         await sink.close();
       } catch (error) {
         await sink.abort?.(error);
+        await dataSink?.abort().catch(() => {});
         await cleanup?.().catch(() => {});
         throw error;
       }
@@ -243,17 +329,15 @@ function makePlan(
   };
 }
 
-function groupWriter(
+/** The data clusters of `layout` in guest order, from the scan's cache or read again. */
+function dataReads(
   layout: Qcow2Layout,
-  out: OutputWriter,
   cachedChunks: CachedChunk[],
   fetch: (range: ClusterRange) => Promise<Uint8Array>,
   readDepth: number,
   chunkClusters: number,
-) {
+): AsyncGenerator<{ item: ClusterRange; result: Uint8Array }> {
   const clusterSize = layout.geometry.clusterSize;
-  const perTable = layout.geometry.l2Entries;
-  const map = layout.map;
   let cacheIndex = 0;
   const fromCache = (range: ClusterRange): Uint8Array | undefined => {
     while (cacheIndex < cachedChunks.length) {
@@ -270,9 +354,74 @@ function groupWriter(
     }
     return undefined;
   };
-  const reads = readAhead(dataRanges(layout, chunkClusters), readDepth, async (range) => {
+  return readAhead(dataRanges(layout, chunkClusters), readDepth, async (range) => {
     return fromCache(range) ?? fetch(range);
   });
+}
+
+/** Writes the data clusters of `layout` at their guest offsets in an external data file. */
+async function writeDataFile(
+  layout: Qcow2Layout,
+  dataSink: RandomAccessSink,
+  cachedChunks: CachedChunk[],
+  fetch: (range: ClusterRange) => Promise<Uint8Array>,
+  readDepth: number,
+  chunkClusters: number,
+  signal: AbortSignal | undefined,
+  onData: ((bytes: number) => void) | undefined,
+): Promise<void> {
+  const clusterSize = layout.geometry.clusterSize;
+  const wordsPerCluster = clusterSize / 4;
+  let pending: Promise<void> = Promise.resolve();
+  for await (const { item, result } of dataReads(layout, cachedChunks, fetch, readDepth, chunkClusters)) {
+    signal?.throwIfAborted();
+    await pending;
+    // All-zero clusters (kept with detectZeroes: false, or preallocated) stay holes.
+    const words =
+      result.byteOffset % 4 === 0
+        ? new Uint32Array(result.buffer, result.byteOffset, result.length >>> 2)
+        : undefined;
+    const writes: Promise<void>[] = [];
+    let runStart = -1;
+    for (let index = 0; index <= item.count; index++) {
+      const zero =
+        index < item.count &&
+        (words !== undefined
+          ? isZeroWords(words, index * wordsPerCluster, (index + 1) * wordsPerCluster)
+          : isAllZero(result.subarray(index * clusterSize, (index + 1) * clusterSize)));
+      if (index < item.count && !zero) {
+        if (runStart < 0) runStart = index;
+        continue;
+      }
+      if (runStart >= 0) {
+        writes.push(
+          dataSink.writeAt(
+            (item.cluster + runStart) * clusterSize,
+            result.subarray(runStart * clusterSize, index * clusterSize),
+          ),
+        );
+        runStart = -1;
+      }
+    }
+    pending = Promise.all(writes).then(() => onData?.(result.length));
+  }
+  await pending;
+  await dataSink.close(layout.geometry.size);
+}
+
+function groupWriter(
+  layout: Qcow2Layout,
+  out: OutputWriter,
+  cachedChunks: CachedChunk[],
+  fetch: (range: ClusterRange) => Promise<Uint8Array>,
+  readDepth: number,
+  chunkClusters: number,
+  onData: ((bytes: number) => void) | undefined,
+) {
+  const clusterSize = layout.geometry.clusterSize;
+  const perTable = layout.geometry.l2Entries;
+  const map = layout.map;
+  const reads = dataReads(layout, cachedChunks, fetch, readDepth, chunkClusters);
   let run = 0;
   return async (group: number, hostOffset: number) => {
     const firstCluster = layout.groupL1Index[group]! * perTable;
@@ -293,6 +442,7 @@ function groupWriter(
             throw new Error(`qcow2 convert: data out of order at guest cluster ${at}`);
           }
           await writeSparse(out, cursor, next.value.result, clusterSize);
+          onData?.(next.value.result.length);
           cursor += next.value.result.length;
           at += next.value.item.count;
         }
@@ -332,6 +482,7 @@ async function writeCompressedArea(
   readDepth: number,
   chunkClusters: number,
   compression: CompressedSources,
+  onData: ((bytes: number) => void) | undefined,
 ): Promise<void> {
   const geometry = layout.geometry;
   const clusterSize = geometry.clusterSize;
@@ -351,6 +502,7 @@ async function writeCompressedArea(
     if (placed.deferred) {
       pendingPlain.push({ hostOffset, bytes: stored });
       dataIndex++;
+      onData?.(clusterSize);
       return;
     }
     while (pendingPlain.length > 0 && pendingPlain[0]!.hostOffset < hostOffset) {
@@ -359,6 +511,7 @@ async function writeCompressedArea(
     }
     await out.writeAt(hostOffset, stored);
     dataIndex++;
+    onData?.(clusterSize);
   };
   // Plain clusters placed behind a partly filled host cluster (at most MAX_PENDING_PLAIN_BYTES).
   const pendingPlain: { hostOffset: number; bytes: Uint8Array }[] = [];

@@ -29,6 +29,83 @@ export interface DirectConvertOptions {
   readonly readDepth: number;
   readonly chunkBytes: number;
   readonly signal: AbortSignal | undefined;
+  /** Called as the source is consumed: bytes done and in all (block-status data). */
+  readonly onProgress?: ((done: number, total: number) => void) | undefined;
+}
+
+/** Front metadata of a read-once conversion, sized for the most the candidates can need. */
+export interface DirectFront {
+  /** L2 tables the candidates touch, ascending. */
+  readonly tables: number[];
+  readonly candidateClusters: number;
+  readonly l1Bytes: number;
+  readonly l1Clusters: number;
+  readonly reftableClusters: number;
+  readonly refblockCount: number;
+  readonly refblockOffset: number;
+  readonly l1Offset: number;
+}
+
+/**
+ * Sizes the refcount table and blocks for everything a conversion of `candidates` may allocate
+ * (header, refcount structures, L1, one L2 table per table touched, every candidate cluster).
+ */
+export function planDirectFront(geometry: ImageGeometry, candidates: readonly ClusterRange[]): DirectFront {
+  const { clusterSize, l2Entries } = geometry;
+  let candidateClusters = 0;
+  const tables: number[] = [];
+  for (const range of candidates) {
+    candidateClusters += range.count;
+    let table = Math.floor(range.cluster / l2Entries);
+    if (tables.length > 0 && tables[tables.length - 1]! >= table) table = tables[tables.length - 1]! + 1;
+    for (; table * l2Entries < range.cluster + range.count; table++) tables.push(table);
+  }
+  const l1Bytes = geometry.l1Size * 8;
+  const l1Clusters = Math.ceil(l1Bytes / clusterSize);
+  const perBlock = refcountsPerBlock(clusterSize, geometry.refcountOrder);
+  let reftableClusters = 1;
+  let refblockCount = 1;
+  for (;;) {
+    const total = 1 + reftableClusters + refblockCount + l1Clusters + tables.length + candidateClusters;
+    const blocks = Math.ceil(total / perBlock);
+    const table = Math.ceil((blocks * 8) / clusterSize);
+    if (blocks <= refblockCount && table <= reftableClusters) break;
+    refblockCount = Math.max(blocks, refblockCount);
+    reftableClusters = Math.max(table, reftableClusters);
+  }
+  if (reftableClusters * clusterSize > QCOW_MAX_REFTABLE_SIZE) {
+    throw new BlockDeviceError('EINVAL', 'qcow2 writer: the image needs a refcount table above 8 MiB');
+  }
+  const refblockOffset = (1 + reftableClusters) * clusterSize;
+  const l1Offset = refblockOffset + refblockCount * clusterSize;
+  return {
+    tables,
+    candidateClusters,
+    l1Bytes,
+    l1Clusters,
+    reftableClusters,
+    refblockCount,
+    refblockOffset,
+    l1Offset,
+  };
+}
+
+/** `candidates` in chunks of at most `chunkClusters`, none spanning two L2 tables. */
+export function* tableChunks(
+  candidates: readonly ClusterRange[],
+  l2Entries: number,
+  chunkClusters: number,
+): Generator<ClusterRange> {
+  for (const range of candidates) {
+    let start = range.cluster;
+    const end = range.cluster + range.count;
+    while (start < end) {
+      const tableEnd = (Math.floor(start / l2Entries) + 1) * l2Entries;
+      const piece = Math.min(end, tableEnd) - start;
+      yield* splitRange(start, piece, chunkClusters);
+      start += piece;
+    }
+  }
 }
 
 /** Converts `source` into `sink`; resolves with the file length. */
@@ -47,37 +124,14 @@ export async function convertDirect(
     );
   }
   const candidates = await nonZeroClusters(source, Math.min(source.size, geometry.size), clusterSize, signal);
-  let candidateClusters = 0;
-  const tables = new Set<number>();
-  for (const range of candidates) {
-    candidateClusters += range.count;
-    for (
-      let table = Math.floor(range.cluster / l2Entries);
-      table * l2Entries < range.cluster + range.count;
-      table++
-    ) {
-      tables.add(table);
-    }
-  }
-  // Front metadata sized for the upper bound.
-  const l1Bytes = geometry.l1Size * 8;
-  const l1Clusters = Math.ceil(l1Bytes / clusterSize);
-  const perBlock = refcountsPerBlock(clusterSize, geometry.refcountOrder);
-  let reftableClusters = 1;
-  let refblockCount = 1;
-  for (;;) {
-    const total = 1 + reftableClusters + refblockCount + l1Clusters + tables.size + candidateClusters;
-    const blocks = Math.ceil(total / perBlock);
-    const table = Math.ceil((blocks * 8) / clusterSize);
-    if (blocks <= refblockCount && table <= reftableClusters) break;
-    refblockCount = Math.max(blocks, refblockCount);
-    reftableClusters = Math.max(table, reftableClusters);
-  }
-  if (reftableClusters * clusterSize > QCOW_MAX_REFTABLE_SIZE) {
-    throw new BlockDeviceError('EINVAL', 'qcow2 writer: the image needs a refcount table above 8 MiB');
-  }
-  const refblockOffset = (1 + reftableClusters) * clusterSize;
-  const l1Offset = refblockOffset + refblockCount * clusterSize;
+  const { l1Bytes, l1Clusters, reftableClusters, refblockCount, refblockOffset, l1Offset } = planDirectFront(
+    geometry,
+    candidates,
+  );
+  let totalBytes = 0;
+  for (const range of candidates) totalBytes += range.count * clusterSize;
+  let doneBytes = 0;
+  options.onProgress?.(0, totalBytes);
   const groupL1Index: number[] = [];
   const groupL2Offset: number[] = [];
   const groupHostClusters: number[] = [];
@@ -119,19 +173,6 @@ export async function convertDirect(
       table = undefined;
     };
     const chunkClusters = Math.max(1, Math.floor(options.chunkBytes / clusterSize));
-    function* chunks(): Generator<ClusterRange> {
-      for (const range of candidates) {
-        // Never let a chunk span two L2 tables.
-        let start = range.cluster;
-        const end = range.cluster + range.count;
-        while (start < end) {
-          const tableEnd = (Math.floor(start / l2Entries) + 1) * l2Entries;
-          const piece = Math.min(end, tableEnd) - start;
-          yield* splitRange(start, piece, chunkClusters);
-          start += piece;
-        }
-      }
-    }
     // Bounded pipeline over `depth` reusable buffers: reads run ahead in guest order, and a
     // buffer is read into again only once every write from its previous chunk is done.
     const depth = Math.max(1, options.readDepth);
@@ -139,7 +180,7 @@ export async function convertDirect(
       const buffer = new Uint8Array(chunkClusters * clusterSize);
       return { buffer, words: new Uint32Array(buffer.buffer), writes: Promise.resolve() };
     });
-    const iterator = chunks();
+    const iterator = tableChunks(candidates, l2Entries, chunkClusters);
     const queue: { range: ClusterRange; slot: (typeof slots)[number]; read: Promise<void> }[] = [];
     let issued = 0;
     let exhausted = false;
@@ -193,6 +234,8 @@ export async function convertDirect(
       }
       flushRun(range.count);
       slot.writes = Promise.all(writes).then(() => {}, noteFailure);
+      doneBytes += range.count * clusterSize;
+      options.onProgress?.(doneBytes, totalBytes);
       fill();
     }
     await Promise.all(slots.map((slot) => slot.writes));
@@ -220,7 +263,7 @@ export async function convertDirect(
 }
 
 /** Reads clusters `range` of `device` into the start of `buffer` (zeros past the device's end). */
-function readChunk(
+export function readChunk(
   device: BlockDevice,
   buffer: Uint8Array,
   range: ClusterRange,

@@ -24,6 +24,8 @@ export interface ScanOptions {
   readonly readDepth: number;
   readonly chunkBytes: number;
   readonly signal: AbortSignal | undefined;
+  /** Called with bytes scanned and bytes to scan (the block-status data). */
+  readonly onProgress?: ((done: number, total: number) => void) | undefined;
 }
 
 /** Source bytes of whole clusters kept from the scan (uncompressed conversions). */
@@ -131,6 +133,10 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
   }
 
   const chunkClusters = Math.max(1, Math.floor(options.chunkBytes / clusterSize));
+  let scanTotal = 0;
+  for (const range of candidates) scanTotal += range.count * clusterSize;
+  let scanned = 0;
+  options.onProgress?.(0, scanTotal);
   function* chunks(): Generator<ClusterRange> {
     for (const range of candidates) yield* splitRange(range.cluster, range.count, chunkClusters);
   }
@@ -176,6 +182,8 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
 
   for await (const { item: range, result: read } of readAhead(chunks(), options.readDepth, fetch)) {
     signal?.throwIfAborted();
+    scanned += range.count * clusterSize;
+    options.onProgress?.(scanned, scanTotal);
     const { data, base } = read;
     let allData = true;
     const dataClusters: number[] = [];

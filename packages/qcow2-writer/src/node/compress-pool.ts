@@ -1,22 +1,42 @@
 /**
- * A pool of worker threads compressing clusters (raw deflate), one batch per message, results in
- * the order asked. Size: the available cores by default. zstd is not available on Node 20's zlib:
- * asking for it rejects with EUNSUPPORTED.
+ * A pool of worker threads compressing clusters (raw deflate through node:zlib, or zstd through
+ * WebAssembly), one batch per message, each to the least busy worker. Size: the available cores
+ * by default. Buffers are transferred both ways: `compressBatch` hands the input back with the
+ * outputs so a caller can keep a fixed set of buffers circulating.
  */
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import type { ClusterCompressor, CompressionType } from '../compressor.js';
+import type { ClusterCompressor, CompressedBatch, CompressionType } from '../compressor.js';
 import type { CompressRequest, CompressResponse } from './compress-worker.js';
 
 interface Pending {
-  resolve(outputs: Uint8Array[]): void;
+  resolve(batch: CompressedBatch): void;
   reject(error: unknown): void;
 }
 
+export type { CompressedBatch };
+
 export interface CompressorPool extends ClusterCompressor {
   readonly size: number;
+  /**
+   * Compresses every `clusterSize` piece of the first `length` bytes of `data` (default: all of
+   * it). `data` is transferred to a worker (detached on return; the result hands it back), and so
+   * is `scratch`, used for the outputs when it holds at least `length` bytes.
+   */
+  compressBatch(
+    data: Uint8Array,
+    clusterSize: number,
+    type: CompressionType,
+    scratch?: ArrayBuffer | SharedArrayBuffer,
+    length?: number,
+  ): Promise<CompressedBatch>;
   close(): Promise<void>;
+}
+
+/** A view over the whole of its buffer (transferable as is), else a copy that is. */
+function ownedView(data: Uint8Array): Uint8Array {
+  return data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data : data.slice();
 }
 
 /** Starts `size` worker threads (default: available cores). Close it when done. */
@@ -36,17 +56,17 @@ export function createCompressorPool(size = availableParallelism()): CompressorP
       const request = pending.get(response.id);
       if (request === undefined) return;
       pending.delete(response.id);
-      if (response.error !== undefined || response.output === undefined || response.lengths === undefined) {
+      const { input, output, lengths } = response;
+      if (
+        response.error !== undefined ||
+        input === undefined ||
+        output === undefined ||
+        lengths === undefined
+      ) {
         request.reject(new BlockDeviceError('EIO', `qcow2 compress: ${response.error ?? 'no output'}`));
         return;
       }
-      const outputs: Uint8Array[] = [];
-      let at = 0;
-      for (const length of response.lengths) {
-        outputs.push(response.output.subarray(at, at + length));
-        at += length;
-      }
-      request.resolve(outputs);
+      request.resolve({ input, output, lengths });
     });
     worker.on('error', (error) => {
       for (const request of pending.values()) request.reject(error);
@@ -54,30 +74,54 @@ export function createCompressorPool(size = availableParallelism()): CompressorP
     });
     workers.push(slot);
   }
+  const compressBatch = (
+    data: Uint8Array,
+    clusterSize: number,
+    type: CompressionType,
+    scratch?: ArrayBuffer | SharedArrayBuffer,
+    length = data.length,
+  ): Promise<CompressedBatch> => {
+    if (closed) return Promise.reject(new BlockDeviceError('ECLOSED', 'qcow2 compress: the pool is closed'));
+    if (type !== 'zlib' && type !== 'zstd') {
+      return Promise.reject(
+        new BlockDeviceError('EUNSUPPORTED', `qcow2 compress: unknown compression type ${String(type)}`),
+      );
+    }
+    const id = nextId++;
+    const slot = workers.reduce((best, candidate) => (candidate.busy < best.busy ? candidate : best));
+    slot.busy++;
+    return new Promise<CompressedBatch>((resolve, reject) => {
+      pending.set(id, { resolve, reject });
+      // The caller gave `data` up: transfer its buffer when `data` spans all of it, else a copy.
+      const owned = ownedView(data);
+      const usable = scratch !== undefined && scratch.byteLength >= length && scratch !== owned.buffer;
+      const request: CompressRequest = {
+        id,
+        data: owned,
+        length: Math.min(length, owned.length),
+        clusterSize,
+        type,
+        ...(usable ? { scratch } : {}),
+      };
+      // Shared buffers (SharedArrayBuffer) are shared with the worker; others are transferred.
+      const transfer: ArrayBuffer[] = [];
+      if (owned.buffer instanceof ArrayBuffer) transfer.push(owned.buffer);
+      if (usable && scratch instanceof ArrayBuffer) transfer.push(scratch);
+      slot.worker.postMessage(request, transfer);
+    });
+  };
   return {
     size: workers.length,
-    compressClusters(data: Uint8Array, clusterSize: number, type: CompressionType) {
-      if (closed)
-        return Promise.reject(new BlockDeviceError('ECLOSED', 'qcow2 compress: the pool is closed'));
-      if (type !== 'zlib') {
-        return Promise.reject(
-          new BlockDeviceError(
-            'EUNSUPPORTED',
-            `qcow2 compress: ${type} compression is not available (Node 20 has no zstd)`,
-          ),
-        );
+    compressBatch,
+    async compressClusters(data: Uint8Array, clusterSize: number, type: CompressionType) {
+      const { output, lengths } = await compressBatch(data, clusterSize, type);
+      const outputs: Uint8Array[] = [];
+      let at = 0;
+      for (const length of lengths) {
+        outputs.push(output.subarray(at, at + length));
+        at += length;
       }
-      const id = nextId++;
-      const slot = workers.reduce((best, candidate) => (candidate.busy < best.busy ? candidate : best));
-      slot.busy++;
-      return new Promise<Uint8Array[]>((resolve, reject) => {
-        pending.set(id, { resolve, reject });
-        // The caller gave `data` up: transfer its buffer when `data` spans all of it, else a copy.
-        const owned =
-          data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data : data.slice();
-        const request: CompressRequest = { id, data: owned, clusterSize };
-        slot.worker.postMessage(request, [owned.buffer as ArrayBuffer]);
-      });
+      return outputs;
     },
     async close() {
       closed = true;

@@ -3,6 +3,8 @@
  * compressor used by default, and `writeQcow2ToFile`.
  */
 
+import { convertDirectCompressed } from '../direct-compressed.js';
+import type { RandomAccessSink } from '../direct-convert.js';
 import { convertDirect } from '../direct-convert.js';
 import {
   type ConversionPlan,
@@ -37,23 +39,38 @@ export async function createEmptyImage(sink: NodeQcow2Sink, options: CreateImage
   return createEmptyImagePure(await resolveSink(sink), options);
 }
 
+/** Conversion options of the node entry. */
+export interface NodeConvertOptions extends ConvertOptions {
+  /** Where to write the external data file (default: `dataFile`, the name recorded in the image,
+   * relative to the current folder). Ignored when `dataSink` is given. */
+  readonly dataFilePath?: string;
+}
+
 /** planConversion with a worker-thread compressor and a temporary-file spool when `compress` is set
- * and none is given. The plan's `write` accepts file paths and releases what it started. */
+ * and none is given, and the external data file opened when the image has one. The plan's `write`
+ * accepts file paths and releases what it started. */
 export async function planConversion(
   source: ConvertSource,
-  options: ConvertOptions = {},
+  options: NodeConvertOptions = {},
 ): Promise<ConversionPlan & { write(sink: NodeQcow2Sink): Promise<number>; dispose(): Promise<void> }> {
   const pool = options.compress && options.compressor === undefined ? createCompressorPool() : undefined;
   const spool = options.compress && options.spool === undefined ? await createFileSpool() : undefined;
+  let dataSink: RandomAccessSink | undefined;
   const dispose = async () => {
     await pool?.close();
     await spool?.close();
+    await dataSink?.abort();
   };
   try {
+    if (options.dataFile !== undefined && options.dataSink === undefined && !options.compress) {
+      resolveGeometry(options, options.size ?? source.size); // refuse bad options before creating a file
+      dataSink = await openRandomAccessFile(options.dataFilePath ?? options.dataFile);
+    }
     const plan = await planConversionPure(source, {
       ...options,
       compressor: options.compressor ?? pool,
       spool: options.spool ?? spool,
+      dataSink: options.dataSink ?? dataSink,
     });
     return {
       layout: plan.layout,
@@ -75,29 +92,45 @@ export async function planConversion(
 
 /**
  * Converts `source` to qcow2 at `sink` (a path or any sink); resolves with the bytes written. To a
- * file path, an uncompressed conversion of a BlockDevice without `backing` or preallocation reads
- * the source once (see `convertDirect`); everything else goes through `planConversion`.
+ * file path, a conversion of a BlockDevice without `backing`, preallocation or a data file reads
+ * the source once (`convertDirect`, or `convertDirectCompressed` when compressing); everything
+ * else goes through `planConversion`.
  */
 export async function convertToQcow2(
   source: ConvertSource,
   sink: NodeQcow2Sink,
-  options: ConvertOptions = {},
+  options: NodeConvertOptions = {},
 ): Promise<number> {
   if (
     typeof sink === 'string' &&
     isBlockDevice(source) &&
-    !options.compress &&
     options.backing === undefined &&
     (options.preallocation ?? 'off') === 'off' &&
     options.dataFile === undefined &&
     options.detectZeroes !== false
   ) {
     const geometry = resolveGeometry(options, options.size ?? source.size);
-    return convertDirect(source, geometry, await openRandomAccessFile(sink), {
-      readDepth: options.readDepth ?? 4,
-      chunkBytes: Math.max(options.chunkBytes ?? 4 * 1024 * 1024, geometry.clusterSize),
-      signal: options.signal,
-    });
+    if (!options.compress) {
+      return convertDirect(source, geometry, await openRandomAccessFile(sink), {
+        readDepth: options.readDepth ?? 4,
+        chunkBytes: Math.max(options.chunkBytes ?? 4 * 1024 * 1024, geometry.clusterSize),
+        signal: options.signal,
+        onProgress: options.onProgress,
+      });
+    }
+    const pool = options.compressor === undefined ? createCompressorPool() : undefined;
+    try {
+      const workers = pool?.size ?? 2;
+      return await convertDirectCompressed(source, geometry, await openRandomAccessFile(sink), {
+        compressor: options.compressor ?? pool!,
+        depth: options.compressDepth ?? 2 * workers + 2,
+        chunkBytes: Math.max(options.chunkBytes ?? 1024 * 1024, geometry.clusterSize),
+        signal: options.signal,
+        onProgress: options.onProgress,
+      });
+    } finally {
+      await pool?.close();
+    }
   }
   const plan = await planConversion(source, options);
   return plan.write(sink);
@@ -107,7 +140,7 @@ export async function convertToQcow2(
 export function writeQcow2ToFile(
   source: ConvertSource,
   path: string,
-  options: ConvertOptions = {},
+  options: NodeConvertOptions = {},
 ): Promise<number> {
   return convertToQcow2(source, path, options);
 }
