@@ -31,16 +31,18 @@ import {
   entryOffset,
   l1ReservedBitsSet,
   l2ReservedBitsSet,
+  QCOW_OFLAG_COMPRESSED_HIGH,
   QCOW_OFLAG_COPIED_HIGH,
   reftableEntryAligned,
   reftableEntryOffset,
   reftableReservedBitsSet,
+  TWO_POW_32,
 } from './entries.js';
 import { Pacer } from './pacer.js';
 import { readZeroPadded } from './read-padded.js';
 import { repairQcow2Image } from './repair.js';
 import { readSnapshotTableForCheck } from './snapshot-table.js';
-import { type StoredRefcount, StoredRefcounts } from './stored-refcounts.js';
+import { decodeRefcount, type StoredRefcount, StoredRefcounts } from './stored-refcounts.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './types.js';
 
 /** What the check needs of an image: its file, and its decoded header when already known. */
@@ -392,6 +394,11 @@ function startL2Reads(
   return last + 1;
 }
 
+/** High-half bits of a standard L2 entry that need a closer look: compressed (62), reserved (56-61). */
+const PLAIN_HIGH_MASK = 0x7f00_0000;
+/** Low-half bits that need a closer look: the zero flag (0) and reserved bits (1-8). */
+const PLAIN_LOW_MASK = 0x1ff;
+
 /** Counts the references of one L2 table's entries and checks each entry. */
 function countL2References(
   geometry: Geometry,
@@ -404,10 +411,27 @@ function countL2References(
   const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
   const entries = clusterSize / l2EntryBytes;
   let nextContiguousOffset = 0;
+  // Standard entries without a data file that need no report are counted inline: no
+  // classification, no closure (most entries of most images).
+  const plain = !extendedL2 && !hasDataFile;
   for (let i = 0; i < entries; i++) {
     const at = i * l2EntryBytes;
     const high = view.getUint32(at);
     const low = view.getUint32(at + 4);
+    if (plain && (high & PLAIN_HIGH_MASK) === 0 && (low & PLAIN_LOW_MASK) === 0) {
+      // Neither compressed nor zero nor reserved bits: unallocated (offset 0) or normal.
+      const hostOffset = (high & 0x00ff_ffff) * TWO_POW_32 + (low >>> 0);
+      if (hostOffset === 0) continue;
+      if (hostOffset % clusterSize === 0) {
+        if (frag !== undefined) {
+          frag.allocated++;
+          if (nextContiguousOffset !== 0 && hostOffset !== nextContiguousOffset) frag.fragmented++;
+          nextContiguousOffset = hostOffset + clusterSize;
+        }
+        refcounts.add(hostOffset, clusterSize);
+        continue;
+      }
+    }
     // Extended L2: bits 0-31 of the second word say "allocated", bits 32-63 "reads as zero".
     const zeroBits = extendedL2 ? view.getUint32(at + 8) : 0;
     const allocBits = extendedL2 ? view.getUint32(at + 12) : 0;
@@ -538,6 +562,22 @@ async function compareRefcounts(
     const blockIndex = Math.floor(start / perBlock);
     const blockEnd = Math.min(end, (blockIndex + 1) * perBlock);
     const block = await stored.block(blockIndex, request);
+    if (block instanceof Uint8Array) {
+      // The usual case, in one tight loop: only differences leave it.
+      const highest = compareBlock(
+        stored,
+        block,
+        blockIndex * perBlock,
+        start,
+        blockEnd,
+        refcounts.array,
+        log,
+      );
+      if (highest >= 0) highestCluster = highest;
+      await pacer.step(blockEnd - start);
+      start = blockEnd;
+      continue;
+    }
     for (let clusterIndex = start; clusterIndex < blockEnd; clusterIndex++) {
       const reference = refcounts.get(clusterIndex);
       let refcount: number;
@@ -576,6 +616,45 @@ async function compareRefcounts(
 }
 
 /**
+ * Compares clusters `[start, end)` whose refcounts are in `block` (entry 0 is cluster `base`) with
+ * the counted references; returns the highest cluster in use there, or -1.
+ */
+function compareBlock(
+  stored: StoredRefcounts,
+  block: Uint8Array,
+  base: number,
+  start: number,
+  end: number,
+  counts: Uint8Array | Uint16Array | Uint32Array,
+  log: CheckLog,
+): number {
+  let highestCluster = -1;
+  const wide16 = stored.refcountBits === 16;
+  for (let clusterIndex = start; clusterIndex < end; clusterIndex++) {
+    const reference = counts[clusterIndex]!;
+    const index = clusterIndex - base;
+    const refcount = wide16 ? (block[index * 2]! << 8) | block[index * 2 + 1]! : stored.decode(block, index);
+    if (refcount === reference) {
+      if (refcount > 0) highestCluster = clusterIndex;
+      continue;
+    }
+    highestCluster = clusterIndex;
+    if (refcount < reference) {
+      log.corruption(
+        () =>
+          `ERROR cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
+      );
+    } else {
+      log.leak(
+        () =>
+          `Leaked cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
+      );
+    }
+  }
+  return highestCluster;
+}
+
+/**
  * Checks that COPIED is set on an active L1 entry and on its L2 table's entries exactly when the
  * cluster's stored refcount is 1 (clusters whose refcount cannot be read are skipped, as in QEMU).
  */
@@ -606,13 +685,26 @@ async function checkCopiedFlags(
   if (table === undefined) return;
   const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
   const entries = clusterSize / l2EntryBytes;
+  const resident = stored.residentBlocks;
+  if (!hasDataFile && resident !== undefined) {
+    checkCopiedDataResident(view, entries, l2EntryBytes, clusterSize, stored, resident, log);
+    return;
+  }
   for (let i = 0; i < entries; i++) {
     const entryHigh = view.getUint32(i * l2EntryBytes);
     const entryLow = view.getUint32(i * l2EntryBytes + 4);
     if (entryHigh === 0 && entryLow === 0) continue;
-    const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
-    if (type !== 'normal' && type !== 'zero-alloc') continue;
-    const dataCluster = Math.floor(entryOffset(entryHigh, entryLow) / clusterSize);
+    if (hasDataFile) {
+      const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
+      if (type !== 'normal' && type !== 'zero-alloc') continue;
+    } else if ((entryHigh & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) {
+      continue;
+    }
+    // Without a data file, an entry is 'normal' or 'zero-alloc' exactly when it is not
+    // compressed and has a host offset (what classifyL2Entry says, without the classification).
+    const hostOffset = entryOffset(entryHigh, entryLow);
+    if (hostOffset === 0 && !hasDataFile) continue;
+    const dataCluster = Math.floor(hostOffset / clusterSize);
     const refcount = hasDataFile ? 1 : (stored.peek(dataCluster) ?? (await stored.get(dataCluster, request)));
     if (typeof refcount !== 'number') {
       noticeUnaligned(refcount, log);
@@ -622,6 +714,57 @@ async function checkCopiedFlags(
       log.deferredCorruption(
         () =>
           `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${hasDataFile ? '1' : stored.exactText(dataCluster, refcount)}`,
+      );
+    }
+  }
+}
+
+/**
+ * The data-cluster half of {@link checkCopiedFlags} when every refcount block is in memory and
+ * there is no data file: the same findings in the same order, without awaiting anything.
+ */
+function checkCopiedDataResident(
+  view: DataView,
+  entries: number,
+  l2EntryBytes: number,
+  clusterSize: number,
+  stored: StoredRefcounts,
+  resident: readonly (Uint8Array | undefined)[],
+  log: CheckLog,
+): void {
+  const perBlock = stored.entriesPerBlock;
+  const refcountBits = stored.refcountBits;
+  for (let i = 0; i < entries; i++) {
+    const entryHigh = view.getUint32(i * l2EntryBytes);
+    const entryLow = view.getUint32(i * l2EntryBytes + 4);
+    // Without a data file, 'normal' and 'zero-alloc' entries are those neither compressed nor
+    // without a host offset.
+    if ((entryHigh & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) continue;
+    const hostOffset = entryOffset(entryHigh, entryLow);
+    if (hostOffset === 0) continue;
+    const dataCluster = Math.floor(hostOffset / clusterSize);
+    const blockIndex = Math.floor(dataCluster / perBlock);
+    const block = resident[blockIndex];
+    let refcount: number;
+    if (block !== undefined) {
+      const index = dataCluster - blockIndex * perBlock;
+      refcount =
+        refcountBits === 16
+          ? (block[index * 2]! << 8) | block[index * 2 + 1]!
+          : decodeRefcount(block, index, refcountBits);
+    } else {
+      // No block (refcount 0), or an unreadable one.
+      const known = stored.peek(dataCluster);
+      if (typeof known !== 'number') {
+        if (known !== undefined) noticeUnaligned(known, log);
+        continue;
+      }
+      refcount = known;
+    }
+    if ((refcount === 1) !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+      log.deferredCorruption(
+        () =>
+          `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${stored.exactText(dataCluster, refcount)}`,
       );
     }
   }

@@ -31,6 +31,15 @@ export class ComputedRefcounts {
 
   /** Counts one reference to every cluster touched by `[hostOffset, hostOffset + length)`. */
   add(hostOffset: number, length: number): void {
+    // The common case first: one whole cluster inside the file, below the maximum.
+    if (length === this.clusterSize && hostOffset < this.fileSize && hostOffset % length === 0) {
+      const clusterIndex = hostOffset / length;
+      const count = this.counts[clusterIndex]!;
+      if (count < this.max) {
+        this.counts[clusterIndex] = count + 1;
+        return;
+      }
+    }
     if (length <= 0) return;
     if (this.pastEnd(hostOffset, length)) {
       this.reportPastEnd(() => hostOffset.toString(16), length);
@@ -72,5 +81,10 @@ export class ComputedRefcounts {
 
   get(clusterIndex: number): number {
     return clusterIndex < this.used ? this.counts[clusterIndex]! : 0;
+  }
+
+  /** The counters themselves, for loops over many clusters (entries from {@link used} on are 0). */
+  get array(): Uint8Array | Uint16Array | Uint32Array {
+    return this.counts;
   }
 }

@@ -5,6 +5,10 @@
  */
 
 const YIELD_EVERY_MS = 10;
+
+/** A macrotask turn without a timer's delay: `setImmediate` where the platform has it (Node). */
+const nextTurn: ((resolve: () => void) => void) | undefined =
+  typeof globalThis.setImmediate === 'function' ? (resolve) => globalThis.setImmediate(resolve) : undefined;
 /** Also yield after this much work, so even a fast check lets timers and I/O run (deterministically). */
 const YIELD_EVERY_UNITS = 16_384;
 
@@ -34,14 +38,29 @@ export class Pacer {
     return this.#due();
   }
 
-  /** Reports progress and yields a macrotask turn. */
+  /**
+   * Reports progress and yields a macrotask turn. A timer turn costs about a millisecond, so only
+   * the first pause and those due by time wait for one (then every timer already due runs, those
+   * set before the check began included); the pauses due by work done take an immediate turn
+   * (I/O callbacks and due timers still run), where the platform has one.
+   */
   async pause(): Promise<void> {
     this.onProgress?.(Math.min(this.done, this.total), this.total);
-    await new Promise<void>((resolve) => setTimeout(resolve, 0));
+    const now = performance.now();
+    if (!this.timerTurnTaken || now - this.lastTimerTurn >= YIELD_EVERY_MS || nextTurn === undefined) {
+      await new Promise<void>((resolve) => setTimeout(resolve, 0));
+      this.timerTurnTaken = true;
+      this.lastTimerTurn = performance.now();
+    } else {
+      await new Promise<void>(nextTurn);
+    }
     this.lastYield = performance.now();
     this.doneAtLastYield = this.done;
     this.signal?.throwIfAborted();
   }
+
+  private timerTurnTaken = false;
+  private lastTimerTurn = 0;
 
   /** Records `units` of work done; may yield. Throws the abort reason when aborted. */
   async step(units: number): Promise<void> {

@@ -7,6 +7,7 @@
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
 import { classifyL2Entry, entryHex, entryOffset, QCOW_OFLAG_COPIED_HIGH } from './entries.js';
 import type { StoredRefcount } from './stored-refcounts.js';
+import { WriteBehind } from './write-behind.js';
 
 /** Where the refcounts come from: the stored ones, or a plan not yet written. */
 export interface RefcountSource {
@@ -30,7 +31,15 @@ function withCopied(high: number, copied: boolean): number {
   return (copied ? high | QCOW_OFLAG_COPIED_HIGH : high & ~QCOW_OFLAG_COPIED_HIGH) >>> 0;
 }
 
-/** Fixes COPIED flags; returns the lines and how many entries were fixed. */
+/** L2 tables read ahead of the one being fixed, and fixed tables being written at once. */
+const L2_READS_AHEAD = 16;
+const L2_WRITES_IN_FLIGHT = 16;
+
+/**
+ * Fixes COPIED flags; returns the lines and how many entries were fixed. Tables are examined one
+ * after another (the lines come in table order), while the next few are read ahead and fixed ones
+ * are written behind; one flush at the end.
+ */
 export async function repairCopiedFlags(
   file: BlockDevice,
   stored: RefcountSource,
@@ -54,70 +63,122 @@ export async function repairCopiedFlags(
   const fits = (hostOffset: number, length: number): boolean =>
     hostOffset !== 0 && hostOffset % clusterSize === 0 && hostOffset + length <= file.size;
   if (l1TableOffset % clusterSize !== 0) return { lines, fixed };
-  for (let first = 0; first < l1Size; first += L1_CHUNK_ENTRIES) {
-    const count = Math.min(L1_CHUNK_ENTRIES, l1Size - first);
-    const l1At = l1TableOffset + first * 8;
-    if (l1At + count * 8 > file.size) break;
-    const l1 = await file.read(l1At, count * 8, request);
-    const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
-    let l1Dirty = false;
-    for (let i = 0; i < count; i++) {
-      const high = l1View.getUint32(i * 8);
-      const low = l1View.getUint32(i * 8 + 4);
-      const l2Offset = entryOffset(high, low);
-      if (!fits(l2Offset, clusterSize)) continue;
-      const l2Refcount = await refcountOf(l2Offset);
-      if (l2Refcount === undefined) continue;
-      if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-        note(
-          () =>
-            `Repairing OFLAG_COPIED L2 cluster: l1_index=${first + i} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
-        );
-        l1View.setUint32(i * 8, withCopied(high, l2Refcount === 1));
-        l1Dirty = true;
-        fixed++;
+  const writes = new WriteBehind(L2_WRITES_IN_FLIGHT);
+  // Two L1 entries naming one L2 table (a damaged image) must see each other's fixes: then no
+  // table is read ahead.
+  const seen = new Set<number>();
+  let readAhead = true;
+  try {
+    for (let first = 0; first < l1Size; first += L1_CHUNK_ENTRIES) {
+      const count = Math.min(L1_CHUNK_ENTRIES, l1Size - first);
+      const l1At = l1TableOffset + first * 8;
+      if (l1At + count * 8 > file.size) break;
+      const l1 = await file.read(l1At, count * 8, request);
+      const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+      const items: number[] = [];
+      for (let i = 0; i < count; i++) {
+        const l2Offset = entryOffset(l1View.getUint32(i * 8), l1View.getUint32(i * 8 + 4));
+        if (!fits(l2Offset, clusterSize)) continue;
+        items.push(i);
+        if (seen.has(l2Offset)) readAhead = false;
+        seen.add(l2Offset);
       }
-      const table = await file.read(l2Offset, clusterSize, request);
-      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
-      let l2Dirty = false;
-      for (let at = 0; at < clusterSize; at += l2EntryBytes) {
-        const entryHigh = view.getUint32(at);
-        const entryLow = view.getUint32(at + 4);
-        if (entryHigh === 0 && entryLow === 0) continue;
-        const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
-        let want: boolean;
-        if (type === 'compressed') {
-          want = false;
-        } else if (type === 'normal' || type === 'zero-alloc') {
-          const hostOffset = entryOffset(entryHigh, entryLow);
-          if (hostOffset % clusterSize !== 0) continue;
-          const refcount = hasDataFile ? 1 : await refcountOf(hostOffset);
-          if (refcount === undefined) continue;
-          want = refcount === 1;
-          if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-            note(
-              () =>
-                `Repairing OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
-            );
-          }
-        } else {
+      const reads: (Promise<Uint8Array> | undefined)[] = new Array(items.length);
+      let started = 0;
+      const startRead = (k: number): void => {
+        const i = items[k]!;
+        const l2Offset = entryOffset(l1View.getUint32(i * 8), l1View.getUint32(i * 8 + 4));
+        const read = file.read(l2Offset, clusterSize, request);
+        read.catch(() => undefined); // awaited in turn; not an unhandled rejection meanwhile
+        reads[k] = read;
+      };
+      let l1Dirty = false;
+      for (let k = 0; k < items.length; k++) {
+        if (readAhead) {
+          while (started < items.length && started <= k + L2_READS_AHEAD) startRead(started++);
+        }
+        const i = items[k]!;
+        const high = l1View.getUint32(i * 8);
+        const low = l1View.getUint32(i * 8 + 4);
+        const l2Offset = entryOffset(high, low);
+        const l2Refcount = await refcountOf(l2Offset);
+        if (l2Refcount === undefined) {
+          reads[k] = undefined;
           continue;
         }
-        if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-          if (type === 'compressed') {
-            note(
-              () =>
-                `Repairing compressed cluster entry with the copied flag: l2_entry=${entryHex(entryHigh, entryLow)}`,
-            );
-          }
-          view.setUint32(at, withCopied(entryHigh, want));
-          l2Dirty = true;
+        if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+          note(
+            () =>
+              `Repairing OFLAG_COPIED L2 cluster: l1_index=${first + i} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
+          );
+          l1View.setUint32(i * 8, withCopied(high, l2Refcount === 1));
+          l1Dirty = true;
           fixed++;
         }
+        let read = reads[k];
+        reads[k] = undefined;
+        if (read === undefined) {
+          // Serial mode: the table may have been written just before (same table twice).
+          await writes.drain();
+          read = file.read(l2Offset, clusterSize, request);
+        }
+        const table = await read;
+        const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+        let l2Dirty = false;
+        for (let at = 0; at < clusterSize; at += l2EntryBytes) {
+          const entryHigh = view.getUint32(at);
+          const entryLow = view.getUint32(at + 4);
+          if (entryHigh === 0 && entryLow === 0) continue;
+          const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
+          let want: boolean;
+          if (type === 'compressed') {
+            want = false;
+          } else if (type === 'normal' || type === 'zero-alloc') {
+            const hostOffset = entryOffset(entryHigh, entryLow);
+            if (hostOffset % clusterSize !== 0) continue;
+            let refcount: number | undefined;
+            if (hasDataFile) refcount = 1;
+            else {
+              // Without awaiting when the source knows the refcount (the usual case).
+              const known = stored.peek?.(Math.floor(hostOffset / clusterSize));
+              refcount =
+                known === undefined
+                  ? await refcountOf(hostOffset)
+                  : typeof known === 'number'
+                    ? known
+                    : undefined;
+            }
+            if (refcount === undefined) continue;
+            want = refcount === 1;
+            if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+              note(
+                () =>
+                  `Repairing OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
+              );
+            }
+          } else {
+            continue;
+          }
+          if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+            if (type === 'compressed') {
+              note(
+                () =>
+                  `Repairing compressed cluster entry with the copied flag: l2_entry=${entryHex(entryHigh, entryLow)}`,
+              );
+            }
+            view.setUint32(at, withCopied(entryHigh, want));
+            l2Dirty = true;
+            fixed++;
+          }
+        }
+        if (l2Dirty) await writes.add(file.write(l2Offset, table, request));
       }
-      if (l2Dirty) await file.write(l2Offset, table, request);
+      await writes.drain();
+      if (l1Dirty) await file.write(l1At, l1, request);
     }
-    if (l1Dirty) await file.write(l1At, l1, request);
+    await writes.drain();
+  } finally {
+    await writes.settle();
   }
   if (fixed > 0) await file.flush(request);
   return { lines, fixed };

@@ -1,9 +1,10 @@
 /**
- * The refcounts the image stores: the refcount table (read once) and refcount blocks (read on
- * demand, a few kept). Entries of every width, 1 to 64 bits; sub-byte widths pack least
- * significant bits first. A cluster the table does not cover has refcount 0; a block past the end
- * of the file reads as zeros. A refcount table entry whose block offset is not cluster aligned
- * makes the refcounts of that block unreadable, as in QEMU.
+ * The refcounts the image stores: the refcount table and the refcount blocks, read once when they
+ * fit a memory budget (in a few large reads, several in flight), otherwise on demand (a few kept).
+ * Entries of every width, 1 to 64 bits; sub-byte widths pack least significant bits first. A
+ * cluster the table does not cover has refcount 0; a block past the end of the file reads as zeros.
+ * A refcount table entry whose block offset is not cluster aligned makes the refcounts of that
+ * block unreadable, as in QEMU.
  */
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
 import { entryHex, reftableEntryAligned, reftableEntryOffset, TWO_POW_32 } from './entries.js';
@@ -16,6 +17,12 @@ const UNREADABLE_OFFSET_HIGH = 0x7fff_ffff;
  * read usually serve the comparison too. */
 const BLOCK_CACHE_BYTES = 8 * 1024 * 1024;
 const MIN_CACHED_BLOCKS = 32;
+/** {@link StoredRefcounts.preload} reads every refcount block when they take at most this many
+ * bytes together (2 bytes per cluster with 16-bit refcounts: a 2 TiB file at 64 KiB clusters). */
+const PRELOAD_MAX_BYTES = 64 * 1024 * 1024;
+/** Preload reads: adjacent blocks in one read of at most this many bytes, this many reads at once. */
+const PRELOAD_READ_BYTES = 1024 * 1024;
+const PRELOAD_READS_IN_FLIGHT = 16;
 
 /** A refcount, or why it cannot be read (`unalignedBlock`: the refcount table index whose block
  * offset is misaligned, and that offset in hex). */
@@ -27,11 +34,13 @@ export class StoredRefcounts {
   /** Refcount entries per refcount block. */
   readonly entriesPerBlock: number;
   private readonly cache = new Map<number, Uint8Array>();
+  /** After {@link preload}: every readable block by table index (none evicted); undefined before. */
+  private resident: (Uint8Array | undefined)[] | undefined;
 
   private constructor(
     private readonly file: BlockDevice,
     private readonly clusterSize: number,
-    private readonly refcountBits: number,
+    readonly refcountBits: number,
     /** The raw refcount table. */
     private readonly table: DataView,
     readonly tableEntries: number,
@@ -47,6 +56,8 @@ export class StoredRefcounts {
       refcountTableOffset: number;
       refcountTableClusters: number;
       request?: RequestOptions;
+      /** Read every block at once when they take at most this many bytes (default 64 MiB). */
+      preloadMaxBytes?: number;
     },
   ): Promise<StoredRefcounts> {
     const bytes = await readZeroPadded(
@@ -55,13 +66,21 @@ export class StoredRefcounts {
       options.refcountTableClusters * options.clusterSize,
       options.request,
     );
-    return new StoredRefcounts(
+    const stored = new StoredRefcounts(
       file,
       options.clusterSize,
       options.refcountBits,
       new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength),
       bytes.length / 8,
     );
+    await stored.preload(options.request, options.preloadMaxBytes);
+    return stored;
+  }
+
+  /** After {@link preload} succeeded: the blocks by table index (undefined where there is none or
+   * it cannot be read); undefined when blocks are read on demand. */
+  get residentBlocks(): readonly (Uint8Array | undefined)[] | undefined {
+    return this.resident;
   }
 
   /** The refcount table entry `index` as its two 32-bit halves. */
@@ -85,6 +104,10 @@ export class StoredRefcounts {
   peek(clusterIndex: number): StoredRefcount | undefined {
     const blockIndex = Math.floor(clusterIndex / this.entriesPerBlock);
     if (blockIndex >= this.tableEntries) return 0;
+    const resident = this.resident?.[blockIndex];
+    if (resident !== undefined) {
+      return decodeRefcount(resident, clusterIndex - blockIndex * this.entriesPerBlock, this.refcountBits);
+    }
     const { high, low } = this.tableEntry(blockIndex);
     const hostOffset = reftableEntryOffset(high, low);
     if (hostOffset === 0) return 0;
@@ -111,10 +134,59 @@ export class StoredRefcounts {
   exactText(clusterIndex: number, approximate: number): string {
     if (approximate <= Number.MAX_SAFE_INTEGER || this.refcountBits !== 64) return String(approximate);
     const blockIndex = Math.floor(clusterIndex / this.entriesPerBlock);
-    const block = this.cache.get(blockIndex);
+    const block = this.resident?.[blockIndex] ?? this.cache.get(blockIndex);
     if (block === undefined) return String(approximate);
     const at = (clusterIndex - blockIndex * this.entriesPerBlock) * 8;
     return new DataView(block.buffer, block.byteOffset + at, 8).getBigUint64(0).toString();
+  }
+
+  /**
+   * Reads every readable refcount block into memory when together they take at most `maxBytes`
+   * (otherwise nothing: blocks are then read on demand and a few kept), in a few
+   * large reads (blocks next to each other in the file are read at once), several in flight.
+   * Afterwards {@link peek} answers without I/O for every block but unreadable ones.
+   */
+  async preload(request?: RequestOptions, maxBytes = PRELOAD_MAX_BYTES): Promise<void> {
+    if (this.resident !== undefined) return;
+    const { clusterSize } = this;
+    const wanted: { blockIndex: number; hostOffset: number }[] = [];
+    for (let blockIndex = 0; blockIndex < this.tableEntries; blockIndex++) {
+      const high = this.table.getUint32(blockIndex * 8);
+      const low = this.table.getUint32(blockIndex * 8 + 4);
+      const hostOffset = reftableEntryOffset(high, low);
+      if (hostOffset === 0 || !reftableEntryAligned(low, clusterSize) || high >= UNREADABLE_OFFSET_HIGH)
+        continue;
+      wanted.push({ blockIndex, hostOffset });
+    }
+    if (wanted.length * clusterSize > maxBytes) return;
+    const resident: (Uint8Array | undefined)[] = new Array(this.tableEntries);
+    // Runs of blocks that lie back to back in the file (and in table order) share one read.
+    const runs: { first: number; count: number }[] = [];
+    for (let k = 0; k < wanted.length; ) {
+      let count = 1;
+      while (
+        k + count < wanted.length &&
+        (count + 1) * clusterSize <= PRELOAD_READ_BYTES &&
+        wanted[k + count]!.hostOffset === wanted[k]!.hostOffset + count * clusterSize
+      )
+        count++;
+      runs.push({ first: k, count });
+      k += count;
+    }
+    let next = 0;
+    const worker = async (): Promise<void> => {
+      while (next < runs.length) {
+        const { first, count } = runs[next++]!;
+        const start = wanted[first]!.hostOffset;
+        const bytes = await readZeroPadded(this.file, start, count * clusterSize, request);
+        for (let j = 0; j < count; j++) {
+          resident[wanted[first + j]!.blockIndex] = bytes.subarray(j * clusterSize, (j + 1) * clusterSize);
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(PRELOAD_READS_IN_FLIGHT, runs.length) }, worker));
+    this.resident = resident;
+    this.cache.clear();
   }
 
   /** Entry `index` of a refcount block read with {@link block}. */
@@ -137,6 +209,8 @@ export class StoredRefcounts {
     if (hostOffset === 0) return undefined;
     if (!reftableEntryAligned(low, this.clusterSize)) return 'unaligned';
     if (high >= UNREADABLE_OFFSET_HIGH) return 'unreadable';
+    const resident = this.resident?.[blockIndex];
+    if (resident !== undefined) return resident;
     const cached = this.cache.get(blockIndex);
     if (cached !== undefined) {
       this.cache.delete(blockIndex);

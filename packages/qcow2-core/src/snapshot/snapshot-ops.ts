@@ -9,12 +9,14 @@ import { loadHeader } from '../check/check.js';
 import { QCOW_MAX_SNAPSHOTS } from '../format/geometry.js';
 import type { Qcow2SnapshotEntry } from '../format/snapshot-table.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from '../ops/image-edit.js';
+import { commitRefcounts } from './commit-refcounts.js';
 import { findSnapshot, readSnapshotTable } from './snapshot-list.js';
 import {
   encodeSnapshotTable,
   newSnapshotExtraData,
   type SnapshotEntryFields,
 } from './snapshot-table-encode.js';
+import { addTreeReferences, canShareTree } from './tree-references.js';
 
 /** Header fields: nb_snapshots (u32 at 60) then snapshots_offset (u64 at 64). */
 const NB_SNAPSHOTS_FIELD = 60;
@@ -46,7 +48,7 @@ async function replaceSnapshotTable(edit: ImageEdit, entries: readonly SnapshotE
     await edit.write(tableOffset, table);
     await edit.flush();
   }
-  await edit.commitRefcounts();
+  await commitRefcounts(edit);
   const field = new Uint8Array(12);
   const view = new DataView(field.buffer);
   view.setUint32(0, entries.length);
@@ -90,15 +92,19 @@ export async function createSnapshot(
   // 1. Plan: the L1 copy and one more reference to everything the active L1 reaches.
   const l1Bytes = header.l1Size * 8;
   const l1Offset = l1Bytes === 0 ? 0 : edit.allocate(Math.ceil(l1Bytes / clusterSize));
-  await edit.addL1References(header.l1TableOffset, header.l1Size, 1);
-  // 2. The copy; shared clusters lose COPIED in the active tables (writes to them copy from now
-  // on) before their refcounts rise; then the refcounts, durable before the table names the copy.
+  // When no refcount can overflow, the same pass clears COPIED in the active tables (every
+  // cluster they reach is about to be shared: writes to them copy from now on); otherwise the
+  // counting comes first, so an overflow is refused before anything is written.
+  const oneWalk = canShareTree(edit);
+  await addTreeReferences(edit, header.l1TableOffset, header.l1Size, 1, { clearCopied: oneWalk });
+  // 2. The copy; COPIED cleared (durable with the copy) before the refcounts rise; then the
+  // refcounts, durable before the table names the copy.
   if (l1Bytes > 0) {
     await edit.write(l1Offset, await readL1WithoutCopied(file, header.l1TableOffset, header.l1Size));
     await edit.flush();
   }
-  await edit.fixCopiedFlags(true);
-  await edit.commitRefcounts();
+  if (!oneWalk) await edit.fixCopiedFlags(true);
+  await commitRefcounts(edit);
   // 3. The new table, the header switch, then the old table freed.
   const entry: SnapshotEntryFields = {
     l1TableOffset: l1Offset,
@@ -112,7 +118,7 @@ export async function createSnapshot(
     extraData: newSnapshotExtraData(header.size),
   };
   await replaceSnapshotTable(edit, [...entries, entry]);
-  await edit.commitRefcounts();
+  await commitRefcounts(edit);
   const after = await readSnapshotTable(file, edit.header);
   return after[after.length - 1]!;
 }
@@ -132,9 +138,9 @@ export async function deleteSnapshot(
     entries.filter((entry) => entry !== victim),
   );
   // 2. Its references dropped, its L1 table freed, COPIED restored where clusters are no longer shared.
-  await edit.addL1References(victim.l1TableOffset, victim.l1Size, -1);
+  await addTreeReferences(edit, victim.l1TableOffset, victim.l1Size, -1);
   edit.addReferences(victim.l1TableOffset, victim.l1Size * 8, -1);
-  await edit.commitRefcounts();
+  await commitRefcounts(edit);
   await edit.fixCopiedFlags();
 }
 
@@ -153,10 +159,10 @@ export async function applySnapshot(
   const grow = target.l1Size > header.l1Size;
   const newL1Size = Math.max(target.l1Size, header.l1Size);
   const newL1Offset = grow ? edit.allocate(Math.ceil((newL1Size * 8) / clusterSize)) : header.l1TableOffset;
-  await edit.addL1References(target.l1TableOffset, target.l1Size, 1);
-  await edit.commitRefcounts();
+  await addTreeReferences(edit, target.l1TableOffset, target.l1Size, 1);
+  await commitRefcounts(edit);
   // 2. Planned (not yet written): the active L1's references dropped, read before it changes.
-  await edit.addL1References(header.l1TableOffset, header.l1Size, -1);
+  await addTreeReferences(edit, header.l1TableOffset, header.l1Size, -1);
   // 3. The active L1 := the snapshot's (zero-padded), then the guest size.
   const l1 = new Uint8Array(newL1Size * 8);
   if (target.l1Size > 0) l1.set(await readL1WithoutCopied(file, target.l1TableOffset, target.l1Size));
@@ -177,6 +183,6 @@ export async function applySnapshot(
     await edit.writeHeader(SIZE_FIELD, field);
   }
   // 4. Refcounts lowered, then COPIED set where clusters are no longer shared.
-  await edit.commitRefcounts();
+  await commitRefcounts(edit);
   await edit.fixCopiedFlags();
 }

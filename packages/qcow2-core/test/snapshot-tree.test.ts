@@ -1,0 +1,155 @@
+/**
+ * The snapshot operations' bulk steps against the general ones they replace: counting a whole
+ * L1/L2 tree in one batched pass plans the same counts as the edit's per-table walk, committing
+ * them writes the same bytes, the preloaded stored refcounts read as the on-demand ones, and both
+ * paths of snapshot create (one walk, or counting first when a refcount could overflow) agree
+ * with qemu-img.
+ */
+import { copyFileSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { MemoryBlockDevice } from '@qcowkit/blockdev';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
+import { checkQcow2Image, loadHeader } from '../src/check/check.js';
+import { StoredRefcounts } from '../src/check/stored-refcounts.js';
+import { ImageEdit } from '../src/ops/image-edit.js';
+import { commitRefcounts } from '../src/snapshot/commit-refcounts.js';
+import { createSnapshot } from '../src/snapshot/index.js';
+import { addTreeReferences, canShareTree } from '../src/snapshot/tree-references.js';
+
+const haveQemu = requireTools('qemu-img', 'qemu-io');
+
+describe.skipIf(!haveQemu)('snapshot bulk steps', () => {
+  let dir: { path: string; remove: () => void };
+  beforeAll(() => {
+    dir = tempDir('qcowkit-snapshot-tree-');
+  });
+  afterAll(() => dir.remove());
+
+  /** An image with data, compressed and zero clusters and one snapshot, made by QEMU. */
+  function image(name: string, options: string[], compressed = true): Buffer {
+    const path = join(dir.path, `${name}.qcow2`);
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', ...options, path, '64M']);
+    const writes = ['write -P 1 0 3M', 'write -z 12M 64k', 'write -P 2 40M 1M'];
+    if (compressed) writes.push('write -c 8M 256k');
+    run('qemu-io', [...writes.flatMap((c) => ['-c', c]), path]);
+    run('qemu-img', ['snapshot', '-c', 'old', path]);
+    run('qemu-io', ['-c', 'write -P 3 512k 1M', '-c', 'write -P 4 60M 8k', path]);
+    return readFileSync(path);
+  }
+
+  it.each([
+    [
+      '4k clusters, L2 tables side by side (preallocated metadata)',
+      ['-o', 'cluster_size=4k,preallocation=metadata'],
+    ],
+    ['4k clusters', ['-o', 'cluster_size=4k']],
+    ['extended L2', ['-o', 'extended_l2=on']],
+    ['512-byte clusters, 8-bit refcounts', ['-o', 'cluster_size=512,refcount_bits=8']],
+  ])('counting a tree plans what the per-table walk plans (%s)', async (name, options) => {
+    // QEMU writes no compressed cluster over preallocated space.
+    const bytes = image(name.replace(/\W+/g, '-'), options, !name.includes('preallocated'));
+    for (const delta of [1, -1] as const) {
+      const general = await ImageEdit.open(MemoryBlockDevice.from(bytes));
+      const batched = await ImageEdit.open(MemoryBlockDevice.from(bytes));
+      const { l1TableOffset, l1Size } = general.header;
+      await general.addL1References(l1TableOffset, l1Size, delta);
+      await addTreeReferences(batched, l1TableOffset, l1Size, delta);
+      expect(batched.counts).toEqual(general.counts);
+      expect(batched.counts.some((count, index) => count !== 0 && index > 0)).toBe(true);
+    }
+  });
+
+  it('clearing COPIED in the same pass leaves every active entry without it', async () => {
+    const bytes = image('clear-copied', ['-o', 'cluster_size=4k']);
+    const file = MemoryBlockDevice.from(bytes);
+    const edit = await ImageEdit.open(file);
+    expect(canShareTree(edit)).toBe(true);
+    await addTreeReferences(edit, edit.header.l1TableOffset, edit.header.l1Size, 1, { clearCopied: true });
+    // Nothing committed: every COPIED flag the check expects (refcount 1) is now missing, and
+    // nothing else is wrong.
+    const result = await checkQcow2Image({ file });
+    expect(result.corruptions).toBeGreaterThan(0);
+    expect(
+      result.messages.every((line) => /^ERROR OFLAG_COPIED (L2|data) cluster: .* refcount=1$/.test(line)),
+    ).toBe(true);
+    expect(result.leaks).toBe(0);
+  });
+
+  it('committing the plan writes the bytes the general commit writes', async () => {
+    const bytes = image('commit', ['-o', 'cluster_size=4k']);
+    const files = [MemoryBlockDevice.from(bytes), MemoryBlockDevice.from(bytes)];
+    const edits = await Promise.all(files.map((file) => ImageEdit.open(file)));
+    for (const edit of edits) {
+      await addTreeReferences(edit, edit.header.l1TableOffset, edit.header.l1Size, 1);
+      edit.allocate(3);
+    }
+    await edits[0]!.commitRefcounts();
+    await commitRefcounts(edits[1]!);
+    const [a, b] = await Promise.all(files.map((file) => file.read(0, file.size)));
+    expect(Buffer.from(b!).equals(Buffer.from(a!))).toBe(true);
+    expect(Buffer.from(a!).equals(bytes)).toBe(false);
+  });
+
+  it.each([2, 16, 64])('preloaded refcount blocks read as blocks read on demand (%i-bit)', async (bits) => {
+    const bytes = image(`stored-${bits}`, ['-o', `cluster_size=512,refcount_bits=${bits}`], false);
+    const file = MemoryBlockDevice.from(bytes);
+    const header = await loadHeader(file, {});
+    const options = {
+      clusterSize: header.clusterSize,
+      refcountBits: bits,
+      refcountTableOffset: header.refcountTableOffset,
+      refcountTableClusters: header.refcountTableClusters,
+    };
+    const preloaded = await StoredRefcounts.load(file, options);
+    const onDemand = await StoredRefcounts.load(file, { ...options, preloadMaxBytes: 0 });
+    expect(preloaded.residentBlocks).toBeDefined();
+    expect(onDemand.residentBlocks).toBeUndefined();
+    const clusters = Math.ceil(file.size / header.clusterSize) + 2 * preloaded.entriesPerBlock;
+    let nonZero = 0;
+    for (let clusterIndex = 0; clusterIndex < clusters; clusterIndex++) {
+      const expected = await onDemand.get(clusterIndex);
+      expect(preloaded.peek(clusterIndex)).toEqual(expected);
+      if (expected !== 0) nonZero++;
+    }
+    expect(nonZero).toBeGreaterThan(100);
+  });
+
+  it('snapshot create takes one walk or counts first, as overflow allows (2-bit refcounts)', async () => {
+    const ours = join(dir.path, 'two-bit.qcow2');
+    const theirs = `${ours}.qemu`;
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k,refcount_bits=2', ours, '8M']);
+    run('qemu-io', ['-c', 'write -P 1 0 300k', '-c', 'write -P 2 1M 8k', ours]);
+    copyFileSync(ours, theirs);
+    const withFile = async <T>(action: (file: FileBlockDevice) => Promise<T>): Promise<T> => {
+      const file = await FileBlockDevice.open(ours);
+      try {
+        return await action(file);
+      } finally {
+        await file.close();
+      }
+    };
+    // Counts at most 1: one walk. Then at most 2, and 2 x 2 > 3: counting first.
+    expect(await withFile(async (file) => canShareTree(await ImageEdit.open(file)))).toBe(true);
+    await withFile((file) => createSnapshot(file, 's1'));
+    run('qemu-img', ['snapshot', '-c', 's1', theirs]);
+    expect(await withFile(async (file) => canShareTree(await ImageEdit.open(file)))).toBe(false);
+    await withFile((file) => createSnapshot(file, 's2'));
+    run('qemu-img', ['snapshot', '-c', 's2', theirs]);
+    for (const path of [ours, theirs]) {
+      const check = runStatus('qemu-img', ['check', path]);
+      expect(check.stdout + check.stderr).toContain('No errors were found');
+    }
+    const dump = (path: string) =>
+      run('qemu-img', ['map', '--output=json', path]) +
+      run('qemu-img', ['snapshot', '-l', path]).replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, '');
+    expect(dump(ours)).toEqual(dump(theirs));
+    // A third would need refcount 3 + 1: refused before anything is written.
+    const before = readFileSync(ours);
+    await expect(withFile((file) => createSnapshot(file, 's3'))).rejects.toMatchObject({
+      code: 'EUNSUPPORTED',
+    });
+    expect(readFileSync(ours).equals(before)).toBe(true);
+  });
+});
