@@ -174,4 +174,48 @@ describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the re
       expect(actual.stdout).toContain('Run completed in');
     }
   });
+
+  test.each([
+    ['whole image', ['-O', 'qcow2', 'if=dd-src.qcow2', 'of=OUT']],
+    [
+      'blocks, skip and count',
+      ['-O', 'qcow2', 'if=dd-src.qcow2', 'of=OUT', 'bs=1000', 'skip=3', 'count=2000'],
+    ],
+    ['from raw, big blocks', ['-f', 'raw', '-O', 'qcow2', 'if=dd-src.raw', 'of=OUT', 'bs=1M', 'skip=1']],
+    ['skip past the end', ['-O', 'qcow2', 'if=dd-src.qcow2', 'of=OUT', 'skip=99999']],
+  ])('dd -O qcow2: %s as qemu-img', (_name, args) => {
+    must(['create', '-q', '-f', 'qcow2', 'dd-src.qcow2', '3M']);
+    io('dd-src.qcow2', 'write -P 6 4000 70k', 'write -P 7 2M 1M');
+    must(['convert', '-O', 'raw', 'dd-src.qcow2', 'dd-src.raw']);
+    const expected = qemuImg(['dd', ...args.map((arg) => arg.replace('OUT', 'dd-theirs.qcow2'))]);
+    const actual = cli(['dd', ...args.map((arg) => arg.replace('OUT', 'dd-ours.qcow2'))]);
+    expect(actual.status).toBe(expected.status);
+    expect(actual.stdout).toBe(expected.stdout);
+    expect(actual.stderr.split('\n').filter(Boolean)).toHaveLength(expected.stderr === '' ? 0 : 1);
+    expectClean('dd-ours.qcow2');
+    expectIdentical('dd-theirs.qcow2', 'dd-ours.qcow2');
+    const virtualSize = (file: string) =>
+      JSON.parse(qemuImg(['info', '--output=json', file]).stdout)['virtual-size'] as number;
+    expect(virtualSize('dd-ours.qcow2')).toBe(virtualSize('dd-theirs.qcow2'));
+  });
+
+  test('measure counts persistent bitmaps as qemu-img measure does', () => {
+    must(['create', '-q', '-f', 'qcow2', 'bm.qcow2', '3G']);
+    must(['bitmap', '--add', 'bm.qcow2', 'b0']);
+    must(['bitmap', '--add', '-g', '4k', 'bm.qcow2', 'a-longer-bitmap-name']);
+    must(['bitmap', '--add', '-g', '1M', '--disable', 'bm.qcow2', 'b2']);
+    for (const args of [
+      ['-O', 'qcow2', 'bm.qcow2'],
+      ['--output=json', '-O', 'qcow2', 'bm.qcow2'],
+      ['-O', 'qcow2', '-o', 'cluster_size=4k', 'bm.qcow2'],
+      ['--output=json', '-O', 'qcow2', '-o', 'cluster_size=2M,extended_l2=on', 'bm.qcow2'],
+      ['--output=json', '-O', 'qcow2', '-o', 'compat=0.10', 'bm.qcow2'],
+      ['-O', 'raw', 'bm.qcow2'],
+    ]) {
+      const expected = qemuImg(['measure', ...args]);
+      expect(expected.stdout).not.toBe('');
+      expect(cli(['measure', ...args]), args.join(' ')).toEqual(expected);
+    }
+    expect(qemuImg(['measure', '-O', 'qcow2', 'bm.qcow2']).stdout).toMatch(/bitmaps size: [1-9]/);
+  });
 });

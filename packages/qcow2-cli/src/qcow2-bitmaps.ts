@@ -85,3 +85,33 @@ export async function readBitmapList(file: BlockDevice, header: Qcow2Header): Pr
 function corrupt(message: string, offset: number): never {
   throw new BlockDeviceError('ECORRUPT', `qcow2 bitmap directory: ${message}`, { offset });
 }
+
+/** Bytes of one bitmap table entry, and of a directory entry's fixed part. */
+const BME_TABLE_ENTRY_SIZE = 8;
+
+function roundUp(value: number, multiple: number): number {
+  return Math.ceil(value / multiple) * multiple;
+}
+
+/**
+ * The space `bitmaps` take in a new qcow2 image of `clusterSize` clusters for a guest of
+ * `guestSize` bytes, as qemu-img measure's `bitmaps size` counts it: every bitmap's data fully
+ * allocated, its bitmap table (clusters), and the directory (clusters).
+ */
+export function persistentBitmapsSize(
+  bitmaps: readonly BitmapInfo[],
+  guestSize: number,
+  clusterSize: number,
+): number {
+  const encoder = new TextEncoder();
+  let total = 0;
+  let directoryBytes = 0;
+  for (const bitmap of bitmaps) {
+    const bits = Math.ceil(guestSize / bitmap.granularity);
+    const clusters = Math.ceil(Math.ceil(bits / 8) / clusterSize);
+    total += clusters * clusterSize;
+    total += roundUp(clusters * BME_TABLE_ENTRY_SIZE, clusterSize);
+    directoryBytes += roundUp(BME_ENTRY_FIXED_SIZE + encoder.encode(bitmap.name).length, 8);
+  }
+  return total + roundUp(directoryBytes, clusterSize);
+}

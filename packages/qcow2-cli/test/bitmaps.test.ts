@@ -1,7 +1,7 @@
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import type { Qcow2Header } from '@qcowkit/qcow2-core';
 import { describe, expect, test } from 'vitest';
-import { readBitmapList } from '../src/qcow2-bitmaps.js';
+import { persistentBitmapsSize, readBitmapList } from '../src/qcow2-bitmaps.js';
 
 /** A header carrying only what the bitmap reader looks at. */
 function header(nbBitmaps: number, size: number, autoclear = 1): Qcow2Header {
@@ -57,5 +57,25 @@ describe('readBitmapList', () => {
     await expect(readBitmapList(device, header(1, 1 << 30))).rejects.toMatchObject({ code: 'ECORRUPT' });
     const bad = entry('x', 2, 40);
     await expect(readBitmapList(await deviceWith(bad), header(1, bad.length))).rejects.toThrow(/granularity/);
+  });
+});
+
+describe('persistentBitmapsSize', () => {
+  const bitmap = (name: string, granularity: number) => ({ name, granularity, flags: [] });
+  test('no bitmaps: nothing', () => {
+    expect(persistentBitmapsSize([], 2 ** 30, 65536)).toBe(0);
+  });
+  test('data, tables and directory rounded to clusters, as qemu-img measure counts them', () => {
+    // 3 GiB guest, 64 KiB clusters: 6 KiB of bits (1 cluster) + its table (1 cluster); 96 KiB of
+    // bits (2 clusters) + table (1 cluster); a directory of 32 + 48 bytes (1 cluster).
+    const list = [bitmap('b0', 65536), bitmap('a-longer-bitmap-name', 4096)];
+    expect(persistentBitmapsSize(list, 3 * 2 ** 30, 65536)).toBe(6 * 65536);
+    // 4 KiB clusters: 2 + 1, 24 + 1, 1 clusters.
+    expect(persistentBitmapsSize(list, 3 * 2 ** 30, 4096)).toBe(29 * 4096);
+  });
+  test('names count in UTF-8 bytes', () => {
+    const ascii = persistentBitmapsSize([bitmap('x'.repeat(250), 65536)], 2 ** 20, 512);
+    const wide = persistentBitmapsSize([bitmap('é'.repeat(250), 65536)], 2 ** 20, 512);
+    expect(wide - ascii).toBe(512);
   });
 });

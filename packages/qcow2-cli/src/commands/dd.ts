@@ -2,10 +2,15 @@
  * `qcow2 dd`: qemu-img dd's operands (`if=`, `of=`, `bs=`, `count=`, `skip=`), sizes and quirks.
  * As in qemu-img, `count` bounds the *end* of the input read (`count * bs`), not the number of
  * blocks copied after `skip`; a `skip` past the end creates an empty output, says so and exits 0. The
- * output (raw) is created anew; ranges of the input that read as zeros stay holes in it.
+ * output (`-O raw`, the default, or `-O qcow2`: a new image with qemu-img create's defaults) is
+ * created anew, its size rounded up to 512 bytes; ranges of the input that read as zeros stay
+ * holes in a raw output and unallocated clusters in a qcow2 one.
  */
+
 import { resolve } from 'node:path';
+import type { BlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { createImage } from '@qcowkit/qcow2-core/node';
 import { type ImageFormat, openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import { walkExtents } from '../extents.js';
@@ -28,6 +33,18 @@ export interface DdOptions {
 }
 
 const MAX_BLOCK_SIZE = 2147483647;
+/** Formats qemu-img knows but this tool does not write: refused as unsupported, not unknown. */
+const KNOWN_QEMU_FORMATS: readonly string[] = [
+  'vmdk',
+  'vdi',
+  'vhdx',
+  'vpc',
+  'qed',
+  'luks',
+  'parallels',
+  'qcow',
+  'dmg',
+];
 const COPY_CHUNK = 2 * 2 ** 20;
 
 function parseCount(value: string, what: string): number {
@@ -92,9 +109,12 @@ export async function ddCommand(
   operands: DdOperands,
   options: DdOptions,
 ): Promise<number> {
-  if (options.outputFormat !== 'raw') {
-    if (options.outputFormat === 'qcow2') {
-      throw new CliError('dd: writing qcow2 is not supported yet (use -O raw)', { code: 'EUNSUPPORTED' });
+  const outputFormat = options.outputFormat;
+  if (outputFormat !== 'raw' && outputFormat !== 'qcow2') {
+    if (KNOWN_QEMU_FORMATS.includes(outputFormat)) {
+      throw new CliError(`dd: writing ${outputFormat} images is not supported (raw or qcow2)`, {
+        code: 'EUNSUPPORTED',
+      });
     }
     throw new UsageError('Unknown file format');
   }
@@ -117,12 +137,17 @@ export async function ddCommand(
     const skipBytes = (operands.skip ?? 0) * blockSize;
     const skipPastEnd = operands.skip !== undefined && (!Number.isSafeInteger(skipBytes) || skipBytes > end);
     const start = skipPastEnd ? end : skipBytes;
-    let target: FileBlockDevice;
+    let target: { device: BlockDevice; close(): Promise<void> };
     try {
-      // The raw output is created as qemu-img creates images: its size rounded up to 512 bytes.
-      target = await FileBlockDevice.create(outputPath, Math.ceil((end - start) / 512) * 512, {
-        overwrite: true,
-      });
+      // The output is created as qemu-img creates images: its size rounded up to 512 bytes.
+      const size = Math.ceil((end - start) / 512) * 512;
+      if (outputFormat === 'qcow2') {
+        const image = await createImage(outputPath, { size, overwrite: true });
+        target = { device: image.device, close: () => image.close() };
+      } else {
+        const file = await FileBlockDevice.create(outputPath, size, { overwrite: true });
+        target = { device: file, close: () => file.close() };
+      }
     } catch (error) {
       throw new CliError(`Could not create '${operands.output}': ${describeError(error)}`, { cause: error });
     }
@@ -134,7 +159,7 @@ export async function ddCommand(
         for (let at = extent.offset; at < extent.offset + extent.length; at += COPY_CHUNK) {
           const length = Math.min(COPY_CHUNK, extent.offset + extent.length - at);
           const bytes = await opened.device.read(at, length);
-          await target.write(at - start, bytes);
+          await target.device.write(at - start, bytes);
         }
       }
     } finally {

@@ -10,9 +10,13 @@ import type { CommandContext } from '../io.js';
 import type { JsonObject } from '../output/qemu-json.js';
 import { toQemuJson } from '../output/qemu-json.js';
 import { resolveAgainst } from '../paths.js';
+import { persistentBitmapsSize, readBitmapList } from '../qcow2-bitmaps.js';
 import { parseSize } from '../size.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
 import { selectSnapshot } from './snapshot-select.js';
+
+/** qemu-img create's default cluster size (the target's, which the bitmaps are counted in). */
+const DEFAULT_CLUSTER_SIZE = 65536;
 
 export interface MeasureCommandOptions {
   readonly output: 'human' | 'json';
@@ -86,9 +90,20 @@ export async function measureCommand(
         fullyAllocated = opened.device.size;
       } else {
         ({ required, fullyAllocated } = await measure(opened.device, writerOptions));
-        // qemu-img reports the persistent bitmaps' size when the source is qcow2 (0 without any).
-        // (a compat=0.10 target cannot hold bitmaps: no figure then).
-        if (opened.format === 'qcow2' && created.compat !== '0.10') bitmaps = 0;
+        // qemu-img reports the persistent bitmaps' size when the source is qcow2 (0 without any);
+        // a compat=0.10 target cannot hold bitmaps: no figure then.
+        const image = opened.image;
+        if (opened.format === 'qcow2' && created.compat !== '0.10') {
+          const list =
+            image?.file !== undefined && image.header !== undefined && 'extensions' in image.header
+              ? await readBitmapList(image.file, image.header)
+              : [];
+          bitmaps = persistentBitmapsSize(
+            list,
+            opened.device.size,
+            created.clusterSize ?? DEFAULT_CLUSTER_SIZE,
+          );
+        }
       }
     } finally {
       await opened.close();

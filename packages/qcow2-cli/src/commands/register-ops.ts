@@ -168,11 +168,11 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
   addCommon(
     program.command('dd').argument('[operands...]', 'if=INPUT of=OUTPUT [bs=SIZE] [count=N] [skip=N]'),
   )
-    .description('copy part of an image into a raw file, dd style (as qemu-img dd)')
-    .addOption(new Option('-O <fmt>', 'output format (raw)').default('raw'))
+    .description('copy part of an image into a new raw file or qcow2 image, dd style (as qemu-img dd)')
+    .addOption(new Option('-O <fmt>', 'output format: raw (default) or qcow2').default('raw'))
     .addHelpText(
       'after',
-      '\nAs in qemu-img, count=N ends the copy at N*bs bytes into the input (skip included).\n\nExamples:\n  qcow2 dd if=disk.qcow2 of=first-mib.raw bs=1M count=1\n  qcow2 dd -f qcow2 if=disk.qcow2 of=tail.raw bs=64k skip=16\n',
+      '\nAs in qemu-img, count=N ends the copy at N*bs bytes into the input (skip included).\n\nExamples:\n  qcow2 dd if=disk.qcow2 of=first-mib.raw bs=1M count=1\n  qcow2 dd -f qcow2 if=disk.qcow2 of=tail.raw bs=64k skip=16\n  qcow2 dd -O qcow2 if=disk.raw of=head.qcow2 bs=1M count=512\n',
     )
     .action(async (operands: string[], options: Record<string, unknown>) => {
       const { ddCommand, parseDdOperands } = await import('./dd.js');
