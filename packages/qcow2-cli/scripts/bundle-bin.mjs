@@ -27,7 +27,7 @@
  *   package's own package.json, since every chunk lands in `dist/bin/`.
  * The library entries (`dist/index.js` and the rest) stay tsc's output.
  */
-import { readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { basename, dirname, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -90,11 +90,6 @@ const stub = {
   },
 };
 
-// Chunks from an earlier build have other hashes: remove them so dist/bin holds only this one.
-for (const file of await readdir(outdir).catch(() => [])) {
-  if (file.startsWith('chunk-')) await rm(join(outdir, file));
-}
-
 const entryPoints = [
   { in: 'bundle-bin:stub', out: name },
   ...values.worker.map((spec) => {
@@ -103,9 +98,13 @@ const entryPoints = [
   }),
 ];
 
+// Built into a staging folder, then moved into dist/bin file by file (a rename is atomic), the
+// entries last: a command started during a rebuild sees either the old files or the new ones.
+const staging = join(packageDir, 'dist', `.bin-staging-${process.pid}`);
+await rm(staging, { recursive: true, force: true });
 const result = await build({
   entryPoints,
-  outdir,
+  outdir: staging,
   bundle: true,
   splitting: true,
   format: 'esm',
@@ -125,5 +124,35 @@ const result = await build({
   logLevel: 'warning',
 });
 
+await mkdir(outdir, { recursive: true });
+const built = await readdir(staging);
+const isEntry = (file) => !file.startsWith('chunk-');
+for (const file of [...built.filter((f) => !isEntry(f)), ...built.filter(isEntry)]) {
+  await rename(join(staging, file), join(outdir, file));
+}
+await rm(staging, { recursive: true, force: true });
+await removeStaleChunks(new Set(built));
+
 // `--metafile PATH`: what went into the bundle, for https://esbuild.github.io/analyze/.
 if (values.metafile !== undefined) await writeFile(values.metafile, JSON.stringify(result.metafile));
+
+/**
+ * Chunks an earlier build made that this one did not: a command that started before this build
+ * may still import them lazily, so each is removed only once it has been stale for a while
+ * (STALE_GRACE_MS, counted from the build that first found it stale, kept in `.stale.json`).
+ */
+async function removeStaleChunks(current) {
+  const STALE_GRACE_MS = 10 * 60 * 1000;
+  const ledgerPath = join(outdir, '.stale.json');
+  const ledger = JSON.parse(await readFile(ledgerPath, 'utf8').catch(() => '{}'));
+  const now = Date.now();
+  const next = {};
+  for (const file of await readdir(outdir)) {
+    if (!file.startsWith('chunk-') || current.has(file)) continue;
+    const since = typeof ledger[file] === 'number' ? ledger[file] : now;
+    if (now - since >= STALE_GRACE_MS) await rm(join(outdir, file), { force: true });
+    else next[file] = since;
+  }
+  if (Object.keys(next).length > 0) await writeFile(ledgerPath, `${JSON.stringify(next)}\n`);
+  else await rm(ledgerPath, { force: true });
+}
