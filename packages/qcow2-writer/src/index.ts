@@ -1,6 +1,8 @@
 export { type ClusterKind, ClusterMap } from './cluster-map.js';
-export type { ClusterCompressor, CompressionType } from './compressor.js';
+export type { ClusterCompressor, CompressedBatch, CompressionType } from './compressor.js';
 export { type ConversionPlan, type ConvertOptions, convertToQcow2, planConversion } from './convert.js';
+export { type CopyIntoOptions, copyInto } from './copy-into.js';
+export { convertDirectCompressed, type DirectCompressOptions } from './direct-compressed.js';
 export { convertDirect, type DirectConvertOptions, type RandomAccessSink } from './direct-convert.js';
 export { type CreateImageOptions, createEmptyImage, planEmptyImage } from './empty.js';
 export { planLayout, type Qcow2Layout } from './layout.js';

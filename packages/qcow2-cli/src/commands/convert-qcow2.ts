@@ -1,18 +1,25 @@
 /**
  * `qcow2 convert -O qcow2`: the source's guest data into a new qcow2 file through qcow2-writer
- * (`convertToQcow2`), with qemu-img's `-o` options, `-c` (compressed clusters), `-B BACKING`
- * (`-F FMT`: only what differs from the backing file is written) and `-m N` (reads in flight).
+ * (`convertToQcow2`), with qemu-img's `-o` options (`data_file=PATH[,data_file_raw=on]` included),
+ * `-c` (compressed clusters, zlib or zstd), `-B BACKING` (`-F FMT`: only what differs from the
+ * backing file is written), `-m N` (reads in flight) and `-p` (progress on stderr). The target may
+ * be `-`: the image is streamed to stdout (qemu-img cannot do that). `-n` writes into an existing
+ * qcow2 image instead, through qcow2-core, as qemu-img convert -n does.
  */
+import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { convertToQcow2 } from '@qcowkit/qcow2-writer/node';
+import type { Writable } from 'node:stream';
+import { Qcow2Image } from '@qcowkit/qcow2-core';
+import { type ByteSink, convertToQcow2, copyInto } from '@qcowkit/qcow2-writer/node';
 import { type ImageFormat, type OpenedImage, openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
-import { ProgressReporter } from '../output/progress.js';
+import { progressReporter } from '../output/progress.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
 import type { ConvertOptions } from './convert.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
 import { selectSnapshot } from './snapshot-select.js';
+import { openWritable } from './writable-image.js';
 
 export interface Qcow2ConvertExtras {
   /** `-o` strings, in order. */
@@ -24,8 +31,94 @@ export interface Qcow2ConvertExtras {
   readonly backingFormat?: string | undefined;
   /** `-m`: reads in flight. */
   readonly parallel?: number | undefined;
-  /** `-n`: the target exists already (not supported yet). */
+  /** `-n`: write into the existing target. */
   readonly noCreate?: boolean;
+}
+
+/** stdout as a sink that never ends it (it is not ours to close): writes wait for 'drain'. */
+function stdoutSink(stream: Writable): ByteSink {
+  let failure: Error | undefined;
+  const onError = (error: Error) => {
+    failure ??= error;
+  };
+  stream.on('error', onError);
+  const settled = (wait: (done: () => void) => void) =>
+    new Promise<void>((resolvePromise, reject) => {
+      if (failure !== undefined) return reject(failure);
+      const fail = (error: Error) => reject(error);
+      stream.once('error', fail);
+      wait(() => {
+        stream.removeListener('error', fail);
+        if (failure !== undefined) reject(failure);
+        else resolvePromise();
+      });
+    });
+  return {
+    async write(chunk) {
+      if (failure !== undefined) throw failure;
+      if (!stream.write(chunk)) await settled((done) => stream.once('drain', done));
+    },
+    async close() {
+      // Callbacks run in order: once this one has, everything before it is written.
+      await settled((done) => stream.write(new Uint8Array(0), () => done()));
+      stream.removeListener('error', onError);
+    },
+    async abort() {
+      stream.removeListener('error', onError);
+    },
+  };
+}
+
+/** `-n`: the source's data into the existing qcow2 image `target`. */
+async function convertIntoExisting(
+  context: CommandContext,
+  opened: OpenedImage,
+  target: string,
+  options: ConvertOptions & Qcow2ConvertExtras,
+): Promise<void> {
+  if (target === '-') throw new UsageError("-n needs an existing image to write into, not '-'");
+  if ((options.createOptions ?? []).length > 0) {
+    throw new CliError('-o has no effect when skipping image creation', { code: 'EINVAL' });
+  }
+  const targetPath = resolveAgainst(context.io.cwd, target);
+  const targetStat = await stat(targetPath).catch(() => undefined);
+  if (targetStat !== undefined) {
+    for (const layer of opened.chain) {
+      const layerStat = await stat(layer.path).catch(() => undefined);
+      if (layerStat !== undefined && layerStat.dev === targetStat.dev && layerStat.ino === targetStat.ino) {
+        throw new CliError(
+          `Could not write '${target}': it is a file the source image reads (${layer.path})`,
+          {
+            code: 'EINVAL',
+          },
+        );
+      }
+    }
+  }
+  const writable = await openWritable(targetPath, target, { format: 'qcow2' });
+  try {
+    const image = writable.device instanceof Qcow2Image ? writable.device : undefined;
+    if (writable.device.size < opened.device.size) {
+      throw new CliError('output file is smaller than input file', { code: 'EINVAL' });
+    }
+    const progress = progressReporter(context.io, options.progress);
+    await copyInto(opened.device, writable.device, {
+      ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
+      ...(options.compress === true && image !== undefined
+        ? {
+            blockBytes: image.clusterSize,
+            writeCompressed: (offset, data) => image.writeCompressed(offset, data),
+          }
+        : {}),
+      ...(progress === undefined ? {} : { onProgress: (done, total) => progress.update(done, total) }),
+    }).catch((error: unknown) => {
+      if (error instanceof CliError) throw error;
+      throw new CliError(`error while writing into '${target}': ${describeError(error)}`, { cause: error });
+    });
+    progress?.finish();
+  } finally {
+    await writable.close();
+  }
 }
 
 export async function convertToQcow2Command(
@@ -34,11 +127,25 @@ export async function convertToQcow2Command(
   target: string,
   options: ConvertOptions & Qcow2ConvertExtras,
 ): Promise<number> {
-  if (target === '-') {
-    throw new CliError('convert: writing qcow2 to stdout is not supported yet', { code: 'EUNSUPPORTED' });
-  }
   if (options.noCreate === true) {
-    throw new CliError('convert: -n (writing into an existing image) is not supported yet', {
+    const sourcePath = resolveAgainst(context.io.cwd, source);
+    const opened = await openImage(sourcePath, {
+      displayName: source,
+      format: options.format,
+      forceShare: options.forceShare,
+      snapshot: await selectSnapshot(sourcePath, source, options),
+    });
+    try {
+      await convertIntoExisting(context, opened, target, options);
+    } finally {
+      await opened.close();
+    }
+    return 0;
+  }
+  const toStdout = target === '-';
+  const stdout = context.io.stdoutStream;
+  if (toStdout && stdout === undefined) {
+    throw new CliError("convert: target '-' needs a binary stdout, which this caller did not give", {
       code: 'EUNSUPPORTED',
     });
   }
@@ -49,7 +156,7 @@ export async function convertToQcow2Command(
     throw new UsageError('-F requires a backing file (-B)');
   }
   const sourcePath = resolveAgainst(context.io.cwd, source);
-  const targetPath = resolveAgainst(context.io.cwd, target);
+  const targetPath = toStdout ? undefined : resolveAgainst(context.io.cwd, target);
   const opened = await openImage(sourcePath, {
     displayName: source,
     format: options.format,
@@ -58,14 +165,41 @@ export async function convertToQcow2Command(
   });
   let backing: OpenedImage | undefined;
   try {
-    if (opened.chain.some((layer) => resolve(layer.path) === resolve(targetPath))) {
-      throw new CliError(`Could not create '${target}': it is the source or a file the source reads`, {
+    const created = qcow2CreateOptions(target, opened.device.size, values);
+    // The data file's name is recorded as given and resolved against the current folder.
+    const dataFilePath =
+      created.dataFile === undefined ? undefined : resolveAgainst(context.io.cwd, created.dataFile);
+    for (const [path, name] of [
+      [targetPath, target],
+      [dataFilePath, created.dataFile],
+    ] as const) {
+      if (path !== undefined && opened.chain.some((layer) => resolve(layer.path) === resolve(path))) {
+        throw new CliError(`Could not create '${name}': it is the source or a file the source reads`, {
+          code: 'EINVAL',
+        });
+      }
+    }
+    if (
+      dataFilePath !== undefined &&
+      targetPath !== undefined &&
+      resolve(dataFilePath) === resolve(targetPath)
+    ) {
+      throw new CliError(`Could not create '${target}': the image and its data file are the same file`, {
         code: 'EINVAL',
       });
     }
-    const created = qcow2CreateOptions(target, opened.device.size, values);
+    if (created.dataFile !== undefined && options.compress === true) {
+      throw new CliError(
+        `Could not create '${target}': compression is not supported with an external data file`,
+        {
+          code: 'EUNSUPPORTED',
+        },
+      );
+    }
     if (created.backingFile !== undefined) {
-      backing = await openImage(pathCombine(targetPath, created.backingFile), {
+      // A backing file name is resolved against the image's folder (the current one for stdout).
+      const base = targetPath ?? resolveAgainst(context.io.cwd, 'stdout');
+      backing = await openImage(pathCombine(base, created.backingFile), {
         displayName: created.backingFile,
         format: created.backingFormat as ImageFormat | undefined,
         forceShare: true,
@@ -75,10 +209,11 @@ export async function convertToQcow2Command(
         });
       });
     }
-    const progress = options.progress ? new ProgressReporter(context.io.stderr) : undefined;
+    // Progress goes to stderr, never to stdout (which may be the image).
+    const progress = progressReporter(context.io, options.progress);
     progress?.update(0, 1);
     try {
-      await convertToQcow2(opened.device, targetPath, {
+      await convertToQcow2(opened.device, targetPath ?? stdoutSink(stdout!), {
         ...(created.compat === undefined
           ? {}
           : { version: created.compat === '0.10' ? (2 as const) : (3 as const) }),
@@ -88,13 +223,14 @@ export async function convertToQcow2Command(
         ...(created.lazyRefcounts === undefined ? {} : { lazyRefcounts: created.lazyRefcounts }),
         ...(created.compressionType === undefined ? {} : { compressionType: created.compressionType }),
         ...(created.preallocation === undefined ? {} : { preallocation: created.preallocation }),
-        ...(created.dataFile === undefined ? {} : { dataFile: created.dataFile }),
+        ...(created.dataFile === undefined ? {} : { dataFile: created.dataFile, dataFilePath }),
         ...(created.dataFileRaw === undefined ? {} : { dataFileRaw: created.dataFileRaw }),
         ...(created.backingFile === undefined ? {} : { backingFile: created.backingFile }),
         ...(created.backingFormat === undefined ? {} : { backingFormat: created.backingFormat }),
         ...(backing === undefined ? {} : { backing: backing.device }),
         ...(options.compress === true ? { compress: true } : {}),
         ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
+        ...(progress === undefined ? {} : { onProgress: (done, total) => progress.update(done, total) }),
       });
     } catch (error) {
       if (error instanceof CliError) throw error;
