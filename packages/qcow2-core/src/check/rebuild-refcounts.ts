@@ -78,9 +78,13 @@ export function planRefcountStructure(
 /** The counted references as an array (capped at the refcount width), ready for a rebuild. */
 export function countsOf(computed: ComputedRefcounts, refcountOrder: number): number[] {
   const max = maxRefcount(refcountOrder);
-  const counts: number[] = [];
-  for (let clusterIndex = 0; clusterIndex < computed.used; clusterIndex++) {
-    counts.push(Math.min(computed.get(clusterIndex), max));
+  const used = computed.used;
+  const array = computed.array;
+  // Filled in place (a packed array of small integers), not grown by push.
+  const counts = new Array<number>(used).fill(0);
+  for (let clusterIndex = 0; clusterIndex < used; clusterIndex++) {
+    const count = array[clusterIndex]!;
+    counts[clusterIndex] = Math.min(count, max);
   }
   return counts;
 }

@@ -189,6 +189,15 @@ export class StoredRefcounts {
     this.cache.clear();
   }
 
+  /**
+   * Replaces the in-memory copy of block `blockIndex` after the caller wrote `bytes` there (so a
+   * later lookup sees what the file now holds).
+   */
+  replaceBlock(blockIndex: number, bytes: Uint8Array): void {
+    if (this.resident !== undefined) this.resident[blockIndex] = bytes;
+    if (this.cache.has(blockIndex)) this.cache.set(blockIndex, bytes);
+  }
+
   /** Entry `index` of a refcount block read with {@link block}. */
   decode(block: Uint8Array, index: number): number {
     return decodeRefcount(block, index, this.refcountBits);

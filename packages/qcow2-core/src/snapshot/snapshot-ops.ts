@@ -9,7 +9,7 @@ import { loadHeader } from '../check/check.js';
 import { QCOW_MAX_SNAPSHOTS } from '../format/geometry.js';
 import type { Qcow2SnapshotEntry } from '../format/snapshot-table.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from '../ops/image-edit.js';
-import { commitRefcounts } from './commit-refcounts.js';
+import { commitRefcounts, fixCopiedFlags } from './commit-refcounts.js';
 import { findSnapshot, readSnapshotTable } from './snapshot-list.js';
 import {
   encodeSnapshotTable,
@@ -141,7 +141,7 @@ export async function deleteSnapshot(
   await addTreeReferences(edit, victim.l1TableOffset, victim.l1Size, -1);
   edit.addReferences(victim.l1TableOffset, victim.l1Size * 8, -1);
   await commitRefcounts(edit);
-  await edit.fixCopiedFlags();
+  await fixCopiedFlags(edit);
 }
 
 /** Reverts the image to the snapshot with this id or name: its data and its guest size. */
@@ -184,5 +184,5 @@ export async function applySnapshot(
   }
   // 4. Refcounts lowered, then COPIED set where clusters are no longer shared.
   await commitRefcounts(edit);
-  await edit.fixCopiedFlags();
+  await fixCopiedFlags(edit);
 }

@@ -42,7 +42,11 @@ export interface TreeReferenceOptions {
 export function canShareTree(edit: ImageEdit): boolean {
   const max = maxRefcount(edit.header.refcountOrder);
   let highest = 0;
-  for (const count of edit.counts) if (count > highest) highest = count;
+  const counts = edit.counts;
+  for (let clusterIndex = 0; clusterIndex < counts.length; clusterIndex++) {
+    const count = counts[clusterIndex] ?? 0;
+    if (count > highest) highest = count;
+  }
   return highest * 2 <= max;
 }
 
