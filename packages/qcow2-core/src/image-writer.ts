@@ -195,11 +195,42 @@ export class ImageWriter {
       this.#guarded(() => this.#writePath.tryWriteInPlace(guestOffset, data)),
     );
     if (done) return;
-    await this.lock.exclusive(() => this.#guarded(() => this.#writePath.write(guestOffset, data)));
+    // Allocating: plan under the lock, write the data without it (other requests proceed), then
+    // change the mapping under the lock again.
+    for (;;) {
+      const plan = await this.lock.exclusive(() =>
+        this.#guarded(() => this.#writePath.beginWrite(guestOffset, data)),
+      );
+      if ('wait' in plan) {
+        await plan.wait;
+        continue;
+      }
+      try {
+        await this.#writePath.writeData(plan);
+      } catch (error) {
+        await this.lock.exclusive(() => this.#writePath.abortWrite(plan));
+        throw error;
+      }
+      await this.lock.exclusive(() => this.#guarded(() => this.#writePath.finishWrite(plan)));
+      return;
+    }
+  }
+
+  /** Runs a mapping change under the exclusive lock once no allocating write is in flight. */
+  async #exclusiveIdle<T>(task: () => Promise<T>): Promise<T> {
+    for (;;) {
+      let busy: Promise<void> | undefined;
+      const result = await this.lock.exclusive(async () => {
+        busy = this.#writePath.idle();
+        return busy === undefined ? await this.#guarded(task) : undefined;
+      });
+      if (busy === undefined) return result as T;
+      await busy;
+    }
   }
 
   async writeZeroes(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
-    await this.lock.exclusive(() => this.#guarded(() => this.#zeroRange(guestOffset, length, mode)));
+    await this.#exclusiveIdle(() => this.#zeroRange(guestOffset, length, mode));
   }
 
   async #zeroRange(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
@@ -236,20 +267,18 @@ export class ImageWriter {
   /** Writes whole cluster `clusterIndex` compressed (uncompressed when it does not shrink). */
   async writeCompressed(guestOffset: number, data: Uint8Array): Promise<void> {
     const compressed = await this.#context.compress(data);
-    await this.lock.exclusive(() =>
-      this.#guarded(async () => {
-        if (compressed === undefined || compressed.length >= this.#clusterSize - 512) {
-          await this.#writePath.write(guestOffset, data);
-          return;
-        }
-        await this.#writePath.writeCompressedCluster(guestOffset / this.#clusterSize, compressed);
-      }),
-    );
+    await this.#exclusiveIdle(async () => {
+      if (compressed === undefined || compressed.length >= this.#clusterSize - 512) {
+        await this.#writePath.write(guestOffset, data);
+        return;
+      }
+      await this.#writePath.writeCompressedCluster(guestOffset / this.#clusterSize, compressed);
+    });
   }
 
   /** Allocates every L2 table and data cluster (preallocation=metadata, on a new image). */
   async preallocateMetadata(): Promise<void> {
-    await this.lock.exclusive(() => this.#guarded(() => this.#writePath.preallocate(this.#context.size())));
+    await this.#exclusiveIdle(() => this.#writePath.preallocate(this.#context.size()));
   }
 
   /** Data then metadata durable (the write path's ordered write-back). */
@@ -259,8 +288,8 @@ export class ImageWriter {
 
   /** Grows the guest size (the L1 table moves when it must grow). Shrinking zeroes what falls off. */
   async resize(newSize: number): Promise<void> {
-    await this.lock.exclusive(() =>
-      this.#guarded(async () => {
+    await this.#exclusiveIdle(async () => {
+      {
         const header = this.#context.header();
         const size = this.#context.size();
         if (newSize === size) return;
@@ -336,8 +365,8 @@ export class ImageWriter {
           l1Size,
         });
         this.#context.setSize(newSize);
-      }),
-    );
+      }
+    });
   }
 
   /** Writes what is pending and flushes (the image is consistent on disk afterwards). */

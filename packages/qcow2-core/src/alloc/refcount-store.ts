@@ -24,6 +24,10 @@ import {
 } from '../format/refcount.js';
 import type { MetadataMap } from './metadata-map.js';
 
+/** Bounds of the room the file grows ahead of its allocated clusters. */
+const FILE_GROWTH_MIN = 1024 * 1024;
+const FILE_GROWTH_MAX = 64 * 1024 * 1024;
+
 export interface RefcountStoreOptions {
   readonly file: BlockDevice;
   readonly clusterBits: number;
@@ -56,6 +60,8 @@ export class RefcountStore {
   #freeHint = 0;
   /** End (cluster index) of the highest cluster allocated by this store. */
   #allocatedEnd = 0;
+  /** The file's length without the room `extendFile` made ahead (undefined: none made). */
+  #exactSize: number | undefined;
 
   private constructor(options: RefcountStoreOptions, table: number[]) {
     this.#options = options;
@@ -106,10 +112,29 @@ export class RefcountStore {
     return this.#tableClusters;
   }
 
-  /** Makes the file at least as long as every cluster allocated so far. */
+  /**
+   * Makes the file at least as long as every cluster allocated so far. It grows ahead by an eighth
+   * of its size (1 to 64 MiB), so a stream of allocations does not resize it each time;
+   * {@link trimFile} cuts what is left over.
+   */
   async extendFile(): Promise<void> {
     const end = this.#allocatedEnd * this.#clusterSize;
-    if (this.#options.file.size < end) await this.#options.file.resize(end);
+    const { file } = this.#options;
+    if (file.size >= end) return;
+    const ahead = Math.min(Math.max(Math.floor(end / 8), FILE_GROWTH_MIN), FILE_GROWTH_MAX);
+    const target = Math.ceil((end + ahead) / this.#clusterSize) * this.#clusterSize;
+    this.#exactSize = Math.max(this.#exactSize ?? file.size, end);
+    await file.resize(target);
+  }
+
+  /** Cuts the room {@link extendFile} made ahead: the file ends with the last allocated cluster. */
+  async trimFile(): Promise<void> {
+    const exact = this.#exactSize;
+    if (exact === undefined) return;
+    const end = Math.max(exact, this.#allocatedEnd * this.#clusterSize);
+    const { file } = this.#options;
+    if (file.size > end) await file.resize(end);
+    this.#exactSize = undefined;
   }
 
   /** Changes not written yet. */

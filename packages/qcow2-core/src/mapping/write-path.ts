@@ -63,6 +63,26 @@ interface EntryRef {
   readonly at: number;
 }
 
+/** An allocating write between its planning and its mapping change (see `beginWrite`). */
+export interface WritePlan {
+  /** Guest clusters `[firstCluster, endCluster)` of the request, in flight until settled. */
+  readonly firstCluster: number;
+  readonly endCluster: number;
+  /** Data writes (host offset, bytes). */
+  readonly pieces: { hostOffset: number; bytes: Uint8Array }[];
+  readonly tables: PlannedTable[];
+  /** Runs of clusters allocated for it. */
+  readonly allocated: Release[];
+  settle: () => void;
+}
+
+/** The L2 changes of a planned write in one L2 table. */
+interface PlannedTable {
+  readonly l1Index: number;
+  readonly allocations: { l2Index: number; hostCluster: number; old: Release[] }[];
+  readonly subUpdates: { l2Index: number; allocBits: number }[];
+}
+
 /** A host range freed once the L2 change that dropped it is durable. */
 interface Release {
   readonly clusterIndex: number;
@@ -82,6 +102,8 @@ export class WritePath {
   #compressedTail = -1;
   /** Clusters to free once the dirty L2 slices that dropped them are durable. */
   #pendingFrees: Release[] = [];
+  /** Guest clusters with an allocating write in flight, and when it settles. */
+  readonly #inFlight = new Map<number, Promise<void>>();
 
   constructor(options: WritePathOptions) {
     this.#o = options;
@@ -138,8 +160,11 @@ export class WritePath {
       // Decrements may reach the disk in any order now: losing them only leaks.
       await refcounts.writeBack();
     }
-    if (final && refcounts.pending) await refcounts.commit();
-    else if (final) await file.flush();
+    if (final) {
+      await refcounts.trimFile();
+      await refcounts.commit({ flush: false });
+      await file.flush();
+    }
   }
 
   /** Writes back when the dirty L2 slices pass their cap (the cache stays bounded). */
@@ -185,43 +210,59 @@ export class WritePath {
    * (having written nothing) otherwise.
    */
   async tryWriteInPlace(guestOffset: number, data: Uint8Array): Promise<boolean> {
-    const pieces: { hostOffset: number; bytes: Uint8Array }[] = [];
     const end = guestOffset + data.length;
+    const l1High = this.#o.mapper.l1.high;
+    const cache = this.#o.cache;
+    const sliceBytes = this.#o.sliceBytes;
+    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    let pieces: { hostOffset: number; bytes: Uint8Array }[] | undefined;
+    let single: { hostOffset: number; bytes: Uint8Array } | undefined;
     let position = guestOffset;
     while (position < end) {
       const l1Index = Math.floor(position / this.#bytesPerL1);
-      const { high } = this.#o.l1();
       const l2Offset = this.#o.mapper.l2TableOffset(l1Index);
-      if (l2Offset === 0 || (high[l1Index]! & QCOW_OFLAG_COPIED_HIGH) === 0) return false;
+      if (l2Offset === 0 || (l1High[l1Index]! & QCOW_OFLAG_COPIED_HIGH) === 0) return false;
       const clusterIndex = Math.floor(position / this.#clusterSize);
-      const ref = await this.#entry(
-        l2Offset,
-        clusterIndex - l1Index * (this.#bytesPerL1 / this.#clusterSize),
-      );
-      const entryHigh = ref.slice.getUint32(ref.at);
-      const entryLow = ref.slice.getUint32(ref.at + 4);
+      const l2Index = clusterIndex - l1Index * clustersPerTable;
+      const sliceIndex = Math.floor(l2Index / this.#entriesPerSlice);
+      const sliceHostOffset = l2Offset + sliceIndex * sliceBytes;
+      // A cache hit costs no await.
+      const slice = cache.lookup(sliceHostOffset) ?? (await cache.get(sliceHostOffset, this.#loadSlice));
+      const at = (l2Index - sliceIndex * this.#entriesPerSlice) * this.#entrySize;
+      const entryHigh = slice.getUint32(at);
+      const entryLow = slice.getUint32(at + 4);
       if ((entryHigh & QCOW_OFLAG_COPIED_HIGH) === 0) return false;
       if (classifyL2Entry(entryHigh, entryLow, false, this.#o.extendedL2) !== 'normal') return false;
       const clusterStart = clusterIndex * this.#clusterSize;
       const pieceEnd = Math.min(end, clusterStart + this.#clusterSize);
       if (this.#o.extendedL2) {
-        const allocBits = ref.slice.getUint32(ref.at + 12);
+        const allocBits = slice.getUint32(at + 12);
         const first = Math.floor((position - clusterStart) / this.#subclusterSize);
         const last = Math.floor((pieceEnd - 1 - clusterStart) / this.#subclusterSize);
         for (let sub = first; sub <= last; sub++) if (((allocBits >>> sub) & 1) === 0) return false;
       }
       const hostOffset = l2EntryHostOffset(entryHigh, entryLow) + (position - clusterStart);
-      const bytes = data.subarray(position - guestOffset, pieceEnd - guestOffset);
-      const last = pieces[pieces.length - 1];
-      if (last !== undefined && last.hostOffset + last.bytes.length === hostOffset) {
-        pieces[pieces.length - 1] = {
-          hostOffset: last.hostOffset,
-          bytes: data.subarray(last.bytes.byteOffset - data.byteOffset, pieceEnd - guestOffset),
-        };
+      if (single === undefined) {
+        single = { hostOffset, bytes: data.subarray(position - guestOffset, pieceEnd - guestOffset) };
       } else {
-        pieces.push({ hostOffset, bytes });
+        pieces ??= [single];
+        const last = pieces[pieces.length - 1]!;
+        if (last.hostOffset + last.bytes.length === hostOffset) {
+          pieces[pieces.length - 1] = {
+            hostOffset: last.hostOffset,
+            bytes: data.subarray(last.bytes.byteOffset - data.byteOffset, pieceEnd - guestOffset),
+          };
+        } else {
+          pieces.push({ hostOffset, bytes: data.subarray(position - guestOffset, pieceEnd - guestOffset) });
+        }
       }
       position = pieceEnd;
+    }
+    if (pieces === undefined) {
+      if (single === undefined) return true;
+      this.#o.metadata.check(single.hostOffset, single.bytes.length, undefined, 'data write');
+      await this.#o.file.write(single.hostOffset, single.bytes);
+      return true;
     }
     for (const piece of pieces)
       this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
@@ -229,33 +270,153 @@ export class WritePath {
     return true;
   }
 
-  /** Writes `data` at `guestOffset`, allocating and copying on write as needed. */
+  /**
+   * Writes `data` at `guestOffset`, allocating and copying on write as needed, all under the
+   * caller's exclusive lock. The caller makes sure no allocating write is in flight ({@link idle}).
+   */
   async write(guestOffset: number, data: Uint8Array): Promise<void> {
+    const plan = await this.beginWrite(guestOffset, data);
+    if ('wait' in plan) throw new Error('write path: write while an allocation is in flight');
+    try {
+      await this.writeData(plan);
+    } catch (error) {
+      await this.abortWrite(plan);
+      throw error;
+    }
+    await this.finishWrite(plan);
+  }
+
+  /**
+   * Undefined when no allocating write is in flight; otherwise a promise settled when none is (for
+   * changes that need the whole mapping still: zeroing, discard, resize, ...).
+   */
+  idle(): Promise<void> | undefined {
+    if (this.#inFlight.size === 0) return undefined;
+    return Promise.all([...new Set(this.#inFlight.values())]).then(() => undefined);
+  }
+
+  /**
+   * Plans an allocating write (under the exclusive lock): new L2 tables are made, clusters
+   * allocated (in memory) and copy-on-write bytes read, and the guest clusters of the request are
+   * marked in flight. The data I/O ({@link writeData}) may then run without the lock; the mapping
+   * changes in {@link finishWrite} (under the lock again) or are undone by {@link abortWrite}.
+   * Returns `{ wait }` instead when a cluster of the request has an allocation in flight: wait for
+   * it, then plan again.
+   */
+  async beginWrite(
+    guestOffset: number,
+    data: Uint8Array,
+  ): Promise<WritePlan | { readonly wait: Promise<void> }> {
+    const [firstCluster, endCluster] = this.#clusterSpan(guestOffset, data.length);
+    if (this.#inFlight.size > 0) {
+      for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
+        const busy = this.#inFlight.get(clusterIndex);
+        if (busy !== undefined) return { wait: busy };
+      }
+    }
+    const plan: WritePlan = {
+      firstCluster,
+      endCluster,
+      pieces: [],
+      tables: [],
+      allocated: [],
+      settle: () => {},
+    };
     const end = guestOffset + data.length;
     let position = guestOffset;
-    while (position < end) {
-      const l1Index = Math.floor(position / this.#bytesPerL1);
-      const tableEnd = Math.min(end, (l1Index + 1) * this.#bytesPerL1);
-      await this.#writeInTable(
-        l1Index,
-        position,
-        data.subarray(position - guestOffset, tableEnd - guestOffset),
-      );
-      position = tableEnd;
+    try {
+      while (position < end) {
+        const l1Index = Math.floor(position / this.#bytesPerL1);
+        const tableEnd = Math.min(end, (l1Index + 1) * this.#bytesPerL1);
+        await this.#planInTable(
+          plan,
+          l1Index,
+          position,
+          data.subarray(position - guestOffset, tableEnd - guestOffset),
+        );
+        position = tableEnd;
+      }
+      for (const piece of plan.pieces) {
+        this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
+      }
+    } catch (error) {
+      for (const run of plan.allocated) await this.#o.refcounts.adjust(run.clusterIndex, run.count, -1);
+      throw error;
+    }
+    const settled = new Promise<void>((resolve) => {
+      plan.settle = resolve;
+    });
+    for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
+      this.#inFlight.set(clusterIndex, settled);
+    }
+    return plan;
+  }
+
+  /** The data writes of a planned write (no lock needed: nothing points at new clusters yet). */
+  writeData(plan: WritePlan): Promise<void> {
+    // Copied bytes need no flush of their own: the write-back flushes before any L2 entry
+    // pointing at them reaches the disk.
+    return runBounded(plan.pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
+  }
+
+  /** Points the L2 entries at the written clusters (under the exclusive lock). */
+  async finishWrite(plan: WritePlan): Promise<void> {
+    try {
+      for (const table of plan.tables) {
+        const l2Offset = this.#o.mapper.l2TableOffset(table.l1Index);
+        for (const item of table.allocations) {
+          const ref = await this.#entry(l2Offset, item.l2Index);
+          const { high, low } = encodeL2Entry({ type: 'normal', hostOffset: item.hostCluster, copied: true });
+          ref.slice.setUint32(ref.at, high);
+          ref.slice.setUint32(ref.at + 4, low);
+          if (this.#o.extendedL2) {
+            ref.slice.setUint32(ref.at + 8, 0);
+            ref.slice.setUint32(ref.at + 12, ALL_SUBCLUSTERS);
+          }
+          this.#dirty(ref);
+          this.#pendingFrees.push(...item.old);
+        }
+        for (const { l2Index, allocBits } of table.subUpdates) {
+          const ref = await this.#entry(l2Offset, l2Index);
+          const zeroBits = ref.slice.getUint32(ref.at + 8);
+          ref.slice.setUint32(ref.at + 8, (zeroBits & ~allocBits) >>> 0);
+          ref.slice.setUint32(ref.at + 12, allocBits);
+          this.#dirty(ref);
+        }
+      }
+    } finally {
+      this.#settle(plan);
     }
     await this.#writeBackIfFull();
   }
 
-  async #writeInTable(l1Index: number, guestOffset: number, data: Uint8Array): Promise<void> {
+  /** Undoes a planned write whose data I/O failed: its new clusters are free again. */
+  async abortWrite(plan: WritePlan): Promise<void> {
+    try {
+      for (const run of plan.allocated) await this.#o.refcounts.adjust(run.clusterIndex, run.count, -1);
+    } finally {
+      this.#settle(plan);
+    }
+  }
+
+  #settle(plan: WritePlan): void {
+    for (let clusterIndex = plan.firstCluster; clusterIndex < plan.endCluster; clusterIndex++) {
+      this.#inFlight.delete(clusterIndex);
+    }
+    plan.settle();
+  }
+
+  async #planInTable(plan: WritePlan, l1Index: number, guestOffset: number, data: Uint8Array): Promise<void> {
     const l2Offset = await this.#l2ForWrite(l1Index);
     const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
     const end = guestOffset + data.length;
     const [firstCluster, endCluster] = this.#clusterSpan(guestOffset, data.length);
-    const inPlace: { hostOffset: number; bytes: Uint8Array }[] = [];
-    const subUpdates: { ref: EntryRef; allocBits: number }[] = [];
-    const toAllocate: { clusterIndex: number; ref: EntryRef; old: Release[] }[] = [];
+    const pieces = plan.pieces;
+    const table: PlannedTable = { l1Index, allocations: [], subUpdates: [] };
+    const toAllocate: { clusterIndex: number; old: Release[] }[] = [];
     for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
-      const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
+      const l2Index = clusterIndex - l1Index * clustersPerTable;
+      const ref = await this.#entry(l2Offset, l2Index);
       const high = ref.slice.getUint32(ref.at);
       const low = ref.slice.getUint32(ref.at + 4);
       const type = classifyL2Entry(high, low, false, this.#o.extendedL2);
@@ -266,7 +427,7 @@ export class WritePath {
       if (type === 'normal' && (high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
         const hostCluster = l2EntryHostOffset(high, low);
         if (!this.#o.extendedL2) {
-          inPlace.push({ hostOffset: hostCluster + (writeStart - clusterStart), bytes });
+          pieces.push({ hostOffset: hostCluster + (writeStart - clusterStart), bytes });
           continue;
         }
         // Extended L2: widen to whole subclusters, filling unallocated ones from the guest view.
@@ -276,7 +437,7 @@ export class WritePath {
         let newBits = allocBits;
         for (let sub = first; sub <= last; sub++) newBits = (newBits | (1 << sub)) >>> 0;
         if (newBits === allocBits) {
-          inPlace.push({ hostOffset: hostCluster + (writeStart - clusterStart), bytes });
+          pieces.push({ hostOffset: hostCluster + (writeStart - clusterStart), bytes });
           continue;
         }
         const padStart = clusterStart + first * this.#subclusterSize;
@@ -284,95 +445,58 @@ export class WritePath {
         const padded = new Uint8Array(padEnd - padStart);
         await this.#o.readGuest(padded, padStart);
         padded.set(bytes, writeStart - padStart);
-        inPlace.push({ hostOffset: hostCluster + (padStart - clusterStart), bytes: padded });
-        subUpdates.push({ ref, allocBits: newBits });
+        pieces.push({ hostOffset: hostCluster + (padStart - clusterStart), bytes: padded });
+        table.subUpdates.push({ l2Index, allocBits: newBits });
         continue;
       }
-      toAllocate.push({ clusterIndex, ref, old: this.#releasesOf(ref) });
+      toAllocate.push({ clusterIndex, old: this.#releasesOf(ref) });
     }
-
-    const pieces = [...inPlace];
-    if (toAllocate.length > 0) {
-      const start = await this.#o.refcounts.allocate(toAllocate.length);
-      await this.#o.refcounts.extendFile();
-      for (const [index, item] of toAllocate.entries()) {
-        const hostCluster = (start + index) * this.#clusterSize;
-        const clusterStart = item.clusterIndex * this.#clusterSize;
-        const clusterLength = this.#clusterLength(item.clusterIndex);
-        const writeStart = Math.max(guestOffset, clusterStart);
-        const writeEnd = Math.min(end, clusterStart + clusterLength);
-        let bytes: Uint8Array;
-        if (
-          writeStart === clusterStart &&
-          writeEnd === clusterStart + clusterLength &&
-          clusterLength === this.#clusterSize
-        ) {
-          bytes = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
-        } else {
-          // A whole cluster: the tail past a short last cluster is zeros (it shows after a grow).
-          bytes = new Uint8Array(this.#clusterSize);
-          const covered = writeStart === clusterStart && writeEnd === clusterStart + clusterLength;
-          if (!covered) {
-            await this.#o.readGuest(bytes.subarray(0, clusterLength), clusterStart);
-          }
-          bytes.set(
-            data.subarray(writeStart - guestOffset, writeEnd - guestOffset),
-            writeStart - clusterStart,
-          );
-        }
-        const last = pieces[pieces.length - 1];
-        if (
-          last !== undefined &&
-          last.hostOffset + last.bytes.length === hostCluster &&
-          last.bytes.buffer === bytes.buffer &&
-          last.bytes.byteOffset + last.bytes.length === bytes.byteOffset &&
-          last.bytes.length % this.#clusterSize === 0
-        ) {
-          pieces[pieces.length - 1] = {
-            hostOffset: last.hostOffset,
-            bytes: new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length),
-          };
-        } else {
-          pieces.push({ hostOffset: hostCluster, bytes });
-        }
+    plan.tables.push(table);
+    if (toAllocate.length === 0) return;
+    // One contiguous run for the whole request, written with as few I/Os as the buffers allow.
+    const start = await this.#o.refcounts.allocate(toAllocate.length);
+    plan.allocated.push({ clusterIndex: start, count: toAllocate.length });
+    await this.#o.refcounts.extendFile();
+    for (const [index, item] of toAllocate.entries()) {
+      const hostCluster = (start + index) * this.#clusterSize;
+      const clusterStart = item.clusterIndex * this.#clusterSize;
+      const clusterLength = this.#clusterLength(item.clusterIndex);
+      const writeStart = Math.max(guestOffset, clusterStart);
+      const writeEnd = Math.min(end, clusterStart + clusterLength);
+      let bytes: Uint8Array;
+      if (
+        writeStart === clusterStart &&
+        writeEnd === clusterStart + clusterLength &&
+        clusterLength === this.#clusterSize
+      ) {
+        bytes = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
+      } else {
+        // A whole cluster: the tail past a short last cluster is zeros (it shows after a grow).
+        bytes = new Uint8Array(this.#clusterSize);
+        const covered = writeStart === clusterStart && writeEnd === clusterStart + clusterLength;
+        if (!covered) await this.#o.readGuest(bytes.subarray(0, clusterLength), clusterStart);
+        bytes.set(data.subarray(writeStart - guestOffset, writeEnd - guestOffset), writeStart - clusterStart);
       }
-      for (const piece of pieces) {
-        this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
+      const last = pieces[pieces.length - 1];
+      if (
+        last !== undefined &&
+        last.hostOffset + last.bytes.length === hostCluster &&
+        last.bytes.buffer === bytes.buffer &&
+        last.bytes.byteOffset + last.bytes.length === bytes.byteOffset &&
+        last.bytes.length % this.#clusterSize === 0
+      ) {
+        pieces[pieces.length - 1] = {
+          hostOffset: last.hostOffset,
+          bytes: new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length),
+        };
+      } else {
+        pieces.push({ hostOffset: hostCluster, bytes });
       }
-      // Copied bytes need no flush of their own: the write-back flushes before any L2 entry
-      // pointing at them reaches the disk.
-      await runBounded(pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
-      for (const [index, item] of toAllocate.entries()) {
-        const { high, low } = encodeL2Entry({
-          type: 'normal',
-          hostOffset: (start + index) * this.#clusterSize,
-          copied: true,
-        });
-        item.ref.slice.setUint32(item.ref.at, high);
-        item.ref.slice.setUint32(item.ref.at + 4, low);
-        if (this.#o.extendedL2) {
-          item.ref.slice.setUint32(item.ref.at + 8, 0);
-          item.ref.slice.setUint32(item.ref.at + 12, ALL_SUBCLUSTERS);
-        }
-        this.#dirty(item.ref);
-        this.#pendingFrees.push(...item.old);
-      }
-      this.#applySubUpdates(subUpdates);
-      return;
-    }
-    for (const piece of pieces)
-      this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
-    await runBounded(pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
-    this.#applySubUpdates(subUpdates);
-  }
-
-  /** Marks newly written subclusters allocated (and no longer zero). */
-  #applySubUpdates(subUpdates: readonly { ref: EntryRef; allocBits: number }[]): void {
-    for (const { ref, allocBits } of subUpdates) {
-      const zeroBits = ref.slice.getUint32(ref.at + 8);
-      ref.slice.setUint32(ref.at + 8, (zeroBits & ~allocBits) >>> 0);
-      ref.slice.setUint32(ref.at + 12, allocBits);
-      this.#dirty(ref);
+      table.allocations.push({
+        l2Index: item.clusterIndex - l1Index * clustersPerTable,
+        hostCluster,
+        old: item.old,
+      });
     }
   }
 
