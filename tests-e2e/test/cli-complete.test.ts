@@ -218,4 +218,49 @@ describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the re
     }
     expect(qemuImg(['measure', '-O', 'qcow2', 'bm.qcow2']).stdout).toMatch(/bitmaps size: [1-9]/);
   });
+
+  test.each([
+    ['raw, falloc', 'raw', ['--preallocation=falloc', '-f', 'raw', 'FILE', '3M']],
+    ['raw, full, relative', 'raw', ['--preallocation=full', '-f', 'raw', 'FILE', '+1M']],
+    ['qcow2, falloc', 'qcow2', ['--preallocation=falloc', 'FILE', '3M']],
+    ['qcow2, full', 'qcow2', ['--preallocation=full', 'FILE', '+2M']],
+    ['raw, metadata', 'raw', ['--preallocation=metadata', '-f', 'raw', 'FILE', '3M']],
+    ['a bad mode', 'raw', ['--preallocation=bogus', '-f', 'raw', 'FILE', '3M']],
+    ['shrinking', 'raw', ['--shrink', '--preallocation=full', '-f', 'raw', 'FILE', '512k']],
+  ])('resize --preallocation: %s as qemu-img', (_name, format, args) => {
+    for (const side of ['theirs', 'ours']) {
+      must(['create', '-q', '-f', format, `rs-${side}.${format}`, '1M']);
+      io(`rs-${side}.${format}`, 'write -P 8 0 64k');
+    }
+    const [theirs, ours] = [`rs-theirs.${format}`, `rs-ours.${format}`];
+    const expected = qemuImg(['resize', ...args.map((arg) => arg.replace('FILE', theirs))]);
+    const actual = cli(['resize', ...args.map((arg) => arg.replace('FILE', ours))]);
+    expect(actual.status).toBe(expected.status);
+    expect(actual.stdout).toBe(expected.stdout);
+    if (expected.status !== 0) {
+      expect(actual.stderr.replace('qcow2:', 'qemu-img:')).toBe(expected.stderr);
+      return;
+    }
+    expectIdentical(theirs, ours);
+    expect(layout(ours)).toEqual(layout(theirs));
+    if (format === 'qcow2') expectClean(ours);
+  });
+
+  test.each([
+    ['check -T', ['check', '-T', 'bogus', 'ck.qcow2']],
+    ['compare -T', ['compare', '-T', 'bogus', 'ck.qcow2', 'ck.qcow2']],
+    ['rebase -t', ['rebase', '-t', 'bogus', '-u', '-b', '', 'ck.qcow2']],
+    ['rebase -T', ['rebase', '-T', 'bogus', '-u', '-b', '', 'ck.qcow2']],
+    ['amend -t', ['amend', '-t', 'bogus', '-o', 'lazy_refcounts=on', 'ck.qcow2']],
+    ['commit -t', ['commit', '-t', 'bogus', 'ck.qcow2']],
+    ['good cache modes', ['compare', '-T', 'writeback', 'ck.qcow2', 'ck.qcow2']],
+    ['amend -t and --force', ['amend', '-t', 'none', '--force', '-o', 'lazy_refcounts=on', 'ck.qcow2']],
+  ])('cache flags: %s as qemu-img', (_name, args) => {
+    must(['create', '-q', '-f', 'qcow2', 'ck.qcow2', '1M']);
+    const expected = qemuImg(args);
+    const actual = cli(args);
+    expect(actual.status).toBe(expected.status);
+    expect(actual.stdout).toBe(expected.stdout);
+    expect(actual.stderr.replace('qcow2:', 'qemu-img:')).toBe(expected.stderr);
+  });
 });

@@ -9,7 +9,7 @@
  */
 import type { Command } from 'commander';
 import { convertFastPath, parseSnapshotOption } from './commands/convert-args.js';
-import { registerOpsCommands } from './commands/register-ops.js';
+import { registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
 import { IMAGE_FORMATS, type ImageFormat } from './engine.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
 import type { CliIo, CommandContext } from './io.js';
@@ -188,6 +188,11 @@ function buildProgram(
     .description('check an image for consistency; -r repairs it (as qemu-img check)')
     .addOption(outputOption())
     .option('-q', 'quiet: print nothing, only set the exit code')
+    .addOption(
+      new Option('-T <cache>', 'source cache mode (accepted; the page cache is always used)').argParser(
+        sourceCacheParser,
+      ),
+    )
     .addOption(
       new Option('-r <mode>', 'repair: leaks or all (writes to the image)').choices(['leaks', 'all']),
     )

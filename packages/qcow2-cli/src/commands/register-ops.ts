@@ -4,7 +4,7 @@
  */
 import type { Command, Option as OptionClass } from 'commander';
 import type { ImageFormat } from '../engine.js';
-import { UsageError } from '../errors.js';
+import { CliError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { parseSize } from '../size.js';
 
@@ -61,6 +61,13 @@ export function cacheParser(value: string): string {
   return value;
 }
 
+export function sourceCacheParser(value: string): string {
+  if (!(CACHE_MODES as readonly string[]).includes(value)) {
+    throw new UsageError(`Invalid source cache option: ${value}`);
+  }
+  return value;
+}
+
 export function registerOpsCommands({ program, Option, context, setExit, addCommon }: RegisterContext): void {
   program
     .command('compare')
@@ -69,7 +76,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
     .description('compare the guest content of two images (as qemu-img compare)')
     .addOption(new Option('-f <fmt>', 'format of the first image (default: detected)'))
     .addOption(new Option('-F <fmt>', 'format of the second image (default: detected)'))
-    .addOption(new Option('-T <cache>', 'source cache mode (accepted, ignored)'))
+    .addOption(new Option('-T <cache>', 'source cache mode (accepted; the page cache is always used)'))
     .option('-s', 'strict: sizes and allocation must match too')
     .option('-p', 'show a progress bar on stderr')
     .option('-q', 'quiet: print nothing, only set the exit code')
@@ -81,7 +88,12 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
       '\nExit codes: 0 identical, 1 different, 2 an image could not be opened, 3 block status failed,\n4 a read failed.\n\nExamples:\n  qcow2 compare disk.qcow2 disk.raw\n  qcow2 compare -s -f qcow2 -F raw disk.qcow2 disk.raw\n',
     )
     .action(async (first: string, second: string, options: Record<string, unknown>) => {
-      const { compareCommand } = await import('./compare.js');
+      const { compareCommand, COMPARE_OPEN_FAILED } = await import('./compare.js');
+      const cache = options.T as string | undefined;
+      if (cache !== undefined && !(CACHE_MODES as readonly string[]).includes(cache)) {
+        // qemu-img compare: exit 2 for every error before the comparison.
+        throw new CliError(`Invalid source cache option: ${cache}`, { exitCode: COMPARE_OPEN_FAILED });
+      }
       setExit(
         await compareCommand(context, first, second, {
           format: options.f as string | undefined,
@@ -262,6 +274,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
       }),
     )
     .option('--shrink', 'allow shrinking (data past the new end is lost)')
+    .addOption(new Option('--preallocation <mode>', 'the grown range: off (default), falloc or full'))
     .option('-q', 'quiet')
     // `-1G` is a size, not an option: unknown dashes reach the arguments and are checked there.
     .allowUnknownOption(true)
@@ -269,7 +282,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
     .configureOutput(program.configureOutput())
     .addHelpText(
       'after',
-      '\nExamples:\n  qcow2 resize disk.qcow2 +10G\n  qcow2 resize --shrink disk.qcow2 -1G\n',
+      '\nExamples:\n  qcow2 resize disk.qcow2 +10G\n  qcow2 resize --shrink disk.qcow2 -1G\n  qcow2 resize --preallocation=falloc disk.raw 20G\n',
     )
     .action(async (file: string, size: string, options: Record<string, unknown>, command: Command) => {
       const extra = command.args.slice(2);
@@ -283,6 +296,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
           format: options.f as ImageFormat | undefined,
           shrink: options.shrink === true,
           quiet: options.q === true,
+          preallocation: options.preallocation as string | undefined,
         }),
       );
     });
@@ -297,6 +311,10 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
     )
     .option('-p', 'accepted (amend runs without a progress bar)')
     .option('-q', 'quiet')
+    .addOption(
+      new Option('-t <cache>', 'cache mode (accepted; the page cache is always used)').argParser(cacheParser),
+    )
+    .option('--force', 'accepted (no option amend changes needs it)')
     .addHelpText(
       'after',
       '\nExamples:\n  qcow2 amend -o refcount_bits=64 disk.qcow2\n  qcow2 amend -o compat=0.10 disk.qcow2\n',
@@ -355,6 +373,14 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
       }),
     )
     .option('-u', 'unsafe: only rewrite the name, copy nothing')
+    .addOption(
+      new Option('-t <cache>', 'cache mode (accepted; the page cache is always used)').argParser(cacheParser),
+    )
+    .addOption(
+      new Option('-T <cache>', 'source cache mode (accepted; the page cache is always used)').argParser(
+        sourceCacheParser,
+      ),
+    )
     .option('-p', 'show a progress bar on stderr')
     .option('-q', 'quiet')
     .addHelpText(

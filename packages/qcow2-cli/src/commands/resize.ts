@@ -1,4 +1,10 @@
-/** `qcow2 resize [--shrink] [-f FMT] FILE [+|-]SIZE`: qemu-img resize's rules and messages. */
+/**
+ * `qcow2 resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE`: qemu-img resize's
+ * rules and messages. `--preallocation` applies to the grown range: for raw files `falloc`
+ * allocates it in place and `full` writes zeros; for qcow2 images both give the grown range data
+ * clusters holding zeros (written through the engine), as qemu-img leaves them.
+ */
+import type { BlockDevice } from '@qcowkit/blockdev';
 import type { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { resizeImage } from '@qcowkit/qcow2-core';
 import type { ImageFormat } from '../engine.js';
@@ -7,12 +13,19 @@ import type { CommandContext } from '../io.js';
 import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
 import { withImageFileForWrite } from './image-file.js';
+import { openWritable } from './writable-image.js';
 
 export interface ResizeCommandOptions {
   readonly format?: ImageFormat | undefined;
   readonly shrink: boolean;
   readonly quiet: boolean;
+  /** `--preallocation`: off (default), metadata, falloc or full. */
+  readonly preallocation?: string | undefined;
 }
+
+const PREALLOCATION_MODES: readonly string[] = ['off', 'metadata', 'falloc', 'full'];
+/** Bytes of zeros written at a time when preallocating a grown range. */
+const ZERO_CHUNK = 4 * 1024 * 1024;
 
 /** `+SIZE` / `-SIZE` are relative to the current size; anything else is the new size. */
 export function parseResizeSize(text: string): { readonly relative: -1 | 0 | 1; readonly bytes: number } {
@@ -34,6 +47,10 @@ export async function resizeCommand(
   options: ResizeCommandOptions,
 ): Promise<number> {
   const { relative, bytes } = parseResizeSize(sizeText);
+  const preallocation = options.preallocation ?? 'off';
+  if (!PREALLOCATION_MODES.includes(preallocation)) {
+    throw new UsageError(`Invalid preallocation mode '${preallocation}'`);
+  }
   const path = resolveAgainst(context.io.cwd, file);
   await withImageFileForWrite(path, file, options.format, async (device, format) => {
     if (format === 'qcow') throw new CliError('This image does not support resize', { code: 'EUNSUPPORTED' });
@@ -43,15 +60,51 @@ export async function resizeCommand(
     if (newSize < current && !options.shrink) {
       throw new UsageError('Use the --shrink option to perform a shrink operation.');
     }
+    if (preallocation !== 'off' && newSize < current) {
+      throw new UsageError('Preallocation can only be used for growing images');
+    }
+    if (preallocation === 'metadata') {
+      throw new CliError(
+        format === 'raw'
+          ? 'Unsupported preallocation mode: metadata'
+          : 'Error resizing image: preallocation=metadata on resize is not supported (off, falloc or full)',
+        { code: 'EUNSUPPORTED' },
+      );
+    }
     try {
       if (format === 'qcow2') await resizeImage(device, newSize, { shrink: options.shrink });
       else await device.resize(newSize);
+      if (format === 'raw' && newSize > current) {
+        if (preallocation === 'falloc') await device.writeZeroes(current, newSize - current);
+        if (preallocation === 'full') await writeZeros(device, current, newSize);
+      }
     } catch (error) {
       throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
+    }
+    return { format, current, newSize };
+  }).then(async ({ format, current, newSize }) => {
+    if (format !== 'qcow2' || newSize <= current || preallocation === 'off') return;
+    // The grown range as data clusters holding zeros: written through the engine (file closed above).
+    const image = await openWritable(path, file, { format });
+    try {
+      await writeZeros(image.device, current, newSize);
+      await image.device.flush();
+    } catch (error) {
+      throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
+    } finally {
+      await image.close();
     }
   });
   if (!options.quiet) context.io.stdout.write('Image resized.\n');
   return 0;
+}
+
+/** Writes zeros (as data, not a zero request) over `[start, end)` of `device`. */
+async function writeZeros(device: BlockDevice, start: number, end: number): Promise<void> {
+  const zeros = new Uint8Array(Math.min(ZERO_CHUNK, end - start));
+  for (let at = start; at < end; at += zeros.length) {
+    await device.write(at, zeros.subarray(0, Math.min(zeros.length, end - at)));
+  }
 }
 
 /** The guest size from the header (bytes 24-31), read without opening the image. */
