@@ -69,9 +69,11 @@ export async function startCli(environment: CliEnvironment): Promise<RunningCli 
         if (!options.persistent && open === 0) stop();
       },
     });
-    await server.listen(target);
+    // The pid file exists before the socket does: whoever waits for the socket finds both.
     if (options.pidFile !== undefined) await writeFile(options.pidFile, `${environment.pid}\n`);
+    await server.listen(target);
   } catch (error) {
+    if (options.pidFile !== undefined) await unlink(options.pidFile).catch(() => {});
     await server?.close().catch(() => {});
     await opened.close();
     throw listenError(error, target);

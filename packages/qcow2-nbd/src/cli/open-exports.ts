@@ -6,10 +6,11 @@
  */
 import { open as openFile } from 'node:fs/promises';
 import { type BlockDevice, isBlockDeviceError, OverlayBlockDevice } from '@qcowkit/blockdev';
-import { FileBlockDevice, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import type { OpenedImage } from '@qcowkit/qcow2-core/node';
 import type { NbdExport } from '../server/export.js';
 import { CliError } from './errors.js';
+import { fileIoOptions } from './file-io.js';
 import { openWritableQcow2 } from './open-writable-qcow2.js';
 import { type CliOptions, type ExportSpec, type ImageFormat, parseSnapshotSpec } from './options.js';
 
@@ -51,15 +52,16 @@ async function openOne(
   // With -s the file itself is never written.
   const readOnlyFile = options.readOnly || options.snapshot || options.loadSnapshot !== undefined;
   let device: BlockDevice;
+  const fileIo = await fileIoOptions(options.aio ?? 'auto', spec.path);
   if (format === 'raw') {
     if (options.loadSnapshot !== undefined)
       throw new CliError(`${spec.path}: -l needs a qcow2 image, not raw`);
-    const file = await FileBlockDevice.open(spec.path, { readOnly: readOnlyFile, ...fileIo(options) });
+    const file = await FileBlockDevice.open(spec.path, { readOnly: readOnlyFile, ...fileIo });
     closers.push(() => file.close());
     device = file;
   } else {
     if (!readOnlyFile && format === 'qcow2') {
-      const image = await openWritableQcow2(spec.path, fileIo(options));
+      const image = await openWritableQcow2(spec.path, fileIo);
       closers.push(() => image.close());
       device = image.device;
     } else {
@@ -86,12 +88,6 @@ async function openOne(
     discard: options.discard === 'unmap',
     allocationDepth: options.allocationDepth,
   };
-}
-
-/** FileBlockDevice options for --aio. */
-function fileIo(options: CliOptions): { syncIoMaxBytes?: number } {
-  if (options.aio === undefined) return {};
-  return { syncIoMaxBytes: options.aio === 'sync' ? SYNC_IO_MAX_BYTES : 0 };
 }
 
 async function openImageOf(

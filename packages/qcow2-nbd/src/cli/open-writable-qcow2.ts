@@ -1,13 +1,15 @@
 /**
  * Opens a qcow2 image file read-write for a writable export: the file under a write lock, the
  * engine's write path (dirty bit, crash-safe ordering; a dirty image is repaired on open), the
- * backing chain read-only below it. Closing flushes the metadata and clears the dirty bit.
+ * backing chain read-only below it, fast zeroing on top (see qcow2-fast-zero). Closing flushes the
+ * metadata and clears the dirty bit.
  */
 import { dirname, isAbsolute, resolve } from 'node:path';
 import type { BlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import type { OpenedImage } from '@qcowkit/qcow2-core/node';
 import type { ImageFormat } from './options.js';
+import { FastZeroQcow2 } from './qcow2-fast-zero.js';
 
 export interface WritableQcow2 {
   readonly device: BlockDevice;
@@ -56,7 +58,7 @@ export async function openWritableQcow2(
     });
     let closed = false;
     return {
-      device: image,
+      device: new FastZeroQcow2(image),
       close: async () => {
         if (closed) return;
         closed = true;

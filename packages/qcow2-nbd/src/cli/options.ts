@@ -26,10 +26,10 @@ export interface CliOptions {
   readonly loadSnapshot: string | undefined;
   readonly discard: 'ignore' | 'unmap';
   /**
-   * File I/O: `threads` (the default when undefined) through libuv's pool; `sync` small requests
-   * (at most 64 KiB) on the main thread.
+   * File I/O: `threads` through libuv's pool; `sync` small requests (at most 64 KiB) on the main
+   * thread; `auto` (the default when undefined) inline on tmpfs/ramfs, the pool elsewhere.
    */
-  readonly aio: 'threads' | 'sync' | undefined;
+  readonly aio: 'threads' | 'sync' | 'auto' | undefined;
   readonly allocationDepth: boolean;
   readonly pidFile: string | undefined;
   readonly tlsCreds: string | undefined;
@@ -85,8 +85,8 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
     .addOption(
       new Option(
         '--aio <MODE>',
-        'file I/O: threads (pool, default) or sync (requests up to 64 KiB inline)',
-      ).choices(['threads', 'sync']),
+        'file I/O: auto (default: inline on tmpfs/ramfs, else threads), threads (pool) or sync (requests up to 64 KiB inline)',
+      ).choices(['auto', 'threads', 'sync']),
     )
     .option('-A, --allocation-depth', 'offer the qemu:allocation-depth meta context', false)
     .option('--pid-file <PATH>', 'write the process id to PATH')
@@ -126,7 +126,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
     snapshot: boolean;
     loadSnapshot?: string;
     discard: 'ignore' | 'unmap';
-    aio?: 'threads' | 'sync';
+    aio?: 'threads' | 'sync' | 'auto';
     allocationDepth: boolean;
     pidFile?: string;
     tlsCreds?: string;

@@ -85,16 +85,20 @@ export class ByteReader {
     waiter?.();
   }
 
-  /** Returns exactly `n` bytes when they are buffered already, otherwise undefined. */
-  tryRead(n: number): Buffer | undefined {
+  /**
+   * Returns exactly `n` bytes when they are buffered already, otherwise undefined. Bytes within one
+   * received chunk come back as a view of it; bytes spanning chunks are copied into a buffer from
+   * `allocate` (default: a new one).
+   */
+  tryRead(n: number, allocate?: (size: number) => Buffer): Buffer | undefined {
     if (this.buffered < n) return undefined;
-    return this.take(n);
+    return this.take(n, allocate);
   }
 
   /** Waits for exactly `n` bytes. Rejects with StreamEndedError when the stream ends first. */
-  async read(n: number): Promise<Buffer> {
+  async read(n: number, allocate?: (size: number) => Buffer): Promise<Buffer> {
     for (;;) {
-      const bytes = this.tryRead(n);
+      const bytes = this.tryRead(n, allocate);
       if (bytes !== undefined) return bytes;
       if (this.ended) {
         throw new StreamEndedError(
@@ -126,7 +130,7 @@ export class ByteReader {
     }
   }
 
-  private take(n: number): Buffer {
+  private take(n: number, allocate: (size: number) => Buffer = Buffer.allocUnsafe): Buffer {
     if (n === 0) return Buffer.alloc(0);
     this.buffered -= n;
     let out: Buffer;
@@ -139,7 +143,7 @@ export class ByteReader {
         this.head = 0;
       }
     } else {
-      out = Buffer.allocUnsafe(n);
+      out = allocate(n);
       let filled = 0;
       while (filled < n) {
         const chunk = this.chunks[0]!;

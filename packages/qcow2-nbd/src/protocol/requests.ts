@@ -36,17 +36,21 @@ export interface RequestHeader {
 
 /** Decodes a request header. Offsets above Number.MAX_SAFE_INTEGER decode as Infinity. */
 export function decodeRequestHeader(bytes: Uint8Array): RequestHeader {
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const offsetHigh = view.getUint32(16);
-  const offsetLow = view.getUint32(20);
+  // Buffer's own readers: no DataView per request (the server's bytes are Buffers already).
+  const buffer = Buffer.isBuffer(bytes)
+    ? bytes
+    : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (buffer.length < 28) throw new RangeError(`request header: ${buffer.length} bytes, need 28`);
+  const offsetHigh = buffer.readUInt32BE(16);
+  const offsetLow = buffer.readUInt32BE(20);
   const offset = offsetHigh >= 0x200000 ? Number.POSITIVE_INFINITY : offsetHigh * 0x100000000 + offsetLow;
   return {
-    magic: view.getUint32(0),
-    flags: view.getUint16(4),
-    type: view.getUint16(6),
-    cookie: view.getBigUint64(8),
+    magic: buffer.readUInt32BE(0),
+    flags: buffer.readUInt16BE(4),
+    type: buffer.readUInt16BE(6),
+    cookie: buffer.readBigUInt64BE(8),
     offset,
-    length: view.getUint32(24),
+    length: buffer.readUInt32BE(24),
   };
 }
 

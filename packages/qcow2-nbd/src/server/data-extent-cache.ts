@@ -5,9 +5,13 @@
  * the read itself. The device is asked about whole aligned windows, once per window even when
  * many reads want it at the same time.
  *
+ * Block status requests for `base:allocation` over known data are answered from here too, and
+ * their answers from the device teach it more.
+ *
  * A stale entry is harmless for correctness: it only makes a read send a hole as data (the bytes
- * are still read from the device). Entries that zeroing or trimming may have turned into holes
- * are dropped anyway, so OFFSET_HOLE chunks stay accurate for this server's own writes.
+ * are still read from the device) or block status report data where a hole is, which the spec
+ * allows (a clear HOLE bit promises nothing). Entries that zeroing or trimming may have turned
+ * into holes are dropped, so both stay exact for this server's own writes.
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
 
@@ -64,18 +68,24 @@ export class DataExtentCache {
     await Promise.all(waits);
   }
 
+  /**
+   * Learns the window's data runs. The device is asked about everything from the window's start
+   * to its end, not just the window: a file device's answer costs the same either way (SEEK_HOLE
+   * walks to the next hole whatever range is asked), and what lies past the window saves the
+   * next windows their own walk. Asking stops once the window is covered.
+   */
   private async query(device: BlockDevice, window: number): Promise<void> {
     const start = window * STATUS_WINDOW;
     const end = Math.min(device.size, start + STATUS_WINDOW);
     let position = start;
     while (position < end) {
-      const extents = await device.blockStatus(position, end - position);
+      const extents = await device.blockStatus(position, device.size - position);
       if (extents.length === 0) return;
       for (const extent of extents) {
         if (extent.offset !== position || extent.length <= 0) return;
-        if (extent.data && !extent.zero)
-          this.add(extent.offset, Math.min(end, extent.offset + extent.length));
-        position += extent.length;
+        const extentEnd = Math.min(device.size, extent.offset + extent.length);
+        if (extent.data && !extent.zero) this.add(extent.offset, extentEnd);
+        position = extentEnd;
       }
     }
   }

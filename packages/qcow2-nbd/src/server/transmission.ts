@@ -45,10 +45,10 @@ import {
   type RequestHeader,
   validateRequest,
 } from '../protocol/requests.js';
-import type { BufferPool } from './buffer-pool.js';
+import { BufferPool, MINIMUM_POOLED } from './buffer-pool.js';
 import type { ConnectionIo } from './connection-io.js';
 import type { DataExtentCache } from './data-extent-cache.js';
-import { CONTEXT_ID_ALLOCATION_DEPTH, isExportReadOnly } from './export.js';
+import { CONTEXT_ID_ALLOCATION_DEPTH, CONTEXT_ID_BASE_ALLOCATION, isExportReadOnly } from './export.js';
 import type { Session } from './handshake.js';
 import { errorMessage, nbdErrorName, toNbdError } from './nbd-errors.js';
 
@@ -119,7 +119,9 @@ export class Transmission {
             this.config.log(`request: write of ${request.length} bytes is too large: closing the connection`);
             return 'protocol-error';
           }
-          payload = reader.tryRead(request.length) ?? (await reader.read(request.length));
+          payload =
+            reader.tryRead(request.length, this.allocate) ??
+            (await reader.read(request.length, this.allocate));
         }
         if (this.stopping) {
           this.replyError(request, NBD_ESHUTDOWN, 'server is shutting down');
@@ -140,7 +142,9 @@ export class Transmission {
         }
         this.inFlightBytes += cost;
         this.inFlightCount++;
-        this.execute(request, payload).then(
+        const work =
+          request.type === NBD_CMD_READ ? this.readRequest(request) : this.execute(request, payload);
+        work.then(
           () => this.release(cost),
           (failure: unknown) => {
             this.config.log(`request: internal failure: ${errorMessage(failure)}`);
@@ -183,10 +187,18 @@ export class Transmission {
     try {
       switch (request.type) {
         case NBD_CMD_READ:
-          await this.read(request);
+          await this.readSparse(request);
           return;
         case NBD_CMD_WRITE:
-          await device.write(request.offset, payload!, { fua });
+          try {
+            await device.write(request.offset, payload!, { fua });
+          } finally {
+            // The device is done with the bytes. A payload spanning socket chunks was copied into a
+            // pool buffer (a view of one chunk is not ours to keep): it serves the next request.
+            if (payload!.length >= MINIMUM_POOLED && BufferPool.ownsWhole(payload!)) {
+              this.config.buffers.release(payload!);
+            }
+          }
           break;
         case NBD_CMD_FLUSH:
           await device.flush();
@@ -225,66 +237,87 @@ export class Transmission {
     }
   }
 
-  private async read(request: RequestHeader): Promise<void> {
+  /** READ: one data chunk (or simple reply) unless the range may hold holes worth sending as such. */
+  private readRequest(request: RequestHeader): Promise<void> {
+    if (this.session.structuredReplies && (request.length === 0 || this.mayHaveHoles(request))) {
+      return this.execute(request, undefined);
+    }
+    return this.readWhole(request);
+  }
+
+  /**
+   * The hot path: one reply buffer from the pool, the device reads into it after the header, one
+   * promise reaction sends it (or the error reply). Never rejects.
+   */
+  private readWhole(request: RequestHeader): Promise<void> {
+    const { cookie, offset, length } = request;
+    const structured = this.session.structuredReplies;
+    const reply = structured
+      ? encodeOffsetDataChunk(cookie, true, offset, length, this.allocate)
+      : encodeSimpleReply(cookie, 0, length, this.allocate);
+    const data = reply.subarray(structured ? OFFSET_DATA_PAYLOAD_START : SIMPLE_REPLY_HEADER_SIZE);
+    let reading: Promise<void>;
+    try {
+      reading = this.session.export.device.readInto(data, offset);
+    } catch (error) {
+      reading = Promise.reject(error);
+    }
+    return reading.then(
+      () => this.sendPooled(reply),
+      (error: unknown) => {
+        this.config.buffers.release(reply);
+        this.replyError(request, toNbdError(error), errorMessage(error));
+      },
+    );
+  }
+
+  /** A structured READ long enough to look for holes in, over a range not known to be data. */
+  private mayHaveHoles(request: RequestHeader): boolean {
+    return (
+      request.length >= SPARSE_READ_MINIMUM &&
+      (request.flags & NBD_CMD_FLAG_DF) === 0 &&
+      this.session.export.device.capabilities.blockStatus &&
+      !this.config.dataExtents.covers(request.offset, request.length)
+    );
+  }
+
+  /** A structured READ that may cover holes: OFFSET_HOLE chunks for them, OFFSET_DATA for the rest. */
+  private async readSparse(request: RequestHeader): Promise<void> {
     const device = this.session.export.device;
     const { cookie, offset, length } = request;
-    if (!this.session.structuredReplies) {
-      const reply = encodeSimpleReply(cookie, 0, length, this.allocate);
-      await this.fill(reply, SIMPLE_REPLY_HEADER_SIZE, offset);
-      this.sendPooled(reply);
-      return;
-    }
     if (length === 0) {
       this.io.send(encodeNoneChunk(cookie));
       return;
     }
-    const sparse =
-      length >= SPARSE_READ_MINIMUM &&
-      (request.flags & NBD_CMD_FLAG_DF) === 0 &&
-      device.capabilities.blockStatus &&
-      !this.config.dataExtents.covers(offset, length);
-    if (!sparse) {
-      const chunk = encodeOffsetDataChunk(cookie, true, offset, length, this.allocate);
-      await this.fill(chunk, OFFSET_DATA_PAYLOAD_START, offset);
-      this.sendPooled(chunk);
-      return;
-    }
     await this.config.dataExtents.learn(device, offset, length);
     if (this.config.dataExtents.covers(offset, length)) {
-      const chunk = encodeOffsetDataChunk(cookie, true, offset, length, this.allocate);
-      await this.fill(chunk, OFFSET_DATA_PAYLOAD_START, offset);
-      this.sendPooled(chunk);
+      await this.readWhole(request);
       return;
     }
     const extents = await statusExtents(this.session, offset, length, Number.POSITIVE_INFINITY);
     // Read every data run first: an error must not follow data chunks already sent.
     const chunks: Buffer[] = [];
-    await Promise.all(
-      extents.map(async (extent, index) => {
-        const last = index === extents.length - 1;
-        if (extent.zero) {
-          chunks[index] = encodeOffsetHoleChunk(cookie, last, extent.offset, extent.length);
-          return;
-        }
-        const chunk = encodeOffsetDataChunk(cookie, last, extent.offset, extent.length, this.allocate);
-        chunks[index] = chunk;
-        await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), extent.offset);
-      }),
-    );
+    try {
+      await Promise.all(
+        extents.map(async (extent, index) => {
+          const last = index === extents.length - 1;
+          if (extent.zero) {
+            chunks[index] = encodeOffsetHoleChunk(cookie, last, extent.offset, extent.length);
+            return;
+          }
+          const chunk = encodeOffsetDataChunk(cookie, last, extent.offset, extent.length, this.allocate);
+          chunks[index] = chunk;
+          await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), extent.offset);
+        }),
+      );
+    } catch (error) {
+      for (const chunk of chunks) if (chunk !== undefined) this.config.buffers.release(chunk);
+      throw error;
+    }
     for (const chunk of chunks) this.sendPooled(chunk);
   }
 
   private readonly allocate = (size: number): Buffer => this.config.buffers.acquire(size);
-
-  /** Reads into `reply` after its header; on failure the buffer goes back to the pool. */
-  private async fill(reply: Buffer, start: number, offset: number): Promise<void> {
-    try {
-      await this.session.export.device.readInto(reply.subarray(start), offset);
-    } catch (error) {
-      this.config.buffers.release(reply);
-      throw error;
-    }
-  }
 
   private sendPooled(reply: Buffer): void {
     this.io.send(reply, () => this.config.buffers.release(reply));
@@ -297,8 +330,21 @@ export class Transmission {
       this.replyError(request, NBD_EINVAL, 'NBD_CMD_BLOCK_STATUS: zero length');
       return;
     }
-    const extents = await statusExtents(this.session, offset, length, one ? 1 : MAX_DESCRIPTORS);
     const contexts = this.session.metaContexts;
+    const dataExtents = this.config.dataExtents;
+    if (
+      contexts.length === 1 &&
+      contexts[0]!.id === CONTEXT_ID_BASE_ALLOCATION &&
+      dataExtents.covers(offset, length)
+    ) {
+      // Known data (as a client copying the export asks again and again): no walk of the device.
+      this.io.send(encodeBlockStatusChunk(cookie, true, CONTEXT_ID_BASE_ALLOCATION, [{ length, status: 0 }]));
+      return;
+    }
+    const extents = await statusExtents(this.session, offset, length, one ? 1 : MAX_DESCRIPTORS);
+    for (const extent of extents) {
+      if (extent.data && !extent.zero) dataExtents.add(extent.offset, extent.offset + extent.length);
+    }
     const chunks = contexts.map((context, index) => {
       const status =
         context.id === CONTEXT_ID_ALLOCATION_DEPTH
