@@ -26,6 +26,7 @@ const OPTION_SETS: Record<string, ConvertOptions> = {
   'extended L2': { extendedL2: true },
   'lazy refcounts': { lazyRefcounts: true },
   'compressed (zlib)': { compress: true },
+  'compressed (zstd)': { compress: true, compressionType: 'zstd' },
   'compressed, 4 KiB clusters, 8-bit refcounts': { compress: true, clusterSize: 4096, refcountBits: 8 },
   'preallocation metadata': { preallocation: 'metadata' },
 };

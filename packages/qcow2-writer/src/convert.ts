@@ -373,6 +373,7 @@ async function writeDataFile(
   const clusterSize = layout.geometry.clusterSize;
   const wordsPerCluster = clusterSize / 4;
   let pending: Promise<void> = Promise.resolve();
+  let writtenEnd = 0;
   for await (const { item, result } of dataReads(layout, cachedChunks, fetch, readDepth, chunkClusters)) {
     signal?.throwIfAborted();
     await pending;
@@ -394,6 +395,7 @@ async function writeDataFile(
         continue;
       }
       if (runStart >= 0) {
+        writtenEnd = (item.cluster + index) * clusterSize;
         writes.push(
           dataSink.writeAt(
             (item.cluster + runStart) * clusterSize,
@@ -406,7 +408,12 @@ async function writeDataFile(
     pending = Promise.all(writes).then(() => onData?.(result.length));
   }
   await pending;
-  await dataSink.close(layout.geometry.size);
+  // As qemu-img leaves it: the guest size, or further when the last cluster written ends later;
+  // a raw data file (every cluster mapped) ends on a cluster boundary.
+  const size = layout.geometry.size;
+  await dataSink.close(
+    layout.geometry.dataFileRaw ? Math.ceil(size / clusterSize) * clusterSize : Math.max(size, writtenEnd),
+  );
 }
 
 function groupWriter(
