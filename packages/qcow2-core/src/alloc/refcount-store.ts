@@ -230,6 +230,8 @@ export class RefcountStore {
     let start = this.#freeHint;
     let run = 0;
     let cluster = start;
+    /** The first free cluster seen: everything from the hint up to it is in use. */
+    let firstFree = -1;
     while (run < count) {
       const blockIndex = Math.floor(cluster / this.#perBlock);
       const block = blockIndex < this.#table.length ? await this.#block(blockIndex) : undefined;
@@ -237,6 +239,7 @@ export class RefcountStore {
         // A whole range without a block is free.
         const rangeEnd = (blockIndex + 1) * this.#perBlock;
         if (run === 0) start = cluster;
+        if (firstFree === -1) firstFree = cluster;
         run += rangeEnd - cluster;
         cluster = rangeEnd;
         continue;
@@ -246,12 +249,15 @@ export class RefcountStore {
       for (; cluster < stop && run < count; cluster++) {
         if (decodeRefcount(block, cluster - base, this.#order) === 0) {
           if (run === 0) start = cluster;
+          if (firstFree === -1) firstFree = cluster;
           run++;
         } else {
           run = 0;
         }
       }
     }
+    // Later searches start there, not at clusters known to be in use.
+    if (firstFree > this.#freeHint) this.#freeHint = firstFree;
     return start;
   }
 
