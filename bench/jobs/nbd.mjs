@@ -171,7 +171,7 @@ function qcow2WriteJob(name, description, source, work) {
   };
 }
 
-/** Ours with small requests inline (--aio=sync) against ours through the pool (--aio=threads). */
+/** Ours with file I/O inline (--aio=auto, on /dev/shm) against ours through the pool (--aio=threads). */
 function aioJob(name, description, format, work) {
   const start = (ctx, mode) =>
     startServer(
@@ -198,7 +198,7 @@ function aioJob(name, description, format, work) {
       const ctx = await setup(dir);
       return { ...ctx, image: ctx.file };
     },
-    ours: side('sync'),
+    ours: side('auto'),
     theirs: side('threads'),
     teardown: async (ctx) => {
       for (const path of [ctx.file, ctx.source, ctx.full, ctx.empty, ctx.image]) {
@@ -243,6 +243,7 @@ function job(name, description, work) {
   return {
     name,
     description,
+    theirsName: 'nbdkit',
     tools: ['nbdkit', 'fio', 'nbdcopy'],
     setup,
     ours: side('ours'),
@@ -293,25 +294,25 @@ export const jobs = [
   ),
   aioJob(
     'nbd-aio-raw-randread-4k',
-    'raw: --aio=sync vs --aio=threads, fio 4 KiB random reads',
+    'raw: --aio=auto (inline on tmpfs) vs --aio=threads, fio 4 KiB random reads',
     'raw',
     (_ctx, uri) => fio(uri, 'randread', '4k', '256M'),
   ),
   aioJob(
     'nbd-aio-raw-randwrite-4k',
-    'raw: --aio=sync vs --aio=threads, fio 4 KiB random writes',
+    'raw: --aio=auto (inline on tmpfs) vs --aio=threads, fio 4 KiB random writes',
     'raw',
     (_ctx, uri) => fio(uri, 'randwrite', '4k', '256M'),
   ),
   aioJob(
     'nbd-aio-qcow2-randwrite-4k',
-    'writable qcow2: --aio=sync vs --aio=threads, fio 4 KiB random writes',
+    'writable qcow2: --aio=auto (inline on tmpfs) vs --aio=threads, fio 4 KiB random writes',
     'qcow2',
     (_ctx, uri) => fio(uri, 'randwrite', '4k', '256M'),
   ),
   aioJob(
     'nbd-aio-qcow2-randread-4k',
-    'writable qcow2: --aio=sync vs --aio=threads, fio 4 KiB random reads',
+    'writable qcow2: --aio=auto (inline on tmpfs) vs --aio=threads, fio 4 KiB random reads',
     'qcow2',
     (_ctx, uri) => fio(uri, 'randread', '4k', '256M'),
   ),

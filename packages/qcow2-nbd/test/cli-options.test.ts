@@ -84,6 +84,7 @@ describe('qcow2-nbd flags', () => {
     expect(() => options(['-p', 'http', 'a'])).toThrow(CliError);
     expect(() => options(['--discard=maybe', 'a'])).toThrow(CliError);
     expect(() => options(['--aio=native', 'a'])).toThrow(CliError);
+    expect(options(['--aio=auto', 'a']).aio).toBe('auto');
     expect(() => options(['-f', 'vmdk', 'a'])).toThrow(CliError);
     expect(() => options(['-l', 'snap', 'a'])).toThrow(/read-only/);
     expect(parseArgs(['--help'], '1.2.3')).toMatchObject({ kind: 'print' });

@@ -60,6 +60,10 @@ describe('request codec', () => {
     expect(v(header(P.NBD_CMD_WRITE_ZEROES, 0, 1, P.NBD_CMD_FLAG_NO_HOLE | P.NBD_CMD_FLAG_FAST_ZERO))).toBe(
       0,
     );
+    // FAST_ZERO is not advertised by read-only exports: EINVAL before EPERM.
+    expect(
+      v(header(P.NBD_CMD_WRITE_ZEROES, 0, 1, P.NBD_CMD_FLAG_FAST_ZERO), { ...context, readOnly: true }),
+    ).toBe(P.NBD_EINVAL);
     expect(v(header(P.NBD_CMD_BLOCK_STATUS, 0, 1, P.NBD_CMD_FLAG_REQ_ONE))).toBe(0);
     expect(v(header(P.NBD_CMD_BLOCK_STATUS, 0, 1), { ...context, metaContexts: false })).toBe(P.NBD_EINVAL);
     expect(v(header(P.NBD_CMD_FLUSH, 0, 0))).toBe(0);
@@ -110,7 +114,10 @@ describe('error mapping', () => {
     expect(map('EINVAL')).toBe(P.NBD_EINVAL);
     expect(map('EROFS')).toBe(P.NBD_EPERM);
     expect(map('ENOSPC')).toBe(P.NBD_ENOSPC);
-    expect(map('ENOTSUP')).toBe(P.NBD_ENOTSUP);
+    // ENOTSUP only answers a FAST_ZERO request (the spec allows it nowhere else).
+    expect(map('ENOTSUP')).toBe(P.NBD_EINVAL);
+    expect(map('EUNSUPPORTED')).toBe(P.NBD_EINVAL);
+    expect(toNbdError(new BlockDeviceError('ENOTSUP', 'x'), { fastZero: true })).toBe(P.NBD_ENOTSUP);
     expect(map('ECLOSED')).toBe(P.NBD_ESHUTDOWN);
     expect(map('ECORRUPT')).toBe(P.NBD_EIO);
     expect(toNbdError(new Error('boom'))).toBe(P.NBD_EIO);

@@ -253,6 +253,63 @@ describe('transmission', () => {
     client.destroy();
   });
 
+  it('answers base:allocation over known data without asking the device, and forgets zeroed ranges', async () => {
+    let statusCalls = 0;
+    const counting = wrap(device, {
+      blockStatus: (offset: number, length: number) => {
+        statusCalls++;
+        return device.blockStatus(offset, length);
+      },
+    });
+    await device.write(0, pattern(SIZE, 3));
+    await start([{ name: '', device: counting }]);
+    const client = await TestClient.connect(socketPath);
+    await client.open({ structured: true, contexts: ['base:allocation'] });
+    client.request(P.NBD_CMD_BLOCK_STATUS, 0, SIZE);
+    expect(descriptors((await client.chunks())[0]!.payload)).toEqual([[SIZE, 0]]);
+    const asked = statusCalls;
+    for (let i = 0; i < 4; i++) {
+      client.request(P.NBD_CMD_BLOCK_STATUS, i * 65536, 65536);
+      expect(descriptors((await client.chunks())[0]!.payload)).toEqual([[65536, 0]]);
+    }
+    expect(statusCalls).toBe(asked);
+    // Zeroing makes a hole the cache must not hide.
+    client.request(P.NBD_CMD_WRITE_ZEROES, 65536, 65536);
+    expect((await client.simpleReply()).error).toBe(0);
+    client.request(P.NBD_CMD_BLOCK_STATUS, 65536, 65536);
+    expect(descriptors((await client.chunks())[0]!.payload)).toEqual([[65536, 3]]);
+    expect(statusCalls).toBeGreaterThan(asked);
+    client.destroy();
+  });
+
+  it('answers many pipelined small reads and large writes intact and in any order', async () => {
+    await start();
+    const client = await TestClient.connect(socketPath);
+    await client.open({ structured: true });
+    // Large writes whose payloads span socket chunks land in reused buffers: each must stay intact.
+    for (let i = 0; i < 8; i++) {
+      client.request(P.NBD_CMD_WRITE, i * 131072, 131072, { data: pattern(131072, i) });
+    }
+    for (let i = 0; i < 8; i++) expect((await client.simpleReply()).error).toBe(0);
+    for (let i = 0; i < 8; i++) {
+      expect(Buffer.from(await device.read(i * 131072, 131072)).equals(pattern(131072, i))).toBe(true);
+    }
+    // 64 small reads in one burst: their replies leave together, each whole.
+    const cookies: bigint[] = [];
+    for (let i = 0; i < 64; i++) cookies.push(client.request(P.NBD_CMD_READ, i * 4096 + 7, 4096));
+    const seen = new Set<bigint>();
+    for (let i = 0; i < 64; i++) {
+      const [chunk] = await client.chunks();
+      const offset = Number(chunk!.payload.readBigUInt64BE(0));
+      const index = (offset - 7) / 4096;
+      expect(chunk!.cookie).toBe(cookies[index]);
+      seen.add(chunk!.cookie);
+      expect(chunk!.payload.subarray(8).equals(Buffer.from(await device.read(offset, 4096)))).toBe(true);
+    }
+    expect(seen.size).toBe(64);
+    client.destroy();
+  });
+
   it('answers every bad request with the error the spec names and keeps serving', async () => {
     await start([
       { name: 'rw', device },
@@ -324,7 +381,7 @@ describe('transmission', () => {
     good.destroy();
   });
 
-  it('refuses FAST_ZERO where the device cannot zero fast, and maps device errors', async () => {
+  it('advertises FAST_ZERO and refuses it at once where the device cannot zero fast; maps device errors', async () => {
     const failing: NbdExport = {
       name: '',
       device: wrap(device, {
@@ -335,9 +392,15 @@ describe('transmission', () => {
     await start([failing]);
     const client = await TestClient.connect(socketPath);
     const { flags } = await client.open();
-    expect(flags & P.NBD_FLAG_SEND_FAST_ZERO).toBe(0);
+    expect(flags & P.NBD_FLAG_SEND_FAST_ZERO).not.toBe(0);
+    await device.write(0, new Uint8Array(4096).fill(7));
     client.request(P.NBD_CMD_WRITE_ZEROES, 0, 4096, { flags: P.NBD_CMD_FLAG_FAST_ZERO });
     expect((await client.simpleReply()).error).toBe(P.NBD_ENOTSUP);
+    expect((await device.read(0, 4096)).every((byte) => byte === 7)).toBe(true);
+    // Without the flag the same request zeroes (by writing, as the device must).
+    client.request(P.NBD_CMD_WRITE_ZEROES, 0, 4096);
+    expect((await client.simpleReply()).error).toBe(0);
+    expect((await device.read(0, 4096)).every((byte) => byte === 0)).toBe(true);
     client.request(P.NBD_CMD_WRITE, 0, 4, { data: Buffer.alloc(4) });
     expect((await client.simpleReply()).error).toBe(P.NBD_EIO);
     client.destroy();

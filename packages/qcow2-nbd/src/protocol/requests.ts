@@ -81,7 +81,8 @@ export function allowedFlags(type: number, context: RequestContext): number {
     case NBD_CMD_READ:
       return NBD_CMD_FLAG_FUA | (context.structuredReplies ? NBD_CMD_FLAG_DF : 0);
     case NBD_CMD_WRITE_ZEROES:
-      return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
+      // FAST_ZERO is advertised by writable exports only; elsewhere the spec asks for EINVAL.
+      return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | (context.readOnly ? 0 : NBD_CMD_FLAG_FAST_ZERO);
     case NBD_CMD_BLOCK_STATUS:
       return NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE;
     default:

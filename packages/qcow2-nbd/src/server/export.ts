@@ -55,8 +55,9 @@ export function transmissionFlags(
   if (isExportReadOnly(entry)) {
     flags |= NBD_FLAG_READ_ONLY;
   } else {
-    flags |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
-    if (entry.device.capabilities.fastZero) flags |= NBD_FLAG_SEND_FAST_ZERO;
+    // SEND_FAST_ZERO promises quick feedback, not fast zeroing: a device that cannot zero fast gets
+    // an immediate ENOTSUP for FAST_ZERO requests (as qemu-nbd and nbdkit advertise it).
+    flags |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
   }
   if (options.structuredReplies) flags |= NBD_FLAG_SEND_DF;
   if (options.multiConn) flags |= NBD_FLAG_CAN_MULTI_CONN;

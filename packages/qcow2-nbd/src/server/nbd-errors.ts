@@ -13,7 +13,11 @@ import {
   NBD_ESHUTDOWN,
 } from '../protocol/constants.js';
 
-export function toNbdError(error: unknown): number {
+/**
+ * The NBD error for a failure. `fastZero`: the request was a WRITE_ZEROES with FAST_ZERO, the one
+ * place the spec lets a server answer ENOTSUP; anything else unsupported is EINVAL.
+ */
+export function toNbdError(error: unknown, options: { readonly fastZero?: boolean } = {}): number {
   if (!isBlockDeviceError(error)) return NBD_EIO;
   switch (error.code) {
     case 'EINVAL':
@@ -25,7 +29,7 @@ export function toNbdError(error: unknown): number {
       return NBD_ENOSPC;
     case 'ENOTSUP':
     case 'EUNSUPPORTED':
-      return NBD_ENOTSUP;
+      return options.fastZero === true ? NBD_ENOTSUP : NBD_EINVAL;
     case 'ECLOSED':
       return NBD_ESHUTDOWN;
     default:

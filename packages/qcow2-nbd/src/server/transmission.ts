@@ -233,7 +233,9 @@ export class Transmission {
       }
       this.replySimple(request, 0);
     } catch (error) {
-      this.replyError(request, toNbdError(error), errorMessage(error));
+      const fastZero =
+        request.type === NBD_CMD_WRITE_ZEROES && (request.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0;
+      this.replyError(request, toNbdError(error, { fastZero }), errorMessage(error));
     }
   }
 
