@@ -4,7 +4,8 @@
  *
  * - raw -> qcow2 of a 1 GiB guest holding 512 MiB of data (1 MiB runs alternating random bytes and
  *   text, every other MiB unallocated): `convertToQcow2` vs `qemu-img convert -O qcow2`;
- * - the same with compression: `compress: true` (worker threads) vs `qemu-img convert -c`;
+ * - the same with compression: `compress: true` (worker threads) vs `qemu-img convert -c`, with
+ *   zlib and with zstd (`compressionType: 'zstd'` vs `-o compression_type=zstd`);
  * - creating an empty 1 PiB image: `createEmptyImage` vs `qemu-img create`.
  *
  * Every round checks the output (qemu-img check and compare); peak RSS is printed per job.
@@ -121,6 +122,14 @@ export const jobs = [
     ...halfFull,
     ours: (ctx) => node(convertScript(ctx.raw, ctx.ours, { compress: true })),
     theirs: (ctx) => ['qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', ctx.raw, ctx.theirs]],
+  }),
+  job('writer-convert-zstd', 'raw -> qcow2 compressed (zstd), 1 GiB guest, 512 MiB data', {
+    ...halfFull,
+    ours: (ctx) => node(convertScript(ctx.raw, ctx.ours, { compress: true, compressionType: 'zstd' })),
+    theirs: (ctx) => [
+      'qemu-img',
+      ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd', ctx.raw, ctx.theirs],
+    ],
   }),
   job('writer-create-1p', 'create an empty 1 PiB image', {
     ours: (ctx) =>
