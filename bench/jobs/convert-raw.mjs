@@ -4,7 +4,9 @@
  *
  * - a 1 GiB guest holding 512 MiB of data (1 MiB runs alternating random bytes and text, every
  *   other MiB left unallocated), with 64 KiB and with 4 KiB clusters;
- * - a sparse 8 TiB guest holding 2 MiB (1 MiB at each end): time must follow the data, not the size.
+ * - a sparse 8 TiB guest holding 2 MiB (1 MiB at each end): time must follow the data, not the size;
+ * - the 64 KiB image again with `-S 0` (no zero scan, output fully allocated), where our data
+ *   ranges go file to file through copy_file_range.
  *
  * Peak memory (max RSS, from /usr/bin/time) of each side is printed after each job, and every
  * round checks the two outputs are identical (qemu-img compare) and ours is no less sparse.
@@ -47,7 +49,7 @@ function timed(command, args) {
   return { seconds, maxRssKiB };
 }
 
-function convertJob(name, description, makeImage) {
+function convertJob(name, description, makeImage, extraArgs = []) {
   const peaks = { ours: 0, theirs: 0 };
   return {
     name,
@@ -66,6 +68,7 @@ function convertJob(name, description, makeImage) {
         'qcow2',
         '-O',
         'raw',
+        ...extraArgs,
         ctx.image,
         ctx.ours,
       ]);
@@ -74,7 +77,16 @@ function convertJob(name, description, makeImage) {
     },
     async theirs(ctx) {
       await rm(ctx.theirs, { force: true });
-      const run = timed('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', ctx.image, ctx.theirs]);
+      const run = timed('qemu-img', [
+        'convert',
+        '-f',
+        'qcow2',
+        '-O',
+        'raw',
+        ...extraArgs,
+        ctx.image,
+        ctx.theirs,
+      ]);
       peaks.theirs = Math.max(peaks.theirs, run.maxRssKiB);
       return run.seconds;
     },
@@ -133,4 +145,10 @@ export const jobs = [
   convertJob('convert-raw-64k', 'qcow2 -> raw, 1 GiB guest, 512 MiB data, 64 KiB clusters', halfFull(65536)),
   convertJob('convert-raw-4k', 'qcow2 -> raw, 1 GiB guest, 512 MiB data, 4 KiB clusters', halfFull(4096)),
   convertJob('convert-raw-sparse-8t', 'qcow2 -> raw, 8 TiB guest holding 2 MiB', sparse8T),
+  convertJob(
+    'convert-raw-64k-S0',
+    'qcow2 -> raw -S 0 (fully allocated), 1 GiB guest, 512 MiB data, 64 KiB clusters',
+    halfFull(65536),
+    ['-S', '0'],
+  ),
 ];

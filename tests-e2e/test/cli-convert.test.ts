@@ -124,4 +124,23 @@ describe.skipIf(!haveTools)('qcow2 convert', () => {
     expect(qemuSmall.status).toBe(1);
     expect(small.stderr.replace(/^qcow2: /, '')).toBe(qemuSmall.stderr.replace(/^qemu-img: /, ''));
   });
+
+  test('-S 0 gives a fully allocated copy and -S 64k the holes qemu-img leaves', () => {
+    for (const size of ['0', '64k']) {
+      const ours = qcow2(['convert', '-S', size, '-O', 'raw', 'snap.qcow2', `s${size}.raw`], {
+        cwd: dir.path,
+      });
+      expect(ours.status, ours.stderr).toBe(0);
+      run('qemu-img', ['convert', '-S', size, '-O', 'raw', 'snap.qcow2', `s${size}-qemu.raw`], {
+        cwd: dir.path,
+      });
+      const [mine, theirs] = [`s${size}.raw`, `s${size}-qemu.raw`].map((name) => join(dir.path, name));
+      expect(readFileSync(mine!).equals(readFileSync(theirs!))).toBe(true);
+      if (size === '0') expect(statSync(mine!).blocks * 512).toBeGreaterThanOrEqual(8 * 2 ** 20);
+      else expect(statSync(mine!).blocks).toBeLessThanOrEqual(statSync(theirs!).blocks);
+    }
+    const bad = qcow2(['convert', '-S', '1000', '-O', 'raw', 'snap.qcow2', 'bad.raw'], { cwd: dir.path });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(/^qcow2: Invalid buffer size for sparse output specified/);
+  });
 });

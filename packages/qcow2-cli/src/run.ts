@@ -8,7 +8,7 @@
  * that fast path does not recognise goes through commander, so messages stay the same.
  */
 import type { Command } from 'commander';
-import { convertFastPath, parseSnapshotOption } from './commands/convert-args.js';
+import { convertFastPath, parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
 import { registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
 import { IMAGE_FORMATS, type ImageFormat } from './engine.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
@@ -145,6 +145,12 @@ function buildProgram(
     .addOption(new Option('-B <backing>', '-O qcow2: backing file of the new image'))
     .addOption(new Option('-F <fmt>', '-O qcow2: format of the backing file'))
     .addOption(new Option('-m <n>', 'reads in flight').argParser(positiveInteger))
+    .addOption(
+      new Option(
+        '-S <size>',
+        '-O raw: zero runs of this size become holes (default 4k; 0: fully allocated)',
+      ).argParser(parseSparseSize),
+    )
     .option('-W', 'out-of-order writes (accepted)')
     .option('-n', 'write into the existing target (do not create it)')
     .addHelpText(
@@ -180,6 +186,8 @@ function buildProgram(
           progress: options.p === true && options.q !== true,
           forceShare: options.forceShare === true,
           noCreate: options.n === true,
+          ...(options.S === undefined ? {} : { sparseSize: options.S as number }),
+          ...(options.m === undefined ? {} : { parallel: options.m as number }),
         }),
       );
     });

@@ -78,6 +78,10 @@ const ZERO_CHUNK = 1024 * 1024;
 const ZERO_LANES = 4;
 const DEFAULT_MAX_IN_FLIGHT = 16;
 const MAXIMUM_TRANSFER = 32 * 1024 * 1024;
+/** Most bytes one copy_file_range call is asked for (the event loop sees progress between). */
+const COPY_RANGE_STEP = 64 * 1024 * 1024;
+/** Buffer of copyTo's fallback. */
+const COPY_BUFFER = 1024 * 1024;
 
 let zeroChunk: Uint8Array | undefined;
 /** A shared, never-written buffer of zeros. */
@@ -112,6 +116,8 @@ export class FileBlockDevice implements BlockDevice {
   readonly syncIoMaxBytes: number;
   #closed = false;
   #closing: Promise<void> | undefined;
+  /** copy_file_range has not failed as unsupported on this device yet. */
+  #copyRange = true;
 
   private constructor(init: {
     path: string;
@@ -415,6 +421,60 @@ export class FileBlockDevice implements BlockDevice {
       }
     }
     return extents;
+  }
+
+  /**
+   * Copies `length` bytes at `sourceOffset` of this file to `targetOffset` of `target` with
+   * copy_file_range(2): the kernel moves the data (or shares it, on file systems that can), no
+   * buffer passes through JavaScript. Where the call is unavailable (no native binding, files on
+   * different file systems before Linux 5.3, a file system or block device that refuses it:
+   * EXDEV, ENOSYS, EOPNOTSUPP, EINVAL) it falls back to reads and writes through a buffer, and
+   * remembers not to try again on this device. Source bytes past the end of this file (it shrank)
+   * arrive as zeros, as `read` returns them.
+   */
+  async copyTo(
+    target: FileBlockDevice,
+    sourceOffset: number,
+    targetOffset: number,
+    length: number,
+    options?: RequestOptions,
+  ): Promise<void> {
+    this.#check('read', options);
+    target.#check('write', options);
+    assertWritable(target, 'write');
+    validateRange(this.#size, sourceOffset, length, 'read');
+    validateRange(target.#size, targetOffset, length, 'write');
+    let done = 0;
+    const libc = this.#libc;
+    if (libc !== undefined && this.#copyRange) {
+      while (done < length) {
+        const step = Math.min(length - done, COPY_RANGE_STEP);
+        const at = done;
+        const r = await this.#limiter.run(() =>
+          libc.copyFileRange(this.#fd, sourceOffset + at, target.#fd, targetOffset + at, step),
+        );
+        if (!r.ok) {
+          if (!isUnsupported(r.code) && r.code !== 'EXDEV') {
+            throw errnoError('copy_file_range', `${this.path} -> ${target.path}`, r.code, sourceOffset + at);
+          }
+          this.#copyRange = false;
+          break;
+        }
+        if (r.value === 0) break; // the end of this file: the rest goes through read, as zeros
+        done += r.value;
+      }
+    }
+    if (done < length)
+      await this.#copyByBuffer(target, sourceOffset + done, targetOffset + done, length - done);
+  }
+
+  async #copyByBuffer(target: FileBlockDevice, sourceOffset: number, targetOffset: number, length: number) {
+    const buffer = new Uint8Array(Math.min(length, COPY_BUFFER));
+    for (let done = 0; done < length; done += buffer.length) {
+      const view = buffer.subarray(0, Math.min(buffer.length, length - done));
+      await this.readInto(view, sourceOffset + done);
+      await target.write(targetOffset + done, view);
+    }
   }
 
   async resize(newSize: number): Promise<void> {

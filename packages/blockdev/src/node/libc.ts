@@ -1,6 +1,6 @@
 /**
- * The few libc calls Node lacks (lseek SEEK_DATA/SEEK_HOLE, fallocate, fcntl OFD locks, flock,
- * ioctl BLKGETSIZE64), reached through koffi. Everything here is optional: when koffi cannot load
+ * The few libc calls Node lacks (lseek SEEK_DATA/SEEK_HOLE, fallocate, copy_file_range, fcntl OFD
+ * locks, flock, ioctl BLKGETSIZE64), reached through koffi. Everything here is optional: when koffi cannot load
  * (unsupported platform, missing binary), `loadLibc()` returns undefined and callers fall back to
  * plain Node I/O.
  *
@@ -51,6 +51,17 @@ export interface Libc {
   /** fallocate on libuv-independent worker threads (koffi's async pool); errno is recovered by
    * repeating a failed call synchronously (fallocate modes used here are idempotent). */
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<CallResult>;
+  /** copy_file_range(2) from `inFd` at `inOffset` to `outFd` at `outOffset` (neither file's own
+   * position moves), on koffi's worker threads: resolves to the bytes copied (0 at the end of the
+   * input file). errno is recovered as for `fallocate`: a failed call copied nothing, so repeating
+   * it synchronously is safe. */
+  copyFileRange(
+    inFd: number,
+    inOffset: number,
+    outFd: number,
+    outOffset: number,
+    length: number,
+  ): Promise<CallResult>;
   /** Tests whether another open file description holds a lock conflicting with a write lock on
    * `[start, start + length)`. */
   ofdTestConflict(fd: number, start: number, length: number): CallResult;
@@ -80,6 +91,7 @@ function tryLoad(): Libc | null {
       fcntl: lib.func('int fcntl(int, int, void *)'),
       flock: lib.func('int flock(int, int)'),
       ioctl: lib.func('int ioctl(int, unsigned long, void *)'),
+      copyFileRange: lib.func('int64_t copy_file_range(int, void *, int, void *, size_t, unsigned int)'),
     });
   } catch {
     return null;
@@ -92,6 +104,7 @@ interface Functions {
   fcntl: KoffiFunction;
   flock: KoffiFunction;
   ioctl: KoffiFunction;
+  copyFileRange: KoffiFunction;
 }
 
 function makeLibc(koffi: Koffi, fn: Functions): Libc {
@@ -130,6 +143,38 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
           resolve(result(fn.fallocate(fd, mode, offset, length)));
         }
       }),
+    copyFileRange: (inFd, inOffset, outFd, outOffset, length) => {
+      // loff_t in and out: the kernel advances them, which nobody reads afterwards.
+      const offsets = Buffer.alloc(16);
+      offsets.writeBigInt64LE(BigInt(inOffset), 0);
+      offsets.writeBigInt64LE(BigInt(outOffset), 8);
+      const inPointer = offsets.subarray(0, 8);
+      const outPointer = offsets.subarray(8, 16);
+      const again = () => {
+        offsets.writeBigInt64LE(BigInt(inOffset), 0);
+        offsets.writeBigInt64LE(BigInt(outOffset), 8);
+        return result(fn.copyFileRange(inFd, inPointer, outFd, outPointer, length, 0));
+      };
+      return new Promise((resolve) => {
+        try {
+          fn.copyFileRange.async(
+            inFd,
+            inPointer,
+            outFd,
+            outPointer,
+            length,
+            0,
+            (error: unknown, value: number | bigint) => {
+              const n = Number(value);
+              if (error === null && n >= 0) resolve({ ok: true, value: n });
+              else resolve(again());
+            },
+          );
+        } catch {
+          resolve(again());
+        }
+      });
+    },
     ofdTestConflict: (fd, start, length) => {
       const buf = flockStruct(F_WRLCK, start, length);
       const r = result(fn.fcntl(fd, F_OFD_GETLK, buf));

@@ -33,13 +33,17 @@ export interface ConvertOptions {
   readonly forceShare: boolean;
   /** `-n`: write into the existing target instead of creating it. */
   readonly noCreate?: boolean;
+  /** `-S`: runs of this many zero bytes (aligned in the guest) become holes; 0: no zero scan at
+   * all, the target fully allocated. Default 4 KiB, as qemu-img's. */
+  readonly sparseSize?: number;
   /** Bytes per read (default 2 MiB) and reads in flight (default 4): memory is their product. */
   readonly chunkSize?: number;
   readonly parallel?: number;
 }
 
-/** qemu-img's default minimum run of zeros that becomes a hole. */
+/** qemu-img's default minimum run of zeros that becomes a hole (`-S 4k`). */
 export const SPARSE_BLOCK = 4096;
+
 const DEFAULT_CHUNK = 2 * 2 ** 20;
 const DEFAULT_PARALLEL = 4;
 export async function convertCommand(
@@ -84,6 +88,8 @@ export async function convertCommand(
       await convertToRaw(opened.device, targetPath, target, {
         ...copyOptions,
         noCreate: options.noCreate === true,
+        sparseSize: options.sparseSize ?? SPARSE_BLOCK,
+        hostFile: (depth) => hostFileOf(opened.chain[depth]),
       });
     }
     progress?.finish();
@@ -124,6 +130,15 @@ async function refuseOverwritingSource(
       );
     }
   }
+}
+
+/** The file holding a layer's data at the host offsets its extents report, when that is a plain
+ * file device: a raw layer, or a qcow2 image without an external data file. */
+function hostFileOf(layer: OpenedImage['chain'][number] | undefined): FileBlockDevice | undefined {
+  if (layer === undefined || !(layer.file instanceof FileBlockDevice)) return undefined;
+  if (layer.format === 'raw') return layer.file;
+  if (layer.format === 'qcow2' && layer.image?.dataFileName === undefined) return layer.file;
+  return undefined;
 }
 
 function dataFilePath(layer: OpenedImage['chain'][number]): string[] {
@@ -168,6 +183,11 @@ export interface ConvertToRawOptions {
   readonly onProgress?: ((done: number, total: number) => void) | undefined;
   /** `-n`: write into the existing file at `targetPath` instead of creating it. */
   readonly noCreate?: boolean;
+  /** See {@link ConvertOptions.sparseSize} (default 4 KiB). */
+  readonly sparseSize?: number;
+  /** With `sparseSize` 0: the file holding the data of the source's layer `depth` at the host
+   * offsets its extents report, so data ranges are copied file to file (copy_file_range). */
+  readonly hostFile?: ((depth: number) => FileBlockDevice | undefined) | undefined;
 }
 
 /** Short wordings of system errors, as qemu-img prints them after `Could not create 'X': `. */
@@ -225,10 +245,19 @@ export async function convertToRaw(
     report();
     // An existing file: zero the guest's range in one go where that is cheap (a punched hole), so
     // what follows is the same as for a new file. Otherwise zeros go where the source has them.
+    const sparseSize = options.sparseSize ?? SPARSE_BLOCK;
+    if (sparseSize === 0) {
+      await copyAllocated(device, file, targetName, options, (length) => {
+        done += length;
+        report();
+      });
+      return;
+    }
     const zeroAhead = noCreate && file.capabilities.fastZero && size > 0;
     if (zeroAhead) await zeroTarget(file, targetName, 0, size, true);
     const zeroInTarget = noCreate && !zeroAhead;
-    const chunkSize = Math.max(SPARSE_BLOCK, options.chunkSize - (options.chunkSize % SPARSE_BLOCK));
+    const chunkSize = Math.max(sparseSize, options.chunkSize - (options.chunkSize % sparseSize));
+    const scan = new ZeroScan(sparseSize);
     const tasks = serialise(
       chunks(device, chunkSize, false, async (offset, length) => {
         if (zeroInTarget) await zeroTarget(file, targetName, offset, length, false);
@@ -242,7 +271,7 @@ export async function convertToRaw(
       const { offset, length } = next.value;
       const view = buffer.subarray(0, length);
       await device.readInto(view, offset);
-      await writeNonZero(file, view, offset, targetName, zeroInTarget);
+      await writeNonZero(file, view, offset, targetName, zeroInTarget, scan);
       done += length;
       report();
       return true;
@@ -257,6 +286,59 @@ export async function convertToRaw(
       }
     });
   }
+}
+
+/**
+ * `-S 0`: no zero scan, the target fully allocated as qemu-img leaves it. Zero ranges are
+ * allocated as zeros (fallocate where the file system can); data ranges whose bytes lie in order
+ * in a plain file (a raw source, or a qcow2 image's uncompressed clusters laid out in order) are
+ * copied file to file inside the kernel (copy_file_range), the rest is read and written.
+ *
+ * Why only here: copying in the kernel saves one pass over the data in user space (512 MiB on
+ * /dev/shm: 267 ms against 336 ms for pread + pwrite), but the default `-S 4k` must look at every
+ * 4 KiB block for zeros, and reading the bytes to look, then copying them in the kernel, was
+ * slower than writing what was read (441 ms).
+ */
+async function copyAllocated(
+  device: BlockDevice,
+  file: FileBlockDevice,
+  targetName: string,
+  options: ConvertToRawOptions,
+  onDone: (length: number) => void,
+): Promise<void> {
+  const chunkSize = Math.max(SPARSE_BLOCK, options.chunkSize - (options.chunkSize % SPARSE_BLOCK));
+  const tasks = serialise(chunks(device, chunkSize, true, undefined));
+  await runWorkers(options.parallel, chunkSize, async (buffer) => {
+    const next = await tasks.next();
+    if (next.done) return false;
+    const { offset, length, zero, hostOffset, depth } = next.value;
+    const candidate = hostOffset === undefined ? undefined : options.hostFile?.(depth);
+    // Inside the file only (a short backing file's tail reads as zeros through the device).
+    const hostFile =
+      candidate !== undefined && hostOffset !== undefined && hostOffset + length <= candidate.size
+        ? candidate
+        : undefined;
+    try {
+      if (zero) await file.writeZeroes(offset, length);
+      else if (hostFile !== undefined && hostOffset !== undefined)
+        await hostFile.copyTo(file, hostOffset, offset, length);
+      else {
+        const view = buffer.subarray(0, length);
+        await device.readInto(view, offset);
+        await file.write(offset, view);
+      }
+    } catch (error) {
+      if (error instanceof CliError) throw error;
+      throw new CliError(
+        `error while writing at byte ${offset} of '${targetName}': ${describeError(error)}`,
+        {
+          cause: error,
+        },
+      );
+    }
+    onDone(length);
+    return true;
+  });
 }
 
 /**
@@ -368,6 +450,11 @@ interface Chunk {
   readonly length: number;
   /** The range reads as zeros (only handed out when zero chunks are asked for). */
   readonly zero: boolean;
+  /** Where the chunk's bytes start in the answering layer's storage, when stored in order there
+   * uncompressed (from the extent's `hostOffset`). */
+  readonly hostOffset: number | undefined;
+  /** The layer that answers (the extent's `depth`). */
+  readonly depth: number;
 }
 
 /**
@@ -389,7 +476,11 @@ async function* chunks(
     let offset = extent.offset;
     while (offset < end) {
       const chunkEnd = Math.min(end, offset - (offset % chunkSize) + chunkSize);
-      yield { offset, length: chunkEnd - offset, zero: extent.zero };
+      const hostOffset =
+        extent.hostOffset === undefined || extent.compressed === true || !extent.data
+          ? undefined
+          : extent.hostOffset + (offset - extent.offset);
+      yield { offset, length: chunkEnd - offset, zero: extent.zero, hostOffset, depth: extent.depth };
       offset = chunkEnd;
     }
   }
@@ -435,30 +526,39 @@ async function zeroTarget(
   }
 }
 
-const ZERO_BLOCK = Buffer.alloc(SPARSE_BLOCK);
-
-/**
- * True when `data[start, end)` is all zeros. Data blocks almost always have a non-zero byte among
- * their first sixteen, so those are looked at first as four 32-bit words (no native call); only
- * blocks that start with zeros are compared in full.
- */
-function isZeroBlock(data: Buffer, words: Uint32Array, start: number, end: number): boolean {
-  if (start % 4 === 0 && (start >> 2) + 4 <= words.length) {
-    const word = start >> 2;
-    if ((words[word]! | words[word + 1]! | words[word + 2]! | words[word + 3]!) !== 0) return false;
+/** Finds the blocks of `blockSize` bytes (aligned in the guest) that hold only zeros. */
+class ZeroScan {
+  readonly #zeros: Buffer;
+  constructor(readonly blockSize: number) {
+    this.#zeros = Buffer.alloc(blockSize);
   }
-  return data.subarray(start, end).equals(ZERO_BLOCK.subarray(0, end - start));
+
+  /**
+   * True when `data[start, end)` is all zeros. Data blocks almost always have a non-zero byte
+   * among their first sixteen, so those are looked at first as four 32-bit words (no native call);
+   * only blocks that start with zeros are compared in full.
+   */
+  isZero(data: Buffer, words: Uint32Array, start: number, end: number): boolean {
+    if (start % 4 === 0 && (start >> 2) + 4 <= words.length) {
+      const word = start >> 2;
+      if ((words[word]! | words[word + 1]! | words[word + 2]! | words[word + 3]!) !== 0) return false;
+    }
+    return data.subarray(start, end).equals(this.#zeros.subarray(0, end - start));
+  }
 }
 
-/** Writes the runs of `data` (guest bytes at `guestOffset`) whose 4 KiB guest blocks hold a non-zero
- * byte; all-zero blocks stay holes, or with `zeroRuns` are zeroed in the target where it holds data. */
+/** Writes the runs of `data` (guest bytes at `guestOffset`) whose guest blocks (`scan.blockSize`)
+ * hold a non-zero byte; all-zero blocks stay holes, or with `zeroRuns` are zeroed in the target
+ * where it holds data. */
 async function writeNonZero(
   file: FileBlockDevice,
   data: Buffer,
   guestOffset: number,
   targetName: string,
   zeroRuns: boolean,
+  scan: ZeroScan,
 ): Promise<void> {
+  const block = scan.blockSize;
   const words =
     data.byteOffset % 4 === 0
       ? new Uint32Array(data.buffer, data.byteOffset, data.length >> 2)
@@ -472,8 +572,8 @@ async function writeNonZero(
     else if (zeroRuns) await zeroTarget(file, targetName, guestOffset + runStart, end - runStart, false);
   };
   while (index < data.length) {
-    const blockEnd = Math.min(data.length, index + SPARSE_BLOCK - ((guestOffset + index) % SPARSE_BLOCK));
-    const isData = !isZeroBlock(data, words, index, blockEnd);
+    const blockEnd = Math.min(data.length, index + block - ((guestOffset + index) % block));
+    const isData = !scan.isZero(data, words, index, blockEnd);
     if (isData !== runIsData) {
       await flush(index);
       runStart = index;
