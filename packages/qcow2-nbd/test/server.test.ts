@@ -468,9 +468,19 @@ describe('transmission', () => {
 
   it('finishes requests in flight and flushes on close', async () => {
     let flushes = 0;
+    let writeStarted!: () => void;
+    const started = new Promise<void>((resolve) => {
+      writeStarted = resolve;
+    });
     const counting = wrap(device, {
       flush: async () => {
         flushes++;
+      },
+      // The write is in flight when the server is closed (it lands a little later).
+      write: async (offset: number, data: Uint8Array) => {
+        writeStarted();
+        await new Promise((resolve) => setTimeout(resolve, 10));
+        await device.write(offset, data);
       },
     });
     await start([{ name: '', device: counting }]);
@@ -479,10 +489,11 @@ describe('transmission', () => {
     const data = pattern(1 << 20, 7);
     client.request(P.NBD_CMD_WRITE, 0, data.length, { data });
     const reply = client.simpleReply();
-    await new Promise((resolve) => setTimeout(resolve, 20));
+    await started;
     await server.close();
     expect((await reply).error).toBe(0);
     expect(flushes).toBe(1);
+    expect(Buffer.from(await device.read(0, data.length)).equals(data)).toBe(true);
     expect(await client.closed()).toBe(true);
   });
 });

@@ -85,22 +85,28 @@ export class ConnectionIo {
     const several = queue.length > 1;
     if (several) stream.cork();
     let group: Uint8Array[] = [];
+    let groupDone: (() => void)[] = [];
     let groupBytes = 0;
     const writeGroup = () => {
-      if (group.length === 0) return;
-      const bytes = group.length === 1 ? group[0]! : Buffer.concat(group, groupBytes);
-      this.write(bytes, undefined);
+      if (group.length === 1) {
+        // Nothing to join: written as it is, released once written.
+        this.write(group[0]!, groupDone[0]);
+      } else if (group.length > 1) {
+        this.write(Buffer.concat(group, groupBytes), undefined);
+        // Copied: the originals may be reused now.
+        for (const done of groupDone) done();
+      }
       group = [];
+      groupDone = [];
       groupBytes = 0;
     };
     for (let i = 0; i < queue.length; i++) {
       const bytes = queue[i]!;
       const done = queueDone[i];
-      if (bytes.length <= COALESCE_MAX && (several || done === undefined)) {
+      if (bytes.length <= COALESCE_MAX) {
         group.push(bytes);
+        if (done !== undefined) groupDone.push(done);
         groupBytes += bytes.length;
-        // Copied (or, alone, written before anyone reuses it: it has no done callback).
-        if (several) done?.();
       } else {
         writeGroup();
         this.write(bytes, done);

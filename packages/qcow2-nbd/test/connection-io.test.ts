@@ -1,0 +1,81 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { connect, createServer, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { PassThrough } from 'node:stream';
+import { describe, expect, it } from 'vitest';
+import { ByteReader } from '../src/protocol/byte-reader.js';
+import { ConnectionIo } from '../src/server/connection-io.js';
+
+/** A ConnectionIo over one end of a unix socket, and a reader of the other end. */
+async function socketPair(): Promise<{ io: ConnectionIo; peer: ByteReader; close: () => void }> {
+  const dir = mkdtempSync(join(tmpdir(), 'qcowkit-io-'));
+  const path = join(dir, 'io.sock');
+  let accept!: (socket: Socket) => void;
+  const accepted = new Promise<Socket>((resolve) => {
+    accept = resolve;
+  });
+  const server = createServer((socket) => {
+    server.close();
+    accept(socket);
+  });
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  const client = connect(path);
+  const socket = await accepted;
+  return {
+    io: new ConnectionIo(socket),
+    peer: new ByteReader(client),
+    close: () => {
+      client.destroy();
+      socket.destroy();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+describe('ConnectionIo', () => {
+  it('sends replies in order, releasing a buffer only once it is copied or written', async () => {
+    const { io, peer, close } = await socketPair();
+    const small = Buffer.alloc(100, 1);
+    const large = Buffer.alloc(20_000, 2);
+    const last = Buffer.alloc(50, 3);
+    const lone = Buffer.alloc(30, 4);
+    const released: string[] = [];
+    // A released buffer is reused at once: scribbling over it shows any early release.
+    const release = (name: string, buffer: Buffer) => () => {
+      released.push(name);
+      buffer.fill(9);
+    };
+    io.send(small, release('small', small));
+    io.send(large, release('large', large));
+    io.send(last, release('last', last));
+    io.send(lone); // no callback: nothing to release
+    const received = await peer.read(100 + 20_000 + 50 + 30);
+    const expected = Buffer.concat([
+      Buffer.alloc(100, 1),
+      Buffer.alloc(20_000, 2),
+      Buffer.alloc(50, 3),
+      Buffer.alloc(30, 4),
+    ]);
+    expect(received.equals(expected)).toBe(true);
+    await io.drained();
+    expect(released.sort()).toEqual(['large', 'last', 'small']);
+    expect(io.pendingBytes).toBe(0);
+    close();
+  });
+
+  it('joins many small replies of one turn into one write', async () => {
+    const stream = new PassThrough();
+    let writes = 0;
+    const write = stream.write.bind(stream);
+    stream.write = ((...args: Parameters<typeof write>) => {
+      writes++;
+      return write(...args);
+    }) as typeof stream.write;
+    const io = new ConnectionIo(stream as unknown as Socket);
+    for (let i = 0; i < 16; i++) io.send(Buffer.alloc(4128, i));
+    const received = await io.reader.read(16 * 4128);
+    for (let i = 0; i < 16; i++) expect(received[i * 4128 + 4127]).toBe(i);
+    expect(writes).toBe(1);
+  });
+});
