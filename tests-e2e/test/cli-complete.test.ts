@@ -115,6 +115,19 @@ describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the re
 
     // -q silences -p.
     expect(cli(['commit', '-q', '-p', 'ptop.qcow2'])).toMatchObject({ status: 0, stdout: '', stderr: '' });
+
+    // amend -p: qemu-img's 0% and 100% lines (on stderr here), the image amended as qemu-img does.
+    must(['create', '-q', '-f', 'qcow2', 'pam-theirs.qcow2', '1M']);
+    must(['create', '-q', '-f', 'qcow2', 'pam-ours.qcow2', '1M']);
+    const theirs = qemuImg(['amend', '-p', '-o', 'lazy_refcounts=on', 'pam-theirs.qcow2']);
+    const amend = cli(['amend', '-p', '-o', 'lazy_refcounts=on', 'pam-ours.qcow2']);
+    expect(amend.status).toBe(theirs.status);
+    expect(amend.stderr).toBe(theirs.stdout);
+    expect(cli(['amend', '-p', '-q', '-o', 'lazy_refcounts=off', 'pam-ours.qcow2'])).toMatchObject({
+      status: 0,
+      stdout: '',
+      stderr: '',
+    });
   });
 
   test.each([

@@ -4,6 +4,7 @@ import { type AmendOptions, amendImage, resizeImage } from '@qcowkit/qcow2-core'
 import type { ImageFormat } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
+import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
 import { parseCreateOptions } from './create.js';
@@ -12,6 +13,9 @@ import { withImageFileForWrite } from './image-file.js';
 export interface AmendCommandOptions {
   readonly format?: ImageFormat | undefined;
   readonly options: readonly string[];
+  /** `-p`: qemu-img's progress line (0% before the change, 100% after it); `-q` silences it. */
+  readonly progress?: boolean;
+  readonly quiet?: boolean;
 }
 
 const AMENDABLE = new Set(['compat', 'lazy_refcounts', 'refcount_bits', 'size']);
@@ -57,12 +61,14 @@ export async function amendCommand(
 ): Promise<number> {
   const { size, ...amend } = parseAmendOptions(file, options.options);
   const path = resolveAgainst(context.io.cwd, file);
+  const progress = progressReporter(context.io, options.progress === true && options.quiet !== true);
   await withImageFileForWrite(path, file, options.format, async (device, format) => {
     if (format !== 'qcow2') {
       throw new CliError(`Format driver '${format}' does not support option amendment`, {
         code: 'EUNSUPPORTED',
       });
     }
+    progress?.update(0, 1);
     try {
       if (
         amend.compat !== undefined ||
@@ -76,5 +82,6 @@ export async function amendCommand(
       throw new CliError(describeError(error).replace(/^qcow2 amend: /, ''), { cause: error });
     }
   });
+  progress?.finish();
   return 0;
 }

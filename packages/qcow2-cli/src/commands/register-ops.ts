@@ -309,7 +309,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
         'compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N, size=SIZE',
       ).argParser((value: string, previous: string[] | undefined) => [...(previous ?? []), value]),
     )
-    .option('-p', 'accepted (amend runs without a progress bar)')
+    .option('-p', 'show a progress bar on stderr')
     .option('-q', 'quiet')
     .addOption(
       new Option('-t <cache>', 'cache mode (accepted; the page cache is always used)').argParser(cacheParser),
@@ -325,6 +325,8 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
         await amendCommand(context, file, {
           format: options.f as ImageFormat | undefined,
           options: (options.o as string[] | undefined) ?? [],
+          progress: options.p === true,
+          quiet: options.q === true,
         }),
       );
     });
