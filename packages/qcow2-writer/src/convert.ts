@@ -19,7 +19,8 @@ import { emitImage } from './emit.js';
 import { planLayout, type Qcow2Layout } from './layout.js';
 import { type Qcow2ImageOptions, resolveGeometry } from './options.js';
 import { type ClusterRange, readAhead, splitRange } from './read-ahead.js';
-import { type CachedChunk, readClusters, scanSource } from './scan.js';
+import { type CachedChunk, readClusters, SHARED_SLOTS, scanSource } from './scan.js';
+import { SharedCompression } from './shared-compression.js';
 import { OutputWriter, type Qcow2Sink, toByteSink } from './sink.js';
 import { type ConvertSource, isBlockDevice, StreamReader } from './source.js';
 import type { Spool } from './spool.js';
@@ -37,7 +38,7 @@ export interface ConvertOptions extends Qcow2ImageOptions {
   readonly backing?: BlockDevice;
   /** Drop clusters that read as all zeros (default true). */
   readonly detectZeroes?: boolean;
-  /** Memory the scan may keep to avoid reading twice (default 64 MiB). */
+  /** Memory the scan may keep to avoid reading twice (default 16 MiB). */
   readonly cacheBytes?: number;
   /** Compressed clusters beyond `cacheBytes` are kept here instead of compressed again (the node
    * entry uses a temporary file by default). */
@@ -64,7 +65,7 @@ export interface ConversionPlan {
   write(sink: Qcow2Sink): Promise<number>;
 }
 
-const DEFAULT_CACHE_BYTES = 64 * 1024 * 1024;
+const DEFAULT_CACHE_BYTES = 16 * 1024 * 1024;
 const DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024;
 
 /** Plans a conversion of `source` (running the scan pass for a seekable source). */
@@ -537,16 +538,13 @@ async function writeCompressedArea(
     }
   }
   const depth = Math.max(readDepth, compression.depth);
+  const shared = new SharedCompression(compression.compressor, chunkClusters * clusterSize, SHARED_SLOTS);
   const batches = readAhead(
     dataRanges(layout, chunkClusters, compression.cache.length + compression.spooled),
     depth,
     async (range) => {
       const data = await fetch(range);
-      const outputs = await compression.compressor.compressClusters(
-        data,
-        clusterSize,
-        geometry.compressionType,
-      );
+      const outputs = await shared.compress(data, clusterSize, geometry.compressionType);
       // Outputs at least a cluster long are the cluster's own bytes (see ClusterCompressor).
       return outputs;
     },

@@ -10,8 +10,12 @@ import { ClusterMap } from './cluster-map.js';
 import type { ClusterCompressor, CompressionType } from './compressor.js';
 import type { ImageGeometry } from './options.js';
 import { type ClusterRange, readAhead, splitRange } from './read-ahead.js';
+import { SharedCompression } from './shared-compression.js';
 import type { Spool } from './spool.js';
 import { isZeroWords, sameBytes } from './zero-detect.js';
+
+/** Batches being compressed at once through shared buffers (each costs two chunks of memory). */
+export const SHARED_SLOTS = 4;
 
 export interface ScanOptions {
   readonly geometry: ImageGeometry;
@@ -147,6 +151,10 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
   const compressQueue: Promise<void>[] = [];
   let lastRecorded: Promise<void> = Promise.resolve();
   const compression = options.compression;
+  const shared =
+    compression !== undefined
+      ? new SharedCompression(compression.compressor, chunkClusters * clusterSize, SHARED_SLOTS)
+      : undefined;
   const zeroKind = geometry.version === 3 ? 'zero' : 'data';
 
   const recordCompressed = async (outputs: Uint8Array[]) => {
@@ -220,7 +228,7 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
           input.set(data.subarray(index * clusterSize, (index + 1) * clusterSize), at * clusterSize);
         }
       }
-      const outputs = compression.compressor.compressClusters(input, clusterSize, compression.type);
+      const outputs = shared!.compress(input, clusterSize, compression.type);
       outputs.catch(() => {});
       // Results are recorded in order: each one waits for the previous one.
       const recorded = lastRecorded.then(() => outputs).then((list) => recordCompressed(list));

@@ -111,9 +111,10 @@ export async function convertToQcow2(
   ) {
     const geometry = resolveGeometry(options, options.size ?? source.size);
     if (!options.compress) {
+      // Eight requests in flight as qemu-img convert has by default (-m 8), in 2 MiB buffers.
       return convertDirect(source, geometry, await openRandomAccessFile(sink), {
-        readDepth: options.readDepth ?? 4,
-        chunkBytes: Math.max(options.chunkBytes ?? 4 * 1024 * 1024, geometry.clusterSize),
+        readDepth: options.readDepth ?? 8,
+        chunkBytes: Math.max(options.chunkBytes ?? 2 * 1024 * 1024, geometry.clusterSize),
         signal: options.signal,
         onProgress: options.onProgress,
       });
