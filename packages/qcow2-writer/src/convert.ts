@@ -107,7 +107,11 @@ export async function planConversion(
     );
   }
   const readDepth = options.readDepth ?? 4;
-  const chunkBytes = Math.max(options.chunkBytes ?? DEFAULT_CHUNK_BYTES, geometry.clusterSize);
+  // Compressed batches of 1 MiB: enough per worker message, and the shared slots stay small.
+  const chunkBytes = Math.max(
+    options.chunkBytes ?? (options.compress ? DEFAULT_CHUNK_BYTES / 4 : DEFAULT_CHUNK_BYTES),
+    geometry.clusterSize,
+  );
   const chunkClusters = Math.floor(chunkBytes / geometry.clusterSize);
   const clusterSize = geometry.clusterSize;
   const signal = options.signal;
