@@ -5,7 +5,13 @@
  * past the end of the file) are left alone: the check after the repair still reports them.
  */
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
-import { classifyL2Entry, entryHex, entryOffset, QCOW_OFLAG_COPIED_HIGH } from './entries.js';
+import {
+  classifyL2Entry,
+  entryHex,
+  entryOffset,
+  QCOW_OFLAG_COMPRESSED_HIGH,
+  QCOW_OFLAG_COPIED_HIGH,
+} from './entries.js';
 import type { StoredRefcount } from './stored-refcounts.js';
 import { WriteBehind } from './write-behind.js';
 
@@ -129,11 +135,18 @@ export async function repairCopiedFlags(
           const entryHigh = view.getUint32(at);
           const entryLow = view.getUint32(at + 4);
           if (entryHigh === 0 && entryLow === 0) continue;
-          const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
+          // Without a data file an entry is 'normal' or 'zero-alloc' exactly when it is neither
+          // compressed nor without a host offset: the usual entry needs no classification.
+          const compressed = (entryHigh & QCOW_OFLAG_COMPRESSED_HIGH) !== 0;
+          const type = hasDataFile
+            ? classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile)
+            : undefined;
           let want: boolean;
-          if (type === 'compressed') {
+          if (hasDataFile ? type === 'compressed' : compressed) {
             want = false;
-          } else if (type === 'normal' || type === 'zero-alloc') {
+          } else if (
+            hasDataFile ? type === 'normal' || type === 'zero-alloc' : entryOffset(entryHigh, entryLow) !== 0
+          ) {
             const hostOffset = entryOffset(entryHigh, entryLow);
             if (hostOffset % clusterSize !== 0) continue;
             let refcount: number | undefined;
@@ -160,7 +173,7 @@ export async function repairCopiedFlags(
             continue;
           }
           if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-            if (type === 'compressed') {
+            if (hasDataFile ? type === 'compressed' : compressed) {
               note(
                 () =>
                   `Repairing compressed cluster entry with the copied flag: l2_entry=${entryHex(entryHigh, entryLow)}`,
