@@ -74,32 +74,22 @@ async function* extentsOf(device: BlockDevice, signal?: AbortSignal): AsyncGener
   }
 }
 
-/** Bytes of `device` at `[offset, offset + length)`, zeros where the device ends (or is absent). */
+/** Fills `target` with the bytes of `device` at `offset`, zeros where the device ends (or is absent). */
 async function readOrZero(
   device: BlockDevice | undefined,
   offset: number,
-  length: number,
+  target: Uint8Array,
+  signal?: AbortSignal,
 ): Promise<Uint8Array> {
-  const bytes = new Uint8Array(length);
-  if (device === undefined || offset >= device.size) return bytes;
-  const available = Math.min(length, device.size - offset);
-  bytes.set(await device.read(offset, available), 0);
-  return bytes;
+  const available = device === undefined ? 0 : Math.max(0, Math.min(target.length, device.size - offset));
+  if (available > 0) await device!.readInto(target.subarray(0, available), offset, { signal });
+  if (available < target.length) target.fill(0, available);
+  return target;
 }
 
 function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
   if (a.length !== b.length) return false;
-  // One 8-byte compare per step where the views allow it (aligned offsets), else byte by byte.
-  if (a.byteOffset % 8 === 0 && b.byteOffset % 8 === 0) {
-    const words = a.length >>> 3;
-    const left = new BigUint64Array(a.buffer, a.byteOffset, words);
-    const right = new BigUint64Array(b.buffer, b.byteOffset, words);
-    for (let i = 0; i < words; i++) if (left[i] !== right[i]) return false;
-    for (let i = words * 8; i < a.length; i++) if (a[i] !== b[i]) return false;
-    return true;
-  }
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
+  return Buffer.from(a.buffer, a.byteOffset, a.length).equals(Buffer.from(b.buffer, b.byteOffset, b.length));
 }
 
 /** Sum of the extents' lengths. */
@@ -108,6 +98,74 @@ function totalLength(extents: readonly Extent[]): number {
   for (const extent of extents) total += extent.length;
   return total;
 }
+
+/** Windows (at most `size` bytes, split at multiples of `align`) covering the extents, in order. */
+function* windowsOf(extents: readonly Extent[], size: number, align: number): Generator<[number, number]> {
+  for (const extent of extents) {
+    const end = extent.offset + extent.length;
+    for (let offset = extent.offset; offset < end; ) {
+      const next = Math.min(end, Math.floor((offset + size) / align) * align || offset + size);
+      const length = Math.max(1, Math.min(next, end) - offset);
+      yield [offset, length];
+      offset += length;
+    }
+  }
+}
+
+/**
+ * Runs `load` on the windows with up to `depth` of them in flight, and `consume` on each in
+ * order (the next loads run while one is consumed). Each in-flight window gets its own buffers
+ * from `makeBuffers`, reused once consumed.
+ */
+async function pipeline<B>(
+  windows: Iterable<[number, number]>,
+  depth: number,
+  makeBuffers: () => B,
+  load: (offset: number, length: number, buffers: B) => Promise<unknown>,
+  consume: (offset: number, length: number, buffers: B) => Promise<void>,
+): Promise<void> {
+  const free: B[] = [];
+  const queue: Array<{ offset: number; length: number; buffers: B; loaded: Promise<unknown> }> = [];
+  const drainOne = async () => {
+    const head = queue.shift()!;
+    await head.loaded;
+    await consume(head.offset, head.length, head.buffers);
+    free.push(head.buffers);
+  };
+  try {
+    for (const [offset, length] of windows) {
+      const buffers = free.pop() ?? makeBuffers();
+      const loaded = load(offset, length, buffers);
+      loaded.catch(() => undefined); // awaited in order by drainOne
+      queue.push({ offset, length, buffers, loaded });
+      if (queue.length >= depth) await drainOne();
+    }
+    while (queue.length > 0) await drainOne();
+  } finally {
+    // On failure, let reads in flight land before the caller closes the devices.
+    await Promise.allSettled(queue.map((entry) => entry.loaded));
+  }
+}
+
+/** Whether the extent of `extents` (sorted, disjoint) holding `offset` reads as zeros. */
+function isZeroAt(extents: readonly Extent[], offset: number): boolean {
+  let low = 0;
+  let high = extents.length - 1;
+  while (low <= high) {
+    const middle = (low + high) >> 1;
+    const extent = extents[middle]!;
+    if (offset < extent.offset) high = middle - 1;
+    else if (offset >= extent.offset + extent.length) low = middle + 1;
+    else return extent.zero;
+  }
+  return false;
+}
+
+/** Bytes committed per write: big writes let the target allocate many clusters at once. */
+const COMMIT_WINDOW = 4 * CHUNK;
+
+/** Windows in flight in the copy loops. */
+const READ_AHEAD = 4;
 
 export interface CopyBackingOptions {
   /** The overlay's guest view over its current (old) backing, opened for writing. */
@@ -140,23 +198,36 @@ export async function copyBackingDifferences(options: CopyBackingOptions): Promi
   const total = totalLength(pending);
   let done = 0;
   options.onProgress?.(0, total);
-  for (const extent of pending) {
-    for (let offset = extent.offset; offset < extent.offset + extent.length; ) {
+  // Windows of up to 1 MiB (split at granules) are read from both backings ahead of the
+  // comparison; a window that differs is copied granule by granule, only where it differs.
+  const windowSize = Math.max(granularity, CHUNK - (CHUNK % granularity));
+  await pipeline(
+    windowsOf(pending, windowSize, granularity),
+    READ_AHEAD,
+    () => [new Uint8Array(windowSize), new Uint8Array(windowSize)] as const,
+    async (offset, length, [before, after]) => {
       signal?.throwIfAborted();
-      const length = Math.min(granularity - (offset % granularity), extent.offset + extent.length - offset);
-      const [before, after] = await Promise.all([
-        readOrZero(oldBacking, offset, length),
-        readOrZero(newBacking, offset, length),
+      await Promise.all([
+        readOrZero(oldBacking, offset, before.subarray(0, length), signal),
+        readOrZero(newBacking, offset, after.subarray(0, length), signal),
       ]);
-      if (!equalBytes(before, after)) {
-        await overlay.write(offset, before);
-        copied += length;
+    },
+    async (offset, length, [before, after]) => {
+      if (!equalBytes(before.subarray(0, length), after.subarray(0, length))) {
+        for (let at = 0; at < length; ) {
+          const piece = Math.min(granularity - ((offset + at) % granularity), length - at);
+          const old = before.subarray(at, at + piece);
+          if (!equalBytes(old, after.subarray(at, at + piece))) {
+            await overlay.write(offset + at, old);
+            copied += piece;
+          }
+          at += piece;
+        }
       }
-      offset += length;
       done += length;
       options.onProgress?.(done, total);
-    }
-  }
+    },
+  );
   await overlay.flush();
   return copied;
 }
@@ -197,17 +268,22 @@ export async function commitToBacking(options: CommitOptions): Promise<number> {
   }
   const total = totalLength(own);
   options.onProgress?.(0, total);
-  for (const extent of own) {
-    const end = extent.offset + extent.length;
-    for (let offset = extent.offset; offset < end; offset += CHUNK) {
+  // Data windows are read ahead of the writes (which land in order); zero runs are one request.
+  await pipeline(
+    windowsOf(own, COMMIT_WINDOW, 512),
+    READ_AHEAD,
+    () => new Uint8Array(COMMIT_WINDOW),
+    async (offset, length, buffer) => {
       signal?.throwIfAborted();
-      const length = Math.min(CHUNK, end - offset);
-      if (extent.zero) await backing.writeZeroes(offset, length, { signal });
-      else await backing.write(offset, await overlay.read(offset, length, { signal }), { signal });
+      if (!isZeroAt(own, offset)) await overlay.readInto(buffer.subarray(0, length), offset, { signal });
+    },
+    async (offset, length, buffer) => {
+      if (isZeroAt(own, offset)) await backing.writeZeroes(offset, length, { signal });
+      else await backing.write(offset, buffer.subarray(0, length), { signal });
       written += length;
       options.onProgress?.(written, total);
-    }
-  }
+    },
+  );
   await backing.flush({ signal });
   return written;
 }
