@@ -3,7 +3,8 @@
  * on /dev/shm:
  *
  * - raw -> qcow2 of a 1 GiB guest holding 512 MiB of data (1 MiB runs alternating random bytes and
- *   text, every other MiB unallocated): `convertToQcow2` vs `qemu-img convert -O qcow2`;
+ *   text, every other MiB unallocated): `qcow2 convert -O qcow2` (the bundled CLI, which calls
+ *   `convertToQcow2`) vs `qemu-img convert -O qcow2`;
  * - the same with compression: `compress: true` (worker threads) vs `qemu-img convert -c`, with
  *   zlib and with zstd (`compressionType: 'zstd'` vs `-o compression_type=zstd`);
  * - creating an empty 1 PiB image: `createEmptyImage` vs `qemu-img create`.
@@ -19,7 +20,12 @@ import { fileURLToPath } from 'node:url';
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 const WRITER = fileURLToPath(new URL('../../packages/qcow2-writer/dist/node/index.js', import.meta.url));
-const BLOCKDEV = fileURLToPath(new URL('../../packages/blockdev/dist/node/index.js', import.meta.url));
+const QCOW2_BIN = fileURLToPath(new URL('../../packages/qcow2-cli/dist/bin/qcow2.js', import.meta.url));
+
+/** `qcow2 convert -f raw -O qcow2 ...` as a user runs it. */
+function cli(...args) {
+  return [process.execPath, [QCOW2_BIN, 'convert', '-f', 'raw', '-O', 'qcow2', ...args]];
+}
 
 async function makeHalfFullRaw(file) {
   const handle = await open(file, 'w');
@@ -48,15 +54,6 @@ function timed(command, args) {
 
 function node(script) {
   return [process.execPath, ['--input-type=module', '-e', script]];
-}
-
-function convertScript(source, target, options) {
-  return `
-    import { FileBlockDevice } from ${JSON.stringify(BLOCKDEV)};
-    import { convertToQcow2 } from ${JSON.stringify(WRITER)};
-    const source = await FileBlockDevice.open(${JSON.stringify(source)}, { readOnly: true });
-    await convertToQcow2(source, ${JSON.stringify(target)}, ${JSON.stringify(options)});
-    await source.close();`;
 }
 
 function verify(raw, image) {
@@ -115,17 +112,17 @@ const halfFull = {
 export const jobs = [
   job('writer-convert', 'raw -> qcow2, 1 GiB guest, 512 MiB data', {
     ...halfFull,
-    ours: (ctx) => node(convertScript(ctx.raw, ctx.ours, {})),
+    ours: (ctx) => cli(ctx.raw, ctx.ours),
     theirs: (ctx) => ['qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', ctx.raw, ctx.theirs]],
   }),
   job('writer-convert-c', 'raw -> qcow2 compressed (zlib), 1 GiB guest, 512 MiB data', {
     ...halfFull,
-    ours: (ctx) => node(convertScript(ctx.raw, ctx.ours, { compress: true })),
+    ours: (ctx) => cli('-c', ctx.raw, ctx.ours),
     theirs: (ctx) => ['qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', ctx.raw, ctx.theirs]],
   }),
   job('writer-convert-zstd', 'raw -> qcow2 compressed (zstd), 1 GiB guest, 512 MiB data', {
     ...halfFull,
-    ours: (ctx) => node(convertScript(ctx.raw, ctx.ours, { compress: true, compressionType: 'zstd' })),
+    ours: (ctx) => cli('-c', '-o', 'compression_type=zstd', ctx.raw, ctx.ours),
     theirs: (ctx) => [
       'qemu-img',
       ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd', ctx.raw, ctx.theirs],
