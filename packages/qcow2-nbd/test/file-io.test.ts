@@ -1,7 +1,6 @@
 import { SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 import { describe, expect, it } from 'vitest';
 import { fileIoOptions, isMemoryBacked } from '../src/cli/file-io.js';
-import { protocol as P } from '../src/index.js';
 
 describe('--aio', () => {
   it('threads and sync are fixed; auto goes inline only on memory-backed file systems', async () => {
@@ -11,7 +10,7 @@ describe('--aio', () => {
     expect(await isMemoryBacked('/dev/shm')).toBe(true);
     expect(await isMemoryBacked('/proc')).toBe(false);
     expect(await isMemoryBacked('/no/such/file')).toBe(false);
-    expect(await fileIoOptions('auto', '/dev/shm')).toEqual({ syncIoMaxBytes: P.NBD_MAX_PAYLOAD_SIZE });
+    expect(await fileIoOptions('auto', '/dev/shm')).toEqual({ syncIoMaxBytes: SYNC_IO_MAX_BYTES });
     expect(await fileIoOptions('auto', '/proc')).toEqual({ syncIoMaxBytes: 0 });
   });
 });
