@@ -445,13 +445,13 @@ export class FileBlockDevice implements BlockDevice {
     validateRange(this.#size, sourceOffset, length, 'read');
     validateRange(target.#size, targetOffset, length, 'write');
     let done = 0;
-    const libc = this.#libc;
-    if (libc !== undefined && this.#copyRange) {
+    const copyFileRange = this.#libc?.copyFileRange;
+    if (copyFileRange !== undefined && this.#copyRange) {
       while (done < length) {
         const step = Math.min(length - done, COPY_RANGE_STEP);
         const at = done;
         const r = await this.#limiter.run(() =>
-          libc.copyFileRange(this.#fd, sourceOffset + at, target.#fd, targetOffset + at, step),
+          copyFileRange(this.#fd, sourceOffset + at, target.#fd, targetOffset + at, step),
         );
         if (!r.ok) {
           if (!isUnsupported(r.code) && r.code !== 'EXDEV') {

@@ -54,8 +54,8 @@ export interface Libc {
   /** copy_file_range(2) from `inFd` at `inOffset` to `outFd` at `outOffset` (neither file's own
    * position moves), on koffi's worker threads: resolves to the bytes copied (0 at the end of the
    * input file). errno is recovered as for `fallocate`: a failed call copied nothing, so repeating
-   * it synchronously is safe. */
-  copyFileRange(
+   * it synchronously is safe. Optional: test doubles of this interface may leave it out. */
+  copyFileRange?(
     inFd: number,
     inOffset: number,
     outFd: number,
