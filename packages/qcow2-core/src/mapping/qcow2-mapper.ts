@@ -133,7 +133,7 @@ export class Qcow2Mapper {
       const l2Index = Math.floor((position - l1Start) / clusterSize);
       const sliceIndex = Math.floor(l2Index / this.#entriesPerSlice);
       const sliceHostOffset = l2Offset + sliceIndex * sliceBytes;
-      const slice = await cache.get(sliceHostOffset, this.#loadSlice);
+      const slice = cache.lookup(sliceHostOffset) ?? (await cache.get(sliceHostOffset, this.#loadSlice));
       const sliceEnd = Math.min(end, l1Start + (sliceIndex + 1) * this.#entriesPerSlice * clusterSize);
       let entryIndex = l2Index - sliceIndex * this.#entriesPerSlice;
       const sliceGuestStart = l1Start + sliceIndex * this.#entriesPerSlice * clusterSize;

@@ -413,7 +413,7 @@ export class WritePath {
     const [firstCluster, endCluster] = this.#clusterSpan(guestOffset, data.length);
     const pieces = plan.pieces;
     const table: PlannedTable = { l1Index, allocations: [], subUpdates: [] };
-    const toAllocate: { clusterIndex: number; old: Release[] }[] = [];
+    const toAllocate: { clusterIndex: number; old: Release[]; readsZeros: boolean }[] = [];
     for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
       const l2Index = clusterIndex - l1Index * clustersPerTable;
       const ref = await this.#entry(l2Offset, l2Index);
@@ -449,7 +449,11 @@ export class WritePath {
         table.subUpdates.push({ l2Index, allocBits: newBits });
         continue;
       }
-      toAllocate.push({ clusterIndex, old: this.#releasesOf(ref) });
+      // Whether the cluster reads as zeros now (nothing to copy: the new buffer is zeros already).
+      const readsZeros =
+        !this.#o.extendedL2 &&
+        (type === 'zero-plain' || type === 'zero-alloc' || (type === 'unallocated' && !this.#o.hasBacking));
+      toAllocate.push({ clusterIndex, old: this.#releasesOf(ref), readsZeros });
     }
     plan.tables.push(table);
     if (toAllocate.length === 0) return;
@@ -474,7 +478,9 @@ export class WritePath {
         // A whole cluster: the tail past a short last cluster is zeros (it shows after a grow).
         bytes = new Uint8Array(this.#clusterSize);
         const covered = writeStart === clusterStart && writeEnd === clusterStart + clusterLength;
-        if (!covered) await this.#o.readGuest(bytes.subarray(0, clusterLength), clusterStart);
+        if (!covered && !item.readsZeros) {
+          await this.#o.readGuest(bytes.subarray(0, clusterLength), clusterStart);
+        }
         bytes.set(data.subarray(writeStart - guestOffset, writeEnd - guestOffset), writeStart - clusterStart);
       }
       const last = pieces[pieces.length - 1];
@@ -627,7 +633,8 @@ export class WritePath {
   /**
    * Metadata preallocation (a new image): every L2 table and data cluster of the first `size`
    * guest bytes allocated, entries normal and COPIED. The data clusters are not written: the file
-   * grows sparse and they read as zeros.
+   * grows sparse and they read as zeros. With extended L2 the subcluster bitmaps stay empty, as
+   * QEMU leaves them (the subclusters read from the backing file or as zeros until written).
    */
   async preallocate(size: number): Promise<void> {
     const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
@@ -646,7 +653,6 @@ export class WritePath {
         });
         ref.slice.setUint32(ref.at, high);
         ref.slice.setUint32(ref.at + 4, low);
-        if (this.#o.extendedL2) ref.slice.setUint32(ref.at + 12, ALL_SUBCLUSTERS);
         this.#dirty(ref);
       }
       await this.#writeBackIfFull();
