@@ -414,6 +414,10 @@ function countL2References(
   // Standard entries without a data file that need no report are counted inline: no
   // classification, no closure (most entries of most images).
   const plain = !extendedL2 && !hasDataFile;
+  // Cluster arithmetic on the two halves: offset bits below the cluster size, and how many
+  // clusters one unit of the high half is.
+  const clusterMask = clusterSize - 1;
+  const highClusters = 2 ** (32 - clusterBits);
   for (let i = 0; i < entries; i++) {
     const at = i * l2EntryBytes;
     const high = view.getUint32(at);
@@ -422,13 +426,14 @@ function countL2References(
       // Neither compressed nor zero nor reserved bits: unallocated (offset 0) or normal.
       const hostOffset = (high & 0x00ff_ffff) * TWO_POW_32 + (low >>> 0);
       if (hostOffset === 0) continue;
-      if (hostOffset % clusterSize === 0) {
+      // Aligned when the low bits below the cluster size are clear (no floating-point modulo).
+      if ((low & clusterMask) === 0) {
         if (frag !== undefined) {
           frag.allocated++;
           if (nextContiguousOffset !== 0 && hostOffset !== nextContiguousOffset) frag.fragmented++;
           nextContiguousOffset = hostOffset + clusterSize;
         }
-        refcounts.add(hostOffset, clusterSize);
+        refcounts.addCluster((high & 0x00ff_ffff) * highClusters + (low >>> clusterBits));
         continue;
       }
     }

@@ -24,7 +24,11 @@ export class ComputedRefcounts {
     else this.counts = new Uint32Array(length);
     this.max = refcountBits >= 32 ? 0xffff_ffff : 2 ** refcountBits - 1;
     this.used = nbClusters;
+    this.fileClusters = Math.floor(fileSize / clusterSize);
   }
+
+  /** Clusters wholly inside the file: `[0, fileClusters)`. */
+  private readonly fileClusters: number;
 
   /** Number of clusters compared: the file's clusters, or one more when a region reached past it. */
   used: number;
@@ -62,6 +66,18 @@ export class ComputedRefcounts {
       }
       this.counts[clusterIndex] = count + 1;
     }
+  }
+
+  /** Counts one reference to cluster `clusterIndex` (the whole cluster, at any place in the file). */
+  addCluster(clusterIndex: number): void {
+    if (clusterIndex < this.fileClusters) {
+      const count = this.counts[clusterIndex]!;
+      if (count < this.max) {
+        this.counts[clusterIndex] = count + 1;
+        return;
+      }
+    }
+    this.add(clusterIndex * this.clusterSize, this.clusterSize);
   }
 
   /** True when `[hostOffset, hostOffset + length)` reaches a whole cluster or more past the end. */
