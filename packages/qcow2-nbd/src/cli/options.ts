@@ -26,8 +26,8 @@ export interface CliOptions {
   readonly loadSnapshot: string | undefined;
   readonly discard: 'ignore' | 'unmap';
   /**
-   * File I/O: `threads` through libuv's pool; `sync` small requests (at most 64 KiB) on the main
-   * thread; `auto` (the default when undefined) inline on tmpfs/ramfs, the pool elsewhere.
+   * File I/O: `threads` (the default when undefined) through libuv's pool; `sync` small requests
+   * (at most 64 KiB) on the main thread; `auto` as `sync` on tmpfs/ramfs, the pool elsewhere.
    */
   readonly aio: 'threads' | 'sync' | 'auto' | undefined;
   readonly allocationDepth: boolean;
@@ -85,7 +85,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
     .addOption(
       new Option(
         '--aio <MODE>',
-        'file I/O: auto (default: inline on tmpfs/ramfs, else threads), threads (pool) or sync (requests up to 64 KiB inline)',
+        'file I/O: threads (pool, default), sync (requests up to 64 KiB inline) or auto (sync on tmpfs/ramfs, else threads)',
       ).choices(['auto', 'threads', 'sync']),
     )
     .option('-A, --allocation-depth', 'offer the qemu:allocation-depth meta context', false)
