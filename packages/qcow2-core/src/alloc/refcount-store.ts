@@ -60,6 +60,8 @@ export class RefcountStore {
   #freeHint = 0;
   /** End (cluster index) of the highest cluster allocated by this store. */
   #allocatedEnd = 0;
+  /** End (cluster index) of the file when the store was loaded. */
+  readonly #loadedEnd: number;
   /** The file's length without the room `extendFile` made ahead (undefined: none made). */
   #exactSize: number | undefined;
 
@@ -72,6 +74,7 @@ export class RefcountStore {
     this.#table = table;
     this.#tableOffset = options.tableOffset;
     this.#tableClusters = options.tableClusters;
+    this.#loadedEnd = Math.ceil(options.file.size / this.#clusterSize);
   }
 
   /** Reads and validates the refcount table; registers it and its blocks as metadata. */
@@ -197,6 +200,21 @@ export class RefcountStore {
    * one's index. Refcount blocks and a larger table are made as needed; `commit` writes them.
    */
   async allocate(count: number): Promise<number> {
+    return (await this.allocateRun(count)).start;
+  }
+
+  /**
+   * {@link allocate}, also telling whether the run is `fresh`: never handed out before while this
+   * store was open and past the file's end when it was loaded, so the file reads as zeros there
+   * (it only ever grows by resizing, which fills with zeros, until `trimFile`).
+   */
+  async allocateRun(count: number): Promise<{ start: number; fresh: boolean }> {
+    const freshFrom = Math.max(this.#allocatedEnd, this.#loadedEnd);
+    const start = await this.#allocate(count);
+    return { start, fresh: start >= freshFrom };
+  }
+
+  async #allocate(count: number): Promise<number> {
     for (;;) {
       const start = await this.#findFree(count);
       const firstBlock = Math.floor(start / this.#perBlock);

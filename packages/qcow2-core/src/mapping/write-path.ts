@@ -458,17 +458,24 @@ export class WritePath {
     plan.tables.push(table);
     if (toAllocate.length === 0) return;
     // One contiguous run for the whole request, written with as few I/Os as the buffers allow.
-    const start = await this.#o.refcounts.allocate(toAllocate.length);
+    const { start, fresh } = await this.#o.refcounts.allocateRun(toAllocate.length);
     plan.allocated.push({ clusterIndex: start, count: toAllocate.length });
     await this.#o.refcounts.extendFile();
     for (const [index, item] of toAllocate.entries()) {
       const hostCluster = (start + index) * this.#clusterSize;
+      /** Where `bytes` go: the cluster's start, or the written bytes' place in a fresh cluster. */
+      let hostOffset = hostCluster;
       const clusterStart = item.clusterIndex * this.#clusterSize;
       const clusterLength = this.#clusterLength(item.clusterIndex);
       const writeStart = Math.max(guestOffset, clusterStart);
       const writeEnd = Math.min(end, clusterStart + clusterLength);
       let bytes: Uint8Array;
-      if (
+      if (fresh && item.readsZeros) {
+        // The new cluster reads as zeros in the file already and so does the guest's view of it:
+        // only the written bytes go to the file.
+        bytes = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
+        hostOffset += writeStart - clusterStart;
+      } else if (
         writeStart === clusterStart &&
         writeEnd === clusterStart + clusterLength &&
         clusterLength === this.#clusterSize
@@ -486,17 +493,16 @@ export class WritePath {
       const last = pieces[pieces.length - 1];
       if (
         last !== undefined &&
-        last.hostOffset + last.bytes.length === hostCluster &&
+        last.hostOffset + last.bytes.length === hostOffset &&
         last.bytes.buffer === bytes.buffer &&
-        last.bytes.byteOffset + last.bytes.length === bytes.byteOffset &&
-        last.bytes.length % this.#clusterSize === 0
+        last.bytes.byteOffset + last.bytes.length === bytes.byteOffset
       ) {
         pieces[pieces.length - 1] = {
           hostOffset: last.hostOffset,
           bytes: new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length),
         };
       } else {
-        pieces.push({ hostOffset: hostCluster, bytes });
+        pieces.push({ hostOffset, bytes });
       }
       table.allocations.push({
         l2Index: item.clusterIndex - l1Index * clustersPerTable,
