@@ -587,8 +587,9 @@ export class WritePath {
       const tableEnd = Math.min(end, (l1Index + 1) * this.#bytesPerL1);
       await this.#zeroInTable(l1Index, position, tableEnd, mode);
       position = tableEnd;
+      // Table by table: a huge range never holds more than one table's slices over the cap.
+      await this.#writeBackIfFull();
     }
-    await this.#writeBackIfFull();
   }
 
   async #zeroInTable(l1Index: number, start: number, end: number, mode: 'zero' | 'discard'): Promise<void> {
