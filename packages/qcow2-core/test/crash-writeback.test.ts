@@ -153,7 +153,8 @@ describe.skipIf(!haveQemu)('crashes inside the metadata write-back', () => {
       expect(ours.corruptions, `crash after ${crashAfter}: ${ours.messages.join('\n')}`).toBe(0);
       const content = await reopened.read(0, SIZE);
       let from = 0;
-      for (const [start, end] of [...touched.sort((a, b) => a[0] - b[0]), [SIZE, SIZE]]) {
+      const ranges: [number, number][] = [...touched.sort((a, b) => a[0] - b[0]), [SIZE, SIZE]];
+      for (const [start, end] of ranges) {
         if (
           start > from &&
           Buffer.compare(content.subarray(from, start), durable.subarray(from, start)) !== 0
