@@ -21,7 +21,7 @@ import { openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import { walkExtents } from '../extents.js';
 import type { CommandContext } from '../io.js';
-import { ProgressReporter } from '../output/progress.js';
+import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
 
 export interface ConvertOptions {
@@ -67,7 +67,7 @@ export async function convertCommand(
   });
   try {
     // Progress goes to stderr, so `-p` never mixes with an image written to stdout.
-    const progress = options.progress ? new ProgressReporter(context.io.stderr) : undefined;
+    const progress = progressReporter(context.io, options.progress);
     const copyOptions = {
       chunkSize: options.chunkSize ?? DEFAULT_CHUNK,
       parallel: options.parallel ?? DEFAULT_PARALLEL,
