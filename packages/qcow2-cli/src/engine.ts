@@ -20,9 +20,9 @@ import type {
 import { detectFormat as coreDetectFormat } from '@qcowkit/qcow2-core';
 import { openImage as coreOpenImage } from '@qcowkit/qcow2-core/node';
 import { CliError, openError } from './errors.js';
+import type { ImageFormat } from './image-formats.js';
 
-export type ImageFormat = 'qcow2' | 'qcow' | 'raw';
-export const IMAGE_FORMATS: readonly ImageFormat[] = ['qcow2', 'qcow', 'raw'];
+export { IMAGE_FORMATS, type ImageFormat } from './image-formats.js';
 
 /** A snapshot as the engine lists it, and the result of its consistency check. */
 export type SnapshotInfo = Qcow2SnapshotInfo;

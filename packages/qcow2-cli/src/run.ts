@@ -3,14 +3,15 @@
  * subcommand and returns the exit code. Nothing here touches `process`.
  *
  * Start-up is part of every command's time, so nothing heavy loads before it is needed: commander
- * and each subcommand's module are imported when used (`import()` in the actions), and a plain
- * `qcow2 convert` command line (see `convertFastPath`) runs without commander at all. Anything
+ * and each subcommand's module are imported when used (`import()` in the actions), the format
+ * names come from a module of their own (not the engine), and `--version` and a plain `qcow2
+ * convert` command line (see `convertFastPath`) run without commander at all. Anything
  * that fast path does not recognise goes through commander, so messages stay the same.
  */
 import type { Command } from 'commander';
 import { convertFastPath, parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
 import { registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
-import { IMAGE_FORMATS, type ImageFormat } from './engine.js';
+import { IMAGE_FORMATS, type ImageFormat } from './image-formats.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
 import type { CliIo, CommandContext } from './io.js';
 import { parseSize } from './size.js';
@@ -32,6 +33,11 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
       throw new UsageError(
         "a command is needed: info, map, convert, check, compare, dd or bench ('qcow2 --help' tells more)",
       );
+    }
+    if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-V')) {
+      // What commander prints for it, without loading commander (start-up time).
+      io.stdout.write(`${VERSION}\n`);
+      return 0;
     }
     const fastConvert = argv[0] === 'convert' ? convertFastPath(argv.slice(1)) : undefined;
     if (fastConvert !== undefined) {
