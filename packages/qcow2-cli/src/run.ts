@@ -11,8 +11,8 @@
 import type { Command } from 'commander';
 import { convertFastPath, parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
 import { registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
-import { IMAGE_FORMATS, type ImageFormat } from './image-formats.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
+import { IMAGE_FORMATS, type ImageFormat } from './image-formats.js';
 import type { CliIo, CommandContext } from './io.js';
 import { parseSize } from './size.js';
 

@@ -7,8 +7,9 @@
  * output format but raw) returns undefined and goes to commander, which reports it or runs the
  * other converter: the fast path never words an error itself.
  */
-import { IMAGE_FORMATS, type ImageFormat } from '../image-formats.js';
+
 import { UsageError } from '../errors.js';
+import { IMAGE_FORMATS, type ImageFormat } from '../image-formats.js';
 import { parseSize } from '../size.js';
 import type { ConvertOptions } from './convert.js';
 
