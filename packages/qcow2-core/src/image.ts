@@ -592,6 +592,15 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     return this.#mapper.map(guestOffset, length, maxEntries);
   }
 
+  protected override directRead(buffer: Uint8Array, guestOffset: number): Promise<void> | undefined {
+    const device = this.#source.dataDevice;
+    if (device === undefined) return undefined;
+    const hostOffset = this.#mapper.cachedDataOffset(guestOffset, buffer.length);
+    // Past the end of the file (a truncated image): the general path reads zeros there.
+    if (hostOffset < 0 || hostOffset + buffer.length > device.size) return undefined;
+    return device.readInto(buffer, hostOffset);
+  }
+
   protected segmentSource(): SegmentSource {
     return this.#source;
   }

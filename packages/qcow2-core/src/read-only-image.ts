@@ -31,13 +31,32 @@ export abstract class ReadOnlyImage implements BlockDevice {
   }
   abstract readonly capabilities: BlockDeviceCapabilities;
   #closed = false;
-  #inFlight = new Set<Promise<unknown>>();
+  /** Requests in flight, and what `close` waits on until they are done. */
+  #inFlight = 0;
+  #drained: (() => void) | undefined;
+  readonly #settled = (): void => {
+    this.#inFlight--;
+    if (this.#inFlight === 0 && this.#drained !== undefined) {
+      const drained = this.#drained;
+      this.#drained = undefined;
+      drained();
+    }
+  };
 
   /** Segments of `[guestOffset, guestOffset + length)` (or a prefix when `maxEntries` is reached). */
   protected abstract mapRange(guestOffset: number, length: number, maxEntries?: number): Promise<Segment[]>;
   protected abstract segmentSource(): SegmentSource;
   /** Devices this image owns and closes with itself (file, data file, backing). */
   protected abstract ownedDevices(): (BlockDevice | undefined)[];
+
+  /**
+   * The fast path of small reads: a read of the data device straight into `buffer` when
+   * `[guestOffset, guestOffset + buffer.length)` (inside the image, not empty) maps to one host
+   * range known without waiting; undefined sends the read down the general path. Must not throw.
+   */
+  protected directRead(_buffer: Uint8Array, _guestOffset: number): Promise<void> | undefined {
+    return undefined;
+  }
 
   /** Whether blockStatus asks the data's device for holes under data runs (default no). */
   protected recurseIntoData(): Promise<boolean> {
@@ -49,11 +68,8 @@ export abstract class ReadOnlyImage implements BlockDevice {
   }
 
   #track<T>(promise: Promise<T>): Promise<T> {
-    this.#inFlight.add(promise);
-    const forget = (): void => {
-      this.#inFlight.delete(promise);
-    };
-    promise.then(forget, forget);
+    this.#inFlight++;
+    promise.then(this.#settled, this.#settled);
     return promise;
   }
 
@@ -65,6 +81,19 @@ export abstract class ReadOnlyImage implements BlockDevice {
   }
 
   readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+    // Without a signal (checked again after the I/O on the general path), a valid non-empty read
+    // may take the fast path: no plan, no segments, one read of the device.
+    if (
+      options?.signal === undefined &&
+      !this.#closed &&
+      buffer.length > 0 &&
+      Number.isSafeInteger(offset) &&
+      offset >= 0 &&
+      offset + buffer.length <= this.size
+    ) {
+      const direct = this.directRead(buffer, offset);
+      if (direct !== undefined) return this.#track(direct);
+    }
     return this.#track(this.#readInto(buffer, offset, options));
   }
 
@@ -132,7 +161,11 @@ export abstract class ReadOnlyImage implements BlockDevice {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    await Promise.allSettled([...this.#inFlight]);
+    if (this.#inFlight > 0) {
+      await new Promise<void>((resolve) => {
+        this.#drained = resolve;
+      });
+    }
     const seen = new Set<BlockDevice>();
     for (const device of this.ownedDevices()) {
       if (device === undefined || seen.has(device)) continue;

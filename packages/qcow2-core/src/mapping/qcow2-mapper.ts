@@ -49,6 +49,8 @@ export class Qcow2Mapper {
   readonly #entriesPerSlice: number;
   readonly #bytesPerL1: number;
   readonly #subclusterSize: number;
+  /** Whether {@link cachedDataOffset} may answer (standard L2 entries, no external data file). */
+  readonly #directLookups: boolean;
   #l1High: Uint32Array;
   #l1Low: Uint32Array;
 
@@ -61,6 +63,7 @@ export class Qcow2Mapper {
     this.#entriesPerSlice = options.sliceBytes / this.#entrySize;
     this.#bytesPerL1 = (this.#clusterSize / this.#entrySize) * this.#clusterSize;
     this.#subclusterSize = this.#clusterSize / 32;
+    this.#directLookups = !options.extendedL2 && !options.hasDataFile;
   }
 
   /** The L1 table in use (the write path changes its entries in place). */
@@ -98,6 +101,39 @@ export class Qcow2Mapper {
       });
     }
     return l2Offset;
+  }
+
+  /**
+   * The host offset of `guestOffset` when `[guestOffset, guestOffset + length)` lies inside one
+   * cluster stored as a plain data cluster (standard L2 entry: allocated, not compressed, not
+   * zero, no reserved bit, aligned) whose L2 slice is cached; -1 for anything else, and the caller
+   * asks {@link map} (which also reports a corrupt entry). Synchronous, allocates nothing: the
+   * fast path of small reads.
+   */
+  cachedDataOffset(guestOffset: number, length: number): number {
+    if (!this.#directLookups) return -1;
+    const clusterSize = this.#clusterSize;
+    const offsetInCluster = guestOffset % clusterSize;
+    if (offsetInCluster + length > clusterSize) return -1;
+    const l1Index = Math.floor(guestOffset / this.#bytesPerL1);
+    if (l1Index >= this.#l1High.length) return -1;
+    const l1High = this.#l1High[l1Index]!;
+    const l1Low = this.#l1Low[l1Index]!;
+    if ((l1High & L1E_RESERVED_MASK_HIGH) !== 0 || (l1Low & L1E_RESERVED_MASK_LOW) !== 0) return -1;
+    const l2Offset = l1EntryOffset(l1High, l1Low);
+    if (l2Offset === 0 || l2Offset % clusterSize !== 0) return -1;
+    if (l2Offset + clusterSize > this.#options.fileSize) return -1;
+    const l2Index = Math.floor((guestOffset - l1Index * this.#bytesPerL1) / clusterSize);
+    const sliceIndex = Math.floor(l2Index / this.#entriesPerSlice);
+    const slice = this.#options.cache.lookup(l2Offset + sliceIndex * this.#options.sliceBytes);
+    if (slice === undefined) return -1;
+    const at = (l2Index - sliceIndex * this.#entriesPerSlice) * 8;
+    const high = slice.getUint32(at);
+    const low = slice.getUint32(at + 4);
+    if ((high & SLOW_BITS_HIGH) !== 0 || (low & SLOW_BITS_LOW) !== 0) return -1;
+    const hostCluster = l2EntryHostOffset(high, low);
+    if (hostCluster === 0 || hostCluster % clusterSize !== 0) return -1;
+    return hostCluster + offsetInCluster;
   }
 
   #loadSlice = async (hostOffset: number): Promise<DataView> => {
