@@ -12,6 +12,8 @@ export class TableCache<T extends { readonly byteLength: number }> {
   readonly #entries = new Map<number, T>();
   readonly #loading = new Map<number, Promise<T>>();
   readonly #dirty = new Set<number>();
+  /** The most recently used key (the last of `#entries`), or undefined. */
+  #newest: number | undefined;
   #bytes = 0;
   #dirtyBytes = 0;
   #hits = 0;
@@ -63,9 +65,12 @@ export class TableCache<T extends { readonly byteLength: number }> {
     const cached = this.#entries.get(key);
     if (cached === undefined) return undefined;
     this.#hits++;
-    // Move to the most recently used end (cheap enough, and keeps the LRU order true).
-    this.#entries.delete(key);
-    this.#entries.set(key, cached);
+    // Move to the most recently used end (keeps the LRU order true), unless it is there already.
+    if (this.#newest !== key) {
+      this.#entries.delete(key);
+      this.#entries.set(key, cached);
+      this.#newest = key;
+    }
     return cached;
   }
 
@@ -119,6 +124,7 @@ export class TableCache<T extends { readonly byteLength: number }> {
     const table = this.#entries.get(key);
     if (table !== undefined) {
       this.#entries.delete(key);
+      if (this.#newest === key) this.#newest = undefined;
       this.#bytes -= table.byteLength;
       if (this.#dirty.delete(key)) this.#dirtyBytes -= table.byteLength;
     }
@@ -127,6 +133,7 @@ export class TableCache<T extends { readonly byteLength: number }> {
   /** Forgets every entry (dirty ones too). */
   clear(): void {
     this.#entries.clear();
+    this.#newest = undefined;
     this.#dirty.clear();
     this.#bytes = 0;
     this.#dirtyBytes = 0;
@@ -158,6 +165,7 @@ export class TableCache<T extends { readonly byteLength: number }> {
     }
     this.#entries.delete(key);
     this.#entries.set(key, table);
+    this.#newest = key;
     this.#bytes += table.byteLength;
     this.#evict();
   }
