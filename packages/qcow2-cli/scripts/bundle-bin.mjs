@@ -26,7 +26,24 @@
  * - `new URL('../../package.json', import.meta.url)` from a chunk in `dist/bin/` still names the
  *   package's own package.json, since every chunk lands in `dist/bin/`.
  * The library entries (`dist/index.js` and the rest) stay tsc's output.
+ *
+ * `--code-cache`: the entry becomes one CommonJS file, `dist/bin/NAME.bundle.cjs` (workers stay
+ * ES modules as above), and the stub runs it through `node:vm` with a V8 code cache, so a run
+ * neither parses nor compiles the functions an earlier run of the same subcommand compiled
+ * (Node 20 has no compile cache for ES modules). Measured on `qcow2 create`/`info`/`convert`:
+ * ~35 ms less CPU per run than the split ES module bundle, half from loading one CommonJS file
+ * instead of a graph of chunks, half from the cache. The cache:
+ * - lives in `os.tmpdir()/qcowkit-code-cache-UID/` (a folder only its owner can write, checked
+ *   before every read: a cache from someone else is never run), one file per bin, subcommand
+ *   (the first argument), bundle hash, Node version and architecture;
+ * - is written after the run (on 'beforeExit') when it was missing or V8 rejected it, to a
+ *   temporary file renamed into place (concurrent runs each write a whole file; the last rename
+ *   wins), and caches of other bundle hashes of the same bin are removed then;
+ * - is best effort: an unwritable or missing folder, a corrupt or foreign file only cost the
+ *   cache, never the command; `QCOWKIT_CODE_CACHE=0` turns it off.
+ * A debug run (see `--debug-arg`) loads the bundle with `require` instead, source maps on.
  */
+import { createHash } from 'node:crypto';
 import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { basename, dirname, join, resolve } from 'node:path';
@@ -40,6 +57,7 @@ const { values } = parseArgs({
     'debug-arg': { type: 'string' },
     'debug-env': { type: 'string' },
     metafile: { type: 'string' },
+    'code-cache': { type: 'boolean', default: false },
   },
 });
 if (values.entry === undefined) {
@@ -90,51 +108,156 @@ const stub = {
   },
 };
 
-const entryPoints = [
-  { in: 'bundle-bin:stub', out: name },
-  ...values.worker.map((spec) => {
-    const path = workerPath(spec);
-    return { in: path, out: basename(path).replace(/\.js$/, '') };
-  }),
-];
+const codeCache = values['code-cache'] === true;
+const workerEntries = values.worker.map((spec) => {
+  const path = workerPath(spec);
+  return { in: path, out: basename(path).replace(/\.js$/, '') };
+});
+const entryPoints = codeCache ? workerEntries : [{ in: 'bundle-bin:stub', out: name }, ...workerEntries];
 
 // Built into a staging folder, then moved into dist/bin file by file (a rename is atomic), the
 // entries last: a command started during a rebuild sees either the old files or the new ones.
 const staging = join(packageDir, 'dist', `.bin-staging-${process.pid}`);
 await rm(staging, { recursive: true, force: true });
-const result = await build({
-  entryPoints,
-  outdir: staging,
-  bundle: true,
-  splitting: true,
-  format: 'esm',
-  platform: 'node',
-  target: 'node20',
-  external: ['koffi'],
-  sourcemap: 'linked',
-  // Paths in the maps relative to the map: `src/...` of every workspace package.
-  sourcesContent: false,
-  chunkNames: 'chunk-[hash]',
-  banner: {
-    js: "import { createRequire as __bundleCreateRequire } from 'node:module';\nconst require = __bundleCreateRequire(import.meta.url);",
-  },
-  plugins: [stub],
-  legalComments: 'none',
-  metafile: values.metafile !== undefined,
-  logLevel: 'warning',
-});
+const metafiles = [];
+if (entryPoints.length > 0) metafiles.push((await buildEsm()).metafile);
+if (codeCache) metafiles.push((await buildCommonJs()).metafile);
+
+async function buildEsm() {
+  return await build({
+    entryPoints,
+    outdir: staging,
+    bundle: true,
+    splitting: true,
+    format: 'esm',
+    platform: 'node',
+    target: 'node20',
+    external: ['koffi'],
+    sourcemap: 'linked',
+    // Paths in the maps relative to the map: `src/...` of every workspace package.
+    sourcesContent: false,
+    chunkNames: 'chunk-[hash]',
+    banner: {
+      js: "import { createRequire as __bundleCreateRequire } from 'node:module';\nconst require = __bundleCreateRequire(import.meta.url);",
+    },
+    plugins: [stub],
+    legalComments: 'none',
+    metafile: values.metafile !== undefined,
+    logLevel: 'warning',
+  });
+}
+
+/** `--code-cache`: the entry as one CommonJS file, and the stub that runs it from the cache. */
+async function buildCommonJs() {
+  const bundleName = `${name}.bundle.cjs`;
+  const result = await build({
+    entryPoints: [entry],
+    outfile: join(staging, bundleName),
+    bundle: true,
+    format: 'cjs',
+    platform: 'node',
+    target: 'node20',
+    external: ['koffi'],
+    sourcemap: 'linked',
+    sourcesContent: false,
+    // The bundle's own URL for the libraries' `new URL(..., import.meta.url)` (workers,
+    // package.json) and `createRequire(import.meta.url)` (koffi): it sits in dist/bin as the
+    // chunks of the ES module build do.
+    define: { 'import.meta.url': '__bundleImportMetaUrl' },
+    banner: { js: "var __bundleImportMetaUrl = require('node:url').pathToFileURL(__filename).href;" },
+    legalComments: 'none',
+    metafile: values.metafile !== undefined,
+    logLevel: 'warning',
+  });
+  // The entry's `#!` line (kept by esbuild) is no JavaScript inside the function wrapper the
+  // stub puts around the bundle: made a comment, the same length, so the source map still fits.
+  const bundlePath = join(staging, bundleName);
+  let code = await readFile(bundlePath, 'utf8');
+  if (code.startsWith('#!')) code = `//${code.slice(2)}`;
+  await writeFile(bundlePath, code, { mode: 0o644 });
+  const hash = createHash('sha256').update(code).digest('hex').slice(0, 16);
+  await writeFile(join(staging, `${name}.js`), cachedStub(bundleName, hash), { mode: 0o755 });
+  return result;
+}
+
+/** The ES module stub of `--code-cache` (kept small: it is compiled at every start). */
+function cachedStub(bundleName, hash) {
+  return `#!/usr/bin/env node
+// Generated by scripts/bundle-bin.mjs --code-cache: runs ${bundleName} with a V8 code cache.
+import { lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { constants, Script } from 'node:vm';
+
+const file = fileURLToPath(new URL(${JSON.stringify(bundleName)}, import.meta.url));
+const require = createRequire(file);
+const dynamicImport = constants?.USE_MAIN_CONTEXT_DEFAULT_LOADER;
+if (${debugCondition()}) {
+  process.setSourceMapsEnabled(true);
+  require(file);
+} else if (process.env.QCOWKIT_CODE_CACHE === '0' || dynamicImport === undefined) {
+  require(file);
+} else {
+  const uid = typeof process.getuid === 'function' ? process.getuid() : -1;
+  const dir = join(tmpdir(), \`qcowkit-code-cache-\${uid}\`);
+  const prefix = ${JSON.stringify(`${name}-`)};
+  const hash = ${JSON.stringify(hash)};
+  const command = /^[a-z][a-z-]{0,23}$/.test(process.argv[2] ?? '') ? process.argv[2] : '_';
+  const cacheFile = join(dir, \`\${prefix}\${hash}-\${process.version}-\${process.arch}-\${command}.v8\`);
+  // Only a folder of our own that nobody else can write is trusted.
+  const ours = () => {
+    const stat = lstatSync(dir);
+    return stat.isDirectory() && (uid < 0 || stat.uid === uid) && (stat.mode & 0o022) === 0;
+  };
+  let cachedData;
+  try {
+    if (ours()) cachedData = readFileSync(cacheFile);
+  } catch {}
+  const source = readFileSync(file, 'utf8');
+  const script = new Script(\`(function (exports, require, module, __filename, __dirname) { \${source}\n});\`, {
+    filename: file,
+    cachedData,
+    importModuleDynamically: dynamicImport,
+  });
+  if (cachedData === undefined || script.cachedDataRejected === true) {
+    process.once('beforeExit', () => {
+      try {
+        mkdirSync(dir, { recursive: true, mode: 0o700 });
+        if (!ours()) return;
+        const temporary = \`\${cacheFile}.\${process.pid}.tmp\`;
+        writeFileSync(temporary, script.createCachedData(), { mode: 0o600 });
+        renameSync(temporary, cacheFile);
+        for (const other of readdirSync(dir)) {
+          if (other.startsWith(prefix) && !other.startsWith(\`\${prefix}\${hash}-\`) && other.endsWith('.v8'))
+            unlinkSync(join(dir, other));
+        }
+      } catch {}
+    });
+  }
+  const module = { exports: {} };
+  script.runInThisContext().call(module.exports, module.exports, require, module, file, join(file, '..'));
+}
+`;
+}
 
 await mkdir(outdir, { recursive: true });
 const built = await readdir(staging);
-const isEntry = (file) => !file.startsWith('chunk-');
-for (const file of [...built.filter((f) => !isEntry(f)), ...built.filter(isEntry)]) {
+// Chunks first, the bin's own file (`NAME.js`, what users start) last.
+const rank = (file) => (file.startsWith('chunk-') ? 0 : file === `${name}.js` ? 2 : 1);
+for (const file of [...built].sort((a, b) => rank(a) - rank(b))) {
   await rename(join(staging, file), join(outdir, file));
 }
 await rm(staging, { recursive: true, force: true });
 await removeStaleChunks(new Set(built));
 
 // `--metafile PATH`: what went into the bundle, for https://esbuild.github.io/analyze/.
-if (values.metafile !== undefined) await writeFile(values.metafile, JSON.stringify(result.metafile));
+if (values.metafile !== undefined) {
+  const inputs = Object.assign({}, ...metafiles.map((metafile) => metafile.inputs));
+  const outputs = Object.assign({}, ...metafiles.map((metafile) => metafile.outputs));
+  await writeFile(values.metafile, JSON.stringify({ inputs, outputs }));
+}
 
 /**
  * Chunks an earlier build made that this one did not: a command that started before this build

@@ -11,12 +11,14 @@ process.stdout.on('error', (error: NodeJS.ErrnoException) => {
 });
 process.stderr.on('error', () => process.exit(1));
 
-const exitCode = await run(process.argv.slice(2), {
+// No top-level await: the bundle is a CommonJS file (see scripts/bundle-bin.mjs --code-cache).
+void run(process.argv.slice(2), {
   stdout: { write: (chunk) => void process.stdout.write(chunk) },
   stderr: { write: (chunk) => void process.stderr.write(chunk) },
   stdoutStream: process.stdout,
   cwd: process.cwd(),
   env: process.env,
   isTTY: process.stderr.isTTY === true,
+}).then((exitCode) => {
+  process.exitCode = exitCode;
 });
-process.exitCode = exitCode;
