@@ -1,0 +1,96 @@
+/**
+ * The built `qcow2` bin runs its bundle through a V8 code cache under `os.tmpdir()`
+ * (packages/qcow2-cli/scripts/bundle-bin.mjs --code-cache). Each test points TMPDIR at a fresh
+ * folder and checks that a run without the cache, a run from it, a corrupt cache and a folder that
+ * is not the user's own all give qemu-img's result with nothing extra on stderr. A compressed image
+ * is the input: its codec is loaded lazily, the path a cached function must still be able to take.
+ */
+import { chmodSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { qcow2 } from '../src/qcow2-cli.js';
+import { requireTools, run, tempDir } from '../src/tools.js';
+
+const haveTools = requireTools('qemu-img', 'qemu-io');
+const uid = typeof process.getuid === 'function' ? process.getuid() : -1;
+
+describe.skipIf(!haveTools)('qcow2 bin code cache', () => {
+  let dir: { path: string; remove: () => void };
+  let image: string;
+  let expected: Buffer;
+  let runs = 0;
+
+  beforeAll(() => {
+    dir = tempDir('qcowkit-code-cache-');
+    const plain = join(dir.path, 'plain.qcow2');
+    image = join(dir.path, 'compressed.qcow2');
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', plain, '4M']);
+    run('qemu-io', ['-c', 'write -P 0x5a 0 1M', '-c', 'write -P 0xa5 2M 64k', plain]);
+    run('qemu-img', ['convert', '-c', '-O', 'qcow2', plain, image]);
+    const reference = join(dir.path, 'reference.raw');
+    run('qemu-img', ['convert', '-O', 'raw', image, reference]);
+    expected = readFileSync(reference);
+  });
+  afterAll(() => dir?.remove());
+
+  /** `qcow2 convert -O raw` of the compressed image with TMPDIR=tmp; its output must be qemu-img's. */
+  const convert = (tmp: string, env: NodeJS.ProcessEnv = {}) => {
+    const target = join(dir.path, `out-${runs++}.raw`);
+    const result = qcow2(['convert', '-O', 'raw', image, target], {
+      env: { ...process.env, TMPDIR: tmp, QCOW2_DEBUG: undefined, QCOWKIT_CODE_CACHE: undefined, ...env },
+    });
+    expect(result.stderr).toBe('');
+    expect(result.status).toBe(0);
+    expect(readFileSync(target).equals(expected)).toBe(true);
+  };
+  const cacheFolder = (tmp: string) => join(tmp, `qcowkit-code-cache-${uid}`);
+  const cacheFiles = (tmp: string) => readdirSync(cacheFolder(tmp)).filter((name) => name.endsWith('.v8'));
+
+  test('a first run writes the cache, later runs use it', () => {
+    const tmp = join(dir.path, 'fresh');
+    mkdirSync(tmp);
+    convert(tmp);
+    const files = cacheFiles(tmp);
+    expect(files).toHaveLength(1);
+    expect(files[0]).toMatch(
+      new RegExp(`^qcow2-[0-9a-f]{16}-${process.version}-${process.arch}-convert\\.v8$`),
+    );
+    const written = readFileSync(join(cacheFolder(tmp), files[0] as string));
+    expect(written.length).toBeGreaterThan(0);
+    convert(tmp);
+    convert(tmp);
+    // A usable cache is read, not rewritten.
+    expect(readFileSync(join(cacheFolder(tmp), files[0] as string)).equals(written)).toBe(true);
+  });
+
+  test('a corrupt cache is replaced', () => {
+    const tmp = join(dir.path, 'corrupt');
+    mkdirSync(tmp);
+    convert(tmp);
+    const file = join(cacheFolder(tmp), cacheFiles(tmp)[0] as string);
+    writeFileSync(file, Buffer.alloc(4096, 0x77));
+    convert(tmp);
+    expect(readFileSync(file).equals(Buffer.alloc(4096, 0x77))).toBe(false);
+    convert(tmp);
+  });
+
+  test('a cache folder others can write is neither read nor written', () => {
+    const tmp = join(dir.path, 'shared');
+    mkdirSync(cacheFolder(tmp), { recursive: true });
+    chmodSync(cacheFolder(tmp), 0o777);
+    writeFileSync(join(cacheFolder(tmp), 'planted.v8'), 'x');
+    convert(tmp);
+    expect(readdirSync(cacheFolder(tmp))).toEqual(['planted.v8']);
+  });
+
+  test('no usable temporary folder, or the cache turned off: the command still runs', () => {
+    const file = join(dir.path, 'a-file');
+    writeFileSync(file, '');
+    convert(file);
+    convert(join(file, 'below-a-file'));
+    const off = join(dir.path, 'off');
+    mkdirSync(off);
+    convert(off, { QCOWKIT_CODE_CACHE: '0' });
+    expect(readdirSync(off)).toEqual([]);
+  });
+});
