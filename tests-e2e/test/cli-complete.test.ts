@@ -3,7 +3,7 @@
  * QEMU: commit -b / -r / -t, -p progress of commit and rebase, create -o preallocation=falloc|full,
  * bench -q, dd -O qcow2 and measure of an image with persistent bitmaps.
  */
-import { statSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { qcow2 } from '../src/qcow2-cli.js';
@@ -134,8 +134,12 @@ describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the re
     ['qcow2, falloc', ['-f', 'qcow2', '-o', 'preallocation=falloc', 'FILE', '5M']],
     ['qcow2, full', ['-f', 'qcow2', '-o', 'preallocation=full', 'FILE', '3M']],
     [
-      'qcow2, falloc, 4k clusters',
-      ['-f', 'qcow2', '-o', 'preallocation=falloc,cluster_size=4k', 'FILE', '1M'],
+      'qcow2, falloc, 4k clusters, five L2 tables',
+      ['-f', 'qcow2', '-o', 'preallocation=falloc,cluster_size=4k', 'FILE', '9M'],
+    ],
+    [
+      'qcow2, metadata, extended L2',
+      ['-f', 'qcow2', '-o', 'preallocation=metadata,extended_l2=on,cluster_size=16k', 'FILE', '9M'],
     ],
     ['qcow2 v2, full', ['-f', 'qcow2', '-o', 'preallocation=full,compat=0.10', 'FILE', '1M']],
     [
@@ -171,7 +175,15 @@ describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the re
     expect(Math.abs(mine.actualSize - qemu.actualSize)).toBeLessThanOrEqual(256 * 1024);
     expect(statSync(join(dir.path, ours)).size).toBe(statSync(join(dir.path, theirs)).size);
     expect(map(ours)).toEqual(map(theirs));
-    if (ext === 'qcow2') expectClean(ours);
+    if (ext === 'qcow2') {
+      expectClean(ours);
+      // The same layout: host offsets and every byte.
+      const hostMap = (file: string) => qemuImg(['map', '--output=json', file]).stdout;
+      expect(hostMap(ours)).toBe(hostMap(theirs));
+      expect(Buffer.compare(readFileSync(join(dir.path, ours)), readFileSync(join(dir.path, theirs)))).toBe(
+        0,
+      );
+    }
     expectIdentical(theirs, ours);
   });
 

@@ -1,8 +1,8 @@
 /**
  * The layout of a new, empty qcow2 image, as qemu-img create writes it: the header in cluster 0,
  * the refcount table in cluster 1, one refcount block in cluster 2, the L1 table from cluster 3, and
- * the file ending where the L1 table ends. Larger images get more refcount table clusters and
- * blocks, still in that order. Header extensions come in QEMU's order (backing format, external
+ * the file ending where the L1 table ends. When the L1 table needs more refcount blocks they follow
+ * it, as QEMU allocates them (see emptyLayout). Header extensions come in QEMU's order (backing format, external
  * data file, feature name table); the feature name table is written for v3 images with clusters
  * above 4 KiB, as QEMU does, and v2 images get only the backing format.
  */
@@ -182,27 +182,69 @@ function featureNameTable(): Uint8Array {
   return out;
 }
 
+/** Where a new, empty image's refcount table, blocks and L1 table lie (cluster indexes). */
+interface EmptyLayout {
+  readonly tableClusters: number;
+  /** The cluster of each refcount block, in table order. */
+  readonly blocks: number[];
+  readonly l1Cluster: number;
+  /** Clusters in use (the file's clusters). */
+  readonly usedClusters: number;
+}
+
+/**
+ * QEMU's layout: header, refcount table and first refcount block in clusters 0-2, the L1 table
+ * from cluster 3; a refcount block the L1 table needs comes after it (after the blocks made before
+ * it), and one that does not cover itself gets its own refcount from the next block made. Where
+ * one table cluster cannot name every block (512-byte clusters, large guests), the table clusters
+ * and every block come before the L1 table instead.
+ */
+function emptyLayout(clusterSize: number, refcountOrder: number, l1Clusters: number): EmptyLayout {
+  const perBlock = refcountsPerBlock(clusterSize, refcountOrder);
+  const blockAt = new Map<number, number>([[0, 2]]);
+  let next = 3 + l1Clusters;
+  const cover = (cluster: number): void => {
+    const index = Math.floor(cluster / perBlock);
+    if (blockAt.has(index)) return;
+    const block = next++;
+    blockAt.set(index, block);
+    cover(block);
+  };
+  for (let cluster = 0; cluster < next; cluster++) cover(cluster);
+  if (Math.max(...blockAt.keys()) < clusterSize / 8) {
+    const blocks = [...blockAt].sort(([a], [b]) => a - b).map(([, block]) => block);
+    return { tableClusters: 1, blocks, l1Cluster: 3, usedClusters: next };
+  }
+  let tableClusters = 1;
+  let count = 1;
+  for (;;) {
+    const total = 1 + tableClusters + count + l1Clusters;
+    const needBlocks = Math.ceil(total / perBlock);
+    const needTable = Math.ceil((needBlocks * 8) / clusterSize);
+    if (needBlocks === count && needTable === tableClusters) break;
+    count = needBlocks;
+    tableClusters = needTable;
+  }
+  const blocks = Array.from({ length: count }, (_, index) => 1 + tableClusters + index);
+  return {
+    tableClusters,
+    blocks,
+    l1Cluster: 1 + tableClusters + count,
+    usedClusters: 1 + tableClusters + count + l1Clusters,
+  };
+}
+
 /** Writes a new, empty image's metadata into `file` (resized to fit). */
 export async function writeQcow2Layout(file: BlockDevice, plan: Qcow2CreatePlan): Promise<void> {
   const { clusterSize, clusterBits, refcountOrder } = plan;
   const l1Size = sizeToL1(plan.size, clusterSize, plan.extendedL2);
-  const l1Clusters = Math.max(1, Math.ceil((l1Size * 8) / clusterSize));
+  // A guest of size 0 has no L1 table (offset 0), as QEMU leaves it.
+  const l1Clusters = Math.ceil((l1Size * 8) / clusterSize);
   const perBlock = refcountsPerBlock(clusterSize, refcountOrder);
-  // Header + table + blocks + L1, with as many table clusters and blocks as they need themselves.
-  let tableClusters = 1;
-  let blocks = 1;
-  for (;;) {
-    const total = 1 + tableClusters + blocks + l1Clusters;
-    const needBlocks = Math.ceil(total / perBlock);
-    const needTable = Math.ceil((needBlocks * 8) / clusterSize);
-    if (needBlocks === blocks && needTable === tableClusters) break;
-    blocks = needBlocks;
-    tableClusters = needTable;
-  }
+  const layout = emptyLayout(clusterSize, refcountOrder, l1Clusters);
+  const { tableClusters, usedClusters } = layout;
   const tableOffset = clusterSize;
-  const blocksOffset = tableOffset + tableClusters * clusterSize;
-  const l1Offset = blocksOffset + blocks * clusterSize;
-  const usedClusters = 1 + tableClusters + blocks + l1Clusters;
+  const l1Offset = l1Size === 0 ? 0 : layout.l1Cluster * clusterSize;
 
   const extensions: Qcow2HeaderExtension[] = [];
   if (plan.backingFormat !== undefined) {
@@ -242,25 +284,22 @@ export async function writeQcow2Layout(file: BlockDevice, plan: Qcow2CreatePlan)
 
   const table = new Uint8Array(tableClusters * clusterSize);
   const tableView = new DataView(table.buffer);
-  const blockBytes = new Uint8Array(blocks * clusterSize);
-  for (let index = 0; index < blocks; index++) {
-    writeU64(tableView, index * 8, blocksOffset + index * clusterSize);
-  }
+  const blockBytes = layout.blocks.map(() => new Uint8Array(clusterSize));
+  for (const [index, block] of layout.blocks.entries()) writeU64(tableView, index * 8, block * clusterSize);
   for (let cluster = 0; cluster < usedClusters; cluster++) {
     const blockIndex = Math.floor(cluster / perBlock);
-    encodeRefcount(
-      blockBytes.subarray(blockIndex * clusterSize, (blockIndex + 1) * clusterSize),
-      cluster - blockIndex * perBlock,
-      refcountOrder,
-      1,
-    );
+    encodeRefcount(blockBytes[blockIndex]!, cluster - blockIndex * perBlock, refcountOrder, 1);
   }
-  const fileSize = l1Offset + Math.max(l1Size * 8, 0);
+  // The file ends where the L1 table ends, or after the last refcount block.
+  const lastBlockEnd = (Math.max(...layout.blocks) + 1) * clusterSize;
+  const fileSize = Math.max(l1Offset + l1Size * 8, lastBlockEnd);
   if (file.size > 0) await file.resize(0);
-  await file.resize(Math.max(fileSize, blocksOffset + blocks * clusterSize));
+  await file.resize(fileSize);
   await file.write(tableOffset, table);
-  await file.write(blocksOffset, blockBytes);
-  // The L1 table is all zeros: the resize made it.
+  for (const [index, block] of layout.blocks.entries())
+    await file.write(block * clusterSize, blockBytes[index]!);
+  // The L1 table is written as zeros (QEMU writes it: the file system allocates it).
+  if (l1Size > 0) await file.write(l1Offset, new Uint8Array(l1Size * 8));
   await file.flush();
   await file.write(0, header.subarray(0, Math.min(header.length, fileSize)));
   await file.flush();

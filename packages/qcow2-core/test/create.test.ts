@@ -59,12 +59,18 @@ const cases: Case[] = [
     },
   },
   {
-    // Several refcount blocks for the L1 table: qemu-img places them differently; info must agree.
+    // Several refcount blocks for the L1 table: they follow it, one not covering itself counted
+    // by the next.
     name: '64-bit refcounts, 512 B clusters, 4 GiB',
     qemu: ['-o', 'refcount_bits=64,cluster_size=512'],
     size: 4 * 2 ** 30,
     options: { size: 4 * 2 ** 30, refcountBits: 64, clusterSize: 512 },
-    bytes: false,
+  },
+  {
+    name: 'size 0 (no L1 table)',
+    qemu: [],
+    size: 0,
+    options: { size: 0 },
   },
   {
     name: 'largest for 64 KiB clusters (2 PiB)',
@@ -91,11 +97,41 @@ const cases: Case[] = [
     options: { size: 3 << 20, clusterSize: 4096, preallocation: 'metadata' },
   },
   {
+    name: 'metadata preallocation, extended L2 (empty subcluster bitmaps)',
+    qemu: ['-o', 'preallocation=metadata,extended_l2=on,cluster_size=16k'],
+    size: 9 << 20,
+    options: { size: 9 << 20, clusterSize: 16384, extendedL2: true, preallocation: 'metadata' },
+  },
+  {
     name: 'falloc preallocation',
     qemu: ['-o', 'preallocation=falloc'],
     size: 1 << 20,
     options: { size: 1 << 20, preallocation: 'falloc' },
-    bytes: false,
+  },
+  {
+    // Five L2 tables: the first in the old refcount table's cluster, the others after the data.
+    name: 'full preallocation, 4 KiB clusters, new refcount blocks',
+    qemu: ['-o', 'preallocation=full,cluster_size=4k'],
+    size: 9 << 20,
+    options: { size: 9 << 20, clusterSize: 4096, preallocation: 'full' },
+  },
+  {
+    name: 'falloc preallocation, v2, 512 B clusters',
+    qemu: ['-o', 'preallocation=falloc,compat=0.10,cluster_size=512'],
+    size: 3 << 20,
+    options: { size: 3 << 20, compat: '0.10', clusterSize: 512, preallocation: 'falloc' },
+  },
+  {
+    name: 'falloc preallocation, extended L2',
+    qemu: ['-o', 'preallocation=falloc,extended_l2=on,cluster_size=16k'],
+    size: 9 << 20,
+    options: { size: 9 << 20, clusterSize: 16384, extendedL2: true, preallocation: 'falloc' },
+  },
+  {
+    name: 'falloc preallocation, size 0',
+    qemu: ['-o', 'preallocation=falloc'],
+    size: 0,
+    options: { size: 0, preallocation: 'falloc' },
   },
 ];
 

@@ -9,8 +9,10 @@ import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
 import { checkQcow2Image } from '../src/check/index.js';
+import { planQcow2Create, writeQcow2Layout } from '../src/create.js';
 import { Qcow2Image } from '../src/image.js';
 import { commitToBacking, preallocateData } from '../src/ops/index.js';
+import { refcountBlocksCovering } from '../src/ops/preallocate.js';
 
 const haveQemu = requireTools('qemu-img');
 
@@ -70,29 +72,13 @@ describe.skipIf(!haveQemu)('preallocateData against qemu-img create -o prealloca
   });
   afterAll(() => dir.remove());
 
-  /** The guest's runs without host offsets, neighbours with the same flags merged (where
-   * clusters land is the allocator's choice: QEMU puts every L2 table before the data). */
-  const layout = (path: string) => {
-    const runs: Array<{ start: number; length: number; key: string }> = [];
-    for (const entry of JSON.parse(run('qemu-img', ['map', '--output=json', path])) as Record<
-      string,
-      unknown
-    >[]) {
-      const { offset: _offset, start, length, ...flags } = entry;
-      const key = JSON.stringify(flags);
-      const last = runs.at(-1);
-      if (last !== undefined && last.key === key) last.length += length as number;
-      else runs.push({ start: start as number, length: length as number, key });
-    }
-    return runs;
-  };
-
   it.each([
     ['falloc', {}, 'cluster_size=65536'],
     ['full', { clusterSize: 4096 }, 'cluster_size=4096'],
     ['falloc', { compat: '0.10' as const }, 'compat=0.10'],
     ['full', { extendedL2: true, clusterSize: 32768 }, 'extended_l2=on,cluster_size=32768'],
-  ] as const)('%s with %j: same map, clean, zeros', async (mode, options, qemuOptions) => {
+    ['full', { clusterSize: 512, refcountBits: 64 }, 'cluster_size=512,refcount_bits=64'],
+  ] as const)('%s with %j: the file qemu-img writes, clean, zeros', async (mode, options, qemuOptions) => {
     const ours = join(dir.path, `ours-${mode}-${qemuOptions}.qcow2`);
     const theirs = join(dir.path, `theirs-${mode}-${qemuOptions}.qcow2`);
     const size = 3 * 1024 * 1024 + 4096;
@@ -106,24 +92,47 @@ describe.skipIf(!haveQemu)('preallocateData against qemu-img create -o prealloca
       theirs,
       String(size),
     ]);
-    const image = await Qcow2Image.create(await FileBlockDevice.create(ours, 0), {
-      size,
-      preallocation: 'metadata',
-      ...options,
-    });
-    await image.close();
-    const file = await FileBlockDevice.open(ours, { readOnly: false });
+    const file = await FileBlockDevice.create(ours, 0);
     const seen: number[] = [];
     try {
+      await writeQcow2Layout(file, planQcow2Create({ size, ...options }));
       await preallocateData(file, mode, { onProgress: (done) => seen.push(done) });
     } finally {
       await file.close();
     }
     expect(seen.at(-1)).toBeGreaterThanOrEqual(size);
-    expect(layout(ours)).toEqual(layout(theirs));
+    // Same host offsets, and the same bytes.
+    expect(run('qemu-img', ['map', '--output=json', ours])).toBe(
+      run('qemu-img', ['map', '--output=json', theirs]),
+    );
+    expect(Buffer.compare(readFileSync(ours), readFileSync(theirs))).toBe(0);
     expect(runStatus('qemu-img', ['check', ours]).status).toBe(0);
     expect(runStatus('qemu-img', ['compare', ours, theirs]).status).toBe(0);
     const checked = await checkQcow2Image({ file: MemoryBlockDevice.from(readFileSync(ours)) });
     expect(checked.corruptions + checked.leaks + checked.checkErrors).toBe(0);
+  });
+
+  it('refuses an image that already has L2 tables', async () => {
+    const path = join(dir.path, 'used.qcow2');
+    const image = await Qcow2Image.create(await FileBlockDevice.create(path, 0), { size: 1 << 20 });
+    await image.write(0, new Uint8Array(512).fill(1));
+    await image.close();
+    const file = await FileBlockDevice.open(path, { readOnly: false });
+    try {
+      await expect(preallocateData(file, 'falloc')).rejects.toMatchObject({ code: 'EINVAL' });
+    } finally {
+      await file.close();
+    }
+  });
+});
+
+describe('refcountBlocksCovering (the fixed point QEMU computes)', () => {
+  it('covers the clusters, the blocks and the table', () => {
+    // 64 KiB clusters, 16-bit refcounts: a block covers 32768 clusters.
+    expect(refcountBlocksCovering(1, 65536, 4)).toBe(1);
+    expect(refcountBlocksCovering(32767, 65536, 4)).toBe(2);
+    expect(refcountBlocksCovering(32766, 65536, 4)).toBe(1);
+    // 512 B clusters, 64-bit refcounts: 64 per block.
+    expect(refcountBlocksCovering(100, 512, 6)).toBe(2);
   });
 });

@@ -1,7 +1,8 @@
 /**
  * `qcow2 create`: qemu-img create's flags, `-o` options, size rules and "Formatting ..." line.
  * qcow2 images are laid out by qcow2-core (`planQcow2Create` / `writeQcow2Layout`, or
- * `Qcow2Image.create` for metadata preallocation, then `preallocateData` for falloc and full);
+ * `Qcow2Image.create` for metadata preallocation; `preallocateData` on the empty layout for falloc
+ * and full);
  * raw images are sparse files, or fallocated (falloc) or written with zeros (full).
  */
 import { access } from 'node:fs/promises';
@@ -202,20 +203,14 @@ export async function createCommand(
       );
       if (!exists) await (await FileBlockDevice.create(dataPath, 0)).close();
     }
-    if (createOptions.preallocation === 'metadata') {
+    if (preallocation === 'metadata') {
       const image = await Qcow2Image.create(device, createOptions);
       await image.close();
-      if (preallocation === 'falloc' || preallocation === 'full') {
-        // Closing the image closed the file: the data area is preallocated through a new handle.
-        const again = await FileBlockDevice.open(path, { readOnly: false });
-        try {
-          await preallocateData(again, preallocation);
-        } finally {
-          await again.close();
-        }
-      }
     } else {
-      await writeQcow2Layout(device, planQcow2Create(createOptions));
+      await writeQcow2Layout(device, planQcow2Create({ ...createOptions, preallocation: 'off' }));
+      // falloc and full: the data area after the refcount structures, L2 tables last, as QEMU.
+      if (preallocation === 'falloc' || preallocation === 'full')
+        await preallocateData(device, preallocation);
     }
   } catch (error) {
     throw new CliError(`${file}: ${describeError(error)}`, { cause: error });
@@ -267,7 +262,8 @@ export function qcow2CreateOptions(
         },
       );
     }
-    // falloc and full are metadata preallocation, then the data area (preallocateData).
+    // falloc and full are metadata preallocation plus the data area (measure and convert count
+    // them so); create lays them out as an empty image then preallocateData.
     out.preallocation = preallocation === 'off' ? 'off' : 'metadata';
   }
   const backingFile = values.get('backing_file');

@@ -4,14 +4,15 @@
  * openImage (backing names resolve against the new image's folder, as QEMU does).
  *
  * Preallocation: 'metadata' allocates every L2 table and data cluster; 'falloc' and 'full' also
- * allocate the data clusters' storage in the file (zeroed in place: fallocate where the file
- * system has it, else by writing zeros).
+ * allocate the data clusters' storage in the file (fallocated, or written with zeros), laid out as
+ * qemu-img create does (ops/preallocate.ts).
  */
 import { resolve } from 'node:path';
-import { BlockDeviceError, blockStatusAll } from '@qcowkit/blockdev';
+import { BlockDeviceError } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { planQcow2Create, type Qcow2CreateOptions, writeQcow2Layout } from '../create.js';
 import { Qcow2Image } from '../image.js';
+import { preallocateData } from '../ops/preallocate.js';
 import { type OpenedImage, type OpenImageOptions, openImage } from './open-image.js';
 
 export interface CreateImageOptions extends Omit<Qcow2CreateOptions, 'preallocation'> {
@@ -36,23 +37,18 @@ export async function createImage(path: string, options: CreateImageOptions): Pr
   });
   const file = await FileBlockDevice.create(path, 0, { overwrite: overwrite ?? false });
   try {
-    if (plan.preallocation === 'metadata') {
+    if (preallocation === 'metadata') {
       // The backing file is not needed to lay out metadata.
       const image = await Qcow2Image.create(file, {
         ...createOptions,
         preallocation: 'metadata',
         openBacking: false,
       });
-      if (preallocation === 'falloc' || preallocation === 'full') {
-        for (const extent of await blockStatusAll(image, 0, image.size)) {
-          if (extent.hostOffset === undefined) continue;
-          const length = Math.ceil(extent.length / image.clusterSize) * image.clusterSize;
-          await file.writeZeroes(extent.hostOffset, Math.min(length, file.size - extent.hostOffset));
-        }
-      }
       await image.close();
     } else {
-      await writeQcow2Layout(file, plan);
+      await writeQcow2Layout(file, { ...plan, preallocation: 'off' });
+      // falloc and full: the data area after the refcount structures, as qemu-img create lays it.
+      if (preallocation === 'falloc' || preallocation === 'full') await preallocateData(file, preallocation);
       await file.close();
     }
   } catch (error) {
