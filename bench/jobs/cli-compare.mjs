@@ -1,6 +1,7 @@
 /**
- * `qcow2 compare` against `qemu-img compare` on the same pair of images, both run as processes
- * (start-up included on both sides).
+ * The CLI's image-to-image commands against qemu-img's, both run as processes (start-up included
+ * on both sides): `qcow2 compare` against `qemu-img compare`, and `qcow2 commit` against
+ * `qemu-img commit` on fresh copies of the same chain.
  *
  * Each pair is two 1 GiB qcow2 images (64 KiB clusters) holding the same 512 MiB of data (1 MiB
  * runs of random bytes at even MiB offsets, every other MiB unallocated), converted separately
@@ -12,7 +13,7 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { open, rm } from 'node:fs/promises';
+import { copyFile, open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -103,7 +104,83 @@ function compareJob(name, description, differ) {
   };
 }
 
+/**
+ * A 1 GiB-guest chain: base.qcow2 with 512 MiB of data (as above), top.qcow2 over it with 256 MiB
+ * written (two 128 MiB runs, one over data, one over holes). Each run commits a fresh copy (the
+ * copy is not timed); teardown checks both sides left the same base.
+ */
+function commitJob(name, description) {
+  const copyChain = async (ctx, tag) => {
+    const base = join(ctx.dir, `${tag}.base.qcow2`);
+    const top = join(ctx.dir, `${tag}.top.qcow2`);
+    await copyFile(ctx.base, base);
+    await copyFile(ctx.top, top);
+    execFileSync('qemu-img', ['rebase', '-u', '-b', base, '-F', 'qcow2', top]);
+    return { base, top };
+  };
+  const last = {};
+  return {
+    name,
+    description,
+    tools: ['qemu-img', 'qemu-io'],
+    async setup(dir) {
+      const raw = join(dir, `${name}.raw`);
+      const base = join(dir, `${name}.base.qcow2`);
+      const top = join(dir, `${name}.top.qcow2`);
+      await makeHalfFullRaw(raw);
+      toQcow2(raw, base);
+      await rm(raw, { force: true });
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+      execFileSync('qemu-io', [
+        '-f',
+        'qcow2',
+        '-c',
+        'write -q -P 0x5a 0 128M',
+        '-c',
+        'write -q -P 0x33 513M 128M',
+        top,
+      ]);
+      return { dir, base, top };
+    },
+    async ours(ctx) {
+      const chain = await copyChain(ctx, 'ours');
+      const run = timed(process.execPath, [QCOW2_BIN, 'commit', '-q', '-f', 'qcow2', chain.top]);
+      if (run.status !== 0) throw new Error(`qcow2 commit failed: ${run.stdout}`);
+      last.ours = chain;
+      return run.seconds;
+    },
+    async theirs(ctx) {
+      const chain = await copyChain(ctx, 'theirs');
+      const run = timed('qemu-img', ['commit', '-q', '-f', 'qcow2', chain.top]);
+      if (run.status !== 0) throw new Error(`qemu-img commit failed: ${run.stdout}`);
+      last.theirs = chain;
+      return run.seconds;
+    },
+    async teardown(ctx) {
+      try {
+        const same = spawnSync('qemu-img', ['compare', '-q', last.ours.base, last.theirs.base]);
+        if (same.status !== 0) throw new Error(`${name}: the committed bases differ`);
+        const check = spawnSync('qemu-img', ['check', '-q', last.ours.base]);
+        if (check.status !== 0) throw new Error(`${name}: qemu-img check of our base: ${check.status}`);
+        console.log(`  ${name}: both committed bases read the same, ours is clean`);
+      } finally {
+        for (const file of [
+          ctx.base,
+          ctx.top,
+          last.ours?.base,
+          last.ours?.top,
+          last.theirs?.base,
+          last.theirs?.top,
+        ]) {
+          if (file !== undefined) await rm(file, { force: true });
+        }
+      }
+    },
+  };
+}
+
 export const jobs = [
+  commitJob('cli-commit', 'commit a 256 MiB overlay into a 1 GiB qcow2 base with 512 MiB data'),
   compareJob('cli-compare-identical', 'compare two 1 GiB qcow2 images, 512 MiB data, identical', false),
   compareJob(
     'cli-compare-differ-end',
