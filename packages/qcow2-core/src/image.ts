@@ -43,7 +43,7 @@ import { decodeRefcount, decodeRefcountTable, refcountsPerBlock } from './format
 import type { Qcow2SnapshotEntry } from './format/snapshot-table.js';
 import { ImageWriter } from './image-writer.js';
 import { CompressedClusterReader } from './mapping/compressed-reader.js';
-import { Qcow2Mapper } from './mapping/qcow2-mapper.js';
+import { LOOKUP_UNALLOCATED, LOOKUP_ZERO, Qcow2Mapper } from './mapping/qcow2-mapper.js';
 import { readClipped, type SegmentSource } from './mapping/read-segments.js';
 import type { Segment } from './mapping/segment.js';
 import { MAX_CHAIN_DEPTH, type Qcow2OpenOptions } from './options.js';
@@ -593,12 +593,27 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   }
 
   protected override directRead(buffer: Uint8Array, guestOffset: number): Promise<void> | undefined {
-    const device = this.#source.dataDevice;
-    if (device === undefined) return undefined;
-    const hostOffset = this.#mapper.cachedDataOffset(guestOffset, buffer.length);
-    // Past the end of the file (a truncated image): the general path reads zeros there.
-    if (hostOffset < 0 || hostOffset + buffer.length > device.size) return undefined;
-    return device.readInto(buffer, hostOffset);
+    const found = this.#mapper.lookupCached(guestOffset, buffer.length);
+    if (found >= 0) {
+      const device = this.#source.dataDevice;
+      // Past the end of the file (a truncated image): the general path reads zeros there.
+      if (device === undefined || found + buffer.length > device.size) return undefined;
+      return device.readInto(buffer, found);
+    }
+    if (found === LOOKUP_ZERO) {
+      buffer.fill(0);
+      return Promise.resolve();
+    }
+    if (found === LOOKUP_UNALLOCATED) {
+      const backing = this.#source.backing;
+      if (backing === undefined) {
+        buffer.fill(0);
+        return Promise.resolve();
+      }
+      // Past the end of a shorter backing file: the general path reads zeros there.
+      if (guestOffset + buffer.length <= backing.size) return backing.readInto(buffer, guestOffset);
+    }
+    return undefined;
   }
 
   protected segmentSource(): SegmentSource {

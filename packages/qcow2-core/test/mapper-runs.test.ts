@@ -6,7 +6,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { TableCache } from '../src/cache/table-cache.js';
 import { classifyL2Entry, l2EntryHostOffset } from '../src/format/l2-entry.js';
-import { Qcow2Mapper } from '../src/mapping/qcow2-mapper.js';
+import { LOOKUP_GENERAL, LOOKUP_UNALLOCATED, LOOKUP_ZERO, Qcow2Mapper } from '../src/mapping/qcow2-mapper.js';
 import { pushSegment, type Segment } from '../src/mapping/segment.js';
 
 const CLUSTER_BITS = 9;
@@ -53,6 +53,9 @@ function buildTables(entries: readonly { kind: string; c?: number }[], copied: b
         view.setUint32(at, 0x01000000);
         view.setUint32(at + 4, host);
         return;
+      case 'zero-alloc':
+        view.setUint32(at + 4, host | 1);
+        return;
       case 'reserved-low':
         view.setUint32(at + 4, host | 0x2);
         return;
@@ -64,6 +67,7 @@ function buildTables(entries: readonly { kind: string; c?: number }[], copied: b
 /** Entries the general path rejects as corrupt, beside the ordinary ones. */
 const entryOrDamageArbitrary = fc.oneof(
   { weight: 12, arbitrary: entryArbitrary },
+  { weight: 1, arbitrary: fc.constant({ kind: 'zero-alloc' as const }) },
   { weight: 1, arbitrary: fc.constant({ kind: 'reserved-high' as const }) },
   { weight: 1, arbitrary: fc.constant({ kind: 'reserved-low' as const }) },
 );
@@ -206,8 +210,8 @@ describe('Qcow2Mapper runs of standard L2 entries', () => {
     await expect(damaged.map(0, L1_ENTRIES * BYTES_PER_L1)).rejects.toMatchObject({ code: 'ECORRUPT' });
   });
 
-  it('cachedDataOffset answers only what map answers: one plain data cluster in a cached slice', async () => {
-    let answered = 0;
+  it('lookupCached answers only what map answers, for one cluster known without waiting', async () => {
+    const answered = { data: 0, zero: 0, unallocated: 0 };
     await fc.assert(
       fc.asyncProperty(
         fc.array(entryOrDamageArbitrary, {
@@ -221,29 +225,35 @@ describe('Qcow2Mapper runs of standard L2 entries', () => {
         async (entries, l1Present, copied, start, wanted) => {
           const length = Math.min(wanted, L1_ENTRIES * BYTES_PER_L1 - start);
           const mapper = mapperOver(buildTables(entries, copied), l1Present);
-          // Nothing cached yet: never an answer.
-          expect(mapper.cachedDataOffset(start, length)).toBe(-1);
+          // Nothing cached yet: only a cluster without an L2 table is known.
+          const before = mapper.lookupCached(start, length);
           // map loads the slice (and keeps it even when it reports an entry as corrupt).
           const mapped = await mapper.map(start, length).catch((error: unknown) => error);
-          const fast = mapper.cachedDataOffset(start, length);
+          const fast = mapper.lookupCached(start, length);
           if (!Array.isArray(mapped)) {
             expect(mapped).toMatchObject({ code: 'ECORRUPT' });
-            expect(fast).toBe(-1);
+            expect(fast).toBe(LOOKUP_GENERAL);
+            expect(before).toBe(LOOKUP_GENERAL);
             return;
           }
           const oneCluster = (start % CLUSTER) + length <= CLUSTER;
-          const plainData = oneCluster && mapped.length === 1 && mapped[0]!.kind === 'data';
-          if (plainData) {
-            answered++;
-            expect(fast).toBe(mapped[0]!.hostOffset);
-          } else {
-            expect(fast).toBe(-1);
-          }
+          const only = mapped.length === 1 && oneCluster ? mapped[0]! : undefined;
+          let expected = LOOKUP_GENERAL;
+          if (only?.kind === 'data') expected = only.hostOffset;
+          else if (only?.kind === 'zero') expected = LOOKUP_ZERO;
+          else if (only?.kind === 'unallocated') expected = LOOKUP_UNALLOCATED;
+          expect(fast).toBe(expected);
+          if (only?.kind === 'data' || only?.kind === 'zero' || only?.kind === 'unallocated')
+            answered[only.kind]++;
+          const l1Absent = !l1Present[Math.floor(start / BYTES_PER_L1)];
+          expect(before).toBe(l1Absent && oneCluster ? LOOKUP_UNALLOCATED : LOOKUP_GENERAL);
         },
       ),
-      { numRuns: 300 },
+      { numRuns: 400 },
     );
-    // The property above met the fast answer often enough to mean something.
-    expect(answered).toBeGreaterThan(20);
+    // The property above met each kind of answer often enough to mean something.
+    expect(answered.data).toBeGreaterThan(20);
+    expect(answered.zero).toBeGreaterThan(5);
+    expect(answered.unallocated).toBeGreaterThan(20);
   });
 });

@@ -160,4 +160,52 @@ describe('Qcow2Image read fast path', () => {
     expect(events).toEqual(['read', 'closed']);
     expect(await reading).toEqual(model.subarray(2 * CLUSTER + 512, 2 * CLUSTER + 1024));
   });
+
+  it('reads zero clusters as zeros and unallocated ones from the backing file (zeros past its end)', async () => {
+    // The backing file ends 1000 bytes into cluster 41 (unallocated in the image): reads there
+    // clip to zeros.
+    const backingSize = 41 * CLUSTER + 1000;
+    const backingBytes = patternBytes(99, backingSize);
+    const backing = observed(MemoryBlockDevice.from(backingBytes));
+    const resolveBacking = async () => backing.device;
+    const file = new MemoryBlockDevice(0);
+    const model = new Uint8Array(SIZE);
+    model.set(backingBytes);
+    const writer = await Qcow2Image.create(observed(file).device, {
+      size: SIZE,
+      clusterSize: CLUSTER,
+      backingFile: 'base.raw',
+      backingFormat: 'raw',
+      resolveBacking,
+    });
+    for (let cluster = 0; cluster < SIZE / CLUSTER; cluster += 5) {
+      const data = patternBytes(cluster, CLUSTER);
+      await writer.write(cluster * CLUSTER, data);
+      model.set(data, cluster * CLUSTER);
+    }
+    for (let cluster = 3; cluster < SIZE / CLUSTER; cluster += 7) {
+      await writer.writeZeroes(cluster * CLUSTER, CLUSTER);
+      model.fill(0, cluster * CLUSTER, (cluster + 1) * CLUSTER);
+    }
+    await writer.close();
+    const image = await Qcow2Image.open(observed(file).device, { resolveBacking });
+    const reads: [number, number][] = [
+      [41 * CLUSTER + 500, 1000],
+      [41 * CLUSTER + 1000, 2000],
+      [41 * CLUSTER + 2000, 100],
+    ];
+    for (let offset = 0; offset < SIZE; offset += 1536) reads.push([offset, Math.min(1024, SIZE - offset)]);
+    for (let round = 0; round < 2; round++) {
+      for (const [offset, length] of reads) {
+        const bytes = await image.read(offset, length);
+        expect(Buffer.from(model.subarray(offset, offset + length)).equals(bytes)).toBe(true);
+      }
+    }
+    // Cluster 1 is unallocated and inside the backing file: one read of it, started at once.
+    backing.reads.length = 0;
+    const reading = image.read(CLUSTER + 10, 100);
+    expect(backing.reads).toEqual([{ offset: CLUSTER + 10, length: 100 }]);
+    expect(Buffer.from(model.subarray(CLUSTER + 10, CLUSTER + 110)).equals(await reading)).toBe(true);
+    await image.close();
+  });
 });

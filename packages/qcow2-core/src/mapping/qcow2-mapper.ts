@@ -42,6 +42,14 @@ export interface Qcow2MapperOptions {
   readonly readAhead?: boolean;
 }
 
+/** {@link Qcow2Mapper.lookupCached}: not known without waiting, or not simple: ask `map`. */
+export const LOOKUP_GENERAL = -1;
+/** {@link Qcow2Mapper.lookupCached}: a zero cluster (reads as zeros, whatever lies below). */
+export const LOOKUP_ZERO = -2;
+/** {@link Qcow2Mapper.lookupCached}: not allocated in this layer (the backing file answers, else
+ * zeros). */
+export const LOOKUP_UNALLOCATED = -3;
+
 export class Qcow2Mapper {
   readonly #options: Qcow2MapperOptions;
   readonly #clusterSize: number;
@@ -49,7 +57,7 @@ export class Qcow2Mapper {
   readonly #entriesPerSlice: number;
   readonly #bytesPerL1: number;
   readonly #subclusterSize: number;
-  /** Whether {@link cachedDataOffset} may answer (standard L2 entries, no external data file). */
+  /** Whether {@link lookupCached} may answer (standard L2 entries, no external data file). */
   readonly #directLookups: boolean;
   #l1High: Uint32Array;
   #l1Low: Uint32Array;
@@ -104,36 +112,42 @@ export class Qcow2Mapper {
   }
 
   /**
-   * The host offset of `guestOffset` when `[guestOffset, guestOffset + length)` lies inside one
-   * cluster stored as a plain data cluster (standard L2 entry: allocated, not compressed, not
-   * zero, no reserved bit, aligned) whose L2 slice is cached; -1 for anything else, and the caller
-   * asks {@link map} (which also reports a corrupt entry). Synchronous, allocates nothing: the
-   * fast path of small reads.
+   * What `[guestOffset, guestOffset + length)` reads as when it lies inside one cluster whose
+   * mapping is known without waiting (standard L2 entries, no external data file, the L2 slice
+   * cached or no L2 table at all): the host offset of `guestOffset` for a plain data cluster,
+   * {@link LOOKUP_ZERO} for a zero cluster, {@link LOOKUP_UNALLOCATED} for a cluster this layer does
+   * not hold; {@link LOOKUP_GENERAL} for anything else (compressed, across clusters, slice not
+   * cached, a damaged entry): the caller asks {@link map}, which also reports corruption.
+   * Synchronous, allocates nothing: the fast path of small reads.
    */
-  cachedDataOffset(guestOffset: number, length: number): number {
-    if (!this.#directLookups) return -1;
+  lookupCached(guestOffset: number, length: number): number {
+    if (!this.#directLookups) return LOOKUP_GENERAL;
     const clusterSize = this.#clusterSize;
     const offsetInCluster = guestOffset % clusterSize;
-    if (offsetInCluster + length > clusterSize) return -1;
+    if (offsetInCluster + length > clusterSize) return LOOKUP_GENERAL;
     const l1Index = Math.floor(guestOffset / this.#bytesPerL1);
-    if (l1Index >= this.#l1High.length) return -1;
+    if (l1Index >= this.#l1High.length) return LOOKUP_UNALLOCATED;
     const l1High = this.#l1High[l1Index]!;
     const l1Low = this.#l1Low[l1Index]!;
-    if ((l1High & L1E_RESERVED_MASK_HIGH) !== 0 || (l1Low & L1E_RESERVED_MASK_LOW) !== 0) return -1;
+    if ((l1High & L1E_RESERVED_MASK_HIGH) !== 0 || (l1Low & L1E_RESERVED_MASK_LOW) !== 0) {
+      return LOOKUP_GENERAL;
+    }
     const l2Offset = l1EntryOffset(l1High, l1Low);
-    if (l2Offset === 0 || l2Offset % clusterSize !== 0) return -1;
-    if (l2Offset + clusterSize > this.#options.fileSize) return -1;
+    if (l2Offset === 0) return LOOKUP_UNALLOCATED;
+    if (l2Offset % clusterSize !== 0 || l2Offset + clusterSize > this.#options.fileSize)
+      return LOOKUP_GENERAL;
     const l2Index = Math.floor((guestOffset - l1Index * this.#bytesPerL1) / clusterSize);
     const sliceIndex = Math.floor(l2Index / this.#entriesPerSlice);
     const slice = this.#options.cache.lookup(l2Offset + sliceIndex * this.#options.sliceBytes);
-    if (slice === undefined) return -1;
+    if (slice === undefined) return LOOKUP_GENERAL;
     const at = (l2Index - sliceIndex * this.#entriesPerSlice) * 8;
     const high = slice.getUint32(at);
     const low = slice.getUint32(at + 4);
-    if ((high & SLOW_BITS_HIGH) !== 0 || (low & SLOW_BITS_LOW) !== 0) return -1;
+    if ((high & SLOW_BITS_HIGH) !== 0 || (low & L2E_STD_RESERVED_MASK_LOW) !== 0) return LOOKUP_GENERAL;
     const hostCluster = l2EntryHostOffset(high, low);
-    if (hostCluster === 0 || hostCluster % clusterSize !== 0) return -1;
-    return hostCluster + offsetInCluster;
+    if (hostCluster % clusterSize !== 0) return LOOKUP_GENERAL;
+    if ((low & QCOW_OFLAG_ZERO) !== 0) return LOOKUP_ZERO;
+    return hostCluster === 0 ? LOOKUP_UNALLOCATED : hostCluster + offsetInCluster;
   }
 
   #loadSlice = async (hostOffset: number): Promise<DataView> => {
