@@ -143,6 +143,40 @@ describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the re
     ],
     ['qcow2 v2, full', ['-f', 'qcow2', '-o', 'preallocation=full,compat=0.10', 'FILE', '1M']],
     [
+      'qcow2, metadata, over a backing file (refused without extended L2)',
+      ['-f', 'qcow2', '-b', 'pre-base.raw', '-F', 'raw', '-o', 'preallocation=metadata', 'FILE', '2M'],
+    ],
+    [
+      'qcow2, falloc, extended L2, over a backing file',
+      [
+        '-f',
+        'qcow2',
+        '-b',
+        'pre-base.raw',
+        '-F',
+        'raw',
+        '-o',
+        'preallocation=falloc,extended_l2=on',
+        'FILE',
+        '2M',
+      ],
+    ],
+    [
+      'qcow2, metadata, extended L2, over a backing file',
+      [
+        '-f',
+        'qcow2',
+        '-b',
+        'pre-base.raw',
+        '-F',
+        'raw',
+        '-o',
+        'preallocation=metadata,extended_l2=on',
+        'FILE',
+        '2M',
+      ],
+    ],
+    [
       'qcow2, extended L2, falloc',
       ['-f', 'qcow2', '-o', 'preallocation=falloc,extended_l2=on', 'FILE', '2M'],
     ],
@@ -153,6 +187,7 @@ describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the re
   ])('create -o preallocation: %s as qemu-img', (_name, args) => {
     const ext = args[1] === 'raw' ? 'raw' : 'qcow2';
     const [theirs, ours] = [`pre-theirs.${ext}`, `pre-ours.${ext}`];
+    if (args.includes('pre-base.raw')) qemuImg(['create', '-q', '-f', 'raw', 'pre-base.raw', '2M']);
     const expected = qemuImg(['create', ...args.map((arg) => arg.replace('FILE', theirs))]);
     const actual = cli(['create', ...args.map((arg) => arg.replace('FILE', ours))]);
     expect(actual.status).toBe(expected.status);

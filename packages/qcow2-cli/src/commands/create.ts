@@ -191,6 +191,16 @@ export async function createCommand(
   const createOptions = qcow2CreateOptions(file, size, values);
   planQcow2Create(createOptions); // validates before anything is written
   if (!options.quiet) context.io.stdout.write(`${formattingLine(file, size, values, createOptions)}\n`);
+  if (
+    createOptions.backingFile !== undefined &&
+    createOptions.preallocation === 'metadata' &&
+    createOptions.extendedL2 !== true
+  ) {
+    // As qemu-img: preallocated clusters would hide the backing file's data.
+    throw new CliError(
+      `${file}: Backing file and preallocation can only be used at the same time if extended_l2 is on`,
+    );
+  }
   const device = await FileBlockDevice.create(path, 0, { overwrite: true }).catch((error: unknown) => {
     throw new CliError(`${file}: Could not create '${file}': ${describeError(error)}`, { cause: error });
   });
@@ -204,7 +214,8 @@ export async function createCommand(
       if (!exists) await (await FileBlockDevice.create(dataPath, 0)).close();
     }
     if (preallocation === 'metadata') {
-      const image = await Qcow2Image.create(device, createOptions);
+      // The backing file is not needed to lay out metadata (qemu-img does not open it either).
+      const image = await Qcow2Image.create(device, { ...createOptions, openBacking: false });
       await image.close();
     } else {
       await writeQcow2Layout(device, planQcow2Create({ ...createOptions, preallocation: 'off' }));
