@@ -237,7 +237,7 @@ describe('Qcow2Mapper runs of standard L2 entries', () => {
             return;
           }
           const oneCluster = (start % CLUSTER) + length <= CLUSTER;
-          const only = mapped.length === 1 && oneCluster ? mapped[0]! : undefined;
+          const only: Segment | undefined = mapped.length === 1 && oneCluster ? mapped[0] : undefined;
           let expected = LOOKUP_GENERAL;
           if (only?.kind === 'data') expected = only.hostOffset;
           else if (only?.kind === 'zero') expected = LOOKUP_ZERO;
