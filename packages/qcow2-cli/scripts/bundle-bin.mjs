@@ -119,6 +119,28 @@ const entryPoints = codeCache ? workerEntries : [{ in: 'bundle-bin:stub', out: n
 // entries last: a command started during a rebuild sees either the old files or the new ones.
 const staging = join(packageDir, 'dist', `.bin-staging-${process.pid}`);
 await rm(staging, { recursive: true, force: true });
+/**
+ * commander requires node:child_process when it loads (~3 ms here), for executable subcommands,
+ * which no bin of ours has: in the CommonJS bundle it gets a stand-in that requires the real module
+ * on first use.
+ */
+const lazyChildProcess = {
+  name: 'lazy-child-process',
+  setup(esbuild) {
+    esbuild.onResolve({ filter: /^(node:)?child_process$/ }, (args) =>
+      /[\\/]node_modules[\\/]commander[\\/]/.test(args.importer)
+        ? { path: 'child_process', namespace: 'lazy-builtin' }
+        : undefined,
+    );
+    esbuild.onLoad({ filter: /.*/, namespace: 'lazy-builtin' }, () => ({
+      contents:
+        "let real;\nconst load = () => (real ??= require('node:child_process'));\n" +
+        'module.exports = new Proxy({}, { get: (_, key) => load()[key], has: (_, key) => key in load() });\n',
+      loader: 'js',
+    }));
+  },
+};
+
 const metafiles = [];
 if (entryPoints.length > 0) metafiles.push((await buildEsm()).metafile);
 if (codeCache) metafiles.push((await buildCommonJs()).metafile);
@@ -167,6 +189,7 @@ async function buildCommonJs() {
     // import() becomes require(): a vm.Script's dynamic import needs an experimental loader hook
     // (a warning on stderr), and functions that come from the code cache lose it (the import fails).
     supported: { 'dynamic-import': false },
+    plugins: [lazyChildProcess],
     banner: { js: "var __bundleImportMetaUrl = require('node:url').pathToFileURL(__filename).href;" },
     legalComments: 'none',
     metafile: values.metafile !== undefined,
