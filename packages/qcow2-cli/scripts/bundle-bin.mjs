@@ -38,7 +38,8 @@
  *   (the first argument), bundle hash, Node version and architecture;
  * - is written after the run (on 'beforeExit') when it was missing or V8 rejected it, to a
  *   temporary file renamed into place (concurrent runs each write a whole file; the last rename
- *   wins), and caches of other bundle hashes of the same bin are removed then once a day old;
+ *   wins); then the caches of other builds of the bin are removed, but for those of the most
+ *   recent other build while under a day old (two versions in use side by side keep theirs);
  * - is best effort: an unwritable or missing folder, a corrupt or foreign file only cost the
  *   cache, never the command; `QCOWKIT_CODE_CACHE=0` turns it off.
  * A debug run (see `--debug-arg`) loads the bundle with `require` instead, source maps on.
@@ -256,13 +257,23 @@ if (${debugCondition()}) {
         const temporary = \`\${cacheFile}.\${process.pid}.tmp\`;
         writeFileSync(temporary, script.createCachedData(), { mode: 0o600 });
         renameSync(temporary, cacheFile);
-        // Another build's caches, once a day old: two installed versions in use side by side
-        // each keep theirs (removed at once, they would replace each other's at every run).
-        const dayAgo = Date.now() - 86_400_000;
-        for (const other of readdirSync(dir)) {
-          if (!other.startsWith(prefix) || other.startsWith(\`\${prefix}\${hash}-\`) || !other.endsWith('.v8')) continue;
-          const path = join(dir, other);
-          if (statSync(path).mtimeMs < dayAgo) unlinkSync(path);
+        // Other builds' caches: those of the most recently written other build are kept for a
+        // day (two installed versions in use side by side each keep theirs; removed at once, they
+        // would replace each other's at every run), all older builds' go (rebuilds add up).
+        const others = new Map();
+        for (const name of readdirSync(dir)) {
+          if (!name.startsWith(prefix) || name.startsWith(\`\${prefix}\${hash}-\`) || !name.endsWith('.v8')) continue;
+          const build = name.slice(prefix.length, prefix.length + hash.length);
+          const path = join(dir, name);
+          const entry = others.get(build) ?? { paths: [], newest: 0 };
+          entry.paths.push(path);
+          entry.newest = Math.max(entry.newest, statSync(path).mtimeMs);
+          others.set(build, entry);
+        }
+        const newest = [...others.values()].sort((a, b) => b.newest - a.newest);
+        for (const [index, entry] of newest.entries()) {
+          if (index === 0 && entry.newest > Date.now() - 86_400_000) continue;
+          for (const path of entry.paths) unlinkSync(path);
         }
       } catch {}
     });
