@@ -284,6 +284,8 @@ describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the re
     ['raw, full, relative', 'raw', ['--preallocation=full', '-f', 'raw', 'FILE', '+1M']],
     ['qcow2, falloc', 'qcow2', ['--preallocation=falloc', 'FILE', '3M']],
     ['qcow2, full', 'qcow2', ['--preallocation=full', 'FILE', '+2M']],
+    ['qcow2, metadata', 'qcow2', ['--preallocation=metadata', 'FILE', '3M']],
+    ['qcow2, metadata, relative', 'qcow2', ['--preallocation=metadata', 'FILE', '+100M']],
     ['raw, metadata', 'raw', ['--preallocation=metadata', '-f', 'raw', 'FILE', '3M']],
     ['a bad mode', 'raw', ['--preallocation=bogus', '-f', 'raw', 'FILE', '3M']],
     ['shrinking', 'raw', ['--shrink', '--preallocation=full', '-f', 'raw', 'FILE', '512k']],

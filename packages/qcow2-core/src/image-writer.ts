@@ -276,9 +276,10 @@ export class ImageWriter {
     });
   }
 
-  /** Allocates every L2 table and data cluster (preallocation=metadata, on a new image). */
-  async preallocateMetadata(): Promise<void> {
-    await this.#exclusiveIdle(() => this.#writePath.preallocate(this.#context.size()));
+  /** Allocates every L2 table and data cluster from `fromGuest` to the end (preallocation=metadata:
+   * a new image from 0, a grown one from its old size). */
+  async preallocateMetadata(fromGuest = 0): Promise<void> {
+    await this.#exclusiveIdle(() => this.#writePath.preallocate(this.#context.size(), fromGuest));
   }
 
   /** Data then metadata durable (the write path's ordered write-back). */

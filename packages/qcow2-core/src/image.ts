@@ -468,6 +468,34 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     await this.#tracked(writer.resize(newSize));
   }
 
+  /**
+   * Metadata preallocation of the guest range `[fromGuest, size)` (as `qemu-img resize
+   * --preallocation=metadata` does for the grown range): every L2 table and data cluster there
+   * allocated, reading as zeros; clusters that already have a host cluster keep it. Refused where the
+   * backing file shows through, unless entries are extended (the clusters would hide it).
+   */
+  async preallocateMetadata(fromGuest = 0): Promise<void> {
+    const writer = this.#writer;
+    if (writer === undefined) {
+      throw new BlockDeviceError('EROFS', `qcow2: ${this.description}: the image is open read-only`);
+    }
+    assertOpen(this.closed, this.description, 'preallocate');
+    if (!Number.isSafeInteger(fromGuest) || fromGuest < 0 || fromGuest > this.size) {
+      throw new BlockDeviceError(
+        'EINVAL',
+        `qcow2: ${this.description}: preallocation start ${fromGuest} is outside the image`,
+      );
+    }
+    const backingSize = this.#backing?.size ?? 0;
+    if (!this.extendedL2 && fromGuest < backingSize) {
+      throw new BlockDeviceError(
+        'EUNSUPPORTED',
+        `qcow2: ${this.description}: metadata preallocation over the backing file's data needs extended L2 entries`,
+      );
+    }
+    await this.#tracked(writer.preallocateMetadata(fromGuest));
+  }
+
   override async close(): Promise<void> {
     const writer = this.#writer;
     if (writer !== undefined && !this.closed) {

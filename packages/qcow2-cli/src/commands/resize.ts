@@ -6,7 +6,7 @@
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
 import type { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { resizeImage } from '@qcowkit/qcow2-core';
+import { Qcow2Image, resizeImage } from '@qcowkit/qcow2-core';
 import type { ImageFormat } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
@@ -63,13 +63,8 @@ export async function resizeCommand(
     if (preallocation !== 'off' && newSize < current) {
       throw new UsageError('Preallocation can only be used for growing images');
     }
-    if (preallocation === 'metadata') {
-      throw new CliError(
-        format === 'raw'
-          ? 'Unsupported preallocation mode: metadata'
-          : 'Error resizing image: preallocation=metadata on resize is not supported (off, falloc or full)',
-        { code: 'EUNSUPPORTED' },
-      );
+    if (preallocation === 'metadata' && format === 'raw') {
+      throw new CliError('Unsupported preallocation mode: metadata', { code: 'EUNSUPPORTED' });
     }
     try {
       if (format === 'qcow2') await resizeImage(device, newSize, { shrink: options.shrink });
@@ -87,7 +82,12 @@ export async function resizeCommand(
     // The grown range as data clusters holding zeros: written through the engine (file closed above).
     const image = await openWritable(path, file, { format });
     try {
-      await writeZeros(image.device, current, newSize);
+      if (preallocation === 'metadata' && image.device instanceof Qcow2Image) {
+        // The grown range's L2 tables and clusters allocated, reading as zeros (as qemu-img).
+        await image.device.preallocateMetadata(current);
+      } else {
+        await writeZeros(image.device, current, newSize);
+      }
       await image.device.flush();
     } catch (error) {
       throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });

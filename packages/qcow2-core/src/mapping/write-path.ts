@@ -638,21 +638,50 @@ export class WritePath {
   }
 
   /**
-   * Metadata preallocation (a new image): every L2 table and data cluster of the first `size`
-   * guest bytes allocated, entries normal and COPIED. The data clusters are not written: the file
+   * Metadata preallocation: every L2 table and data cluster of the guest range
+   * `[fromGuest, size)` allocated, entries normal and COPIED (a new image from 0; a grown one from
+   * its old size, where clusters that already have a host cluster keep it). The data clusters are not written: the file
    * grows sparse and they read as zeros. With extended L2 the subcluster bitmaps stay empty, as
    * QEMU leaves them (the subclusters read from the backing file or as zeros until written).
    */
-  async preallocate(size: number): Promise<void> {
+  async preallocate(size: number, fromGuest = 0): Promise<void> {
     const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    const firstCluster = Math.floor(fromGuest / this.#clusterSize);
     const totalClusters = Math.ceil(size / this.#clusterSize);
-    for (let l1Index = 0; l1Index * clustersPerTable < totalClusters; l1Index++) {
+    // A grown range (qemu-img resize): host clusters below the file's end may hold a freed
+    // cluster's old bytes, so they are zeroed before an entry points at them (the entries are
+    // plain data entries, as QEMU writes them). Extended L2 entries keep their subcluster bits
+    // (no subcluster reads the host cluster until written).
+    const staleBelow = fromGuest > 0 && !this.#o.extendedL2 ? this.#o.file.size : 0;
+    for (
+      let l1Index = Math.floor(firstCluster / clustersPerTable);
+      l1Index * clustersPerTable < totalClusters;
+      l1Index++
+    ) {
       const l2Offset = await this.#l2ForWrite(l1Index);
-      const first = l1Index * clustersPerTable;
-      const count = Math.min(clustersPerTable, totalClusters - first);
-      const start = await this.#o.refcounts.allocate(count);
-      for (let index = 0; index < count; index++) {
-        const ref = await this.#entry(l2Offset, index);
+      const tableFirst = Math.max(firstCluster, l1Index * clustersPerTable);
+      const tableEnd = Math.min(totalClusters, (l1Index + 1) * clustersPerTable);
+      const refs: EntryRef[] = [];
+      for (let clusterIndex = tableFirst; clusterIndex < tableEnd; clusterIndex++) {
+        const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
+        const type = classifyL2Entry(
+          ref.slice.getUint32(ref.at),
+          ref.slice.getUint32(ref.at + 4),
+          false,
+          this.#o.extendedL2,
+        );
+        // Clusters with a host cluster (data, allocated zeros, compressed) keep it.
+        if (type === 'unallocated' || type === 'zero-plain') refs.push(ref);
+      }
+      if (refs.length === 0) continue;
+      const start = await this.#o.refcounts.allocate(refs.length);
+      const hostStart = start * this.#clusterSize;
+      const staleBytes = Math.min(staleBelow, hostStart + refs.length * this.#clusterSize) - hostStart;
+      if (staleBytes > 0) {
+        this.#o.metadata.check(hostStart, staleBytes, undefined, 'preallocated data zeroing');
+        await this.#o.file.writeZeroes(hostStart, staleBytes);
+      }
+      for (const [index, ref] of refs.entries()) {
         const { high, low } = encodeL2Entry({
           type: 'normal',
           hostOffset: (start + index) * this.#clusterSize,
