@@ -17,8 +17,8 @@ export interface ClusterCompressor {
    */
   compressClusters(data: Uint8Array, clusterSize: number, type: CompressionType): Promise<Uint8Array[]>;
   /**
-   * Optional, for callers that keep a fixed set of buffers circulating: compresses the first
-   * `length` bytes of `data` (taken over, handed back in the result) into `scratch` when it is
+   * Optional, for callers that keep a fixed set of buffers circulating: compresses every
+   * `clusterSize` piece of the first `length` bytes of `data` (default: all of it; taken over, handed back in the result) into `scratch` when it is
    * given and large enough (taken over too, handed back as the result's `output` buffer). With
    * SharedArrayBuffers nothing moves: the worker pool works in place.
    */

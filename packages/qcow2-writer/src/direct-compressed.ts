@@ -25,15 +25,21 @@ import {
   refcountsPerBlock,
   viewOf,
 } from '@qcowkit/qcow2-core/format';
-import { ClusterMap } from './cluster-map.js';
 import { CompressedPacker } from './compressed-packing.js';
 import type { ClusterCompressor, CompressionType } from './compressor.js';
-import { planDirectFront, type RandomAccessSink, readChunk, tableChunks } from './direct-convert.js';
-import type { Qcow2Layout } from './layout.js';
-import { encodeImageHeader, encodeL1Slice, encodeRefcountTable } from './metadata.js';
+import {
+  directCandidates,
+  directLayout,
+  planDirectFront,
+  type RandomAccessSink,
+  readChunk,
+  tableChunks,
+  writeDirectHead,
+  writeDirectL1,
+} from './direct-convert.js';
+import { chunkPipeline } from './direct-pipeline.js';
 import type { ImageGeometry } from './options.js';
 import type { ClusterRange } from './read-ahead.js';
-import { nonZeroClusters } from './scan.js';
 import { isZeroWords } from './zero-detect.js';
 
 export interface DirectCompressOptions {
@@ -69,13 +75,7 @@ export async function convertDirectCompressed(
   const { clusterSize, clusterBits, l2Entries, l2EntrySize, extendedL2 } = geometry;
   const type: CompressionType = geometry.compressionType;
   const { compressor, signal } = options;
-  if (geometry.size < source.size) {
-    throw new BlockDeviceError(
-      'EINVAL',
-      `qcow2 convert: size ${geometry.size} is smaller than the source (${source.size} bytes)`,
-    );
-  }
-  const candidates = await nonZeroClusters(source, Math.min(source.size, geometry.size), clusterSize, signal);
+  const candidates = await directCandidates(source, geometry, signal);
   const front = planDirectFront(geometry, candidates);
   const { tables, l1Offset, l1Bytes, l1Clusters, refblockCount, refblockOffset } = front;
   const l2RegionOffset = l1Offset + l1Clusters * clusterSize;
@@ -84,24 +84,8 @@ export async function convertDirectCompressed(
   let doneBytes = 0;
   options.onProgress?.(0, totalBytes);
 
-  const groupL1Index: number[] = [];
-  const groupL2Offset: number[] = [];
-  const layout = {
-    geometry,
-    map: new ClusterMap(),
-    reftableOffset: clusterSize,
-    reftableClusters: front.reftableClusters,
-    refblockOffset,
-    refblockCount,
-    l1Offset,
-    l1Bytes,
-    groupL1Index,
-    groupL2Offset,
-    groupHostClusters: [] as number[],
-    compressed: undefined,
-    totalClusters: 0,
-    fileSize: 0,
-  } satisfies Qcow2Layout as { -readonly [K in keyof Qcow2Layout]: Qcow2Layout[K] };
+  const layout = directLayout(geometry, front);
+  const { groupL1Index, groupL2Offset } = layout;
 
   // Refcounts of the compressed area's host clusters (several compressed clusters may share one).
   let areaRefcounts = new Uint32Array(Math.max(16, front.candidateClusters + 2));
@@ -115,8 +99,7 @@ export async function convertDirectCompressed(
   });
 
   try {
-    await sink.writeAt(0, encodeImageHeader(layout));
-    await sink.writeAt(layout.reftableOffset, encodeRefcountTable(layout));
+    await writeDirectHead(sink, layout);
     let failure: unknown;
     const noteFailure = (error: unknown) => {
       failure ??= error;
@@ -183,29 +166,9 @@ export async function convertDirectCompressed(
       };
     };
 
-    const iterator = tableChunks(candidates, l2Entries, chunkClusters);
-    const queue: { range: ClusterRange; slot: Slot; job: Promise<Compressed> }[] = [];
-    let issued = 0;
-    let exhausted = false;
-    const fill = () => {
-      while (!exhausted && queue.length < depth) {
-        const next = iterator.next();
-        if (next.done) {
-          exhausted = true;
-          break;
-        }
-        const range = next.value;
-        const slot = slots[issued++ % depth]!;
-        const job = slot.writes.then(() => prepare(slot, range));
-        job.catch(() => {}); // observed when its turn comes
-        queue.push({ range, slot, job });
-      }
-    };
-
-    fill();
-    while (queue.length > 0) {
-      const { range, slot, job } = queue.shift()!;
-      const { keptCount, outputs } = await job;
+    const chunks = chunkPipeline(tableChunks(candidates, l2Entries, chunkClusters), slots, prepare);
+    for await (const { range, slot, result } of chunks) {
+      const { keptCount, outputs } = result;
       signal?.throwIfAborted();
       if (failure !== undefined) throw failure;
       if (outputs.length !== keptCount) {
@@ -260,7 +223,6 @@ export async function convertDirectCompressed(
       slot.writes = Promise.all(writes).then(() => {}, noteFailure);
       doneBytes += range.count * clusterSize;
       options.onProgress?.(doneBytes, totalBytes);
-      fill();
     }
     await Promise.all(slots.map((slot) => slot.writes));
     finishTable();
@@ -274,10 +236,7 @@ export async function convertDirectCompressed(
     layout.fileSize = fileSize;
     layout.totalClusters = Math.ceil(fileSize / clusterSize);
 
-    for (let from = 0; from < l1Bytes; from += 1024 * 1024) {
-      const slice = encodeL1Slice(layout, from, Math.min(l1Bytes, from + 1024 * 1024));
-      await sink.writeAt(l1Offset + from, slice);
-    }
+    await writeDirectL1(sink, layout);
     // Refcounts: 1 for the front metadata and the L2 tables in use, the packing's for the area.
     const usedTables = new Set(groupL2Offset.map((offset) => offset / clusterSize));
     const l2RegionCluster = l2RegionOffset / clusterSize;

@@ -8,6 +8,7 @@
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import { encodeL2Entry, QCOW_MAX_REFTABLE_SIZE, refcountsPerBlock, viewOf } from '@qcowkit/qcow2-core/format';
 import { ClusterMap } from './cluster-map.js';
+import { chunkPipeline } from './direct-pipeline.js';
 import type { Qcow2Layout } from './layout.js';
 import { encodeImageHeader, encodeL1Slice, encodeRefcountBlock, encodeRefcountTable } from './metadata.js';
 import type { ImageGeometry } from './options.js';
@@ -108,6 +109,66 @@ export function* tableChunks(
   }
 }
 
+/** A layout the direct conversions fill in as they go. */
+export type DirectLayout = { -readonly [K in keyof Qcow2Layout]: Qcow2Layout[K] } & {
+  readonly groupL1Index: number[];
+  readonly groupL2Offset: number[];
+  readonly groupHostClusters: number[];
+};
+
+/**
+ * Checks that `geometry` holds all of `source` and scans the source's block status: the cluster
+ * ranges that may hold data (within the image's size), in guest order.
+ */
+export async function directCandidates(
+  source: BlockDevice,
+  geometry: ImageGeometry,
+  signal: AbortSignal | undefined,
+): Promise<ClusterRange[]> {
+  if (geometry.size < source.size) {
+    throw new BlockDeviceError(
+      'EINVAL',
+      `qcow2 convert: size ${geometry.size} is smaller than the source (${source.size} bytes)`,
+    );
+  }
+  return nonZeroClusters(source, Math.min(source.size, geometry.size), geometry.clusterSize, signal);
+}
+
+/** The layout of a direct conversion with `front`, no L2 table placed yet and no size set. */
+export function directLayout(geometry: ImageGeometry, front: DirectFront): DirectLayout {
+  return {
+    geometry,
+    map: new ClusterMap(),
+    reftableOffset: geometry.clusterSize,
+    reftableClusters: front.reftableClusters,
+    refblockOffset: front.refblockOffset,
+    refblockCount: front.refblockCount,
+    l1Offset: front.l1Offset,
+    l1Bytes: front.l1Bytes,
+    groupL1Index: [],
+    groupL2Offset: [],
+    groupHostClusters: [],
+    compressed: undefined,
+    totalClusters: 0,
+    fileSize: 0,
+  };
+}
+
+/** Writes the header and the refcount table of `layout` (their content is known up front). */
+export async function writeDirectHead(sink: RandomAccessSink, layout: DirectLayout): Promise<void> {
+  await sink.writeAt(0, encodeImageHeader(layout));
+  await sink.writeAt(layout.reftableOffset, encodeRefcountTable(layout));
+}
+
+/** Writes the L1 table of the finished `layout` into its reserved place, 1 MiB at a time. */
+export async function writeDirectL1(sink: RandomAccessSink, layout: DirectLayout): Promise<void> {
+  const { l1Offset, l1Bytes } = layout;
+  for (let from = 0; from < l1Bytes; from += 1024 * 1024) {
+    const slice = encodeL1Slice(layout, from, Math.min(l1Bytes, from + 1024 * 1024));
+    await sink.writeAt(l1Offset + from, slice);
+  }
+}
+
 /** Converts `source` into `sink`; resolves with the file length. */
 export async function convertDirect(
   source: BlockDevice,
@@ -117,44 +178,18 @@ export async function convertDirect(
 ): Promise<number> {
   const { clusterSize, l2Entries, l2EntrySize, extendedL2 } = geometry;
   const signal = options.signal;
-  if (geometry.size < source.size) {
-    throw new BlockDeviceError(
-      'EINVAL',
-      `qcow2 convert: size ${geometry.size} is smaller than the source (${source.size} bytes)`,
-    );
-  }
-  const candidates = await nonZeroClusters(source, Math.min(source.size, geometry.size), clusterSize, signal);
-  const { l1Bytes, l1Clusters, reftableClusters, refblockCount, refblockOffset, l1Offset } = planDirectFront(
-    geometry,
-    candidates,
-  );
+  const candidates = await directCandidates(source, geometry, signal);
+  const front = planDirectFront(geometry, candidates);
+  const { l1Bytes, l1Clusters, refblockCount, refblockOffset, l1Offset } = front;
   let totalBytes = 0;
   for (const range of candidates) totalBytes += range.count * clusterSize;
   let doneBytes = 0;
   options.onProgress?.(0, totalBytes);
-  const groupL1Index: number[] = [];
-  const groupL2Offset: number[] = [];
-  const groupHostClusters: number[] = [];
-  const layout = {
-    geometry,
-    map: new ClusterMap(),
-    reftableOffset: clusterSize,
-    reftableClusters,
-    refblockOffset,
-    refblockCount,
-    l1Offset,
-    l1Bytes,
-    groupL1Index,
-    groupL2Offset,
-    groupHostClusters,
-    compressed: undefined,
-    totalClusters: 0,
-    fileSize: 0,
-  } satisfies Qcow2Layout as { -readonly [K in keyof Qcow2Layout]: Qcow2Layout[K] };
+  const layout = directLayout(geometry, front);
+  const { groupL1Index, groupL2Offset, groupHostClusters } = layout;
 
   try {
-    await sink.writeAt(0, encodeImageHeader(layout));
-    await sink.writeAt(layout.reftableOffset, encodeRefcountTable(layout));
+    await writeDirectHead(sink, layout);
     let failure: unknown;
     const noteFailure = (error: unknown) => {
       failure ??= error;
@@ -180,29 +215,11 @@ export async function convertDirect(
       const buffer = new Uint8Array(chunkClusters * clusterSize);
       return { buffer, words: new Uint32Array(buffer.buffer), writes: Promise.resolve() };
     });
-    const iterator = tableChunks(candidates, l2Entries, chunkClusters);
-    const queue: { range: ClusterRange; slot: (typeof slots)[number]; read: Promise<void> }[] = [];
-    let issued = 0;
-    let exhausted = false;
-    const fill = () => {
-      while (!exhausted && queue.length < depth) {
-        const next = iterator.next();
-        if (next.done) {
-          exhausted = true;
-          break;
-        }
-        const range = next.value;
-        const slot = slots[issued++ % depth]!;
-        const read = slot.writes.then(() => readChunk(source, slot.buffer, range, clusterSize, signal));
-        read.catch(() => {}); // observed when its turn comes
-        queue.push({ range, slot, read });
-      }
-    };
+    const chunks = chunkPipeline(tableChunks(candidates, l2Entries, chunkClusters), slots, (slot, range) =>
+      readChunk(source, slot.buffer, range, clusterSize, signal),
+    );
     const wordsPerCluster = clusterSize / 4;
-    fill();
-    while (queue.length > 0) {
-      const { range, slot, read } = queue.shift()!;
-      await read;
+    for await (const { range, slot } of chunks) {
       signal?.throwIfAborted();
       if (failure !== undefined) throw failure;
       const chunkTable = Math.floor(range.cluster / l2Entries);
@@ -236,7 +253,6 @@ export async function convertDirect(
       slot.writes = Promise.all(writes).then(() => {}, noteFailure);
       doneBytes += range.count * clusterSize;
       options.onProgress?.(doneBytes, totalBytes);
-      fill();
     }
     await Promise.all(slots.map((slot) => slot.writes));
     await finishTable();
@@ -247,10 +263,7 @@ export async function convertDirect(
       cursor === l1Offset + l1Clusters * clusterSize && groupL1Index.length === 0
         ? l1Offset + l1Bytes
         : cursor;
-    for (let from = 0; from < l1Bytes; from += 1024 * 1024) {
-      const slice = encodeL1Slice(layout, from, Math.min(l1Bytes, from + 1024 * 1024));
-      await sink.writeAt(l1Offset + from, slice);
-    }
+    await writeDirectL1(sink, layout);
     for (let block = 0; block < refblockCount; block++) {
       await sink.writeAt(refblockOffset + block * clusterSize, encodeRefcountBlock(layout, block));
     }

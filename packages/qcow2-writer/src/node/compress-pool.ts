@@ -17,22 +17,14 @@ interface Pending {
 
 export type { CompressedBatch };
 
-export interface CompressorPool extends ClusterCompressor {
-  readonly size: number;
-  /**
-   * Compresses every `clusterSize` piece of the first `length` bytes of `data` (default: all of
-   * it). `data` is transferred to a worker (detached on return; the result hands it back), and so
-   * is `scratch`, used for the outputs when it holds at least `length` bytes.
-   */
-  compressBatch(
-    data: Uint8Array,
-    clusterSize: number,
-    type: CompressionType,
-    scratch?: ArrayBuffer | SharedArrayBuffer,
-    length?: number,
-  ): Promise<CompressedBatch>;
-  close(): Promise<void>;
-}
+/**
+ * A compressor whose `compressBatch` is always there: `data` is transferred to a worker (detached
+ * on return; the result hands it back), and so is `scratch` when it holds at least `length` bytes.
+ */
+export type CompressorPool = ClusterCompressor &
+  Required<Pick<ClusterCompressor, 'compressBatch' | 'close'>> & {
+    readonly size: number;
+  };
 
 /** A view over the whole of its buffer (transferable as is), else a copy that is. */
 function ownedView(data: Uint8Array): Uint8Array {
