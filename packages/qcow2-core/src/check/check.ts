@@ -602,17 +602,7 @@ async function compareRefcounts(
       }
       if (refcount > 0 || reference > 0) highestCluster = clusterIndex;
       if (refcount === reference) continue;
-      if (refcount < reference) {
-        log.corruption(
-          () =>
-            `ERROR cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
-        );
-      } else {
-        log.leak(
-          () =>
-            `Leaked cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
-        );
-      }
+      reportMismatch(stored, log, clusterIndex, refcount, reference);
     }
     await pacer.step(blockEnd - start);
     start = blockEnd;
@@ -644,19 +634,30 @@ function compareBlock(
       continue;
     }
     highestCluster = clusterIndex;
-    if (refcount < reference) {
-      log.corruption(
-        () =>
-          `ERROR cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
-      );
-    } else {
-      log.leak(
-        () =>
-          `Leaked cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
-      );
-    }
+    reportMismatch(stored, log, clusterIndex, refcount, reference);
   }
   return highestCluster;
+}
+
+/** Logs a stored refcount that differs from the counted references: too low is corruption, too high a leak. */
+function reportMismatch(
+  stored: StoredRefcounts,
+  log: CheckLog,
+  clusterIndex: number,
+  refcount: number,
+  reference: number,
+): void {
+  if (refcount < reference) {
+    log.corruption(
+      () =>
+        `ERROR cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
+    );
+  } else {
+    log.leak(
+      () =>
+        `Leaked cluster ${clusterIndex} refcount=${stored.exactText(clusterIndex, refcount)} reference=${reference}`,
+    );
+  }
 }
 
 /**
