@@ -10,7 +10,8 @@ import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MetadataMap } from '../src/alloc/metadata-map.js';
 import { RefcountStore } from '../src/alloc/refcount-store.js';
-import { decodeHeader, Qcow2Image } from '../src/index.js';
+import { decodeHeader, encodeHeader } from '../src/format/index.js';
+import { Qcow2Image } from '../src/index.js';
 import { requireTools, tempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
@@ -38,13 +39,16 @@ describe.skipIf(!haveQemu)('refcount table growth', () => {
       tableOffset: header.refcountTableOffset,
       tableClusters: header.refcountTableClusters,
       metadata,
-      writeTablePointer: async (tableOffset, tableClusters) => {
-        const bytes = new Uint8Array(12);
-        const view = new DataView(bytes.buffer);
-        view.setUint32(0, Math.floor(tableOffset / 2 ** 32));
-        view.setUint32(4, tableOffset >>> 0);
-        view.setUint32(8, tableClusters);
-        await file.write(48, bytes);
+      // The header as a whole, re-encoded by the format's own encoder with the new table.
+      writeTablePointer: async (refcountTableOffset, refcountTableClusters) => {
+        const current = decodeHeader(await file.read(0, 512));
+        const fields = {
+          ...current,
+          extensions: current.extensions.list,
+          refcountTableOffset,
+          refcountTableClusters,
+        };
+        await file.write(0, encodeHeader(fields));
         await file.flush();
       },
     });
