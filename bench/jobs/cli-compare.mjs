@@ -16,6 +16,7 @@ import { randomFillSync } from 'node:crypto';
 import { copyFile, open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { qcow2FromRaw } from '../lib/qemu.mjs';
 
 const QCOW2_BIN = fileURLToPath(new URL('../../packages/qcow2-cli/dist/bin/qcow2.js', import.meta.url));
 const MiB = 1024 * 1024;
@@ -30,10 +31,6 @@ async function makeHalfFullRaw(file) {
     await handle.write(randomFillSync(chunk), 0, MiB, index * 2 * MiB);
   }
   await handle.close();
-}
-
-function toQcow2(raw, image) {
-  execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, image]);
 }
 
 function timed(command, args) {
@@ -57,7 +54,7 @@ function compareJob(name, description, differ) {
       const first = join(dir, `${name}.a.qcow2`);
       const second = join(dir, `${name}.b.qcow2`);
       await makeHalfFullRaw(raw);
-      toQcow2(raw, first);
+      qcow2FromRaw(raw, first);
       if (differ) {
         const handle = await open(raw, 'r+');
         // One byte flipped in the last data MiB (at 1022 MiB + 1000 bytes).
@@ -67,7 +64,7 @@ function compareJob(name, description, differ) {
         await handle.write(byte, 0, 1, 1022 * MiB + 1000);
         await handle.close();
       }
-      toQcow2(raw, second);
+      qcow2FromRaw(raw, second);
       await rm(raw, { force: true });
       return { first, second };
     },
@@ -128,7 +125,7 @@ function commitJob(name, description) {
       const base = join(dir, `${name}.base.qcow2`);
       const top = join(dir, `${name}.top.qcow2`);
       await makeHalfFullRaw(raw);
-      toQcow2(raw, base);
+      qcow2FromRaw(raw, base);
       await rm(raw, { force: true });
       execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
       execFileSync('qemu-io', [

@@ -16,6 +16,7 @@ import { randomFillSync } from 'node:crypto';
 import { open, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { qcow2FromRaw } from '../lib/qemu.mjs';
 
 const QCOW2_BIN = fileURLToPath(new URL('../../packages/qcow2-cli/dist/bin/qcow2.js', import.meta.url));
 const MiB = 1024 * 1024;
@@ -51,6 +52,23 @@ function timed(command, args) {
 
 function convertJob(name, description, makeImage, extraArgs = []) {
   const peaks = { ours: 0, theirs: 0 };
+  /** One side's run into a fresh output file; its peak memory is kept. */
+  const convert = async (ctx, side, command, prefix) => {
+    await rm(ctx[side], { force: true });
+    const run = timed(command, [
+      ...prefix,
+      'convert',
+      '-f',
+      'qcow2',
+      '-O',
+      'raw',
+      ...extraArgs,
+      ctx.image,
+      ctx[side],
+    ]);
+    peaks[side] = Math.max(peaks[side], run.maxRssKiB);
+    return run.seconds;
+  };
   return {
     name,
     description,
@@ -59,37 +77,8 @@ function convertJob(name, description, makeImage, extraArgs = []) {
       const image = await makeImage(dir);
       return { dir, image, ours: join(dir, `${name}.ours.raw`), theirs: join(dir, `${name}.qemu.raw`) };
     },
-    async ours(ctx) {
-      await rm(ctx.ours, { force: true });
-      const run = timed(process.execPath, [
-        QCOW2_BIN,
-        'convert',
-        '-f',
-        'qcow2',
-        '-O',
-        'raw',
-        ...extraArgs,
-        ctx.image,
-        ctx.ours,
-      ]);
-      peaks.ours = Math.max(peaks.ours, run.maxRssKiB);
-      return run.seconds;
-    },
-    async theirs(ctx) {
-      await rm(ctx.theirs, { force: true });
-      const run = timed('qemu-img', [
-        'convert',
-        '-f',
-        'qcow2',
-        '-O',
-        'raw',
-        ...extraArgs,
-        ctx.image,
-        ctx.theirs,
-      ]);
-      peaks.theirs = Math.max(peaks.theirs, run.maxRssKiB);
-      return run.seconds;
-    },
+    ours: (ctx) => convert(ctx, 'ours', process.execPath, [QCOW2_BIN]),
+    theirs: (ctx) => convert(ctx, 'theirs', 'qemu-img', []),
     async teardown(ctx) {
       try {
         execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', ctx.theirs, ctx.ours]);
@@ -112,17 +101,7 @@ function halfFull(clusterSize) {
     const raw = join(dir, `convert-raw-${clusterSize}.src.raw`);
     const image = join(dir, `convert-raw-${clusterSize}.src.qcow2`);
     await makeHalfFullRaw(raw);
-    execFileSync('qemu-img', [
-      'convert',
-      '-f',
-      'raw',
-      '-O',
-      'qcow2',
-      '-o',
-      `cluster_size=${clusterSize}`,
-      raw,
-      image,
-    ]);
+    qcow2FromRaw(raw, image, { clusterSize });
     await rm(raw, { force: true });
     return image;
   };

@@ -15,6 +15,7 @@ import { randomFillSync } from 'node:crypto';
 import { copyFile, open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { qcow2FromRaw } from '../lib/qemu.mjs';
 
 const QCOW2_BIN = fileURLToPath(new URL('../../packages/qcow2-cli/dist/bin/qcow2.js', import.meta.url));
 const MiB = 1024 * 1024;
@@ -36,17 +37,7 @@ async function fullImage(dir, clusterSize) {
   const image = join(dir, `full-${clusterSize}.qcow2`);
   await makeRandomRaw(raw);
   try {
-    execFileSync('qemu-img', [
-      'convert',
-      '-f',
-      'raw',
-      '-O',
-      'qcow2',
-      '-o',
-      `cluster_size=${clusterSize}`,
-      raw,
-      image,
-    ]);
+    qcow2FromRaw(raw, image, { clusterSize });
   } finally {
     await rm(raw, { force: true });
   }

@@ -18,3 +18,10 @@ export function qemuImgBench({ file, count, depth, size, step = size, offset = 0
   if (!match) throw new Error(`qemu-img bench: unexpected output: ${out}`);
   return Number(match[1]);
 }
+
+/** Converts the raw file `raw` into the qcow2 image `image` with qemu-img (its default cluster
+ * size unless `clusterSize` is given). */
+export function qcow2FromRaw(raw, image, { clusterSize } = {}) {
+  const options = clusterSize === undefined ? [] : ['-o', `cluster_size=${clusterSize}`];
+  execFileSync('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', ...options, raw, image]);
+}
