@@ -9,7 +9,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BlockDeviceError, MemoryBlockDevice } from '@qcowkit/blockdev';
 import fc from 'fast-check';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
 import { MAX_CHECK_MESSAGES } from '../src/check/check-log.js';
 import {
@@ -19,6 +19,7 @@ import {
   formatCheckResultHuman,
 } from '../src/check/index.js';
 import { formatPercent } from '../src/check/report.js';
+import { suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -297,11 +298,7 @@ const cases: Case[] = [
 ];
 
 describe.skipIf(!haveQemu)('checkQcow2Image agrees with qemu-img check', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir('qcowkit-check-');
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir('qcowkit-check-');
 
   function makeImage(testCase: Case): string {
     const path = join(dir.path, `${testCase.name}.qcow2`);

@@ -9,6 +9,7 @@ import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { describeBlockDeviceConformance, patternBytes } from '@qcowkit/blockdev/testing';
 import { afterAll } from 'vitest';
 import { type Qcow2CreateOptions, Qcow2Image } from '../src/index.js';
+import { keepOpen } from './keep-open.js';
 import { tempDir } from './qemu.js';
 
 const RUNS = 8 * Number(process.env.QCOWKIT_SOAK ?? 1);
@@ -17,17 +18,6 @@ const dir = tempDir();
 // Long soak runs (QCOWKIT_CONFORMANCE_RUNS) leave thousands of files to remove.
 afterAll(() => dir.remove(), 120_000);
 let counter = 0;
-
-/** `device` with a close() that only flushes, so the storage can be opened again. */
-function keepOpen(device: BlockDevice): BlockDevice {
-  return new Proxy(device, {
-    get(target, property) {
-      if (property === 'close') return () => target.flush();
-      const value = Reflect.get(target, property, target);
-      return typeof value === 'function' ? value.bind(target) : value;
-    },
-  });
-}
 
 const storages = new WeakMap<BlockDevice, BlockDevice>();
 

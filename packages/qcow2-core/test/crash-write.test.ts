@@ -8,12 +8,13 @@
 import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { type BlockDevice, FaultInjectingBlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
+import { FaultInjectingBlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { patternBytes } from '@qcowkit/blockdev/testing';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Qcow2CreateOptions, Qcow2Image } from '../src/index.js';
 import { nodeCodecs } from '../src/node/index.js';
+import { keepOpen } from './keep-open.js';
 import { requireTools, tempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
@@ -214,14 +215,3 @@ describe.skipIf(!haveQemu)('qcow2 writes survive crashes', () => {
     }, 120_000);
   }
 });
-
-/** `device` with a close() that only flushes, so the storage can be opened again. */
-function keepOpen(device: BlockDevice): BlockDevice {
-  return new Proxy(device, {
-    get(target, property) {
-      if (property === 'close') return () => target.flush();
-      const value = Reflect.get(target, property, target);
-      return typeof value === 'function' ? value.bind(target) : value;
-    },
-  });
-}

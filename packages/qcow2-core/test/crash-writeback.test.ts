@@ -12,9 +12,10 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type BlockDevice, FaultInjectingBlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { patternBytes } from '@qcowkit/blockdev/testing';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { Qcow2Image } from '../src/index.js';
-import { requireTools, tempDir } from './qemu.js';
+import { keepOpen } from './keep-open.js';
+import { requireTools, suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
 const CLUSTER = 4096;
@@ -117,11 +118,7 @@ async function runWorkload(
 }
 
 describe.skipIf(!haveQemu)('crashes inside the metadata write-back', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir();
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir();
 
   it('a crash at any request of the workload leaves no corruption and every flushed byte', async () => {
     // A dry run counts the requests and checks the workload does write back under cache pressure.
@@ -180,14 +177,3 @@ describe.skipIf(!haveQemu)('crashes inside the metadata write-back', () => {
     expect(checkedByQemu).toBeGreaterThan(0);
   }, 120_000);
 });
-
-/** `device` with a close() that only flushes, so the storage can be opened again. */
-function keepOpen(device: BlockDevice): BlockDevice {
-  return new Proxy(device, {
-    get(target, property) {
-      if (property === 'close') return () => target.flush();
-      const value = Reflect.get(target, property, target);
-      return typeof value === 'function' ? value.bind(target) : value;
-    },
-  });
-}

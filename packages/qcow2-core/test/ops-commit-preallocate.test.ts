@@ -6,13 +6,14 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MemoryBlockDevice, OverlayBlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
+import { describe, expect, it } from 'vitest';
+import { requireTools, run, runStatus } from '../../../tests-e2e/src/tools.js';
 import { checkQcow2Image } from '../src/check/index.js';
 import { planQcow2Create, writeQcow2Layout } from '../src/create.js';
 import { Qcow2Image } from '../src/image.js';
 import { commitToBacking, preallocateData } from '../src/ops/index.js';
 import { refcountBlocksCovering } from '../src/ops/preallocate.js';
+import { suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
 
@@ -66,11 +67,7 @@ describe('commitToBacking with a base deeper in the chain', () => {
 });
 
 describe.skipIf(!haveQemu)('preallocateData against qemu-img create -o preallocation', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir('qcowkit-prealloc-');
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir('qcowkit-prealloc-');
 
   it.each([
     ['falloc', {}, 'cluster_size=65536'],

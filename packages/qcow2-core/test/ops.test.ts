@@ -21,6 +21,7 @@ import {
 } from '../src/ops/index.js';
 import { RawImage } from '../src/raw-image.js';
 import { createSnapshot } from '../src/snapshot/index.js';
+import { suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -224,11 +225,7 @@ describe.skipIf(!haveQemu)('ops agree with qemu-img', () => {
 });
 
 describe.skipIf(!haveQemu)('safe rebase and commit into qcow2 through the write path', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir('qcowkit-ops-rw-');
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir('qcowkit-ops-rw-');
 
   it('safe rebase keeps the guest view, as qemu-img rebase', async () => {
     const oldBase = join(dir.path, 'old.qcow2');

@@ -4,6 +4,7 @@
  * its error.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
+import { afterAll, beforeAll } from 'vitest';
 import { tempDir as sharedTempDir } from '../../../tests-e2e/src/tools.js';
 
 /** The e2e tool check, shared: in CI a missing tool throws, locally it warns and returns false. */
@@ -41,6 +42,24 @@ export function qemuIo(
 /** A fresh temporary directory (prefix `qcowkit-core-`) and a function that removes it. */
 export function tempDir(prefix = 'qcowkit-core-'): { path: string; remove: () => void } {
   return sharedTempDir(prefix);
+}
+
+/**
+ * A temporary directory for the enclosing `describe` block: made before its first test, removed
+ * after its last. Its `path` is there only while the block's tests run.
+ */
+export function suiteTempDir(prefix?: string): { readonly path: string } {
+  let dir: { path: string; remove: () => void } | undefined;
+  beforeAll(() => {
+    dir = tempDir(prefix);
+  });
+  afterAll(() => dir?.remove());
+  return {
+    get path() {
+      if (dir === undefined) throw new Error('suiteTempDir: used outside its describe block');
+      return dir.path;
+    },
+  };
 }
 
 /** qemu-io whose exit status is ignored (e.g. ending with `abort` to leave an image dirty). */

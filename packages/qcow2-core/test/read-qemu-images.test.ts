@@ -5,10 +5,10 @@
  */
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { openImage } from '../src/node/index.js';
 import { convertToRaw, expectSameAsRaw, ourMap, qemuMap, runWorkload } from './corpus.js';
-import { qemuImg, qemuIo, qemuIoUnchecked, requireTools, tempDir } from './qemu.js';
+import { qemuImg, qemuIo, qemuIoUnchecked, requireTools, suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -251,11 +251,7 @@ const cases: Case[] = [
 ];
 
 describe.skipIf(!haveQemu)('reading images made by qemu-img', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir();
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir();
 
   for (const testCase of cases) {
     it(`${testCase.name}: bytes equal qemu-img convert, map equals qemu-img map`, async () => {

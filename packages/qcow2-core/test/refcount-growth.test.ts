@@ -7,21 +7,17 @@ import { spawnSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { MetadataMap } from '../src/alloc/metadata-map.js';
 import { RefcountStore } from '../src/alloc/refcount-store.js';
 import { decodeHeader, encodeHeader } from '../src/format/index.js';
 import { Qcow2Image } from '../src/index.js';
-import { requireTools, tempDir } from './qemu.js';
+import { requireTools, suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
 
 describe.skipIf(!haveQemu)('refcount table growth', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir();
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir();
 
   it('growing twice between commits leaks no table', async () => {
     // 512 B clusters with 64-bit refcounts: a refcount block covers 64 clusters and a one-cluster

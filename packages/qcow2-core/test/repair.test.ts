@@ -6,8 +6,8 @@ import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
+import { describe, expect, it } from 'vitest';
+import { requireTools, run, runStatus } from '../../../tests-e2e/src/tools.js';
 import {
   checkQcow2Image,
   checkResultToQemuJson,
@@ -16,6 +16,7 @@ import {
   Qcow2RebuildNeededError,
 } from '../src/check/index.js';
 import { planRefcountStructure } from '../src/check/rebuild-refcounts.js';
+import { suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -119,11 +120,7 @@ const cases: Case[] = [
 ];
 
 describe.skipIf(!haveQemu)('check repair agrees with qemu-img check -r', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir('qcowkit-repair-');
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir('qcowkit-repair-');
 
   it.each(cases)('$name (-r $mode)', async (testCase) => {
     const base = join(dir.path, testCase.name.replace(/\W+/g, '-'));

@@ -7,12 +7,13 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import fc from 'fast-check';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
+import { describe, expect, it } from 'vitest';
+import { requireTools, run, runStatus } from '../../../tests-e2e/src/tools.js';
 import { checkQcow2Image } from '../src/check/index.js';
 import { Qcow2Image } from '../src/image.js';
 import { resizeImage } from '../src/ops/index.js';
 import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../src/snapshot/index.js';
+import { suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
 const START_SIZE = 1024 * 1024;
@@ -47,11 +48,7 @@ const step: fc.Arbitrary<Step> = fc.oneof(
 );
 
 describe.skipIf(!haveQemu)('snapshot model runs', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir('qcowkit-snapshot-model-');
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir('qcowkit-snapshot-model-');
 
   it('match the model, and qemu-img agrees', async () => {
     let run_ = 0;

@@ -6,12 +6,13 @@ import { copyFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
+import { describe, expect, it } from 'vitest';
+import { requireTools, run, runStatus } from '../../../tests-e2e/src/tools.js';
 import { checkQcow2Image } from '../src/check/index.js';
 import { Qcow2Image } from '../src/image.js';
 import { amendImage, resizeImage } from '../src/ops/index.js';
 import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../src/snapshot/index.js';
+import { suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
 
@@ -63,11 +64,7 @@ function io(path: string, ...commands: string[]): void {
 }
 
 describe.skipIf(!haveQemu)('snapshots agree with qemu-img snapshot', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir('qcowkit-snapshot-');
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir('qcowkit-snapshot-');
 
   it.each([
     ['64k clusters', [] as string[], 64 * 1024],

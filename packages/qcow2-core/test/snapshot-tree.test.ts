@@ -9,23 +9,20 @@ import { copyFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
+import { describe, expect, it } from 'vitest';
+import { requireTools, run, runStatus } from '../../../tests-e2e/src/tools.js';
 import { checkQcow2Image, loadHeader } from '../src/check/check.js';
 import { StoredRefcounts } from '../src/check/stored-refcounts.js';
 import { ImageEdit } from '../src/ops/image-edit.js';
 import { commitRefcounts } from '../src/snapshot/commit-refcounts.js';
 import { createSnapshot } from '../src/snapshot/index.js';
 import { addTreeReferences, canShareTree } from '../src/snapshot/tree-references.js';
+import { suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
 
 describe.skipIf(!haveQemu)('snapshot bulk steps', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir('qcowkit-snapshot-tree-');
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir('qcowkit-snapshot-tree-');
 
   /** An image with data, compressed and zero clusters and one snapshot, made by QEMU. */
   function image(name: string, options: string[], compressed = true): Buffer {

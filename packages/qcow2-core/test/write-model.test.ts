@@ -13,6 +13,7 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Qcow2CreateOptions, Qcow2Image } from '../src/index.js';
 import { nodeCodecs } from '../src/node/index.js';
+import { keepOpen } from './keep-open.js';
 import { qemuImg, requireTools, run, tempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
@@ -247,17 +248,6 @@ async function reopenFirst(
 ): Promise<Qcow2Image> {
   await image.close();
   return Qcow2Image.open(keep, { ...openOptions, readOnly: false });
-}
-
-/** `device` with a close() that only flushes, so the storage can be opened again. */
-function keepOpen(device: BlockDevice): BlockDevice {
-  return new Proxy(device, {
-    get(target, property) {
-      if (property === 'close') return () => target.flush();
-      const value = Reflect.get(target, property, target);
-      return typeof value === 'function' ? value.bind(target) : value;
-    },
-  }) as BlockDevice;
 }
 
 function equalBytes(a: Uint8Array, b: Uint8Array): boolean {

@@ -7,9 +7,9 @@
 import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { patternBytes } from '@qcowkit/blockdev/testing';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { openImage } from '../src/node/index.js';
-import { qemuImg, qemuIo, requireTools, tempDir } from './qemu.js';
+import { qemuImg, qemuIo, requireTools, suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img', 'qemu-io');
 const SIZE = 4 << 20;
@@ -29,11 +29,7 @@ const variants: Variant[] = [
 ];
 
 describe.skipIf(!haveQemu)('writing into images QEMU made', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir();
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir();
 
   variants.forEach((variant, index) => {
     it(variant.name, async () => {
