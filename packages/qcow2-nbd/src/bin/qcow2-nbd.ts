@@ -8,6 +8,21 @@ const version = (
 ).version;
 const debug = process.env.QCOWKIT_DEBUG !== undefined;
 
+// Signal handlers go in before anything starts, so a signal can never find the default action
+// (which kills the process without the clean stop): one arriving while the server is still
+// starting stops it as soon as it is up; a second one exits at once.
+let signals = 0;
+let finished = false;
+let stopServer: (() => void) | undefined;
+const onSignal = () => {
+  signals++;
+  if (finished) process.exit(process.exitCode ?? 0);
+  if (signals > 1) process.exit(1);
+  stopServer?.();
+};
+process.on('SIGINT', onSignal);
+process.on('SIGTERM', onSignal);
+
 try {
   const started = await startCli({
     argv: process.argv.slice(2),
@@ -20,20 +35,9 @@ try {
   if (typeof started === 'number') {
     process.exitCode = started;
   } else {
-    let signals = 0;
-    let finished = false;
-    // The handlers stay installed until the process exits: a signal arriving while the server is
-    // already shutting down by itself (the last client left) must not kill it mid-close.
-    const onSignal = () => {
-      signals++;
-      if (finished) process.exit(process.exitCode ?? 0);
-      if (signals > 1) process.exit(1);
-      started.stop();
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
+    stopServer = started.stop;
+    if (signals > 0) started.stop();
     process.exitCode = await started.done;
-    finished = true;
   }
 } catch (error) {
   const message = error instanceof Error ? error.message : String(error);
@@ -41,3 +45,8 @@ try {
   if (debug && error instanceof Error && error.stack !== undefined) process.stderr.write(`${error.stack}\n`);
   process.exitCode = 1;
 }
+// Everything is closed (images flushed, pid file gone, stdout and stderr written synchronously):
+// exit now rather than while Node tears its handles down, when a late signal (a supervisor's
+// SIGTERM racing a server that stopped by itself) would meet the default action again.
+finished = true;
+process.exit(process.exitCode ?? 0);
