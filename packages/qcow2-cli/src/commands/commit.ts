@@ -26,6 +26,8 @@ export interface CommitCommandOptions {
   readonly keep: boolean;
   readonly progress: boolean;
   readonly quiet: boolean;
+  /** `-r`: bytes a second at most (0 or absent: unlimited). */
+  readonly rateLimit?: number | undefined;
 }
 
 async function samePath(a: string, b: string): Promise<boolean> {
@@ -71,6 +73,7 @@ export async function commitCommand(
         overlay: overlay.device,
         backing: base.device,
         baseDepth,
+        ...(options.rateLimit === undefined ? {} : { rateLimit: options.rateLimit }),
         onProgress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
       });
     } catch (error) {

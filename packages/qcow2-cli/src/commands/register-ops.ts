@@ -338,10 +338,9 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
     .option('-p', 'show a progress bar on stderr')
     .option('-q', 'quiet')
     .addOption(
-      new Option(
-        '-r <rate>',
-        'rate limit in bytes per second (accepted; the commit runs unthrottled)',
-      ).argParser(rateLimitParser),
+      new Option('-r <rate>', 'at most this many bytes per second (size suffixes allowed)').argParser(
+        rateLimitParser,
+      ),
     )
     .addOption(
       new Option('-t <cache>', 'cache mode (accepted; the page cache is always used)').argParser(cacheParser),
@@ -359,6 +358,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
           keep: options.d === true,
           progress: options.p === true,
           quiet: options.q === true,
+          rateLimit: options.r as number | undefined,
         }),
       );
     });

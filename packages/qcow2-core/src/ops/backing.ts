@@ -246,6 +246,8 @@ export interface CommitOptions {
   readonly signal?: AbortSignal;
   /** Called as ranges are written: bytes done and the total to commit. */
   readonly onProgress?: (done: number, total: number) => void;
+  /** At most this many bytes a second (`qemu-img commit -r`); unlimited when absent or 0. */
+  readonly rateLimit?: number;
 }
 
 /** Writes every range the layers above the base hold into the base device; returns the bytes written. */
@@ -268,6 +270,11 @@ export async function commitToBacking(options: CommitOptions): Promise<number> {
   }
   const total = totalLength(own);
   options.onProgress?.(0, total);
+  const rateLimit = options.rateLimit ?? 0;
+  if (!(rateLimit >= 0) || !Number.isFinite(rateLimit)) {
+    throw new BlockDeviceError('EINVAL', `qcow2 commit: invalid rate limit ${rateLimit}`);
+  }
+  const started = Date.now();
   // Data windows are read ahead of the writes (which land in order); zero runs are one request.
   await pipeline(
     windowsOf(own, COMMIT_WINDOW, 512),
@@ -282,6 +289,11 @@ export async function commitToBacking(options: CommitOptions): Promise<number> {
       else await backing.write(offset, buffer.subarray(0, length), { signal });
       written += length;
       options.onProgress?.(written, total);
+      if (rateLimit > 0) {
+        // Throttled: the next window waits until the bytes so far fit the rate.
+        const wait = started + (written / rateLimit) * 1000 - Date.now();
+        if (wait > 0) await new Promise<void>((resolve) => setTimeout(resolve, wait));
+      }
     },
   );
   await backing.flush({ signal });
