@@ -125,6 +125,45 @@ describe.skipIf(!haveTools)('qcow2 convert', () => {
     expect(small.stderr.replace(/^qcow2: /, '')).toBe(qemuSmall.stderr.replace(/^qemu-img: /, ''));
   });
 
+  test('--target-is-zero takes the target at its word as qemu-img does, and needs -n', () => {
+    // A target full of 0x77: with --target-is-zero neither tool zeroes it, so the guest's zero
+    // ranges keep the 0x77 bytes, the same in both files.
+    for (const [format, name] of [
+      ['raw', 'tz.raw'],
+      ['qcow2', 'tz.qcow2'],
+    ] as const) {
+      const theirs = `qemu-${name}`;
+      run('qemu-img', ['create', '-q', '-f', format, name, '8M'], { cwd: dir.path });
+      run('qemu-io', ['-f', format, '-c', 'write -P 0x77 0 8M', name], { cwd: dir.path });
+      copyFileSync(join(dir.path, name), join(dir.path, theirs));
+      const args = ['convert', '-n', '--target-is-zero', '-O', format, 'snap.qcow2'];
+      const ours = qcow2([...args, name], { cwd: dir.path });
+      expect(ours.status, ours.stderr).toBe(0);
+      run('qemu-img', [...args, theirs], { cwd: dir.path });
+      const compare = runStatus('qemu-img', ['compare', '-f', format, '-F', format, name, theirs], {
+        cwd: dir.path,
+      });
+      expect(compare.status, compare.stdout).toBe(0);
+      // It differs from the source where the source has zeros: nothing was zeroed.
+      expect(
+        runStatus('qemu-img', ['compare', '-F', format, 'snap.qcow2', name], { cwd: dir.path }).status,
+      ).toBe(1);
+    }
+    const alone = qcow2(['convert', '--target-is-zero', '-O', 'raw', 'snap.qcow2', 'tz-new.raw'], {
+      cwd: dir.path,
+    });
+    const qemuAlone = runStatus(
+      'qemu-img',
+      ['convert', '--target-is-zero', '-O', 'raw', 'snap.qcow2', 'tz-new.raw'],
+      {
+        cwd: dir.path,
+      },
+    );
+    expect(alone.status).toBe(1);
+    expect(qemuAlone.status).toBe(1);
+    expect(alone.stderr.replace(/^qcow2: /, '')).toBe(qemuAlone.stderr.replace(/^qemu-img: /, ''));
+  });
+
   test('-S 0 gives a fully allocated copy and -S 64k the holes qemu-img leaves', () => {
     for (const size of ['0', '64k']) {
       const ours = qcow2(['convert', '-S', size, '-O', 'raw', 'snap.qcow2', `s${size}.raw`], {

@@ -159,11 +159,15 @@ function buildProgram(
     )
     .option('-W', 'out-of-order writes (accepted)')
     .option('-n', 'write into the existing target (do not create it)')
+    .option('--target-is-zero', 'with -n: the target reads as zeros already (nothing is zeroed)')
     .addHelpText(
       'after',
       '\nExamples:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 convert -O qcow2 -c -o cluster_size=2M disk.raw disk.qcow2\n',
     )
     .action(async (source: string, target: string, options: Record<string, unknown>) => {
+      if (options.targetIsZero === true && options.n !== true) {
+        throw new UsageError('--target-is-zero requires use of -n flag');
+      }
       const { convertCommand } = await import('./commands/convert.js');
       if (options.O === 'qcow2') {
         const { convertToQcow2Command } = await import('./commands/convert-qcow2.js');
@@ -180,6 +184,7 @@ function buildProgram(
             backingFormat: options.F as string | undefined,
             parallel: options.m as number | undefined,
             noCreate: options.n === true,
+            targetIsZero: options.targetIsZero === true,
           }),
         );
         return;
@@ -192,6 +197,7 @@ function buildProgram(
           progress: options.p === true && options.q !== true,
           forceShare: options.forceShare === true,
           noCreate: options.n === true,
+          targetIsZero: options.targetIsZero === true,
           ...(options.S === undefined ? {} : { sparseSize: options.S as number }),
           ...(options.m === undefined ? {} : { parallel: options.m as number }),
         }),

@@ -16,6 +16,9 @@ export interface CopyIntoOptions {
   /** Writes each whole, aligned block of data compressed (qemu-img convert -n -c); `blockBytes`
    * must then be the target's cluster size. */
   readonly writeCompressed?: (guestOffset: number, data: Uint8Array) => Promise<void>;
+  /** The target is known to read as zeros (qemu-img convert --target-is-zero): nothing is zeroed
+   * and the target's block status is not asked. */
+  readonly targetIsZero?: boolean;
   readonly signal?: AbortSignal;
   /** Bytes of the guest handled, of `source.size`. */
   readonly onProgress?: (done: number, total: number) => void;
@@ -71,7 +74,11 @@ export async function copyInto(
   );
   const depth = Math.max(1, options.readDepth ?? 4);
   if (size === 0) return;
-  const targetZeros = new ZeroMap(await blockStatusAll(target, 0, size, { signal }));
+  const targetZeros = new ZeroMap(
+    options.targetIsZero === true
+      ? [{ offset: 0, length: size, zero: true, data: false, present: false, depth: 0 }]
+      : await blockStatusAll(target, 0, size, { signal }),
+  );
   const sourceExtents = await blockStatusAll(source, 0, size, { signal });
   let done = 0;
   options.onProgress?.(0, size);

@@ -33,6 +33,8 @@ export interface Qcow2ConvertExtras {
   readonly parallel?: number | undefined;
   /** `-n`: write into the existing target. */
   readonly noCreate?: boolean;
+  /** `--target-is-zero` (with `-n`): the target reads as zeros already. */
+  readonly targetIsZero?: boolean;
 }
 
 /** stdout as a sink that never ends it (it is not ours to close): writes wait for 'drain'. */
@@ -104,6 +106,7 @@ async function convertIntoExisting(
     const progress = progressReporter(context.io, options.progress);
     await copyInto(opened.device, writable.device, {
       ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
+      ...(options.targetIsZero === true ? { targetIsZero: true } : {}),
       ...(options.compress === true && image !== undefined
         ? {
             blockBytes: image.clusterSize,

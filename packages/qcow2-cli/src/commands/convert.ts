@@ -33,6 +33,8 @@ export interface ConvertOptions {
   readonly forceShare: boolean;
   /** `-n`: write into the existing target instead of creating it. */
   readonly noCreate?: boolean;
+  /** `--target-is-zero` (only with `-n`): the target reads as zeros already; nothing is zeroed. */
+  readonly targetIsZero?: boolean;
   /** `-S`: runs of this many zero bytes (aligned in the guest) become holes; 0: no zero scan at
    * all, the target fully allocated. Default 4 KiB, as qemu-img's. */
   readonly sparseSize?: number;
@@ -88,6 +90,7 @@ export async function convertCommand(
       await convertToRaw(opened.device, targetPath, target, {
         ...copyOptions,
         noCreate: options.noCreate === true,
+        targetIsZero: options.targetIsZero === true,
         sparseSize: options.sparseSize ?? SPARSE_BLOCK,
         hostFile: (depth) => hostFileOf(opened.chain[depth]),
       });
@@ -183,6 +186,8 @@ export interface ConvertToRawOptions {
   readonly onProgress?: ((done: number, total: number) => void) | undefined;
   /** `-n`: write into the existing file at `targetPath` instead of creating it. */
   readonly noCreate?: boolean;
+  /** `--target-is-zero` (with `-n`): the existing file reads as zeros, nothing is zeroed. */
+  readonly targetIsZero?: boolean;
   /** See {@link ConvertOptions.sparseSize} (default 4 KiB). */
   readonly sparseSize?: number;
   /** With `sparseSize` 0: the file holding the data of the source's layer `depth` at the host
@@ -253,9 +258,11 @@ export async function convertToRaw(
       });
       return;
     }
-    const zeroAhead = noCreate && file.capabilities.fastZero && size > 0;
+    // With --target-is-zero the file is taken at its word: as for a new file, nothing is zeroed.
+    const mustZero = noCreate && options.targetIsZero !== true;
+    const zeroAhead = mustZero && file.capabilities.fastZero && size > 0;
     if (zeroAhead) await zeroTarget(file, targetName, 0, size, true);
-    const zeroInTarget = noCreate && !zeroAhead;
+    const zeroInTarget = mustZero && !zeroAhead;
     const chunkSize = Math.max(sparseSize, options.chunkSize - (options.chunkSize % sparseSize));
     const scan = new ZeroScan(sparseSize);
     const tasks = serialise(
