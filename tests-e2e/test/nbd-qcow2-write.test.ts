@@ -201,8 +201,12 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
 
   it('kill -9 during fio random writes, 12 rounds: no corruption, flushed data intact', async () => {
     const image = join(dir.path, 'crash.qcow2');
-    // Large enough that every round's random writes still allocate (the kill waits for growth).
-    run('qemu-img', ['create', '-f', 'qcow2', image, '256M']);
+    // Large enough that every round's random writes still allocate (the kill waits for growth):
+    // a fast server fills a small disk within a few rounds.
+    const disk = 2048 * MiB;
+    const stampsAt = disk - MiB;
+    const fioBytes = disk - 16 * MiB;
+    run('qemu-img', ['create', '-f', 'qcow2', image, String(disk)]);
     const rounds = 12;
     for (let round = 0; round < rounds; round++) {
       const server = await startServer(dir.path, ['-e', '0', '-f', 'qcow2', image]);
@@ -213,12 +217,17 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
           '-f',
           'raw',
           '-c',
-          `write -P 0x${stamp} ${255 * MiB + round * 65536} 64k`,
+          `write -P 0x${stamp} ${stampsAt + round * 65536} 64k`,
           '-c',
           'flush',
           server.uri,
         ]);
-        const fio = fioRandomWrites('crash', server.uri, [`--randseed=${round + 1}`, '--fsync=64'], '240M');
+        const fio = fioRandomWrites(
+          'crash',
+          server.uri,
+          [`--randseed=${round + 1}`, '--fsync=64'],
+          String(fioBytes),
+        );
         // Kill once fio's writes are under way (the file has grown), at a different moment each round.
         const grown = statSync(image).size + 2 * MiB;
         const deadline = Date.now() + 30_000;
@@ -237,7 +246,7 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
       expect([0, 3], `round ${round}: ${check.stdout}${check.stderr}`).toContain(check.status);
       const reads = [];
       for (let earlier = 0; earlier <= round; earlier++) {
-        reads.push('-c', `read -P 0x${(0x10 + earlier).toString(16)} ${255 * MiB + earlier * 65536} 64k`);
+        reads.push('-c', `read -P 0x${(0x10 + earlier).toString(16)} ${stampsAt + earlier * 65536} 64k`);
       }
       const verify = runStatus('qemu-io', ['-r', '-f', 'qcow2', ...reads, image]);
       expect(verify.stdout + verify.stderr, `round ${round}`).not.toMatch(/fail|error/i);
@@ -248,7 +257,7 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
       length: number;
       data: boolean;
     }[];
-    const fioData = map.filter((entry) => entry.data && entry.start < 240 * MiB);
+    const fioData = map.filter((entry) => entry.data && entry.start < fioBytes);
     expect(fioData.reduce((sum, entry) => sum + entry.length, 0)).toBeGreaterThan(8 * MiB);
     // A clean stop afterwards leaves the image clean apart from the leaks the kills left.
     const server = await startServer(dir.path, ['-f', 'qcow2', image]);

@@ -1,14 +1,14 @@
 /**
- * How the CLI's files do their I/O (`--aio`). `threads` (the default, as qemu-nbd's) sends every
- * read and write through libuv's thread pool; `sync` serves requests up to 64 KiB with positioned
- * I/O on the main thread; `auto` does the same as `sync` when the file lives on a memory-backed
- * file system (tmpfs, ramfs), where a read or a write is a memory copy that never waits for a disk,
- * and uses the pool everywhere else. On tmpfs the pool only adds a thread hand-off per request (a
- * futex wake, a context switch, a callback through the event loop): inline 4 KiB requests took a
- * third less server CPU. But on a machine shared with busier processes the pool's threads also win
- * the server a larger share of the CPU, and inline requests finished later (the nbd-aio bench
- * jobs), so inline I/O is a choice, not the default. Large requests always use the pool, where
- * their copies overlap the socket writes of the main thread.
+ * How the CLI's files do their I/O (`--aio`). `threads` sends every read and write through libuv's
+ * thread pool; `sync` serves requests up to 64 KiB with positioned I/O on the main thread; `auto`
+ * (the default) does the same as `sync` when the file lives on a memory-backed file system (tmpfs,
+ * ramfs), where a read or a write is a memory copy that never waits for a disk, and uses the pool
+ * everywhere else (so on disks it is `threads`, as qemu-nbd's default). On tmpfs the pool only adds
+ * a thread hand-off per request (a futex wake, a context switch, a callback through the event
+ * loop): inline 4 KiB requests took half the server CPU and, on a quiet machine, 0.53-0.76 of the
+ * time (the nbd-aio bench jobs). Only on a machine saturated by other processes did the pool's
+ * threads win the server a larger share of the CPU and finish first: `--aio=threads` is there for
+ * that. Large requests always use the pool, where their copies overlap the socket writes.
  */
 import { statfs } from 'node:fs/promises';
 import { SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';

@@ -52,7 +52,7 @@ async function openOne(
   // With -s the file itself is never written.
   const readOnlyFile = options.readOnly || options.snapshot || options.loadSnapshot !== undefined;
   let device: BlockDevice;
-  const fileIo = await fileIoOptions(options.aio ?? 'threads', spec.path);
+  const fileIo = await fileIoOptions(options.aio ?? 'auto', spec.path);
   if (format === 'raw') {
     if (options.loadSnapshot !== undefined)
       throw new CliError(`${spec.path}: -l needs a qcow2 image, not raw`);

@@ -85,7 +85,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
     .addOption(
       new Option(
         '--aio <MODE>',
-        'file I/O: threads (pool, default), sync (requests up to 64 KiB inline) or auto (sync on tmpfs/ramfs, else threads)',
+        'file I/O: auto (default: sync on tmpfs/ramfs, else threads), threads (pool) or sync (requests up to 64 KiB inline)',
       ).choices(['auto', 'threads', 'sync']),
     )
     .option('-A, --allocation-depth', 'offer the qemu:allocation-depth meta context', false)
