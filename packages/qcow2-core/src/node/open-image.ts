@@ -40,6 +40,10 @@ export interface OpenImageOptions {
   /** L2 cache bytes per qcow2 layer. */
   l2CacheBytes?: number;
   codecs?: Qcow2Codecs;
+  /** The top layer's file: requests up to this many bytes run synchronously (FileBlockDevice's
+   * `syncIoMaxBytes`, for a memory-backed file; backing files, which may live elsewhere, always use
+   * the thread pool; default 0). */
+  syncIoMaxBytes?: number;
 }
 
 export interface ChainLayer {
@@ -142,6 +146,7 @@ async function openLayer(request: LayerRequest): Promise<ChainLayer> {
   const file = await FileBlockDevice.open(path, {
     readOnly: !writable,
     ...(options.forceShare !== undefined && !writable ? { forceShare: options.forceShare } : {}),
+    ...(options.syncIoMaxBytes !== undefined ? { syncIoMaxBytes: options.syncIoMaxBytes } : {}),
   });
   const layerIndex = chain.length;
   const format = (request.declaredFormat as ImageFormat | undefined) ?? (await probe(file));

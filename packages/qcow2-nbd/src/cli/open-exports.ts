@@ -10,7 +10,7 @@ import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import type { OpenedImage } from '@qcowkit/qcow2-core/node';
 import type { NbdExport } from '../server/export.js';
 import { CliError } from './errors.js';
-import { fileIoOptions } from './file-io.js';
+import { type FileIoOptions, fileIoOptions } from './file-io.js';
 import { openWritableQcow2 } from './open-writable-qcow2.js';
 import { type CliOptions, type ExportSpec, type ImageFormat, parseSnapshotSpec } from './options.js';
 
@@ -70,7 +70,7 @@ async function openOne(
           `${spec.path}: ${format} images are served read-only: add -r/--read-only or -s/--snapshot`,
         );
       }
-      const image = await openImageOf(spec.path, format, options.loadSnapshot);
+      const image = await openImageOf(spec.path, format, options.loadSnapshot, fileIo);
       closers.push(() => image.close());
       device = image.device;
     }
@@ -94,13 +94,15 @@ async function openImageOf(
   path: string,
   format: ImageFormat,
   snapshotSpec: string | undefined,
+  fileIo: FileIoOptions,
 ): Promise<OpenedImage> {
   // Loaded on first use: serving raw files does not load the qcow2 engine at all.
   const { openImage } = await import('@qcowkit/qcow2-core/node');
-  if (snapshotSpec === undefined) return openImage(path, { format, readOnly: true });
+  if (snapshotSpec === undefined) return openImage(path, { format, readOnly: true, ...fileIo });
   return openImage(path, {
     format,
     readOnly: true,
+    ...fileIo,
     snapshot: parseSnapshotSpec(snapshotSpec),
     snapshotSize: 'snapshot',
   });
