@@ -10,7 +10,7 @@
  */
 import type { Command } from 'commander';
 import { convertFastPath, parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
-import { registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
+import { collectOptions, registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from './image-formats.js';
 import type { CliIo, CommandContext } from './io.js';
@@ -146,7 +146,7 @@ function buildProgram(
     .addOption(new Option('-s <snapshot>', 'snapshot id or name'))
     .option('-p', 'show a progress bar on stderr')
     .option('-q', 'quiet: no progress bar even with -p')
-    .addOption(new Option('-o <options>', '-O qcow2: options as for create').argParser(collect))
+    .addOption(new Option('-o <options>', '-O qcow2: options as for create').argParser(collectOptions))
     .option('-c', '-O qcow2: compressed clusters')
     .addOption(new Option('-B <backing>', '-O qcow2: backing file of the new image'))
     .addOption(new Option('-F <fmt>', '-O qcow2: format of the backing file'))
@@ -266,10 +266,6 @@ function parseFormat(value: string): ImageFormat {
     throw new UsageError(`Unknown driver '${value}' (formats: ${IMAGE_FORMATS.join(', ')})`);
   }
   return value as ImageFormat;
-}
-
-function collect(value: string, previous: string[] | undefined): string[] {
-  return [...(previous ?? []), value];
 }
 
 function positiveInteger(value: string): number {

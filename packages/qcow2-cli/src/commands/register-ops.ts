@@ -20,6 +20,11 @@ export interface RegisterContext {
 const SUFFIX_HINT =
   'You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.';
 
+/** Collects a repeatable option (`-o A -o B`) into a list, in command-line order. */
+export function collectOptions(value: string, previous: string[] | undefined): string[] {
+  return [...(previous ?? []), value];
+}
+
 /** An integer in `[min, max]`, else a {@link UsageError} with `message`. */
 export function integerParser(min: number, max: number, message: string): (value: string) => number {
   return (value) => {
@@ -207,7 +212,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
       new Option(
         '-o <options>',
         'cluster_size=,refcount_bits=,extended_l2=,compat=,lazy_refcounts=,...',
-      ).argParser((value: string, previous: string[] | undefined) => [...(previous ?? []), value]),
+      ).argParser(collectOptions),
     )
     .addOption(new Option('-b <backing>', 'backing file (relative to the new image)'))
     .addOption(new Option('-F <fmt>', 'backing file format'))
@@ -307,7 +312,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
       new Option(
         '-o <options>',
         'compat=0.10|1.1, lazy_refcounts=on|off, refcount_bits=N, size=SIZE',
-      ).argParser((value: string, previous: string[] | undefined) => [...(previous ?? []), value]),
+      ).argParser(collectOptions),
     )
     .option('-p', 'show a progress bar on stderr')
     .option('-q', 'quiet')
@@ -409,11 +414,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
     .description('how much space a new image or a conversion needs (as qemu-img measure)')
     .addOption(new Option('--output <fmt>', 'human or json').choices(['human', 'json']).default('human'))
     .addOption(new Option('-O <fmt>', 'output format: qcow2 or raw').default('raw'))
-    .addOption(
-      new Option('-o <options>', 'qcow2 options, as for create').argParser(
-        (value: string, previous: string[] | undefined) => [...(previous ?? []), value],
-      ),
-    )
+    .addOption(new Option('-o <options>', 'qcow2 options, as for create').argParser(collectOptions))
     .addOption(new Option('--size <size>', 'measure a new empty image of this size'))
     .addOption(
       new Option('-f <fmt>', 'image format: qcow2, qcow or raw (default: detected)').argParser(
