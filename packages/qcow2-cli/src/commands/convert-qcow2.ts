@@ -18,6 +18,7 @@ import { progressReporter } from '../output/progress.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
 import type { ConvertOptions } from './convert.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
+import { qcow2LayoutOptions } from './measure.js';
 import { selectSnapshot } from './snapshot-select.js';
 import { openWritable } from './writable-image.js';
 
@@ -217,15 +218,7 @@ export async function convertToQcow2Command(
     progress?.update(0, 1);
     try {
       await convertToQcow2(opened.device, targetPath ?? stdoutSink(stdout!), {
-        ...(created.compat === undefined
-          ? {}
-          : { version: created.compat === '0.10' ? (2 as const) : (3 as const) }),
-        ...(created.clusterSize === undefined ? {} : { clusterSize: created.clusterSize }),
-        ...(created.refcountBits === undefined ? {} : { refcountBits: created.refcountBits }),
-        ...(created.extendedL2 === undefined ? {} : { extendedL2: created.extendedL2 }),
-        ...(created.lazyRefcounts === undefined ? {} : { lazyRefcounts: created.lazyRefcounts }),
-        ...(created.compressionType === undefined ? {} : { compressionType: created.compressionType }),
-        ...(created.preallocation === undefined ? {} : { preallocation: created.preallocation }),
+        ...qcow2LayoutOptions(created),
         ...(created.dataFile === undefined ? {} : { dataFile: created.dataFile, dataFilePath }),
         ...(created.dataFileRaw === undefined ? {} : { dataFileRaw: created.dataFileRaw }),
         ...(created.backingFile === undefined ? {} : { backingFile: created.backingFile }),

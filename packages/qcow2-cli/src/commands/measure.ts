@@ -3,6 +3,7 @@
  * [-l SNAPSHOT] FILE)`: what a new image or a conversion needs, through qcow2-writer's `measure`,
  * printed as qemu-img measure prints it.
  */
+import type { Qcow2CreateOptions } from '@qcowkit/qcow2-core';
 import { measure } from '@qcowkit/qcow2-writer';
 import { type ImageFormat, openImage } from '../engine.js';
 import { UsageError } from '../errors.js';
@@ -26,6 +27,21 @@ export interface MeasureCommandOptions {
   readonly format?: ImageFormat | undefined;
   readonly snapshot?: { id?: string; name?: string; idOrName?: string } | undefined;
   readonly forceShare: boolean;
+}
+
+/** The `-o` layout options (qcow2-core's create options) as qcow2-writer's options: measure's and convert's. */
+export function qcow2LayoutOptions(created: Qcow2CreateOptions) {
+  return {
+    ...(created.compat === undefined
+      ? {}
+      : { version: created.compat === '0.10' ? (2 as const) : (3 as const) }),
+    ...(created.clusterSize === undefined ? {} : { clusterSize: created.clusterSize }),
+    ...(created.refcountBits === undefined ? {} : { refcountBits: created.refcountBits }),
+    ...(created.extendedL2 === undefined ? {} : { extendedL2: created.extendedL2 }),
+    ...(created.lazyRefcounts === undefined ? {} : { lazyRefcounts: created.lazyRefcounts }),
+    ...(created.compressionType === undefined ? {} : { compressionType: created.compressionType }),
+    ...(created.preallocation === undefined ? {} : { preallocation: created.preallocation }),
+  };
 }
 
 export async function measureCommand(
@@ -55,17 +71,7 @@ export async function measureCommand(
     }
   }
   const created = qcow2CreateOptions('', size ?? 0, values);
-  const writerOptions = {
-    ...(created.compat === undefined
-      ? {}
-      : { version: created.compat === '0.10' ? (2 as const) : (3 as const) }),
-    ...(created.clusterSize === undefined ? {} : { clusterSize: created.clusterSize }),
-    ...(created.refcountBits === undefined ? {} : { refcountBits: created.refcountBits }),
-    ...(created.extendedL2 === undefined ? {} : { extendedL2: created.extendedL2 }),
-    ...(created.lazyRefcounts === undefined ? {} : { lazyRefcounts: created.lazyRefcounts }),
-    ...(created.compressionType === undefined ? {} : { compressionType: created.compressionType }),
-    ...(created.preallocation === undefined ? {} : { preallocation: created.preallocation }),
-  };
+  const writerOptions = qcow2LayoutOptions(created);
   let required: number;
   let fullyAllocated: number;
   let bitmaps: number | undefined;
