@@ -45,7 +45,7 @@ import {
   type RequestHeader,
   validateRequest,
 } from '../protocol/requests.js';
-import { BufferPool, MINIMUM_POOLED } from './buffer-pool.js';
+import { BufferPool } from './buffer-pool.js';
 import type { ConnectionIo } from './connection-io.js';
 import type { DataExtentCache } from './data-extent-cache.js';
 import { CONTEXT_ID_ALLOCATION_DEPTH, CONTEXT_ID_BASE_ALLOCATION, isExportReadOnly } from './export.js';
@@ -195,9 +195,8 @@ export class Transmission {
           } finally {
             // The device is done with the bytes. A payload spanning socket chunks was copied into a
             // pool buffer (a view of one chunk is not ours to keep): it serves the next request.
-            if (payload!.length >= MINIMUM_POOLED && BufferPool.ownsWhole(payload!)) {
-              this.config.buffers.release(payload!);
-            }
+            // release() itself leaves buffers too small for the pool to the garbage collector.
+            if (BufferPool.ownsWhole(payload!)) this.config.buffers.release(payload!);
           }
           break;
         case NBD_CMD_FLUSH:
