@@ -173,9 +173,10 @@ async function buildEsm() {
 /** `--code-cache`: the entry as one CommonJS file, and the stub that runs it from the cache. */
 async function buildCommonJs() {
   const bundleName = `${name}.bundle.cjs`;
+  const bundlePath = join(staging, bundleName);
   const result = await build({
     entryPoints: [entry],
-    outfile: join(staging, bundleName),
+    outfile: bundlePath,
     bundle: true,
     format: 'cjs',
     platform: 'node',
@@ -198,7 +199,6 @@ async function buildCommonJs() {
   });
   // The entry's `#!` line (kept by esbuild) is no JavaScript inside the function wrapper the
   // stub puts around the bundle: made a comment, the same length, so the source map still fits.
-  const bundlePath = join(staging, bundleName);
   let code = await readFile(bundlePath, 'utf8');
   if (code.startsWith('#!')) code = `//${code.slice(2)}`;
   if (/\bimport\(/.test(code.replace(/\/\/.*|\/\*[\s\S]*?\*\//g, ''))) {
@@ -223,10 +223,9 @@ import { Script } from 'node:vm';
 
 const file = fileURLToPath(new URL(${JSON.stringify(bundleName)}, import.meta.url));
 const require = createRequire(file);
-if (${debugCondition()}) {
-  process.setSourceMapsEnabled(true);
-  require(file);
-} else if (process.env.QCOWKIT_CODE_CACHE === '0') {
+const debug = ${debugCondition()};
+if (debug) process.setSourceMapsEnabled(true);
+if (debug || process.env.QCOWKIT_CODE_CACHE === '0') {
   require(file);
 } else {
   const uid = typeof process.getuid === 'function' ? process.getuid() : -1;
