@@ -6,10 +6,10 @@
  * written into their reserved place at the end. Refcount blocks beyond the need stay empty.
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
-import { encodeL2Entry, QCOW_MAX_REFTABLE_SIZE, refcountsPerBlock, viewOf } from '@qcowkit/qcow2-core/format';
+import { encodeL2Entry, QCOW_MAX_REFTABLE_SIZE, viewOf } from '@qcowkit/qcow2-core/format';
 import { ClusterMap } from './cluster-map.js';
 import { chunkPipeline } from './direct-pipeline.js';
-import type { Qcow2Layout } from './layout.js';
+import { type Qcow2Layout, refcountClusters } from './layout.js';
 import { encodeImageHeader, encodeL1Slice, encodeRefcountBlock, encodeRefcountTable } from './metadata.js';
 import type { ImageGeometry } from './options.js';
 import { type ClusterRange, splitRange } from './read-ahead.js';
@@ -63,17 +63,11 @@ export function planDirectFront(geometry: ImageGeometry, candidates: readonly Cl
   }
   const l1Bytes = geometry.l1Size * 8;
   const l1Clusters = Math.ceil(l1Bytes / clusterSize);
-  const perBlock = refcountsPerBlock(clusterSize, geometry.refcountOrder);
-  let reftableClusters = 1;
-  let refblockCount = 1;
-  for (;;) {
-    const total = 1 + reftableClusters + refblockCount + l1Clusters + tables.length + candidateClusters;
-    const blocks = Math.ceil(total / perBlock);
-    const table = Math.ceil((blocks * 8) / clusterSize);
-    if (blocks <= refblockCount && table <= reftableClusters) break;
-    refblockCount = Math.max(blocks, refblockCount);
-    reftableClusters = Math.max(table, reftableClusters);
-  }
+  const { reftableClusters, refblockCount } = refcountClusters(
+    clusterSize,
+    geometry.refcountOrder,
+    l1Clusters + tables.length + candidateClusters,
+  );
   if (reftableClusters * clusterSize > QCOW_MAX_REFTABLE_SIZE) {
     throw new BlockDeviceError('EINVAL', 'qcow2 writer: the image needs a refcount table above 8 MiB');
   }

@@ -82,6 +82,29 @@ function groupsOf(
  * Plans the image. `compressedLengths` (one per data cluster, guest order) selects the compressed
  * layout; a length of `clusterSize` or more means stored uncompressed.
  */
+/**
+ * Refcount table and block clusters for an image of the header, themselves and `otherClusters`
+ * more clusters: the smallest fixed point, each count at least 1.
+ */
+export function refcountClusters(
+  clusterSize: number,
+  refcountOrder: number,
+  otherClusters: number,
+): { reftableClusters: number; refblockCount: number } {
+  const perBlock = refcountsPerBlock(clusterSize, refcountOrder);
+  let reftableClusters = 1;
+  let refblockCount = 1;
+  for (;;) {
+    const total = 1 + reftableClusters + refblockCount + otherClusters;
+    const blocks = Math.ceil(total / perBlock);
+    const table = Math.ceil((blocks * 8) / clusterSize);
+    if (blocks <= refblockCount && table <= reftableClusters) break;
+    refblockCount = Math.max(blocks, refblockCount);
+    reftableClusters = Math.max(table, reftableClusters);
+  }
+  return { reftableClusters, refblockCount };
+}
+
 export function planLayout(
   geometry: ImageGeometry,
   map: ClusterMap,
@@ -112,18 +135,11 @@ export function planLayout(
   const hostData = hostInGroups ? groups.hostClusters.reduce((sum, count) => sum + count, 0) : 0;
   const l1Bytes = geometry.l1Size * 8;
   const l1Clusters = Math.ceil(l1Bytes / clusterSize);
-  const perBlock = refcountsPerBlock(clusterSize, geometry.refcountOrder);
-  let reftableClusters = 1;
-  let refblockCount = 1;
-  for (;;) {
-    const total =
-      1 + reftableClusters + refblockCount + l1Clusters + groups.l1Index.length + hostData + areaClusters;
-    const blocks = Math.ceil(total / perBlock);
-    const table = Math.ceil((blocks * 8) / clusterSize);
-    if (blocks <= refblockCount && table <= reftableClusters) break;
-    refblockCount = Math.max(blocks, refblockCount);
-    reftableClusters = Math.max(table, reftableClusters);
-  }
+  const { reftableClusters, refblockCount } = refcountClusters(
+    clusterSize,
+    geometry.refcountOrder,
+    l1Clusters + groups.l1Index.length + hostData + areaClusters,
+  );
   if (reftableClusters * clusterSize > QCOW_MAX_REFTABLE_SIZE) {
     throw new BlockDeviceError(
       'EINVAL',
