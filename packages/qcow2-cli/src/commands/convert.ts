@@ -263,7 +263,7 @@ export async function convertToRaw(
     const zeroAhead = mustZero && file.capabilities.fastZero && size > 0;
     if (zeroAhead) await zeroTarget(file, targetName, 0, size, true);
     const zeroInTarget = mustZero && !zeroAhead;
-    const chunkSize = Math.max(sparseSize, options.chunkSize - (options.chunkSize % sparseSize));
+    const chunkSize = wholeBlocks(options.chunkSize, sparseSize);
     const scan = new ZeroScan(sparseSize);
     const tasks = serialise(
       chunks(device, chunkSize, false, async (offset, length) => {
@@ -313,7 +313,7 @@ async function copyAllocated(
   options: ConvertToRawOptions,
   onDone: (length: number) => void,
 ): Promise<void> {
-  const chunkSize = Math.max(SPARSE_BLOCK, options.chunkSize - (options.chunkSize % SPARSE_BLOCK));
+  const chunkSize = wholeBlocks(options.chunkSize, SPARSE_BLOCK);
   const tasks = serialise(chunks(device, chunkSize, true, undefined));
   await runWorkers(options.parallel, chunkSize, async (buffer) => {
     const next = await tasks.next();
@@ -362,7 +362,7 @@ export async function convertToStream(
   let done = 0;
   const report = () => options.onProgress?.(done, size);
   report();
-  const chunkSize = Math.max(SPARSE_BLOCK, options.chunkSize - (options.chunkSize % SPARSE_BLOCK));
+  const chunkSize = wholeBlocks(options.chunkSize, SPARSE_BLOCK);
   const zeros = Buffer.alloc(chunkSize);
   const tasks = serialise(numbered(chunks(device, chunkSize, true, undefined)));
   // Chunk n is written once chunk n - 1 has been: `turn(n)` settles when chunk n is written (or
@@ -419,6 +419,11 @@ export async function convertToStream(
     report();
     return true;
   });
+}
+
+/** `chunkSize` rounded down to whole `block`s, at least one. */
+function wholeBlocks(chunkSize: number, block: number): number {
+  return Math.max(block, chunkSize - (chunkSize % block));
 }
 
 async function* numbered<T>(items: AsyncIterable<T>): AsyncGenerator<{ index: number; chunk: T }> {
