@@ -86,7 +86,7 @@ function corrupt(message: string, offset: number): never {
   throw new BlockDeviceError('ECORRUPT', `qcow2 bitmap directory: ${message}`, { offset });
 }
 
-/** Bytes of one bitmap table entry, and of a directory entry's fixed part. */
+/** Bytes of one bitmap table entry. */
 const BME_TABLE_ENTRY_SIZE = 8;
 
 function roundUp(value: number, multiple: number): number {

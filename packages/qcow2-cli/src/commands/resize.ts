@@ -52,33 +52,39 @@ export async function resizeCommand(
     throw new UsageError(`Invalid preallocation mode '${preallocation}'`);
   }
   const path = resolveAgainst(context.io.cwd, file);
-  await withImageFileForWrite(path, file, options.format, async (device, format) => {
-    if (format === 'qcow') throw new CliError('This image does not support resize', { code: 'EUNSUPPORTED' });
-    const current = format === 'qcow2' ? await qcow2Size(device) : device.size;
-    const newSize = relative === 0 ? bytes : current + relative * bytes;
-    if (newSize < 0) throw new UsageError('New image size must be positive');
-    if (newSize < current && !options.shrink) {
-      throw new UsageError('Use the --shrink option to perform a shrink operation.');
-    }
-    if (preallocation !== 'off' && newSize < current) {
-      throw new UsageError('Preallocation can only be used for growing images');
-    }
-    if (preallocation === 'metadata' && format === 'raw') {
-      throw new CliError('Unsupported preallocation mode: metadata', { code: 'EUNSUPPORTED' });
-    }
-    try {
-      if (format === 'qcow2') await resizeImage(device, newSize, { shrink: options.shrink });
-      else await device.resize(newSize);
-      if (format === 'raw' && newSize > current) {
-        if (preallocation === 'falloc') await device.writeZeroes(current, newSize - current);
-        if (preallocation === 'full') await writeZeros(device, current, newSize);
+  const { format, current, newSize } = await withImageFileForWrite(
+    path,
+    file,
+    options.format,
+    async (device, format) => {
+      if (format === 'qcow')
+        throw new CliError('This image does not support resize', { code: 'EUNSUPPORTED' });
+      const current = format === 'qcow2' ? await qcow2Size(device) : device.size;
+      const newSize = relative === 0 ? bytes : current + relative * bytes;
+      if (newSize < 0) throw new UsageError('New image size must be positive');
+      if (newSize < current && !options.shrink) {
+        throw new UsageError('Use the --shrink option to perform a shrink operation.');
       }
-    } catch (error) {
-      throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
-    }
-    return { format, current, newSize };
-  }).then(async ({ format, current, newSize }) => {
-    if (format !== 'qcow2' || newSize <= current || preallocation === 'off') return;
+      if (preallocation !== 'off' && newSize < current) {
+        throw new UsageError('Preallocation can only be used for growing images');
+      }
+      if (preallocation === 'metadata' && format === 'raw') {
+        throw new CliError('Unsupported preallocation mode: metadata', { code: 'EUNSUPPORTED' });
+      }
+      try {
+        if (format === 'qcow2') await resizeImage(device, newSize, { shrink: options.shrink });
+        else await device.resize(newSize);
+        if (format === 'raw' && newSize > current) {
+          if (preallocation === 'falloc') await device.writeZeroes(current, newSize - current);
+          if (preallocation === 'full') await writeZeros(device, current, newSize);
+        }
+      } catch (error) {
+        throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
+      }
+      return { format, current, newSize };
+    },
+  );
+  if (format === 'qcow2' && newSize > current && preallocation !== 'off') {
     // The grown range as data clusters holding zeros: written through the engine (file closed above).
     const image = await openWritable(path, file, { format });
     try {
@@ -94,7 +100,7 @@ export async function resizeCommand(
     } finally {
       await image.close();
     }
-  });
+  }
   if (!options.quiet) context.io.stdout.write('Image resized.\n');
   return 0;
 }
