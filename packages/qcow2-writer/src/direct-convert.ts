@@ -175,8 +175,7 @@ export async function convertDirect(
   const candidates = await directCandidates(source, geometry, signal);
   const front = planDirectFront(geometry, candidates);
   const { l1Bytes, l1Clusters, refblockCount, refblockOffset, l1Offset } = front;
-  let totalBytes = 0;
-  for (const range of candidates) totalBytes += range.count * clusterSize;
+  const totalBytes = front.candidateClusters * clusterSize;
   let doneBytes = 0;
   options.onProgress?.(0, totalBytes);
   const layout = directLayout(geometry, front);
