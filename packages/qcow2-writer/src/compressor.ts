@@ -33,6 +33,17 @@ export interface ClusterCompressor {
   close?(): Promise<void>;
 }
 
+/** The outputs of a batch (`output` back to back, `lengths` each), one view of `output` each. */
+export function batchOutputs(output: Uint8Array, lengths: Uint32Array): Uint8Array[] {
+  const outputs: Uint8Array[] = [];
+  let at = 0;
+  for (const length of lengths) {
+    outputs.push(output.subarray(at, at + length));
+    at += length;
+  }
+  return outputs;
+}
+
 /** A batch compressed by {@link ClusterCompressor.compressBatch}. */
 export interface CompressedBatch {
   /** The batch's input, handed back (same bytes; the view passed in may be detached). */

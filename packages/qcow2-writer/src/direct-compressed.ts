@@ -26,7 +26,7 @@ import {
   viewOf,
 } from '@qcowkit/qcow2-core/format';
 import { CompressedPacker } from './compressed-packing.js';
-import type { ClusterCompressor, CompressionType } from './compressor.js';
+import { batchOutputs, type ClusterCompressor, type CompressionType } from './compressor.js';
 import {
   directCandidates,
   directLayout,
@@ -151,13 +151,7 @@ export async function convertDirectCompressed(
         const batch = await compressor.compressBatch(input, clusterSize, type, slot.scratch, length);
         slot.input = batch.input.length >= chunkLength ? batch.input : new Uint8Array(chunkLength);
         if (batch.output.buffer.byteLength >= chunkLength) slot.scratch = batch.output.buffer;
-        const outputs: Uint8Array[] = [];
-        let at = 0;
-        for (const stored of batch.lengths) {
-          outputs.push(batch.output.subarray(at, at + stored));
-          at += stored;
-        }
-        return { keptCount, outputs };
+        return { keptCount, outputs: batchOutputs(batch.output, batch.lengths) };
       }
       // A plain ClusterCompressor takes its input over: give it a copy, keep the buffer.
       return {

@@ -7,7 +7,7 @@
  * worker pool's garbage collection released late: hundreds of MiB). Other compressors, or batches
  * larger than a slot, go to `compressClusters` as they are.
  */
-import type { ClusterCompressor, CompressionType } from './compressor.js';
+import { batchOutputs, type ClusterCompressor, type CompressionType } from './compressor.js';
 
 interface Slot {
   input: Uint8Array;
@@ -40,14 +40,7 @@ export class SharedCompression {
       const batch = await compressor.compressBatch(slot.input, clusterSize, type, slot.scratch, data.length);
       if (batch.input.byteLength >= this.slotBytes) slot.input = batch.input;
       if (batch.output.buffer.byteLength >= this.slotBytes) slot.scratch = batch.output.buffer;
-      const kept = batch.output.slice();
-      const outputs: Uint8Array[] = [];
-      let at = 0;
-      for (const length of batch.lengths) {
-        outputs.push(kept.subarray(at, at + length));
-        at += length;
-      }
-      return outputs;
+      return batchOutputs(batch.output.slice(), batch.lengths);
     } finally {
       this.release(slot);
     }

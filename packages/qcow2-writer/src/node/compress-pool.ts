@@ -7,7 +7,12 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import type { ClusterCompressor, CompressedBatch, CompressionType } from '../compressor.js';
+import {
+  batchOutputs,
+  type ClusterCompressor,
+  type CompressedBatch,
+  type CompressionType,
+} from '../compressor.js';
 import type { CompressRequest, CompressResponse } from './compress-worker.js';
 
 interface Pending {
@@ -107,13 +112,7 @@ export function createCompressorPool(size = availableParallelism()): CompressorP
     compressBatch,
     async compressClusters(data: Uint8Array, clusterSize: number, type: CompressionType) {
       const { output, lengths } = await compressBatch(data, clusterSize, type);
-      const outputs: Uint8Array[] = [];
-      let at = 0;
-      for (const length of lengths) {
-        outputs.push(output.subarray(at, at + length));
-        at += length;
-      }
-      return outputs;
+      return batchOutputs(output, lengths);
     },
     async close() {
       closed = true;
