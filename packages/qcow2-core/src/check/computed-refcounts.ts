@@ -24,10 +24,10 @@ export class ComputedRefcounts {
     else this.counts = new Uint32Array(length);
     this.max = refcountBits >= 32 ? 0xffff_ffff : 2 ** refcountBits - 1;
     this.used = nbClusters;
-    this.fileClusters = Math.floor(fileSize / clusterSize);
+    this.fileClusters = nbClusters;
   }
 
-  /** Clusters wholly inside the file: `[0, fileClusters)`. */
+  /** Clusters that start inside the file: `[0, fileClusters)` (all below {@link used}). */
   private readonly fileClusters: number;
 
   /** Number of clusters compared: the file's clusters, or one more when a region reached past it. */
@@ -36,14 +36,7 @@ export class ComputedRefcounts {
   /** Counts one reference to every cluster touched by `[hostOffset, hostOffset + length)`. */
   add(hostOffset: number, length: number): void {
     // The common case first: one whole cluster inside the file, below the maximum.
-    if (length === this.clusterSize && hostOffset < this.fileSize && hostOffset % length === 0) {
-      const clusterIndex = hostOffset / length;
-      const count = this.counts[clusterIndex]!;
-      if (count < this.max) {
-        this.counts[clusterIndex] = count + 1;
-        return;
-      }
-    }
+    if (length === this.clusterSize && hostOffset % length === 0 && this.#bump(hostOffset / length)) return;
     if (length <= 0) return;
     if (this.pastEnd(hostOffset, length)) {
       this.reportPastEnd(() => hostOffset.toString(16), length);
@@ -70,14 +63,16 @@ export class ComputedRefcounts {
 
   /** Counts one reference to cluster `clusterIndex` (the whole cluster, at any place in the file). */
   addCluster(clusterIndex: number): void {
-    if (clusterIndex < this.fileClusters) {
-      const count = this.counts[clusterIndex]!;
-      if (count < this.max) {
-        this.counts[clusterIndex] = count + 1;
-        return;
-      }
-    }
-    this.add(clusterIndex * this.clusterSize, this.clusterSize);
+    if (!this.#bump(clusterIndex)) this.add(clusterIndex * this.clusterSize, this.clusterSize);
+  }
+
+  /** Counts one reference to a cluster that starts inside the file, if below the maximum. */
+  #bump(clusterIndex: number): boolean {
+    if (clusterIndex >= this.fileClusters) return false;
+    const count = this.counts[clusterIndex];
+    if (count === undefined || count >= this.max) return false;
+    this.counts[clusterIndex] = count + 1;
+    return true;
   }
 
   /** True when `[hostOffset, hostOffset + length)` reaches a whole cluster or more past the end. */
