@@ -6,6 +6,7 @@
  * raw images are sparse files, or fallocated (falloc) or written with zeros (full).
  */
 import { access } from 'node:fs/promises';
+import type { BlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import {
   planQcow2Create,
@@ -48,21 +49,23 @@ const QCOW2_KEYS = [
 ] as const;
 const RAW_KEYS = ['size', 'preallocation'] as const;
 const RAW_PREALLOCATION: readonly string[] = ['off', 'metadata', 'falloc', 'full'];
-/** Bytes of zeros written at a time by preallocation=full. */
+/** Bytes of zeros written at a time by preallocation=full (create and resize). */
 const ZERO_CHUNK = 4 * 1024 * 1024;
 
 /** A raw file's data area: allocated in place (falloc) or written with zeros (full). */
 async function preallocateRaw(device: FileBlockDevice, mode: 'falloc' | 'full'): Promise<void> {
   if (device.size === 0) return;
-  if (mode === 'falloc') {
-    await device.writeZeroes(0, device.size);
-  } else {
-    const zeros = new Uint8Array(Math.min(ZERO_CHUNK, device.size));
-    for (let at = 0; at < device.size; at += zeros.length) {
-      await device.write(at, zeros.subarray(0, Math.min(zeros.length, device.size - at)));
-    }
-  }
+  if (mode === 'falloc') await device.writeZeroes(0, device.size);
+  else await writeZeros(device, 0, device.size);
   await device.flush();
+}
+
+/** Writes zeros (as data, not a zero request) over `[start, end)` of `device`. */
+export async function writeZeros(device: BlockDevice, start: number, end: number): Promise<void> {
+  const zeros = new Uint8Array(Math.min(ZERO_CHUNK, end - start));
+  for (let at = start; at < end; at += zeros.length) {
+    await device.write(at, zeros.subarray(0, Math.min(zeros.length, end - at)));
+  }
 }
 
 /** Splits `-o` strings into key/value pairs (`,,` is a literal comma, as in QEMU). */
@@ -176,8 +179,7 @@ export async function createCommand(
     return 0;
   }
 
-  const requested = values.get('preallocation');
-  if (requested !== undefined && !RAW_PREALLOCATION.includes(requested)) {
+  if (preallocation !== undefined && !RAW_PREALLOCATION.includes(preallocation)) {
     // qemu-img prints its Formatting line before it refuses the mode.
     const others = new Map(values);
     others.delete('preallocation');
@@ -186,7 +188,7 @@ export async function createCommand(
         `${formattingLine(file, size, values, qcow2CreateOptions(file, size, others))}\n`,
       );
     }
-    throw new UsageError(`${file}: Parameter 'preallocation' does not accept value '${requested}'`);
+    throw new UsageError(`${file}: Parameter 'preallocation' does not accept value '${preallocation}'`);
   }
   const createOptions = qcow2CreateOptions(file, size, values);
   planQcow2Create(createOptions); // validates before anything is written

@@ -4,7 +4,6 @@
  * allocates it in place and `full` writes zeros; for qcow2 images both give the grown range data
  * clusters holding zeros (written through the engine), as qemu-img leaves them.
  */
-import type { BlockDevice } from '@qcowkit/blockdev';
 import type { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { Qcow2Image, resizeImage } from '@qcowkit/qcow2-core';
 import type { ImageFormat } from '../engine.js';
@@ -12,6 +11,7 @@ import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
+import { writeZeros } from './create.js';
 import { withImageFileForWrite } from './image-file.js';
 import { openWritable } from './writable-image.js';
 
@@ -24,8 +24,6 @@ export interface ResizeCommandOptions {
 }
 
 const PREALLOCATION_MODES: readonly string[] = ['off', 'metadata', 'falloc', 'full'];
-/** Bytes of zeros written at a time when preallocating a grown range. */
-const ZERO_CHUNK = 4 * 1024 * 1024;
 
 /** `+SIZE` / `-SIZE` are relative to the current size; anything else is the new size. */
 export function parseResizeSize(text: string): { readonly relative: -1 | 0 | 1; readonly bytes: number } {
@@ -103,14 +101,6 @@ export async function resizeCommand(
   }
   if (!options.quiet) context.io.stdout.write('Image resized.\n');
   return 0;
-}
-
-/** Writes zeros (as data, not a zero request) over `[start, end)` of `device`. */
-async function writeZeros(device: BlockDevice, start: number, end: number): Promise<void> {
-  const zeros = new Uint8Array(Math.min(ZERO_CHUNK, end - start));
-  for (let at = start; at < end; at += zeros.length) {
-    await device.write(at, zeros.subarray(0, Math.min(zeros.length, end - at)));
-  }
 }
 
 /** The guest size from the header (bytes 24-31), read without opening the image. */
