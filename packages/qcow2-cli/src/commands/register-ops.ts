@@ -60,16 +60,17 @@ export function rateLimitParser(value: string): number {
 /** QEMU's cache modes (`-t`, `-T`): checked, then the page cache is used whatever the mode. */
 export const CACHE_MODES = ['none', 'writeback', 'unsafe', 'directsync', 'writethrough'] as const;
 
+function isCacheMode(value: string): boolean {
+  return (CACHE_MODES as readonly string[]).includes(value);
+}
+
 export function cacheParser(value: string): string {
-  if (!(CACHE_MODES as readonly string[]).includes(value))
-    throw new UsageError(`Invalid cache option: ${value}`);
+  if (!isCacheMode(value)) throw new UsageError(`Invalid cache option: ${value}`);
   return value;
 }
 
 export function sourceCacheParser(value: string): string {
-  if (!(CACHE_MODES as readonly string[]).includes(value)) {
-    throw new UsageError(`Invalid source cache option: ${value}`);
-  }
+  if (!isCacheMode(value)) throw new UsageError(`Invalid source cache option: ${value}`);
   return value;
 }
 
@@ -95,7 +96,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
     .action(async (first: string, second: string, options: Record<string, unknown>) => {
       const { compareCommand, COMPARE_OPEN_FAILED } = await import('./compare.js');
       const cache = options.T as string | undefined;
-      if (cache !== undefined && !(CACHE_MODES as readonly string[]).includes(cache)) {
+      if (cache !== undefined && !isCacheMode(cache)) {
         // qemu-img compare: exit 2 for every error before the comparison.
         throw new CliError(`Invalid source cache option: ${cache}`, { exitCode: COMPARE_OPEN_FAILED });
       }
