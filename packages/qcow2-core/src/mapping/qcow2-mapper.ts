@@ -300,7 +300,7 @@ export class Qcow2Mapper {
    */
   #readAhead(guestOffset: number, end: number): void {
     const { cache, sliceBytes, clusterBits } = this.#options;
-    const budget = Math.min(MAX_READ_AHEAD_SLICES, Math.floor(cache.stats.maxBytes / sliceBytes / 2));
+    const budget = Math.min(MAX_READ_AHEAD_SLICES, Math.floor(cache.maxBytes / sliceBytes / 2));
     const bytesPerSlice = this.#entriesPerSlice * 2 ** clusterBits;
     let sliceGuest = Math.floor(guestOffset / bytesPerSlice) * bytesPerSlice + bytesPerSlice;
     for (let started = 0; sliceGuest < end && started < budget; sliceGuest += bytesPerSlice) {
