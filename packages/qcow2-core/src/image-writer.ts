@@ -234,32 +234,29 @@ export class ImageWriter {
   }
 
   async #zeroRange(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
-    {
-      const header = this.#context.header();
-      const hasBacking = header.backingFileName !== undefined && header.backingFileName !== '';
-      const clusterSize = this.#clusterSize;
-      const end = guestOffset + length;
-      const size = this.#context.size();
-      // Whole clusters (the image's last, short cluster counts as whole when covered to the end).
-      const wholeStart = Math.ceil(guestOffset / clusterSize) * clusterSize;
-      let wholeEnd = Math.floor(end / clusterSize) * clusterSize;
-      // The image's last, short cluster is whole when covered up to the end.
-      if (end === size && end % clusterSize !== 0) wholeEnd = end;
-      const partial: [number, number][] = [];
-      if (wholeStart >= wholeEnd || (mode === 'zero' && header.version === 2 && hasBacking)) {
-        partial.push([guestOffset, end]);
-      } else {
-        if (guestOffset < wholeStart) partial.push([guestOffset, wholeStart]);
-        if (wholeEnd < end) partial.push([wholeEnd, end]);
-        await this.#writePath.zeroOrDiscardClusters(wholeStart, wholeEnd - wholeStart, mode);
-      }
-      // Partial clusters: a discard over a backing file leaves them (discard is advisory);
-      // otherwise they are written as zeros.
-      if (mode === 'discard' && hasBacking) return;
-      for (const [from, to] of partial) {
-        for (let at = from; at < to; at += 1024 * 1024) {
-          await this.#writePath.write(at, new Uint8Array(Math.min(1024 * 1024, to - at)));
-        }
+    const header = this.#context.header();
+    const hasBacking = header.backingFileName !== undefined && header.backingFileName !== '';
+    const clusterSize = this.#clusterSize;
+    const end = guestOffset + length;
+    const size = this.#context.size();
+    // Whole clusters (the image's last, short cluster counts as whole when covered to the end).
+    const wholeStart = Math.ceil(guestOffset / clusterSize) * clusterSize;
+    let wholeEnd = Math.floor(end / clusterSize) * clusterSize;
+    if (end === size && end % clusterSize !== 0) wholeEnd = end;
+    const partial: [number, number][] = [];
+    if (wholeStart >= wholeEnd || (mode === 'zero' && header.version === 2 && hasBacking)) {
+      partial.push([guestOffset, end]);
+    } else {
+      if (guestOffset < wholeStart) partial.push([guestOffset, wholeStart]);
+      if (wholeEnd < end) partial.push([wholeEnd, end]);
+      await this.#writePath.zeroOrDiscardClusters(wholeStart, wholeEnd - wholeStart, mode);
+    }
+    // Partial clusters: a discard over a backing file leaves them (discard is advisory);
+    // otherwise they are written as zeros.
+    if (mode === 'discard' && hasBacking) return;
+    for (const [from, to] of partial) {
+      for (let at = from; at < to; at += 1024 * 1024) {
+        await this.#writePath.write(at, new Uint8Array(Math.min(1024 * 1024, to - at)));
       }
     }
   }
