@@ -168,36 +168,34 @@ function buildProgram(
       if (options.targetIsZero === true && options.n !== true) {
         throw new UsageError('--target-is-zero requires use of -n flag');
       }
-      const { convertCommand } = await import('./commands/convert.js');
+      const common = {
+        format: options.f as ImageFormat | undefined,
+        snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
+        progress: options.p === true && options.q !== true,
+        forceShare: options.forceShare === true,
+        noCreate: options.n === true,
+        targetIsZero: options.targetIsZero === true,
+      };
       if (options.O === 'qcow2') {
         const { convertToQcow2Command } = await import('./commands/convert-qcow2.js');
         setExit(
           await convertToQcow2Command(context, source, target, {
-            format: options.f as ImageFormat | undefined,
+            ...common,
             outputFormat: 'qcow2',
-            snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
-            progress: options.p === true && options.q !== true,
-            forceShare: options.forceShare === true,
             createOptions: (options.o as string[] | undefined) ?? [],
             compress: options.c === true,
             backingFile: options.B as string | undefined,
             backingFormat: options.F as string | undefined,
             parallel: options.m as number | undefined,
-            noCreate: options.n === true,
-            targetIsZero: options.targetIsZero === true,
           }),
         );
         return;
       }
+      const { convertCommand } = await import('./commands/convert.js');
       setExit(
         await convertCommand(context, source, target, {
-          format: options.f as ImageFormat | undefined,
+          ...common,
           outputFormat: options.O as string,
-          snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
-          progress: options.p === true && options.q !== true,
-          forceShare: options.forceShare === true,
-          noCreate: options.n === true,
-          targetIsZero: options.targetIsZero === true,
           ...(options.S === undefined ? {} : { sparseSize: options.S as number }),
           ...(options.m === undefined ? {} : { parallel: options.m as number }),
         }),
