@@ -151,8 +151,7 @@ export class StoredRefcounts {
     const { clusterSize } = this;
     const wanted: { blockIndex: number; hostOffset: number }[] = [];
     for (let blockIndex = 0; blockIndex < this.tableEntries; blockIndex++) {
-      const high = this.table.getUint32(blockIndex * 8);
-      const low = this.table.getUint32(blockIndex * 8 + 4);
+      const { high, low } = this.tableEntry(blockIndex);
       const hostOffset = reftableEntryOffset(high, low);
       if (hostOffset === 0 || !reftableEntryAligned(low, clusterSize) || high >= UNREADABLE_OFFSET_HIGH)
         continue;
