@@ -628,20 +628,14 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       if (device === undefined || found + buffer.length > device.size) return undefined;
       return device.readInto(buffer, found);
     }
-    if (found === LOOKUP_ZERO) {
-      buffer.fill(0);
-      return Promise.resolve();
-    }
-    if (found === LOOKUP_UNALLOCATED) {
-      const backing = this.#source.backing;
-      if (backing === undefined) {
-        buffer.fill(0);
-        return Promise.resolve();
-      }
+    const backing = found === LOOKUP_UNALLOCATED ? this.#source.backing : undefined;
+    if (backing !== undefined) {
       // Past the end of a shorter backing file: the general path reads zeros there.
-      if (guestOffset + buffer.length <= backing.size) return backing.readInto(buffer, guestOffset);
+      return guestOffset + buffer.length <= backing.size ? backing.readInto(buffer, guestOffset) : undefined;
     }
-    return undefined;
+    if (found !== LOOKUP_ZERO && found !== LOOKUP_UNALLOCATED) return undefined;
+    buffer.fill(0);
+    return Promise.resolve();
   }
 
   protected segmentSource(): SegmentSource {
