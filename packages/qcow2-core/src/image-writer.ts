@@ -24,6 +24,8 @@ import { WritePath } from './mapping/write-path.js';
 
 export interface ImageWriterContext {
   readonly file: BlockDevice;
+  /** The external data file (opened writable), when the header names one. */
+  readonly dataFile: BlockDevice | undefined;
   readonly description: string;
   readonly header: () => Qcow2Header;
   readonly setHeader: (header: Qcow2Header) => void;
@@ -63,6 +65,8 @@ export class ImageWriter {
     this.#clusterSize = header.clusterSize;
     this.#writePath = new WritePath({
       file: context.file,
+      dataFile: context.dataFile,
+      dataFileRaw: headerFlags(header).dataFileRaw,
       clusterBits: header.clusterBits,
       extendedL2: headerFlags(header).extendedL2,
       version: header.version,
@@ -90,8 +94,9 @@ export class ImageWriter {
     if (file.readOnly) refuse('EROFS', 'the file is read-only');
     if (flags.corrupt) refuse('ECORRUPT', 'the image is marked corrupt (repair it with check -r all)');
     if (flags.dirty) refuse('ECORRUPT', 'the image is dirty (its refcounts need a repair first)');
-    if (flags.dataFile)
-      refuse('EUNSUPPORTED', 'writing images with an external data file is not supported yet');
+    if (flags.dataFile && context.dataFile === undefined)
+      refuse('EUNSUPPORTED', 'the external data file is not open (no data file resolver)');
+    if (context.dataFile?.readOnly) refuse('EROFS', 'the external data file is read-only');
     if (context.hasBitmaps)
       refuse('EUNSUPPORTED', 'writing images with persistent bitmaps is not supported yet');
     const metadata = new MetadataMap(header.clusterSize);
@@ -263,6 +268,12 @@ export class ImageWriter {
 
   /** Writes whole cluster `clusterIndex` compressed (uncompressed when it does not shrink). */
   async writeCompressed(guestOffset: number, data: Uint8Array): Promise<void> {
+    if (this.#context.dataFile !== undefined) {
+      throw new BlockDeviceError(
+        'EUNSUPPORTED',
+        `qcow2: ${this.#context.description}: compressed clusters are not allowed with an external data file`,
+      );
+    }
     const compressed = await this.#context.compress(data);
     await this.#exclusiveIdle(async () => {
       if (compressed === undefined || compressed.length >= this.#clusterSize - 512) {
@@ -302,8 +313,11 @@ export class ImageWriter {
           await this.#patchHeader(24, sizeBytes);
           this.#context.setHeader({ ...header, size: newSize });
           this.#context.setSize(newSize);
+          await this.#resizeDataFile(size, newSize);
           return;
         }
+        // The data file holds the grown range before the header says it is there.
+        await this.#resizeDataFile(size, newSize);
         const extendedL2 = headerFlags(header).extendedL2;
         const needed = sizeToL1(newSize, this.#clusterSize, extendedL2);
         const { file } = this.#context;
@@ -363,8 +377,30 @@ export class ImageWriter {
           l1Size,
         });
         this.#context.setSize(newSize);
+        // A raw data file's grown range is mapped at once, as QEMU does (preallocation=metadata).
+        if (this.#context.dataFile !== undefined && headerFlags(header).dataFileRaw) {
+          await this.#writePath.preallocate(newSize, size);
+        }
       }
     });
+  }
+
+  /**
+   * The external data file follows the guest size, as QEMU truncates it on resize. Grown: bytes it
+   * held past the old guest end (never written through this image) are zeroed first, so the grown
+   * range reads as zeros there too.
+   */
+  async #resizeDataFile(oldSize: number, newSize: number): Promise<void> {
+    const dataFile = this.#context.dataFile;
+    if (dataFile === undefined) return;
+    if (newSize > oldSize && dataFile.size > oldSize) {
+      const end = Math.min(dataFile.size, newSize);
+      await dataFile.writeZeroes(oldSize, end - oldSize, { mayUnmap: true });
+    }
+    if (dataFile.size === newSize) return;
+    // A device of fixed size (a block device) keeps its size when it is large enough.
+    if (!dataFile.capabilities.resize && dataFile.size > newSize) return;
+    await dataFile.resize(newSize);
   }
 
   /** Writes what is pending and flushes (the image is consistent on disk afterwards). */

@@ -202,8 +202,10 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
 
   /**
    * Creates a new, empty image in `file` (its content is replaced) laid out as qemu-img create
-   * does, and returns it opened for writing (read-only when it has an external data file, which
-   * this engine does not write yet). Open options (`resolveBacking`, `codecs`, ...) apply.
+   * does, and returns it opened for writing. Open options (`resolveBacking`, `codecs`, ...) apply.
+   * With an external data file, `resolveDataFile` supplies it (writable; the caller creates it, at
+   * the guest size as qemu-img does); without a resolver the image opens read-only. A raw data
+   * file (`dataFileRaw`) gets its whole guest range mapped, as qemu-img create does.
    */
   static async create(
     file: BlockDevice,
@@ -212,11 +214,15 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     const plan = planQcow2Create(options);
     await writeQcow2Layout(file, plan);
     const { size: _size, ...openOptions } = options;
-    const image = await Qcow2Image.open(file, { ...openOptions, readOnly: plan.dataFile !== undefined });
-    if (plan.preallocation === 'metadata') {
+    const noDataFile = plan.dataFile !== undefined && options.resolveDataFile === undefined;
+    const image = await Qcow2Image.open(file, { ...openOptions, readOnly: noDataFile });
+    if (plan.preallocation === 'metadata' || plan.dataFileRaw) {
       if (image.#writer === undefined) {
         await image.close();
-        throw new BlockDeviceError('EUNSUPPORTED', 'qcow2 create: metadata preallocation with a data file');
+        throw new BlockDeviceError(
+          'EINVAL',
+          `qcow2 create: ${plan.dataFileRaw ? 'data_file_raw' : 'metadata preallocation'} needs the data file (resolveDataFile)`,
+        );
       }
       await image.#writer.preallocateMetadata();
     }
@@ -357,6 +363,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     const type = this.compressionType === 'zstd' ? 'zstd' : 'deflate';
     this.#writer = await ImageWriter.open({
       file: this.file,
+      dataFile: this.#dataFile,
       description: this.description,
       header: () => this.header,
       setHeader: (header) => {

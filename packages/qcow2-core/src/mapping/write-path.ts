@@ -19,7 +19,7 @@
  * The caller serialises calls that change the mapping (one at a time, flush included) and runs
  * in-place writes (see `tryWriteInPlace`) under a shared lock.
  */
-import type { BlockDevice } from '@qcowkit/blockdev';
+import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import type { MetadataMap } from '../alloc/metadata-map.js';
 import type { RefcountStore } from '../alloc/refcount-store.js';
 import type { TableCache } from '../cache/table-cache.js';
@@ -34,6 +34,15 @@ const WRITE_CONCURRENCY = 8;
 
 export interface WritePathOptions {
   readonly file: BlockDevice;
+  /**
+   * The external data file, when the image has one: data clusters live there at their guest
+   * offset (host offset = guest offset), are not refcounted, and every L2 entry pointing there
+   * carries COPIED (their refcount is implicitly one).
+   */
+  readonly dataFile?: BlockDevice | undefined;
+  /** The data file is kept a valid raw image (autoclear bit data_file_raw): what the guest reads
+   * as zeros reads as zeros there too. */
+  readonly dataFileRaw?: boolean;
   readonly clusterBits: number;
   readonly extendedL2: boolean;
   readonly version: 2 | 3;
@@ -98,6 +107,11 @@ export class WritePath {
   readonly #subclusterSize: number;
   readonly #maxDirtyBytes: number;
   readonly #loadSlice: (key: number) => Promise<DataView>;
+  /** Where data clusters live: the external data file, else the image file. */
+  readonly #data: BlockDevice;
+  readonly #hasDataFile: boolean;
+  /** The data file grows one resize at a time (see {@link #growDataFile}). */
+  #dataGrowth: Promise<void> = Promise.resolve();
   /** Byte allocator for compressed clusters: next free byte in the last compressed cluster. */
   #compressedTail = -1;
   /** Clusters to free once the dirty L2 slices that dropped them are durable. */
@@ -116,6 +130,8 @@ export class WritePath {
       options.sliceBytes,
       options.maxDirtyBytes ?? Math.floor(options.cache.maxBytes / 2),
     );
+    this.#data = options.dataFile ?? options.file;
+    this.#hasDataFile = options.dataFile !== undefined;
     this.#loadSlice = async (key) => {
       const bytes = await this.#o.file.read(key, this.#o.sliceBytes);
       return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -143,7 +159,8 @@ export class WritePath {
   async flush(final = false): Promise<void> {
     const { file, cache, refcounts, metadata } = this.#o;
     await refcounts.commit({ flush: false });
-    await file.flush();
+    // Data (in the data file too) durable before any L2 entry pointing at it.
+    await (this.#hasDataFile ? Promise.all([file.flush(), this.#data.flush()]) : file.flush());
     const dirty = cache.dirtyEntries();
     if (dirty.length > 0) {
       for (const [hostOffset] of dirty) {
@@ -232,7 +249,8 @@ export class WritePath {
       const entryHigh = slice.getUint32(at);
       const entryLow = slice.getUint32(at + 4);
       if ((entryHigh & QCOW_OFLAG_COPIED_HIGH) === 0) return false;
-      if (classifyL2Entry(entryHigh, entryLow, false, this.#o.extendedL2) !== 'normal') return false;
+      if (classifyL2Entry(entryHigh, entryLow, this.#hasDataFile, this.#o.extendedL2) !== 'normal')
+        return false;
       const clusterStart = clusterIndex * this.#clusterSize;
       const pieceEnd = Math.min(end, clusterStart + this.#clusterSize);
       if (this.#o.extendedL2) {
@@ -260,14 +278,41 @@ export class WritePath {
     }
     if (pieces === undefined) {
       if (single === undefined) return true;
-      this.#o.metadata.check(single.hostOffset, single.bytes.length, undefined, 'data write');
-      await this.#o.file.write(single.hostOffset, single.bytes);
+      this.#checkData(single.hostOffset, single.bytes.length);
+      if (single.hostOffset + single.bytes.length > this.#data.size) {
+        await this.#growDataFile(single.hostOffset + single.bytes.length);
+      }
+      await this.#data.write(single.hostOffset, single.bytes);
       return true;
     }
-    for (const piece of pieces)
-      this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
-    await runBounded(pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
+    await this.#writePieces(pieces);
     return true;
+  }
+
+  /** Overlap check of a data write (data in the image file only: the data file holds no metadata). */
+  #checkData(hostOffset: number, length: number): void {
+    if (!this.#hasDataFile) this.#o.metadata.check(hostOffset, length, undefined, 'data write');
+  }
+
+  /** Writes data pieces (checked already) where data clusters live. */
+  async #writePieces(pieces: readonly { hostOffset: number; bytes: Uint8Array }[]): Promise<void> {
+    let end = 0;
+    for (const piece of pieces) end = Math.max(end, piece.hostOffset + piece.bytes.length);
+    if (end > this.#data.size) await this.#growDataFile(end);
+    await runBounded(pieces, (piece) => this.#data.write(piece.hostOffset, piece.bytes));
+  }
+
+  /**
+   * Grows the external data file to hold `end` bytes (a data file shorter than the guest: made
+   * empty, or the guest grown by another program), as a file grows when QEMU writes past its end.
+   * One resize at a time; never shrinks.
+   */
+  #growDataFile(end: number): Promise<void> {
+    const grown = this.#dataGrowth.then(async () => {
+      if (this.#data.size < end) await this.#data.resize(end);
+    });
+    this.#dataGrowth = grown.catch(() => undefined);
+    return grown;
   }
 
   /**
@@ -336,9 +381,7 @@ export class WritePath {
         );
         position = tableEnd;
       }
-      for (const piece of plan.pieces) {
-        this.#o.metadata.check(piece.hostOffset, piece.bytes.length, undefined, 'data write');
-      }
+      for (const piece of plan.pieces) this.#checkData(piece.hostOffset, piece.bytes.length);
     } catch (error) {
       for (const run of plan.allocated) await this.#o.refcounts.adjust(run.clusterIndex, run.count, -1);
       throw error;
@@ -356,7 +399,7 @@ export class WritePath {
   writeData(plan: WritePlan): Promise<void> {
     // Copied bytes need no flush of their own: the write-back flushes before any L2 entry
     // pointing at them reaches the disk.
-    return runBounded(plan.pieces, (piece) => this.#o.file.write(piece.hostOffset, piece.bytes));
+    return this.#writePieces(plan.pieces);
   }
 
   /** Points the L2 entries at the written clusters (under the exclusive lock). */
@@ -419,7 +462,7 @@ export class WritePath {
       const ref = await this.#entry(l2Offset, l2Index);
       const high = ref.slice.getUint32(ref.at);
       const low = ref.slice.getUint32(ref.at + 4);
-      const type = classifyL2Entry(high, low, false, this.#o.extendedL2);
+      const type = classifyL2Entry(high, low, this.#hasDataFile, this.#o.extendedL2);
       const clusterStart = clusterIndex * this.#clusterSize;
       const writeStart = Math.max(guestOffset, clusterStart);
       const writeEnd = Math.min(end, clusterStart + this.#clusterSize);
@@ -457,12 +500,21 @@ export class WritePath {
     }
     plan.tables.push(table);
     if (toAllocate.length === 0) return;
-    // One contiguous run for the whole request, written with as few I/Os as the buffers allow.
-    const { start, fresh } = await this.#o.refcounts.allocateRun(toAllocate.length);
-    plan.allocated.push({ clusterIndex: start, count: toAllocate.length });
-    await this.#o.refcounts.extendFile();
+    let start = 0;
+    let fresh: boolean;
+    if (this.#hasDataFile) {
+      // A data cluster sits at its guest offset in the data file: nothing to allocate. Its bytes
+      // there are known to read as the guest reads them only in a raw data file (kept so);
+      // elsewhere they may be stale (a zeroed or discarded cluster's), so whole clusters are written.
+      fresh = this.#o.dataFileRaw === true;
+    } else {
+      // One contiguous run for the whole request, written with as few I/Os as the buffers allow.
+      ({ start, fresh } = await this.#o.refcounts.allocateRun(toAllocate.length));
+      plan.allocated.push({ clusterIndex: start, count: toAllocate.length });
+      await this.#o.refcounts.extendFile();
+    }
     for (const [index, item] of toAllocate.entries()) {
-      const hostCluster = (start + index) * this.#clusterSize;
+      const hostCluster = (this.#hasDataFile ? item.clusterIndex : start + index) * this.#clusterSize;
       /** Where `bytes` go: the cluster's start, or the written bytes' place in a fresh cluster. */
       let hostOffset = hostCluster;
       const clusterStart = item.clusterIndex * this.#clusterSize;
@@ -482,8 +534,9 @@ export class WritePath {
       ) {
         bytes = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
       } else {
-        // A whole cluster: the tail past a short last cluster is zeros (it shows after a grow).
-        bytes = new Uint8Array(this.#clusterSize);
+        // A whole cluster: the tail past a short last cluster is zeros (it shows after a grow). A
+        // data file stops at the guest's end (it stays the guest's size, a valid raw image).
+        bytes = new Uint8Array(this.#hasDataFile ? clusterLength : this.#clusterSize);
         const covered = writeStart === clusterStart && writeEnd === clusterStart + clusterLength;
         if (!covered && !item.readsZeros) {
           await this.#o.readGuest(bytes.subarray(0, clusterLength), clusterStart);
@@ -516,7 +569,16 @@ export class WritePath {
   #releasesOf(ref: EntryRef): Release[] {
     const high = ref.slice.getUint32(ref.at);
     const low = ref.slice.getUint32(ref.at + 4);
-    const type = classifyL2Entry(high, low, false, this.#o.extendedL2);
+    const type = classifyL2Entry(high, low, this.#hasDataFile, this.#o.extendedL2);
+    if (this.#hasDataFile) {
+      // Data file clusters are not refcounted: nothing to free in the image file.
+      if (type === 'compressed') {
+        throw new BlockDeviceError('ECORRUPT', 'L2 entry: compressed cluster in an image with a data file', {
+          offset: ref.sliceHostOffset + ref.at,
+        });
+      }
+      return [];
+    }
     switch (type) {
       case 'normal':
       case 'zero-alloc':
@@ -590,6 +652,22 @@ export class WritePath {
       // Table by table: a huge range never holds more than one table's slices over the cap.
       await this.#writeBackIfFull();
     }
+    if (this.#hasDataFile) await this.#zeroDataFile(guestOffset, end);
+  }
+
+  /**
+   * The data file's bytes of whole clusters that now read as zeros: a raw data file gets zeros
+   * there (it must read as the guest does, as QEMU keeps it); otherwise their storage is released
+   * (nothing reads them any more). Under the exclusive lock: no write to these clusters is running.
+   */
+  async #zeroDataFile(guestOffset: number, end: number): Promise<void> {
+    const stop = Math.min(end, this.#data.size);
+    if (stop <= guestOffset) return;
+    if (this.#o.dataFileRaw === true) {
+      await this.#data.writeZeroes(guestOffset, stop - guestOffset, { mayUnmap: true });
+    } else if (this.#data.capabilities.discard) {
+      await this.#data.discard(guestOffset, stop - guestOffset);
+    }
   }
 
   async #zeroInTable(l1Index: number, start: number, end: number, mode: 'zero' | 'discard'): Promise<void> {
@@ -612,7 +690,8 @@ export class WritePath {
       const zeroFlag =
         mode === 'zero'
           ? zeroFlagForZeroes
-          : this.#o.version === 3 && (this.#o.hasBacking || isAllocated(high, low, this.#o.extendedL2));
+          : this.#o.version === 3 &&
+            (this.#o.hasBacking || isAllocated(high, low, this.#hasDataFile, this.#o.extendedL2));
       const newHigh = 0;
       let newLow = 0;
       let zeroBits = 0;
@@ -662,18 +741,28 @@ export class WritePath {
       const tableFirst = Math.max(firstCluster, l1Index * clustersPerTable);
       const tableEnd = Math.min(totalClusters, (l1Index + 1) * clustersPerTable);
       const refs: EntryRef[] = [];
+      /** Guest cluster of each entry in `refs`. */
+      const clusters: number[] = [];
       for (let clusterIndex = tableFirst; clusterIndex < tableEnd; clusterIndex++) {
         const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
         const type = classifyL2Entry(
           ref.slice.getUint32(ref.at),
           ref.slice.getUint32(ref.at + 4),
-          false,
+          this.#hasDataFile,
           this.#o.extendedL2,
         );
         // Clusters with a host cluster (data, allocated zeros, compressed) keep it.
-        if (type === 'unallocated' || type === 'zero-plain') refs.push(ref);
+        if (type === 'unallocated' || type === 'zero-plain') {
+          refs.push(ref);
+          clusters.push(clusterIndex);
+        }
       }
       if (refs.length === 0) continue;
+      if (this.#hasDataFile) {
+        await this.#preallocateInDataFile(refs, clusters);
+        await this.#writeBackIfFull();
+        continue;
+      }
       const start = await this.#o.refcounts.allocate(refs.length);
       const hostStart = start * this.#clusterSize;
       const staleBytes = Math.min(staleBelow, hostStart + refs.length * this.#clusterSize) - hostStart;
@@ -697,10 +786,45 @@ export class WritePath {
   }
 
   /**
+   * Metadata preallocation with a data file: each entry points at its guest offset there. Where
+   * the data file may hold stale bytes (not raw; raw data files read as the guest does), they are
+   * zeroed first. Extended L2 entries keep empty subcluster bitmaps: nothing reads the data yet.
+   */
+  async #preallocateInDataFile(refs: readonly EntryRef[], clusters: readonly number[]): Promise<void> {
+    if (this.#o.dataFileRaw !== true && !this.#o.extendedL2) {
+      let index = 0;
+      while (index < clusters.length) {
+        let next = index + 1;
+        while (next < clusters.length && clusters[next] === clusters[next - 1]! + 1) next++;
+        const from = clusters[index]! * this.#clusterSize;
+        const to = Math.min((clusters[next - 1]! + 1) * this.#clusterSize, this.#data.size);
+        if (to > from) await this.#data.writeZeroes(from, to - from, { mayUnmap: true });
+        index = next;
+      }
+    }
+    for (const [index, ref] of refs.entries()) {
+      const { high, low } = encodeL2Entry({
+        type: 'normal',
+        hostOffset: clusters[index]! * this.#clusterSize,
+        copied: true,
+      });
+      ref.slice.setUint32(ref.at, high);
+      ref.slice.setUint32(ref.at + 4, low);
+      this.#dirty(ref);
+    }
+  }
+
+  /**
    * Writes one whole guest cluster compressed: `compressed` is the codec's output (shorter than a
    * cluster). The bytes are packed after the previous compressed cluster when they fit.
    */
   async writeCompressedCluster(clusterIndex: number, compressed: Uint8Array): Promise<void> {
+    if (this.#hasDataFile) {
+      throw new BlockDeviceError(
+        'EUNSUPPORTED',
+        'compressed write: an image with an external data file cannot hold compressed clusters',
+      );
+    }
     const l1Index = Math.floor((clusterIndex * this.#clusterSize) / this.#bytesPerL1);
     const l2Offset = await this.#l2ForWrite(l1Index);
     const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
@@ -740,8 +864,8 @@ export class WritePath {
 }
 
 /** Whether an L2 entry has a host cluster (QEMU's "allocated": data, compressed, or zero with one). */
-function isAllocated(high: number, low: number, extendedL2: boolean): boolean {
-  const type = classifyL2Entry(high, low, false, extendedL2);
+function isAllocated(high: number, low: number, hasDataFile: boolean, extendedL2: boolean): boolean {
+  const type = classifyL2Entry(high, low, hasDataFile, extendedL2);
   return type === 'normal' || type === 'compressed' || type === 'zero-alloc';
 }
 

@@ -8,6 +8,7 @@
  * qemu-img create does (ops/preallocate.ts).
  */
 import { resolve } from 'node:path';
+import type { BlockDevice } from '@qcowkit/blockdev';
 import { BlockDeviceError } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { planQcow2Create, type Qcow2CreateOptions, writeQcow2Layout } from '../create.js';
@@ -36,15 +37,42 @@ export async function createImage(path: string, options: CreateImageOptions): Pr
     preallocation: preallocation === 'off' ? 'off' : 'metadata',
   });
   const file = await FileBlockDevice.create(path, 0, { overwrite: overwrite ?? false });
+  let dataFile: FileBlockDevice | undefined;
   try {
-    if (preallocation === 'metadata') {
-      // The backing file is not needed to lay out metadata.
+    if (plan.dataFile !== undefined) {
+      // qemu-img creates the data file too, at the guest size (relative to the current directory,
+      // as QEMU resolves it).
+      dataFile = await FileBlockDevice.create(resolve(plan.dataFile), plan.size, {
+        overwrite: overwrite ?? false,
+      });
+    }
+    if (preallocation !== 'off' && dataFile !== undefined) {
+      // With a data file the data lives there: metadata preallocation maps every cluster to its
+      // guest offset; falloc and full allocate the data file's storage (zeros written for full).
+      if (preallocation === 'falloc') await dataFile.writeZeroes(0, plan.size);
+      if (preallocation === 'full') await writeZeroBytes(dataFile, plan.size);
+    }
+    if (preallocation !== 'off' && dataFile !== undefined) {
+      const device = dataFile;
       const image = await Qcow2Image.create(file, {
         ...createOptions,
         preallocation: 'metadata',
         openBacking: false,
+        resolveDataFile: async () => device,
       });
       await image.close();
+      dataFile = undefined; // closed with the image
+    } else if (preallocation === 'metadata' || plan.dataFileRaw) {
+      // The backing file is not needed to lay out metadata.
+      const device = dataFile;
+      const image = await Qcow2Image.create(file, {
+        ...createOptions,
+        preallocation: preallocation === 'metadata' ? 'metadata' : 'off',
+        openBacking: false,
+        ...(device === undefined ? {} : { resolveDataFile: async () => device }),
+      });
+      await image.close();
+      dataFile = undefined;
     } else {
       await writeQcow2Layout(file, { ...plan, preallocation: 'off' });
       // falloc and full: the data area after the refcount structures, as qemu-img create lays it.
@@ -54,14 +82,16 @@ export async function createImage(path: string, options: CreateImageOptions): Pr
   } catch (error) {
     await file.close().catch(() => {});
     throw error;
+  } finally {
+    await dataFile?.close().catch(() => {});
   }
-  if (plan.dataFile !== undefined) {
-    // qemu-img creates the data file too (relative to the current directory, as QEMU resolves it).
-    const dataFile = await FileBlockDevice.create(resolve(plan.dataFile), plan.size, {
-      overwrite: overwrite ?? false,
-    });
-    await dataFile.close();
+  return openImage(path, { ...open, readOnly: false, format: 'qcow2' });
+}
+
+/** Writes zeros over `[0, length)` of `device` (allocating its storage), a few MiB at a time. */
+async function writeZeroBytes(device: BlockDevice, length: number): Promise<void> {
+  const chunk = new Uint8Array(Math.min(length, 4 * 1024 * 1024));
+  for (let at = 0; at < length; at += chunk.length) {
+    await device.write(at, chunk.subarray(0, Math.min(chunk.length, length - at)));
   }
-  // Images with an external data file open read-only: this engine does not write them yet.
-  return openImage(path, { ...open, readOnly: plan.dataFile !== undefined, format: 'qcow2' });
 }

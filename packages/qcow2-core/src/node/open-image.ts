@@ -27,7 +27,7 @@ export interface OpenImageOptions {
   /** The top image's format; default: probed from its first bytes. */
   format?: ImageFormat;
   /** Default true. False opens the top layer read-write (qcow2 or raw; backing layers stay
-   * read-only) and takes the file's write lock. */
+   * read-only) and takes the file's write lock (and its external data file's, read-write too). */
   readOnly?: boolean;
   /** Ignore other processes' locks (qemu-img -U). */
   forceShare?: boolean;
@@ -204,10 +204,11 @@ async function openLayer(request: LayerRequest): Promise<ChainLayer> {
     ...(depth === 0 && options.snapshot !== undefined ? { snapshot: options.snapshot } : {}),
     ...(options.snapshotSize !== undefined ? { snapshotSize: options.snapshotSize } : {}),
     resolveDataFile: async (name) => {
-      // QEMU resolves a relative data file name against the current working directory.
+      // QEMU resolves a relative data file name against the current working directory. The top
+      // image opened read-write writes its data file too (under its write lock).
       return FileBlockDevice.open(resolve(name), {
-        readOnly: true,
-        ...(options.forceShare !== undefined ? { forceShare: options.forceShare } : {}),
+        readOnly: !writable,
+        ...(options.forceShare !== undefined && !writable ? { forceShare: options.forceShare } : {}),
       });
     },
   });
