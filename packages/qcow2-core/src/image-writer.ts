@@ -12,9 +12,15 @@ import { type BlockDevice, BlockDeviceError, isBlockDeviceError } from '@qcowkit
 import { MetadataLock } from './alloc/metadata-lock.js';
 import { MetadataMap, OverlapError } from './alloc/metadata-map.js';
 import { RefcountStore } from './alloc/refcount-store.js';
+import { PersistentBitmaps } from './bitmaps/persistent-bitmaps.js';
 import type { TableCache } from './cache/table-cache.js';
 import { writeU64 } from './format/binary.js';
-import { QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_INCOMPAT_CORRUPT } from './format/feature-bits.js';
+import type { Qcow2BitmapEntry } from './format/bitmap-directory.js';
+import {
+  QCOW2_AUTOCLEAR_BITMAPS,
+  QCOW2_AUTOCLEAR_DATA_FILE_RAW,
+  QCOW2_INCOMPAT_CORRUPT,
+} from './format/feature-bits.js';
 import { sizeToL1 } from './format/geometry.js';
 import { headerFlags, type Qcow2Header } from './format/header.js';
 import { decodeL1Table, l1EntryOffset } from './format/l1-entry.js';
@@ -32,7 +38,9 @@ export interface ImageWriterContext {
   readonly size: () => number;
   readonly setSize: (size: number) => void;
   readonly snapshotTable: readonly Qcow2SnapshotEntry[];
-  readonly hasBitmaps: boolean;
+  /** The bitmap directory (empty without valid bitmaps); `setBitmapDirectory` follows changes. */
+  readonly bitmapDirectory: readonly Qcow2BitmapEntry[];
+  readonly setBitmapDirectory: (entries: readonly Qcow2BitmapEntry[]) => void;
   readonly mapper: Qcow2Mapper;
   readonly cache: TableCache<DataView>;
   readonly sliceBytes: number;
@@ -50,6 +58,8 @@ export class ImageWriter {
   readonly #clusterSize: number;
   #l1Offset: number;
   #corruption: BlockDeviceError | undefined;
+  /** Persistent dirty bitmaps (undefined when the image has none). */
+  #bitmaps: PersistentBitmaps | undefined;
 
   private constructor(
     context: ImageWriterContext,
@@ -97,8 +107,6 @@ export class ImageWriter {
     if (flags.dataFile && context.dataFile === undefined)
       refuse('EUNSUPPORTED', 'the external data file is not open (no data file resolver)');
     if (context.dataFile?.readOnly) refuse('EROFS', 'the external data file is read-only');
-    if (context.hasBitmaps)
-      refuse('EUNSUPPORTED', 'writing images with persistent bitmaps is not supported yet');
     const metadata = new MetadataMap(header.clusterSize);
     metadata.add(0, header.clusterSize, 'header');
     metadata.add(header.l1TableOffset, Math.max(1, header.l1Size * 8), 'l1-table');
@@ -133,16 +141,34 @@ export class ImageWriter {
       },
     });
     writer = new ImageWriter(context, metadata, refcounts, header.l1TableOffset);
-    // Unknown autoclear bits (and the bitmaps bit: this engine does not keep bitmaps) are cleared
+    // Unknown autoclear bits (and the bitmaps bit when no valid bitmap is there) are cleared
     // before the first write.
     if (header.version === 3) {
-      const keep = header.autoclearFeatures.low & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+      const known =
+        QCOW2_AUTOCLEAR_DATA_FILE_RAW | (context.bitmapDirectory.length > 0 ? QCOW2_AUTOCLEAR_BITMAPS : 0);
+      const keep = header.autoclearFeatures.low & known;
       if (header.autoclearFeatures.high !== 0 || header.autoclearFeatures.low !== keep) {
         const bytes = new Uint8Array(8);
         new DataView(bytes.buffer).setUint32(4, keep);
         await writer.#patchHeader(88, bytes);
         context.setHeader({ ...header, autoclearFeatures: { high: 0, low: keep } });
       }
+    }
+    if (context.bitmapDirectory.length > 0) {
+      writer.#bitmaps = await PersistentBitmaps.open(
+        {
+          file,
+          description,
+          refcounts,
+          metadata,
+          header: context.header,
+          setHeader: context.setHeader,
+          patchHeader: (at, bytes) => writer!.#patchHeader(at, bytes),
+          setDirectory: context.setBitmapDirectory,
+        },
+        context.bitmapDirectory,
+        context.size(),
+      );
     }
     return writer;
   }
@@ -194,8 +220,14 @@ export class ImageWriter {
     return this.#corruption !== undefined;
   }
 
+  /** The persistent dirty bitmaps kept up to date (undefined when the image has none). */
+  get bitmaps(): PersistentBitmaps | undefined {
+    return this.#bitmaps;
+  }
+
   async write(guestOffset: number, data: Uint8Array): Promise<void> {
     if (this.#corruption !== undefined) throw this.#corruption;
+    this.#bitmaps?.mark(guestOffset, data.length);
     const done = await this.lock.shared(() =>
       this.#guarded(() => this.#writePath.tryWriteInPlace(guestOffset, data)),
     );
@@ -235,6 +267,7 @@ export class ImageWriter {
   }
 
   async writeZeroes(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
+    this.#bitmaps?.mark(guestOffset, length);
     await this.#exclusiveIdle(() => this.#zeroRange(guestOffset, length, mode));
   }
 
@@ -274,6 +307,7 @@ export class ImageWriter {
         `qcow2: ${this.#context.description}: compressed clusters are not allowed with an external data file`,
       );
     }
+    this.#bitmaps?.mark(guestOffset, data.length);
     const compressed = await this.#context.compress(data);
     await this.#exclusiveIdle(async () => {
       if (compressed === undefined || compressed.length >= this.#clusterSize - 512) {
@@ -302,6 +336,7 @@ export class ImageWriter {
         const header = this.#context.header();
         const size = this.#context.size();
         if (newSize === size) return;
+        this.#bitmaps?.checkResize(newSize);
         if (newSize < size) {
           // Shrink: what falls off reads as zeros (freed where the format allows), so a later
           // grow shows zeros there; the L1 table keeps its size.
@@ -313,6 +348,7 @@ export class ImageWriter {
           await this.#patchHeader(24, sizeBytes);
           this.#context.setHeader({ ...header, size: newSize });
           this.#context.setSize(newSize);
+          this.#bitmaps?.resize(newSize);
           await this.#resizeDataFile(size, newSize);
           return;
         }
@@ -377,6 +413,7 @@ export class ImageWriter {
           l1Size,
         });
         this.#context.setSize(newSize);
+        this.#bitmaps?.resize(newSize);
         // A raw data file's grown range is mapped at once, as QEMU does (preallocation=metadata).
         if (this.#context.dataFile !== undefined && headerFlags(header).dataFileRaw) {
           await this.#writePath.preallocate(newSize, size);
@@ -407,6 +444,11 @@ export class ImageWriter {
   async close(): Promise<void> {
     await this.lock.exclusive(async () => {
       if (this.#corruption !== undefined) return;
+      if (this.#bitmaps !== undefined) {
+        // The bits cover data and mapping that are durable before the bitmaps are stored.
+        await this.#writePath.flush();
+        await this.#guarded(() => this.#bitmaps!.store());
+      }
       await this.#writePath.flush(true);
     });
   }

@@ -306,11 +306,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     }
     const image = new Qcow2Image(file, header, snapshotTable, openedSnapshot, options);
     image.bitmapDirectory = await readBitmapDirectory(file, header);
-    image.bitmaps = image.bitmapDirectory.map((entry) => ({
-      name: entry.name,
-      granularity: entry.granularity,
-      flags: [...(entry.inUse ? ['in-use'] : []), ...(entry.auto ? ['auto'] : [])],
-    }));
+    image.bitmaps = image.bitmapDirectory.map(toBitmapInfo);
     const l1Count = Math.min(l1Size, sizeToL1(image.size, clusterSize, image.extendedL2));
     const l1 = decodeL1Table(
       l1Count > 0 ? await file.read(l1Offset, l1Count * 8) : new Uint8Array(0),
@@ -374,7 +370,11 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
         this.size = size;
       },
       snapshotTable: this.snapshotTable,
-      hasBitmaps: this.bitmapDirectory.length > 0,
+      bitmapDirectory: this.bitmapDirectory,
+      setBitmapDirectory: (entries) => {
+        this.bitmapDirectory = entries;
+        this.bitmaps = entries.map(toBitmapInfo);
+      },
       mapper: this.#mapper,
       cache: this.#l2Cache,
       sliceBytes: Math.min(this.clusterSize, MAX_SLICE_BYTES),
@@ -735,6 +735,14 @@ async function readBitmapDirectory(file: BlockDevice, header: Qcow2Header): Prom
   }
   const bytes = await file.read(bitmapDirectoryOffset, bitmapDirectorySize);
   return decodeBitmapDirectory(bytes, nbBitmaps, bitmapDirectoryOffset);
+}
+
+function toBitmapInfo(entry: Qcow2BitmapEntry): Qcow2BitmapInfo {
+  return {
+    name: entry.name,
+    granularity: entry.granularity,
+    flags: [...(entry.inUse ? ['in-use'] : []), ...(entry.auto ? ['auto'] : [])],
+  };
 }
 
 function toSnapshotInfo(entry: Qcow2SnapshotEntry, imageSize: number): Qcow2SnapshotInfo {

@@ -1,3 +1,4 @@
+export * from './bitmaps/index.js';
 export { TableCache } from './cache/index.js';
 export * from './check/index.js';
 export { pureCodecs, type Qcow2Codecs, zstdFrameLength } from './codecs.js';

@@ -13,7 +13,9 @@ export type MetadataKind =
   | 'refcount-table'
   | 'refcount-block'
   | 'snapshot-table'
-  | 'snapshot-l1-table';
+  | 'snapshot-l1-table'
+  | 'bitmap-directory'
+  | 'bitmap-table';
 
 /** Thrown by {@link MetadataMap.check}; the image turns it into a sticky corrupt state. */
 export class OverlapError extends BlockDeviceError {
