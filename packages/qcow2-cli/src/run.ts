@@ -4,12 +4,14 @@
  *
  * Start-up is part of every command's time, so nothing heavy loads before it is needed: commander
  * and each subcommand's module are imported when used (`import()` in the actions), the format
- * names come from a module of their own (not the engine), and `--version` and a plain `qcow2
- * convert` command line (see `convertFastPath`) run without commander at all. Anything
- * that fast path does not recognise goes through commander, so messages stay the same.
+ * names come from a module of their own (not the engine), and `--version` and plain `qcow2
+ * convert`, `create` and `info` command lines (see `convertFastPath`, `createFastPath`,
+ * `infoFastPath`) run without commander at all. Anything those fast paths do not recognise goes
+ * through commander, so messages stay the same.
  */
 import type { Command } from 'commander';
 import { convertFastPath, parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
+import { createFastPath, infoFastPath } from './commands/fast-paths.js';
 import { collectOptions, registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from './image-formats.js';
@@ -43,6 +45,16 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
     if (fastConvert !== undefined) {
       const { convertCommand } = await import('./commands/convert.js');
       return await convertCommand(context, fastConvert.source, fastConvert.target, fastConvert.options);
+    }
+    const fastCreate = argv[0] === 'create' ? createFastPath(argv.slice(1)) : undefined;
+    if (fastCreate !== undefined) {
+      const { createCommand } = await import('./commands/create.js');
+      return await createCommand(context, fastCreate.file, fastCreate.size, fastCreate.options);
+    }
+    const fastInfo = argv[0] === 'info' ? infoFastPath(argv.slice(1)) : undefined;
+    if (fastInfo !== undefined) {
+      const { infoCommand } = await import('./commands/info.js');
+      return await infoCommand(context, fastInfo.file, fastInfo.options);
     }
     commander = await import('commander');
     const program = buildProgram(commander, context, (code) => {

@@ -1,24 +1,76 @@
 #!/usr/bin/env node
 /** The `qcow2` executable: the only file that touches `process`. */
+import { writeSync } from 'node:fs';
+import type { CliOutput } from '../io.js';
 import { run } from '../run.js';
 
 // A reader that goes away (`qcow2 map ... | head`) ends the command quietly, as SIGPIPE ends
 // qemu-img; any other failure of the output streams is one line and exit 1.
-process.stdout.on('error', (error: NodeJS.ErrnoException) => {
+function outputFailed(fd: 1 | 2, error: NodeJS.ErrnoException): never {
+  if (fd === 2) process.exit(1);
   if (error.code === 'EPIPE') process.exit(0);
-  process.stderr.write(`qcow2: cannot write to stdout: ${error.message}\n`);
+  try {
+    writeSync(2, `qcow2: cannot write to stdout: ${error.message}\n`);
+  } catch {}
   process.exit(1);
-});
-process.stderr.on('error', () => process.exit(1));
+}
+
+let stdout: NodeJS.WriteStream | undefined;
+/** process.stdout, made on first use: creating it loads Node's stream modules (~3 ms a start). */
+function stdoutStream(): NodeJS.WriteStream {
+  if (stdout === undefined) {
+    stdout = process.stdout;
+    stdout.on('error', (error: NodeJS.ErrnoException) => outputFailed(1, error));
+  }
+  return stdout;
+}
+let stderr: NodeJS.WriteStream | undefined;
+function stderrStream(): NodeJS.WriteStream {
+  if (stderr === undefined) {
+    stderr = process.stderr;
+    stderr.on('error', (error: NodeJS.ErrnoException) => outputFailed(2, error));
+  }
+  return stderr;
+}
+
+/**
+ * Text goes straight to the file descriptor with blocking writes, in order, as Node's own stdio
+ * streams write to files, pipes and terminals on Linux. A descriptor that would block (a
+ * non-blocking pipe that is full) hands the rest, and everything after, to the stream.
+ */
+function textOutput(fd: 1 | 2, stream: () => NodeJS.WriteStream): CliOutput {
+  let streamed = false;
+  return {
+    write(chunk) {
+      if (streamed) {
+        stream().write(chunk);
+        return;
+      }
+      let bytes = Buffer.from(chunk, 'utf8');
+      try {
+        while (bytes.length > 0) bytes = bytes.subarray(writeSync(fd, bytes));
+      } catch (error) {
+        const { code } = error as NodeJS.ErrnoException;
+        if (code !== 'EAGAIN' && code !== 'EINTR') outputFailed(fd, error as NodeJS.ErrnoException);
+        streamed = true;
+        stream().write(bytes);
+      }
+    },
+  };
+}
 
 // No top-level await: the bundle is a CommonJS file (see scripts/bundle-bin.mjs --code-cache).
 void run(process.argv.slice(2), {
-  stdout: { write: (chunk) => void process.stdout.write(chunk) },
-  stderr: { write: (chunk) => void process.stderr.write(chunk) },
-  stdoutStream: process.stdout,
+  stdout: textOutput(1, stdoutStream),
+  stderr: textOutput(2, stderrStream),
+  get stdoutStream() {
+    return stdoutStream();
+  },
   cwd: process.cwd(),
   env: process.env,
-  isTTY: process.stderr.isTTY === true,
+  get isTTY() {
+    return process.stderr.isTTY === true;
+  },
 }).then((exitCode) => {
   process.exitCode = exitCode;
 });
