@@ -320,8 +320,10 @@ export class ImageWriter {
 
   /** Allocates every L2 table and data cluster from `fromGuest` to the end (preallocation=metadata:
    * a new image from 0, a grown one from its old size). */
-  async preallocateMetadata(fromGuest = 0): Promise<void> {
-    await this.#exclusiveIdle(() => this.#writePath.preallocate(this.#context.size(), fromGuest));
+  async preallocateMetadata(fromGuest = 0, dataFresh = false): Promise<void> {
+    await this.#exclusiveIdle(() =>
+      this.#writePath.preallocate(this.#context.size(), fromGuest, dataFresh),
+    );
   }
 
   /** Data then metadata durable (the write path's ordered write-back). */
@@ -416,7 +418,7 @@ export class ImageWriter {
         this.#bitmaps?.resize(newSize);
         // A raw data file's grown range is mapped at once, as QEMU does (preallocation=metadata).
         if (this.#context.dataFile !== undefined && headerFlags(header).dataFileRaw) {
-          await this.#writePath.preallocate(newSize, size);
+          await this.#writePath.preallocate(newSize, size, true);
         }
       }
     });

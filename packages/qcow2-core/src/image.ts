@@ -224,7 +224,8 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
           `qcow2 create: ${plan.dataFileRaw ? 'data_file_raw' : 'metadata preallocation'} needs the data file (resolveDataFile)`,
         );
       }
-      await image.#writer.preallocateMetadata();
+      // A new image: its data file (the caller's, just made) holds nothing stale to zero.
+      await image.#writer.preallocateMetadata(0, true);
     }
     return image;
   }

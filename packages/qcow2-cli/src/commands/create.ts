@@ -1,11 +1,10 @@
 /**
  * `qcow2 create`: qemu-img create's flags, `-o` options, size rules and "Formatting ..." line.
  * qcow2 images are laid out by qcow2-core (`planQcow2Create` / `writeQcow2Layout`, or
- * `Qcow2Image.create` for metadata preallocation; `preallocateData` on the empty layout for falloc
- * and full);
+ * `Qcow2Image.create` for metadata preallocation and external data files; `preallocateData` on the
+ * empty layout for falloc and full);
  * raw images are sparse files, or fallocated (falloc) or written with zeros (full).
  */
-import { access } from 'node:fs/promises';
 import type { BlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import {
@@ -209,13 +208,8 @@ export async function createCommand(
   try {
     if (createOptions.dataFile !== undefined) {
       const dataPath = resolveAgainst(context.io.cwd, createOptions.dataFile);
-      const exists = await access(dataPath).then(
-        () => true,
-        () => false,
-      );
-      if (!exists) await (await FileBlockDevice.create(dataPath, 0)).close();
-    }
-    if (preallocation === 'metadata') {
+      await createWithDataFile(device, dataPath, createOptions, preallocation);
+    } else if (preallocation === 'metadata') {
       // The backing file is not needed to lay out metadata (qemu-img does not open it either).
       const image = await Qcow2Image.create(device, { ...createOptions, openBacking: false });
       await image.close();
@@ -231,6 +225,34 @@ export async function createCommand(
     await device.close();
   }
   return 0;
+}
+
+/**
+ * A qcow2 image with an external data file, as qemu-img creates it: the data file made (an existing
+ * one emptied) at the guest size; preallocation falloc or full allocates the data file's storage
+ * (full writes zeros) and, with metadata, maps every cluster to its guest offset, as does a raw
+ * data file (data_file_raw=on) in every mode.
+ */
+async function createWithDataFile(
+  device: FileBlockDevice,
+  dataPath: string,
+  options: Qcow2CreateOptions,
+  preallocation: string | undefined,
+): Promise<void> {
+  const plan = planQcow2Create(options);
+  const dataFile = await FileBlockDevice.create(dataPath, plan.size, { overwrite: true });
+  try {
+    if (preallocation === 'falloc' || preallocation === 'full') await preallocateRaw(dataFile, preallocation);
+    const image = await Qcow2Image.create(device, {
+      ...options,
+      preallocation: preallocation === undefined || preallocation === 'off' ? 'off' : 'metadata',
+      openBacking: false,
+      resolveDataFile: async () => dataFile,
+    });
+    await image.close();
+  } finally {
+    await dataFile.close();
+  }
 }
 
 export function qcow2CreateOptions(
@@ -266,14 +288,6 @@ export function qcow2CreateOptions(
   if (preallocation !== undefined) {
     if (!RAW_PREALLOCATION.includes(preallocation)) {
       throw new UsageError(`${file}: Parameter 'preallocation' does not accept value '${preallocation}'`);
-    }
-    if (preallocation !== 'off' && values.has('data_file')) {
-      throw new CliError(
-        `${file}: preallocation=${preallocation} with an external data file is not supported`,
-        {
-          code: 'EUNSUPPORTED',
-        },
-      );
     }
     // falloc and full are metadata preallocation plus the data area (measure and convert count
     // them so); create lays them out as an empty image then preallocateData.

@@ -2,10 +2,12 @@
  * `qcow2 resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE`: qemu-img resize's
  * rules and messages. `--preallocation` applies to the grown range: for raw files `falloc`
  * allocates it in place and `full` writes zeros; for qcow2 images both give the grown range data
- * clusters holding zeros (written through the engine), as qemu-img leaves them.
+ * clusters holding zeros (written through the engine), as qemu-img leaves them. An image with an
+ * external data file is resized through the engine, which truncates the data file to the new size
+ * as QEMU does (and maps a raw data file's grown range).
  */
 import type { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { Qcow2Image, resizeImage } from '@qcowkit/qcow2-core';
+import { QCOW2_INCOMPAT_DATA_FILE, Qcow2Image, resizeImage } from '@qcowkit/qcow2-core';
 import type { ImageFormat } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
@@ -50,7 +52,7 @@ export async function resizeCommand(
     throw new UsageError(`Invalid preallocation mode '${preallocation}'`);
   }
   const path = resolveAgainst(context.io.cwd, file);
-  const { format, current, newSize } = await withImageFileForWrite(
+  const { format, current, newSize, viaEngine } = await withImageFileForWrite(
     path,
     file,
     options.format,
@@ -58,6 +60,8 @@ export async function resizeCommand(
       if (format === 'qcow')
         throw new CliError('This image does not support resize', { code: 'EUNSUPPORTED' });
       const current = format === 'qcow2' ? await qcow2Size(device) : device.size;
+      // The data file changes with the metadata: the engine does both (file closed first).
+      const viaEngine = format === 'qcow2' && (await hasDataFile(device));
       const newSize = relative === 0 ? bytes : current + relative * bytes;
       if (newSize < 0) throw new UsageError('New image size must be positive');
       if (newSize < current && !options.shrink) {
@@ -70,6 +74,7 @@ export async function resizeCommand(
         throw new CliError('Unsupported preallocation mode: metadata', { code: 'EUNSUPPORTED' });
       }
       try {
+        if (viaEngine) return { format, current, newSize, viaEngine };
         if (format === 'qcow2') await resizeImage(device, newSize, { shrink: options.shrink });
         else await device.resize(newSize);
         if (format === 'raw' && newSize > current) {
@@ -79,9 +84,19 @@ export async function resizeCommand(
       } catch (error) {
         throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
       }
-      return { format, current, newSize };
+      return { format, current, newSize, viaEngine };
     },
   );
+  if (viaEngine) {
+    const image = await openWritable(path, file, { format });
+    try {
+      await image.device.resize(newSize);
+    } catch (error) {
+      throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
+    } finally {
+      await image.close();
+    }
+  }
   if (format === 'qcow2' && newSize > current && preallocation !== 'off') {
     // The grown range as data clusters holding zeros: written through the engine (file closed above).
     const image = await openWritable(path, file, { format });
@@ -101,6 +116,14 @@ export async function resizeCommand(
   }
   if (!options.quiet) context.io.stdout.write('Image resized.\n');
   return 0;
+}
+
+/** Whether the header (v3) sets the external data file bit (incompatible feature bit 2). */
+async function hasDataFile(device: FileBlockDevice): Promise<boolean> {
+  if (device.size < 80) return false;
+  const header = await device.read(4, 76);
+  const view = new DataView(header.buffer, header.byteOffset, header.byteLength);
+  return view.getUint32(0) >= 3 && (view.getUint32(72) & QCOW2_INCOMPAT_DATA_FILE) !== 0;
 }
 
 /** The guest size from the header (bytes 24-31), read without opening the image. */

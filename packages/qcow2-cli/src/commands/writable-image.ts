@@ -1,8 +1,11 @@
 /**
- * Opening a qcow2 image for writing, for the commands that write guest data (commit, rebase):
- * the image file read-write, its backing chain read-only through the engine. Read-only layers are
- * opened with force-share so the command can also hold a writer on one of them.
+ * Opening a qcow2 image for writing, for the commands that write guest data (commit, rebase,
+ * bench -w, resize, convert -n): the image file read-write, its external data file read-write too
+ * (its name resolved against the working folder, as QEMU does), its backing chain read-only through
+ * the engine. Read-only layers are opened with force-share so the command can also hold a writer
+ * on one of them.
  */
+import { resolve } from 'node:path';
 import type { BlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { Qcow2Image, RawImage } from '@qcowkit/qcow2-core';
@@ -29,8 +32,10 @@ export async function openWritable(
     throw openError(displayName, error, path);
   }
   const opened: OpenedImage[] = [];
+  let dataFile: FileBlockDevice | undefined;
   const closeAll = async () => {
     for (const layer of opened.reverse()) await layer.close();
+    await dataFile?.close();
   };
   try {
     const format = options.format ?? detectFormat(await file.read(0, Math.min(file.size, 512)));
@@ -54,6 +59,16 @@ export async function openWritable(
         });
         opened.push(layer);
         return layer.device;
+      },
+      resolveDataFile: async (name) => {
+        // As the read-only path (core openImage): relative to the current working directory.
+        const dataPath = resolve(name);
+        try {
+          dataFile = await FileBlockDevice.open(dataPath, { readOnly: false });
+        } catch (error) {
+          throw openError(name, error, dataPath);
+        }
+        return dataFile;
       },
     });
     return {

@@ -723,7 +723,7 @@ export class WritePath {
    * grows sparse and they read as zeros. With extended L2 the subcluster bitmaps stay empty, as
    * QEMU leaves them (the subclusters read from the backing file or as zeros until written).
    */
-  async preallocate(size: number, fromGuest = 0): Promise<void> {
+  async preallocate(size: number, fromGuest = 0, dataFresh = false): Promise<void> {
     const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
     const firstCluster = Math.floor(fromGuest / this.#clusterSize);
     const totalClusters = Math.ceil(size / this.#clusterSize);
@@ -759,7 +759,7 @@ export class WritePath {
       }
       if (refs.length === 0) continue;
       if (this.#hasDataFile) {
-        await this.#preallocateInDataFile(refs, clusters);
+        await this.#preallocateInDataFile(refs, clusters, dataFresh);
         await this.#writeBackIfFull();
         continue;
       }
@@ -787,11 +787,16 @@ export class WritePath {
 
   /**
    * Metadata preallocation with a data file: each entry points at its guest offset there. Where
-   * the data file may hold stale bytes (not raw; raw data files read as the guest does), they are
-   * zeroed first. Extended L2 entries keep empty subcluster bitmaps: nothing reads the data yet.
+   * the data file may hold stale bytes (not raw, as raw data files read as the guest does; not
+   * `dataFresh`, a data file just made), they are zeroed first. Extended L2 entries keep empty
+   * subcluster bitmaps: nothing reads the data yet.
    */
-  async #preallocateInDataFile(refs: readonly EntryRef[], clusters: readonly number[]): Promise<void> {
-    if (this.#o.dataFileRaw !== true && !this.#o.extendedL2) {
+  async #preallocateInDataFile(
+    refs: readonly EntryRef[],
+    clusters: readonly number[],
+    dataFresh: boolean,
+  ): Promise<void> {
+    if (this.#o.dataFileRaw !== true && !this.#o.extendedL2 && !dataFresh) {
       let index = 0;
       while (index < clusters.length) {
         let next = index + 1;
