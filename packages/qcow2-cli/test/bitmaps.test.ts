@@ -6,6 +6,7 @@ import { persistentBitmapsSize, readBitmapList } from '../src/qcow2-bitmaps.js';
 /** A header carrying only what the bitmap reader looks at. */
 function header(nbBitmaps: number, size: number, autoclear = 1): Qcow2Header {
   return {
+    clusterSize: 65536,
     autoclearFeatures: { high: 0, low: autoclear },
     extensions: { bitmaps: { nbBitmaps, bitmapDirectoryOffset: 65536, bitmapDirectorySize: size } },
   } as unknown as Qcow2Header;

@@ -18,18 +18,13 @@ import {
   type WriteOptions,
   type WriteZeroesOptions,
 } from '@qcowkit/blockdev';
+import { readBitmapDirectory } from './bitmaps/read-directory.js';
 import { TableCache } from './cache/table-cache.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './check/types.js';
 import { pureCodecs, type Qcow2Codecs } from './codecs.js';
 import { planQcow2Create, type Qcow2CreateOptions, writeQcow2Layout } from './create.js';
 import { hex } from './format/binary.js';
-import {
-  decodeBitmapDirectory,
-  QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
-  QCOW2_MAX_BITMAPS,
-  type Qcow2BitmapEntry,
-} from './format/bitmap-directory.js';
-import { QCOW2_AUTOCLEAR_BITMAPS } from './format/feature-bits.js';
+import type { Qcow2BitmapEntry } from './format/bitmap-directory.js';
 import { sizeToL1 } from './format/geometry.js';
 import {
   decodeHeader,
@@ -708,34 +703,6 @@ export interface Qcow2BitmapInfo {
   granularity: number;
   /** 'in-use' and/or 'auto'. */
   flags: string[];
-}
-
-/**
- * The bitmap directory, when the bitmaps extension is present and valid (its autoclear bit set; a
- * clear bit means another program changed the image and QEMU ignores the bitmaps).
- */
-async function readBitmapDirectory(file: BlockDevice, header: Qcow2Header): Promise<Qcow2BitmapEntry[]> {
-  const extension = header.extensions.bitmaps;
-  if (extension === undefined || (header.autoclearFeatures.low & QCOW2_AUTOCLEAR_BITMAPS) === 0) return [];
-  const { nbBitmaps, bitmapDirectoryOffset, bitmapDirectorySize } = extension;
-  if (nbBitmaps === 0) return [];
-  if (nbBitmaps > QCOW2_MAX_BITMAPS || bitmapDirectorySize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE) {
-    throw new BlockDeviceError('ECORRUPT', 'bitmaps extension: too many bitmaps or too large a directory');
-  }
-  if (
-    bitmapDirectoryOffset % header.clusterSize !== 0 ||
-    bitmapDirectoryOffset + bitmapDirectorySize > file.size
-  ) {
-    throw new BlockDeviceError(
-      'ECORRUPT',
-      'bitmaps extension: the directory is unaligned or past the end of the file',
-      {
-        offset: bitmapDirectoryOffset,
-      },
-    );
-  }
-  const bytes = await file.read(bitmapDirectoryOffset, bitmapDirectorySize);
-  return decodeBitmapDirectory(bytes, nbBitmaps, bitmapDirectoryOffset);
 }
 
 function toBitmapInfo(entry: Qcow2BitmapEntry): Qcow2BitmapInfo {

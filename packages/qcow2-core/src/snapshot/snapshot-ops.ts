@@ -6,6 +6,7 @@
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import { loadHeader } from '../check/check.js';
+import { QCOW2_AUTOCLEAR_BITMAPS } from '../format/feature-bits.js';
 import { QCOW_MAX_SNAPSHOTS } from '../format/geometry.js';
 import type { Qcow2SnapshotEntry } from '../format/snapshot-table.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from '../ops/image-edit.js';
@@ -154,6 +155,16 @@ export async function applySnapshot(
   const { header, clusterSize } = edit;
   const entries = await readSnapshotTable(file, header);
   const target = findSnapshot(entries, { idOrName });
+  // Reverting the data would make every persistent bitmap wrong: QEMU refuses while there is one.
+  if (
+    (header.autoclearFeatures.low & QCOW2_AUTOCLEAR_BITMAPS) !== 0 &&
+    (header.extensions.bitmaps?.nbBitmaps ?? 0) > 0
+  ) {
+    throw new BlockDeviceError(
+      'EBUSY',
+      `snapshot: cannot apply '${idOrName}': the image has persistent dirty bitmaps (remove them first)`,
+    );
+  }
 
   // 1. One more reference to everything the snapshot reaches (durable first).
   const grow = target.l1Size > header.l1Size;
