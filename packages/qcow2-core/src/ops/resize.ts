@@ -5,6 +5,7 @@
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
 import { BlockDeviceError } from '@qcowkit/blockdev';
+import { hasPersistentBitmaps, resizeWithBitmaps } from '../bitmaps/resize-with-bitmaps.js';
 import { classifyL2Entry, decodeCompressedDescriptor, entryOffset } from '../check/entries.js';
 import { QCOW_MAX_L1_SIZE, sizeToL1 } from '../format/geometry.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from './image-edit.js';
@@ -45,9 +46,12 @@ export async function resizeImage(
         'qcow2 resize: cannot shrink an image with internal snapshots',
       );
     }
+    if (hasPersistentBitmaps(header)) return resizeWithBitmaps(file, size);
     await shrink(edit, size);
     return;
   }
+  // Persistent bitmaps follow the size: the engine resizes and stores them (or refuses, as QEMU).
+  if (hasPersistentBitmaps(header)) return resizeWithBitmaps(file, size);
   const l1Needed = sizeToL1(size, clusterSize, edit.extendedL2);
   if (l1Needed * 8 > QCOW_MAX_L1_SIZE) {
     throw new BlockDeviceError('EINVAL', `qcow2 resize: ${size} bytes need an L1 table larger than 32 MiB`);
