@@ -12,7 +12,7 @@ import { type BlockDevice, BlockDeviceError, isBlockDeviceError } from '@qcowkit
 import { MetadataLock } from './alloc/metadata-lock.js';
 import { MetadataMap, OverlapError } from './alloc/metadata-map.js';
 import { RefcountStore } from './alloc/refcount-store.js';
-import { PersistentBitmaps } from './bitmaps/persistent-bitmaps.js';
+import { PersistentBitmaps, type PersistentBitmapsContext } from './bitmaps/persistent-bitmaps.js';
 import type { TableCache } from './cache/table-cache.js';
 import { writeU64 } from './format/binary.js';
 import type { Qcow2BitmapEntry } from './format/bitmap-directory.js';
@@ -156,21 +156,26 @@ export class ImageWriter {
     }
     if (context.bitmapDirectory.length > 0) {
       writer.#bitmaps = await PersistentBitmaps.open(
-        {
-          file,
-          description,
-          refcounts,
-          metadata,
-          header: context.header,
-          setHeader: context.setHeader,
-          patchHeader: (at, bytes) => writer!.#patchHeader(at, bytes),
-          setDirectory: context.setBitmapDirectory,
-        },
+        writer.#bitmapsContext(),
         context.bitmapDirectory,
         context.size(),
       );
     }
     return writer;
+  }
+
+  #bitmapsContext(): PersistentBitmapsContext {
+    const context = this.#context;
+    return {
+      file: context.file,
+      description: context.description,
+      refcounts: this.#refcounts,
+      metadata: this.#metadata,
+      header: context.header,
+      setHeader: context.setHeader,
+      patchHeader: (at, bytes) => this.#patchHeader(at, bytes),
+      setDirectory: context.setBitmapDirectory,
+    };
   }
 
   /** Writes header bytes in place (fields within the first sector) and flushes. */
@@ -222,6 +227,13 @@ export class ImageWriter {
 
   /** The persistent dirty bitmaps kept up to date (undefined when the image has none). */
   get bitmaps(): PersistentBitmaps | undefined {
+    return this.#bitmaps;
+  }
+
+  /** The persistent dirty bitmaps, set up on first use when the image has none yet (to add one). */
+  async persistentBitmaps(): Promise<PersistentBitmaps> {
+    if (this.#corruption !== undefined) throw this.#corruption;
+    this.#bitmaps ??= await PersistentBitmaps.open(this.#bitmapsContext(), [], this.#context.size());
     return this.#bitmaps;
   }
 
@@ -321,9 +333,7 @@ export class ImageWriter {
   /** Allocates every L2 table and data cluster from `fromGuest` to the end (preallocation=metadata:
    * a new image from 0, a grown one from its old size). */
   async preallocateMetadata(fromGuest = 0, dataFresh = false): Promise<void> {
-    await this.#exclusiveIdle(() =>
-      this.#writePath.preallocate(this.#context.size(), fromGuest, dataFresh),
-    );
+    await this.#exclusiveIdle(() => this.#writePath.preallocate(this.#context.size(), fromGuest, dataFresh));
   }
 
   /** Data then metadata durable (the write path's ordered write-back). */

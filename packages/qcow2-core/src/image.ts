@@ -18,6 +18,7 @@ import {
   type WriteOptions,
   type WriteZeroesOptions,
 } from '@qcowkit/blockdev';
+import type { PersistentBitmaps } from './bitmaps/persistent-bitmaps.js';
 import { readBitmapDirectory } from './bitmaps/read-directory.js';
 import { TableCache } from './cache/table-cache.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './check/types.js';
@@ -497,6 +498,19 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       );
     }
     await this.#tracked(writer.preallocateMetadata(fromGuest));
+  }
+
+  /**
+   * The persistent dirty bitmaps of an image open for writing: add, remove, clear, enable, disable,
+   * merge (qemu-img bitmap). Changes are stored on close, with the bits every write set meanwhile.
+   */
+  async persistentBitmaps(): Promise<PersistentBitmaps> {
+    const writer = this.#writer;
+    if (writer === undefined) {
+      throw new BlockDeviceError('EROFS', `qcow2: ${this.description}: the image is open read-only`);
+    }
+    assertOpen(this.closed, this.description, 'bitmaps');
+    return writer.persistentBitmaps();
   }
 
   override async close(): Promise<void> {

@@ -344,6 +344,88 @@ describe.skipIf(!haveQemu)('images with persistent bitmaps, written beside QEMU'
     expect(qemuCheck(dir.path, 'huge.qcow2')).toBe(0);
   });
 
+  async function edit(name: string, change: (image: Qcow2Image) => Promise<void>): Promise<void> {
+    const storage = MemoryBlockDevice.from(readFileSync(join(dir.path, name)));
+    const image = await Qcow2Image.open(keepOpen(storage), { readOnly: false });
+    await change(image);
+    await image.close();
+    writeFileSync(join(dir.path, name), await storage.read(0, storage.size));
+  }
+
+  it('add, clear, enable, disable, merge and remove as qemu-img bitmap does', async () => {
+    for (const name of ['ours.qcow2', 'qemu.qcow2']) {
+      qemuImg(dir.path, 'create', '-f', 'qcow2', '-o', 'cluster_size=4096', name, String(size));
+      qemuIo(dir.path, name, ['write -P 1 0 1M']);
+    }
+    // An image without bitmaps gets the extension; the default granularity follows the cluster size.
+    await edit('ours.qcow2', async (image) => {
+      const bitmaps = await image.persistentBitmaps();
+      bitmaps.add('b0', { granularity: 65536 });
+      bitmaps.add('d', { disabled: true });
+      bitmaps.add('e');
+      await image.write(3 << 20, new Uint8Array(5000).fill(2));
+    });
+    qemuImg(dir.path, 'bitmap', '--add', '-g', '65536', 'qemu.qcow2', 'b0');
+    qemuImg(dir.path, 'bitmap', '--add', '--disable', 'qemu.qcow2', 'd');
+    qemuImg(dir.path, 'bitmap', '--add', 'qemu.qcow2', 'e');
+    qemuIo(dir.path, 'qemu.qcow2', [`write -P 2 ${3 << 20} 5000`]);
+    expect(qemuCheck(dir.path, 'ours.qcow2')).toBe(0);
+    expect(qemuInfoBitmaps(dir.path, 'ours.qcow2')).toEqual(qemuInfoBitmaps(dir.path, 'qemu.qcow2'));
+    expect(await bitmapsOf('ours.qcow2')).toEqual(await bitmapsOf('qemu.qcow2'));
+    // Changes in one session.
+    await edit('ours.qcow2', async (image) => {
+      const bitmaps = await image.persistentBitmaps();
+      bitmaps.setEnabled('d', true);
+      bitmaps.merge('d', await bitmaps.currentBits('b0'), image.size);
+      bitmaps.setEnabled('e', false);
+      bitmaps.clear('b0');
+      expect(() => bitmaps.add('d')).toThrow('Bitmap already exists: d');
+      expect(() => bitmaps.clear('nope')).toThrow("Dirty bitmap 'nope' not found");
+      expect(() => bitmaps.add('x', { granularity: 1000 })).toThrow(
+        'Granularity must be power of 2 and at least 512',
+      );
+      await image.write(9 << 20, new Uint8Array(512).fill(2));
+    });
+    qemuImg(dir.path, 'bitmap', '--enable', '--merge', 'b0', 'qemu.qcow2', 'd');
+    qemuImg(dir.path, 'bitmap', '--disable', 'qemu.qcow2', 'e');
+    qemuImg(dir.path, 'bitmap', '--clear', 'qemu.qcow2', 'b0');
+    qemuIo(dir.path, 'qemu.qcow2', [`write -P 2 ${9 << 20} 512`]);
+    expect(qemuCheck(dir.path, 'ours.qcow2')).toBe(0);
+    expect(qemuInfoBitmaps(dir.path, 'ours.qcow2')).toEqual(qemuInfoBitmaps(dir.path, 'qemu.qcow2'));
+    expect(await bitmapsOf('ours.qcow2')).toEqual(await bitmapsOf('qemu.qcow2'));
+    // Removing one, then all: the extension and the autoclear bit go, and nothing leaks.
+    await edit('ours.qcow2', async (image) => (await image.persistentBitmaps()).remove('d'));
+    qemuImg(dir.path, 'bitmap', '--remove', 'qemu.qcow2', 'd');
+    expect(qemuCheck(dir.path, 'ours.qcow2')).toBe(0);
+    expect(await bitmapsOf('ours.qcow2')).toEqual(await bitmapsOf('qemu.qcow2'));
+    await edit('ours.qcow2', async (image) => {
+      const bitmaps = await image.persistentBitmaps();
+      bitmaps.remove('b0');
+      bitmaps.remove('e');
+    });
+    expect(qemuCheck(dir.path, 'ours.qcow2')).toBe(0);
+    expect(qemuInfoBitmaps(dir.path, 'ours.qcow2')).toBeUndefined();
+    const header = readFileSync(join(dir.path, 'ours.qcow2')).subarray(88, 96);
+    expect([...header]).toEqual([0, 0, 0, 0, 0, 0, 0, 0]);
+    qemuImg(dir.path, 'compare', '-f', 'qcow2', '-F', 'qcow2', 'ours.qcow2', 'qemu.qcow2');
+  });
+
+  it('an inconsistent bitmap can only be removed', async () => {
+    makeBase('stale.qcow2');
+    qemuIoUnchecked(dir.path, 'stale.qcow2', ['write 0 4k', 'abort']);
+    await edit('stale.qcow2', async (image) => {
+      const bitmaps = await image.persistentBitmaps();
+      expect(bitmaps.inconsistent).toEqual(['b0', 'b1', 'fine']);
+      expect(() => bitmaps.clear('b0')).toThrow("Bitmap 'b0' is inconsistent and cannot be used");
+      bitmaps.remove('b0');
+    });
+    expect(qemuCheck(dir.path, 'stale.qcow2')).toBe(0);
+    expect((qemuInfoBitmaps(dir.path, 'stale.qcow2') as { name: string }[]).map((b) => b.name)).toEqual([
+      'b1',
+      'fine',
+    ]);
+  });
+
   it('crashes at any request leave a clean-or-leaking image, the bitmap complete or in use', async () => {
     makeBase('crash.qcow2', 4 * 1024 * 1024, 4096);
     const pristine = readFileSync(join(dir.path, 'crash.qcow2'));

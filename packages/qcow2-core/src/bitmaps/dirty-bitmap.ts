@@ -14,7 +14,7 @@ export class DirtyBitmap {
   readonly granularityBits: number;
   readonly granularity: number;
   /** `auto`: writes set bits (a disabled bitmap keeps its bits unchanged). */
-  readonly enabled: boolean;
+  enabled: boolean;
   /** Bits of one chunk (one cluster of bitmap data). */
   readonly chunkBits: number;
   readonly #chunkBytes: number;
@@ -31,6 +31,8 @@ export class DirtyBitmap {
     enabled: boolean;
     clusterSize: number;
     guestSize: number;
+    /** A new bitmap: nothing stored yet. */
+    created?: boolean;
   }) {
     this.name = options.name;
     this.granularityBits = options.granularityBits;
@@ -39,7 +41,7 @@ export class DirtyBitmap {
     this.#chunkBytes = options.clusterSize;
     this.chunkBits = options.clusterSize * 8;
     this.#bits = Math.ceil(options.guestSize / this.granularity);
-    this.#storedValidBits = this.#bits;
+    this.#storedValidBits = options.created === true ? 0 : this.#bits;
   }
 
   /** Bits of the bitmap. */
@@ -59,7 +61,12 @@ export class DirtyBitmap {
 
   /** Sets the bits of guest range `[guestOffset, guestOffset + length)` (when enabled). */
   mark(guestOffset: number, length: number): void {
-    if (!this.enabled || length <= 0) return;
+    if (this.enabled) this.setGuestRange(guestOffset, length);
+  }
+
+  /** Sets the bits of guest range `[guestOffset, guestOffset + length)`, enabled or not (a merge). */
+  setGuestRange(guestOffset: number, length: number): void {
+    if (length <= 0) return;
     const first = Math.floor(guestOffset / this.granularity);
     const end = Math.min(this.#bits, Math.floor((guestOffset + length - 1) / this.granularity) + 1);
     if (first < end) this.setBits(first, end);
@@ -130,6 +137,12 @@ export class DirtyBitmap {
     const bitEnd = Math.min(this.chunkBits, this.#bits - chunkStart);
     clearFrom(result, Math.max(0, bitEnd));
     return result.some((byte) => byte !== 0) ? result : undefined;
+  }
+
+  /** Clears every bit (stored ones included). */
+  clear(): void {
+    this.#touched.clear();
+    this.#storedValidBits = 0;
   }
 
   /** After storing: the stored bitmap is the whole truth again. */

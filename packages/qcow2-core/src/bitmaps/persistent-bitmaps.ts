@@ -3,15 +3,17 @@
  *
  * - Opening marks every consistent bitmap `in_use` in the directory (in place, flushed) before
  *   any guest write, so a crash leaves them flagged inconsistent, never wrongly consistent.
- *   A bitmap already `in_use` at open is inconsistent: kept as it is, never changed or used.
+ *   A bitmap already `in_use` at open is inconsistent: kept as it is, never changed or used
+ *   (it can only be removed).
  * - Enabled (`auto`) bitmaps get the bits of every written, zeroed or discarded range set
  *   (in memory, sparse: see dirty-bitmap.ts).
+ * - Bitmaps can be added, removed, cleared, enabled, disabled and merged (qemu-img bitmap).
  * - Storing (on close; a flush leaves them `in_use`, as QEMU does) writes every changed part of a
  *   bitmap to new clusters, a new table when one changed, and a new directory with `in_use`
- *   cleared; then, once all that and its refcounts are durable, switches the header's bitmaps
- *   extension to the new directory in one in-place write, and only then frees what it replaced.
- *   A crash before the switch leaves the old directory (bitmaps `in_use`) and leaks; after it,
- *   the new bitmaps and leaks.
+ *   cleared; then, once all that and its refcounts are durable, switches the header to the new
+ *   directory in one write (the bitmaps extension in place, or the whole header cluster when the
+ *   extension comes or goes), and only then frees what it replaced. A crash before the switch
+ *   leaves the old directory (bitmaps `in_use`) and leaks; after it, the new bitmaps and leaks.
  *
  * Unchanged parts of a bitmap keep their data clusters (a new table points at them); QEMU rewrites
  * them all, which reads the same.
@@ -19,20 +21,28 @@
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import type { MetadataMap } from '../alloc/metadata-map.js';
 import type { RefcountStore } from '../alloc/refcount-store.js';
-import { viewOf, writeU64 } from '../format/binary.js';
+import { encodeText, viewOf, writeU64 } from '../format/binary.js';
 import {
   BME_FLAG_AUTO,
   BME_FLAG_IN_USE,
+  BME_MAX_GRANULARITY_BITS,
+  BME_MAX_NAME_SIZE,
   BME_MAX_PHYS_SIZE,
   BME_MAX_TABLE_SIZE,
+  BME_MIN_GRANULARITY_BITS,
+  BT_DIRTY_TRACKING_BITMAP,
+  bitmapDirectorySize,
   bitmapEntryProblem,
   bitmapTableSize,
   decodeBitmapDirectory,
   encodeBitmapDirectory,
+  QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+  QCOW2_MAX_BITMAPS,
   type Qcow2BitmapEntry,
 } from '../format/bitmap-directory.js';
-import type { Qcow2Header } from '../format/header.js';
-import { QCOW2_EXT_MAGIC_BITMAPS } from '../format/header-extensions.js';
+import { QCOW2_AUTOCLEAR_BITMAPS } from '../format/feature-bits.js';
+import { decodeHeader, encodeHeader, type Qcow2Header } from '../format/header.js';
+import { QCOW2_EXT_MAGIC_BITMAPS, type Qcow2HeaderExtension } from '../format/header-extensions.js';
 import {
   BITMAP_TABLE_ONES,
   BITMAP_TABLE_ZEROS,
@@ -41,6 +51,7 @@ import {
   encodeBitmapTable,
 } from './bitmap-table.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
+import type { StoredBitmap } from './read-bitmap.js';
 
 export interface PersistentBitmapsContext {
   readonly file: BlockDevice;
@@ -55,25 +66,40 @@ export interface PersistentBitmapsContext {
   readonly setDirectory: (entries: readonly Qcow2BitmapEntry[]) => void;
 }
 
+export interface AddBitmapOptions {
+  /** Bytes one bit covers: a power of 2, 512 to 2 GiB (default: the cluster size, at least 4 KiB,
+   * as QEMU). */
+  readonly granularity?: number;
+  /** Add it disabled (writes do not set its bits). */
+  readonly disabled?: boolean;
+}
+
 export class PersistentBitmaps {
   readonly #context: PersistentBitmapsContext;
   readonly #clusterSize: number;
-  /** The directory as on disk, in its order. */
+  /** The directory, in its order: as on disk, with the bitmaps added and removed since opening. */
   #entries: Qcow2BitmapEntry[];
   /** The consistent bitmaps, by name. */
   readonly #bitmaps = new Map<string, DirtyBitmap>();
   /** Enabled bitmaps (the ones writes mark). */
   #enabled: DirtyBitmap[] = [];
+  /** Entries removed since opening (their clusters are freed by {@link store}). */
+  readonly #removed: Qcow2BitmapEntry[] = [];
+  /** Bitmaps were added or removed: the directory is stored even without a consistent one. */
+  #listChanged = false;
+  #guestSize: number;
 
-  private constructor(context: PersistentBitmapsContext, entries: Qcow2BitmapEntry[]) {
+  private constructor(context: PersistentBitmapsContext, entries: Qcow2BitmapEntry[], guestSize: number) {
     this.#context = context;
     this.#clusterSize = context.header().clusterSize;
     this.#entries = entries;
+    this.#guestSize = guestSize;
   }
 
   /**
-   * Validates the directory `entries` and the tables of its consistent bitmaps (refusing what
-   * QEMU refuses to open), registers them as metadata, and marks the consistent ones in use.
+   * Validates the directory `entries` (may be empty) and the tables of its consistent bitmaps
+   * (refusing what QEMU refuses to open), registers them as metadata, and marks the consistent
+   * ones in use.
    */
   static async open(
     context: PersistentBitmapsContext,
@@ -81,9 +107,9 @@ export class PersistentBitmaps {
     guestSize: number,
   ): Promise<PersistentBitmaps> {
     const header = context.header();
-    const extension = header.extensions.bitmaps!;
     const clusterSize = header.clusterSize;
     const { file, metadata } = context;
+    const directoryOffset = header.extensions.bitmaps?.bitmapDirectoryOffset;
     const refuse = (code: 'ECORRUPT' | 'EUNSUPPORTED', why: string, offset?: number): never => {
       throw new BlockDeviceError(
         code,
@@ -95,20 +121,17 @@ export class PersistentBitmaps {
     for (const entry of entries) {
       if (entry.extraDataSize !== 0) refuse('EUNSUPPORTED', `bitmap '${entry.name}' has extra data`);
       const problem = bitmapEntryProblem(entry, clusterSize, guestSize);
-      if (problem !== undefined) {
-        refuse('ECORRUPT', `bitmap '${entry.name}': ${problem}`, extension.bitmapDirectoryOffset);
-      }
+      if (problem !== undefined) refuse('ECORRUPT', `bitmap '${entry.name}': ${problem}`, directoryOffset);
       if (names.has(entry.name)) refuse('ECORRUPT', `bitmap '${entry.name}' is listed twice`);
       names.add(entry.name);
     }
-    metadata.check(
-      extension.bitmapDirectoryOffset,
-      extension.bitmapDirectorySize,
-      undefined,
-      'bitmap directory',
-    );
-    metadata.add(extension.bitmapDirectoryOffset, extension.bitmapDirectorySize, 'bitmap-directory');
-    const bitmaps = new PersistentBitmaps(context, [...entries]);
+    const extension = header.extensions.bitmaps;
+    if (entries.length > 0 && extension !== undefined) {
+      const { bitmapDirectoryOffset, bitmapDirectorySize } = extension;
+      metadata.check(bitmapDirectoryOffset, bitmapDirectorySize, undefined, 'bitmap directory');
+      metadata.add(bitmapDirectoryOffset, bitmapDirectorySize, 'bitmap-directory');
+    }
+    const bitmaps = new PersistentBitmaps(context, [...entries], guestSize);
     for (const entry of entries) {
       const tableBytes = entry.tableSize * 8;
       if (entry.tableOffset + tableBytes > file.size) {
@@ -134,9 +157,18 @@ export class PersistentBitmaps {
         }),
       );
     }
-    bitmaps.#enabled = [...bitmaps.#bitmaps.values()].filter((bitmap) => bitmap.enabled);
+    bitmaps.#refreshEnabled();
     if (bitmaps.#bitmaps.size > 0) await bitmaps.#markInUse();
     return bitmaps;
+  }
+
+  #refreshEnabled(): void {
+    this.#enabled = [...this.#bitmaps.values()].filter((bitmap) => bitmap.enabled);
+  }
+
+  /** The directory entries, with the bitmaps added and removed since opening. */
+  get entries(): readonly Qcow2BitmapEntry[] {
+    return this.#entries;
   }
 
   /** Names of the bitmaps that were in use at open (inconsistent: kept, never used). */
@@ -144,7 +176,7 @@ export class PersistentBitmaps {
     return this.#entries.filter((entry) => !this.#bitmaps.has(entry.name)).map((entry) => entry.name);
   }
 
-  /** The consistent bitmaps (for tests and tools). */
+  /** The consistent bitmap `name` (for tests and tools). */
   bitmap(name: string): DirtyBitmap | undefined {
     return this.#bitmaps.get(name);
   }
@@ -152,6 +184,148 @@ export class PersistentBitmaps {
   /** Sets the bits of every enabled bitmap for a write, zeroing or discard of the guest range. */
   mark(guestOffset: number, length: number): void {
     for (const bitmap of this.#enabled) bitmap.mark(guestOffset, length);
+  }
+
+  #fail(code: 'EINVAL' | 'ENOENT' | 'EUNSUPPORTED', message: string): never {
+    throw new BlockDeviceError(code, message);
+  }
+
+  /** The consistent bitmap `name`, or QEMU's error for a missing or inconsistent one. */
+  #usable(name: string): DirtyBitmap {
+    const bitmap = this.#bitmaps.get(name);
+    if (bitmap !== undefined) return bitmap;
+    if (this.#entries.some((entry) => entry.name === name)) {
+      this.#fail('EINVAL', `Bitmap '${name}' is inconsistent and cannot be used`);
+    }
+    return this.#fail('ENOENT', `Dirty bitmap '${name}' not found`);
+  }
+
+  /** Adds an empty bitmap (qemu-img bitmap --add), with QEMU's checks and messages. */
+  add(name: string, options: AddBitmapOptions = {}): void {
+    const header = this.#context.header();
+    if (header.version < 3) this.#fail('EUNSUPPORTED', 'Cannot store dirty bitmaps in qcow2 v2 files');
+    if (this.#entries.some((entry) => entry.name === name))
+      this.#fail('EINVAL', `Bitmap already exists: ${name}`);
+    const granularity = options.granularity ?? Math.max(4096, this.#clusterSize);
+    if (!Number.isSafeInteger(granularity) || granularity < 512 || (granularity & (granularity - 1)) !== 0) {
+      if (granularity > 2 ** BME_MAX_GRANULARITY_BITS && Number.isSafeInteger(Math.log2(granularity))) {
+        this.#fail('EINVAL', `Granularity exceeds maximum (${2 ** BME_MAX_GRANULARITY_BITS} bytes)`);
+      }
+      this.#fail('EINVAL', 'Granularity must be power of 2 and at least 512');
+    }
+    const granularityBits = Math.log2(granularity);
+    if (granularityBits > BME_MAX_GRANULARITY_BITS) {
+      this.#fail('EINVAL', `Granularity exceeds maximum (${2 ** BME_MAX_GRANULARITY_BITS} bytes)`);
+    }
+    if (encodeText(name).length > BME_MAX_NAME_SIZE) {
+      this.#fail('EINVAL', `Name length exceeds maximum (${BME_MAX_NAME_SIZE} characters)`);
+    }
+    const tableSize = bitmapTableSize(this.#guestSize, granularity, this.#clusterSize);
+    if (tableSize > BME_MAX_TABLE_SIZE || Math.ceil(this.#guestSize / granularity / 8) > BME_MAX_PHYS_SIZE) {
+      this.#fail('EINVAL', 'Too much space will be occupied by the bitmap. Use larger granularity');
+    }
+    if (this.#entries.length + 1 > QCOW2_MAX_BITMAPS) {
+      this.#fail('EINVAL', 'Maximum number of persistent bitmaps is already reached');
+    }
+    if (bitmapDirectorySize([...this.#entries, { name }]) > QCOW2_MAX_BITMAP_DIRECTORY_SIZE) {
+      this.#fail('EINVAL', 'Not enough space in the bitmap directory');
+    }
+    const enabled = options.disabled !== true;
+    this.#entries.push({
+      name,
+      tableOffset: 0,
+      tableSize: 0,
+      flags: (enabled ? BME_FLAG_AUTO : 0) | BME_FLAG_IN_USE,
+      type: BT_DIRTY_TRACKING_BITMAP,
+      granularityBits,
+      granularity,
+      inUse: true,
+      auto: enabled,
+      extraDataSize: 0,
+    });
+    this.#bitmaps.set(
+      name,
+      new DirtyBitmap({
+        name,
+        granularityBits,
+        enabled,
+        clusterSize: this.#clusterSize,
+        guestSize: this.#guestSize,
+        created: true,
+      }),
+    );
+    this.#refreshEnabled();
+    this.#listChanged = true;
+  }
+
+  /** Removes bitmap `name`, consistent or not (qemu-img bitmap --remove). */
+  remove(name: string): void {
+    const index = this.#entries.findIndex((entry) => entry.name === name);
+    if (index < 0) this.#fail('ENOENT', `Dirty bitmap '${name}' not found`);
+    const [entry] = this.#entries.splice(index, 1);
+    if (entry!.tableOffset !== 0) this.#removed.push(entry!);
+    this.#bitmaps.delete(name);
+    this.#refreshEnabled();
+    this.#listChanged = true;
+  }
+
+  /** Clears every bit of bitmap `name` (qemu-img bitmap --clear). */
+  clear(name: string): void {
+    this.#usable(name).clear();
+  }
+
+  /** Enables or disables bitmap `name` (qemu-img bitmap --enable / --disable). */
+  setEnabled(name: string, enabled: boolean): void {
+    this.#usable(name).enabled = enabled;
+    this.#refreshEnabled();
+  }
+
+  /**
+   * Sets in bitmap `target` every bit of `source` (qemu-img bitmap --merge), a bitmap of a guest of
+   * `sourceGuestSize` bytes: from {@link currentBits} of this image or `readStoredBitmap` of another.
+   */
+  merge(target: string, source: StoredBitmap, sourceGuestSize: number): void {
+    const bitmap = this.#usable(target);
+    if (sourceGuestSize !== this.#guestSize) {
+      this.#fail(
+        'EINVAL',
+        `Bitmaps are of different sizes (destination size is ${this.#guestSize}, source size is ${sourceGuestSize}) and can't be merged`,
+      );
+    }
+    const { bits, bitCount, granularity } = source;
+    let start = -1;
+    for (let bit = 0; bit <= bitCount; bit++) {
+      const set = bit < bitCount && (bits[bit >> 3]! & (1 << (bit & 7))) !== 0;
+      if (set && start < 0) start = bit;
+      if (!set && start >= 0) {
+        const offset = start * granularity;
+        bitmap.setGuestRange(offset, Math.min(sourceGuestSize, bit * granularity) - offset);
+        start = -1;
+      }
+    }
+  }
+
+  /** Every bit of consistent bitmap `name` as it stands now (stored bits and those set since). */
+  async currentBits(name: string): Promise<StoredBitmap> {
+    const bitmap = this.#usable(name);
+    const entry = this.#entries.find((candidate) => candidate.name === name)!;
+    const table = await this.#readTable(entry);
+    const byteCount = Math.ceil(bitmap.bits / 8);
+    const bits = new Uint8Array(byteCount);
+    for (let chunk = 0; chunk < bitmap.tableSize; chunk++) {
+      const stored = chunk < table.length ? table[chunk]! : BITMAP_TABLE_ZEROS;
+      const content = bitmap.compose(chunk, await this.#storedChunk(stored));
+      if (content === undefined) continue;
+      const at = chunk * this.#clusterSize;
+      bits.set(content.subarray(0, Math.min(this.#clusterSize, byteCount - at)), at);
+    }
+    return { bits, bitCount: bitmap.bits, granularity: bitmap.granularity };
+  }
+
+  async #storedChunk(stored: number): Promise<Uint8Array | 'ones' | undefined> {
+    if (stored === BITMAP_TABLE_ZEROS) return undefined;
+    if (stored === BITMAP_TABLE_ONES) return 'ones';
+    return this.#context.file.read(stored, this.#clusterSize);
   }
 
   /** Throws what QEMU says when a resize to `guestSize` is impossible with these bitmaps. */
@@ -176,11 +350,13 @@ export class PersistentBitmaps {
 
   /** Follows a guest size change (after {@link checkResize}). */
   resize(guestSize: number): void {
+    this.#guestSize = guestSize;
     for (const bitmap of this.#bitmaps.values()) bitmap.resize(guestSize);
   }
 
-  /** The table of `entry`, validated. */
+  /** The table of `entry`, validated (empty for a bitmap not stored yet). */
   async #readTable(entry: { name: string; tableOffset: number; tableSize: number }): Promise<Float64Array> {
+    if (entry.tableOffset === 0) return new Float64Array(0);
     const { file } = this.#context;
     const bytes = await file.read(entry.tableOffset, entry.tableSize * 8);
     return decodeBitmapTable(bytes, entry.tableSize, this.#clusterSize, file.size, entry.tableOffset);
@@ -210,10 +386,12 @@ export class PersistentBitmaps {
     this.#context.setDirectory(this.#entries);
   }
 
-  /** Allocates `bytes` (whole clusters) and returns the host offset. */
+  /** Allocates `bytes` (whole clusters) and returns the host offset; the file grows to hold them. */
   async #allocate(bytes: number): Promise<number> {
     const clusters = Math.ceil(bytes / this.#clusterSize);
-    return (await this.#context.refcounts.allocate(clusters)) * this.#clusterSize;
+    const hostOffset = (await this.#context.refcounts.allocate(clusters)) * this.#clusterSize;
+    await this.#context.refcounts.extendFile();
+    return hostOffset;
   }
 
   async #writeNew(hostOffset: number, bytes: Uint8Array, what: string): Promise<void> {
@@ -222,17 +400,21 @@ export class PersistentBitmaps {
   }
 
   /**
-   * Stores the consistent bitmaps (see the file comment). Data and metadata of the guest must be
-   * durable already (the bits cover them). Called once, on close.
+   * Stores the bitmaps (see the file comment). Data and metadata of the guest must be durable
+   * already (the bits cover them). Called on close.
    */
   async store(): Promise<void> {
-    if (this.#bitmaps.size === 0) return;
+    if (this.#bitmaps.size === 0 && !this.#listChanged) return;
     const { file, refcounts, metadata } = this.#context;
     const clusterSize = this.#clusterSize;
     const header = this.#context.header();
-    const oldExtension = header.extensions.bitmaps!;
+    const oldValid =
+      (header.autoclearFeatures.low & QCOW2_AUTOCLEAR_BITMAPS) !== 0 &&
+      (header.extensions.bitmaps?.nbBitmaps ?? 0) > 0
+        ? header.extensions.bitmaps
+        : undefined;
     /** Host ranges to free once the header points at the new directory. */
-    const frees: { hostOffset: number; bytes: number; kind?: 'bitmap-table' }[] = [];
+    const frees: { hostOffset: number; bytes: number; table?: boolean }[] = [];
     const newTables: { hostOffset: number; bytes: number }[] = [];
     const next: Qcow2BitmapEntry[] = [];
     for (const entry of this.#entries) {
@@ -252,21 +434,13 @@ export class PersistentBitmaps {
           continue;
         }
         changed = true;
-        const content = bitmap.compose(
-          chunk,
-          stored === BITMAP_TABLE_ZEROS
-            ? undefined
-            : stored === BITMAP_TABLE_ONES
-              ? 'ones'
-              : await file.read(stored, clusterSize),
-        );
+        const content = bitmap.compose(chunk, await this.#storedChunk(stored));
         if (stored > BITMAP_TABLE_ONES) frees.push({ hostOffset: stored, bytes: clusterSize });
         if (content === undefined) {
           table[chunk] = BITMAP_TABLE_ZEROS;
           continue;
         }
         const hostOffset = await this.#allocate(clusterSize);
-        await refcounts.extendFile();
         await this.#writeNew(hostOffset, content, `bitmap '${entry.name}' data write`);
         table[chunk] = hostOffset;
       }
@@ -278,10 +452,11 @@ export class PersistentBitmaps {
         const bytes = new Uint8Array(bitmapTableBytes(size, clusterSize));
         encodeBitmapTable(table, bytes);
         tableOffset = await this.#allocate(bytes.length);
-        await refcounts.extendFile();
         await this.#writeNew(tableOffset, bytes, `bitmap '${entry.name}' table write`);
         newTables.push({ hostOffset: tableOffset, bytes: size * 8 });
-        frees.push({ hostOffset: entry.tableOffset, bytes: entry.tableSize * 8, kind: 'bitmap-table' });
+        if (entry.tableOffset !== 0) {
+          frees.push({ hostOffset: entry.tableOffset, bytes: entry.tableSize * 8, table: true });
+        }
       }
       next.push({
         ...entry,
@@ -292,34 +467,73 @@ export class PersistentBitmaps {
         auto: bitmap.enabled,
       });
     }
-    const directory = encodeBitmapDirectory(next);
-    const directoryOffset = await this.#allocate(directory.length);
-    await refcounts.extendFile();
-    await this.#writeNew(directoryOffset, directory, 'bitmap directory write');
+    for (const entry of this.#removed) {
+      frees.push({ hostOffset: entry.tableOffset, bytes: entry.tableSize * 8, table: true });
+      try {
+        for (const stored of await this.#readTable(entry)) {
+          if (stored > BITMAP_TABLE_ONES) frees.push({ hostOffset: stored, bytes: clusterSize });
+        }
+      } catch {
+        // An unreadable table of an inconsistent bitmap: its data clusters leak (as in QEMU).
+      }
+    }
+    let directory: Uint8Array | undefined;
+    let directoryOffset = 0;
+    if (next.length > 0) {
+      directory = encodeBitmapDirectory(next);
+      directoryOffset = await this.#allocate(directory.length);
+      await this.#writeNew(directoryOffset, directory, 'bitmap directory write');
+    }
     // Everything the new directory reaches, and its refcounts, durable before the header names it.
     await refcounts.commit();
     await file.flush();
-    const extensionAt = bitmapsExtensionDataOffset(header);
     const pointer = new Uint8Array(24);
     const view = viewOf(pointer);
     view.setUint32(0, next.length);
-    writeU64(view, 8, directory.length);
+    writeU64(view, 8, directory?.length ?? 0);
     writeU64(view, 16, directoryOffset);
-    await this.#context.patchHeader(extensionAt, pointer);
-    this.#context.setHeader(
-      withBitmapsExtension(header, pointer, next.length, directory.length, directoryOffset),
-    );
-    metadata.remove(oldExtension.bitmapDirectoryOffset, oldExtension.bitmapDirectorySize);
-    metadata.add(directoryOffset, directory.length, 'bitmap-directory');
-    for (const free of frees) if (free.kind === 'bitmap-table') metadata.remove(free.hostOffset, free.bytes);
+    const extensionAt =
+      oldValid !== undefined && next.length > 0 ? bitmapsExtensionDataOffset(header) : undefined;
+    if (extensionAt !== undefined) {
+      await this.#context.patchHeader(extensionAt, pointer);
+      this.#context.setHeader(
+        withBitmapsExtension(header, pointer, next.length, directory!.length, directoryOffset),
+      );
+    } else {
+      // The extension comes or goes: the whole header cluster in one write, as QEMU rewrites it.
+      const list = header.extensions.list.filter((extension) => extension.type !== QCOW2_EXT_MAGIC_BITMAPS);
+      const extensions: Qcow2HeaderExtension[] =
+        next.length > 0 ? [...list, { type: QCOW2_EXT_MAGIC_BITMAPS, data: pointer }] : list;
+      const autoclear = (header.autoclearFeatures.low & ~QCOW2_AUTOCLEAR_BITMAPS) >>> 0;
+      const bytes = encodeHeader({
+        ...header,
+        extensions,
+        autoclearFeatures: {
+          high: header.autoclearFeatures.high,
+          low: (autoclear | (next.length > 0 ? QCOW2_AUTOCLEAR_BITMAPS : 0)) >>> 0,
+        },
+      });
+      await this.#context.patchHeader(0, bytes);
+      this.#context.setHeader(decodeHeader(bytes));
+    }
+    if (oldValid !== undefined) {
+      metadata.remove(oldValid.bitmapDirectoryOffset, oldValid.bitmapDirectorySize);
+      // The old structures are unreachable now: freeing them can only leak if lost.
+      frees.push({ hostOffset: oldValid.bitmapDirectoryOffset, bytes: oldValid.bitmapDirectorySize });
+    }
+    if (directory !== undefined) metadata.add(directoryOffset, directory.length, 'bitmap-directory');
+    for (const free of frees) if (free.table === true) metadata.remove(free.hostOffset, free.bytes);
     for (const table of newTables) metadata.add(table.hostOffset, table.bytes, 'bitmap-table');
-    // The old structures are unreachable now: freeing them can only leak if lost.
-    frees.push({ hostOffset: oldExtension.bitmapDirectoryOffset, bytes: oldExtension.bitmapDirectorySize });
     for (const free of frees) {
-      await refcounts.adjust(free.hostOffset / clusterSize, Math.ceil(free.bytes / clusterSize), -1);
+      if (free.bytes > 0) {
+        await refcounts.adjust(free.hostOffset / clusterSize, Math.ceil(free.bytes / clusterSize), -1);
+      }
     }
     await refcounts.commit();
-    this.#entries = decodeBitmapDirectory(directory, next.length, directoryOffset);
+    this.#entries =
+      directory === undefined ? [] : decodeBitmapDirectory(directory, next.length, directoryOffset);
+    this.#removed.length = 0;
+    this.#listChanged = false;
     for (const bitmap of this.#bitmaps.values()) bitmap.stored();
     this.#context.setDirectory(this.#entries);
   }
