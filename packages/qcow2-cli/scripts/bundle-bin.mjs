@@ -152,19 +152,25 @@ const lazyChildProcess = {
  * koffi.node` (the package koffi installs next to itself) directly when it is there, is the
  * version of the installed koffi and the system is not musl-based; anything else (another layout,
  * a mismatch, a failure) goes through koffi's own entry. blockdev uses only the binary's own API
- * (load, func, errno, os.errno), which the wrapper does not change.
+ * (load, func, errno, os.errno), which the wrapper does not change. Only blockdev's libc.js gets the
+ * stand-in (it exports createRequire alone).
  */
 const fastKoffi = {
   name: 'fast-koffi',
   setup(esbuild) {
-    esbuild.onResolve({ filter: /^(node:)?module$/ }, (args) =>
-      args.namespace === 'file' && !/[\\/]node_modules[\\/]/.test(args.importer)
-        ? { path: 'module', namespace: 'fast-koffi' }
-        : undefined,
-    );
+    let used = false;
+    esbuild.onResolve({ filter: /^(node:)?module$/ }, (args) => {
+      if (args.namespace !== 'file' || !/[\\/]blockdev[\\/]dist[\\/]node[\\/]libc\.js$/.test(args.importer)) {
+        return undefined;
+      }
+      used = true;
+      return { path: 'module', namespace: 'fast-koffi' };
+    });
+    esbuild.onEnd(() => {
+      if (!used) console.warn('bundle-bin: blockdev no longer imports node:module in libc.js: koffi loads the slow way');
+    });
     esbuild.onLoad({ filter: /.*/, namespace: 'fast-koffi' }, () => ({
-      contents: `const builtin = require('node:module');
-const { existsSync, readFileSync, realpathSync } = require('node:fs');
+      contents: `const { existsSync, readFileSync, realpathSync } = require('node:fs');
 const { dirname, join } = require('node:path');
 const { fileURLToPath } = require('node:url');
 const MUSL_LOADER = { x64: '/lib/ld-musl-x86_64.so.1', arm64: '/lib/ld-musl-aarch64.so.1' };
@@ -191,12 +197,15 @@ function loadKoffiBinary(real, from) {
     return undefined;
   }
 }
+// node:module itself only when something other than koffi's binary is asked for (~0.3 ms).
+const builtin = () => require('node:module');
 module.exports = {
-  ...builtin,
   createRequire(from) {
-    const real = builtin.createRequire(from);
-    const wrapped = (id) => (id === 'koffi' ? (loadKoffiBinary(real, String(from)) ?? real(id)) : real(id));
-    return Object.assign(wrapped, { resolve: real.resolve, cache: real.cache, main: real.main, extensions: real.extensions });
+    let real;
+    const load = () => (real ??= builtin().createRequire(from));
+    const wrapped = (id) => (id === 'koffi' ? (loadKoffiBinary(require, String(from)) ?? load()(id)) : load()(id));
+    wrapped.resolve = (request, options) => load().resolve(request, options);
+    return wrapped;
   },
 };
 `,
