@@ -116,6 +116,40 @@ describe.skipIf(!haveTools)('writing images with persistent bitmaps, beside QEMU
     expect(bitmapsInfo('ours.qcow2')).toEqual(bitmapsInfo('qemu.qcow2'));
   });
 
+  test('qcow2 bitmap runs the operations of qemu-img bitmap with its messages and exit codes', () => {
+    copy('base.qcow2', 'ours.qcow2');
+    copy('base.qcow2', 'qemu.qcow2');
+    const steps: string[][] = [
+      ['--add', '-g', '64k', 'FILE', 'n1'],
+      ['--add', '--disable', 'FILE', 'n2'],
+      ['--merge', 'b0', 'FILE', 'n2'],
+      ['--disable', 'FILE', 'b0'],
+      ['--clear', '--enable', 'FILE', 'b1'],
+      ['--merge', 'b0', '-b', 'base.qcow2', '-F', 'qcow2', 'FILE', 'fine'],
+      ['--add', 'FILE', 'b0'],
+      ['--remove', 'FILE', 'nope'],
+      ['FILE', 'b0'],
+      ['-g', '4096', '--clear', 'FILE', 'b0'],
+      ['--add', 'FILE', 'n3', '--clear', '--merge', 'missing'],
+      ['--remove', 'FILE', 'n1'],
+    ];
+    for (const step of steps) {
+      const theirs = qemuImg(['bitmap', ...step.map((arg) => arg.replace('FILE', 'qemu.qcow2'))]);
+      const ours = cli(['bitmap', ...step.map((arg) => arg.replace('FILE', 'ours.qcow2'))]);
+      expect(ours.status, step.join(' ')).toBe(theirs.status);
+      expect(ours.stderr.replace(/^qcow2: /, '')).toBe(theirs.stderr.replace(/^qemu-img: /, ''));
+    }
+    const bench = ['-q', '-w', '-c', '3', '-s', '4096', '-S', '5000000', '-o', '2000000'];
+    expect(cli(['bench', ...bench, 'ours.qcow2']).status).toBe(0);
+    expect(qemuImg(['bench', ...bench, 'qemu.qcow2']).status).toBe(0);
+    expectSameAsQemu('ours.qcow2', 'qemu.qcow2', ['b0', 'b1', 'fine', 'n2', 'n3']);
+    for (const name of ['b0', 'b1', 'fine', 'n2', 'n3']) {
+      expect(cli(['bitmap', '--remove', 'ours.qcow2', name]).status).toBe(0);
+    }
+    expect(qemuImg(['check', 'ours.qcow2']).status).toBe(0);
+    expect(bitmapsInfo('ours.qcow2')).toBeUndefined();
+  });
+
   test('qcow2 info lists the bitmaps and flags as qemu-img info (json and human)', () => {
     copy('base.qcow2', 'info.qcow2');
     runStatus('qemu-io', ['-c', 'abort', 'info.qcow2'], { cwd: dir.path });

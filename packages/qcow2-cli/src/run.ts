@@ -10,6 +10,7 @@
  * through commander, so messages stay the same.
  */
 import type { Command } from 'commander';
+import { registerBitmapCommand } from './commands/bitmap.js';
 import { convertFastPath, parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
 import { createFastPath, infoFastPath } from './commands/fast-paths.js';
 import { collectOptions, registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
@@ -246,6 +247,7 @@ function buildProgram(
     });
 
   registerOpsCommands({ program, Option, context, setExit, addCommon });
+  registerBitmapCommand({ program, Option, context, setExit, addCommon });
 
   // `help COMMAND` of our own: an unknown command is one line, not the whole usage on stderr.
   program.helpCommand(false);
