@@ -244,6 +244,32 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
     }
   });
 
+  test('amend -o data_file=...,data_file_raw=off as qemu-img (and its refusals)', () => {
+    for (const who of ['theirs', 'ours']) {
+      runStatus('rm', ['-f', `a-${who}.qcow2`], { cwd: dir.path });
+      run(
+        'qemu-img',
+        ['create', '-q', '-f', 'qcow2', '-o', 'data_file=a.data,data_file_raw=on', `a-${who}.qcow2`, '4M'],
+        {
+          cwd: dir.path,
+        },
+      );
+    }
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', 'a-plain.qcow2', '4M'], { cwd: dir.path });
+    for (const options of ['data_file_raw=on', 'data_file_raw=off', 'data_file_raw=on', 'data_file=b.data']) {
+      const expected = qemuImg(['amend', '-o', options, 'a-theirs.qcow2']);
+      const actual = cli(['amend', '-o', options, 'a-ours.qcow2']);
+      expect(actual.status, options).toBe(expected.status);
+      expect(actual.stderr.replace(/^qcow2:/, 'qemu-img:')).toBe(expected.stderr);
+    }
+    expect(readFileSync(at('a-ours.qcow2')).equals(readFileSync(at('a-theirs.qcow2')))).toBe(true);
+    const refused = cli(['amend', '-o', 'data_file=c.data', 'a-plain.qcow2']);
+    expect(refused.status).toBe(1);
+    expect(refused.stderr).toBe(
+      'qcow2: data-file can only be set for images that use an external data file\n',
+    );
+  });
+
   test('commit into a base with a data file, snapshots refused, check -r all: as qemu-img', () => {
     for (const who of ['theirs', 'ours']) {
       run(

@@ -1,5 +1,6 @@
 /** `qcow2 amend -o OPTIONS [-f FMT] FILE`: qemu-img amend's options for qcow2 (compat,
- * lazy_refcounts, refcount_bits, size) through qcow2-core's `amendImage` / `resizeImage`. */
+ * lazy_refcounts, refcount_bits, data_file, data_file_raw, size) through qcow2-core's
+ * `amendImage` / `resizeImage`. */
 import { type AmendOptions, amendImage, resizeImage } from '@qcowkit/qcow2-core';
 import type { ImageFormat } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
@@ -18,13 +19,27 @@ export interface AmendCommandOptions {
   readonly quiet?: boolean;
 }
 
-const AMENDABLE = new Set(['compat', 'lazy_refcounts', 'refcount_bits', 'size']);
+const AMENDABLE = new Set([
+  'compat',
+  'lazy_refcounts',
+  'refcount_bits',
+  'data_file',
+  'data_file_raw',
+  'size',
+]);
 
 /** The `-o` list as amend options; creation-only keys are refused as qemu-img does. */
 export function parseAmendOptions(file: string, list: readonly string[]): AmendOptions & { size?: number } {
   if (list.length === 0) throw new UsageError('Must specify options (-o)');
   const values = parseCreateOptions(file, 'qcow2', list, '');
-  const out: { compat?: '0.10' | '1.1'; lazyRefcounts?: boolean; refcountBits?: number; size?: number } = {};
+  const out: {
+    compat?: '0.10' | '1.1';
+    lazyRefcounts?: boolean;
+    refcountBits?: number;
+    dataFile?: string;
+    dataFileRaw?: boolean;
+    size?: number;
+  } = {};
   for (const [key, value] of values) {
     if (!AMENDABLE.has(key)) {
       throw new UsageError(`Invalid parameter '${key}': this option is only supported for image creation`);
@@ -34,10 +49,12 @@ export function parseAmendOptions(file: string, list: readonly string[]): AmendO
       if (compat !== '0.10' && compat !== '1.1')
         throw new UsageError(`Invalid compatibility level: '${value}'`);
       out.compat = compat;
-    } else if (key === 'lazy_refcounts') {
-      if (value !== 'on' && value !== 'off')
-        throw new UsageError(`Parameter 'lazy_refcounts' expects 'on' or 'off'`);
-      out.lazyRefcounts = value === 'on';
+    } else if (key === 'lazy_refcounts' || key === 'data_file_raw') {
+      if (value !== 'on' && value !== 'off') throw new UsageError(`Parameter '${key}' expects 'on' or 'off'`);
+      if (key === 'lazy_refcounts') out.lazyRefcounts = value === 'on';
+      else out.dataFileRaw = value === 'on';
+    } else if (key === 'data_file') {
+      out.dataFile = value;
     } else if (key === 'refcount_bits') {
       const bits = Number(value);
       if (![1, 2, 4, 8, 16, 32, 64].includes(bits)) {
@@ -73,7 +90,9 @@ export async function amendCommand(
       if (
         amend.compat !== undefined ||
         amend.lazyRefcounts !== undefined ||
-        amend.refcountBits !== undefined
+        amend.refcountBits !== undefined ||
+        amend.dataFile !== undefined ||
+        amend.dataFileRaw !== undefined
       ) {
         await amendImage(device, amend);
       }

@@ -10,12 +10,16 @@
  *   file, zstd compression, bitmaps, refcounts other than 16 bits), as QEMU refuses; zero clusters
  *   become what reads the same in version 2: unallocated (no backing file) or allocated clusters of
  *   zeros; then the header is rewritten as version 2 (lazy refcounts dropped).
+ * - data_file=NAME (images that have an external data file; empty drops the name) and
+ *   data_file_raw=off (on only where it is on already), as QEMU allows them.
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import { classifyL2Entry, entryOffset, QCOW_OFLAG_COPIED_HIGH } from '../check/entries.js';
 import { rebuildRefcountStructure } from '../check/rebuild-refcounts.js';
+import { encodeText } from '../format/binary.js';
 import {
   QCOW2_AUTOCLEAR_BITMAPS,
+  QCOW2_AUTOCLEAR_DATA_FILE_RAW,
   QCOW2_COMPAT_LAZY_REFCOUNTS,
   QCOW2_INCOMPAT_COMPRESSION,
   QCOW2_INCOMPAT_DATA_FILE,
@@ -23,7 +27,11 @@ import {
 } from '../format/feature-bits.js';
 import { encodeFeatureNameTable } from '../format/feature-name-table.js';
 import { QCOW2_V3_HEADER_LENGTH } from '../format/header.js';
-import { QCOW2_EXT_MAGIC_FEATURE_TABLE } from '../format/header-extensions.js';
+import {
+  QCOW2_EXT_MAGIC_BACKING_FORMAT,
+  QCOW2_EXT_MAGIC_DATA_FILE,
+  QCOW2_EXT_MAGIC_FEATURE_TABLE,
+} from '../format/header-extensions.js';
 import { maxRefcount } from '../format/refcount.js';
 import { readSnapshotTable } from '../snapshot/snapshot-list.js';
 import { rewriteHeader } from './header-rewrite.js';
@@ -34,6 +42,10 @@ export interface AmendOptions extends ImageEditOptions {
   readonly lazyRefcounts?: boolean;
   /** Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64. */
   readonly refcountBits?: number;
+  /** The external data file's name (only for images that have one; '' removes the name). */
+  readonly dataFile?: string;
+  /** data_file_raw: can be turned off; on only where it is already. */
+  readonly dataFileRaw?: boolean;
 }
 
 /** Changes the image's options as `qemu-img amend` does. */
@@ -47,6 +59,19 @@ export async function amendImage(file: BlockDevice, options: AmendOptions): Prom
   }
   if (version === 2 && refcountOrder !== 4) {
     throw new BlockDeviceError('EINVAL', 'qcow2 amend: compat=0.10 needs refcount_bits=16');
+  }
+  const hasDataFile = (edit.header.incompatibleFeatures.low & QCOW2_INCOMPAT_DATA_FILE) !== 0;
+  const dataFileRaw =
+    hasDataFile && (edit.header.autoclearFeatures.low & QCOW2_AUTOCLEAR_DATA_FILE_RAW) !== 0;
+  // QEMU's checks and words.
+  if (options.dataFile !== undefined && !hasDataFile) {
+    throw new BlockDeviceError(
+      'EINVAL',
+      'qcow2 amend: data-file can only be set for images that use an external data file',
+    );
+  }
+  if (options.dataFileRaw === true && !dataFileRaw) {
+    throw new BlockDeviceError('EINVAL', 'qcow2 amend: data-file-raw cannot be set on existing images');
   }
   if (version === 3 && edit.header.version === 2) await rewriteHeader(edit, upgradedFields(edit));
   if (refcountOrder !== edit.header.refcountOrder) await changeRefcountWidth(edit, refcountOrder);
@@ -62,6 +87,28 @@ export async function amendImage(file: BlockDevice, options: AmendOptions): Prom
       });
     }
   }
+  if (options.dataFile !== undefined || (options.dataFileRaw === false && dataFileRaw)) {
+    await rewriteHeader(edit, dataFileFields(edit, options));
+  }
+}
+
+/** The header fields for a changed data file name and/or a cleared data_file_raw bit. */
+function dataFileFields(edit: ImageEdit, options: AmendOptions) {
+  const { autoclearFeatures, extensions } = edit.header;
+  let list = extensions.list;
+  if (options.dataFile !== undefined) {
+    const named = { type: QCOW2_EXT_MAGIC_DATA_FILE, data: encodeText(options.dataFile) };
+    const at = list.findIndex((extension) => extension.type === QCOW2_EXT_MAGIC_DATA_FILE);
+    const kept = list.filter((extension) => extension.type !== QCOW2_EXT_MAGIC_DATA_FILE);
+    // In place, or after the backing format, where QEMU writes it.
+    const position =
+      at >= 0 ? at : kept.findIndex((extension) => extension.type === QCOW2_EXT_MAGIC_BACKING_FORMAT) + 1;
+    list = options.dataFile === '' ? kept : [...kept.slice(0, position), named, ...kept.slice(position)];
+  }
+  if (options.dataFileRaw !== false) return { extensions: list };
+  // Cleared with the bits this engine does not know (rewriteHeader's rule).
+  const low = autoclearFeatures.low & QCOW2_AUTOCLEAR_BITMAPS;
+  return { extensions: list, autoclearFeatures: { high: 0, low } };
 }
 
 function orderOf(bits: number): number {
