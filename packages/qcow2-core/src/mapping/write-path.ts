@@ -79,6 +79,8 @@ export interface WritePlan {
   readonly endCluster: number;
   /** Data writes (host offset, bytes). */
   readonly pieces: { hostOffset: number; bytes: Uint8Array }[];
+  /** Data file ranges zeroed (fast) before the pieces are written (new clusters reading as zeros). */
+  readonly dataZeroes: { hostOffset: number; length: number }[];
   readonly tables: PlannedTable[];
   /** Runs of clusters allocated for it. */
   readonly allocated: Release[];
@@ -363,6 +365,7 @@ export class WritePath {
       firstCluster,
       endCluster,
       pieces: [],
+      dataZeroes: [],
       tables: [],
       allocated: [],
       settle: () => {},
@@ -396,10 +399,18 @@ export class WritePath {
   }
 
   /** The data writes of a planned write (no lock needed: nothing points at new clusters yet). */
-  writeData(plan: WritePlan): Promise<void> {
+  async writeData(plan: WritePlan): Promise<void> {
     // Copied bytes need no flush of their own: the write-back flushes before any L2 entry
     // pointing at them reaches the disk.
-    return this.#writePieces(plan.pieces);
+    if (plan.dataZeroes.length > 0) {
+      await runBounded(plan.dataZeroes, async ({ hostOffset, length }) => {
+        // Past the data file's end it reads as zeros once grown.
+        const stop = Math.min(hostOffset + length, this.#data.size);
+        if (stop > hostOffset)
+          await this.#data.writeZeroes(hostOffset, stop - hostOffset, { mayUnmap: true });
+      });
+    }
+    await this.#writePieces(plan.pieces);
   }
 
   /** Points the L2 entries at the written clusters (under the exclusive lock). */
@@ -522,9 +533,24 @@ export class WritePath {
       const writeStart = Math.max(guestOffset, clusterStart);
       const writeEnd = Math.min(end, clusterStart + clusterLength);
       let bytes: Uint8Array;
+      const covered = writeStart === clusterStart && writeEnd === clusterStart + clusterLength;
       if (fresh && item.readsZeros) {
         // The new cluster reads as zeros in the file already and so does the guest's view of it:
         // only the written bytes go to the file.
+        bytes = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
+        hostOffset += writeStart - clusterStart;
+      } else if (this.#hasDataFile && item.readsZeros && !covered && this.#data.capabilities.fastZero) {
+        // A data file cluster that may hold stale bytes, zeroed fast (as QEMU does where the file
+        // can), then only the written bytes go to it.
+        const last = plan.dataZeroes[plan.dataZeroes.length - 1];
+        if (last !== undefined && last.hostOffset + last.length === hostCluster) {
+          plan.dataZeroes[plan.dataZeroes.length - 1] = {
+            hostOffset: last.hostOffset,
+            length: last.length + clusterLength,
+          };
+        } else {
+          plan.dataZeroes.push({ hostOffset: hostCluster, length: clusterLength });
+        }
         bytes = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
         hostOffset += writeStart - clusterStart;
       } else if (
@@ -537,7 +563,6 @@ export class WritePath {
         // A whole cluster: the tail past a short last cluster is zeros (it shows after a grow). A
         // data file stops at the guest's end (it stays the guest's size, a valid raw image).
         bytes = new Uint8Array(this.#hasDataFile ? clusterLength : this.#clusterSize);
-        const covered = writeStart === clusterStart && writeEnd === clusterStart + clusterLength;
         if (!covered && !item.readsZeros) {
           await this.#o.readGuest(bytes.subarray(0, clusterLength), clusterStart);
         }
