@@ -13,9 +13,10 @@
  * included; reads still run ahead in parallel.
  */
 import { stat } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import type { Writable } from 'node:stream';
 import { type BlockDevice, isBlockDeviceError } from '@qcowkit/blockdev';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, isMemoryBacked } from '@qcowkit/blockdev/node';
 import type { ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
@@ -23,6 +24,7 @@ import { walkExtents } from '../extents.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
+import { forEachDataRun, planReads, runCopy } from './convert-pipeline.js';
 
 export interface ConvertOptions {
   readonly format?: ImageFormat | undefined;
@@ -190,9 +192,13 @@ export interface ConvertToRawOptions {
   readonly targetIsZero?: boolean;
   /** See {@link ConvertOptions.sparseSize} (default 4 KiB). */
   readonly sparseSize?: number;
-  /** With `sparseSize` 0: the file holding the data of the source's layer `depth` at the host
-   * offsets its extents report, so data ranges are copied file to file (copy_file_range). */
+  /** The file holding the data of the source's layer `depth` at the host offsets its extents
+   * report: data ranges are read from it directly (and with `sparseSize` 0 copied file to file,
+   * copy_file_range). */
   readonly hostFile?: ((depth: number) => FileBlockDevice | undefined) | undefined;
+  /** Write the target inline on this thread: true, false, or `auto` (default): where the target
+   * is on a memory-backed file system (see `openTarget`). */
+  readonly inlineWrites?: boolean | 'auto' | undefined;
 }
 
 /** Short wordings of system errors, as qemu-img prints them after `Could not create 'X': `. */
@@ -208,18 +214,35 @@ function why(error: unknown): string {
   return (isBlockDeviceError(error) && SYSTEM_WORDS[error.code]) || describeError(error);
 }
 
-/** Opens (`-n`) or creates the raw target, sized to the guest: holes everywhere when created. */
-async function openTarget(targetPath: string, targetName: string, size: number, noCreate: boolean) {
+/**
+ * Opens (`-n`) or creates the raw target, sized to the guest: holes everywhere when created. On a
+ * memory-backed file system the writes of up to `chunkSize` bytes are done inline on this thread
+ * (see the copy loop in convert-pipeline.ts): there they are memory copies that never wait for a
+ * disk, and the thread pool's hand-off per write cost more than the copy saved by overlapping it.
+ */
+async function openTarget(
+  targetPath: string,
+  targetName: string,
+  size: number,
+  noCreate: boolean,
+  chunkSize: number,
+  inlineWrites: boolean | 'auto',
+) {
+  const inline =
+    inlineWrites === 'auto'
+      ? await isMemoryBacked(noCreate ? targetPath : dirname(targetPath))
+      : inlineWrites;
+  const syncIoMaxBytes = inline ? chunkSize : 0;
   if (!noCreate) {
     try {
-      return await FileBlockDevice.create(targetPath, size, { overwrite: true });
+      return await FileBlockDevice.create(targetPath, size, { overwrite: true, syncIoMaxBytes });
     } catch (error) {
       throw new CliError(`Could not create '${targetName}': ${why(error)}`, { cause: error });
     }
   }
   let file: FileBlockDevice;
   try {
-    file = await FileBlockDevice.open(targetPath);
+    file = await FileBlockDevice.open(targetPath, { syncIoMaxBytes });
   } catch (error) {
     throw new CliError(`Could not open '${targetName}': ${why(error)}`, { cause: error });
   }
@@ -241,7 +264,14 @@ export async function convertToRaw(
   options: ConvertToRawOptions,
 ): Promise<void> {
   const noCreate = options.noCreate === true;
-  const file = await openTarget(targetPath, targetName, device.size, noCreate);
+  const file = await openTarget(
+    targetPath,
+    targetName,
+    device.size,
+    noCreate,
+    options.chunkSize,
+    options.inlineWrites ?? 'auto',
+  );
   let failure: unknown;
   try {
     const size = device.size;
@@ -264,24 +294,38 @@ export async function convertToRaw(
     if (zeroAhead) await zeroTarget(file, targetName, 0, size, true);
     const zeroInTarget = mustZero && !zeroAhead;
     const chunkSize = wholeBlocks(options.chunkSize, sparseSize);
-    const scan = new ZeroScan(sparseSize);
-    const tasks = serialise(
-      chunks(device, chunkSize, false, async (offset, length) => {
+    const zeroBlock = Buffer.alloc(sparseSize);
+    const next = planReads(device, {
+      chunkSize,
+      hostFile: options.hostFile,
+      onZero: async (offset, length) => {
         if (zeroInTarget) await zeroTarget(file, targetName, offset, length, false);
         done += length;
         report();
-      }),
-    );
-    await runWorkers(options.parallel, chunkSize, async (buffer) => {
-      const next = await tasks.next();
-      if (next.done) return false;
-      const { offset, length } = next.value;
-      const view = buffer.subarray(0, length);
-      await device.readInto(view, offset);
-      await writeNonZero(file, view, offset, targetName, zeroInTarget, scan);
-      done += length;
-      report();
-      return true;
+      },
+    });
+    await runCopy(device, next, options.parallel, chunkSize, async (job, { buffer, words }) => {
+      const pieces = job.pieces;
+      for (let index = 0; index < pieces.length; index += 3) {
+        const at = pieces[index]!;
+        const guestOffset = pieces[index + 1]!;
+        const length = pieces[index + 2]!;
+        await forEachDataRun(
+          buffer,
+          words,
+          at,
+          at + length,
+          guestOffset,
+          sparseSize,
+          zeroBlock,
+          (start, end) => writeAll(file, buffer.subarray(start, end), guestOffset + start - at, targetName),
+          zeroInTarget
+            ? (start, end) => zeroTarget(file, targetName, guestOffset + start - at, end - start, false)
+            : undefined,
+        );
+        done += length;
+        report();
+      }
     });
   } catch (error) {
     failure = error;
@@ -536,64 +580,6 @@ async function zeroTarget(
       { cause: error },
     );
   }
-}
-
-/** Finds the blocks of `blockSize` bytes (aligned in the guest) that hold only zeros. */
-class ZeroScan {
-  readonly #zeros: Buffer;
-  constructor(readonly blockSize: number) {
-    this.#zeros = Buffer.alloc(blockSize);
-  }
-
-  /**
-   * True when `data[start, end)` is all zeros. Data blocks almost always have a non-zero byte
-   * among their first sixteen, so those are looked at first as four 32-bit words (no native call);
-   * only blocks that start with zeros are compared in full.
-   */
-  isZero(data: Buffer, words: Uint32Array, start: number, end: number): boolean {
-    if (start % 4 === 0 && (start >> 2) + 4 <= words.length) {
-      const word = start >> 2;
-      if ((words[word]! | words[word + 1]! | words[word + 2]! | words[word + 3]!) !== 0) return false;
-    }
-    return data.subarray(start, end).equals(this.#zeros.subarray(0, end - start));
-  }
-}
-
-/** Writes the runs of `data` (guest bytes at `guestOffset`) whose guest blocks (`scan.blockSize`)
- * hold a non-zero byte; all-zero blocks stay holes, or with `zeroRuns` are zeroed in the target
- * where it holds data. */
-async function writeNonZero(
-  file: FileBlockDevice,
-  data: Buffer,
-  guestOffset: number,
-  targetName: string,
-  zeroRuns: boolean,
-  scan: ZeroScan,
-): Promise<void> {
-  const block = scan.blockSize;
-  const words =
-    data.byteOffset % 4 === 0
-      ? new Uint32Array(data.buffer, data.byteOffset, data.length >> 2)
-      : new Uint32Array(0);
-  let runStart = 0;
-  let runIsData = true;
-  let index = 0;
-  const flush = async (end: number) => {
-    if (end === runStart) return;
-    if (runIsData) await writeAll(file, data.subarray(runStart, end), guestOffset + runStart, targetName);
-    else if (zeroRuns) await zeroTarget(file, targetName, guestOffset + runStart, end - runStart, false);
-  };
-  while (index < data.length) {
-    const blockEnd = Math.min(data.length, index + block - ((guestOffset + index) % block));
-    const isData = !scan.isZero(data, words, index, blockEnd);
-    if (isData !== runIsData) {
-      await flush(index);
-      runStart = index;
-      runIsData = isData;
-    }
-    index = blockEnd;
-  }
-  await flush(data.length);
 }
 
 async function writeAll(

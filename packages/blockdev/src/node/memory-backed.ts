@@ -1,0 +1,21 @@
+/**
+ * Whether a path lives on a file system held in memory (tmpfs, ramfs). There a read or a write is
+ * a memory copy that never waits for a disk, so doing it inline on the calling thread (see
+ * `FileOpenOptions.syncIoMaxBytes`) saves the thread pool's hand-off (a futex wake, a context
+ * switch and a callback through the event loop) without ever blocking on I/O.
+ */
+import { statfs } from 'node:fs/promises';
+
+/** statfs(2) f_type values of file systems held in memory. */
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+
+/** True when `path` (a file or a folder) is on tmpfs or ramfs; false when unknown. */
+export async function isMemoryBacked(path: string): Promise<boolean> {
+  try {
+    const { type } = await statfs(path);
+    return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+  } catch {
+    return false;
+  }
+}
