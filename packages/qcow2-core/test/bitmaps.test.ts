@@ -440,7 +440,9 @@ describe.skipIf(!haveQemu)('images with persistent bitmaps, written beside QEMU'
       [three, (b: PersistentBitmaps) => b.remove('b1'), ['b0', 'b1', 'fine'], ['b0', 'fine']],
       [
         three,
-        (b: PersistentBitmaps) => ['b0', 'b1', 'fine'].forEach((name) => b.remove(name)),
+        (b: PersistentBitmaps) => {
+          for (const name of ['b0', 'b1', 'fine']) b.remove(name);
+        },
         ['b0', 'b1', 'fine'],
         [],
       ],

@@ -29,7 +29,6 @@ import {
   BME_MAX_NAME_SIZE,
   BME_MAX_PHYS_SIZE,
   BME_MAX_TABLE_SIZE,
-  BME_MIN_GRANULARITY_BITS,
   BT_DIRTY_TRACKING_BITMAP,
   bitmapDirectorySize,
   bitmapEntryProblem,
