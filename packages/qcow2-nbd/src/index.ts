@@ -4,6 +4,7 @@
  */
 
 export * as protocol from './protocol/index.js';
+export type { ReadMode } from './server/connection-io.js';
 export {
   availableContexts,
   blockSizes,

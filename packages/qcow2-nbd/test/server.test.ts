@@ -177,6 +177,9 @@ describe('transmission', () => {
     expect(await client.simpleReply()).toMatchObject({ error: 0, cookie: w });
     client.request(P.NBD_CMD_FLUSH, 0, 0);
     expect((await client.simpleReply()).error).toBe(0);
+    // A WRITE of 0 bytes has no payload and succeeds.
+    client.request(P.NBD_CMD_WRITE, 100, 0, { data: Buffer.alloc(0) });
+    expect((await client.simpleReply()).error).toBe(0);
     client.request(P.NBD_CMD_CACHE, 0, 4096);
     expect((await client.simpleReply()).error).toBe(0);
     client.request(P.NBD_CMD_READ, 4095, data.length);
@@ -282,33 +285,36 @@ describe('transmission', () => {
     client.destroy();
   });
 
-  it('answers many pipelined small reads and large writes intact and in any order', async () => {
-    await start();
-    const client = await TestClient.connect(socketPath);
-    await client.open({ structured: true });
-    // Large writes whose payloads span socket chunks land in reused buffers: each must stay intact.
-    for (let i = 0; i < 8; i++) {
-      client.request(P.NBD_CMD_WRITE, i * 131072, 131072, { data: pattern(131072, i) });
-    }
-    for (let i = 0; i < 8; i++) expect((await client.simpleReply()).error).toBe(0);
-    for (let i = 0; i < 8; i++) {
-      expect(Buffer.from(await device.read(i * 131072, 131072)).equals(pattern(131072, i))).toBe(true);
-    }
-    // 64 small reads in one burst: their replies leave together, each whole.
-    const cookies: bigint[] = [];
-    for (let i = 0; i < 64; i++) cookies.push(client.request(P.NBD_CMD_READ, i * 4096 + 7, 4096));
-    const seen = new Set<bigint>();
-    for (let i = 0; i < 64; i++) {
-      const [chunk] = await client.chunks();
-      const offset = Number(chunk!.payload.readBigUInt64BE(0));
-      const index = (offset - 7) / 4096;
-      expect(chunk!.cookie).toBe(cookies[index]);
-      seen.add(chunk!.cookie);
-      expect(chunk!.payload.subarray(8).equals(Buffer.from(await device.read(offset, 4096)))).toBe(true);
-    }
-    expect(seen.size).toBe(64);
-    client.destroy();
-  });
+  it.each(['direct', 'stream'] as const)(
+    'answers many pipelined small reads and large writes intact and in any order (%s reads)',
+    async (readMode) => {
+      await start(undefined, { readMode });
+      const client = await TestClient.connect(socketPath);
+      await client.open({ structured: true });
+      // Large writes whose payloads span socket chunks land in reused buffers: each must stay intact.
+      for (let i = 0; i < 8; i++) {
+        client.request(P.NBD_CMD_WRITE, i * 131072, 131072, { data: pattern(131072, i) });
+      }
+      for (let i = 0; i < 8; i++) expect((await client.simpleReply()).error).toBe(0);
+      for (let i = 0; i < 8; i++) {
+        expect(Buffer.from(await device.read(i * 131072, 131072)).equals(pattern(131072, i))).toBe(true);
+      }
+      // 64 small reads in one burst: their replies leave together, each whole.
+      const cookies: bigint[] = [];
+      for (let i = 0; i < 64; i++) cookies.push(client.request(P.NBD_CMD_READ, i * 4096 + 7, 4096));
+      const seen = new Set<bigint>();
+      for (let i = 0; i < 64; i++) {
+        const [chunk] = await client.chunks();
+        const offset = Number(chunk!.payload.readBigUInt64BE(0));
+        const index = (offset - 7) / 4096;
+        expect(chunk!.cookie).toBe(cookies[index]);
+        seen.add(chunk!.cookie);
+        expect(chunk!.payload.subarray(8).equals(Buffer.from(await device.read(offset, 4096)))).toBe(true);
+      }
+      expect(seen.size).toBe(64);
+      client.destroy();
+    },
+  );
 
   it('answers every bad request with the error the spec names and keeps serving', async () => {
     await start([
@@ -406,57 +412,66 @@ describe('transmission', () => {
     client.destroy();
   });
 
-  it('handles 32 MiB writes and reads, and many pipelined writes under a small in-flight bound', async () => {
-    const big = new MemoryBlockDevice(64 * 1024 * 1024);
-    await start([{ name: '', device: big }], { maxInFlightBytes: 64 * 1024 });
-    const client = await TestClient.connect(socketPath);
-    await client.open({ structured: true });
-    const data = pattern(32 * 1024 * 1024, 9);
-    client.request(P.NBD_CMD_WRITE, 1000, data.length, { data });
-    expect((await client.simpleReply()).error).toBe(0);
-    for (let i = 0; i < 200; i++) client.request(P.NBD_CMD_WRITE, i * 8192, 8192, { data: pattern(8192, i) });
-    for (let i = 0; i < 200; i++) expect((await client.simpleReply()).error).toBe(0);
-    client.request(P.NBD_CMD_READ, 16 * 1024 * 1024, 32 * 1024 * 1024);
-    const chunks = await client.chunks();
-    expect(
-      chunks.every((c) => c.type === P.NBD_REPLY_TYPE_OFFSET_DATA || c.type === P.NBD_REPLY_TYPE_OFFSET_HOLE),
-    ).toBe(true);
-    const total = chunks.reduce(
-      (sum, c) =>
-        sum + (c.type === P.NBD_REPLY_TYPE_OFFSET_DATA ? c.payload.length - 8 : c.payload.readUInt32BE(8)),
-      0,
-    );
-    expect(total).toBe(32 * 1024 * 1024);
-    expect(
-      Buffer.from(await big.read(200 * 8192, 4096)).equals(
-        data.subarray(200 * 8192 - 1000, 200 * 8192 - 1000 + 4096),
-      ),
-    ).toBe(true);
-    expect(Buffer.from(await big.read(199 * 8192, 8192)).equals(pattern(8192, 199))).toBe(true);
-    client.destroy();
-  });
+  it.each(['direct', 'stream'] as const)(
+    'handles 32 MiB writes and reads, and many pipelined writes under a small in-flight bound (%s reads)',
+    async (readMode) => {
+      const big = new MemoryBlockDevice(64 * 1024 * 1024);
+      await start([{ name: '', device: big }], { maxInFlightBytes: 64 * 1024, readMode });
+      const client = await TestClient.connect(socketPath);
+      await client.open({ structured: true });
+      const data = pattern(32 * 1024 * 1024, 9);
+      client.request(P.NBD_CMD_WRITE, 1000, data.length, { data });
+      expect((await client.simpleReply()).error).toBe(0);
+      for (let i = 0; i < 200; i++)
+        client.request(P.NBD_CMD_WRITE, i * 8192, 8192, { data: pattern(8192, i) });
+      for (let i = 0; i < 200; i++) expect((await client.simpleReply()).error).toBe(0);
+      client.request(P.NBD_CMD_READ, 16 * 1024 * 1024, 32 * 1024 * 1024);
+      const chunks = await client.chunks();
+      expect(
+        chunks.every(
+          (c) => c.type === P.NBD_REPLY_TYPE_OFFSET_DATA || c.type === P.NBD_REPLY_TYPE_OFFSET_HOLE,
+        ),
+      ).toBe(true);
+      const total = chunks.reduce(
+        (sum, c) =>
+          sum + (c.type === P.NBD_REPLY_TYPE_OFFSET_DATA ? c.payload.length - 8 : c.payload.readUInt32BE(8)),
+        0,
+      );
+      expect(total).toBe(32 * 1024 * 1024);
+      expect(
+        Buffer.from(await big.read(200 * 8192, 4096)).equals(
+          data.subarray(200 * 8192 - 1000, 200 * 8192 - 1000 + 4096),
+        ),
+      ).toBe(true);
+      expect(Buffer.from(await big.read(199 * 8192, 8192)).equals(pattern(8192, 199))).toBe(true);
+      client.destroy();
+    },
+  );
 
-  it('stops serving a client that does not read its replies (bounded memory), then catches up', async () => {
-    let reads = 0;
-    const counting = wrap(device, {
-      readInto: (buffer: Uint8Array, offset: number) => {
-        reads++;
-        return device.readInto(buffer, offset);
-      },
-    });
-    await start([{ name: '', device: counting }], { maxInFlightBytes: 2 * 1024 * 1024 });
-    const client = await TestClient.connect(socketPath);
-    await client.open();
-    client.socket.pause();
-    for (let i = 0; i < 100; i++) client.request(P.NBD_CMD_READ, 0, 512 * 1024);
-    await new Promise((resolve) => setTimeout(resolve, 300));
-    expect(reads).toBeGreaterThan(0);
-    expect(reads).toBeLessThan(40);
-    client.socket.resume();
-    for (let i = 0; i < 100; i++) expect((await client.simpleReply(512 * 1024)).error).toBe(0);
-    expect(reads).toBe(100);
-    client.destroy();
-  });
+  it.each(['direct', 'stream'] as const)(
+    'stops serving a client that does not read its replies (bounded memory), then catches up (%s reads)',
+    async (readMode) => {
+      let reads = 0;
+      const counting = wrap(device, {
+        readInto: (buffer: Uint8Array, offset: number) => {
+          reads++;
+          return device.readInto(buffer, offset);
+        },
+      });
+      await start([{ name: '', device: counting }], { maxInFlightBytes: 2 * 1024 * 1024, readMode });
+      const client = await TestClient.connect(socketPath);
+      await client.open();
+      client.socket.pause();
+      for (let i = 0; i < 100; i++) client.request(P.NBD_CMD_READ, 0, 512 * 1024);
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      expect(reads).toBeGreaterThan(0);
+      expect(reads).toBeLessThan(40);
+      client.socket.resume();
+      for (let i = 0; i < 100; i++) expect((await client.simpleReply(512 * 1024)).error).toBe(0);
+      expect(reads).toBe(100);
+      client.destroy();
+    },
+  );
 
   it('closes a connection that does not finish the handshake in time', async () => {
     await start(undefined, { handshakeTimeout: 100 });

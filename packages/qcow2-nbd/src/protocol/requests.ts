@@ -21,6 +21,7 @@ import {
   NBD_ENOSPC,
   NBD_EPERM,
   NBD_MAX_PAYLOAD_SIZE,
+  REQUEST_HEADER_SIZE,
 } from './constants.js';
 
 export interface RequestHeader {
@@ -34,23 +35,28 @@ export interface RequestHeader {
   readonly length: number;
 }
 
-/** Decodes a request header. Offsets above Number.MAX_SAFE_INTEGER decode as Infinity. */
-export function decodeRequestHeader(bytes: Uint8Array): RequestHeader {
+/**
+ * Decodes the request header at byte `at` of `bytes`. Offsets above Number.MAX_SAFE_INTEGER decode
+ * as Infinity.
+ */
+export function decodeRequestHeader(bytes: Uint8Array, at = 0): RequestHeader {
   // Buffer's own readers: no DataView per request (the server's bytes are Buffers already).
   const buffer = Buffer.isBuffer(bytes)
     ? bytes
     : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  if (buffer.length < 28) throw new RangeError(`request header: ${buffer.length} bytes, need 28`);
-  const offsetHigh = buffer.readUInt32BE(16);
-  const offsetLow = buffer.readUInt32BE(20);
+  if (buffer.length - at < REQUEST_HEADER_SIZE) {
+    throw new RangeError(`request header: ${buffer.length - at} bytes, need ${REQUEST_HEADER_SIZE}`);
+  }
+  const offsetHigh = buffer.readUInt32BE(at + 16);
+  const offsetLow = buffer.readUInt32BE(at + 20);
   const offset = offsetHigh >= 0x200000 ? Number.POSITIVE_INFINITY : offsetHigh * 0x100000000 + offsetLow;
   return {
-    magic: buffer.readUInt32BE(0),
-    flags: buffer.readUInt16BE(4),
-    type: buffer.readUInt16BE(6),
-    cookie: buffer.readBigUInt64BE(8),
+    magic: buffer.readUInt32BE(at),
+    flags: buffer.readUInt16BE(at + 4),
+    type: buffer.readUInt16BE(at + 6),
+    cookie: buffer.readBigUInt64BE(at + 8),
     offset,
-    length: buffer.readUInt32BE(24),
+    length: buffer.readUInt32BE(at + 24),
   };
 }
 

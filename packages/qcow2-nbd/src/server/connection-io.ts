@@ -1,12 +1,28 @@
 /**
- * The byte pipe of one connection: a ByteReader for what the client sends, a batching writer for
- * replies (replies made in the same turn of the event loop leave in one system call), and the
- * STARTTLS upgrade that swaps the plain socket for a TLS one.
+ * The byte pipe of one connection: a ByteReader for the handshake, a batching writer for replies
+ * (replies made in the same turn of the event loop leave in one system call), the STARTTLS upgrade
+ * that swaps the plain socket for a TLS one, and the switch of the transmission phase to a
+ * RequestReader that chooses where the socket's bytes land.
  */
-import type { Socket } from 'node:net';
+import { type OnReadOpts, Socket, type SocketConstructorOpts } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { type SecureContext, TLSSocket } from 'node:tls';
 import { ByteReader } from '../protocol/byte-reader.js';
+import type { RequestReader } from './request-reader.js';
+
+/**
+ * What a plain socket accepted by a net.Server holds that `startRequests` needs: the native handle
+ * (libuv's stream, able to read into a buffer given to it, the machinery of Node's documented
+ * `onread` socket option) and the server counting the socket among its connections.
+ */
+interface SocketInternals {
+  _handle?: { useUserBuffer?: unknown } | null;
+  _server?: unknown;
+  server?: unknown;
+}
+
+/** How the transmission phase reads: into buffers the RequestReader chooses, or stream chunks. */
+export type ReadMode = 'direct' | 'stream';
 
 /**
  * Replies at most this long are copied into one buffer with the others of the same turn of the
@@ -19,6 +35,7 @@ const COALESCE_MAX = 16 * 1024;
 export class ConnectionIo {
   readonly reader: ByteReader;
   private stream: Duplex;
+  private socket: Socket;
   private closed = false;
   /** Bytes handed to send() whose write has not completed. */
   private pending = 0;
@@ -31,7 +48,8 @@ export class ConnectionIo {
   private drainWaiters: (() => void)[] = [];
   tls = false;
 
-  constructor(readonly socket: Socket) {
+  constructor(socket: Socket) {
+    this.socket = socket;
     this.stream = socket;
     // The reader listens for errors too; this keeps an error after a TLS upgrade from crashing us.
     socket.on('error', () => {});
@@ -135,6 +153,92 @@ export class ConnectionIo {
     const waiters = this.drainWaiters;
     this.drainWaiters = [];
     for (const waiter of waiters) waiter();
+  }
+
+  /**
+   * Hands every byte received from now on to `requests` (the transmission phase), starting with
+   * any the handshake's reader holds. Call once, with nothing left to write (after `drained`).
+   *
+   * A plain socket is rewrapped so that it reads into the buffers `requests.nextBuffer()` chooses
+   * (Node's `onread` option, given the accepted socket's handle): large WRITE payloads are then
+   * received in place. A TLS socket, or any other stream, feeds `requests` its chunks. Reading
+   * stops whenever `requests` stops accepting; `resumeReading` restarts it. `onEnd` is called
+   * once, when the client's side ends or fails.
+   */
+  startRequests(requests: RequestReader, onEnd: () => void, mode: ReadMode = 'direct'): ReadMode {
+    const leftover = this.reader.detach();
+    if (leftover.length > 0) requests.feed(leftover);
+    let ended = false;
+    const end = () => {
+      if (ended) return;
+      ended = true;
+      onEnd();
+    };
+    const direct = mode === 'direct' ? this.rewrapForDirectReads(requests) : undefined;
+    if (direct !== undefined) {
+      this.stream = direct;
+      this.socket = direct;
+      direct.on('error', end);
+      direct.on('end', end);
+      direct.on('close', end);
+      if (requests.accepting) direct.resume();
+      return 'direct';
+    }
+    const stream = this.stream;
+    stream.on('data', (chunk: Buffer) => {
+      if (!requests.feed(chunk)) stream.pause();
+    });
+    stream.on('error', end);
+    stream.on('end', end);
+    stream.on('close', end);
+    if (requests.accepting) stream.resume();
+    return 'stream';
+  }
+
+  /** Restarts reading after `requests` stopped accepting (see `startRequests`). */
+  resumeReading(): void {
+    if (!this.isClosed) this.stream.resume();
+  }
+
+  /**
+   * A new Socket over this plain socket's handle, reading into `requests`' buffers, and owning
+   * the handle and the server's count of it from now on; undefined when this is not a plain
+   * socket accepted by a net.Server on this version of Node (the caller then reads chunks).
+   */
+  private rewrapForDirectReads(requests: RequestReader): Socket | undefined {
+    const old = this.socket as Socket & SocketInternals;
+    const handle = old._handle;
+    if (
+      this.tls ||
+      this.stream !== this.socket ||
+      !(old instanceof Socket) ||
+      old.destroyed ||
+      handle === undefined ||
+      handle === null ||
+      typeof handle.useUserBuffer !== 'function' ||
+      this.pending !== 0
+    ) {
+      return undefined;
+    }
+    const options: SocketConstructorOpts & { handle: unknown; pauseOnCreate: boolean; onread: OnReadOpts } = {
+      handle,
+      allowHalfOpen: old.allowHalfOpen,
+      pauseOnCreate: true,
+      readable: true,
+      writable: true,
+      onread: {
+        buffer: () => requests.nextBuffer(),
+        callback: (count: number, buffer: Uint8Array) => requests.received(buffer, count),
+      },
+    };
+    const fresh = new Socket(options) as Socket & SocketInternals;
+    // The old socket lets go of the handle without closing it; the new one is counted in its place.
+    fresh._server = old._server;
+    fresh.server = old.server;
+    old._server = null;
+    old._handle = null;
+    old.destroy();
+    return fresh;
   }
 
   /** Upgrades to TLS (after the STARTTLS ACK has been sent). Resolves once the handshake is done. */

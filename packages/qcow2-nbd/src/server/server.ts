@@ -7,7 +7,7 @@
 import { type AddressInfo, createServer, type Server, type Socket } from 'node:net';
 import { createSecureContext, type SecureContext, type SecureContextOptions } from 'node:tls';
 import { BufferPool } from './buffer-pool.js';
-import { ConnectionIo } from './connection-io.js';
+import { ConnectionIo, type ReadMode } from './connection-io.js';
 import { DataExtentCache } from './data-extent-cache.js';
 import type { NbdExport } from './export.js';
 import { HandshakeAbort, negotiate } from './handshake.js';
@@ -35,6 +35,12 @@ export interface NbdServerOptions {
   readonly multiConn?: boolean;
   /** Bytes held by requests in flight per connection. Default 64 MiB. */
   readonly maxInFlightBytes?: number;
+  /**
+   * How requests are read from plain (not TLS) connections: `direct` (default) receives them into
+   * buffers the server chooses, large WRITE payloads straight into the buffer the device writes
+   * from; `stream` takes Node's socket chunks and copies payloads out of them, as over TLS.
+   */
+  readonly readMode?: ReadMode;
   /** A client must finish the handshake within this many milliseconds (default 10 000, as
    * qemu-nbd); 0 disables the limit. */
   readonly handshakeTimeout?: number;
@@ -113,7 +119,7 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
         dataExtents: dataExtents.get(session.export)!,
       });
       connection.transmission = transmission;
-      const end = await transmission.run();
+      const end = await transmission.run(options.readMode ?? 'direct');
       if (end === 'protocol-error') io.destroy();
     } catch (error) {
       if (error instanceof HandshakeAbort) log(error.message);

@@ -1,8 +1,9 @@
 /**
- * The transmission phase of one connection: requests are read in a loop, validated, and
- * dispatched without waiting for earlier ones; each is answered when it completes. The bytes held
- * for requests in flight (read data, write payloads) are bounded: past the bound the loop stops
- * reading, the socket buffers fill and TCP slows the client down.
+ * The transmission phase of one connection: requests are parsed as their bytes arrive (a
+ * RequestReader), validated, and dispatched without waiting for earlier ones; each is answered
+ * when it completes. The bytes held for requests in flight (read data, write payloads, replies not
+ * yet written) are bounded: past the bound the reader pauses and the socket is no longer read, its
+ * buffers fill and the client is slowed down.
  */
 import type { Extent } from '@qcowkit/blockdev';
 import {
@@ -26,7 +27,6 @@ import {
   NBD_REQUEST_MAGIC,
   NBD_STATE_HOLE,
   NBD_STATE_ZERO,
-  REQUEST_HEADER_SIZE,
   SIMPLE_REPLY_HEADER_SIZE,
 } from '../protocol/constants.js';
 import {
@@ -41,19 +41,22 @@ import {
 } from '../protocol/replies.js';
 import {
   commandName,
-  decodeRequestHeader,
+  type RequestContext,
   type RequestHeader,
   validateRequest,
 } from '../protocol/requests.js';
 import { BufferPool } from './buffer-pool.js';
-import type { ConnectionIo } from './connection-io.js';
+import type { ConnectionIo, ReadMode } from './connection-io.js';
 import type { DataExtentCache } from './data-extent-cache.js';
 import { CONTEXT_ID_ALLOCATION_DEPTH, CONTEXT_ID_BASE_ALLOCATION, isExportReadOnly } from './export.js';
 import type { Session } from './handshake.js';
 import { errorMessage, nbdErrorName, toNbdError } from './nbd-errors.js';
+import { RequestReader, type RequestSink } from './request-reader.js';
 
 /** Reads at least this long look for holes and send them as OFFSET_HOLE chunks. */
 const SPARSE_READ_MINIMUM = 64 * 1024;
+/** The payload of a WRITE of 0 bytes. */
+const EMPTY = Buffer.alloc(0);
 /** Most block status descriptors sent in one reply. */
 const MAX_DESCRIPTORS = 64 * 1024;
 
@@ -71,12 +74,20 @@ export interface TransmissionConfig {
 /** Why the request loop ended. */
 export type TransmissionEnd = 'disconnect' | 'closed' | 'protocol-error' | 'shutdown';
 
-export class Transmission {
+export class Transmission implements RequestSink {
   private inFlightBytes = 0;
   private inFlightCount = 0;
   private waiters: (() => void)[] = [];
   private stopping = false;
   private readonly readOnly: boolean;
+  private readonly context: RequestContext;
+  private readonly requests: RequestReader;
+  /** A request received while the in-flight bound was reached: served once room frees. */
+  private held: { request: RequestHeader; payload: Buffer | undefined; cost: number } | undefined;
+  /** The client's side has ended (or failed). */
+  private sourceEnded = false;
+  private finish: ((end: TransmissionEnd) => void) | undefined;
+  private ending: TransmissionEnd | undefined;
 
   constructor(
     private readonly io: ConnectionIo,
@@ -84,6 +95,13 @@ export class Transmission {
     private readonly config: TransmissionConfig,
   ) {
     this.readOnly = isExportReadOnly(session.export);
+    this.context = {
+      size: session.export.device.size,
+      readOnly: this.readOnly,
+      structuredReplies: session.structuredReplies,
+      metaContexts: session.metaContexts.length > 0,
+    };
+    this.requests = new RequestReader(this, this.allocate);
     // Replies leaving our buffers free room too: a client that stops reading stops being served.
     io.onWritten = () => this.wake();
   }
@@ -93,69 +111,25 @@ export class Transmission {
     this.stopping = true;
   }
 
-  /** Serves requests until the client disconnects or breaks the protocol; waits for requests in flight. */
-  async run(): Promise<TransmissionEnd> {
-    const reader = this.io.reader;
-    const context = {
-      size: this.session.export.device.size,
-      readOnly: this.readOnly,
-      structuredReplies: this.session.structuredReplies,
-      metaContexts: this.session.metaContexts.length > 0,
-    };
+  /**
+   * Serves requests until the client disconnects or breaks the protocol; waits for requests in
+   * flight. Requests are parsed and dispatched as their bytes arrive (see RequestReader), each
+   * answered when it completes.
+   */
+  async run(readMode: ReadMode = 'direct'): Promise<TransmissionEnd> {
+    const ended = new Promise<TransmissionEnd>((resolve) => {
+      this.finish = resolve;
+    });
+    // The handshake's last reply leaves first: the socket may be rewrapped only when idle.
+    await this.io.drained();
+    this.io.startRequests(this.requests, () => this.sourceEnd(), readMode);
     try {
-      for (;;) {
-        const bytes = reader.tryRead(REQUEST_HEADER_SIZE) ?? (await reader.read(REQUEST_HEADER_SIZE));
-        const request = decodeRequestHeader(bytes);
-        if (request.magic !== NBD_REQUEST_MAGIC) {
-          this.config.log(`request: bad magic 0x${request.magic.toString(16)}: closing the connection`);
-          return 'protocol-error';
-        }
-        if (request.type === NBD_CMD_DISC) return 'disconnect';
-        let payload: Buffer | undefined;
-        if (request.type === NBD_CMD_WRITE) {
-          if (request.length > NBD_MAX_PAYLOAD_SIZE) {
-            // The payload cannot be trusted to follow; answer and close.
-            this.replySimple(request, validateRequest(request, context));
-            this.config.log(`request: write of ${request.length} bytes is too large: closing the connection`);
-            return 'protocol-error';
-          }
-          payload =
-            reader.tryRead(request.length, this.allocate) ??
-            (await reader.read(request.length, this.allocate));
-        }
-        if (this.stopping) {
-          this.replyError(request, NBD_ESHUTDOWN, 'server is shutting down');
-          continue;
-        }
-        const error = validateRequest(request, context);
-        if (error !== 0) {
-          this.replyError(request, error, `${commandName(request.type)}: ${nbdErrorName(error)}`);
-          continue;
-        }
-        const cost = (request.type === NBD_CMD_READ ? request.length : 0) + (payload?.length ?? 0);
-        while (
-          (this.inFlightCount > 0 || this.io.pendingBytes > 0) &&
-          !this.io.isClosed &&
-          this.inFlightBytes + this.io.pendingBytes + cost > this.config.maxInFlightBytes
-        ) {
-          await new Promise<void>((resolve) => this.waiters.push(resolve));
-        }
-        this.inFlightBytes += cost;
-        this.inFlightCount++;
-        const work =
-          request.type === NBD_CMD_READ ? this.readRequest(request) : this.execute(request, payload);
-        work.then(
-          () => this.release(cost),
-          (failure: unknown) => {
-            this.config.log(`request: internal failure: ${errorMessage(failure)}`);
-            this.release(cost);
-          },
-        );
-      }
-    } catch (error) {
-      if (this.stopping) return 'shutdown';
-      return this.io.isClosed || isStreamEnd(error) ? 'closed' : 'protocol-error';
+      return await ended;
     } finally {
+      // Bytes after the end are read and dropped, so the client's closing is seen.
+      this.requests.stop();
+      this.io.resumeReading();
+      this.releaseHeld();
       await this.idle();
     }
   }
@@ -168,6 +142,94 @@ export class Transmission {
     await this.io.drained();
   }
 
+  /** RequestSink: checks what the stream itself depends on; returns the payload length. */
+  header(request: RequestHeader): number {
+    if (request.magic !== NBD_REQUEST_MAGIC) {
+      this.config.log(`request: bad magic 0x${request.magic.toString(16)}: closing the connection`);
+      this.end('protocol-error');
+      return -1;
+    }
+    if (request.type === NBD_CMD_DISC) {
+      this.end('disconnect');
+      return -1;
+    }
+    if (request.type !== NBD_CMD_WRITE) return 0;
+    if (request.length > NBD_MAX_PAYLOAD_SIZE) {
+      // The payload cannot be trusted to follow; answer and close.
+      this.replySimple(request, validateRequest(request, this.context));
+      this.config.log(`request: write of ${request.length} bytes is too large: closing the connection`);
+      this.end('protocol-error');
+      return -1;
+    }
+    return request.length;
+  }
+
+  /** RequestSink: a whole request; false when it has to wait for room (the reader pauses). */
+  request(request: RequestHeader, payload: Buffer | undefined): boolean {
+    if (this.stopping) {
+      this.releasePayload(payload);
+      this.replyError(request, NBD_ESHUTDOWN, 'server is shutting down');
+      return true;
+    }
+    const error = validateRequest(request, this.context);
+    if (error !== 0) {
+      this.releasePayload(payload);
+      this.replyError(request, error, `${commandName(request.type)}: ${nbdErrorName(error)}`);
+      return true;
+    }
+    const cost = (request.type === NBD_CMD_READ ? request.length : 0) + (payload?.length ?? 0);
+    if (!this.hasRoom(cost)) {
+      this.held = { request, payload, cost };
+      return false;
+    }
+    this.dispatch(request, payload, cost);
+    return true;
+  }
+
+  /** Within the bound on bytes in flight (a request alone always fits). */
+  private hasRoom(cost: number): boolean {
+    const pending = this.io.pendingBytes;
+    return (
+      (this.inFlightCount === 0 && pending === 0) ||
+      this.io.isClosed ||
+      this.inFlightBytes + pending + cost <= this.config.maxInFlightBytes
+    );
+  }
+
+  private dispatch(request: RequestHeader, payload: Buffer | undefined, cost: number): void {
+    this.inFlightBytes += cost;
+    this.inFlightCount++;
+    const work = request.type === NBD_CMD_READ ? this.readRequest(request) : this.execute(request, payload);
+    work.then(
+      () => this.release(cost),
+      (failure: unknown) => {
+        this.config.log(`request: internal failure: ${errorMessage(failure)}`);
+        this.release(cost);
+      },
+    );
+  }
+
+  private sourceEnd(): void {
+    this.sourceEnded = true;
+    if (this.held === undefined) this.end(this.stopping ? 'shutdown' : 'closed');
+  }
+
+  private end(end: TransmissionEnd): void {
+    if (this.ending !== undefined) return;
+    this.ending = end;
+    this.finish?.(end);
+  }
+
+  private releasePayload(payload: Buffer | undefined): void {
+    if (payload !== undefined && BufferPool.ownsWhole(payload)) this.config.buffers.release(payload);
+  }
+
+  private releaseHeld(): void {
+    const held = this.held;
+    this.held = undefined;
+    if (held !== undefined) this.releasePayload(held.payload);
+  }
+
   private release(cost: number): void {
     this.inFlightBytes -= cost;
     this.inFlightCount--;
@@ -175,7 +237,15 @@ export class Transmission {
   }
 
   private wake(): void {
+    const held = this.held;
+    if (held !== undefined && this.ending === undefined && this.hasRoom(held.cost)) {
+      this.held = undefined;
+      this.dispatch(held.request, held.payload, held.cost);
+      if (this.requests.resume()) this.io.resumeReading();
+      if (this.sourceEnded && this.held === undefined) this.end(this.stopping ? 'shutdown' : 'closed');
+    }
     const waiters = this.waiters;
+    if (waiters.length === 0) return;
     this.waiters = [];
     for (const waiter of waiters) waiter();
   }
@@ -191,12 +261,11 @@ export class Transmission {
           return;
         case NBD_CMD_WRITE:
           try {
-            await device.write(request.offset, payload!, { fua });
+            // A WRITE of 0 bytes comes without a payload buffer (see RequestReader).
+            await device.write(request.offset, payload ?? EMPTY, { fua });
           } finally {
-            // The device is done with the bytes. A payload spanning socket chunks was copied into a
-            // pool buffer (a view of one chunk is not ours to keep): it serves the next request.
-            // release() itself leaves buffers too small for the pool to the garbage collector.
-            if (BufferPool.ownsWhole(payload!)) this.config.buffers.release(payload!);
+            // The device is done with the bytes: the buffer serves the next request.
+            this.releasePayload(payload);
           }
           break;
         case NBD_CMD_FLUSH:
@@ -412,8 +481,4 @@ async function statusExtents(
   }
   if (out.length === 0) throw new Error(`blockStatus: ${device.description} returned no extent`);
   return out;
-}
-
-function isStreamEnd(error: unknown): boolean {
-  return error instanceof Error && error.name === 'StreamEndedError';
 }
