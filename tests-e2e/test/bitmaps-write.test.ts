@@ -5,9 +5,11 @@
  * qemu-img compare finds the data identical. What QEMU refuses (resize with an inconsistent bitmap,
  * snapshot apply with bitmaps) is refused with the same exit code.
  */
-import { copyFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { copyFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { exited, must, startServer } from '../src/nbd-server.js';
 import { qcow2 } from '../src/qcow2-cli.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
@@ -148,6 +150,42 @@ describe.skipIf(!haveTools)('writing images with persistent bitmaps, beside QEMU
     }
     expect(qemuImg(['check', 'ours.qcow2']).status).toBe(0);
     expect(bitmapsInfo('ours.qcow2')).toBeUndefined();
+  });
+
+  test('qcow2-nbd keeps the bitmaps true: the same bits as qemu-nbd after the same requests', async () => {
+    copy('base.qcow2', 'ours.qcow2');
+    copy('base.qcow2', 'qemu.qcow2');
+    const requests = [
+      '-c',
+      'write -P 5 3M 8k',
+      '-c',
+      'write -z 6M 64k',
+      '-c',
+      'discard 9M 128k',
+      '-c',
+      'write -P 6 63M 1k',
+    ];
+    const server = await startServer(dir.path, [
+      '-f',
+      'qcow2',
+      '--discard=unmap',
+      join(dir.path, 'ours.qcow2'),
+    ]);
+    await must('qemu-io', ['-f', 'raw', ...requests, server.uri]);
+    expect(await server.stop()).toBe(0);
+    const socket = join(dir.path, 'qemu-nbd.sock');
+    const qemu = spawn(
+      'qemu-nbd',
+      ['-f', 'qcow2', '--discard=unmap', '-k', socket, join(dir.path, 'qemu.qcow2')],
+      {
+        stdio: 'ignore',
+      },
+    );
+    for (let tries = 0; tries < 200 && !existsSync(socket); tries++)
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    await must('qemu-io', ['-f', 'raw', ...requests, `nbd+unix:///?socket=${socket}`]);
+    expect(await exited(qemu)).toBe(0);
+    expectSameAsQemu('ours.qcow2', 'qemu.qcow2');
   });
 
   test('qcow2 info lists the bitmaps and flags as qemu-img info (json and human)', () => {
