@@ -5,14 +5,20 @@
  * Start-up is part of every command's time, so nothing heavy loads before it is needed: commander
  * and each subcommand's module are imported when used (`import()` in the actions), the format
  * names come from a module of their own (not the engine), and `--version` and plain `qcow2
- * convert`, `create` and `info` command lines (see `convertFastPath`, `createFastPath`,
- * `infoFastPath`) run without commander at all. Anything those fast paths do not recognise goes
- * through commander, so messages stay the same.
+ * convert`, `create`, `info`, `check`, `map` and `snapshot` command lines (see `convertFastPath`
+ * and commands/fast-paths.ts) run without commander at all. Anything those fast paths do not
+ * recognise goes through commander, so messages stay the same.
  */
 import type { Command } from 'commander';
 import { registerBitmapCommand } from './commands/bitmap.js';
 import { convertFastPath, parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
-import { createFastPath, infoFastPath } from './commands/fast-paths.js';
+import {
+  checkFastPath,
+  createFastPath,
+  infoFastPath,
+  mapFastPath,
+  snapshotFastPath,
+} from './commands/fast-paths.js';
 import { collectOptions, registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from './image-formats.js';
@@ -47,16 +53,8 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
       const { convertCommand } = await import('./commands/convert.js');
       return await convertCommand(context, fastConvert.source, fastConvert.target, fastConvert.options);
     }
-    const fastCreate = argv[0] === 'create' ? createFastPath(argv.slice(1)) : undefined;
-    if (fastCreate !== undefined) {
-      const { createCommand } = await import('./commands/create.js');
-      return await createCommand(context, fastCreate.file, fastCreate.size, fastCreate.options);
-    }
-    const fastInfo = argv[0] === 'info' ? infoFastPath(argv.slice(1)) : undefined;
-    if (fastInfo !== undefined) {
-      const { infoCommand } = await import('./commands/info.js');
-      return await infoCommand(context, fastInfo.file, fastInfo.options);
-    }
+    const fast = await runFastPath(context, argv);
+    if (fast !== undefined) return fast;
     commander = await import('commander');
     const program = buildProgram(commander, context, (code) => {
       exitCode = code;
@@ -71,6 +69,45 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
     io.stderr.write(`qcow2: ${describeError(error)}\n`);
     if (debug) io.stderr.write(`${debugTrace(error)}\n`);
     return error instanceof CliError ? error.exitCode : 1;
+  }
+}
+
+/** A plain command line run without commander (see commands/fast-paths.ts); undefined if none. */
+async function runFastPath(context: CommandContext, argv: readonly string[]): Promise<number | undefined> {
+  const args = argv.slice(1);
+  switch (argv[0]) {
+    case 'create': {
+      const line = createFastPath(args);
+      if (line === undefined) return undefined;
+      const { createCommand } = await import('./commands/create.js');
+      return await createCommand(context, line.file, line.size, line.options);
+    }
+    case 'info': {
+      const line = infoFastPath(args);
+      if (line === undefined) return undefined;
+      const { infoCommand } = await import('./commands/info.js');
+      return await infoCommand(context, line.file, line.options);
+    }
+    case 'check': {
+      const line = checkFastPath(args);
+      if (line === undefined) return undefined;
+      const { checkCommand } = await import('./commands/check.js');
+      return await checkCommand(context, line.file, line.options);
+    }
+    case 'map': {
+      const line = mapFastPath(args);
+      if (line === undefined) return undefined;
+      const { mapCommand } = await import('./commands/map.js');
+      return await mapCommand(context, line.file, line.options);
+    }
+    case 'snapshot': {
+      const line = snapshotFastPath(args);
+      if (line === undefined) return undefined;
+      const { snapshotAction, snapshotCommand } = await import('./commands/snapshot.js');
+      return await snapshotCommand(context, line.file, snapshotAction(line.actions), line.options);
+    }
+    default:
+      return undefined;
   }
 }
 

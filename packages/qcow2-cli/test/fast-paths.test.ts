@@ -1,15 +1,27 @@
 /**
- * `qcow2 create` and `qcow2 info` without commander: the fast paths must hand the commands exactly
- * what commander's actions hand them, and leave everything unusual to commander. The commands are
- * replaced by spies; each command line runs once as given (fast path) and once behind a leading
- * `--debug` (which only commander parses).
+ * `qcow2 create`, `info`, `check`, `map` and `snapshot` without commander: the fast paths must hand
+ * the commands exactly what commander's actions hand them, and leave everything unusual to
+ * commander. The commands are replaced by spies; each command line runs once as given (fast path)
+ * and once behind a leading `--debug` (which only commander parses).
  */
 import { beforeEach, describe, expect, test, vi } from 'vitest';
-import { createFastPath, infoFastPath } from '../src/commands/fast-paths.js';
+import {
+  checkFastPath,
+  createFastPath,
+  infoFastPath,
+  mapFastPath,
+  snapshotFastPath,
+} from '../src/commands/fast-paths.js';
 import type { CliIo } from '../src/io.js';
 import { run } from '../src/run.js';
 
-const calls = vi.hoisted(() => ({ create: [] as unknown[][], info: [] as unknown[][] }));
+const calls = vi.hoisted(() => ({
+  create: [] as unknown[][],
+  info: [] as unknown[][],
+  check: [] as unknown[][],
+  map: [] as unknown[][],
+  snapshot: [] as unknown[][],
+}));
 vi.mock('../src/commands/create.js', () => ({
   createCommand: async (_context: unknown, ...args: unknown[]) => {
     calls.create.push(args);
@@ -19,6 +31,26 @@ vi.mock('../src/commands/create.js', () => ({
 vi.mock('../src/commands/info.js', () => ({
   infoCommand: async (_context: unknown, ...args: unknown[]) => {
     calls.info.push(args);
+    return 0;
+  },
+}));
+vi.mock('../src/commands/check.js', () => ({
+  checkCommand: async (_context: unknown, ...args: unknown[]) => {
+    calls.check.push(args);
+    return 0;
+  },
+}));
+vi.mock('../src/commands/map.js', () => ({
+  mapCommand: async (_context: unknown, ...args: unknown[]) => {
+    calls.map.push(args);
+    return 0;
+  },
+}));
+vi.mock('../src/commands/snapshot.js', async (importActual) => ({
+  // The real snapshotAction: it turns commander's options object into the action.
+  ...(await importActual<typeof import('../src/commands/snapshot.js')>()),
+  snapshotCommand: async (_context: unknown, ...args: unknown[]) => {
+    calls.snapshot.push(args);
     return 0;
   },
 }));
@@ -32,9 +64,17 @@ const io: CliIo = {
 };
 
 beforeEach(() => {
-  calls.create.length = 0;
-  calls.info.length = 0;
+  for (const list of Object.values(calls)) list.length = 0;
 });
+
+/** Runs `command ...args` through the fast path and through commander; both calls must agree. */
+async function bothWays(command: keyof typeof calls, args: string[]): Promise<unknown[]> {
+  expect(await run([command, ...args], io)).toBe(0);
+  expect(await run(['--debug', command, ...args], io)).toBe(0);
+  expect(calls[command]).toHaveLength(2);
+  expect(calls[command][0]).toEqual(calls[command][1]);
+  return calls[command][0]!;
+}
 
 describe('createFastPath and infoFastPath agree with commander', () => {
   test.each([
@@ -71,6 +111,54 @@ describe('createFastPath and infoFastPath agree with commander', () => {
     expect(calls.info[0]).toEqual([fast!.file, fast!.options]);
   });
 
+  test.each([
+    [['disk.qcow2']],
+    [['-q', '--output=json', '-f', 'qcow2', 'disk.qcow2']],
+    [['-T', 'none', '-r', 'leaks', '-p', 'd', '-U']],
+    [['-r', 'all', '--output', 'human', '--force-share', 'd']],
+  ])('check %j', async (args) => {
+    const fast = checkFastPath(args);
+    expect(fast).toBeDefined();
+    expect(await bothWays('check', args)).toEqual([fast!.file, fast!.options]);
+  });
+
+  test.each([
+    [['disk.qcow2']],
+    [['--output=json', '--start-offset', '1M', '--max-length=64k', 'd']],
+    [['-f', 'raw', '-U', '--start-offset=512', 'd', '--debug']],
+  ])('map %j', async (args) => {
+    const fast = mapFastPath(args);
+    expect(fast).toBeDefined();
+    expect(await bothWays('map', args)).toEqual([fast!.file, fast!.options]);
+  });
+
+  test.each([
+    [['-l', 'disk.qcow2']],
+    [['disk.qcow2']],
+    [['-c', 'before', '-q', 'd']],
+    [['-a', '1', '-f', 'qcow2', 'd', '-U']],
+    [['-d', 'old', '-d', 'older', 'd']],
+  ])('snapshot %j', async (args) => {
+    const fast = snapshotFastPath(args);
+    expect(fast).toBeDefined();
+    const [file, action, options] = await bothWays('snapshot', args);
+    expect([file, options]).toEqual([fast!.file, fast!.options]);
+    expect(action).toEqual((await import('../src/commands/snapshot.js')).snapshotAction(fast!.actions));
+  });
+
+  test('two snapshot actions fail the same way on both paths', async () => {
+    const err: string[] = [];
+    const failing: CliIo = { ...io, stderr: { write: (chunk) => void err.push(chunk) } };
+    expect(snapshotFastPath(['-l', '-c', 'x', 'd'])).toBeDefined();
+    expect(await run(['snapshot', '-l', '-c', 'x', 'd'], failing)).toBe(1);
+    expect(await run(['--debug', 'snapshot', '-l', '-c', 'x', 'd'], failing)).toBe(1);
+    expect(err.filter((line) => line.startsWith('qcow2:'))).toEqual([
+      "qcow2: Cannot mix '-l', '-a', '-c', '-d'\n",
+      "qcow2: Cannot mix '-l', '-a', '-c', '-d'\n",
+    ]);
+    expect(calls.snapshot).toHaveLength(0);
+  });
+
   test('anything unusual is left to commander', () => {
     for (const args of [
       [],
@@ -103,6 +191,26 @@ describe('createFastPath and infoFastPath agree with commander', () => {
       ['--help'],
     ]) {
       expect(infoFastPath(args), `info ${args.join(' ')}`).toBeUndefined();
+    }
+    for (const args of [
+      ['-T', 'fast', 'a'],
+      ['-r', 'some', 'a'],
+      ['-r'],
+      ['-qp', 'a'],
+      ['--output=yaml', 'a'],
+    ]) {
+      expect(checkFastPath(args), `check ${args.join(' ')}`).toBeUndefined();
+    }
+    for (const args of [
+      ['--start-offset', 'lots', 'a'],
+      ['--max-length', '-1', 'a'],
+      ['-q', 'a'],
+      ['a', 'b'],
+    ]) {
+      expect(mapFastPath(args), `map ${args.join(' ')}`).toBeUndefined();
+    }
+    for (const args of [['-lq', 'a'], ['-c'], ['-f', 'vmdk', '-l', 'a'], ['-l']]) {
+      expect(snapshotFastPath(args), `snapshot ${args.join(' ')}`).toBeUndefined();
     }
   });
 

@@ -1,6 +1,7 @@
 /**
- * `qcow2 create` and `qcow2 info` command lines without commander: loading commander and building
- * every subcommand's definition is ~3 ms of a start that, for `create`, is most of the command.
+ * `qcow2 create`, `info`, `check`, `map` and `snapshot` command lines without commander: loading
+ * commander, building every subcommand's definition and parsing is ~2-3 ms of every start (for
+ * `create`, a good part of the command).
  * As `convertFastPath` (convert-args.ts): only the plain spellings are parsed here (each flag and
  * its value their own arguments, `--output=FMT` too); anything else (bundled or attached flags,
  * `--help`, an unknown option, a value that looks like an option, a wrong number of arguments, an
@@ -8,8 +9,13 @@
  * never reports one itself. What it returns is what commander's actions pass to the commands.
  */
 import { IMAGE_FORMATS, type ImageFormat } from '../image-formats.js';
+import { parseSize } from '../size.js';
+import type { CheckCommandOptions } from './check.js';
 import type { CreateCommandOptions } from './create.js';
 import type { InfoOptions } from './info.js';
+import type { MapOptions } from './map.js';
+import { CACHE_MODES } from './register-ops.js';
+import type { SnapshotCommandOptions } from './snapshot.js';
 
 interface Parsed {
   readonly values: Map<string, string[]>;
@@ -85,8 +91,25 @@ export function createFastPath(args: readonly string[]): CreateCommandLine | und
   };
 }
 
+/** `-f FMT`, `--output FMT` and `-U` / `--force-share` as info, map and check take them. */
+function imageOptions(
+  parsed: Parsed,
+): { format: ImageFormat | undefined; output: 'human' | 'json'; forceShare: boolean } | undefined {
+  const format = last(parsed, '-f');
+  if (format !== undefined && !(IMAGE_FORMATS as readonly string[]).includes(format)) return undefined;
+  const output = last(parsed, '--output') ?? 'human';
+  if (output !== 'human' && output !== 'json') return undefined;
+  return {
+    format: format as ImageFormat | undefined,
+    output,
+    forceShare: parsed.flags.has('-U') || parsed.flags.has('--force-share'),
+  };
+}
+
+const COMMON_FLAGS = ['-U', '--force-share', '--debug'];
+
 const INFO_WITH_VALUE: ReadonlySet<string> = new Set(['-f', '--output']);
-const INFO_FLAGS: ReadonlySet<string> = new Set(['-U', '--force-share', '--backing-chain', '--debug']);
+const INFO_FLAGS: ReadonlySet<string> = new Set([...COMMON_FLAGS, '--backing-chain']);
 
 export interface InfoCommandLine {
   readonly file: string;
@@ -97,17 +120,100 @@ export interface InfoCommandLine {
 export function infoFastPath(args: readonly string[]): InfoCommandLine | undefined {
   const parsed = parse(args, INFO_WITH_VALUE, INFO_FLAGS);
   if (parsed === undefined || parsed.operands.length !== 1) return undefined;
-  const format = last(parsed, '-f');
-  if (format !== undefined && !(IMAGE_FORMATS as readonly string[]).includes(format)) return undefined;
-  const output = last(parsed, '--output') ?? 'human';
-  if (output !== 'human' && output !== 'json') return undefined;
+  const common = imageOptions(parsed);
+  if (common === undefined) return undefined;
+  return {
+    file: parsed.operands[0]!,
+    options: { ...common, backingChain: parsed.flags.has('--backing-chain') },
+  };
+}
+
+const CHECK_WITH_VALUE: ReadonlySet<string> = new Set(['-f', '--output', '-T', '-r']);
+const CHECK_FLAGS: ReadonlySet<string> = new Set([...COMMON_FLAGS, '-q', '-p']);
+
+export interface CheckCommandLine {
+  readonly file: string;
+  readonly options: CheckCommandOptions;
+}
+
+/** `args` are the arguments after `check`; undefined when commander has to look at them. */
+export function checkFastPath(args: readonly string[]): CheckCommandLine | undefined {
+  const parsed = parse(args, CHECK_WITH_VALUE, CHECK_FLAGS);
+  if (parsed === undefined || parsed.operands.length !== 1) return undefined;
+  const common = imageOptions(parsed);
+  if (common === undefined) return undefined;
+  // -T is accepted (and ignored) when it names a cache mode.
+  const cache = last(parsed, '-T');
+  if (cache !== undefined && !(CACHE_MODES as readonly string[]).includes(cache)) return undefined;
+  const repair = last(parsed, '-r');
+  if (repair !== undefined && repair !== 'leaks' && repair !== 'all') return undefined;
   return {
     file: parsed.operands[0]!,
     options: {
+      ...common,
+      quiet: parsed.flags.has('-q'),
+      repair,
+      progress: parsed.flags.has('-p'),
+    },
+  };
+}
+
+const MAP_WITH_VALUE: ReadonlySet<string> = new Set(['-f', '--output', '--start-offset', '--max-length']);
+const MAP_FLAGS: ReadonlySet<string> = new Set(COMMON_FLAGS);
+
+export interface MapCommandLine {
+  readonly file: string;
+  readonly options: MapOptions;
+}
+
+/** `args` are the arguments after `map`; undefined when commander has to look at them. */
+export function mapFastPath(args: readonly string[]): MapCommandLine | undefined {
+  const parsed = parse(args, MAP_WITH_VALUE, MAP_FLAGS);
+  if (parsed === undefined || parsed.operands.length !== 1) return undefined;
+  const common = imageOptions(parsed);
+  if (common === undefined) return undefined;
+  const start = last(parsed, '--start-offset');
+  const length = last(parsed, '--max-length');
+  let startOffset = 0;
+  let maxLength: number | undefined;
+  try {
+    if (start !== undefined) startOffset = parseSize(start, 'start offset');
+    if (length !== undefined) maxLength = parseSize(length, 'max length');
+  } catch {
+    return undefined; // commander words the error
+  }
+  return { file: parsed.operands[0]!, options: { ...common, startOffset, maxLength } };
+}
+
+const SNAPSHOT_WITH_VALUE: ReadonlySet<string> = new Set(['-f', '-c', '-a', '-d']);
+const SNAPSHOT_FLAGS: ReadonlySet<string> = new Set([...COMMON_FLAGS, '-l', '-q']);
+
+export interface SnapshotCommandLine {
+  readonly file: string;
+  /** The action flags as commander hands them to `snapshotAction`. */
+  readonly actions: { l?: boolean; c?: string; a?: string; d?: string };
+  readonly options: SnapshotCommandOptions;
+}
+
+/** `args` are the arguments after `snapshot`; undefined when commander has to look at them. */
+export function snapshotFastPath(args: readonly string[]): SnapshotCommandLine | undefined {
+  const parsed = parse(args, SNAPSHOT_WITH_VALUE, SNAPSHOT_FLAGS);
+  if (parsed === undefined || parsed.operands.length !== 1) return undefined;
+  const format = last(parsed, '-f');
+  if (format !== undefined && !(IMAGE_FORMATS as readonly string[]).includes(format)) return undefined;
+  const actions: { l?: boolean; c?: string; a?: string; d?: string } = {};
+  if (parsed.flags.has('-l')) actions.l = true;
+  for (const name of ['c', 'a', 'd'] as const) {
+    const value = last(parsed, `-${name}`);
+    if (value !== undefined) actions[name] = value;
+  }
+  return {
+    file: parsed.operands[0]!,
+    actions,
+    options: {
       format: format as ImageFormat | undefined,
-      output,
-      backingChain: parsed.flags.has('--backing-chain'),
       forceShare: parsed.flags.has('-U') || parsed.flags.has('--force-share'),
+      quiet: parsed.flags.has('-q'),
     },
   };
 }
