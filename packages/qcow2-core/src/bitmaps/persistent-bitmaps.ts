@@ -331,17 +331,17 @@ export class PersistentBitmaps {
   checkResize(guestSize: number): void {
     const [name] = this.inconsistent;
     if (name !== undefined) {
-      throw new BlockDeviceError(
+      this.#fail(
         'EINVAL',
-        `qcow2: ${this.#context.description}: resize: bitmap '${name}' is inconsistent and cannot be used (remove it first)`,
+        `Bitmap '${name}' is inconsistent and cannot be used (remove it to resize the image)`,
       );
     }
     for (const bitmap of this.#bitmaps.values()) {
       const tableSize = bitmapTableSize(guestSize, bitmap.granularity, this.#clusterSize);
       if (tableSize > BME_MAX_TABLE_SIZE || tableSize * this.#clusterSize > BME_MAX_PHYS_SIZE) {
-        throw new BlockDeviceError(
+        this.#fail(
           'EINVAL',
-          `qcow2: ${this.#context.description}: resize: bitmap '${bitmap.name}' would take too much space (use a larger granularity)`,
+          `Bitmap '${bitmap.name}' would take too much space at this size: use a larger granularity`,
         );
       }
     }
