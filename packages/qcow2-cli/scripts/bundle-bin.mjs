@@ -27,8 +27,10 @@
  *   package's own package.json, since every chunk lands in `dist/bin/`.
  * The library entries (`dist/index.js` and the rest) stay tsc's output.
  *
- * `--code-cache`: the entry becomes one CommonJS file, `dist/bin/NAME.bundle.cjs` (workers stay
- * ES modules as above), and the stub runs it through `node:vm` with a V8 code cache, so a run
+ * `--code-cache`: the entry becomes one CommonJS file, `dist/bin/NAME.bundle.cjs` (the workers
+ * CommonJS files next to it), `dist/bin/package.json` makes the folder CommonJS, and the stub (a
+ * CommonJS file: no ES module loader at start) runs the bundle through `node:vm` with a V8 code
+ * cache (V8 flags set at run time would change the cache's key: none are), so a run
  * neither parses nor compiles the functions an earlier run of the same subcommand compiled
  * (Node 20 has no compile cache for ES modules). Measured on `qcow2 create`/`info`/`convert`:
  * ~35 ms less CPU per run than the split ES module bundle, half from loading one CommonJS file
