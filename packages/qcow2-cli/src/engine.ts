@@ -81,6 +81,8 @@ export interface OpenImageOptions {
   readonly openBacking?: boolean;
   /** The name the user typed, for error messages (default: `path`). */
   readonly displayName?: string;
+  /** The top file's requests up to this many bytes run inline (a memory-backed file; default 0). */
+  readonly syncIoMaxBytes?: number;
 }
 
 /** Opens `path` read-only with the engine; errors become `Could not open 'NAME': why`. */

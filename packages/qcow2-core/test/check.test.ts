@@ -177,6 +177,22 @@ const cases: Case[] = [
   },
   { name: 'header-refcount-zero', patch: (p) => p.setRefcount16(0, 0) },
   { name: 'copied-cleared', patch: (p) => p.setU64(p.l2Entry(1), p.u64(p.l2Entry(1)) & ~(1n << 63n)) },
+  {
+    // COPIED checked in the counting pass, refcounts of other widths than 16 bits.
+    name: 'copied-cleared-8-bit',
+    create: ['-o', 'refcount_bits=8'],
+    patch: (p) => p.setU64(p.l2Entry(1), p.u64(p.l2Entry(1)) & ~(1n << 63n)),
+  },
+  {
+    name: 'copied-cleared-extended-l2',
+    create: ['-o', 'extended_l2=on'],
+    patch: (p) => p.setU64(p.l2Entry(1), p.u64(p.l2Entry(1)) & ~(1n << 63n)),
+  },
+  {
+    // A misaligned data cluster's COPIED flag too (the general path of the counting pass).
+    name: 'copied-cleared-misaligned',
+    patch: (p) => p.setU64(p.l2Entry(0), (p.u64(p.l2Entry(0)) + 0x200n) & ~(1n << 63n)),
+  },
   { name: 'l1-copied-cleared', patch: (p) => p.setU64(p.l1Offset, p.u64(p.l1Offset) & ~(1n << 63n)) },
   { name: 'l2-entry-past-eof', patch: (p) => p.setU64(p.l2Entry(2), (1n << 63n) | (1n << 40n)) },
   { name: 'l2-entry-at-l1-table', patch: (p) => p.setU64(p.l2Entry(2), (1n << 63n) | BigInt(p.l1Offset)) },

@@ -1,6 +1,6 @@
 /** `qcow2 check` (read-only): qemu-img check's verdict, layout and exit codes. */
 
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, isMemoryBacked, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 import { checkQcow2Image } from '@qcowkit/qcow2-core';
 import type { CheckResult, ImageFormat } from '../engine.js';
 import { detectFormat, openImage } from '../engine.js';
@@ -32,11 +32,13 @@ export async function checkCommand(
   options: CheckCommandOptions,
 ): Promise<number> {
   if (options.repair !== undefined) return repairCommand(context, file, options, options.repair);
-  const opened = await openImage(resolveAgainst(context.io.cwd, file), {
+  const path = resolveAgainst(context.io.cwd, file);
+  const opened = await openImage(path, {
     displayName: file,
     format: options.format,
     forceShare: options.forceShare,
     openBacking: false,
+    syncIoMaxBytes: await inlineIoBytes(path),
   });
   let result: CheckResult;
   try {
@@ -72,6 +74,16 @@ export async function checkCommand(
   return checkExitCode(result);
 }
 
+/**
+ * The check reads every L2 table and refcount block, one small read each where they lie apart
+ * (converted images interleave them with data): on a memory-backed file those reads run inline,
+ * without the thread pool's hand-off per read (on tmpfs, a 1 GiB image with 4 KiB clusters: 644
+ * reads). Elsewhere they go through the pool, a few in flight ahead of the check.
+ */
+async function inlineIoBytes(path: string): Promise<number> {
+  return (await isMemoryBacked(path)) ? SYNC_IO_MAX_BYTES : 0;
+}
+
 function progressFor(context: CommandContext, options: CheckCommandOptions): ProgressReporter | undefined {
   return progressReporter(context.io, options.progress === true && options.quiet !== true);
 }
@@ -86,7 +98,7 @@ async function repairCommand(
   const path = resolveAgainst(context.io.cwd, file);
   let device: FileBlockDevice;
   try {
-    device = await FileBlockDevice.open(path, { readOnly: false });
+    device = await FileBlockDevice.open(path, { readOnly: false, syncIoMaxBytes: await inlineIoBytes(path) });
   } catch (error) {
     throw openError(file, error, path);
   }

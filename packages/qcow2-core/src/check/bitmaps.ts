@@ -5,14 +5,12 @@
  * extra_data_size 20, then extra data and name, padded to 8 bytes.
  */
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
+import { BME_MAX_TABLE_SIZE, QCOW2_MAX_BITMAP_DIRECTORY_SIZE } from '../format/bitmap-directory.js';
 import type { CheckLog } from './check-log.js';
 import type { ComputedRefcounts } from './computed-refcounts.js';
 import { entryOffset, TWO_POW_32 } from './entries.js';
 import { readZeroPadded } from './read-padded.js';
 
-/** QEMU's caps: directory size, and bitmap table entries. */
-const BME_MAX_DIRECTORY_SIZE = 64 * 1024 * 1024;
-const BME_MAX_TABLE_SIZE = 0x800_0000;
 const BME_ENTRY_FIXED_SIZE = 24;
 /** BME_TABLE_ENTRY_RESERVED_MASK 0xff000000000001fe, and the all-ones flag (bit 0). */
 const BME_RESERVED_HIGH = 0xff00_0000;
@@ -31,7 +29,7 @@ export async function countBitmapReferences(
 ): Promise<void> {
   if (bitmaps.nbBitmaps === 0) return;
   refcounts.add(bitmaps.bitmapDirectoryOffset, bitmaps.bitmapDirectorySize);
-  if (bitmaps.bitmapDirectorySize > BME_MAX_DIRECTORY_SIZE) {
+  if (bitmaps.bitmapDirectorySize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE) {
     log.corruption('ERROR bitmap directory is too large');
     return;
   }

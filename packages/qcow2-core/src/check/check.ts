@@ -36,13 +36,13 @@ import {
   reftableEntryAligned,
   reftableEntryOffset,
   reftableReservedBitsSet,
-  TWO_POW_32,
 } from './entries.js';
+import { L2TableReads } from './l2-reads.js';
 import { Pacer } from './pacer.js';
 import { readZeroPadded } from './read-padded.js';
 import { repairQcow2Image } from './repair.js';
 import { readSnapshotTableForCheck } from './snapshot-table.js';
-import { decodeRefcount, type StoredRefcount, StoredRefcounts } from './stored-refcounts.js';
+import { type StoredRefcount, StoredRefcounts } from './stored-refcounts.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './types.js';
 
 /** What the check needs of an image: its file, and its decoded header when already known. */
@@ -53,14 +53,6 @@ export interface Qcow2CheckTarget {
 
 /** L1 entries read at a time. */
 const L1_CHUNK_ENTRIES = 64 * 1024;
-/** L2 tables read ahead while one is examined. */
-const L2_READ_AHEAD = 16;
-/** L2 tables close together in the file are read at once, within this many bytes ... */
-const L2_READ_WINDOW = 256 * 1024;
-/** ... and at most this many tables ... */
-const L2_READ_GROUP = 64;
-/** ... when at most this many bytes lie between one table and the next (not worth a read). */
-const L2_READ_MAX_GAP = 4096;
 /** QEMU's cap on an L1 table, in entries (32 MiB). */
 const QCOW_MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
 /** QEMU refuses to check a file of more clusters than this. */
@@ -287,14 +279,6 @@ function hashHex(value: number): string {
   return value === 0 ? '0' : `0x${value.toString(16)}`;
 }
 
-/** A non-zero L1 entry, with where its L2 table lies. */
-interface L1Item {
-  index: number;
-  high: number;
-  low: number;
-  l2Offset: number;
-}
-
 /**
  * Counts the references of one L1 table: the table itself, its L2 tables and what they map.
  * `active` is given for the active table only: qemu-img counts fragmentation there alone, and
@@ -316,25 +300,33 @@ async function countL1References(
   } else {
     refcounts.add(l1TableOffset, l1Size * 8);
   }
-  const { clusterSize, file, request } = geometry;
+  const { clusterSize, file, request, hasDataFile } = geometry;
+  // The data clusters' COPIED flags are checked in the counting pass itself when every refcount
+  // block is in memory (no data file: the refcounts are this file's); otherwise in a pass of
+  // their own that may read refcount blocks.
+  const resident = active === undefined || hasDataFile ? undefined : active.stored.residentBlocks;
+  const copiedInPass = active !== undefined && resident !== undefined ? active.stored : undefined;
   for (let first = 0; first < l1Size; first += L1_CHUNK_ENTRIES) {
     const count = Math.min(L1_CHUNK_ENTRIES, l1Size - first);
     const bytes = await readZeroPadded(file, l1TableOffset + first * 8, count * 8, request);
     const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    const items: L1Item[] = [];
+    // The non-zero entries: their index in the chunk and their L2 table's offset.
+    const indexes: number[] = [];
+    const l2Offsets: number[] = [];
     for (let i = 0; i < count; i++) {
       const high = view.getUint32(i * 8);
       const low = view.getUint32(i * 8 + 4);
-      if (high !== 0 || low !== 0)
-        items.push({ index: first + i, high, low, l2Offset: entryOffset(high, low) });
-    }
-    const reads: (Promise<Uint8Array> | undefined)[] = new Array(items.length);
-    let started = 0;
-    for (let k = 0; k < items.length; k++) {
-      while (started < items.length && started <= k + L2_READ_AHEAD) {
-        started = startL2Reads(geometry, items, started, reads);
+      if (high !== 0 || low !== 0) {
+        indexes.push(i);
+        l2Offsets.push(entryOffset(high, low));
       }
-      const { index, high, low, l2Offset } = items[k]!;
+    }
+    const reads = new L2TableReads(file, clusterSize, l2Offsets, request);
+    for (let k = 0; k < indexes.length; k++) {
+      const i = indexes[k]!;
+      const high = view.getUint32(i * 8);
+      const low = view.getUint32(i * 8 + 4);
+      const l2Offset = l2Offsets[k]!;
       if (l1ReservedBitsSet(high, low)) {
         log.corruption(() => `ERROR found L1 entry with reserved bits set: ${entryHex(high, low)}`);
       }
@@ -346,52 +338,31 @@ async function countL1References(
           () => `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`,
         );
       }
-      const read = reads[k];
-      reads[k] = undefined;
-      const table = read === undefined ? undefined : await read;
-      if (table !== undefined) countL2References(geometry, table, active?.frag, refcounts, log);
-      if (active !== undefined && l2Offset !== 0) {
-        await checkCopiedFlags(geometry, index, high, low, l2Offset, table, active.stored, log);
+      const table = await reads.table(k);
+      // The L2 table's own COPIED flag; its entries' flags are examined only when its refcount
+      // could be read (as in QEMU).
+      const checkEntries =
+        active !== undefined &&
+        l2Offset !== 0 &&
+        (await checkL2TableCopied(geometry, first + i, high, low, l2Offset, active.stored, log));
+      if (table !== undefined) {
+        countL2References(
+          geometry,
+          table,
+          active?.frag,
+          refcounts,
+          log,
+          checkEntries ? copiedInPass : undefined,
+        );
+        if (checkEntries && copiedInPass === undefined) {
+          await checkCopiedData(geometry, table, active!.stored, log);
+        }
       }
+      reads.release(k);
       if ((k & 255) === 255 && pacer.advance(0)) await pacer.pause();
     }
     if (pacer.advance(count)) await pacer.pause();
   }
-}
-
-/**
- * Starts the read of the L2 table of `items[first]`, together with the tables of the items after
- * it that follow it closely in the file (preallocated or converted images keep L2 tables
- * together): one read of up to L2_READ_WINDOW bytes serves them all. Returns the index of the
- * next item to read.
- */
-function startL2Reads(
-  geometry: Geometry,
-  items: readonly L1Item[],
-  first: number,
-  reads: (Promise<Uint8Array> | undefined)[],
-): number {
-  const { clusterSize, file, request } = geometry;
-  const start = items[first]!.l2Offset;
-  // A table wholly past the end of the file reads as zeros: nothing to read.
-  if (start >= file.size) return first + 1;
-  let last = first;
-  while (last + 1 < items.length && last + 1 - first < L2_READ_GROUP) {
-    const next = items[last + 1]!.l2Offset;
-    const previousEnd = items[last]!.l2Offset + clusterSize;
-    const near = next >= previousEnd - clusterSize && next - previousEnd <= L2_READ_MAX_GAP;
-    if (!near || next + clusterSize - start > L2_READ_WINDOW || next >= file.size) break;
-    last++;
-  }
-  const read = readZeroPadded(file, start, items[last]!.l2Offset + clusterSize - start, request);
-  for (let index = first; index <= last; index++) {
-    const at = items[index]!.l2Offset - start;
-    const table = read.then((bytes) => bytes.subarray(at, at + clusterSize));
-    // Keep a rejection from being reported as unhandled before it is awaited.
-    table.catch(() => undefined);
-    reads[index] = table;
-  }
-  return last + 1;
 }
 
 /** High-half bits of a standard L2 entry that need a closer look: compressed (62), reserved (56-61). */
@@ -399,124 +370,187 @@ const PLAIN_HIGH_MASK = 0x7f00_0000;
 /** Low-half bits that need a closer look: the zero flag (0) and reserved bits (1-8). */
 const PLAIN_LOW_MASK = 0x1ff;
 
-/** Counts the references of one L2 table's entries and checks each entry. */
+/**
+ * Counts the references of one L2 table's entries and checks each entry. With `copied` (the
+ * active table, every refcount block in memory, no data file), also checks each data cluster's
+ * COPIED flag against its stored refcount, in the same pass.
+ */
 function countL2References(
   geometry: Geometry,
   table: Uint8Array,
   frag: FragInfo | undefined,
   refcounts: ComputedRefcounts,
   log: CheckLog,
+  copied: StoredRefcounts | undefined,
 ): void {
   const { clusterSize, clusterBits, extendedL2, hasDataFile, l2EntryBytes } = geometry;
   const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
   const entries = clusterSize / l2EntryBytes;
   let nextContiguousOffset = 0;
   // Standard entries without a data file that need no report are counted inline: no
-  // classification, no closure (most entries of most images).
+  // classification, no closure, no call (most entries of most images).
   const plain = !extendedL2 && !hasDataFile;
   // Cluster arithmetic on the two halves: offset bits below the cluster size, and how many
   // clusters one unit of the high half is.
   const clusterMask = clusterSize - 1;
   const highClusters = 2 ** (32 - clusterBits);
+  const counts = refcounts.array;
+  const countable = refcounts.fileClusters;
+  const maxCount = refcounts.maxCount;
+  // The stored refcounts, for COPIED: blocks by table index; 16-bit entries decoded inline.
+  const blocks = copied?.residentBlocks;
+  const perBlock = copied?.entriesPerBlock ?? 1;
+  const wide16 = copied?.refcountBits === 16;
   for (let i = 0; i < entries; i++) {
     const at = i * l2EntryBytes;
     const high = view.getUint32(at);
     const low = view.getUint32(at + 4);
+    // Unallocated, nothing else set (extended L2: no subcluster bits either).
+    if (
+      high === 0 &&
+      low === 0 &&
+      (!extendedL2 || (view.getUint32(at + 8) | view.getUint32(at + 12)) === 0)
+    ) {
+      continue;
+    }
     if (plain && (high & PLAIN_HIGH_MASK) === 0 && (low & PLAIN_LOW_MASK) === 0) {
       // Neither compressed nor zero nor reserved bits: unallocated (offset 0) or normal.
-      const hostOffset = (high & 0x00ff_ffff) * TWO_POW_32 + (low >>> 0);
-      if (hostOffset === 0) continue;
+      if ((high & 0x00ff_ffff) === 0 && low === 0) continue;
+      const clusterIndex = (high & 0x00ff_ffff) * highClusters + (low >>> clusterBits);
+      if (blocks !== undefined) {
+        const blockIndex = Math.floor(clusterIndex / perBlock);
+        const block = blocks[blockIndex];
+        const index = clusterIndex - blockIndex * perBlock;
+        if (block === undefined || !wide16) {
+          checkDataCopied(copied!, clusterIndex, high, low, log);
+        } else {
+          const refcount = (block[index * 2]! << 8) | block[index * 2 + 1]!;
+          if ((refcount === 1) !== high >= QCOW_OFLAG_COPIED_HIGH) {
+            reportDataCopied(copied!, clusterIndex, refcount, high, low, log);
+          }
+        }
+      }
       // Aligned when the low bits below the cluster size are clear (no floating-point modulo).
       if ((low & clusterMask) === 0) {
         if (frag !== undefined) {
           frag.allocated++;
+          const hostOffset = clusterIndex * clusterSize;
           if (nextContiguousOffset !== 0 && hostOffset !== nextContiguousOffset) frag.fragmented++;
           nextContiguousOffset = hostOffset + clusterSize;
         }
-        refcounts.addCluster((high & 0x00ff_ffff) * highClusters + (low >>> clusterBits));
+        const count = clusterIndex < countable ? counts[clusterIndex]! : maxCount;
+        if (count < maxCount) counts[clusterIndex] = count + 1;
+        else refcounts.addCluster(clusterIndex);
         continue;
       }
+    } else if (copied !== undefined && (high & QCOW_OFLAG_COMPRESSED_HIGH) === 0) {
+      // Not compressed with a host offset: 'normal' or 'zero-alloc' (a data cluster).
+      const hostOffset = entryOffset(high, low);
+      if (hostOffset !== 0) checkDataCopied(copied, Math.floor(hostOffset / clusterSize), high, low, log);
     }
-    // Extended L2: bits 0-31 of the second word say "allocated", bits 32-63 "reads as zero".
-    const zeroBits = extendedL2 ? view.getUint32(at + 8) : 0;
-    const allocBits = extendedL2 ? view.getUint32(at + 12) : 0;
-    if (high === 0 && low === 0 && zeroBits === 0 && allocBits === 0) continue;
-    const type = classifyL2Entry(high, low, extendedL2, hasDataFile);
-    if (type !== 'compressed' && l2ReservedBitsSet(high, low)) {
-      log.corruption(() => `ERROR found l2 entry with reserved bits set: ${entryHex(high, low)}`);
-    }
-    switch (type) {
-      case 'compressed': {
-        if ((high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
-          const extent = decodeCompressedDescriptor(high, low, clusterBits);
-          log.corruption(
-            () =>
-              `ERROR: coffset=0x${extent.hostOffsetHex()}: copied flag must never be set for compressed clusters`,
-          );
-        }
-        // QEMU clears COPIED from the entry once reported, so later lines show it without.
-        const shownHigh = high & ~QCOW_OFLAG_COPIED_HIGH;
-        if (hasDataFile) {
-          log.corruption(
-            () => `ERROR compressed cluster ${i} with data file, entry=0x${entryHex(shownHigh, low)}`,
-          );
-          break;
-        }
-        if (zeroBits !== 0 || allocBits !== 0) {
-          log.corruption(
-            () =>
-              `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${entryHex(shownHigh, low)}`,
-          );
-          break;
-        }
-        const extent = decodeCompressedDescriptor(high & ~QCOW_OFLAG_COPIED_HIGH, low, clusterBits);
-        if (refcounts.pastEnd(extent.hostOffset, extent.length)) {
-          refcounts.reportPastEnd(extent.hostOffsetHex, extent.length);
-        } else {
-          refcounts.add(extent.hostOffset, extent.length);
-        }
-        if (frag !== undefined) {
-          // Compressed clusters count as fragmented: neighbours share sectors, not clusters.
-          frag.allocated++;
-          frag.compressed++;
-          frag.fragmented++;
-        }
-        break;
-      }
-      case 'zero-alloc':
-      case 'normal': {
-        const hostOffset = entryOffset(high, low);
-        if ((zeroBits & allocBits) !== 0) {
-          log.corruption(
-            () =>
-              `ERROR offset=${hostOffset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
-          );
-        }
-        if (hostOffset % clusterSize !== 0) {
-          const containsData = extendedL2 ? allocBits !== 0 : type === 'normal';
-          log.corruption(
-            containsData
-              ? `ERROR offset=${hostOffset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`
-              : `ERROR offset=${hostOffset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
-          );
-        }
-        if (frag !== undefined) {
-          frag.allocated++;
-          if (nextContiguousOffset !== 0 && hostOffset !== nextContiguousOffset) frag.fragmented++;
-          nextContiguousOffset = hostOffset + clusterSize;
-        }
-        if (!hasDataFile) refcounts.add(hostOffset, clusterSize);
-        break;
-      }
-      case 'zero-plain':
-        break;
-      case 'unallocated':
-        if (allocBits !== 0) {
-          log.corruption('ERROR: Unallocated cluster has non-zero subcluster allocation map');
-        }
-        break;
-    }
+    nextContiguousOffset = countL2Entry(geometry, view, i, frag, nextContiguousOffset, refcounts, log);
   }
+}
+
+/**
+ * Counts and checks entry `i` of an L2 table, the general way (every entry the fast path of
+ * {@link countL2References} leaves: compressed, zero, extended, misaligned, with reserved bits or a
+ * data file); returns the next contiguous host offset for the fragmentation count. Kept out of
+ * the loop: its message closures would otherwise cost every iteration a context.
+ */
+function countL2Entry(
+  geometry: Geometry,
+  view: DataView,
+  i: number,
+  frag: FragInfo | undefined,
+  nextContiguousOffset: number,
+  refcounts: ComputedRefcounts,
+  log: CheckLog,
+): number {
+  const { clusterSize, clusterBits, extendedL2, hasDataFile, l2EntryBytes } = geometry;
+  const at = i * l2EntryBytes;
+  const high = view.getUint32(at);
+  const low = view.getUint32(at + 4);
+  // Extended L2: bits 0-31 of the second word say "allocated", bits 32-63 "reads as zero".
+  const zeroBits = extendedL2 ? view.getUint32(at + 8) : 0;
+  const allocBits = extendedL2 ? view.getUint32(at + 12) : 0;
+  if (high === 0 && low === 0 && zeroBits === 0 && allocBits === 0) return nextContiguousOffset;
+  const type = classifyL2Entry(high, low, extendedL2, hasDataFile);
+  if (type !== 'compressed' && l2ReservedBitsSet(high, low)) {
+    log.corruption(() => `ERROR found l2 entry with reserved bits set: ${entryHex(high, low)}`);
+  }
+  switch (type) {
+    case 'compressed': {
+      if ((high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
+        const extent = decodeCompressedDescriptor(high, low, clusterBits);
+        log.corruption(
+          () =>
+            `ERROR: coffset=0x${extent.hostOffsetHex()}: copied flag must never be set for compressed clusters`,
+        );
+      }
+      // QEMU clears COPIED from the entry once reported, so later lines show it without.
+      const shownHigh = high & ~QCOW_OFLAG_COPIED_HIGH;
+      if (hasDataFile) {
+        log.corruption(
+          () => `ERROR compressed cluster ${i} with data file, entry=0x${entryHex(shownHigh, low)}`,
+        );
+        break;
+      }
+      if (zeroBits !== 0 || allocBits !== 0) {
+        log.corruption(
+          () =>
+            `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${entryHex(shownHigh, low)}`,
+        );
+        break;
+      }
+      const extent = decodeCompressedDescriptor(high & ~QCOW_OFLAG_COPIED_HIGH, low, clusterBits);
+      if (refcounts.pastEnd(extent.hostOffset, extent.length)) {
+        refcounts.reportPastEnd(extent.hostOffsetHex, extent.length);
+      } else {
+        refcounts.add(extent.hostOffset, extent.length);
+      }
+      if (frag !== undefined) {
+        // Compressed clusters count as fragmented: neighbours share sectors, not clusters.
+        frag.allocated++;
+        frag.compressed++;
+        frag.fragmented++;
+      }
+      break;
+    }
+    case 'zero-alloc':
+    case 'normal': {
+      const hostOffset = entryOffset(high, low);
+      if ((zeroBits & allocBits) !== 0) {
+        log.corruption(
+          () =>
+            `ERROR offset=${hostOffset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
+        );
+      }
+      if (hostOffset % clusterSize !== 0) {
+        const containsData = extendedL2 ? allocBits !== 0 : type === 'normal';
+        log.corruption(
+          containsData
+            ? `ERROR offset=${hostOffset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`
+            : `ERROR offset=${hostOffset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
+        );
+      }
+      if (frag !== undefined) {
+        frag.allocated++;
+        if (nextContiguousOffset !== 0 && hostOffset !== nextContiguousOffset) frag.fragmented++;
+        nextContiguousOffset = hostOffset + clusterSize;
+      }
+      if (!hasDataFile) refcounts.add(hostOffset, clusterSize);
+      break;
+    }
+    case 'zero-plain':
+      break;
+    case 'unallocated':
+      if (allocBits !== 0) {
+        log.corruption('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+      }
+      break;
+  }
+  return nextContiguousOffset;
 }
 
 /** Counts each refcount block once and checks the refcount table's entries. */
@@ -527,7 +561,8 @@ function countRefcountBlocks(
   log: CheckLog,
 ): void {
   for (let index = 0; index < stored.tableEntries; index++) {
-    const { high, low } = stored.tableEntry(index);
+    const high = stored.tableHigh(index);
+    const low = stored.tableLow(index);
     if (high === 0 && low === 0) continue;
     if (reftableReservedBitsSet(low)) {
       log.corruption(() => `ERROR refcount table entry ${index} has reserved bits set`);
@@ -661,26 +696,24 @@ function reportMismatch(
 }
 
 /**
- * Checks that COPIED is set on an active L1 entry and on its L2 table's entries exactly when the
- * cluster's stored refcount is 1 (clusters whose refcount cannot be read are skipped, as in QEMU).
+ * Checks that COPIED is set on an active L1 entry exactly when its L2 table's stored refcount is
+ * 1; returns whether that refcount could be read (when not, QEMU does not examine the table's
+ * entries either).
  */
-async function checkCopiedFlags(
+async function checkL2TableCopied(
   geometry: Geometry,
   l1Index: number,
   high: number,
   low: number,
   l2Offset: number,
-  table: Uint8Array | undefined,
   stored: StoredRefcounts,
   log: CheckLog,
-): Promise<void> {
-  const { clusterSize, extendedL2, hasDataFile, l2EntryBytes, request } = geometry;
-  const l2Cluster = Math.floor(l2Offset / clusterSize);
-  const l2Refcount = stored.peek(l2Cluster) ?? (await stored.get(l2Cluster, request));
-  // Like QEMU: when the L2 table's own refcount is unreadable, its entries are not examined.
+): Promise<boolean> {
+  const l2Cluster = Math.floor(l2Offset / geometry.clusterSize);
+  const l2Refcount = stored.peek(l2Cluster) ?? (await stored.get(l2Cluster, geometry.request));
   if (typeof l2Refcount !== 'number') {
     noticeUnaligned(l2Refcount, log);
-    return;
+    return false;
   }
   if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
     log.deferredCorruption(
@@ -688,14 +721,23 @@ async function checkCopiedFlags(
         `ERROR OFLAG_COPIED L2 cluster: l1_index=${l1Index} l1_entry=${entryHex(high, low)} refcount=${stored.exactText(l2Cluster, l2Refcount)}`,
     );
   }
-  if (table === undefined) return;
+  return true;
+}
+
+/**
+ * The COPIED flags of one active L2 table's data clusters, in a pass of its own: for images whose
+ * refcount blocks are read on demand, and for images with a data file (whose data clusters count
+ * as referenced once). Clusters whose refcount cannot be read are skipped, as in QEMU.
+ */
+async function checkCopiedData(
+  geometry: Geometry,
+  table: Uint8Array,
+  stored: StoredRefcounts,
+  log: CheckLog,
+): Promise<void> {
+  const { clusterSize, extendedL2, hasDataFile, l2EntryBytes, request } = geometry;
   const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
   const entries = clusterSize / l2EntryBytes;
-  const resident = stored.residentBlocks;
-  if (!hasDataFile && resident !== undefined) {
-    checkCopiedDataResident(view, entries, l2EntryBytes, clusterSize, stored, resident, log);
-    return;
-  }
   for (let i = 0; i < entries; i++) {
     const entryHigh = view.getUint32(i * l2EntryBytes);
     const entryLow = view.getUint32(i * l2EntryBytes + 4);
@@ -726,52 +768,37 @@ async function checkCopiedFlags(
 }
 
 /**
- * The data-cluster half of {@link checkCopiedFlags} when every refcount block is in memory and
- * there is no data file: the same findings in the same order, without awaiting anything.
+ * Checks one data cluster's COPIED flag (in `high`) against its stored refcount, when every
+ * refcount block is in memory; a cluster whose refcount cannot be read is skipped, as in QEMU.
  */
-function checkCopiedDataResident(
-  view: DataView,
-  entries: number,
-  l2EntryBytes: number,
-  clusterSize: number,
+function checkDataCopied(
   stored: StoredRefcounts,
-  resident: readonly (Uint8Array | undefined)[],
+  clusterIndex: number,
+  high: number,
+  low: number,
   log: CheckLog,
 ): void {
-  const perBlock = stored.entriesPerBlock;
-  const refcountBits = stored.refcountBits;
-  for (let i = 0; i < entries; i++) {
-    const entryHigh = view.getUint32(i * l2EntryBytes);
-    const entryLow = view.getUint32(i * l2EntryBytes + 4);
-    // Without a data file, 'normal' and 'zero-alloc' entries are those neither compressed nor
-    // without a host offset.
-    if ((entryHigh & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) continue;
-    const hostOffset = entryOffset(entryHigh, entryLow);
-    if (hostOffset === 0) continue;
-    const dataCluster = Math.floor(hostOffset / clusterSize);
-    const blockIndex = Math.floor(dataCluster / perBlock);
-    const block = resident[blockIndex];
-    let refcount: number;
-    if (block !== undefined) {
-      const index = dataCluster - blockIndex * perBlock;
-      refcount =
-        refcountBits === 16
-          ? (block[index * 2]! << 8) | block[index * 2 + 1]!
-          : decodeRefcount(block, index, refcountBits);
-    } else {
-      // No block (refcount 0), or an unreadable one.
-      const known = stored.peek(dataCluster);
-      if (typeof known !== 'number') {
-        if (known !== undefined) noticeUnaligned(known, log);
-        continue;
-      }
-      refcount = known;
-    }
-    if ((refcount === 1) !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-      log.deferredCorruption(
-        () =>
-          `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${stored.exactText(dataCluster, refcount)}`,
-      );
-    }
+  const refcount = stored.peek(clusterIndex);
+  if (typeof refcount !== 'number') {
+    if (refcount !== undefined) noticeUnaligned(refcount, log);
+    return;
   }
+  if ((refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+    reportDataCopied(stored, clusterIndex, refcount, high, low, log);
+  }
+}
+
+/** Reports a data cluster whose COPIED flag disagrees with its stored refcount. */
+function reportDataCopied(
+  stored: StoredRefcounts,
+  clusterIndex: number,
+  refcount: number,
+  high: number,
+  low: number,
+  log: CheckLog,
+): void {
+  log.deferredCorruption(
+    () =>
+      `ERROR OFLAG_COPIED data cluster: l2_entry=${entryHex(high, low)} refcount=${stored.exactText(clusterIndex, refcount)}`,
+  );
 }

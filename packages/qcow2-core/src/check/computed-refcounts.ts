@@ -8,7 +8,8 @@ import type { CheckLog } from './check-log.js';
 
 export class ComputedRefcounts {
   private counts: Uint8Array | Uint16Array | Uint32Array;
-  private readonly max: number;
+  /** The highest count a counter holds (the refcount width's maximum, at most 2^32 - 1). */
+  readonly maxCount: number;
 
   constructor(
     private readonly fileSize: number,
@@ -22,13 +23,14 @@ export class ComputedRefcounts {
     if (refcountBits <= 8) this.counts = new Uint8Array(length);
     else if (refcountBits <= 16) this.counts = new Uint16Array(length);
     else this.counts = new Uint32Array(length);
-    this.max = refcountBits >= 32 ? 0xffff_ffff : 2 ** refcountBits - 1;
+    this.maxCount = refcountBits >= 32 ? 0xffff_ffff : 2 ** refcountBits - 1;
     this.used = nbClusters;
     this.fileClusters = nbClusters;
   }
 
-  /** Clusters that start inside the file: `[0, fileClusters)` (all below {@link used}). */
-  private readonly fileClusters: number;
+  /** Clusters that start inside the file: `[0, fileClusters)` (all below {@link used}). Loops
+   * may bump `array[i]` themselves for such a cluster while it is below {@link maxCount}. */
+  readonly fileClusters: number;
 
   /** Number of clusters compared: the file's clusters, or one more when a region reached past it. */
   used: number;
@@ -47,7 +49,7 @@ export class ComputedRefcounts {
     for (let clusterIndex = first; clusterIndex <= last; clusterIndex++) {
       if (clusterIndex >= this.used) this.used = clusterIndex + 1;
       const count = this.counts[clusterIndex]!;
-      if (count >= this.max) {
+      if (count >= this.maxCount) {
         this.log.corruption(
           `ERROR: overflow cluster offset=0x${(clusterIndex * this.clusterSize).toString(16)}`,
         );
@@ -70,7 +72,7 @@ export class ComputedRefcounts {
   #bump(clusterIndex: number): boolean {
     if (clusterIndex >= this.fileClusters) return false;
     const count = this.counts[clusterIndex];
-    if (count === undefined || count >= this.max) return false;
+    if (count === undefined || count >= this.maxCount) return false;
     this.counts[clusterIndex] = count + 1;
     return true;
   }

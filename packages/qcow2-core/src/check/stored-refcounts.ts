@@ -85,7 +85,17 @@ export class StoredRefcounts {
 
   /** The refcount table entry `index` as its two 32-bit halves. */
   tableEntry(index: number): { high: number; low: number } {
-    return { high: this.table.getUint32(index * 8), low: this.table.getUint32(index * 8 + 4) };
+    return { high: this.tableHigh(index), low: this.tableLow(index) };
+  }
+
+  /** The high half of refcount table entry `index` (loops over the table allocate nothing). */
+  tableHigh(index: number): number {
+    return this.table.getUint32(index * 8);
+  }
+
+  /** The low half of refcount table entry `index`. */
+  tableLow(index: number): number {
+    return this.table.getUint32(index * 8 + 4);
   }
 
   /** The stored refcount of one host cluster, or why it cannot be read. */
@@ -151,7 +161,9 @@ export class StoredRefcounts {
     const { clusterSize } = this;
     const wanted: { blockIndex: number; hostOffset: number }[] = [];
     for (let blockIndex = 0; blockIndex < this.tableEntries; blockIndex++) {
-      const { high, low } = this.tableEntry(blockIndex);
+      const high = this.tableHigh(blockIndex);
+      const low = this.tableLow(blockIndex);
+      if (high === 0 && low === 0) continue;
       const hostOffset = reftableEntryOffset(high, low);
       if (hostOffset === 0 || !reftableEntryAligned(low, clusterSize) || high >= UNREADABLE_OFFSET_HIGH)
         continue;
