@@ -270,6 +270,44 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
     );
   });
 
+  test('commit of an overlay with a data file empties it and releases the data file, as qemu-img', () => {
+    for (const who of ['theirs', 'ours']) {
+      run('qemu-img', ['create', '-q', '-f', 'qcow2', `o-${who}.base.qcow2`, '4M'], { cwd: dir.path });
+      qemuIo(`o-${who}.base.qcow2`, ['write -P 1 0 4M']);
+      run(
+        'qemu-img',
+        [
+          'create',
+          '-q',
+          '-f',
+          'qcow2',
+          '-o',
+          `data_file=o-${who}.data`,
+          '-b',
+          `o-${who}.base.qcow2`,
+          '-F',
+          'qcow2',
+          `o-${who}.qcow2`,
+        ],
+        { cwd: dir.path },
+      );
+      qemuIo(`o-${who}.qcow2`, ['write -P 2 1M 1M', 'write -z 3M 64k']);
+    }
+    expect(qemuImg(['commit', 'o-theirs.qcow2']).status).toBe(0);
+    const committed = cli(['commit', 'o-ours.qcow2']);
+    expect(committed.status, committed.stderr).toBe(0);
+    expectClean('o-ours.qcow2');
+    expectClean('o-ours.base.qcow2');
+    expect(qemuImg(['compare', 'o-theirs.base.qcow2', 'o-ours.base.qcow2']).stdout).toBe(
+      'Images are identical.\n',
+    );
+    expect(qemuImg(['compare', 'o-theirs.qcow2', 'o-ours.qcow2']).stdout).toBe('Images are identical.\n');
+    const map = (file: string) => qemuImg(['map', '--output=json', file]).stdout;
+    expect(map('o-ours.qcow2')).toBe(map('o-theirs.qcow2'));
+    // The written megabyte's storage is released (QEMU's data file keeps at most its first block).
+    expect(statSync(at('o-ours.data')).blocks).toBeLessThanOrEqual(statSync(at('o-theirs.data')).blocks + 8);
+  });
+
   test('commit into a base with a data file, snapshots refused, check -r all: as qemu-img', () => {
     for (const who of ['theirs', 'ours']) {
       run(

@@ -9,6 +9,7 @@
  * the folder of the image above it.
  */
 import { realpath } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { commitToBacking, emptyImage } from '@qcowkit/qcow2-core';
 import { type ChainLayer, type ImageFormat, openImage } from '../engine.js';
@@ -91,6 +92,17 @@ export async function commitCommand(
       await emptyImage(overlayFile);
     } finally {
       await overlayFile.close();
+    }
+    // The emptied image's external data file holds nothing it reads: its storage is released, as
+    // QEMU discards it (a raw data file cannot sit over a backing file).
+    const dataFileName = overlay.image?.dataFileName;
+    if (dataFileName !== undefined && overlay.image?.dataFileRaw !== true) {
+      const dataFile = await FileBlockDevice.open(resolve(dataFileName), { readOnly: false });
+      try {
+        if (dataFile.capabilities.discard) await dataFile.discard(0, dataFile.size);
+      } finally {
+        await dataFile.close();
+      }
     }
   }
   progress?.finish();
