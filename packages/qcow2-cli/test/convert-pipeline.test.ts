@@ -316,41 +316,34 @@ describe('convertToRaw from host offsets', () => {
   });
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-  test.each([
-    ['written inline', true],
-    ['written on the thread pool', false],
-  ])(
-    'data read from the host file at scattered offsets lands at its guest offsets (%s)',
-    async (_name, inline) => {
-      const hostBytes = pattern(12 * MiB, 5);
-      writeFileSync(join(dir, 'host.raw'), hostBytes);
-      const host = await FileBlockDevice.open(join(dir, 'host.raw'), { readOnly: true });
-      const layout = [
-        { guest: 0, length: MiB + 512, host: 2 * MiB + 512 },
-        { guest: 3 * MiB, length: 2 * MiB, host: 3 * MiB + 512 + 4 * KiB },
-        { guest: 6 * MiB, length: 3 * MiB, host: 64 * KiB },
-        { guest: 10 * MiB, length: 700, host: 11 * MiB },
-      ];
-      const device = new MappedDevice(10 * MiB + 700, layout);
-      const expected = Buffer.alloc(device.size);
-      for (const run of layout) hostBytes.copy(expected, run.guest, run.host, run.host + run.length);
-      // The device itself reads wrongly: every byte must come from the host file.
-      const target = join(dir, `out-${inline}.raw`);
-      const progress: number[] = [];
-      await convertToRaw(device, target, 'out.raw', {
-        chunkSize: 2 * MiB,
-        parallel: 3,
-        hostFile: () => host,
-        inlineWrites: inline,
-        onProgress: (done) => progress.push(done),
-      });
-      expect(readFileSync(target).equals(expected)).toBe(true);
-      expect(progress[progress.length - 1]).toBe(device.size);
-      expect(progress).toEqual([...progress].sort((a, b) => a - b));
-      // About 6 MiB of data: the unmapped guest ranges stay holes.
-      expect(statSync(target).blocks * 512).toBeLessThan(7 * MiB);
-      await host.close();
-      await device.close();
-    },
-  );
+  test('data read from the host file at scattered offsets lands at its guest offsets', async () => {
+    const hostBytes = pattern(12 * MiB, 5);
+    writeFileSync(join(dir, 'host.raw'), hostBytes);
+    const host = await FileBlockDevice.open(join(dir, 'host.raw'), { readOnly: true });
+    const layout = [
+      { guest: 0, length: MiB + 512, host: 2 * MiB + 512 },
+      { guest: 3 * MiB, length: 2 * MiB, host: 3 * MiB + 512 + 4 * KiB },
+      { guest: 6 * MiB, length: 3 * MiB, host: 64 * KiB },
+      { guest: 10 * MiB, length: 700, host: 11 * MiB },
+    ];
+    const device = new MappedDevice(10 * MiB + 700, layout);
+    const expected = Buffer.alloc(device.size);
+    for (const run of layout) hostBytes.copy(expected, run.guest, run.host, run.host + run.length);
+    // The device itself reads wrongly: every byte must come from the host file.
+    const target = join(dir, 'out.raw');
+    const progress: number[] = [];
+    await convertToRaw(device, target, 'out.raw', {
+      chunkSize: 2 * MiB,
+      parallel: 3,
+      hostFile: () => host,
+      onProgress: (done) => progress.push(done),
+    });
+    expect(readFileSync(target).equals(expected)).toBe(true);
+    expect(progress[progress.length - 1]).toBe(device.size);
+    expect(progress).toEqual([...progress].sort((a, b) => a - b));
+    // About 6 MiB of data: the unmapped guest ranges stay holes.
+    expect(statSync(target).blocks * 512).toBeLessThan(7 * MiB);
+    await host.close();
+    await device.close();
+  });
 });

@@ -1,6 +1,6 @@
 /**
- * The file sink of the read-once conversions: positioned writes on the thread pool or inline (what
- * `auto` picks on a memory-backed folder), the same bytes either way.
+ * The file sink of the read-once conversions: positioned writes, one at a time in the order asked
+ * for, the file closed at the length given.
  */
 import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -12,38 +12,40 @@ describe('openRandomAccessFile', () => {
   const dir = mkdtempSync(join(tmpdir(), 'qcow2-writer-raf-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-  it.each([
-    ['on the thread pool', false],
-    ['inline', true],
-  ])(
-    'writes at any offset, overlapping calls included, and closes at the length given (%s)',
-    async (_name, inlineWrites) => {
-      const path = join(dir, `sink-${inlineWrites}.bin`);
-      const sink = await openRandomAccessFile(path, { inlineWrites });
-      const expected = Buffer.alloc(3 * 65536 + 100);
-      const writes: Promise<void>[] = [];
-      for (const [at, length, fill] of [
-        [65536, 65536, 0x11],
-        [0, 1000, 0x22],
-        [3 * 65536, 100, 0x33],
-        [131072 + 7, 9, 0x44],
-      ] as const) {
-        const bytes = Buffer.alloc(length, fill);
-        bytes.copy(expected, at);
-        writes.push(sink.writeAt(at, bytes));
-      }
-      writes.push(sink.writeAt(500, new Uint8Array(0)));
-      await Promise.all(writes);
-      await sink.close(expected.length);
-      expect(statSync(path).size).toBe(expected.length);
-      expect(readFileSync(path).equals(expected)).toBe(true);
-      await expect(sink.writeAt(0, new Uint8Array(1))).rejects.toMatchObject({ code: 'EINVAL' });
-    },
-  );
-
-  it('a failed inline write rejects (the file was closed under the sink)', async () => {
-    const sink = await openRandomAccessFile(join(dir, 'aborted.bin'), { inlineWrites: true });
-    await sink.abort();
+  it('writes at any offset, overlapping calls in the order asked, and closes at the length given', async () => {
+    const path = join(dir, 'sink.bin');
+    const sink = await openRandomAccessFile(path);
+    const expected = Buffer.alloc(3 * 65536 + 100);
+    const writes: Promise<void>[] = [];
+    const order: number[] = [];
+    for (const [at, length, fill] of [
+      [65536, 65536, 0x11],
+      [0, 1000, 0x22],
+      [3 * 65536, 100, 0x33],
+      [131072 + 7, 9, 0x44],
+      [65536 + 5, 10, 0x55], // over the first write: lands after it
+    ] as const) {
+      const bytes = Buffer.alloc(length, fill);
+      bytes.copy(expected, at);
+      writes.push(sink.writeAt(at, bytes).then(() => void order.push(fill)));
+    }
+    writes.push(sink.writeAt(500, new Uint8Array(0)));
+    await Promise.all(writes);
+    expect(order).toEqual([0x11, 0x22, 0x33, 0x44, 0x55]);
+    await sink.close(expected.length);
+    expect(statSync(path).size).toBe(expected.length);
+    expect(readFileSync(path).equals(expected)).toBe(true);
     await expect(sink.writeAt(0, new Uint8Array(1))).rejects.toMatchObject({ code: 'EINVAL' });
+  });
+
+  it('a failed write rejects its caller and the writes after it still run', async () => {
+    const path = join(dir, 'failing.bin');
+    const sink = await openRandomAccessFile(path);
+    const bad = sink.writeAt(Number.MAX_SAFE_INTEGER - 10, new Uint8Array(10).fill(1)); // EFBIG
+    const good = sink.writeAt(4, new Uint8Array(4).fill(2));
+    await expect(bad).rejects.toThrow();
+    await good;
+    await sink.close(8);
+    expect([...readFileSync(path)]).toEqual([0, 0, 0, 0, 2, 2, 2, 2]);
   });
 });

@@ -15,6 +15,10 @@
  *   costs nothing per request, and a guest made of 1 MiB runs with holes between them needs half
  *   the reads.
  * - No async generator or promise per block on the way: one promise per read and per write.
+ * - Writes stay on the thread pool, also on tmpfs: done inline on the main thread there they cost
+ *   about 10% less CPU, but one thread then does all the writing in long stretches, and on this
+ *   loaded 2-core machine the wall time got worse (medians of 21 alternating runs at load 11:
+ *   0.94 s inline, 0.73 s on the pool).
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
 import type { FileBlockDevice } from '@qcowkit/blockdev/node';

@@ -13,10 +13,9 @@
  * included; reads still run ahead in parallel.
  */
 import { stat } from 'node:fs/promises';
-import { dirname } from 'node:path';
 import type { Writable } from 'node:stream';
 import { type BlockDevice, isBlockDeviceError } from '@qcowkit/blockdev';
-import { FileBlockDevice, isMemoryBacked } from '@qcowkit/blockdev/node';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import type { ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
@@ -196,9 +195,6 @@ export interface ConvertToRawOptions {
    * report: data ranges are read from it directly (and with `sparseSize` 0 copied file to file,
    * copy_file_range). */
   readonly hostFile?: ((depth: number) => FileBlockDevice | undefined) | undefined;
-  /** Write the target inline on this thread: true, false, or `auto` (default): where the target
-   * is on a memory-backed file system (see `openTarget`). */
-  readonly inlineWrites?: boolean | 'auto' | undefined;
 }
 
 /** Short wordings of system errors, as qemu-img prints them after `Could not create 'X': `. */
@@ -214,35 +210,18 @@ function why(error: unknown): string {
   return (isBlockDeviceError(error) && SYSTEM_WORDS[error.code]) || describeError(error);
 }
 
-/**
- * Opens (`-n`) or creates the raw target, sized to the guest: holes everywhere when created. On a
- * memory-backed file system the writes of up to `chunkSize` bytes are done inline on this thread
- * (see the copy loop in convert-pipeline.ts): there they are memory copies that never wait for a
- * disk, and the thread pool's hand-off per write cost more than the copy saved by overlapping it.
- */
-async function openTarget(
-  targetPath: string,
-  targetName: string,
-  size: number,
-  noCreate: boolean,
-  chunkSize: number,
-  inlineWrites: boolean | 'auto',
-) {
-  const inline =
-    inlineWrites === 'auto'
-      ? await isMemoryBacked(noCreate ? targetPath : dirname(targetPath))
-      : inlineWrites;
-  const syncIoMaxBytes = inline ? chunkSize : 0;
+/** Opens (`-n`) or creates the raw target, sized to the guest: holes everywhere when created. */
+async function openTarget(targetPath: string, targetName: string, size: number, noCreate: boolean) {
   if (!noCreate) {
     try {
-      return await FileBlockDevice.create(targetPath, size, { overwrite: true, syncIoMaxBytes });
+      return await FileBlockDevice.create(targetPath, size, { overwrite: true });
     } catch (error) {
       throw new CliError(`Could not create '${targetName}': ${why(error)}`, { cause: error });
     }
   }
   let file: FileBlockDevice;
   try {
-    file = await FileBlockDevice.open(targetPath, { syncIoMaxBytes });
+    file = await FileBlockDevice.open(targetPath);
   } catch (error) {
     throw new CliError(`Could not open '${targetName}': ${why(error)}`, { cause: error });
   }
@@ -264,14 +243,7 @@ export async function convertToRaw(
   options: ConvertToRawOptions,
 ): Promise<void> {
   const noCreate = options.noCreate === true;
-  const file = await openTarget(
-    targetPath,
-    targetName,
-    device.size,
-    noCreate,
-    options.chunkSize,
-    options.inlineWrites ?? 'auto',
-  );
+  const file = await openTarget(targetPath, targetName, device.size, noCreate);
   let failure: unknown;
   try {
     const size = device.size;
