@@ -1,4 +1,5 @@
 /** `qcow2 info`: what qemu-img info tells about an image (and its backing chain). */
+import { SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 import type { ChainLayer, FormatImage, ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
 import type { CommandContext } from '../io.js';
@@ -24,6 +25,9 @@ export async function infoCommand(
     format: options.format,
     forceShare: options.forceShare,
     openBacking: options.backingChain,
+    // A few small reads, one after another, with nothing beside them: read on this thread (no
+    // thread-pool round trip each), whatever the file system.
+    syncIoMaxBytes: SYNC_IO_MAX_BYTES,
   });
   try {
     const infos = await collectInfo(opened, file, options.backingChain);
