@@ -39,8 +39,36 @@ describe('DataExtentCache', () => {
     // Data runs across the window border are one range; the hole after them is not data.
     expect(cache.covers(STATUS_WINDOW - 10, 20)).toBe(true);
     expect(cache.covers(STATUS_WINDOW + 65536, 1)).toBe(false); // past the 64 KiB memory chunk written
+    // The answer reached the device's end: the other windows are not asked about again, and
+    // their holes stay holes.
     await cache.learn(counting, 2 * STATUS_WINDOW + 10, 20);
-    expect(calls[1]).toEqual([2 * STATUS_WINDOW, STATUS_WINDOW]);
+    await cache.learn(counting, STATUS_WINDOW + 65536, 1);
+    expect(calls).toHaveLength(1);
     expect(cache.covers(2 * STATUS_WINDOW + 10, 20)).toBe(false);
+  });
+
+  it('asks again about a window the answer did not reach to its end', async () => {
+    const device = new MemoryBlockDevice(3 * STATUS_WINDOW);
+    const calls: [number, number][] = [];
+    // A device answering one 1 MiB extent at a time (as a qcow2 image may, table by table).
+    const stingy = {
+      size: device.size,
+      blockStatus: async (offset: number, length: number): Promise<Extent[]> => {
+        calls.push([offset, length]);
+        return [
+          { offset, length: Math.min(length, 1 << 20), zero: false, data: true, present: true, depth: 0 },
+        ];
+      },
+    } as unknown as BlockDevice;
+    const cache = new DataExtentCache();
+    await cache.learn(stingy, 0, 1);
+    const first = calls.length;
+    expect(first).toBe(STATUS_WINDOW / (1 << 20));
+    expect(cache.covers(0, STATUS_WINDOW)).toBe(true);
+    await cache.learn(stingy, 10, 1);
+    expect(calls).toHaveLength(first);
+    await cache.learn(stingy, STATUS_WINDOW + 10, 1);
+    expect(calls.length).toBe(2 * first);
+    expect(cache.covers(0, 2 * STATUS_WINDOW)).toBe(true);
   });
 });

@@ -9,6 +9,7 @@ import type { Duplex } from 'node:stream';
 import { type SecureContext, TLSSocket } from 'node:tls';
 import { ByteReader } from '../protocol/byte-reader.js';
 import type { RequestReader } from './request-reader.js';
+import { enlargeUnixSendBuffer } from './socket-buffer.js';
 
 /**
  * What a plain socket accepted by a net.Server holds that `startRequests` needs: the native handle
@@ -16,7 +17,7 @@ import type { RequestReader } from './request-reader.js';
  * `onread` socket option) and the server counting the socket among its connections.
  */
 interface SocketInternals {
-  _handle?: { useUserBuffer?: unknown } | null;
+  _handle?: { useUserBuffer?: unknown; fd?: unknown } | null;
   _server?: unknown;
   server?: unknown;
 }
@@ -159,7 +160,8 @@ export class ConnectionIo {
    * Hands every byte received from now on to `requests` (the transmission phase), starting with
    * any the handshake's reader holds. Call once, with nothing left to write (after `drained`).
    *
-   * A plain socket is rewrapped so that it reads into the buffers `requests.nextBuffer()` chooses
+   * A unix socket gets a larger send buffer (see socket-buffer.ts). A plain socket is rewrapped
+   * so that it reads into the buffers `requests.nextBuffer()` chooses
    * (Node's `onread` option, given the accepted socket's handle): large WRITE payloads are then
    * received in place. A TLS socket, or any other stream, feeds `requests` its chunks. Reading
    * stops whenever `requests` stops accepting; `resumeReading` restarts it. `onEnd` is called
@@ -168,6 +170,10 @@ export class ConnectionIo {
   startRequests(requests: RequestReader, onEnd: () => void, mode: ReadMode = 'direct'): ReadMode {
     const leftover = this.reader.detach();
     if (leftover.length > 0) requests.feed(leftover);
+    if (!this.tls) {
+      const fd = (this.socket as Socket & SocketInternals)._handle?.fd;
+      if (typeof fd === 'number') enlargeUnixSendBuffer(fd);
+    }
     let ended = false;
     const end = () => {
       if (ended) return;

@@ -23,6 +23,8 @@ export class DataExtentCache {
   /** Disjoint [start, end) guest ranges, most recently added last. */
   private entries: { start: number; end: number }[] = [];
   private readonly pending = new Map<number, Promise<void>>();
+  /** Windows the device has been asked about already (their holes stay the device's to report). */
+  private readonly learned = new Set<number>();
 
   /** True when [offset, offset + length) lies inside one known data range. */
   covers(offset: number, length: number): boolean {
@@ -52,12 +54,16 @@ export class DataExtentCache {
     this.entries = this.entries.filter((entry) => entry.end <= offset || end <= entry.start);
   }
 
-  /** Asks the device about the windows around [offset, offset + length) not asked about yet. */
+  /**
+   * Asks the device about the windows around [offset, offset + length) not asked about yet (once
+   * each: a window with holes is not asked again, its holes are for the caller to ask about).
+   */
   async learn(device: BlockDevice, offset: number, length: number): Promise<void> {
     const first = Math.floor(offset / STATUS_WINDOW);
     const last = Math.floor((offset + Math.max(length, 1) - 1) / STATUS_WINDOW);
     const waits: Promise<void>[] = [];
     for (let window = first; window <= last; window++) {
+      if (this.learned.has(window)) continue;
       let pending = this.pending.get(window);
       if (pending === undefined) {
         pending = this.query(device, window).finally(() => this.pending.delete(window));
@@ -65,7 +71,7 @@ export class DataExtentCache {
       }
       waits.push(pending);
     }
-    await Promise.all(waits);
+    if (waits.length > 0) await Promise.all(waits);
   }
 
   /**
@@ -87,6 +93,10 @@ export class DataExtentCache {
         if (extent.data && !extent.zero) this.add(extent.offset, extentEnd);
         position = extentEnd;
       }
+    }
+    // What the answer reached past the window, the following windows know too.
+    for (let known = window; known * STATUS_WINDOW < position; known++) {
+      if ((known + 1) * STATUS_WINDOW <= position || position >= device.size) this.learned.add(known);
     }
   }
 }

@@ -402,14 +402,20 @@ export class Transmission implements RequestSink {
     }
     const contexts = this.session.metaContexts;
     const dataExtents = this.config.dataExtents;
-    if (
-      contexts.length === 1 &&
-      contexts[0]!.id === CONTEXT_ID_BASE_ALLOCATION &&
-      dataExtents.covers(offset, length)
-    ) {
+    const device = this.session.export.device;
+    if (contexts.length === 1 && contexts[0]!.id === CONTEXT_ID_BASE_ALLOCATION) {
       // Known data (as a client copying the export asks again and again): no walk of the device.
-      this.io.send(encodeBlockStatusChunk(cookie, true, CONTEXT_ID_BASE_ALLOCATION, [{ length, status: 0 }]));
-      return;
+      // The device is asked about whole windows, once each, reaching past the range asked for:
+      // a dense file is walked once, not once per query (each walk of tmpfs goes to the file's end).
+      if (!dataExtents.covers(offset, length) && device.capabilities.blockStatus) {
+        await dataExtents.learn(device, offset, length);
+      }
+      if (dataExtents.covers(offset, length)) {
+        this.io.send(
+          encodeBlockStatusChunk(cookie, true, CONTEXT_ID_BASE_ALLOCATION, [{ length, status: 0 }]),
+        );
+        return;
+      }
     }
     const extents = await statusExtents(this.session, offset, length, one ? 1 : MAX_DESCRIPTORS);
     for (const extent of extents) {
