@@ -110,14 +110,14 @@ describe('planReads', () => {
     const zeros: number[] = [];
     const jobs = await allJobs(
       planReads(device, {
-        chunkSize: 3 * MiB,
+        chunkSize: 2 * MiB,
         hostFile: () => host,
         onZero: async (offset, length) => {
           zeros.push(offset, length);
         },
       }),
     );
-    // Two runs fit 3 MiB with their gap; a third would not: it starts the next read, whole.
+    // Two runs and their gap fit 2 MiB + MAX_READ_GAP; a third would not: it starts the next read.
     expect(jobs.map((job) => [job.sourceOffset, job.length, job.pieces])).toEqual([
       [64 * KiB, 2 * MiB + 4 * KiB, [0, 0, MiB, MiB + 4 * KiB, 2 * MiB, MiB]],
       [64 * KiB + 2 * (MiB + 4 * KiB), 2 * MiB + 4 * KiB, [0, 4 * MiB, MiB, MiB + 4 * KiB, 6 * MiB, MiB]],

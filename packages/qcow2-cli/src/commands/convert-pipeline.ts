@@ -24,8 +24,15 @@ import type { BlockDevice } from '@qcowkit/blockdev';
 import type { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { walkExtents } from '../extents.js';
 
-/** Host bytes between two extents that one read may still cover (read, never written). */
+/** Host bytes between two extents that one read may still cover (read, never written). A read
+ * from a host file may be this much longer than the chunk size, so two runs of data with an L2
+ * table between them still fit one read: buffers are `readBufferSize(chunkSize)` bytes. */
 export const MAX_READ_GAP = 64 * 1024;
+
+/** Bytes of a buffer holding any read `planReads` plans with `chunkSize`. */
+export function readBufferSize(chunkSize: number): number {
+  return chunkSize + MAX_READ_GAP;
+}
 
 /** One read of the copy and where its bytes go in the guest. */
 export interface ReadJob {
@@ -48,7 +55,9 @@ export interface PlanOptions {
 }
 
 /**
- * Cuts the data extents of `device` into reads of at most `chunkSize` bytes, in guest order:
+ * Cuts the data extents of `device` into reads, in guest order: a read starts with at most
+ * `chunkSize` bytes, and one from a host file takes in the extents that follow it there while it
+ * stays within `readBufferSize(chunkSize)` bytes:
  * `next()` returns the next read, or undefined at the end. Calls must not overlap.
  */
 export function planReads(device: BlockDevice, options: PlanOptions): () => Promise<ReadJob | undefined> {
@@ -66,7 +75,7 @@ export function planReads(device: BlockDevice, options: PlanOptions): () => Prom
     if (p.hostFile !== undefined) {
       const end = open.sourceOffset + open.length;
       if (p.host < end || p.host - end > MAX_READ_GAP) return 0;
-      return Math.max(0, open.sourceOffset + chunkSize - p.host);
+      return Math.max(0, open.sourceOffset + readBufferSize(chunkSize) - p.host);
     }
     return open.sourceOffset + open.length === p.guest ? chunkSize - open.length : 0;
   };

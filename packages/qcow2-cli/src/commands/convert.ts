@@ -23,7 +23,7 @@ import { walkExtents } from '../extents.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
-import { forEachDataRun, planReads, runCopy } from './convert-pipeline.js';
+import { forEachDataRun, planReads, readBufferSize, runCopy } from './convert-pipeline.js';
 
 export interface ConvertOptions {
   readonly format?: ImageFormat | undefined;
@@ -276,29 +276,35 @@ export async function convertToRaw(
         report();
       },
     });
-    await runCopy(device, next, options.parallel, chunkSize, async (job, { buffer, words }) => {
-      const pieces = job.pieces;
-      for (let index = 0; index < pieces.length; index += 3) {
-        const at = pieces[index]!;
-        const guestOffset = pieces[index + 1]!;
-        const length = pieces[index + 2]!;
-        await forEachDataRun(
-          buffer,
-          words,
-          at,
-          at + length,
-          guestOffset,
-          sparseSize,
-          zeroBlock,
-          (start, end) => writeAll(file, buffer.subarray(start, end), guestOffset + start - at, targetName),
-          zeroInTarget
-            ? (start, end) => zeroTarget(file, targetName, guestOffset + start - at, end - start, false)
-            : undefined,
-        );
-        done += length;
-        report();
-      }
-    });
+    await runCopy(
+      device,
+      next,
+      options.parallel,
+      readBufferSize(chunkSize),
+      async (job, { buffer, words }) => {
+        const pieces = job.pieces;
+        for (let index = 0; index < pieces.length; index += 3) {
+          const at = pieces[index]!;
+          const guestOffset = pieces[index + 1]!;
+          const length = pieces[index + 2]!;
+          await forEachDataRun(
+            buffer,
+            words,
+            at,
+            at + length,
+            guestOffset,
+            sparseSize,
+            zeroBlock,
+            (start, end) => writeAll(file, buffer.subarray(start, end), guestOffset + start - at, targetName),
+            zeroInTarget
+              ? (start, end) => zeroTarget(file, targetName, guestOffset + start - at, end - start, false)
+              : undefined,
+          );
+          done += length;
+          report();
+        }
+      },
+    );
   } catch (error) {
     failure = error;
     throw error;
