@@ -116,7 +116,10 @@ export interface Qcow2Inspection {
 /** The read-only check, keeping what it rebuilt. */
 export async function inspectQcow2Image(
   image: Qcow2CheckTarget,
-  options: Omit<Qcow2CheckOptions, 'repair'> = {},
+  options: Omit<Qcow2CheckOptions, 'repair'> & {
+    /** Refcount blocks read at once up to this many bytes (StoredRefcounts.load's default). */
+    preloadMaxBytes?: number;
+  } = {},
 ): Promise<Qcow2Inspection> {
   const request: RequestOptions = options.signal === undefined ? {} : { signal: options.signal };
   options.signal?.throwIfAborted();
@@ -181,6 +184,7 @@ export async function inspectQcow2Image(
     refcountTableOffset: header.refcountTableOffset,
     refcountTableClusters: header.refcountTableClusters,
     request,
+    ...(options.preloadMaxBytes === undefined ? {} : { preloadMaxBytes: options.preloadMaxBytes }),
   });
 
   // 1. References. Header cluster (with the extension area) first. The active tables' COPIED

@@ -19,6 +19,7 @@ import { type BlockDevice, BlockDeviceError, type Extent } from '@qcowkit/blockd
 import { QCOW2_EXT_MAGIC_BACKING_FORMAT } from '../format/header-extensions.js';
 import { rewriteHeader } from './header-rewrite.js';
 import { ImageEdit, type ImageEditOptions } from './image-edit.js';
+import { addTreeReferences } from './tree-references.js';
 
 /** Bytes compared or copied at a time. */
 const CHUNK = 1024 * 1024;
@@ -311,7 +312,7 @@ export async function emptyImage(file: BlockDevice, options: ImageEditOptions = 
     throw new BlockDeviceError('EUNSUPPORTED', 'qcow2: cannot empty an image with internal snapshots');
   }
   if (header.l1Size === 0) return;
-  await edit.addL1References(header.l1TableOffset, header.l1Size, -1);
+  await addTreeReferences(edit, header.l1TableOffset, header.l1Size, -1);
   await edit.write(header.l1TableOffset, new Uint8Array(header.l1Size * 8));
   await edit.flush();
   await edit.commitRefcounts();

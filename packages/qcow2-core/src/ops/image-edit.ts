@@ -10,17 +10,21 @@
  * points at them; refcounts lowered only after nothing points at them any more. A crash between
  * two steps leaves at worst leaked clusters, which `check -r leaks` frees.
  *
- * Refcounts are written in place where refcount blocks exist; when a cluster needs a refcount
- * block that does not exist yet, the refcount structures are rebuilt (new blocks and table, header
- * switched in one write, old structures freed).
+ * Committing the plan (one implementation for every operation): the stored refcount blocks are
+ * kept in memory, equal to what the file holds (those the opening check read, when they fit its
+ * budget; otherwise read on demand), compared with the plan in one pass, the blocks that changed
+ * written together (several in flight), then one flush. When a cluster needs a refcount block that
+ * does not exist yet, the refcount structures are rebuilt (new blocks and table, header switched
+ * in one write, old structures freed).
  */
 import { type BlockDevice, BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
 import { inspectQcow2Image, loadHeader } from '../check/check.js';
-import { classifyL2Entry, decodeCompressedDescriptor, entryOffset } from '../check/entries.js';
+import { entryOffset } from '../check/entries.js';
 import { countsOf, rebuildRefcountStructure } from '../check/rebuild-refcounts.js';
 import { repairQcow2Image } from '../check/repair.js';
 import { repairCopiedFlags } from '../check/repair-copied.js';
 import { StoredRefcounts } from '../check/stored-refcounts.js';
+import { WriteBehind } from '../check/write-behind.js';
 import {
   QCOW2_INCOMPAT_CORRUPT,
   QCOW2_INCOMPAT_DATA_FILE,
@@ -34,18 +38,40 @@ export interface ImageEditOptions {
   readonly signal?: AbortSignal;
 }
 
+/** Changed refcount blocks being written at once. */
+const WRITES_IN_FLIGHT = 16;
+
+/** The stored refcounts, and the refcount table they were read through. */
+interface KeptRefcounts {
+  readonly table: string;
+  readonly stored: StoredRefcounts;
+}
+
 export class ImageEdit {
+  /** The stored refcounts, equal to the file's (dropped when unsure, e.g. after a failed write). */
+  #kept: KeptRefcounts | undefined;
+
   private constructor(
     readonly file: BlockDevice,
     public header: Qcow2Header,
     /** Reference count of every host cluster, as the edit will leave it. */
     readonly counts: number[],
     readonly request: RequestOptions,
-  ) {}
+    stored: StoredRefcounts,
+    /** Most bytes of refcount blocks held in memory at once (see StoredRefcounts.load). */
+    private readonly preloadMaxBytes: number | undefined,
+  ) {
+    this.#kept = { table: refcountTableKey(header), stored };
+  }
 
   /** Checks the image and starts an edit; refuses a read-only file and a damaged image. A dirty
    * one (lazy refcounts, not closed cleanly) is repaired first. */
-  static async open(file: BlockDevice, options: ImageEditOptions = {}): Promise<ImageEdit> {
+  static async open(
+    file: BlockDevice,
+    options: ImageEditOptions = {},
+    /** Tuning: refcount blocks are kept in memory up to this many bytes, read on demand beyond. */
+    tuning: { preloadMaxBytes?: number } = {},
+  ): Promise<ImageEdit> {
     if (file.readOnly) {
       throw new BlockDeviceError('EROFS', `qcow2: ${file.description}: the file is read-only`);
     }
@@ -56,7 +82,12 @@ export class ImageEdit {
       // Left dirty (lazy refcounts): repaired first, as QEMU does when it opens one for writing.
       await repairQcow2Image({ file, header: head }, 'all', request);
     }
-    const inspection = await inspectQcow2Image({ file }, request);
+    const inspection = await inspectQcow2Image(
+      { file },
+      tuning.preloadMaxBytes === undefined
+        ? request
+        : { ...request, preloadMaxBytes: tuning.preloadMaxBytes },
+    );
     const { result, header } = inspection;
     if (result.corruptions > 0 || result.checkErrors > 0) {
       throw new BlockDeviceError(
@@ -70,7 +101,16 @@ export class ImageEdit {
         `qcow2: ${file.description}: the image is dirty: repair it first (check -r all)`,
       );
     }
-    return new ImageEdit(file, header, countsOf(inspection.computed, header.refcountOrder), request);
+    // The refcount blocks the check read serve the first commit (read again only if the
+    // refcount table moves).
+    return new ImageEdit(
+      file,
+      header,
+      countsOf(inspection.computed, header.refcountOrder),
+      request,
+      inspection.stored,
+      tuning.preloadMaxBytes,
+    );
   }
 
   get clusterSize(): number {
@@ -133,40 +173,6 @@ export class ImageEdit {
     }
   }
 
-  /** Adds `delta` references to every L2 table and data cluster an L1 table reaches (not the L1 table itself). */
-  async addL1References(l1TableOffset: number, l1Size: number, delta: number): Promise<void> {
-    if (l1Size === 0) return;
-    const { clusterSize, extendedL2, hasDataFile } = this;
-    const l2EntryBytes = extendedL2 ? 16 : 8;
-    const l1 = await this.file.read(l1TableOffset, l1Size * 8, this.request);
-    const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
-    for (let i = 0; i < l1Size; i++) {
-      const l2Offset = entryOffset(l1View.getUint32(i * 8), l1View.getUint32(i * 8 + 4));
-      if (l2Offset === 0) continue;
-      this.addReferences(l2Offset, clusterSize, delta);
-      const table = await this.file.read(l2Offset, clusterSize, this.request);
-      const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
-      for (let at = 0; at < clusterSize; at += l2EntryBytes) {
-        const high = view.getUint32(at);
-        const low = view.getUint32(at + 4);
-        if (high === 0 && low === 0) continue;
-        switch (classifyL2Entry(high, low, extendedL2, hasDataFile)) {
-          case 'normal':
-          case 'zero-alloc':
-            if (!hasDataFile) this.addReferences(entryOffset(high, low), clusterSize, delta);
-            break;
-          case 'compressed': {
-            const extent = decodeCompressedDescriptor(high, low, this.header.clusterBits);
-            this.addReferences(extent.hostOffset, extent.length, delta);
-            break;
-          }
-          default:
-            break;
-        }
-      }
-    }
-  }
-
   /** Grows the file to hold every counted cluster (new clusters are written after this). */
   async ensureFileSize(): Promise<void> {
     let last = this.counts.length - 1;
@@ -192,54 +198,91 @@ export class ImageEdit {
     this.header = await loadHeader(this.file, this.request);
   }
 
-  /** Makes the stored refcounts equal the planned ones (durable when it resolves). */
+  /**
+   * Makes the stored refcounts equal the planned ones (durable when it resolves): every refcount
+   * block that differs from the plan is written (several at once), then the file is flushed once.
+   * Callers commit in the safe order: raised refcounts before anything points at the clusters,
+   * lowered ones after nothing does.
+   */
   async commitRefcounts(): Promise<void> {
-    const { clusterSize } = this;
+    const { counts, file, request } = this;
     const refcountOrder = this.header.refcountOrder;
-    const stored = await this.loadStored();
+    const stored = await this.#storedRefcounts();
+    const resident = stored.residentBlocks;
     const perBlock = stored.entriesPerBlock;
-    const changed = new Map<number, { hostOffset: number; bytes: Uint8Array }>();
+    const wide16 = refcountOrder === 4;
+    const changed: { blockIndex: number; hostOffset: number; bytes: Uint8Array }[] = [];
     let rebuild = false;
-    for (let start = 0; start < this.counts.length && !rebuild; ) {
-      const blockIndex = Math.floor(start / perBlock);
-      const blockEnd = Math.min(this.counts.length, (blockIndex + 1) * perBlock);
-      const block = await stored.block(blockIndex, this.request);
-      for (let clusterIndex = start; clusterIndex < blockEnd; clusterIndex++) {
-        const count = this.counts[clusterIndex] ?? 0;
-        if (typeof block === 'string' || block === undefined) {
-          if (count !== 0) rebuild = true;
-          continue;
+    for (let blockIndex = 0; blockIndex * perBlock < counts.length && !rebuild; blockIndex++) {
+      const base = blockIndex * perBlock;
+      const end = Math.min(counts.length, base + perBlock);
+      const block = resident !== undefined ? resident[blockIndex] : await stored.block(blockIndex, request);
+      if (!(block instanceof Uint8Array)) {
+        // No block here (or an unreadable one): fine while nothing here is in use.
+        for (let clusterIndex = base; clusterIndex < end && !rebuild; clusterIndex++) {
+          rebuild = (counts[clusterIndex] ?? 0) !== 0;
         }
-        const index = clusterIndex - blockIndex * perBlock;
-        if (stored.decode(block, index) === count) continue;
-        let copy = changed.get(blockIndex);
-        if (copy === undefined) {
-          const { high, low } = stored.tableEntry(blockIndex);
-          copy = { hostOffset: entryOffset(high, low), bytes: block.slice() };
-          changed.set(blockIndex, copy);
-        }
-        encodeRefcount(copy.bytes, index, refcountOrder, count);
+        continue;
       }
-      start = blockEnd;
+      let copy: Uint8Array | undefined;
+      for (let clusterIndex = base; clusterIndex < end; clusterIndex++) {
+        const count = counts[clusterIndex] ?? 0;
+        const index = clusterIndex - base;
+        const now = wide16 ? (block[index * 2]! << 8) | block[index * 2 + 1]! : stored.decode(block, index);
+        if (now === count) continue;
+        if (copy === undefined) {
+          copy = block.slice();
+          changed.push({
+            blockIndex,
+            hostOffset: entryOffset(stored.tableHigh(blockIndex), stored.tableLow(blockIndex)),
+            bytes: copy,
+          });
+        }
+        if (wide16) {
+          copy[index * 2] = count >>> 8;
+          copy[index * 2 + 1] = count & 0xff;
+        } else {
+          encodeRefcount(copy, index, refcountOrder, count);
+        }
+      }
     }
-    if (!rebuild) {
-      for (const { hostOffset, bytes } of changed.values())
-        await this.file.write(hostOffset, bytes, this.request);
-      if (changed.size > 0) await this.file.flush(this.request);
-      return;
+    if (rebuild) return this.#rebuildRefcounts(stored);
+    if (changed.length === 0) return;
+    const writes = new WriteBehind(WRITES_IN_FLIGHT);
+    try {
+      for (const { hostOffset, bytes } of changed) await writes.add(file.write(hostOffset, bytes, request));
+      await writes.drain();
+    } catch (error) {
+      // Which blocks reached the file is unknown: read them again next time.
+      this.#kept = undefined;
+      throw error;
+    } finally {
+      await writes.settle();
     }
-    // Some cluster needs a refcount block that does not exist: new structures for everything.
+    for (const { blockIndex, bytes } of changed) stored.replaceBlock(blockIndex, bytes);
+    await file.flush(request);
+  }
+
+  /** Some cluster needs a refcount block that does not exist: new structures for everything,
+   * the header switched to them, the old ones freed. */
+  async #rebuildRefcounts(stored: StoredRefcounts): Promise<void> {
+    const { clusterSize } = this;
     const old: number[] = [];
     for (let k = 0; k < this.header.refcountTableClusters; k++) {
       old.push(this.header.refcountTableOffset + k * clusterSize);
     }
     for (let index = 0; index < stored.tableEntries; index++) {
-      const { high, low } = stored.tableEntry(index);
-      const hostOffset = entryOffset(high, low);
+      const hostOffset = entryOffset(stored.tableHigh(index), stored.tableLow(index));
       if (hostOffset !== 0) old.push(hostOffset);
     }
     await this.ensureFileSize();
-    await rebuildRefcountStructure(this.file, this.counts, { clusterSize, refcountOrder }, this.request);
+    this.#kept = undefined;
+    await rebuildRefcountStructure(
+      this.file,
+      this.counts,
+      { clusterSize, refcountOrder: this.header.refcountOrder },
+      this.request,
+    );
     this.header = await loadHeader(this.file, this.request);
     for (const hostOffset of old) this.addReferences(hostOffset, clusterSize, -1);
     await this.commitRefcounts();
@@ -256,7 +299,7 @@ export class ImageEdit {
           get: async (clusterIndex: number) => this.counts[clusterIndex] ?? 0,
           peek: (clusterIndex: number) => this.counts[clusterIndex] ?? 0,
         }
-      : await this.loadStored();
+      : await this.#storedRefcounts();
     await repairCopiedFlags(
       this.file,
       source,
@@ -272,15 +315,28 @@ export class ImageEdit {
     );
   }
 
-  private loadStored(): Promise<StoredRefcounts> {
-    return StoredRefcounts.load(this.file, {
-      clusterSize: this.clusterSize,
-      refcountBits: 2 ** this.header.refcountOrder,
-      refcountTableOffset: this.header.refcountTableOffset,
-      refcountTableClusters: this.header.refcountTableClusters,
+  /** The stored refcounts, read again only when the refcount table moved or changed width. */
+  async #storedRefcounts(): Promise<StoredRefcounts> {
+    const { header } = this;
+    const table = refcountTableKey(header);
+    if (this.#kept?.table === table) return this.#kept.stored;
+    this.#kept = undefined;
+    const stored = await StoredRefcounts.load(this.file, {
+      clusterSize: header.clusterSize,
+      refcountBits: 2 ** header.refcountOrder,
+      refcountTableOffset: header.refcountTableOffset,
+      refcountTableClusters: header.refcountTableClusters,
       request: this.request,
+      ...(this.preloadMaxBytes === undefined ? {} : { preloadMaxBytes: this.preloadMaxBytes }),
     });
+    this.#kept = { table, stored };
+    return stored;
   }
+}
+
+/** Where the refcount table is and how wide its refcounts are: what the kept blocks depend on. */
+function refcountTableKey(header: Qcow2Header): string {
+  return `${header.refcountTableOffset}:${header.refcountTableClusters}:${header.refcountOrder}`;
 }
 
 /** Big-endian u64 of a safe integer into `view` at `at`. */

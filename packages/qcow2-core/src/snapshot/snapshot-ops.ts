@@ -10,14 +10,13 @@ import { QCOW2_AUTOCLEAR_BITMAPS } from '../format/feature-bits.js';
 import { QCOW_MAX_SNAPSHOTS } from '../format/geometry.js';
 import type { Qcow2SnapshotEntry } from '../format/snapshot-table.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from '../ops/image-edit.js';
-import { commitRefcounts, fixCopiedFlags } from './commit-refcounts.js';
+import { addTreeReferences, canShareTree } from '../ops/tree-references.js';
 import { findSnapshot, readSnapshotTable } from './snapshot-list.js';
 import {
   encodeSnapshotTable,
   newSnapshotExtraData,
   type SnapshotEntryFields,
 } from './snapshot-table-encode.js';
-import { addTreeReferences, canShareTree } from './tree-references.js';
 
 /** Header fields: nb_snapshots (u32 at 60) then snapshots_offset (u64 at 64). */
 const NB_SNAPSHOTS_FIELD = 60;
@@ -49,7 +48,7 @@ async function replaceSnapshotTable(edit: ImageEdit, entries: readonly SnapshotE
     await edit.write(tableOffset, table);
     await edit.flush();
   }
-  await commitRefcounts(edit);
+  await edit.commitRefcounts();
   const field = new Uint8Array(12);
   const view = new DataView(field.buffer);
   view.setUint32(0, entries.length);
@@ -105,7 +104,7 @@ export async function createSnapshot(
     await edit.flush();
   }
   if (!oneWalk) await edit.fixCopiedFlags(true);
-  await commitRefcounts(edit);
+  await edit.commitRefcounts();
   // 3. The new table, the header switch, then the old table freed.
   const entry: SnapshotEntryFields = {
     l1TableOffset: l1Offset,
@@ -119,7 +118,7 @@ export async function createSnapshot(
     extraData: newSnapshotExtraData(header.size),
   };
   await replaceSnapshotTable(edit, [...entries, entry]);
-  await commitRefcounts(edit);
+  await edit.commitRefcounts();
   const after = await readSnapshotTable(file, edit.header);
   return after[after.length - 1]!;
 }
@@ -141,8 +140,8 @@ export async function deleteSnapshot(
   // 2. Its references dropped, its L1 table freed, COPIED restored where clusters are no longer shared.
   await addTreeReferences(edit, victim.l1TableOffset, victim.l1Size, -1);
   edit.addReferences(victim.l1TableOffset, victim.l1Size * 8, -1);
-  await commitRefcounts(edit);
-  await fixCopiedFlags(edit);
+  await edit.commitRefcounts();
+  await edit.fixCopiedFlags();
 }
 
 /** Reverts the image to the snapshot with this id or name: its data and its guest size. */
@@ -171,7 +170,7 @@ export async function applySnapshot(
   const newL1Size = Math.max(target.l1Size, header.l1Size);
   const newL1Offset = grow ? edit.allocate(Math.ceil((newL1Size * 8) / clusterSize)) : header.l1TableOffset;
   await addTreeReferences(edit, target.l1TableOffset, target.l1Size, 1);
-  await commitRefcounts(edit);
+  await edit.commitRefcounts();
   // 2. Planned (not yet written): the active L1's references dropped, read before it changes.
   await addTreeReferences(edit, header.l1TableOffset, header.l1Size, -1);
   // 3. The active L1 := the snapshot's (zero-padded), then the guest size.
@@ -194,6 +193,6 @@ export async function applySnapshot(
     await edit.writeHeader(SIZE_FIELD, field);
   }
   // 4. Refcounts lowered, then COPIED set where clusters are no longer shared.
-  await commitRefcounts(edit);
-  await fixCopiedFlags(edit);
+  await edit.commitRefcounts();
+  await edit.fixCopiedFlags();
 }

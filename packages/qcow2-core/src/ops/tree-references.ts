@@ -1,10 +1,11 @@
 /**
  * One more, or one fewer, reference to everything an L1 table reaches (its L2 tables and the
- * clusters they map), planned in an offline edit's counts: the snapshot operations' bulk step.
+ * clusters they map), planned in an offline edit's counts: the bulk step of the snapshot
+ * operations and of emptying an image.
  *
- * One pass over the tree: the L1 table in one read, L2 tables lying next to each other in the
- * file read together (up to L2_READ_WINDOW bytes a read), several reads ahead of the table being
- * counted; each entry bumps a counter in place, with no object per entry. With `clearCopied` (the
+ * One pass over the tree: the L1 table in one read, the L2 tables through L2TableReads (tables
+ * lying next to each other in the file read together, several reads ahead of the table being
+ * counted); each entry bumps a counter in place, with no object per entry. With `clearCopied` (the
  * active table, when a snapshot is taken) the same pass clears COPIED in the L1 and L2 entries
  * (every cluster they reach is about to be shared) and writes the tables it changed behind the
  * walk; call it so only when the planned counts cannot overflow (see {@link canShareTree}),
@@ -17,16 +18,11 @@ import {
   QCOW_OFLAG_COMPRESSED_HIGH,
   QCOW_OFLAG_COPIED_HIGH,
 } from '../check/entries.js';
+import { L2TableReads } from '../check/l2-reads.js';
 import { WriteBehind } from '../check/write-behind.js';
 import { maxRefcount } from '../format/refcount.js';
-import type { ImageEdit } from '../ops/image-edit.js';
+import type { ImageEdit } from './image-edit.js';
 
-/** L2 tables close together are read at once, within this many bytes ... */
-const L2_READ_WINDOW = 256 * 1024;
-/** ... when at most this many bytes lie between one table and the next. */
-const L2_READ_MAX_GAP = 4096;
-/** Reads started ahead of the table being counted. */
-const L2_READS_AHEAD = 16;
 /** Changed tables being written at once (with `clearCopied`). */
 const WRITES_IN_FLIGHT = 16;
 
@@ -88,38 +84,16 @@ export async function addTreeReferences(
     }
   }
 
-  const tables: (Promise<Uint8Array> | undefined)[] = new Array(l2Offsets.length);
-  let started = 0;
-  /** Starts one read for `l2Offsets[first]` and the tables right after it in the file. */
-  const startRead = (first: number): number => {
-    const start = l2Offsets[first]!;
-    let last = first;
-    while (last + 1 < l2Offsets.length) {
-      const next = l2Offsets[last + 1]!;
-      const previousEnd = l2Offsets[last]! + clusterSize;
-      if (next < previousEnd || next - previousEnd > L2_READ_MAX_GAP) break;
-      if (next + clusterSize - start > L2_READ_WINDOW || next + clusterSize > file.size) break;
-      last++;
-    }
-    const read = file.read(start, l2Offsets[last]! + clusterSize - start, request);
-    for (let k = first; k <= last; k++) {
-      const at = l2Offsets[k]! - start;
-      const table = read.then((bytes) => bytes.subarray(at, at + clusterSize));
-      table.catch(() => undefined); // awaited in turn
-      tables[k] = table;
-    }
-    return last + 1;
-  };
-
+  const reads = new L2TableReads(file, clusterSize, l2Offsets, request);
   const writes = new WriteBehind(WRITES_IN_FLIGHT);
   try {
     for (let k = 0; k < l2Offsets.length; k++) {
-      while (started < l2Offsets.length && started <= k + L2_READS_AHEAD) started = startRead(started);
       const l2Offset = l2Offsets[k]!;
       if (l2Offset % clusterSize === 0) bump(l2Offset / clusterSize);
       else edit.addReferences(l2Offset, clusterSize, delta);
-      const table = await tables[k]!;
-      tables[k] = undefined;
+      const table = await reads.table(k);
+      // Past the end of the file (the edit's check has reported it): nothing to count.
+      if (table === undefined) continue;
       const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
       let dirty = false;
       for (let at = 0; at < clusterSize; at += l2EntryBytes) {
@@ -149,7 +123,9 @@ export async function addTreeReferences(
           dirty = true;
         }
       }
+      // A table written back keeps its buffer (the write may still read it).
       if (dirty) await writes.add(file.write(l2Offset, table, request));
+      else reads.release(k);
     }
     await writes.drain();
   } finally {
