@@ -169,7 +169,10 @@ const fastKoffi = {
       return { path: 'module', namespace: 'fast-koffi' };
     });
     esbuild.onEnd(() => {
-      if (!used) console.warn('bundle-bin: blockdev no longer imports node:module in libc.js: koffi loads the slow way');
+      if (!used)
+        console.warn(
+          'bundle-bin: blockdev no longer imports node:module in libc.js: koffi loads the slow way',
+        );
     });
     esbuild.onLoad({ filter: /.*/, namespace: 'fast-koffi' }, () => ({
       contents: `const { existsSync, readFileSync, realpathSync } = require('node:fs');
