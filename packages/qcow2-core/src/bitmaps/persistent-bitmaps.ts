@@ -50,7 +50,7 @@ import {
   encodeBitmapTable,
 } from './bitmap-table.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
-import type { StoredBitmap } from './read-bitmap.js';
+import { dirtyRanges, type StoredBitmap } from './read-bitmap.js';
 
 export interface PersistentBitmapsContext {
   readonly file: BlockDevice;
@@ -291,17 +291,8 @@ export class PersistentBitmaps {
         `Bitmaps are of different sizes (destination size is ${this.#guestSize}, source size is ${sourceGuestSize}) and can't be merged`,
       );
     }
-    const { bits, bitCount, granularity } = source;
-    let start = -1;
-    for (let bit = 0; bit <= bitCount; bit++) {
-      const set = bit < bitCount && (bits[bit >> 3]! & (1 << (bit & 7))) !== 0;
-      if (set && start < 0) start = bit;
-      if (!set && start >= 0) {
-        const offset = start * granularity;
-        bitmap.setGuestRange(offset, Math.min(sourceGuestSize, bit * granularity) - offset);
-        start = -1;
-      }
-    }
+    for (const range of dirtyRanges(source, sourceGuestSize))
+      bitmap.setGuestRange(range.offset, range.length);
   }
 
   /** Every bit of consistent bitmap `name` as it stands now (stored bits and those set since). */

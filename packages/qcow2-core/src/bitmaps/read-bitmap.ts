@@ -63,18 +63,31 @@ export async function readStoredBitmap(
   return { bits, bitCount, granularity: entry.granularity };
 }
 
-/** The guest ranges `[offset, offset + length)` whose bits are set, merged. */
+/**
+ * The guest ranges `[offset, offset + length)` whose bits are set, merged, in order. Scans a byte at
+ * a time (whole clear and whole set bytes are skipped over), so a sparse bitmap of 2^32 bits takes
+ * a few seconds at most.
+ */
 export function dirtyRanges(bitmap: StoredBitmap, guestSize: number): { offset: number; length: number }[] {
+  const { bits, bitCount, granularity } = bitmap;
   const ranges: { offset: number; length: number }[] = [];
   let start = -1;
-  for (let bit = 0; bit <= bitmap.bitCount; bit++) {
-    const set = bit < bitmap.bitCount && (bitmap.bits[bit >> 3]! & (1 << (bit & 7))) !== 0;
-    if (set && start < 0) start = bit;
-    if (!set && start >= 0) {
-      const offset = start * bitmap.granularity;
-      ranges.push({ offset, length: Math.min(guestSize, bit * bitmap.granularity) - offset });
-      start = -1;
+  const close = (endBit: number): void => {
+    const offset = start * granularity;
+    ranges.push({ offset, length: Math.min(guestSize, endBit * granularity) - offset });
+    start = -1;
+  };
+  const byteCount = Math.ceil(bitCount / 8);
+  for (let index = 0; index < byteCount; index++) {
+    const byte = bits[index]!;
+    if ((byte === 0 && start < 0) || (byte === 0xff && start >= 0)) continue;
+    const base = index * 8;
+    for (let bit = 0; bit < 8 && base + bit < bitCount; bit++) {
+      const set = (byte & (1 << bit)) !== 0;
+      if (set && start < 0) start = base + bit;
+      else if (!set && start >= 0) close(base + bit);
     }
   }
+  if (start >= 0) close(bitCount);
   return ranges;
 }
