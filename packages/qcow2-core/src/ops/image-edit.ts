@@ -130,14 +130,19 @@ export class ImageEdit {
     if (!Number.isSafeInteger(clusters) || clusters < 1) {
       throw new BlockDeviceError('EINVAL', `qcow2: cannot allocate ${clusters} clusters`);
     }
+    const { counts } = this;
     let start = 1;
     for (;;) {
+      // The next free cluster found natively (a full image has no free cluster before its end:
+      // a loop here would visit every cluster, uncompiled the first time); past the end all are free.
+      const free = counts.indexOf(0, start);
+      start = free === -1 ? Math.max(start, counts.length) : free;
       let run = 0;
-      while (run < clusters && (this.counts[start + run] ?? 0) === 0) run++;
+      while (run < clusters && (counts[start + run] ?? 0) === 0) run++;
       if (run === clusters) break;
       start += run + 1;
     }
-    for (let k = 0; k < clusters; k++) this.counts[start + k] = 1;
+    for (let k = 0; k < clusters; k++) counts[start + k] = 1;
     return start * this.clusterSize;
   }
 

@@ -104,7 +104,11 @@ export async function addTreeReferences(
           // Not compressed, no data file: 'normal' or 'zero-alloc' when it has a host offset.
           const hostOffset = entryOffset(high, low);
           if (hostOffset === 0) continue;
-          if (hostOffset % clusterSize === 0) bump(hostOffset / clusterSize);
+          const clusterIndex = hostOffset / clusterSize;
+          const count = (counts[clusterIndex] ?? 0) + delta;
+          // The usual entry inline; out of range or misaligned: the general path (which throws
+          // in its words: freed too often, or an overflow).
+          if (count >= 0 && count <= max && hostOffset % clusterSize === 0) counts[clusterIndex] = count;
           else edit.addReferences(hostOffset, clusterSize, delta);
         } else {
           switch (classifyL2Entry(high, low, extendedL2, hasDataFile)) {
