@@ -276,6 +276,9 @@ async function buildCommonJs() {
     // (a warning on stderr), and functions that come from the code cache lose it (the import fails).
     supported: { 'dynamic-import': false },
     plugins: [lazyChildProcess, fastKoffi],
+    // Whitespace only (names and structure kept; the source map covers the rest): a quarter less
+    // to read at every start (~0.3 ms of 1.2 ms for 1.1 MB).
+    minifyWhitespace: true,
     // Made on first use: most runs never ask (pathToFileURL is ~0.2 ms of a start).
     banner: {
       js: "var __bundleMeta = { get url() { return (this.href ??= require('node:url').pathToFileURL(__filename).href); } };",
