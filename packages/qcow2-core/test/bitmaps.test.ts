@@ -8,7 +8,8 @@
 import { spawnSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { FaultInjectingBlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
+import { type BlockDevice, FaultInjectingBlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
+import { describeBlockDeviceConformance } from '@qcowkit/blockdev/testing';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import {
@@ -38,6 +39,34 @@ function bitsOf(bitmap: DirtyBitmap, stored?: Uint8Array | 'ones'): number[] {
   }
   return set;
 }
+
+// The BlockDevice contract holds with bitmaps kept (marked on every change, stored at each reopen).
+const conformanceStorages = new WeakMap<BlockDevice, BlockDevice>();
+describeBlockDeviceConformance({
+  name: 'qcow2 with persistent bitmaps',
+  sizes: [4097, 197_635, 2 ** 32 + 1536],
+  numRuns: 6,
+  maxOperations: 20,
+  supportsResize: true,
+  timeout: 60_000,
+  async create(size) {
+    const storage = keepOpen(new MemoryBlockDevice(0));
+    const image = await Qcow2Image.create(storage, { size, clusterSize: 4096 });
+    const bitmaps = await image.persistentBitmaps();
+    bitmaps.add('fine', { granularity: 512 });
+    bitmaps.add('off', { disabled: true });
+    conformanceStorages.set(image, storage);
+    return image;
+  },
+  async reopen(device) {
+    const storage = conformanceStorages.get(device)!;
+    await device.close();
+    const image = await Qcow2Image.open(storage, { readOnly: false });
+    expect(image.bitmaps.map((bitmap) => bitmap.flags)).toEqual([['in-use', 'auto'], ['in-use']]);
+    conformanceStorages.set(image, storage);
+    return image;
+  },
+});
 
 describe('DirtyBitmap (sparse, in memory)', () => {
   it('sets the bits a byte range covers, least significant bit first', () => {
