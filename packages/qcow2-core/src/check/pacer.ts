@@ -2,6 +2,8 @@
  * Keeps a long check from holding the event loop: between chunks of work it checks the abort
  * signal, reports progress, and yields a macrotask turn once enough time has passed (reads from a
  * memory device resolve as microtasks, so awaiting them alone never lets timers or I/O run).
+ * Time is `Date.now()`: milliseconds are fine enough here, and Node loads its `performance`
+ * object (perf_hooks) at its first use, about a millisecond of a short check.
  */
 
 const YIELD_EVERY_MS = 10;
@@ -13,7 +15,7 @@ const nextTurn: ((resolve: () => void) => void) | undefined =
 const YIELD_EVERY_UNITS = 16_384;
 
 export class Pacer {
-  private lastYield = performance.now();
+  private lastYield = Date.now();
   private done = 0;
   private doneAtLastYield = 0;
 
@@ -46,15 +48,15 @@ export class Pacer {
    */
   async pause(): Promise<void> {
     this.onProgress?.(Math.min(this.done, this.total), this.total);
-    const now = performance.now();
+    const now = Date.now();
     if (!this.timerTurnTaken || now - this.lastTimerTurn >= YIELD_EVERY_MS || nextTurn === undefined) {
       await new Promise<void>((resolve) => setTimeout(resolve, 0));
       this.timerTurnTaken = true;
-      this.lastTimerTurn = performance.now();
+      this.lastTimerTurn = Date.now();
     } else {
       await new Promise<void>(nextTurn);
     }
-    this.lastYield = performance.now();
+    this.lastYield = Date.now();
     this.doneAtLastYield = this.done;
     this.signal?.throwIfAborted();
   }
@@ -71,8 +73,7 @@ export class Pacer {
 
   #due(): boolean {
     return (
-      this.done - this.doneAtLastYield >= YIELD_EVERY_UNITS ||
-      performance.now() - this.lastYield >= YIELD_EVERY_MS
+      this.done - this.doneAtLastYield >= YIELD_EVERY_UNITS || Date.now() - this.lastYield >= YIELD_EVERY_MS
     );
   }
 

@@ -12,6 +12,7 @@ import {
   QCOW_OFLAG_COMPRESSED_HIGH,
   QCOW_OFLAG_COPIED_HIGH,
 } from './entries.js';
+import { L2TableReads } from './l2-reads.js';
 import type { StoredRefcount } from './stored-refcounts.js';
 import { WriteBehind } from './write-behind.js';
 
@@ -37,8 +38,7 @@ function withCopied(high: number, copied: boolean): number {
   return (copied ? high | QCOW_OFLAG_COPIED_HIGH : high & ~QCOW_OFLAG_COPIED_HIGH) >>> 0;
 }
 
-/** L2 tables read ahead of the one being fixed, and fixed tables being written at once. */
-const L2_READS_AHEAD = 16;
+/** Fixed tables being written at once. */
 const L2_WRITES_IN_FLIGHT = 16;
 
 /**
@@ -89,27 +89,24 @@ export async function repairCopiedFlags(
         if (seen.has(l2Offset)) readAhead = false;
         seen.add(l2Offset);
       }
-      const reads: (Promise<Uint8Array> | undefined)[] = new Array(items.length);
-      let started = 0;
-      const startRead = (k: number): void => {
-        const i = items[k]!;
-        const l2Offset = entryOffset(l1View.getUint32(i * 8), l1View.getUint32(i * 8 + 4));
-        const read = file.read(l2Offset, clusterSize, request);
-        read.catch(() => undefined); // awaited in turn; not an unhandled rejection meanwhile
-        reads[k] = read;
-      };
+      // Read ahead (tables side by side in one read) unless a table may come twice (serial mode).
+      const reads = readAhead
+        ? new L2TableReads(
+            file,
+            clusterSize,
+            items.map((i) => entryOffset(l1View.getUint32(i * 8), l1View.getUint32(i * 8 + 4))),
+            request,
+          )
+        : undefined;
       let l1Dirty = false;
       for (let k = 0; k < items.length; k++) {
-        if (readAhead) {
-          while (started < items.length && started <= k + L2_READS_AHEAD) startRead(started++);
-        }
         const i = items[k]!;
         const high = l1View.getUint32(i * 8);
         const low = l1View.getUint32(i * 8 + 4);
         const l2Offset = entryOffset(high, low);
         const l2Refcount = await refcountOf(l2Offset);
         if (l2Refcount === undefined) {
-          reads[k] = undefined;
+          reads?.release(k);
           continue;
         }
         if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
@@ -121,14 +118,15 @@ export async function repairCopiedFlags(
           l1Dirty = true;
           fixed++;
         }
-        let read = reads[k];
-        reads[k] = undefined;
-        if (read === undefined) {
+        let table: Uint8Array | undefined;
+        if (reads !== undefined) {
+          table = await reads.table(k);
+        } else {
           // Serial mode: the table may have been written just before (same table twice).
           await writes.drain();
-          read = file.read(l2Offset, clusterSize, request);
+          table = await file.read(l2Offset, clusterSize, request);
         }
-        const table = await read;
+        if (table === undefined) continue;
         const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
         let l2Dirty = false;
         for (let at = 0; at < clusterSize; at += l2EntryBytes) {
@@ -184,7 +182,9 @@ export async function repairCopiedFlags(
             fixed++;
           }
         }
+        // A table written back keeps its buffer (the write may still read it).
         if (l2Dirty) await writes.add(file.write(l2Offset, table, request));
+        else reads?.release(k);
       }
       await writes.drain();
       if (l1Dirty) await file.write(l1At, l1, request);
