@@ -220,6 +220,36 @@ module.exports = {
   },
 };
 
+/**
+ * Big dependencies few runs need, kept out of the CommonJS bundle: each becomes its own CommonJS
+ * file next to it (`dist/bin/NAME.cjs`), required when first imported. Every start reads the whole
+ * bundle (~1 ms per MB); zstd's WebAssembly build (~240 KB, mostly the module as one string) is
+ * needed only to write zstd-compressed clusters (reading them uses fzstd).
+ */
+const SEPARATE_MODULES = new Map([['@hpcc-js/wasm-zstd', 'hpcc-wasm-zstd']]);
+const separateModules = {
+  name: 'separate-modules',
+  setup(esbuild) {
+    const filter = new RegExp(
+      `^(${[...SEPARATE_MODULES.keys()].map((id) => id.replace(/[/.]/g, '\\$&')).join('|')})$`,
+    );
+    esbuild.onResolve({ filter }, async (args) => {
+      if (args.pluginData === 'separate-modules') return undefined;
+      const resolved = await esbuild.resolve(args.path, {
+        kind: args.kind,
+        resolveDir: args.resolveDir,
+        importer: args.importer,
+        pluginData: 'separate-modules',
+      });
+      if (resolved.errors.length > 0) return { errors: resolved.errors };
+      separated.set(SEPARATE_MODULES.get(args.path), resolved.path);
+      return { path: `./${SEPARATE_MODULES.get(args.path)}.cjs`, external: true };
+    });
+  },
+};
+/** out name -> resolved entry of each separate module the bundle imports. */
+const separated = new Map();
+
 const metafiles = [];
 if (entryPoints.length > 0) metafiles.push((await buildEsm()).metafile);
 if (codeCache) metafiles.push((await buildCommonJs()).metafile);
@@ -275,7 +305,7 @@ async function buildCommonJs() {
     // import() becomes require(): a vm.Script's dynamic import needs an experimental loader hook
     // (a warning on stderr), and functions that come from the code cache lose it (the import fails).
     supported: { 'dynamic-import': false },
-    plugins: [lazyChildProcess, fastKoffi],
+    plugins: [lazyChildProcess, fastKoffi, separateModules],
     // Whitespace only (names and structure kept; the source map covers the rest): a quarter less
     // to read at every start (~0.3 ms of 1.2 ms for 1.1 MB).
     minifyWhitespace: true,
@@ -287,6 +317,27 @@ async function buildCommonJs() {
     metafile: values.metafile !== undefined,
     logLevel: 'warning',
   });
+  for (const [out, path] of separated) {
+    await build({
+      entryPoints: [{ in: path, out }],
+      outdir: staging,
+      outExtension: { '.js': '.cjs' },
+      bundle: true,
+      format: 'cjs',
+      platform: 'node',
+      target: 'node20',
+      sourcemap: 'linked',
+      sourcesContent: false,
+      define: { 'import.meta.url': '__bundleMeta.url' },
+      supported: { 'dynamic-import': false },
+      minifyWhitespace: true,
+      banner: {
+        js: "var __bundleMeta = { get url() { return (this.href ??= require('node:url').pathToFileURL(__filename).href); } };",
+      },
+      legalComments: 'none',
+      logLevel: 'warning',
+    });
+  }
   // Workers keep the name the library starts them by (`new URL('./WORKER.js', import.meta.url)`):
   // `.js`, CommonJS by dist/bin/package.json.
   for (const { out } of workerEntries) {
