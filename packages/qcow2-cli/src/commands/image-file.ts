@@ -1,9 +1,10 @@
 /**
  * The image file itself opened read-write, for the commands that change metadata in place (amend,
  * resize, snapshot): open (refusals in qemu-img's words), detect the format unless given, run the
- * change, close whatever happened.
+ * change, close whatever happened. On tmpfs or ramfs small reads and writes run inline (the
+ * offline edits read and write table by table: no thread-pool hand-off for each).
  */
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, isMemoryBacked, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 import { detectFormat, type ImageFormat } from '../engine.js';
 import { openError } from '../errors.js';
 
@@ -16,7 +17,8 @@ export async function withImageFileForWrite<T>(
 ): Promise<T> {
   let device: FileBlockDevice;
   try {
-    device = await FileBlockDevice.open(path, { readOnly: false });
+    const syncIoMaxBytes = (await isMemoryBacked(path)) ? SYNC_IO_MAX_BYTES : 0;
+    device = await FileBlockDevice.open(path, { readOnly: false, syncIoMaxBytes });
   } catch (error) {
     throw openError(displayName, error, path);
   }
