@@ -564,10 +564,13 @@ function countRefcountBlocks(
   refcounts: ComputedRefcounts,
   log: CheckLog,
 ): void {
-  for (let index = 0; index < stored.tableEntries; index++) {
+  for (
+    let index = stored.nextTableEntry(0);
+    index < stored.tableEntries;
+    index = stored.nextTableEntry(index + 1)
+  ) {
     const high = stored.tableHigh(index);
     const low = stored.tableLow(index);
-    if (high === 0 && low === 0) continue;
     if (reftableReservedBitsSet(low)) {
       log.corruption(() => `ERROR refcount table entry ${index} has reserved bits set`);
       continue;
