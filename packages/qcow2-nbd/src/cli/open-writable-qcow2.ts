@@ -24,7 +24,7 @@ export async function openWritableQcow2(
   fileOptions: { syncIoMaxBytes?: number } = {},
 ): Promise<WritableQcow2> {
   // Loaded on first use, as for read-only images.
-  const { Qcow2Image } = await import('@qcowkit/qcow2-core');
+  const { DEFAULT_L2_CACHE_MAX_BYTES, Qcow2Image } = await import('@qcowkit/qcow2-core');
   const { nodeCodecs, openImage } = await import('@qcowkit/qcow2-core/node');
   const below: OpenedImage[] = [];
   const extraFiles: BlockDevice[] = [];
@@ -37,6 +37,14 @@ export async function openWritableQcow2(
     const image = await Qcow2Image.open(file, {
       readOnly: false,
       codecs: nodeCodecs,
+      // The engine's (and QEMU's) largest default L2 cache, whatever the image's size. Dirty L2
+      // slices are written back once they pass half the budget: with the default budget (just
+      // enough for the whole image) a small image wrote back every few dozen allocating writes,
+      // each time with two fdatasyncs, where qemu-nbd writes metadata back only on eviction or
+      // flush. Only the tables the image has are loaded, so a small image still takes little
+      // memory; the dirty part stays bounded and reaches the disk, in the safe order, on every
+      // FLUSH or FUA write and on close.
+      l2CacheBytes: DEFAULT_L2_CACHE_MAX_BYTES,
       resolveBacking: async ({ name, format }) => {
         // As QEMU: a backing file name is relative to the overlay's folder.
         const backingPath = isAbsolute(name) ? name : resolve(dirname(path), name);
