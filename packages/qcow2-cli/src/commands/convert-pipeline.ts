@@ -46,7 +46,7 @@ export interface ReadJob {
 }
 
 export interface PlanOptions {
-  /** Most bytes one read covers. */
+  /** Most bytes a read starts with (see {@link readBufferSize} for what it may grow to). */
   readonly chunkSize: number;
   /** The plain file holding the data of the source's layer `depth` at its extents' host offsets. */
   readonly hostFile?: ((depth: number) => FileBlockDevice | undefined) | undefined;
@@ -57,8 +57,8 @@ export interface PlanOptions {
 /**
  * Cuts the data extents of `device` into reads, in guest order: a read starts with at most
  * `chunkSize` bytes, and one from a host file takes in the extents that follow it there while it
- * stays within `readBufferSize(chunkSize)` bytes:
- * `next()` returns the next read, or undefined at the end. Calls must not overlap.
+ * stays within `readBufferSize(chunkSize)` bytes. `next()` returns the next read, or undefined at
+ * the end; calls must not overlap.
  */
 export function planReads(device: BlockDevice, options: PlanOptions): () => Promise<ReadJob | undefined> {
   const { chunkSize } = options;
