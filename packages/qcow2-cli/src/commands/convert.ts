@@ -3,8 +3,10 @@
  * (`-n`), or onto stdout (target `-`).
  *
  * Block status first: ranges the source reports as zeros are never read and stay holes in the new
- * file. Data ranges are read in chunks by a few workers (bounded memory), and each 4 KiB block of
- * the guest that reads as all zeros is skipped too, as qemu-img does by default (`-S 4k`).
+ * file. Data ranges are read ahead into a few reusable buffers (bounded memory; straight from the
+ * file holding them where they lie there in order, see convert-pipeline.ts) and written in guest
+ * order, one write at a time; each 4 KiB block of the guest that reads as all zeros is skipped
+ * too, as qemu-img does by default (`-S 4k`).
  *
  * `-n` writes into the existing file as qemu-img does: the file must be at least as large as the
  * guest (bytes past the guest's end are left alone), and every range the guest reads as zeros
@@ -39,7 +41,8 @@ export interface ConvertOptions {
   /** `-S`: runs of this many zero bytes (aligned in the guest) become holes; 0: no zero scan at
    * all, the target fully allocated. Default 4 KiB, as qemu-img's. */
   readonly sparseSize?: number;
-  /** Bytes per read (default 2 MiB) and reads in flight (default 4): memory is their product. */
+  /** Bytes per read (default 2 MiB, plus up to 64 KiB of gaps) and reads in flight (default 4):
+   * memory is their product. */
   readonly chunkSize?: number;
   readonly parallel?: number;
 }
