@@ -100,6 +100,15 @@ describe('bench', () => {
     expect(integerParser(1, 10, 'bad')('7')).toBe(7);
     expect(() => integerParser(1, 10, 'bad')('0')).toThrow('bad');
     expect(() => integerParser(1, 10, 'bad')('x')).toThrow('bad');
+    // Numbers as qemu-img reads them (strtol, base 0): hex, octal, a sign, leading white space.
+    expect(integerParser(0, 255, 'bad')('0x61')).toBe(97);
+    expect(integerParser(0, 255, 'bad')('0X1f')).toBe(31);
+    expect(integerParser(0, 255, 'bad')('0141')).toBe(97);
+    expect(integerParser(0, 255, 'bad')(' +7')).toBe(7);
+    expect(integerParser(0, 255, 'bad')('-0')).toBe(0);
+    for (const refused of ['08', '1x', '', '7 ', '0x', '-1', '0x100', '1e3', '1.0']) {
+      expect(() => integerParser(0, 255, 'bad')(refused), refused).toThrow('bad');
+    }
     expect(benchSizeParser('buffer size')('64k')).toBe(65536);
     expect(() => benchSizeParser('buffer size')('4G')).toThrow('Invalid buffer size specified.');
   });

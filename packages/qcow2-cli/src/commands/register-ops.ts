@@ -26,9 +26,26 @@ export function collectOptions(value: string, previous: string[] | undefined): s
 }
 
 /** An integer in `[min, max]`, else a {@link UsageError} with `message`. */
+/**
+ * An integer written as C's strtol reads it with base 0, as qemu-img reads bench's numbers: leading
+ * white space, a sign, then `0x` hexadecimal, `0` octal or decimal digits, nothing after them.
+ */
+export function parseCInteger(value: string): number {
+  const match = /^[\t\n\v\f\r ]*([+-]?)(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))$/.exec(value);
+  if (match === null) return Number.NaN;
+  const [, sign, hex, octal, decimal] = match;
+  const magnitude =
+    hex !== undefined
+      ? Number.parseInt(hex, 16)
+      : octal !== undefined
+        ? Number.parseInt(octal, 8)
+        : Number(decimal);
+  return sign === '-' ? 0 - magnitude : magnitude;
+}
+
 export function integerParser(min: number, max: number, message: string): (value: string) => number {
   return (value) => {
-    const parsed = /^\s*\d+\s*$/.test(value) ? Number(value) : Number.NaN;
+    const parsed = parseCInteger(value);
     if (!Number.isSafeInteger(parsed) || parsed < min || parsed > max) throw new UsageError(message);
     return parsed;
   };
@@ -116,7 +133,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
     .description('run a simple I/O benchmark on an image (as qemu-img bench)')
     .addOption(
       new Option('-c <count>', 'number of requests (default 75000)')
-        .argParser(integerParser(1, 2147483647, 'Invalid request count specified'))
+        .argParser(integerParser(0, 2147483647, 'Invalid request count specified'))
         .default(75000),
     )
     .addOption(
