@@ -481,6 +481,30 @@ describe('transmission', () => {
     expect(logs.some((line) => line.includes('too slow'))).toBe(true);
   });
 
+  it.each(['direct', 'stream'] as const)(
+    'ends a connection whose client leaves right after the handshake, pipelined requests answered (%s reads)',
+    async (readMode) => {
+      let left!: () => void;
+      const disconnected = new Promise<void>((resolve) => {
+        left = resolve;
+      });
+      await start(undefined, { readMode, onDisconnect: () => left() });
+      const client = await TestClient.connect(socketPath);
+      await client.greeting();
+      // GO, a WRITE and a READ in one burst: the requests reach the server with the handshake.
+      client.sendOption(P.NBD_OPT_GO, Buffer.from([0, 0, 0, 4, ...Buffer.from('disk'), 0, 0]));
+      client.request(P.NBD_CMD_WRITE, 512, 4, { data: Buffer.from('abcd') });
+      client.request(P.NBD_CMD_READ, 512, 4);
+      const replies = await client.optionReplies();
+      expect(replies.at(-1)!.type).toBe(P.NBD_REP_ACK);
+      expect((await client.simpleReply()).error).toBe(0);
+      expect((await client.simpleReply(4)).data.toString()).toBe('abcd');
+      client.destroy();
+      await disconnected;
+      expect(server.connections).toBe(0);
+    },
+  );
+
   it('finishes requests in flight and flushes on close', async () => {
     let flushes = 0;
     let writeStarted!: () => void;

@@ -169,7 +169,6 @@ export class ConnectionIo {
    */
   startRequests(requests: RequestReader, onEnd: () => void, mode: ReadMode = 'direct'): ReadMode {
     const leftover = this.reader.detach();
-    if (leftover.length > 0) requests.feed(leftover);
     if (!this.tls) {
       const fd = (this.socket as Socket & SocketInternals)._handle?.fd;
       if (typeof fd === 'number') enlargeUnixSendBuffer(fd);
@@ -180,25 +179,25 @@ export class ConnectionIo {
       ended = true;
       onEnd();
     };
+    // Rewrapped before the leftover is parsed: its requests' replies must go to the new socket.
     const direct = mode === 'direct' ? this.rewrapForDirectReads(requests) : undefined;
+    const stream = direct ?? this.stream;
     if (direct !== undefined) {
       this.stream = direct;
       this.socket = direct;
-      direct.on('error', end);
-      direct.on('end', end);
-      direct.on('close', end);
-      if (requests.accepting) direct.resume();
-      return 'direct';
+    } else {
+      stream.on('data', (chunk: Buffer) => {
+        if (!requests.feed(chunk)) stream.pause();
+      });
     }
-    const stream = this.stream;
-    stream.on('data', (chunk: Buffer) => {
-      if (!requests.feed(chunk)) stream.pause();
-    });
     stream.on('error', end);
     stream.on('end', end);
     stream.on('close', end);
-    if (requests.accepting) stream.resume();
-    return 'stream';
+    if (leftover.length > 0) requests.feed(leftover);
+    // A client that left during the handshake's last turn: its end was the handshake reader's.
+    if (stream.destroyed || stream.readableEnded) end();
+    else if (requests.accepting) stream.resume();
+    return direct !== undefined ? 'direct' : 'stream';
   }
 
   /** Restarts reading after `requests` stopped accepting (see `startRequests`). */
@@ -219,6 +218,7 @@ export class ConnectionIo {
       this.stream !== this.socket ||
       !(old instanceof Socket) ||
       old.destroyed ||
+      old.readableEnded ||
       handle === undefined ||
       handle === null ||
       typeof handle.useUserBuffer !== 'function' ||
