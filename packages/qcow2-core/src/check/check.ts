@@ -391,20 +391,25 @@ function countL2References(
   const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
   const entries = clusterSize / l2EntryBytes;
   let nextContiguousOffset = 0;
-  // Standard entries without a data file that need no report are counted inline: no
-  // classification, no closure, no call (most entries of most images).
+  // Standard entries without a data file, aligned, that need no report are handled inline: no
+  // classification, no closure, no call (most entries of most images), in int32 arithmetic: the
+  // cluster index is `high`'s offset bits shifted up, or'ed with `low`'s cluster bits, which
+  // stays below 2^31 while the offset's high bits are below `intHigh` (every cluster of a file
+  // that can be checked; an entry past that is past the end of the file: the general path).
   const plain = !extendedL2 && !hasDataFile;
-  // Cluster arithmetic on the two halves: offset bits below the cluster size, and how many
-  // clusters one unit of the high half is.
   const clusterMask = clusterSize - 1;
-  const highClusters = 2 ** (32 - clusterBits);
+  const highShift = 32 - clusterBits;
+  const intHigh = 2 ** (clusterBits - 1);
   const counts = refcounts.array;
   const countable = refcounts.fileClusters;
   const maxCount = refcounts.maxCount;
   // The stored refcounts, for COPIED: blocks by table index; 16-bit entries decoded inline.
   const blocks = copied?.residentBlocks;
   const perBlock = copied?.entriesPerBlock ?? 1;
+  const perBlockBits = Math.log2(perBlock);
   const wide16 = copied?.refcountBits === 16;
+  let allocated = 0;
+  let fragmented = 0;
   for (let i = 0; i < entries; i++) {
     const at = i * l2EntryBytes;
     const high = view.getUint32(at);
@@ -417,42 +422,50 @@ function countL2References(
     ) {
       continue;
     }
-    if (plain && (high & PLAIN_HIGH_MASK) === 0 && (low & PLAIN_LOW_MASK) === 0) {
-      // Neither compressed nor zero nor reserved bits: unallocated (offset 0) or normal.
-      if ((high & 0x00ff_ffff) === 0 && low === 0) continue;
-      const clusterIndex = (high & 0x00ff_ffff) * highClusters + (low >>> clusterBits);
+    const offsetHigh = high & 0x00ff_ffff;
+    if (
+      plain &&
+      (high & PLAIN_HIGH_MASK) === 0 &&
+      (low & (PLAIN_LOW_MASK | clusterMask)) === 0 &&
+      offsetHigh < intHigh
+    ) {
+      // Neither compressed nor zero nor reserved bits, aligned: unallocated (offset 0, COPIED
+      // alone) or a normal cluster.
+      if (offsetHigh === 0 && low === 0) continue;
+      const clusterIndex = (offsetHigh << highShift) | (low >>> clusterBits);
       if (blocks !== undefined) {
-        const blockIndex = Math.floor(clusterIndex / perBlock);
-        const block = blocks[blockIndex];
-        const index = clusterIndex - blockIndex * perBlock;
+        const block = blocks[clusterIndex >> perBlockBits];
         if (block === undefined || !wide16) {
           checkDataCopied(copied!, clusterIndex, high, low, log);
         } else {
-          const refcount = (block[index * 2]! << 8) | block[index * 2 + 1]!;
+          const index = (clusterIndex & (perBlock - 1)) * 2;
+          const refcount = (block[index]! << 8) | block[index + 1]!;
           if ((refcount === 1) !== high >= QCOW_OFLAG_COPIED_HIGH) {
             reportDataCopied(copied!, clusterIndex, refcount, high, low, log);
           }
         }
       }
-      // Aligned when the low bits below the cluster size are clear (no floating-point modulo).
-      if ((low & clusterMask) === 0) {
-        if (frag !== undefined) {
-          frag.allocated++;
-          const hostOffset = clusterIndex * clusterSize;
-          if (nextContiguousOffset !== 0 && hostOffset !== nextContiguousOffset) frag.fragmented++;
-          nextContiguousOffset = hostOffset + clusterSize;
-        }
-        const count = clusterIndex < countable ? counts[clusterIndex]! : maxCount;
-        if (count < maxCount) counts[clusterIndex] = count + 1;
-        else refcounts.addCluster(clusterIndex);
-        continue;
+      if (frag !== undefined) {
+        allocated++;
+        const hostOffset = clusterIndex * clusterSize;
+        if (nextContiguousOffset !== 0 && hostOffset !== nextContiguousOffset) fragmented++;
+        nextContiguousOffset = hostOffset + clusterSize;
       }
-    } else if (copied !== undefined && (high & QCOW_OFLAG_COMPRESSED_HIGH) === 0) {
-      // Not compressed with a host offset: 'normal' or 'zero-alloc' (a data cluster).
+      const count = clusterIndex < countable ? counts[clusterIndex]! : maxCount;
+      if (count < maxCount) counts[clusterIndex] = count + 1;
+      else refcounts.addCluster(clusterIndex);
+      continue;
+    }
+    if (copied !== undefined && (high & QCOW_OFLAG_COMPRESSED_HIGH) === 0) {
+      // Not compressed, with a host offset: 'normal' or 'zero-alloc' (a data cluster).
       const hostOffset = entryOffset(high, low);
       if (hostOffset !== 0) checkDataCopied(copied, Math.floor(hostOffset / clusterSize), high, low, log);
     }
     nextContiguousOffset = countL2Entry(geometry, view, i, frag, nextContiguousOffset, refcounts, log);
+  }
+  if (frag !== undefined) {
+    frag.allocated += allocated;
+    frag.fragmented += fragmented;
   }
 }
 
