@@ -78,12 +78,13 @@ export class ImageEdit {
     const request: RequestOptions = options.signal === undefined ? {} : { signal: options.signal };
     const head = await loadHeader(file, request);
     const incompatible = head.incompatibleFeatures.low;
-    if ((incompatible & QCOW2_INCOMPAT_DIRTY) !== 0 && (incompatible & QCOW2_INCOMPAT_CORRUPT) === 0) {
-      // Left dirty (lazy refcounts): repaired first, as QEMU does when it opens one for writing.
-      await repairQcow2Image({ file, header: head }, 'all', request);
-    }
+    const repair =
+      (incompatible & QCOW2_INCOMPAT_DIRTY) !== 0 && (incompatible & QCOW2_INCOMPAT_CORRUPT) === 0;
+    // Left dirty (lazy refcounts): repaired first, as QEMU does when it opens one for writing.
+    if (repair) await repairQcow2Image({ file, header: head }, 'all', request);
     const inspection = await inspectQcow2Image(
-      { file },
+      // The repair may have moved the refcount table: then the header is read again.
+      repair ? { file } : { file, header: head },
       tuning.preloadMaxBytes === undefined
         ? request
         : { ...request, preloadMaxBytes: tuning.preloadMaxBytes },
