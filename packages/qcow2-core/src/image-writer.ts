@@ -45,6 +45,9 @@ export interface ImageWriterContext {
   readonly cache: TableCache<DataView>;
   readonly sliceBytes: number;
   readonly readGuest: (buffer: Uint8Array, guestOffset: number) => Promise<void>;
+  /** Whether the guest range reads as zeros by its block status (backing chain included), as
+   * QEMU's fast zero test sees it (no data read). Without it, no range counts as zeros. */
+  readonly readsAsZeros?: (guestOffset: number, length: number) => Promise<boolean>;
   readonly forgetCompressed: (hostOffset: number) => void;
   readonly compress: (input: Uint8Array) => Promise<Uint8Array | undefined>;
 }
@@ -278,14 +281,32 @@ export class ImageWriter {
     }
   }
 
-  async writeZeroes(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
+  /**
+   * Makes `[guestOffset, guestOffset + length)` read as zeros (`'zero'`: QEMU's write zeroes, where
+   * `mayUnmap` lets allocated clusters go) or discards it (`'discard'`).
+   */
+  async writeZeroes(
+    guestOffset: number,
+    length: number,
+    mode: 'zero' | 'discard',
+    mayUnmap = false,
+  ): Promise<void> {
     this.#bitmaps?.mark(guestOffset, length);
-    await this.#exclusiveIdle(() => this.#zeroRange(guestOffset, length, mode));
+    await this.#exclusiveIdle(() => this.#zeroRange(guestOffset, length, mode, mayUnmap));
   }
 
-  async #zeroRange(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
+  async #zeroRange(
+    guestOffset: number,
+    length: number,
+    mode: 'zero' | 'zero-free' | 'discard',
+    mayUnmap = false,
+  ): Promise<void> {
     const header = this.#context.header();
     const hasBacking = header.backingFileName !== undefined && header.backingFileName !== '';
+    if (mode === 'zero' && !(header.version === 2 && hasBacking)) {
+      await this.#zeroLikeQemu(guestOffset, length, mayUnmap);
+      return;
+    }
     const clusterSize = this.#clusterSize;
     const end = guestOffset + length;
     const size = this.#context.size();
@@ -294,7 +315,7 @@ export class ImageWriter {
     let wholeEnd = Math.floor(end / clusterSize) * clusterSize;
     if (end === size && end % clusterSize !== 0) wholeEnd = end;
     const partial: [number, number][] = [];
-    if (wholeStart >= wholeEnd || (mode === 'zero' && header.version === 2 && hasBacking)) {
+    if (wholeStart >= wholeEnd || mode === 'zero') {
       partial.push([guestOffset, end]);
     } else {
       if (guestOffset < wholeStart) partial.push([guestOffset, wholeStart]);
@@ -309,6 +330,59 @@ export class ImageWriter {
         await this.#writePath.write(at, new Uint8Array(Math.min(1024 * 1024, to - at)));
       }
     }
+  }
+
+  /**
+   * QEMU's write zeroes (qcow2 v3, or v2 without a backing file), as its block layer splits it at
+   * (sub)cluster boundaries (subclusters with extended L2): the aligned part is zeroized (see
+   * {@link WritePath.zeroize}); a piece covering part of a (sub)cluster zeroizes the whole
+   * (sub)cluster when the rest of it reads as zeros and it holds no data of this image, and is
+   * written as zeros otherwise (as is an aligned part QEMU cannot zeroize).
+   */
+  async #zeroLikeQemu(guestOffset: number, length: number, mayUnmap: boolean): Promise<void> {
+    const unit = headerFlags(this.#context.header()).extendedL2 ? this.#clusterSize / 32 : this.#clusterSize;
+    const size = this.#context.size();
+    const end = guestOffset + length;
+    const freesBefore = this.#writePath.pendingFreeCount;
+    const readsAsZeros = async (from: number, to: number): Promise<boolean> =>
+      to <= from ||
+      (this.#context.readsAsZeros !== undefined && (await this.#context.readsAsZeros(from, to - from)));
+    const writeZeros = async (from: number, to: number): Promise<void> => {
+      // Clusters this request unmapped are free for its allocations, as in QEMU (which frees at
+      // once): the write-back that makes their L2 changes durable frees them first.
+      if (this.#writePath.pendingFreeCount > freesBefore) await this.#writePath.flush();
+      for (let at = from; at < to; at += 1024 * 1024) {
+        await this.#writePath.write(at, new Uint8Array(Math.min(1024 * 1024, to - at)));
+      }
+    };
+    const partial = async (from: number, to: number): Promise<void> => {
+      const unitStart = Math.floor(from / unit) * unit;
+      // A piece reaching the image's end needs no zeros after it.
+      const unitEnd = to === size ? size : Math.min(unitStart + unit, size);
+      if (
+        (await this.#writePath.holdsNoData(unitStart)) &&
+        (await readsAsZeros(unitStart, from)) &&
+        (await readsAsZeros(to, unitEnd)) &&
+        (await this.#writePath.zeroize(unitStart, unitEnd - unitStart, mayUnmap))
+      ) {
+        return;
+      }
+      await writeZeros(from, to);
+    };
+    let position = guestOffset;
+    if (position % unit !== 0) {
+      const pieceEnd = Math.min(end, Math.ceil(position / unit) * unit);
+      await partial(position, pieceEnd);
+      position = pieceEnd;
+    }
+    const alignedEnd = end === size ? end : Math.max(position, Math.floor(end / unit) * unit);
+    if (
+      alignedEnd > position &&
+      !(await this.#writePath.zeroize(position, alignedEnd - position, mayUnmap))
+    ) {
+      await writeZeros(position, alignedEnd);
+    }
+    if (end > alignedEnd) await partial(alignedEnd, end);
   }
 
   /** Writes whole cluster `clusterIndex` compressed (uncompressed when it does not shrink). */
@@ -352,7 +426,7 @@ export class ImageWriter {
         if (newSize < size) {
           // Shrink: what falls off reads as zeros (freed where the format allows), so a later
           // grow shows zeros there; the L1 table keeps its size.
-          await this.#zeroRange(newSize, size - newSize, 'zero');
+          await this.#zeroRange(newSize, size - newSize, 'zero-free');
           // What falls off reads as zeros on disk before the header says the image is smaller.
           await this.#writePath.flush();
           const sizeBytes = new Uint8Array(8);

@@ -10,6 +10,7 @@ import {
   type BlockDevice,
   type BlockDeviceCapabilities,
   BlockDeviceError,
+  blockStatusAll,
   type RequestKind,
   type RequestOptions,
   throwIfAborted,
@@ -376,6 +377,8 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       cache: this.#l2Cache,
       sliceBytes: Math.min(this.clusterSize, MAX_SLICE_BYTES),
       readGuest: (buffer, guestOffset) => super.readInto(buffer, guestOffset),
+      readsAsZeros: async (guestOffset, length) =>
+        (await blockStatusAll(this, guestOffset, length)).every((extent) => extent.zero),
       forgetCompressed: (hostOffset) => this.#compressed.forget(hostOffset),
       compress: async (input) => {
         if (codecs.compress === undefined) {
@@ -419,7 +422,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       if (options?.fastOnly) {
         throw new BlockDeviceError('ENOTSUP', `writeZeroes: ${this.description}: no fast zeroing`);
       }
-      await writer.writeZeroes(offset, length, 'zero');
+      await writer.writeZeroes(offset, length, 'zero', options?.mayUnmap === true);
       if (options?.fua) await writer.flush();
     });
   }

@@ -153,6 +153,11 @@ export class WritePath {
     return this.#o.cache.dirtyCount > 0 || this.#o.refcounts.pending || this.#pendingFrees.length > 0;
   }
 
+  /** Host ranges waiting to be freed until the L2 changes that dropped them are durable. */
+  get pendingFreeCount(): number {
+    return this.#pendingFrees.length;
+  }
+
   /**
    * Writes every metadata change back in the safe order (see the file comment) and leaves data and
    * metadata durable. With `final`, the frees it applies are written and flushed too (a clean image
@@ -662,22 +667,121 @@ export class WritePath {
   }
 
   /**
-   * Makes whole clusters of `[guestOffset, guestOffset + length)` read as zeros (`mode` 'zero') or
-   * unallocated (`'discard'`), freeing their host clusters. Partial clusters are the caller's.
-   * Returns false when it cannot (v2 image with a backing file: zeros must be written).
+   * Makes whole clusters of `[guestOffset, guestOffset + length)` read as zeros or unallocated,
+   * as QEMU's qcow2 driver does (partial clusters are the caller's):
+   * - `'zero'` (write zeroes on a v3 image, or on a v2 image without a backing file): v3 entries
+   *   get the zero flag (extended L2: every subcluster reads as zeros), their L2 table allocated
+   *   if missing; an allocated cluster keeps its host cluster (zero-allocated: QEMU's
+   *   QCOW2_CLUSTER_ZERO_ALLOC, COPIED kept) unless `mayUnmap`, a compressed one is always freed.
+   *   v2 has no zero flag: the clusters are discarded (unallocated, freed).
+   * - `'zero-free'`: reads as zeros and frees every host cluster (what a shrink leaves past the end).
+   * - `'discard'`: QEMU's discard (unallocated, or the zero flag on v3 where a backing file or old
+   *   data would otherwise show).
    */
-  async zeroOrDiscardClusters(guestOffset: number, length: number, mode: 'zero' | 'discard'): Promise<void> {
+  async zeroOrDiscardClusters(
+    guestOffset: number,
+    length: number,
+    mode: 'zero' | 'zero-free' | 'discard',
+    mayUnmap = false,
+  ): Promise<void> {
     const end = guestOffset + length;
     let position = guestOffset;
     while (position < end) {
       const l1Index = Math.floor(position / this.#bytesPerL1);
       const tableEnd = Math.min(end, (l1Index + 1) * this.#bytesPerL1);
-      await this.#zeroInTable(l1Index, position, tableEnd, mode);
+      await this.#zeroInTable(l1Index, position, tableEnd, mode, mayUnmap);
       position = tableEnd;
       // Table by table: a huge range never holds more than one table's slices over the cap.
       await this.#writeBackIfFull();
     }
     if (this.#hasDataFile) await this.#zeroDataFile(guestOffset, end);
+  }
+
+  /**
+   * QEMU's zeroize of a subcluster-aligned range (cluster-aligned without extended L2; the end may
+   * be the image's end) on a v3 image, or a v2 image without a backing file: the subclusters before
+   * the first whole cluster and after the last get their zero bits (their cluster keeps its host
+   * cluster, whatever `mayUnmap` says), whole clusters are zeroed as {@link zeroOrDiscardClusters}
+   * does. Returns false, having changed nothing, when a partial cluster's range lies in a
+   * compressed cluster (QEMU cannot zero part of one: the caller writes zeros instead).
+   */
+  async zeroize(guestOffset: number, length: number, mayUnmap: boolean): Promise<boolean> {
+    const clusterSize = this.#clusterSize;
+    const end = guestOffset + length;
+    const head = Math.min(end, Math.ceil(guestOffset / clusterSize) * clusterSize) - guestOffset;
+    const wholeStart = guestOffset + head;
+    const tail =
+      end >= this.#o.size() ? 0 : end - Math.max(wholeStart, Math.floor(end / clusterSize) * clusterSize);
+    const wholeEnd = end - tail;
+    if (head > 0 && (await this.#clusterType(guestOffset)) === 'compressed') return false;
+    if (tail > 0 && (await this.#clusterType(wholeEnd)) === 'compressed') return false;
+    if (head > 0) await this.#zeroSubclusters(guestOffset, head);
+    if (wholeEnd > wholeStart) {
+      await this.zeroOrDiscardClusters(wholeStart, wholeEnd - wholeStart, 'zero', mayUnmap);
+    }
+    if (tail > 0) await this.#zeroSubclusters(wholeEnd, tail);
+    return true;
+  }
+
+  /**
+   * Whether the (sub)cluster holding `guestOffset` may be zeroed as a whole when a write of zeros
+   * covers part of it (QEMU's test: it holds no data of this image, neither a data (sub)cluster nor
+   * a compressed cluster). The caller also checks that the rest of it reads as zeros.
+   */
+  async holdsNoData(guestOffset: number): Promise<boolean> {
+    const type = await this.#clusterType(guestOffset);
+    if (type === 'compressed') return false;
+    if (type !== 'normal') return true;
+    if (!this.#o.extendedL2) return false;
+    const ref = await this.#existingEntry(guestOffset);
+    if (ref === undefined) return true;
+    const sub = Math.floor((guestOffset % this.#clusterSize) / this.#subclusterSize);
+    return ((ref.slice.getUint32(ref.at + 12) >>> sub) & 1) === 0;
+  }
+
+  /** The L2 entry of guest cluster holding `guestOffset`, undefined when its table is missing. */
+  async #existingEntry(guestOffset: number): Promise<EntryRef | undefined> {
+    const l1Index = Math.floor(guestOffset / this.#bytesPerL1);
+    const l2Offset = this.#o.mapper.l2TableOffset(l1Index);
+    if (l2Offset === 0) return undefined;
+    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    return this.#entry(l2Offset, Math.floor(guestOffset / this.#clusterSize) - l1Index * clustersPerTable);
+  }
+
+  /** The cluster type of the guest cluster holding `guestOffset`. */
+  async #clusterType(guestOffset: number): Promise<ReturnType<typeof classifyL2Entry>> {
+    const ref = await this.#existingEntry(guestOffset);
+    if (ref === undefined) return 'unallocated';
+    return classifyL2Entry(
+      ref.slice.getUint32(ref.at),
+      ref.slice.getUint32(ref.at + 4),
+      this.#hasDataFile,
+      this.#o.extendedL2,
+    );
+  }
+
+  /**
+   * Sets the zero bits (and clears the allocation bits) of the subclusters of
+   * `[guestOffset, guestOffset + length)`, part of one cluster of an extended L2 image that is not
+   * compressed. The host cluster, if any, stays (its other subclusters may hold data).
+   */
+  async #zeroSubclusters(guestOffset: number, length: number): Promise<void> {
+    const l1Index = Math.floor(guestOffset / this.#bytesPerL1);
+    const l2Offset = await this.#l2ForWrite(l1Index);
+    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    const clusterIndex = Math.floor(guestOffset / this.#clusterSize);
+    const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
+    const first = (guestOffset - clusterIndex * this.#clusterSize) / this.#subclusterSize;
+    const count = length / this.#subclusterSize;
+    const mask = count >= 32 ? ALL_SUBCLUSTERS : ((2 ** count - 1) * 2 ** first) >>> 0;
+    const zeroBits = ref.slice.getUint32(ref.at + 8);
+    const allocBits = ref.slice.getUint32(ref.at + 12);
+    const newZero = (zeroBits | mask) >>> 0;
+    const newAlloc = (allocBits & ~mask) >>> 0;
+    if (newZero === zeroBits && newAlloc === allocBits) return;
+    ref.slice.setUint32(ref.at + 8, newZero);
+    ref.slice.setUint32(ref.at + 12, newAlloc);
+    this.#dirty(ref);
   }
 
   /**
@@ -695,10 +799,20 @@ export class WritePath {
     }
   }
 
-  async #zeroInTable(l1Index: number, start: number, end: number, mode: 'zero' | 'discard'): Promise<void> {
-    // Zeros over a backing file need an entry (the zero flag) even where nothing is allocated; so
-    // does a discard on a v3 image, as QEMU makes a discarded range read as zeros there.
-    const needTable = this.#o.hasBacking && (mode === 'zero' || this.#o.version === 3);
+  async #zeroInTable(
+    l1Index: number,
+    start: number,
+    end: number,
+    requested: 'zero' | 'zero-free' | 'discard',
+    mayUnmap: boolean,
+  ): Promise<void> {
+    // v2 has no zero flag: write zeroes there (no backing file: the caller makes sure) discards.
+    const mode = requested === 'zero' && this.#o.version === 2 ? 'zero-free' : requested;
+    // Zeros need an entry (the zero flag) even where nothing is allocated: QEMU's write zeroes on
+    // v3 always, a shrink over a backing file; so does a discard on a v3 image over a backing file,
+    // as QEMU makes a discarded range read as zeros there.
+    const needTable =
+      mode === 'zero' || (this.#o.hasBacking && (mode === 'zero-free' || this.#o.version === 3));
     const existing = this.#o.mapper.l2TableOffset(l1Index);
     if (existing === 0 && !needTable) return;
     const l2Offset = await this.#l2ForWrite(l1Index, needTable);
@@ -706,23 +820,40 @@ export class WritePath {
     const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
     const [firstCluster, endCluster] = this.#clusterSpan(start, end - start);
     const zeroFlagForZeroes = this.#o.hasBacking || this.#o.version === 3;
+    const zeroFlagLow = encodeL2Entry({ type: 'zero-plain' }).low;
     for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
       const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
       const high = ref.slice.getUint32(ref.at);
       const low = ref.slice.getUint32(ref.at + 4);
-      // A discard (QEMU's, not a full discard) leaves zeros on v3 where the backing file or the
-      // cluster's old data would otherwise show; elsewhere it leaves the entry unallocated.
-      const zeroFlag =
-        mode === 'zero'
-          ? zeroFlagForZeroes
-          : this.#o.version === 3 &&
-            (this.#o.hasBacking || isAllocated(high, low, this.#hasDataFile, this.#o.extendedL2));
-      const newHigh = 0;
+      let newHigh = 0;
       let newLow = 0;
       let zeroBits = 0;
-      if (zeroFlag) {
+      let release: boolean;
+      if (mode === 'zero') {
+        // QEMU's zero_in_l2_slice: a compressed cluster always goes (it cannot be zeroed in
+        // place); an allocated one only with may-unmap, else it keeps its host cluster (and
+        // COPIED, or its sharing with a snapshot) and reads as zeros by the flag.
+        const type = classifyL2Entry(high, low, this.#hasDataFile, this.#o.extendedL2);
+        release = type === 'compressed' || (mayUnmap && (type === 'normal' || type === 'zero-alloc'));
+        if (!release) {
+          newHigh = high;
+          newLow = low;
+        }
         if (this.#o.extendedL2) zeroBits = ALL_SUBCLUSTERS;
-        else newLow = encodeL2Entry({ type: 'zero-plain' }).low;
+        else newLow = (newLow | zeroFlagLow) >>> 0;
+      } else {
+        // A discard (QEMU's, not a full discard) leaves zeros on v3 where the backing file or the
+        // cluster's old data would otherwise show; elsewhere it leaves the entry unallocated.
+        const zeroFlag =
+          mode === 'zero-free'
+            ? zeroFlagForZeroes
+            : this.#o.version === 3 &&
+              (this.#o.hasBacking || isAllocated(high, low, this.#hasDataFile, this.#o.extendedL2));
+        if (zeroFlag) {
+          if (this.#o.extendedL2) zeroBits = ALL_SUBCLUSTERS;
+          else newLow = zeroFlagLow;
+        }
+        release = true;
       }
       const same =
         high === newHigh &&
@@ -730,7 +861,7 @@ export class WritePath {
         (!this.#o.extendedL2 ||
           (ref.slice.getUint32(ref.at + 8) === zeroBits && ref.slice.getUint32(ref.at + 12) === 0));
       if (same) continue;
-      this.#pendingFrees.push(...this.#releasesOf(ref));
+      if (release) this.#pendingFrees.push(...this.#releasesOf(ref));
       ref.slice.setUint32(ref.at, newHigh);
       ref.slice.setUint32(ref.at + 4, newLow);
       if (this.#o.extendedL2) {
