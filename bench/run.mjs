@@ -61,11 +61,13 @@ async function loadJobs() {
   return jobs;
 }
 
-/** JSON laid out as the repository's formatter lays it out (number arrays on one line), so
+/** JSON laid out as the repository's formatter lays it out (flat arrays on one line), so
  * `pnpm lint` stays clean after a run. */
 function toJson(value) {
   const text = JSON.stringify(value, (_key, v) => (typeof v === 'number' ? Number(v.toPrecision(6)) : v), 2);
-  return `${text.replace(/\[\s+([-+.\deE,\s]+?)\s+\]/g, (_m, body) => `[${body.split(/,\s*/).join(', ')}]`)}\n`;
+  const scalar = String.raw`(?:"[^"\n]*"|[-+.\deE]+)`;
+  const flat = new RegExp(String.raw`\[\s+(${scalar}(?:,\s+${scalar})*)\s+\]`, 'g');
+  return `${text.replace(flat, (_m, body) => `[${body.split(/,\n\s*/).join(', ')}]`)}\n`;
 }
 
 function median(values) {
