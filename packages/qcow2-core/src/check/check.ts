@@ -577,11 +577,7 @@ function countRefcountBlocks(
   refcounts: ComputedRefcounts,
   log: CheckLog,
 ): void {
-  for (
-    let index = stored.nextTableEntry(0);
-    index < stored.tableEntries;
-    index = stored.nextTableEntry(index + 1)
-  ) {
+  for (const index of stored.usedTableEntries()) {
     const high = stored.tableHigh(index);
     const low = stored.tableLow(index);
     if (reftableReservedBitsSet(low)) {

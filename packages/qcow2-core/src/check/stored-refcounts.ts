@@ -89,16 +89,16 @@ export class StoredRefcounts {
   }
 
   /**
-   * The index of the first non-zero refcount table entry at or after `from`, or
-   * {@link tableEntries} when none: tables are mostly zeros (a 64 KiB cluster of table has 8192
-   * entries; a 1 GiB image uses one), and this skips them without two calls per entry.
+   * The indexes of the refcount table's non-zero entries, in order. Tables are mostly zeros (a
+   * 64 KiB cluster of table has 8192 entries; a 1 GiB image uses one): they are skipped in a
+   * typed-array scan, without two calls per entry.
    */
-  nextTableEntry(from: number): number {
+  *usedTableEntries(): Generator<number> {
     this.words ??= new Uint32Array(this.table.buffer, this.table.byteOffset, this.tableEntries * 2);
     const words = this.words;
-    let index = from;
-    while (index < this.tableEntries && (words[index * 2]! | words[index * 2 + 1]!) === 0) index++;
-    return index;
+    for (let index = 0; index < this.tableEntries; index++) {
+      if ((words[index * 2]! | words[index * 2 + 1]!) !== 0) yield index;
+    }
   }
 
   /** The table as 32-bit words (in the machine's byte order: only compared with zero). */
@@ -176,11 +176,7 @@ export class StoredRefcounts {
     if (this.resident !== undefined) return;
     const { clusterSize } = this;
     const wanted: { blockIndex: number; hostOffset: number }[] = [];
-    for (
-      let blockIndex = this.nextTableEntry(0);
-      blockIndex < this.tableEntries;
-      blockIndex = this.nextTableEntry(blockIndex + 1)
-    ) {
+    for (const blockIndex of this.usedTableEntries()) {
       const high = this.tableHigh(blockIndex);
       const low = this.tableLow(blockIndex);
       const hostOffset = reftableEntryOffset(high, low);

@@ -277,7 +277,7 @@ export class ImageEdit {
     for (let k = 0; k < this.header.refcountTableClusters; k++) {
       old.push(this.header.refcountTableOffset + k * clusterSize);
     }
-    for (let index = 0; index < stored.tableEntries; index++) {
+    for (const index of stored.usedTableEntries()) {
       const hostOffset = entryOffset(stored.tableHigh(index), stored.tableLow(index));
       if (hostOffset !== 0) old.push(hostOffset);
     }
