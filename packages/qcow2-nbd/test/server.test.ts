@@ -505,6 +505,37 @@ describe('transmission', () => {
     },
   );
 
+  it('survives a client that leaves in the middle of a large WRITE payload', async () => {
+    let left!: () => void;
+    const disconnected = new Promise<void>((resolve) => {
+      left = resolve;
+    });
+    await start(undefined, { onDisconnect: () => left() });
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    // Half of a 512 KiB payload: the server is receiving it straight into its buffer.
+    const header = P.encodeRequestHeader({
+      magic: P.NBD_REQUEST_MAGIC,
+      flags: 0,
+      type: P.NBD_CMD_WRITE,
+      cookie: 1n,
+      offset: 0,
+      length: 512 * 1024,
+    });
+    client.socket.write(Buffer.concat([header, pattern(256 * 1024, 5)]));
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    client.destroy();
+    await disconnected;
+    expect(server.connections).toBe(0);
+    // Nothing of the unfinished write reached the device; the server still serves.
+    expect(Buffer.from(await device.read(0, 4096)).every((byte) => byte === 0)).toBe(true);
+    const next = await TestClient.connect(socketPath);
+    await next.open();
+    next.request(P.NBD_CMD_READ, 0, 512);
+    expect((await next.simpleReply(512)).error).toBe(0);
+    next.destroy();
+  });
+
   it('finishes requests in flight and flushes on close', async () => {
     let flushes = 0;
     let writeStarted!: () => void;
