@@ -48,7 +48,7 @@ export interface ConvertOptions {
 }
 
 /** qemu-img's default minimum run of zeros that becomes a hole (`-S 4k`). */
-export const SPARSE_BLOCK = 4096;
+const SPARSE_BLOCK = 4096;
 
 const DEFAULT_CHUNK = 2 * 2 ** 20;
 const DEFAULT_PARALLEL = 4;
@@ -253,8 +253,6 @@ export async function convertToRaw(
     let done = 0;
     const report = () => options.onProgress?.(done, size);
     report();
-    // An existing file: zero the guest's range in one go where that is cheap (a punched hole), so
-    // what follows is the same as for a new file. Otherwise zeros go where the source has them.
     const sparseSize = options.sparseSize ?? SPARSE_BLOCK;
     if (sparseSize === 0) {
       await copyAllocated(device, file, targetName, options, (length) => {
@@ -263,6 +261,8 @@ export async function convertToRaw(
       });
       return;
     }
+    // An existing file: zero the guest's range in one go where that is cheap (a punched hole), so
+    // what follows is the same as for a new file. Otherwise zeros go where the source has them.
     // With --target-is-zero the file is taken at its word: as for a new file, nothing is zeroed.
     const mustZero = noCreate && options.targetIsZero !== true;
     const zeroAhead = mustZero && file.capabilities.fastZero && size > 0;
@@ -339,7 +339,7 @@ async function copyAllocated(
   onDone: (length: number) => void,
 ): Promise<void> {
   const chunkSize = wholeBlocks(options.chunkSize, SPARSE_BLOCK);
-  const tasks = serialise(chunks(device, chunkSize, true, undefined));
+  const tasks = serialise(chunks(device, chunkSize));
   await runWorkers(options.parallel, chunkSize, async (buffer) => {
     const next = await tasks.next();
     if (next.done) return false;
@@ -350,23 +350,31 @@ async function copyAllocated(
       candidate !== undefined && hostOffset !== undefined && hostOffset + length <= candidate.size
         ? candidate
         : undefined;
-    try {
-      if (zero) await file.writeZeroes(offset, length);
-      else if (hostFile !== undefined && hostOffset !== undefined)
-        await hostFile.copyTo(file, hostOffset, offset, length);
-      else {
-        const view = buffer.subarray(0, length);
+    if (zero || hostFile === undefined || hostOffset === undefined) {
+      let view: Buffer | undefined;
+      if (!zero) {
+        // A failing read is the source's error, worded by the device (as in the default path).
+        view = buffer.subarray(0, length);
         await device.readInto(view, offset);
-        await file.write(offset, view);
       }
-    } catch (error) {
-      if (error instanceof CliError) throw error;
-      throw new CliError(
-        `error while writing at byte ${offset} of '${targetName}': ${describeError(error)}`,
-        {
-          cause: error,
-        },
-      );
+      try {
+        if (view === undefined) await file.writeZeroes(offset, length);
+        else await file.write(offset, view);
+      } catch (error) {
+        throw new CliError(
+          `error while writing at byte ${offset} of '${targetName}': ${describeError(error)}`,
+          { cause: error },
+        );
+      }
+    } else {
+      try {
+        await hostFile.copyTo(file, hostOffset, offset, length);
+      } catch (error) {
+        throw new CliError(
+          `error while copying to byte ${offset} of '${targetName}': ${describeError(error)}`,
+          { cause: error },
+        );
+      }
     }
     onDone(length);
     return true;
@@ -389,7 +397,7 @@ export async function convertToStream(
   report();
   const chunkSize = wholeBlocks(options.chunkSize, SPARSE_BLOCK);
   const zeros = Buffer.alloc(chunkSize);
-  const tasks = serialise(numbered(chunks(device, chunkSize, true, undefined)));
+  const tasks = serialise(numbered(chunks(device, chunkSize)));
   // Chunk n is written once chunk n - 1 has been: `turn(n)` settles when chunk n is written (or
   // rejects when it failed, so the chunks after it give up instead of waiting forever).
   const turns = new Map<number, { promise: Promise<void>; resolve(): void; reject(error: unknown): void }>();
@@ -485,7 +493,7 @@ async function runWorkers(
 interface Chunk {
   readonly offset: number;
   readonly length: number;
-  /** The range reads as zeros (only handed out when zero chunks are asked for). */
+  /** The range reads as zeros. */
   readonly zero: boolean;
   /** Where the chunk's bytes start in the answering layer's storage, when stored in order there
    * uncompressed (from the extent's `hostOffset`). */
@@ -494,22 +502,10 @@ interface Chunk {
   readonly depth: number;
 }
 
-/**
- * The ranges of `device` cut into chunks that start on `chunkSize` boundaries of the guest. Zero
- * ranges are handed out as chunks too with `withZeros`, else reported to `onZero`.
- */
-async function* chunks(
-  device: BlockDevice,
-  chunkSize: number,
-  withZeros: boolean,
-  onZero: ((offset: number, length: number) => Promise<void>) | undefined,
-): AsyncGenerator<Chunk> {
+/** Every range of `device`, zeros included, cut into chunks on `chunkSize` boundaries of the guest. */
+async function* chunks(device: BlockDevice, chunkSize: number): AsyncGenerator<Chunk> {
   for await (const extent of walkExtents(device, 0, device.size)) {
     const end = extent.offset + extent.length;
-    if (extent.zero && !withZeros) {
-      await onZero?.(extent.offset, extent.length);
-      continue;
-    }
     let offset = extent.offset;
     while (offset < end) {
       const chunkEnd = Math.min(end, offset - (offset % chunkSize) + chunkSize);
