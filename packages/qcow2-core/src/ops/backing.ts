@@ -286,7 +286,7 @@ export async function commitToBacking(options: CommitOptions): Promise<number> {
       if (!isZeroAt(own, offset)) await overlay.readInto(buffer.subarray(0, length), offset, { signal });
     },
     async (offset, length, buffer) => {
-      if (isZeroAt(own, offset)) await backing.writeZeroes(offset, length, { signal });
+      if (isZeroAt(own, offset)) await backing.writeZeroes(offset, length, { mayUnmap: true, signal });
       else await backing.write(offset, buffer.subarray(0, length), { signal });
       written += length;
       options.onProgress?.(written, total);
