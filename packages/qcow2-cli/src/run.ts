@@ -5,15 +5,16 @@
  * Start-up is part of every command's time, so nothing heavy loads before it is needed: commander
  * and each subcommand's module are imported when used (`import()` in the actions), the format
  * names come from a module of their own (not the engine), and `--version` and plain `qcow2
- * convert`, `create`, `info`, `check`, `map` and `snapshot` command lines (see `convertFastPath`
- * and commands/fast-paths.ts) run without commander at all. Anything those fast paths do not
+ * convert`, `create`, `info`, `check`, `map` and `snapshot` command lines (see
+ * commands/fast-paths.ts) run without commander at all. Anything those fast paths do not
  * recognise goes through commander, so messages stay the same.
  */
 import type { Command } from 'commander';
 import { registerBitmapCommand } from './commands/bitmap.js';
-import { convertFastPath, parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
+import { parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
 import {
   checkFastPath,
+  convertFastPath,
   createFastPath,
   infoFastPath,
   mapFastPath,
@@ -48,11 +49,6 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
       io.stdout.write(`${VERSION}\n`);
       return 0;
     }
-    const fastConvert = argv[0] === 'convert' ? convertFastPath(argv.slice(1)) : undefined;
-    if (fastConvert !== undefined) {
-      const { convertCommand } = await import('./commands/convert.js');
-      return await convertCommand(context, fastConvert.source, fastConvert.target, fastConvert.options);
-    }
     const fast = await runFastPath(context, argv);
     if (fast !== undefined) return fast;
     commander = await import('commander');
@@ -76,6 +72,12 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
 async function runFastPath(context: CommandContext, argv: readonly string[]): Promise<number | undefined> {
   const args = argv.slice(1);
   switch (argv[0]) {
+    case 'convert': {
+      const line = convertFastPath(args);
+      if (line === undefined) return undefined;
+      const { convertCommand } = await import('./commands/convert.js');
+      return await convertCommand(context, line.source, line.target, line.options);
+    }
     case 'create': {
       const line = createFastPath(args);
       if (line === undefined) return undefined;

@@ -3,71 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { convertFastPath } from '../src/commands/convert-args.js';
 import { type CliIo, run } from '../src/index.js';
-
-describe('convertFastPath (qcow2 convert without commander)', () => {
-  test('the usual spellings', () => {
-    expect(convertFastPath(['-f', 'qcow2', '-O', 'raw', 'a.qcow2', 'b.raw'])).toEqual({
-      source: 'a.qcow2',
-      target: 'b.raw',
-      options: {
-        format: 'qcow2',
-        outputFormat: 'raw',
-        snapshot: undefined,
-        progress: false,
-        forceShare: false,
-        noCreate: false,
-      },
-    });
-    const line = convertFastPath(['-p', '-U', 'a', '-l', 'snapshot.name=s1', 'b', '--debug']);
-    expect(line?.options).toMatchObject({
-      format: undefined,
-      outputFormat: 'raw',
-      snapshot: { name: 's1' },
-      progress: true,
-      forceShare: true,
-    });
-    expect(convertFastPath(['-p', '-q', '--force-share', '-s', '2', 'a', 'b'])?.options).toMatchObject({
-      progress: false,
-      forceShare: true,
-      snapshot: { idOrName: '2' },
-    });
-  });
-
-  test('-n and a target of - (stdout)', () => {
-    expect(convertFastPath(['-n', '-O', 'raw', 'a.qcow2', 'b.raw'])?.options.noCreate).toBe(true);
-    expect(convertFastPath(['-O', 'raw', 'a.qcow2', '-'])).toMatchObject({ source: 'a.qcow2', target: '-' });
-    expect(convertFastPath(['-p', 'a.qcow2', '-'])?.options).toMatchObject({
-      progress: true,
-      noCreate: false,
-    });
-  });
-
-  test('anything unusual is left to commander', () => {
-    for (const args of [
-      ['a'],
-      ['a', 'b', 'c'],
-      ['-Oraw', 'a', 'b'],
-      ['-pq', 'a', 'b'],
-      ['--help'],
-      ['-f', 'vmdk', 'a', 'b'],
-      ['-O', 'qcow2', 'a', 'b'],
-      ['-O', 'vmdk', 'a', 'b'],
-      ['-f', '-O', 'a', 'b'],
-      ['a', 'b', '-f'],
-      ['--output=json', 'a', 'b'],
-      ['--', 'a', 'b'],
-      ['-x', 'a', 'b'],
-    ]) {
-      expect(convertFastPath(args), args.join(' ')).toBeUndefined();
-    }
-  });
-
-  test('snapshot options are checked as commander does', () => {
-    expect(() => convertFastPath(['-l', 'a', '-s', 'b', 'x', 'y'])).toThrow(/together/);
-  });
-});
 
 describe('run(): convert with and without commander', () => {
   let dir: string;

@@ -1,5 +1,5 @@
 /**
- * `qcow2 create`, `info`, `check`, `map` and `snapshot` without commander: the fast paths must hand
+ * `qcow2 convert`, `create`, `info`, `check`, `map` and `snapshot` without commander: the fast paths must hand
  * the commands exactly what commander's actions hand them, and leave everything unusual to
  * commander. The commands are replaced by spies; each command line runs once as given (fast path)
  * and once behind a leading `--debug` (which only commander parses).
@@ -7,6 +7,7 @@
 import { beforeEach, describe, expect, test, vi } from 'vitest';
 import {
   checkFastPath,
+  convertFastPath,
   createFastPath,
   infoFastPath,
   mapFastPath,
@@ -16,11 +17,18 @@ import type { CliIo } from '../src/io.js';
 import { run } from '../src/run.js';
 
 const calls = vi.hoisted(() => ({
+  convert: [] as unknown[][],
   create: [] as unknown[][],
   info: [] as unknown[][],
   check: [] as unknown[][],
   map: [] as unknown[][],
   snapshot: [] as unknown[][],
+}));
+vi.mock('../src/commands/convert.js', () => ({
+  convertCommand: async (_context: unknown, ...args: unknown[]) => {
+    calls.convert.push(args);
+    return 0;
+  },
 }));
 vi.mock('../src/commands/create.js', () => ({
   createCommand: async (_context: unknown, ...args: unknown[]) => {
@@ -76,7 +84,34 @@ async function bothWays(command: keyof typeof calls, args: string[]): Promise<un
   return calls[command][0]!;
 }
 
-describe('createFastPath and infoFastPath agree with commander', () => {
+describe('the fast paths agree with commander', () => {
+  test.each([
+    [['-f', 'qcow2', '-O', 'raw', 'a.qcow2', 'b.raw']],
+    [['a.qcow2', '-']],
+    [['-p', '-U', 'a', '-l', 'snapshot.name=s1', 'b', '--debug']],
+    [['-p', '-q', '--force-share', '-s', '2', 'a', 'b']],
+    [['-n', '-S', '64k', '-O', 'raw', '-O', 'raw', 'a', 'b']],
+    [['-S', '0', '-l', '3', '-f', 'raw', 'a', 'b']],
+  ])('convert %j', async (args) => {
+    const fast = convertFastPath(args);
+    expect(fast).toBeDefined();
+    expect(await bothWays('convert', args)).toEqual([fast!.source, fast!.target, fast!.options]);
+  });
+
+  test('convert: -l with -s fails the same way on both paths', async () => {
+    const err: string[] = [];
+    const failing: CliIo = { ...io, stderr: { write: (chunk) => void err.push(chunk) } };
+    const args = ['convert', '-l', 'a', '-s', 'b', 'x', 'y'];
+    expect(() => convertFastPath(args.slice(1))).toThrow(/together/);
+    expect(await run(args, failing)).toBe(1);
+    expect(await run(['--debug', ...args], failing)).toBe(1);
+    expect(err.filter((line) => line.startsWith('qcow2:'))).toEqual([
+      'qcow2: -l and -s cannot be used together\n',
+      'qcow2: -l and -s cannot be used together\n',
+    ]);
+    expect(calls.convert).toHaveLength(0);
+  });
+
   test.each([
     [['disk.qcow2', '1P']],
     [['-f', 'qcow2', 'disk.qcow2', '1P']],
@@ -85,6 +120,7 @@ describe('createFastPath and infoFastPath agree with commander', () => {
     [['-b', 'base.qcow2', '-F', 'qcow2', 'overlay.qcow2']],
     [['-u', '-b', 'base', '-F', 'raw', 'o', '1M', '--debug']],
     [['-o', '', 'disk', '0']],
+    [['-', '1M']],
   ])('create %j', async (args) => {
     const fast = createFastPath(args);
     expect(fast).toBeDefined();
@@ -161,6 +197,26 @@ describe('createFastPath and infoFastPath agree with commander', () => {
 
   test('anything unusual is left to commander', () => {
     for (const args of [
+      ['a'],
+      ['a', 'b', 'c'],
+      ['-Oraw', 'a', 'b'],
+      ['-pq', 'a', 'b'],
+      ['--help'],
+      ['-f', 'vmdk', 'a', 'b'],
+      ['-O', 'qcow2', 'a', 'b'],
+      ['-O', 'vmdk', 'a', 'b'],
+      ['-f', '-O', 'a', 'b'],
+      ['a', 'b', '-f'],
+      ['-S', '1000', 'a', 'b'],
+      ['-m', '8', 'a', 'b'],
+      ['--target-is-zero', '-n', 'a', 'b'],
+      ['--output=json', 'a', 'b'],
+      ['--', 'a', 'b'],
+      ['-x', 'a', 'b'],
+    ]) {
+      expect(convertFastPath(args), `convert ${args.join(' ')}`).toBeUndefined();
+    }
+    for (const args of [
       [],
       ['a', '1M', 'extra'],
       ['-fqcow2', 'a', '1M'],
@@ -174,7 +230,6 @@ describe('createFastPath and infoFastPath agree with commander', () => {
       ['-U', 'a', '1M'],
       ['--output=json', 'a', '1M'],
       ['--debug=1', 'a'],
-      ['-', '1M'],
     ]) {
       expect(createFastPath(args), `create ${args.join(' ')}`).toBeUndefined();
     }

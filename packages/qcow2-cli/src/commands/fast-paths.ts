@@ -1,16 +1,20 @@
 /**
- * `qcow2 create`, `info`, `check`, `map` and `snapshot` command lines without commander: loading
- * commander, building every subcommand's definition and parsing is ~2-3 ms of every start (for
- * `create`, a good part of the command).
- * As `convertFastPath` (convert-args.ts): only the plain spellings are parsed here (each flag and
- * its value their own arguments, `--output=FMT` too); anything else (bundled or attached flags,
- * `--help`, an unknown option, a value that looks like an option, a wrong number of arguments, an
- * unknown format) returns undefined and goes to commander, which words every error: the fast path
- * never reports one itself. What it returns is what commander's actions pass to the commands.
+ * `qcow2 convert` (-O raw), `create`, `info`, `check`, `map` and `snapshot` command lines without
+ * commander: loading commander, building every subcommand's definition and parsing is ~2-3 ms of
+ * every start (for `create`, a good part of the command).
+ * Only the plain spellings are parsed here (each flag and its value their own arguments,
+ * `--output=FMT` too; `-` is an operand, as for commander); anything else (bundled or attached
+ * flags, `--help`, an unknown option, a value that looks like an option, a wrong number of
+ * arguments, an unknown format, a value commander's parser would refuse) returns undefined and
+ * goes to commander, which words those errors. What a fast path returns is what commander's action
+ * passes to the command (test/fast-paths.test.ts runs every accepted line both ways); the only
+ * errors raised here are the ones that action raises itself (`-l` with `-s`).
  */
 import { IMAGE_FORMATS, type ImageFormat } from '../image-formats.js';
 import { parseSize } from '../size.js';
 import type { CheckCommandOptions } from './check.js';
+import type { ConvertOptions } from './convert.js';
+import { parseSnapshotOption, parseSparseSize } from './convert-args.js';
 import type { CreateCommandOptions } from './create.js';
 import type { InfoOptions } from './info.js';
 import type { MapOptions } from './map.js';
@@ -50,7 +54,7 @@ function parse(
       values.set(arg, [...(values.get(arg) ?? []), value]);
     } else if (flagNames.has(arg)) {
       flags.add(arg);
-    } else if (arg.startsWith('-')) {
+    } else if (arg.startsWith('-') && arg !== '-') {
       return undefined;
     } else {
       operands.push(arg);
@@ -107,6 +111,49 @@ function imageOptions(
 }
 
 const COMMON_FLAGS = ['-U', '--force-share', '--debug'];
+
+const CONVERT_WITH_VALUE: ReadonlySet<string> = new Set(['-f', '-O', '-l', '-s', '-S']);
+const CONVERT_FLAGS: ReadonlySet<string> = new Set([...COMMON_FLAGS, '-n', '-p', '-q']);
+
+export interface ConvertCommandLine {
+  readonly source: string;
+  /** `-`: stdout. */
+  readonly target: string;
+  readonly options: ConvertOptions;
+}
+
+/**
+ * `args` are the arguments after `convert`; undefined when commander has to look at them. Only raw
+ * output is parsed here: `-O qcow2` (another command's options) goes to commander.
+ */
+export function convertFastPath(args: readonly string[]): ConvertCommandLine | undefined {
+  const parsed = parse(args, CONVERT_WITH_VALUE, CONVERT_FLAGS);
+  if (parsed === undefined || parsed.operands.length !== 2) return undefined;
+  const format = last(parsed, '-f');
+  if (format !== undefined && !(IMAGE_FORMATS as readonly string[]).includes(format)) return undefined;
+  if ((last(parsed, '-O') ?? 'raw') !== 'raw') return undefined;
+  const sparse = last(parsed, '-S');
+  let sparseSize: number | undefined;
+  try {
+    if (sparse !== undefined) sparseSize = parseSparseSize(sparse);
+  } catch {
+    return undefined; // commander words the error
+  }
+  return {
+    source: parsed.operands[0]!,
+    target: parsed.operands[1]!,
+    options: {
+      format: format as ImageFormat | undefined,
+      outputFormat: 'raw',
+      snapshot: parseSnapshotOption(last(parsed, '-l'), last(parsed, '-s')),
+      progress: parsed.flags.has('-p') && !parsed.flags.has('-q'),
+      forceShare: parsed.flags.has('-U') || parsed.flags.has('--force-share'),
+      noCreate: parsed.flags.has('-n'),
+      targetIsZero: false,
+      ...(sparseSize === undefined ? {} : { sparseSize }),
+    },
+  };
+}
 
 const INFO_WITH_VALUE: ReadonlySet<string> = new Set(['-f', '--output']);
 const INFO_FLAGS: ReadonlySet<string> = new Set([...COMMON_FLAGS, '--backing-chain']);
