@@ -206,6 +206,47 @@ describe('bitmap table codec', () => {
   });
 });
 
+describe('readStoredBitmap on a directory entry as read from the file', () => {
+  const entry = {
+    name: 'b',
+    tableOffset: 65536,
+    tableSize: 1,
+    flags: 0,
+    type: 1,
+    granularityBits: 16,
+    granularity: 65536,
+    inUse: false,
+    auto: false,
+    extraDataSize: 0,
+  };
+  const image = (overrides: Partial<typeof entry>) => ({
+    file: new MemoryBlockDevice(131072),
+    size: 2 ** 40,
+    clusterSize: 65536,
+    bitmapDirectory: [{ ...entry, ...overrides }],
+  });
+
+  it("refuses fields past QEMU's caps with ECORRUPT before reading or allocating by them", async () => {
+    const cases: [Partial<typeof entry>, RegExp][] = [
+      [{ tableSize: 0xffff_ffff }, /table of 4294967295 entries is too large/],
+      [{ granularityBits: 0, granularity: 1 }, /granularity bits 0/],
+      [{ tableOffset: 65537 }, /not cluster-aligned/],
+      [{ type: 2 }, /not a dirty tracking bitmap/],
+      [{ tableSize: 1, granularityBits: 9, granularity: 512 }, /too small for the image/],
+    ];
+    for (const [overrides, why] of cases) {
+      const error = await readStoredBitmap(image(overrides), 'b').catch((caught: unknown) => caught);
+      expect(error).toMatchObject({ code: 'ECORRUPT', message: expect.stringMatching(why) });
+    }
+  });
+
+  it('reads a valid entry (an all-zeros table: no bit set)', async () => {
+    const stored = await readStoredBitmap(image({ tableSize: 32 }), 'b');
+    expect(stored.bitCount).toBe(2 ** 24);
+    expect(stored.bits.every((byte) => byte === 0)).toBe(true);
+  });
+});
+
 type Op = { kind: 'write' | 'zero' | 'discard'; offset: number; length: number };
 
 async function apply(image: Qcow2Image, ops: readonly Op[]): Promise<void> {

@@ -4,7 +4,7 @@
  * ceil(guest size / granularity / 8) bytes: QEMU caps that at 512 MiB (BME_MAX_PHYS_SIZE).
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
-import type { Qcow2BitmapEntry } from '../format/bitmap-directory.js';
+import { bitmapEntryProblem, type Qcow2BitmapEntry } from '../format/bitmap-directory.js';
 import { BITMAP_TABLE_ONES, BITMAP_TABLE_ZEROS, decodeBitmapTable } from './bitmap-table.js';
 
 export interface StoredBitmap {
@@ -34,14 +34,15 @@ export async function readStoredBitmap(
     throw new BlockDeviceError('EINVAL', `bitmap '${name}': it is in use (inconsistent) and cannot be read`);
   }
   const { file, clusterSize } = image;
+  // The entry comes from the file as it was read (a read-only image's directory is not validated
+  // at open): QEMU's caps bound the table read and the bits allocated below.
+  const problem = bitmapEntryProblem(entry, clusterSize, image.size);
+  if (problem !== undefined) {
+    throw new BlockDeviceError('ECORRUPT', `bitmap '${name}': ${problem}`, { offset: entry.tableOffset });
+  }
   const bitCount = Math.ceil(image.size / entry.granularity);
   const byteCount = Math.ceil(bitCount / 8);
   const needed = Math.ceil(byteCount / clusterSize);
-  if (entry.tableSize < needed) {
-    throw new BlockDeviceError('ECORRUPT', `bitmap '${name}': its table is too small for the image`, {
-      offset: entry.tableOffset,
-    });
-  }
   const table = decodeBitmapTable(
     await file.read(entry.tableOffset, entry.tableSize * 8),
     entry.tableSize,
