@@ -6,6 +6,7 @@
 import type { BlockDevice } from '@qcowkit/blockdev';
 import { BlockDeviceError } from '@qcowkit/blockdev';
 import { hasPersistentBitmaps, resizeWithBitmaps } from '../bitmaps/resize-with-bitmaps.js';
+import { loadHeader } from '../check/check.js';
 import { classifyL2Entry, decodeCompressedDescriptor, entryOffset } from '../check/entries.js';
 import { QCOW_MAX_L1_SIZE, sizeToL1 } from '../format/geometry.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from './image-edit.js';
@@ -31,27 +32,30 @@ export async function resizeImage(
     throw new BlockDeviceError('EINVAL', `qcow2 resize: the new size must be a multiple of 512 (${newSize})`);
   }
   const size = newSize;
-  const edit = await ImageEdit.open(file, options);
-  const { header, clusterSize } = edit;
-  if (size < header.size) {
+  const head = await loadHeader(file, options.signal === undefined ? {} : { signal: options.signal });
+  if (size < head.size) {
     if (options.shrink !== true) {
       throw new BlockDeviceError(
         'EINVAL',
         'qcow2 resize: use the shrink option to shrink the image (data past the new end is lost)',
       );
     }
-    if (header.nbSnapshots > 0) {
+    if (head.nbSnapshots > 0) {
       throw new BlockDeviceError(
         'EUNSUPPORTED',
         'qcow2 resize: cannot shrink an image with internal snapshots',
       );
     }
-    if (hasPersistentBitmaps(header)) return resizeWithBitmaps(file, size);
+  }
+  // Persistent bitmaps follow the size: the engine resizes and stores them (or refuses, as QEMU),
+  // so the offline edit's opening check is not run for them.
+  if (hasPersistentBitmaps(head)) return resizeWithBitmaps(file, size);
+  const edit = await ImageEdit.open(file, options);
+  const { header, clusterSize } = edit;
+  if (size < header.size) {
     await shrink(edit, size);
     return;
   }
-  // Persistent bitmaps follow the size: the engine resizes and stores them (or refuses, as QEMU).
-  if (hasPersistentBitmaps(header)) return resizeWithBitmaps(file, size);
   const l1Needed = sizeToL1(size, clusterSize, edit.extendedL2);
   if (l1Needed * 8 > QCOW_MAX_L1_SIZE) {
     throw new BlockDeviceError('EINVAL', `qcow2 resize: ${size} bytes need an L1 table larger than 32 MiB`);
