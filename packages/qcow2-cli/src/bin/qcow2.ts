@@ -36,13 +36,16 @@ function stderrStream(): NodeJS.WriteStream {
 /**
  * Text goes straight to the file descriptor with blocking writes, in order, as Node's own stdio
  * streams write to files, pipes and terminals on Linux. A descriptor that would block (a
- * non-blocking pipe that is full) hands the rest, and everything after, to the stream.
+ * non-blocking pipe that is full) hands the rest, and everything after, to the stream; so does a
+ * stream made for other reasons (`convert ... -`'s binary output), which may still hold bytes a
+ * direct write would overtake.
  */
-function textOutput(fd: 1 | 2, stream: () => NodeJS.WriteStream): CliOutput {
+function textOutput(fd: 1 | 2, stream: () => NodeJS.WriteStream, streamMade: () => boolean): CliOutput {
   let streamed = false;
   return {
     write(chunk) {
-      if (streamed) {
+      if (streamed || streamMade()) {
+        streamed = true;
         stream().write(chunk);
         return;
       }
@@ -61,8 +64,8 @@ function textOutput(fd: 1 | 2, stream: () => NodeJS.WriteStream): CliOutput {
 
 // No top-level await: the bundle is a CommonJS file (see scripts/bundle-bin.mjs --code-cache).
 void run(process.argv.slice(2), {
-  stdout: textOutput(1, stdoutStream),
-  stderr: textOutput(2, stderrStream),
+  stdout: textOutput(1, stdoutStream, () => stdout !== undefined),
+  stderr: textOutput(2, stderrStream, () => stderr !== undefined),
   get stdoutStream() {
     return stdoutStream();
   },
