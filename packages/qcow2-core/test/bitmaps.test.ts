@@ -485,8 +485,13 @@ describe.skipIf(!haveQemu)('images with persistent bitmaps, written beside QEMU'
       bitmaps.clear('b0');
       expect(() => bitmaps.add('d')).toThrow('Bitmap already exists: d');
       expect(() => bitmaps.clear('nope')).toThrow("Dirty bitmap 'nope' not found");
-      expect(() => bitmaps.add('x', { granularity: 1000 })).toThrow(
-        'Granularity must be power of 2 and at least 512',
+      for (const granularity of [1000, 256, 3 * 2 ** 32, Number.NaN]) {
+        expect(() => bitmaps.add('x', { granularity })).toThrow(
+          'Granularity must be power of 2 and at least 512',
+        );
+      }
+      expect(() => bitmaps.add('x', { granularity: 2 ** 32 })).toThrow(
+        'Granularity exceeds maximum (2147483648 bytes)',
       );
       await image.write(9 << 20, new Uint8Array(512).fill(2));
     });

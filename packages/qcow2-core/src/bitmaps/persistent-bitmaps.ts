@@ -33,7 +33,6 @@ import {
   bitmapDirectorySize,
   bitmapEntryProblem,
   bitmapTableSize,
-  decodeBitmapDirectory,
   encodeBitmapDirectory,
   QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
   QCOW2_MAX_BITMAPS,
@@ -206,13 +205,11 @@ export class PersistentBitmaps {
     if (this.#entries.some((entry) => entry.name === name))
       this.#fail('EINVAL', `Bitmap already exists: ${name}`);
     const granularity = options.granularity ?? Math.max(4096, this.#clusterSize);
-    if (!Number.isSafeInteger(granularity) || granularity < 512 || (granularity & (granularity - 1)) !== 0) {
-      if (granularity > 2 ** BME_MAX_GRANULARITY_BITS && Number.isSafeInteger(Math.log2(granularity))) {
-        this.#fail('EINVAL', `Granularity exceeds maximum (${2 ** BME_MAX_GRANULARITY_BITS} bytes)`);
-      }
+    // An integer log2 up to 31 only comes from an exact power of 2 (no bitwise test: it is 32-bit).
+    const granularityBits = Math.log2(granularity);
+    if (!Number.isInteger(granularityBits) || granularity < 512) {
       this.#fail('EINVAL', 'Granularity must be power of 2 and at least 512');
     }
-    const granularityBits = Math.log2(granularity);
     if (granularityBits > BME_MAX_GRANULARITY_BITS) {
       this.#fail('EINVAL', `Granularity exceeds maximum (${2 ** BME_MAX_GRANULARITY_BITS} bytes)`);
     }
@@ -352,27 +349,23 @@ export class PersistentBitmaps {
     return decodeBitmapTable(bytes, entry.tableSize, this.#clusterSize, file.size, entry.tableOffset);
   }
 
-  /** Sets `in_use` on the consistent bitmaps' entries, in place, durable before any write. */
+  /**
+   * Sets `in_use` on every entry, in place, durable before any write. The entries were validated by
+   * {@link open} (type 1, no extra data, no reserved flag), so encoding them gives the directory's
+   * bytes with only the flag changed (and zeros as padding).
+   */
   async #markInUse(): Promise<void> {
     const { file, metadata } = this.#context;
-    const extension = this.#context.header().extensions.bitmaps!;
-    const bytes = await file.read(extension.bitmapDirectoryOffset, extension.bitmapDirectorySize);
-    const view = viewOf(bytes);
-    let at = 0;
-    for (let index = 0; index < this.#entries.length; index++) {
-      const flags = view.getUint32(at + 12);
-      view.setUint32(at + 12, (flags | BME_FLAG_IN_USE) >>> 0);
-      at = Math.ceil((at + 24 + view.getUint32(at + 20) + view.getUint16(at + 18)) / 8) * 8;
-    }
-    metadata.check(
-      extension.bitmapDirectoryOffset,
-      bytes.length,
-      'bitmap-directory',
-      'bitmap directory write',
-    );
-    await file.write(extension.bitmapDirectoryOffset, bytes);
+    const directoryOffset = this.#context.header().extensions.bitmaps!.bitmapDirectoryOffset;
+    this.#entries = this.#entries.map((entry) => ({
+      ...entry,
+      flags: (entry.flags | BME_FLAG_IN_USE) >>> 0,
+      inUse: true,
+    }));
+    const bytes = encodeBitmapDirectory(this.#entries);
+    metadata.check(directoryOffset, bytes.length, 'bitmap-directory', 'bitmap directory write');
+    await file.write(directoryOffset, bytes);
     await file.flush();
-    this.#entries = decodeBitmapDirectory(bytes, this.#entries.length, extension.bitmapDirectoryOffset);
     this.#context.setDirectory(this.#entries);
   }
 
@@ -520,8 +513,7 @@ export class PersistentBitmaps {
       }
     }
     await refcounts.commit();
-    this.#entries =
-      directory === undefined ? [] : decodeBitmapDirectory(directory, next.length, directoryOffset);
+    this.#entries = next;
     this.#removed.length = 0;
     this.#listChanged = false;
     for (const bitmap of this.#bitmaps.values()) bitmap.stored();
