@@ -50,6 +50,7 @@ import { createHash } from 'node:crypto';
 import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { basename, dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { build } from 'esbuild';
 
@@ -146,17 +147,12 @@ const lazyChildProcess = {
 };
 
 /**
- * koffi's own entry finds its prebuilt binary by reading the ELF header of the node executable
- * (glibc or musl), resolves and loads three modules on the way, then wraps a few functions with
- * deprecation warnings: ~7 ms of every start that opens a file, against ~1.5 ms for loading the
- * binary itself. In the CommonJS bundle, `createRequire` (how blockdev's libc.ts loads koffi) comes
- * from a stand-in whose `require('koffi')` loads `@koromix/koffi-PLATFORM-ARCH/PLATFORM_ARCH/
- * koffi.node` (the package koffi installs next to itself) directly when it is there, is the
- * version of the installed koffi and the system is not musl-based; anything else (another layout,
- * a mismatch, a failure) goes through koffi's own entry. blockdev uses only the binary's own API
- * (load, func, errno, os.errno), which the wrapper does not change. Only blockdev's libc.js gets the
- * stand-in (it exports createRequire alone).
+ * In the CommonJS bundle, `createRequire` (how blockdev's libc.ts loads koffi) comes from
+ * scripts/koffi-stand-in.cjs, whose `require('koffi')` loads koffi's prebuilt binary directly where
+ * it can and goes through koffi's entry otherwise (that file says why and when). Only blockdev's
+ * libc.js gets the stand-in (it imports createRequire alone from node:module).
  */
+const KOFFI_STAND_IN = fileURLToPath(new URL('./koffi-stand-in.cjs', import.meta.url));
 const fastKoffi = {
   name: 'fast-koffi',
   setup(esbuild) {
@@ -174,46 +170,8 @@ const fastKoffi = {
           'bundle-bin: blockdev no longer imports node:module in libc.js: koffi loads the slow way',
         );
     });
-    esbuild.onLoad({ filter: /.*/, namespace: 'fast-koffi' }, () => ({
-      contents: `const { existsSync, readFileSync, realpathSync } = require('node:fs');
-const { dirname, join } = require('node:path');
-const { fileURLToPath } = require('node:url');
-const MUSL_LOADER = { x64: '/lib/ld-musl-x86_64.so.1', arm64: '/lib/ld-musl-aarch64.so.1' };
-// The koffi folder as require finds it (node_modules of this folder or one above, symbolic links
-// resolved: pnpm installs the binary's package next to koffi's real folder), without require's
-// own resolution, which loads its package-exports machinery (~2 ms).
-function koffiFolder(from) {
-  for (let dir = from; ; dir = dirname(dir)) {
-    const candidate = join(dir, 'node_modules', 'koffi');
-    if (!dir.endsWith('/node_modules') && existsSync(join(candidate, 'package.json'))) return realpathSync.native(candidate);
-    if (dirname(dir) === dir) return undefined;
-  }
-}
-function loadKoffiBinary(real, from) {
-  const { platform, arch } = process;
-  if (platform !== 'linux' || MUSL_LOADER[arch] === undefined || existsSync(MUSL_LOADER[arch])) return undefined;
-  try {
-    const root = koffiFolder(dirname(from.startsWith('file:') ? fileURLToPath(from) : from));
-    if (root === undefined) return undefined;
-    const { version } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
-    const native = real(join(root, '..', '@koromix', \`koffi-\${platform}-\${arch}\`, \`\${platform}_\${arch}\`, 'koffi.node'));
-    return native !== null && typeof native === 'object' && native.version === version ? native : undefined;
-  } catch {
-    return undefined;
-  }
-}
-// node:module itself only when something other than koffi's binary is asked for (~0.3 ms).
-const builtin = () => require('node:module');
-module.exports = {
-  createRequire(from) {
-    let real;
-    const load = () => (real ??= builtin().createRequire(from));
-    const wrapped = (id) => (id === 'koffi' ? (loadKoffiBinary(require, String(from)) ?? load()(id)) : load()(id));
-    wrapped.resolve = (request, options) => load().resolve(request, options);
-    return wrapped;
-  },
-};
-`,
+    esbuild.onLoad({ filter: /.*/, namespace: 'fast-koffi' }, async () => ({
+      contents: await readFile(KOFFI_STAND_IN, 'utf8'),
       loader: 'js',
       resolveDir: packageDir,
     }));
