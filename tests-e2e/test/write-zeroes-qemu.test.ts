@@ -29,6 +29,8 @@ interface Case {
   readonly snapshot?: boolean;
   readonly offset: number;
   readonly length: number;
+  /** Writes after the zeroing ([offset, length, byte]): qemu-io on QEMU's copy, the library on ours. */
+  readonly thenWrite?: readonly (readonly [number, number, number])[];
 }
 
 const DATA = ['write -P 1 0 256k'];
@@ -119,6 +121,16 @@ const CASES: readonly Case[] = [
     length: 128 * KiB,
   },
   {
+    name: 'zero-allocated clusters written again (their host clusters reused)',
+    setup: DATA,
+    offset: 0,
+    length: 192 * KiB,
+    thenWrite: [
+      [4 * KiB, 4 * KiB, 2],
+      [64 * KiB, 64 * KiB, 3],
+    ],
+  },
+  {
     name: 'lazy refcounts',
     create: ['-o', 'lazy_refcounts=on'],
     setup: DATA,
@@ -159,11 +171,16 @@ describe.skipIf(!haveTools)('write zeroes: the L2 state QEMU leaves', () => {
   }
 
   function zeroWithQemu(image: string, item: Case, mayUnmap: boolean): void {
+    const writes = (item.thenWrite ?? []).flatMap(([offset, length, byte]) => [
+      '-c',
+      `write -P ${byte} ${offset} ${length}`,
+    ]);
     run('qemu-io', [
       '-f',
       'qcow2',
       '-c',
       `write -z ${mayUnmap ? '-u ' : ''}${item.offset} ${item.length}`,
+      ...writes,
       image,
     ]);
   }
@@ -191,6 +208,9 @@ describe.skipIf(!haveTools)('write zeroes: the L2 state QEMU leaves', () => {
         const opened = await openImage(ourCopy, { readOnly: false });
         try {
           await opened.device.writeZeroes(item.offset, item.length, { mayUnmap });
+          for (const [offset, length, byte] of item.thenWrite ?? []) {
+            await opened.device.write(offset, new Uint8Array(length).fill(byte));
+          }
         } finally {
           await opened.close();
         }

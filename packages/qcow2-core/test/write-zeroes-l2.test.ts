@@ -94,6 +94,26 @@ describe('write zeroes: L2 entries as QEMU leaves them', () => {
     expect(await closeClean(storage, image)).toBe(4);
   });
 
+  it('a later write reuses the zero-allocated host cluster (whole cluster written: zeros around the data)', async () => {
+    const { storage, image } = await makeImage();
+    await image.write(0, new Uint8Array(2 * CLUSTER).fill(1));
+    await image.flush();
+    const before = hostOffset(await l2Entry(storage, 1));
+    await image.writeZeroes(CLUSTER, CLUSTER);
+    await image.write(CLUSTER + 4 * KiB, new Uint8Array(4 * KiB).fill(2));
+    await image.flush();
+    const after = await l2Entry(storage, 1);
+    expect(hostOffset(after)).toBe(before);
+    expect(after!.low & ZERO_FLAG).toBe(0);
+    expect((after!.high & COPIED_HIGH) >>> 0).toBe(COPIED_HIGH);
+    const expected = new Uint8Array(CLUSTER);
+    expected.fill(2, 4 * KiB, 8 * KiB);
+    expect(await image.read(CLUSTER, CLUSTER)).toEqual(expected);
+    // The host cluster itself holds the zeros (its old bytes were overwritten).
+    expect(await storage.read(before, CLUSTER)).toEqual(expected);
+    expect(await closeClean(storage, image)).toBe(2);
+  });
+
   it('frees it with may-unmap (plain zero entry)', async () => {
     const { storage, image } = await makeImage();
     await image.write(0, new Uint8Array(4 * CLUSTER).fill(1));

@@ -472,7 +472,8 @@ export class WritePath {
     const [firstCluster, endCluster] = this.#clusterSpan(guestOffset, data.length);
     const pieces = plan.pieces;
     const table: PlannedTable = { l1Index, allocations: [], subUpdates: [] };
-    const toAllocate: { clusterIndex: number; old: Release[]; readsZeros: boolean }[] = [];
+    /** Clusters to (re)map; `reuse`: a zero-allocated cluster of its own (COPIED) written in place. */
+    const toAllocate: { clusterIndex: number; old: Release[]; readsZeros: boolean; reuse?: number }[] = [];
     for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
       const l2Index = clusterIndex - l1Index * clustersPerTable;
       const ref = await this.#entry(l2Offset, l2Index);
@@ -512,6 +513,12 @@ export class WritePath {
       const readsZeros =
         !this.#o.extendedL2 &&
         (type === 'zero-plain' || type === 'zero-alloc' || (type === 'unallocated' && !this.#o.hasBacking));
+      if (type === 'zero-alloc' && (high & QCOW_OFLAG_COPIED_HIGH) !== 0 && !this.#hasDataFile) {
+        // As QEMU: a zero-allocated cluster only this image uses keeps its host cluster, written
+        // whole (its old bytes are stale) before its entry becomes a data entry.
+        toAllocate.push({ clusterIndex, old: [], readsZeros, reuse: l2EntryHostOffset(high, low) });
+        continue;
+      }
       toAllocate.push({ clusterIndex, old: this.#releasesOf(ref), readsZeros });
     }
     plan.tables.push(table);
@@ -525,12 +532,17 @@ export class WritePath {
       fresh = this.#o.dataFileRaw === true;
     } else {
       // One contiguous run for the whole request, written with as few I/Os as the buffers allow.
-      ({ start, fresh } = await this.#o.refcounts.allocateRun(toAllocate.length));
-      plan.allocated.push({ clusterIndex: start, count: toAllocate.length });
-      await this.#o.refcounts.extendFile();
+      const count = toAllocate.filter((item) => item.reuse === undefined).length;
+      fresh = false;
+      if (count > 0) {
+        ({ start, fresh } = await this.#o.refcounts.allocateRun(count));
+        plan.allocated.push({ clusterIndex: start, count });
+        await this.#o.refcounts.extendFile();
+      }
     }
-    for (const [index, item] of toAllocate.entries()) {
-      const hostCluster = (this.#hasDataFile ? item.clusterIndex : start + index) * this.#clusterSize;
+    let next = start;
+    for (const item of toAllocate) {
+      const hostCluster = item.reuse ?? (this.#hasDataFile ? item.clusterIndex : next++) * this.#clusterSize;
       /** Where `bytes` go: the cluster's start, or the written bytes' place in a fresh cluster. */
       let hostOffset = hostCluster;
       const clusterStart = item.clusterIndex * this.#clusterSize;
@@ -539,7 +551,7 @@ export class WritePath {
       const writeEnd = Math.min(end, clusterStart + clusterLength);
       let bytes: Uint8Array;
       const covered = writeStart === clusterStart && writeEnd === clusterStart + clusterLength;
-      if (fresh && item.readsZeros) {
+      if (fresh && item.readsZeros && item.reuse === undefined) {
         // The new cluster reads as zeros in the file already and so does the guest's view of it:
         // only the written bytes go to the file.
         bytes = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
