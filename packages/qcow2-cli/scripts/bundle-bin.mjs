@@ -245,25 +245,23 @@ async function buildEsm() {
 async function buildCommonJs() {
   const bundleName = `${name}.bundle.cjs`;
   const bundlePath = join(staging, bundleName);
-  const result = await build({
-    entryPoints: [{ in: entry, out: `${name}.bundle` }, ...workerEntries],
+  /** What every CommonJS file of the build shares (the bundle, the workers, separate modules). */
+  const commonJs = {
     outdir: staging,
     outExtension: { '.js': '.cjs' },
     bundle: true,
     format: 'cjs',
     platform: 'node',
     target: 'node20',
-    external: ['koffi'],
     sourcemap: 'linked',
     sourcesContent: false,
-    // The bundle's own URL for the libraries' `new URL(..., import.meta.url)` (workers,
-    // package.json) and `createRequire(import.meta.url)` (koffi): it sits in dist/bin as the
-    // chunks of the ES module build do.
+    // The file's own URL for the libraries' `new URL(..., import.meta.url)` (workers,
+    // package.json) and `createRequire(import.meta.url)` (koffi): every file sits in dist/bin as
+    // the chunks of the ES module build do.
     define: { 'import.meta.url': '__bundleMeta.url' },
     // import() becomes require(): a vm.Script's dynamic import needs an experimental loader hook
     // (a warning on stderr), and functions that come from the code cache lose it (the import fails).
     supported: { 'dynamic-import': false },
-    plugins: [lazyChildProcess, fastKoffi, separateModules],
     // Whitespace only (names and structure kept; the source map covers the rest): a quarter less
     // to read at every start (~0.3 ms of 1.2 ms for 1.1 MB).
     minifyWhitespace: true,
@@ -272,30 +270,16 @@ async function buildCommonJs() {
       js: "var __bundleMeta = { get url() { return (this.href ??= require('node:url').pathToFileURL(__filename).href); } };",
     },
     legalComments: 'none',
-    metafile: values.metafile !== undefined,
     logLevel: 'warning',
+  };
+  const result = await build({
+    ...commonJs,
+    entryPoints: [{ in: entry, out: `${name}.bundle` }, ...workerEntries],
+    external: ['koffi'],
+    plugins: [lazyChildProcess, fastKoffi, separateModules],
+    metafile: values.metafile !== undefined,
   });
-  for (const [out, path] of separated) {
-    await build({
-      entryPoints: [{ in: path, out }],
-      outdir: staging,
-      outExtension: { '.js': '.cjs' },
-      bundle: true,
-      format: 'cjs',
-      platform: 'node',
-      target: 'node20',
-      sourcemap: 'linked',
-      sourcesContent: false,
-      define: { 'import.meta.url': '__bundleMeta.url' },
-      supported: { 'dynamic-import': false },
-      minifyWhitespace: true,
-      banner: {
-        js: "var __bundleMeta = { get url() { return (this.href ??= require('node:url').pathToFileURL(__filename).href); } };",
-      },
-      legalComments: 'none',
-      logLevel: 'warning',
-    });
-  }
+  for (const [out, path] of separated) await build({ ...commonJs, entryPoints: [{ in: path, out }] });
   // Workers keep the name the library starts them by (`new URL('./WORKER.js', import.meta.url)`):
   // `.js`, CommonJS by dist/bin/package.json.
   for (const { out } of workerEntries) {
