@@ -307,6 +307,45 @@ describe('runCopy', () => {
     expect(started).toBeLessThan(8);
     await device.close();
   });
+  test('a buffer being written is never read into; a failed write stops the copy with its error', async () => {
+    const device = new MemoryBlockDevice(16 * MiB);
+    const writing = new Set<ArrayBufferLike>();
+    let started = 0;
+    let settled = 0;
+    device.readInto = async (buffer) => {
+      expect(writing.has(buffer.buffer)).toBe(false);
+      started++;
+      await new Promise((resolve) => setTimeout(resolve, 1));
+      settled++;
+    };
+    const jobs = () => {
+      let offset = 0;
+      return async () => {
+        if (offset >= 16 * MiB) return undefined;
+        const job = { hostFile: undefined, sourceOffset: offset, length: MiB, pieces: [0, offset, MiB] };
+        offset += MiB;
+        return job;
+      };
+    };
+    const writes: number[] = [];
+    const write = (failAt: number) => async (job: ReadJob, slot: { buffer: Buffer }) => {
+      writing.add(slot.buffer.buffer);
+      await new Promise((resolve) => setTimeout(resolve, 2));
+      writing.delete(slot.buffer.buffer);
+      writes.push(job.sourceOffset / MiB);
+      if (job.sourceOffset === failAt) throw new BlockDeviceError('ENOSPC', 'write: injected failure');
+    };
+    await runCopy(device, jobs(), 3, MiB, write(-1));
+    expect(writes).toHaveLength(16);
+    writes.length = 0;
+    started = 0;
+    settled = 0;
+    await expect(runCopy(device, jobs(), 3, MiB, write(5 * MiB))).rejects.toThrow(/injected failure/);
+    expect(writes).toEqual([0, 1, 2, 3, 4, 5]);
+    expect(settled).toBe(started);
+    expect(started).toBeLessThanOrEqual(6 + 3);
+    await device.close();
+  });
 });
 
 describe('convertToRaw from host offsets', () => {
