@@ -260,13 +260,11 @@ export class Transmission implements RequestSink {
           await this.readSparse(request);
           return;
         case NBD_CMD_WRITE:
-          try {
-            // A WRITE of 0 bytes comes without a payload buffer (see RequestReader).
-            await device.write(request.offset, payload ?? EMPTY, { fua });
-          } finally {
-            // The device is done with the bytes: the buffer serves the next request.
-            this.releasePayload(payload);
-          }
+          // A WRITE of 0 bytes comes without a payload buffer (see RequestReader).
+          await device.write(request.offset, payload ?? EMPTY, { fua });
+          // The device is done with the bytes: the buffer serves the next request. Not after a
+          // failure: a device may reject while parts of the write still read the buffer.
+          this.releasePayload(payload);
           break;
         case NBD_CMD_FLUSH:
           await device.flush();
@@ -335,7 +333,8 @@ export class Transmission implements RequestSink {
     return reading.then(
       () => this.sendPooled(reply),
       (error: unknown) => {
-        this.config.buffers.release(reply);
+        // The buffer is left to the garbage collector: a device may reject while parts of the
+        // read still write into it, and a pooled buffer would be another reply's by then.
         this.replyError(request, toNbdError(error), errorMessage(error));
       },
     );
@@ -365,25 +364,17 @@ export class Transmission implements RequestSink {
       return;
     }
     const extents = await statusExtents(this.session, offset, length, Number.POSITIVE_INFINITY);
-    // Read every data run first: an error must not follow data chunks already sent.
-    const chunks: Buffer[] = [];
-    try {
-      await Promise.all(
-        extents.map(async (extent, index) => {
-          const last = index === extents.length - 1;
-          if (extent.zero) {
-            chunks[index] = encodeOffsetHoleChunk(cookie, last, extent.offset, extent.length);
-            return;
-          }
-          const chunk = encodeOffsetDataChunk(cookie, last, extent.offset, extent.length, this.allocate);
-          chunks[index] = chunk;
-          await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), extent.offset);
-        }),
-      );
-    } catch (error) {
-      for (const chunk of chunks) if (chunk !== undefined) this.config.buffers.release(chunk);
-      throw error;
-    }
+    // Read every data run first: an error must not follow data chunks already sent. On a failure
+    // the chunks are left to the garbage collector (reads of other runs may still be filling them).
+    const chunks = await Promise.all(
+      extents.map(async (extent, index) => {
+        const last = index === extents.length - 1;
+        if (extent.zero) return encodeOffsetHoleChunk(cookie, last, extent.offset, extent.length);
+        const chunk = encodeOffsetDataChunk(cookie, last, extent.offset, extent.length, this.allocate);
+        await device.readInto(chunk.subarray(OFFSET_DATA_PAYLOAD_START), extent.offset);
+        return chunk;
+      }),
+    );
     for (const chunk of chunks) this.sendPooled(chunk);
   }
 

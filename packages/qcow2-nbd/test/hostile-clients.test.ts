@@ -1,0 +1,79 @@
+/**
+ * The server against clients and devices that misbehave: failures must not hand a buffer still in
+ * use to another request, memory per connection stays bounded, and a connection ends cleanly.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { type BlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { createNbdServer, type NbdExport, type NbdServer, protocol as P } from '../src/index.js';
+import { TestClient } from './test-client.js';
+
+const SIZE = 1024 * 1024;
+let dir: string;
+let server: NbdServer | undefined;
+let socketPath: string;
+let device: MemoryBlockDevice;
+
+async function start(exports: NbdExport[], extra: Partial<Parameters<typeof createNbdServer>[0]> = {}) {
+  server = createNbdServer({ exports, ...extra });
+  await server.listen({ path: socketPath });
+}
+
+/** A device that forwards to `base` except for the members given. */
+function wrap(base: BlockDevice, overrides: Partial<BlockDevice>): BlockDevice {
+  return new Proxy(base, {
+    get(target, key) {
+      if (key in overrides) return overrides[key as keyof BlockDevice];
+      const value = Reflect.get(target, key, target);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+}
+
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'qcowkit-nbd-hostile-'));
+  socketPath = join(dir, 'nbd.sock');
+  device = new MemoryBlockDevice(SIZE);
+});
+
+afterEach(async () => {
+  await server?.close();
+  server = undefined;
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('buffers after a device failure', () => {
+  it('never hands a failed write payload or read buffer to another request', async () => {
+    // The device rejects at once but keeps the buffers, as a device whose parallel parts are
+    // still running when one of them fails.
+    const kept: ArrayBufferLike[] = [];
+    let failReads = true;
+    const failing = wrap(device, {
+      write: (_offset: number, data: Uint8Array) => {
+        kept.push(data.buffer);
+        return Promise.reject(new Error('write failed half-way'));
+      },
+      readInto: (buffer: Uint8Array, offset: number) => {
+        kept.push(buffer.buffer);
+        return failReads ? Promise.reject(new Error('read failed half-way')) : device.readInto(buffer, offset);
+      },
+    });
+    await start([{ name: '', device: failing }]);
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    // A 64 KiB + 16 byte payload is the size of a 64 KiB READ's simple reply buffer.
+    const length = 65536;
+    client.request(P.NBD_CMD_WRITE, 0, length + 16, { data: Buffer.alloc(length + 16, 1) });
+    expect((await client.simpleReply()).error).toBe(P.NBD_EIO);
+    client.request(P.NBD_CMD_READ, 0, length);
+    expect((await client.simpleReply()).error).toBe(P.NBD_EIO);
+    failReads = false;
+    client.request(P.NBD_CMD_READ, 0, length);
+    expect((await client.simpleReply(length)).error).toBe(0);
+    expect(kept).toHaveLength(3);
+    expect(new Set(kept).size).toBe(3);
+    client.destroy();
+  });
+});
