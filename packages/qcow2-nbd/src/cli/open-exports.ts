@@ -9,9 +9,11 @@ import { type BlockDevice, isBlockDeviceError, OverlayBlockDevice } from '@qcowk
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import type { OpenedImage } from '@qcowkit/qcow2-core/node';
 import type { NbdExport } from '../server/export.js';
+import { openDirtyBitmaps } from './dirty-bitmaps.js';
 import { CliError } from './errors.js';
 import { type FileIoOptions, fileIoOptions } from './file-io.js';
 import { openWritableQcow2 } from './open-writable-qcow2.js';
+import { FastZeroQcow2 } from './qcow2-fast-zero.js';
 import { type CliOptions, type ExportSpec, type ImageFormat, parseSnapshotSpec } from './options.js';
 
 export interface OpenedExports {
@@ -52,6 +54,8 @@ async function openOne(
   // With -s the file itself is never written.
   const readOnlyFile = options.readOnly || options.snapshot || options.loadSnapshot !== undefined;
   let device: BlockDevice;
+  /** The image whose bitmaps -B names (undefined for raw files). */
+  let image: BlockDevice | undefined;
   const fileIo = await fileIoOptions(options.aio ?? 'auto', spec.path);
   if (format === 'raw') {
     if (options.loadSnapshot !== undefined)
@@ -61,20 +65,24 @@ async function openOne(
     device = file;
   } else {
     if (!readOnlyFile && format === 'qcow2') {
-      const image = await openWritableQcow2(spec.path, fileIo);
-      closers.push(() => image.close());
-      device = image.device;
+      const writable = await openWritableQcow2(spec.path, fileIo);
+      closers.push(() => writable.close());
+      device = writable.device;
+      image = writable.device instanceof FastZeroQcow2 ? writable.device.image : writable.device;
     } else {
       if (!readOnlyFile) {
         throw new CliError(
           `${spec.path}: ${format} images are served read-only: add -r/--read-only or -s/--snapshot`,
         );
       }
-      const image = await openImageOf(spec.path, format, options.loadSnapshot, fileIo);
-      closers.push(() => image.close());
-      device = image.device;
+      const opened = await openImageOf(spec.path, format, options.loadSnapshot, fileIo);
+      closers.push(() => opened.close());
+      device = opened.device;
+      image = opened.image;
     }
   }
+  // As qemu-nbd: the bitmaps of the image itself (with -s, writes to the overlay leave them alone).
+  const dirtyBitmaps = await openDirtyBitmaps(image, options.bitmaps);
   if (options.snapshot) {
     const overlay = new OverlayBlockDevice(device, { readOnly: options.readOnly });
     closers.push(() => overlay.close());
@@ -87,6 +95,8 @@ async function openOne(
     readOnly: options.readOnly,
     discard: options.discard === 'unmap',
     allocationDepth: options.allocationDepth,
+    // qemu-nbd lists the contexts of several -B in the reverse order of the command line.
+    dirtyBitmaps: dirtyBitmaps.reverse(),
   };
 }
 

@@ -31,6 +31,8 @@ export interface CliOptions {
    */
   readonly aio: 'threads' | 'sync' | 'auto' | undefined;
   readonly allocationDepth: boolean;
+  /** Persistent dirty bitmaps to export as `qemu:dirty-bitmap:NAME` (-B, as given). */
+  readonly bitmaps: readonly string[];
   readonly pidFile: string | undefined;
   readonly tlsCreds: string | undefined;
   readonly verbose: boolean;
@@ -89,6 +91,12 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
       ).choices(['auto', 'threads', 'sync']),
     )
     .option('-A, --allocation-depth', 'offer the qemu:allocation-depth meta context', false)
+    .option(
+      '-B, --bitmap <NAME>',
+      'offer persistent dirty bitmap NAME as the qemu:dirty-bitmap:NAME meta context (repeatable)',
+      collect,
+      [] as string[],
+    )
     .option('--pid-file <PATH>', 'write the process id to PATH')
     .option('--tls-creds <DIR>', 'require TLS with ca-cert.pem, server-cert.pem and server-key.pem from DIR')
     .option('-v, --verbose', 'log connection events to stderr', false)
@@ -128,6 +136,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
     discard: 'ignore' | 'unmap';
     aio?: 'threads' | 'sync' | 'auto';
     allocationDepth: boolean;
+    bitmap: string[];
     pidFile?: string;
     tlsCreds?: string;
     verbose: boolean;
@@ -173,6 +182,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
       discard: raw.discard,
       aio: raw.aio,
       allocationDepth: raw.allocationDepth,
+      bitmaps: raw.bitmap,
       pidFile: raw.pidFile,
       tlsCreds: raw.tlsCreds,
       verbose: raw.verbose,

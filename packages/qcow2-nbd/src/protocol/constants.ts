@@ -117,6 +117,11 @@ export const NBD_STATE_ZERO = 1 << 1;
 /** Meta context names. */
 export const BASE_ALLOCATION = 'base:allocation';
 export const QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth';
+/** Prefix of a dirty bitmap's context: `qemu:dirty-bitmap:NAME` (the qemu namespace). */
+export const QEMU_DIRTY_BITMAP_PREFIX = 'qemu:dirty-bitmap:';
+
+/** qemu:dirty-bitmap status flag: the range is dirty. */
+export const NBD_STATE_DIRTY = 1 << 0;
 
 /** Sizes of fixed wire structures, in bytes. */
 export const REQUEST_HEADER_SIZE = 28;

@@ -17,6 +17,7 @@ import {
   NBD_FLAG_SEND_WRITE_ZEROES,
   NBD_MAX_PAYLOAD_SIZE,
   QEMU_ALLOCATION_DEPTH,
+  QEMU_DIRTY_BITMAP_PREFIX,
 } from '../protocol/constants.js';
 
 export interface NbdExport {
@@ -31,11 +32,35 @@ export interface NbdExport {
   readonly discard?: boolean;
   /** Offer the `qemu:allocation-depth` meta context (qemu-nbd's `-A`). Default false. */
   readonly allocationDepth?: boolean;
+  /**
+   * Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` meta contexts (qemu-nbd's `-B NAME`), listed
+   * in this order. Any source of dirty ranges works: a qcow2 image's persistent bitmap, or your own.
+   */
+  readonly dirtyBitmaps?: readonly NbdDirtyBitmap[];
+}
+
+/** One run of a dirty bitmap: `length` bytes, all dirty or all clean. */
+export interface DirtyExtent {
+  readonly length: number;
+  readonly dirty: boolean;
+}
+
+/** A source of dirty ranges, served as the meta context `qemu:dirty-bitmap:${name}`. */
+export interface NbdDirtyBitmap {
+  readonly name: string;
+  /**
+   * The runs covering `[offset, offset + length)` in order, starting at `offset`, at most `limit` of
+   * them (at least one). They may end before the range does (the client asks again); they must not
+   * reach past it. `offset + length` never passes the export's size.
+   */
+  extents(offset: number, length: number, limit: number): Promise<readonly DirtyExtent[]>;
 }
 
 /** Meta context ids: fixed per server, so they stay valid across connections. */
 export const CONTEXT_ID_BASE_ALLOCATION = 1;
 export const CONTEXT_ID_ALLOCATION_DEPTH = 2;
+/** The id of the export's dirty bitmap number `index` (in `dirtyBitmaps`). */
+export const CONTEXT_ID_DIRTY_BITMAP_FIRST = 3;
 
 export interface MetaContext {
   readonly id: number;
@@ -77,6 +102,9 @@ export function availableContexts(entry: NbdExport): MetaContext[] {
   if (entry.allocationDepth === true) {
     contexts.push({ id: CONTEXT_ID_ALLOCATION_DEPTH, name: QEMU_ALLOCATION_DEPTH });
   }
+  entry.dirtyBitmaps?.forEach((bitmap, index) => {
+    contexts.push({ id: CONTEXT_ID_DIRTY_BITMAP_FIRST + index, name: QEMU_DIRTY_BITMAP_PREFIX + bitmap.name });
+  });
   return contexts;
 }
 
@@ -95,6 +123,11 @@ export function matchContexts(entry: NbdExport, queries: readonly string[], list
     }
   }
   return [...matched.values()];
+}
+
+/** The dirty bitmap a context id stands for, if it stands for one. */
+export function dirtyBitmapOf(entry: NbdExport, contextId: number): NbdDirtyBitmap | undefined {
+  return entry.dirtyBitmaps?.[contextId - CONTEXT_ID_DIRTY_BITMAP_FIRST];
 }
 
 export function findExport(exports: readonly NbdExport[], name: string): NbdExport | undefined {

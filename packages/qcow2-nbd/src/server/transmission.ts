@@ -25,6 +25,7 @@ import {
   NBD_ESHUTDOWN,
   NBD_MAX_PAYLOAD_SIZE,
   NBD_REQUEST_MAGIC,
+  NBD_STATE_DIRTY,
   NBD_STATE_HOLE,
   NBD_STATE_ZERO,
   SIMPLE_REPLY_HEADER_SIZE,
@@ -48,7 +49,14 @@ import {
 import { BufferPool } from './buffer-pool.js';
 import type { ConnectionIo, ReadMode } from './connection-io.js';
 import type { DataExtentCache } from './data-extent-cache.js';
-import { CONTEXT_ID_ALLOCATION_DEPTH, CONTEXT_ID_BASE_ALLOCATION, isExportReadOnly } from './export.js';
+import {
+  CONTEXT_ID_ALLOCATION_DEPTH,
+  CONTEXT_ID_BASE_ALLOCATION,
+  type DirtyExtent,
+  dirtyBitmapOf,
+  isExportReadOnly,
+  type NbdDirtyBitmap,
+} from './export.js';
 import type { Session } from './handshake.js';
 import { errorMessage, nbdErrorName, toNbdError } from './nbd-errors.js';
 import { RequestReader, type RequestSink } from './request-reader.js';
@@ -408,28 +416,37 @@ export class Transmission implements RequestSink {
         return;
       }
     }
-    const extents = await statusExtents(this.session, offset, length, one ? 1 : MAX_DESCRIPTORS);
+    const entry = this.session.export;
+    // The device is walked only for the contexts that describe it (not for dirty bitmaps alone).
+    const extents = contexts.every((context) => dirtyBitmapOf(entry, context.id) !== undefined)
+      ? []
+      : await statusExtents(this.session, offset, length, one ? 1 : MAX_DESCRIPTORS);
     for (const extent of extents) {
       if (extent.data && !extent.zero) dataExtents.add(extent.offset, extent.offset + extent.length);
     }
-    const chunks = contexts.map((context, index) => {
-      const status =
-        context.id === CONTEXT_ID_ALLOCATION_DEPTH
-          ? (extent: Extent) => (extent.present ? extent.depth + 1 : 0)
-          : (extent: Extent) => (extent.data ? 0 : NBD_STATE_HOLE) | (extent.zero ? NBD_STATE_ZERO : 0);
+    const chunks: Buffer[] = [];
+    for (const [index, context] of contexts.entries()) {
+      const bitmap = dirtyBitmapOf(entry, context.id);
+      const runs =
+        bitmap === undefined
+          ? extents.map((extent) => ({ length: extent.length, status: deviceStatus(context.id, extent) }))
+          : (await dirtyExtents(bitmap, offset, length, one ? 1 : MAX_DESCRIPTORS)).map((extent) => ({
+              length: extent.length,
+              status: extent.dirty ? NBD_STATE_DIRTY : 0,
+            }));
       const descriptors: BlockStatusDescriptor[] = [];
-      for (const extent of extents) {
-        const value = status(extent);
+      for (const run of runs) {
+        const value = run.status;
         const previous = descriptors[descriptors.length - 1];
         if (previous !== undefined && previous.status === value) {
-          descriptors[descriptors.length - 1] = { length: previous.length + extent.length, status: value };
+          descriptors[descriptors.length - 1] = { length: previous.length + run.length, status: value };
         } else {
-          descriptors.push({ length: extent.length, status: value });
+          descriptors.push({ length: run.length, status: value });
         }
         if (one) break;
       }
-      return encodeBlockStatusChunk(cookie, index === contexts.length - 1, context.id, descriptors);
-    });
+      chunks.push(encodeBlockStatusChunk(cookie, index === contexts.length - 1, context.id, descriptors));
+    }
     for (const chunk of chunks) this.io.send(chunk);
   }
 
@@ -448,6 +465,28 @@ export class Transmission implements RequestSink {
         : encodeSimpleReply(request.cookie, error),
     );
   }
+}
+
+/** A device extent's status in base:allocation or qemu:allocation-depth. */
+function deviceStatus(contextId: number, extent: Extent): number {
+  if (contextId === CONTEXT_ID_ALLOCATION_DEPTH) return extent.present ? extent.depth + 1 : 0;
+  return (extent.data ? 0 : NBD_STATE_HOLE) | (extent.zero ? NBD_STATE_ZERO : 0);
+}
+
+/** A dirty bitmap's runs over the range, checked as statusExtents checks the device's. */
+async function dirtyExtents(
+  bitmap: NbdDirtyBitmap,
+  offset: number,
+  length: number,
+  limit: number,
+): Promise<readonly DirtyExtent[]> {
+  const runs = await bitmap.extents(offset, length, limit);
+  let total = 0;
+  for (const run of runs) total += Number.isSafeInteger(run.length) && run.length > 0 ? run.length : Number.NaN;
+  if (runs.length === 0 || runs.length > limit || !(total <= length)) {
+    throw new Error(`dirty bitmap '${bitmap.name}' returned bad extents (at 0x${offset.toString(16)})`);
+  }
+  return runs;
 }
 
 /** Extents over the range, at most `limit` of them (the last one may end before the range). */
