@@ -13,8 +13,8 @@ import { openDirtyBitmaps } from './dirty-bitmaps.js';
 import { CliError } from './errors.js';
 import { type FileIoOptions, fileIoOptions } from './file-io.js';
 import { openWritableQcow2 } from './open-writable-qcow2.js';
-import { FastZeroQcow2 } from './qcow2-fast-zero.js';
 import { type CliOptions, type ExportSpec, type ImageFormat, parseSnapshotSpec } from './options.js';
+import { FastZeroQcow2 } from './qcow2-fast-zero.js';
 
 export interface OpenedExports {
   readonly exports: NbdExport[];

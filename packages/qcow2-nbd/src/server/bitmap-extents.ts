@@ -18,7 +18,12 @@ export interface BitmapWindow {
  * The runs over guest range `[offset, end)`, at most `limit` of them; they stop early where the
  * window's bits end.
  */
-export function bitmapExtents(window: BitmapWindow, offset: number, end: number, limit: number): DirtyExtent[] {
+export function bitmapExtents(
+  window: BitmapWindow,
+  offset: number,
+  end: number,
+  limit: number,
+): DirtyExtent[] {
   const { bits, granularity } = window;
   const firstBit = window.firstBit ?? 0;
   const windowEnd = firstBit + window.bitCount;

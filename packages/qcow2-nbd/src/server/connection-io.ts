@@ -212,6 +212,7 @@ export class ConnectionIo {
    */
   private rewrapForDirectReads(requests: RequestReader): Socket | undefined {
     const old = this.socket as Socket & SocketInternals;
+    console.error('REWRAP readableLength', old.readableLength, old.readableFlowing);
     const handle = old._handle;
     if (
       this.tls ||

@@ -103,7 +103,10 @@ export function availableContexts(entry: NbdExport): MetaContext[] {
     contexts.push({ id: CONTEXT_ID_ALLOCATION_DEPTH, name: QEMU_ALLOCATION_DEPTH });
   }
   entry.dirtyBitmaps?.forEach((bitmap, index) => {
-    contexts.push({ id: CONTEXT_ID_DIRTY_BITMAP_FIRST + index, name: QEMU_DIRTY_BITMAP_PREFIX + bitmap.name });
+    contexts.push({
+      id: CONTEXT_ID_DIRTY_BITMAP_FIRST + index,
+      name: QEMU_DIRTY_BITMAP_PREFIX + bitmap.name,
+    });
   });
   return contexts;
 }

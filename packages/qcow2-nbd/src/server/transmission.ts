@@ -482,7 +482,8 @@ async function dirtyExtents(
 ): Promise<readonly DirtyExtent[]> {
   const runs = await bitmap.extents(offset, length, limit);
   let total = 0;
-  for (const run of runs) total += Number.isSafeInteger(run.length) && run.length > 0 ? run.length : Number.NaN;
+  for (const run of runs)
+    total += Number.isSafeInteger(run.length) && run.length > 0 ? run.length : Number.NaN;
   if (runs.length === 0 || runs.length > limit || !(total <= length)) {
     throw new Error(`dirty bitmap '${bitmap.name}' returned bad extents (at 0x${offset.toString(16)})`);
   }

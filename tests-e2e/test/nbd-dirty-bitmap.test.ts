@@ -1,0 +1,160 @@
+/**
+ * qcow2-nbd -B NAME (the qemu:dirty-bitmap:NAME meta context) with qemu-nbd as the oracle: the same
+ * image, with persistent bitmaps made by qemu-img bitmap and qemu-io writes, served by both. The
+ * contexts nbdinfo lists, the maps it prints for each bitmap (read-only, and live on a writable
+ * export after writes through it), and the refusals (a missing bitmap, a raw file, an inconsistent
+ * bitmap) with their words and exit codes must be the same.
+ */
+import { copyFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NBD_BIN, runAsync, startServer } from '../src/nbd-server.js';
+import { requireTools, run, tempDir } from '../src/tools.js';
+
+const ok = requireTools('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo');
+
+/** qemu-nbd serving `args` on a unix socket in `dir` until stopped. */
+function startQemuNbd(dir: string, args: readonly string[]) {
+  const socket = join(dir, `qemu-nbd-${Math.random().toString(36).slice(2)}.sock`);
+  const pidFile = `${socket}.pid`;
+  run('qemu-nbd', ['--fork', '--pid-file', pidFile, '-t', '-k', socket, ...args]);
+  const pid = Number(run('cat', [pidFile]).trim());
+  return {
+    uri: `nbd+unix:///?socket=${socket}`,
+    async stop(signal: NodeJS.Signals = 'SIGTERM') {
+      process.kill(pid, signal);
+      for (let i = 0; i < 250; i++) {
+        try {
+          process.kill(pid, 0);
+        } catch {
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      process.kill(pid, 'SIGKILL');
+    },
+  };
+}
+
+async function nbdinfo(args: readonly string[]): Promise<string> {
+  const result = await runAsync('nbdinfo', args);
+  if (result.status !== 0) throw new Error(`nbdinfo ${args.join(' ')}: ${result.stderr}`);
+  return result.stdout;
+}
+
+async function contexts(uri: string): Promise<string[]> {
+  const listed = JSON.parse(await nbdinfo(['--list', '--json', uri])) as {
+    exports: { contexts: string[] }[];
+  };
+  return listed.exports[0]!.contexts;
+}
+
+async function maps(uri: string, names: readonly string[]): Promise<string[]> {
+  const out: string[] = [];
+  for (const name of names) out.push(await nbdinfo([`--map=qemu:dirty-bitmap:${name}`, uri]));
+  return out;
+}
+
+describe.skipIf(!ok)('qemu:dirty-bitmap (-B) against qemu-nbd', () => {
+  let dir: { path: string; remove: () => void };
+  let image: string;
+  beforeAll(() => {
+    dir = tempDir('qcowkit-nbd-bitmap-');
+    image = join(dir.path, 'disk.qcow2');
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', image, '8M']);
+    run('qemu-img', ['bitmap', '--add', image, 'coarse']);
+    run('qemu-img', ['bitmap', '--add', '-g', '4096', image, 'fine']);
+    run('qemu-img', ['bitmap', '--add', image, 'empty']);
+    run('qemu-img', ['bitmap', '--disable', image, 'empty']);
+    run('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      'write 0 4k',
+      '-c',
+      'write 100k 70k',
+      '-c',
+      'write 1M 1M',
+      '-c',
+      'write -z 5M 8k',
+      '-c',
+      'discard 7M 12k',
+      '-c',
+      'write 8384512 4096',
+      image,
+    ]);
+  });
+  afterAll(() => dir?.remove());
+
+  const names = ['coarse', 'fine', 'empty'];
+  const flags = names.flatMap((name) => ['-B', name]);
+
+  it('lists the same contexts and prints the same maps on a read-only export', async () => {
+    const theirs = startQemuNbd(dir.path, ['-r', '-f', 'qcow2', '-A', ...flags, image]);
+    const ours = await startServer(dir.path, ['-t', '-r', '-f', 'qcow2', '-A', ...flags, image]);
+    try {
+      const expected = await contexts(theirs.uri);
+      expect(expected).toContain('qemu:dirty-bitmap:fine');
+      expect(await contexts(ours.uri)).toEqual(expected);
+      const expectedMaps = await maps(theirs.uri, names);
+      expect(expectedMaps[1]).toContain('dirty');
+      expect(await maps(ours.uri, names)).toEqual(expectedMaps);
+    } finally {
+      await theirs.stop();
+      expect(await ours.stop()).toBe(0);
+    }
+  });
+
+  it('reports writes through a writable export at once, as qemu-nbd', async () => {
+    const oursImage = join(dir.path, 'ours.qcow2');
+    const theirsImage = join(dir.path, 'theirs.qcow2');
+    copyFileSync(image, oursImage);
+    copyFileSync(image, theirsImage);
+    const theirs = startQemuNbd(dir.path, ['-f', 'qcow2', ...flags, theirsImage]);
+    const ours = await startServer(dir.path, ['-t', '-f', 'qcow2', ...flags, oursImage]);
+    try {
+      for (const uri of [theirs.uri, ours.uri]) {
+        run('qemu-io', ['-f', 'raw', '-c', 'write 3M 4k', '-c', 'write -z 6M 100k', uri]);
+      }
+      const expected = await maps(theirs.uri, names);
+      expect(expected[1]).toContain('3145728');
+      expect(await maps(ours.uri, names)).toEqual(expected);
+    } finally {
+      await theirs.stop();
+      expect(await ours.stop()).toBe(0);
+    }
+    // Both stored the bits on closing: the bitmaps read back the same.
+    expect(run('qemu-img', ['compare', oursImage, theirsImage])).toContain('identical');
+    const reread = startQemuNbd(dir.path, ['-r', '-f', 'qcow2', ...flags, oursImage]);
+    const rereadTheirs = startQemuNbd(dir.path, ['-r', '-f', 'qcow2', ...flags, theirsImage]);
+    try {
+      expect(await maps(reread.uri, names)).toEqual(await maps(rereadTheirs.uri, names));
+    } finally {
+      await reread.stop();
+      await rereadTheirs.stop();
+    }
+  });
+
+  it('refuses a missing bitmap, a raw file and an inconsistent bitmap with qemu-nbd words', async () => {
+    const raw = join(dir.path, 'disk.raw');
+    run('qemu-img', ['create', '-q', '-f', 'raw', raw, '1M']);
+    const stale = join(dir.path, 'stale.qcow2');
+    copyFileSync(image, stale);
+    // A writer killed while serving leaves its enabled bitmaps in use (inconsistent).
+    await startQemuNbd(dir.path, ['-f', 'qcow2', stale]).stop('SIGKILL');
+    const cases = [
+      ['-r', '-f', 'qcow2', '-B', 'nope', image],
+      ['-r', '-f', 'raw', '-B', 'coarse', raw],
+      ['-r', '-f', 'qcow2', '-B', 'fine', stale],
+      ['-f', 'qcow2', '-B', 'fine', stale],
+    ];
+    for (const args of cases) {
+      const socket = join(dir.path, 'refused.sock');
+      const theirs = await runAsync('qemu-nbd', ['-k', socket, ...args]);
+      const ours = await runAsync(process.execPath, [NBD_BIN, '-k', socket, ...args]);
+      expect(theirs.status).toBe(1);
+      expect(ours.status).toBe(theirs.status);
+      expect(ours.stderr.replace(/^qcow2-nbd: /, '')).toBe(theirs.stderr.replace(/^qemu-nbd: /, ''));
+    }
+  });
+});
