@@ -4,8 +4,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { describe, expect, it } from 'vitest';
+import { protocol as P } from '../src/index.js';
 import { ByteReader } from '../src/protocol/byte-reader.js';
 import { ConnectionIo } from '../src/server/connection-io.js';
+import { RequestReader, type RequestSink } from '../src/server/request-reader.js';
 
 /** A ConnectionIo over one end of a unix socket, and a reader of the other end. */
 async function socketPair(): Promise<{ io: ConnectionIo; peer: ByteReader; close: () => void }> {
@@ -79,3 +81,77 @@ describe('ConnectionIo', () => {
     expect(writes).toBe(1);
   });
 });
+
+describe('ConnectionIo.startRequests', () => {
+  it.each(['direct', 'stream'] as const)(
+    'frames every byte that arrived during the handshake, including what waits in the socket (%s)',
+    async (mode) => {
+      const { io, client, socket, close } = await rawPair();
+      // More than the handshake's reader buffers before it pauses the socket (1 MiB).
+      const count = 48;
+      const payload = (index: number) => Buffer.alloc(65536, index + 1);
+      for (let i = 0; i < count; i++) {
+        client.write(
+          P.encodeRequestHeader({
+            magic: P.NBD_REQUEST_MAGIC,
+            flags: 0,
+            type: P.NBD_CMD_WRITE,
+            cookie: BigInt(i),
+            offset: i * 65536,
+            length: 65536,
+          }),
+        );
+        client.write(payload(i));
+      }
+      // Wait until the paused socket itself holds bytes the handshake's reader has not taken.
+      while (socket.readableLength === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+      const got: { cookie: bigint; payload: Buffer }[] = [];
+      let all!: () => void;
+      const done = new Promise<void>((resolve) => {
+        all = resolve;
+      });
+      const sink: RequestSink = {
+        header: (request) => request.length,
+        request: (request, bytes) => {
+          got.push({ cookie: request.cookie, payload: Buffer.from(bytes!) });
+          if (got.length === count) all();
+          return true;
+        },
+      };
+      await io.drained();
+      io.startRequests(new RequestReader(sink, (size) => Buffer.alloc(size)), () => {}, mode);
+      await done;
+      got.forEach((request, index) => {
+        expect(request.cookie).toBe(BigInt(index));
+        expect(request.payload.equals(payload(index))).toBe(true);
+      });
+      close();
+    },
+  );
+});
+
+/** A ConnectionIo over a socket accepted by a net.Server (so it can be rewrapped), and the client. */
+async function rawPair(): Promise<{ io: ConnectionIo; client: Socket; socket: Socket; close: () => void }> {
+  const dir = mkdtempSync(join(tmpdir(), 'qcowkit-io-'));
+  const path = join(dir, 'io.sock');
+  let accept!: (socket: Socket) => void;
+  const accepted = new Promise<Socket>((resolve) => {
+    accept = resolve;
+  });
+  const server = createServer((socket) => accept(socket));
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  const client = connect(path);
+  const socket = await accepted;
+  const io = new ConnectionIo(socket);
+  return {
+    io,
+    client,
+    socket,
+    close: () => {
+      client.destroy();
+      io.destroy();
+      server.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}

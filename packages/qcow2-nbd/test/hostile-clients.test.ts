@@ -57,7 +57,9 @@ describe('buffers after a device failure', () => {
       },
       readInto: (buffer: Uint8Array, offset: number) => {
         kept.push(buffer.buffer);
-        return failReads ? Promise.reject(new Error('read failed half-way')) : device.readInto(buffer, offset);
+        return failReads
+          ? Promise.reject(new Error('read failed half-way'))
+          : device.readInto(buffer, offset);
       },
     });
     await start([{ name: '', device: failing }]);

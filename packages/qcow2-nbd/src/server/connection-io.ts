@@ -168,7 +168,7 @@ export class ConnectionIo {
    * once, when the client's side ends or fails.
    */
   startRequests(requests: RequestReader, onEnd: () => void, mode: ReadMode = 'direct'): ReadMode {
-    const leftover = this.reader.detach();
+    const leftover = this.takeBuffered(this.reader.detach());
     if (!this.tls) {
       const fd = (this.socket as Socket & SocketInternals)._handle?.fd;
       if (typeof fd === 'number') enlargeUnixSendBuffer(fd);
@@ -200,6 +200,19 @@ export class ConnectionIo {
     return direct !== undefined ? 'direct' : 'stream';
   }
 
+  /**
+   * `taken` and whatever the stream itself still buffers: bytes that arrived while the handshake's
+   * reader had paused it. They would be lost with the socket a rewrap lets go of.
+   */
+  private takeBuffered(taken: Buffer): Buffer {
+    if (this.stream.readableLength === 0) return taken;
+    const chunks = [taken];
+    for (let chunk = this.stream.read() as Buffer | null; chunk !== null; chunk = this.stream.read()) {
+      chunks.push(chunk);
+    }
+    return Buffer.concat(chunks);
+  }
+
   /** Restarts reading after `requests` stopped accepting (see `startRequests`). */
   resumeReading(): void {
     if (!this.isClosed) this.stream.resume();
@@ -212,7 +225,6 @@ export class ConnectionIo {
    */
   private rewrapForDirectReads(requests: RequestReader): Socket | undefined {
     const old = this.socket as Socket & SocketInternals;
-    console.error('REWRAP readableLength', old.readableLength, old.readableFlowing);
     const handle = old._handle;
     if (
       this.tls ||
