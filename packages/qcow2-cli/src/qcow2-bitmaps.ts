@@ -8,8 +8,9 @@ import {
   BME_MAX_GRANULARITY_BITS,
   BME_MAX_NAME_SIZE,
   BME_MIN_GRANULARITY_BITS,
-  BME_TABLE_ENTRY_SIZE,
-  bitmapEntrySize,
+  bitmapDirectorySize,
+  bitmapTableBytes,
+  bitmapTableSize,
   encodeText,
   type Qcow2Header,
   readBitmapDirectory,
@@ -54,10 +55,6 @@ export async function readBitmapList(file: BlockDevice, header: Qcow2Header): Pr
   });
 }
 
-function roundUp(value: number, multiple: number): number {
-  return Math.ceil(value / multiple) * multiple;
-}
-
 /**
  * The space `bitmaps` take in a new qcow2 image of `clusterSize` clusters for a guest of
  * `guestSize` bytes, as qemu-img measure's `bitmaps size` counts it: every bitmap's data fully
@@ -68,14 +65,11 @@ export function persistentBitmapsSize(
   guestSize: number,
   clusterSize: number,
 ): number {
+  if (bitmaps.length === 0) return 0;
   let total = 0;
-  let directoryBytes = 0;
   for (const bitmap of bitmaps) {
-    const bits = Math.ceil(guestSize / bitmap.granularity);
-    const clusters = Math.ceil(Math.ceil(bits / 8) / clusterSize);
-    total += clusters * clusterSize;
-    total += roundUp(clusters * BME_TABLE_ENTRY_SIZE, clusterSize);
-    directoryBytes += bitmapEntrySize(bitmap.name);
+    const dataClusters = bitmapTableSize(guestSize, bitmap.granularity, clusterSize);
+    total += dataClusters * clusterSize + bitmapTableBytes(dataClusters, clusterSize);
   }
-  return total + roundUp(directoryBytes, clusterSize);
+  return total + Math.ceil(bitmapDirectorySize(bitmaps) / clusterSize) * clusterSize;
 }
