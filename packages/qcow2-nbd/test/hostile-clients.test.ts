@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { type BlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createNbdServer, type NbdExport, type NbdServer, protocol as P } from '../src/index.js';
+import { MAX_IN_FLIGHT_REQUESTS } from '../src/server/transmission.js';
 import { TestClient } from './test-client.js';
 
 const SIZE = 1024 * 1024;
@@ -76,6 +77,45 @@ describe('buffers after a device failure', () => {
     expect((await client.simpleReply(length)).error).toBe(0);
     expect(kept).toHaveLength(3);
     expect(new Set(kept).size).toBe(3);
+    client.destroy();
+  });
+});
+
+/** Waits until `value()` stops changing (the server has done all it will do for now). */
+async function settled(value: () => number): Promise<number> {
+  let last = -1;
+  let steady = 0;
+  while (steady < 3) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    const now = value();
+    steady = now === last ? steady + 1 : 0;
+    last = now;
+  }
+  return last;
+}
+
+describe('bounds per connection', () => {
+  it('keeps at most MAX_IN_FLIGHT_REQUESTS requests in flight, however small they are', async () => {
+    let started = 0;
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => {
+      open = resolve;
+    });
+    const slow = wrap(device, {
+      flush: async () => {
+        started++;
+        await gate;
+      },
+    });
+    await start([{ name: '', device: slow }]);
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    const count = 1000;
+    for (let i = 0; i < count; i++) client.request(P.NBD_CMD_FLUSH, 0, 0);
+    expect(await settled(() => started)).toBe(MAX_IN_FLIGHT_REQUESTS);
+    open();
+    for (let i = 0; i < count; i++) expect((await client.simpleReply()).error).toBe(0);
+    expect(started).toBe(count);
     client.destroy();
   });
 });

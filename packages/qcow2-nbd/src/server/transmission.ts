@@ -67,6 +67,12 @@ const SPARSE_READ_MINIMUM = 64 * 1024;
 const EMPTY = Buffer.alloc(0);
 /** Most block status descriptors sent in one reply. */
 const MAX_DESCRIPTORS = 64 * 1024;
+/**
+ * Most requests in flight on one connection, whatever their size: requests that hold no bytes
+ * (FLUSH, TRIM, WRITE_ZEROES) still hold a promise and device work each. qemu-nbd serves 16 at a
+ * time; clients queue up to 64 or 128.
+ */
+export const MAX_IN_FLIGHT_REQUESTS = 256;
 
 export interface TransmissionConfig {
   /** Large reply buffers, reused once written. */
@@ -185,7 +191,7 @@ export class Transmission implements RequestSink {
       this.replyError(request, error, `${commandName(request.type)}: ${nbdErrorName(error)}`);
       return true;
     }
-    const cost = (request.type === NBD_CMD_READ ? request.length : 0) + (payload?.length ?? 0);
+    const cost = this.costOf(request, payload);
     if (!this.hasRoom(cost)) {
       this.held = { request, payload, cost };
       return false;
@@ -194,13 +200,28 @@ export class Transmission implements RequestSink {
     return true;
   }
 
-  /** Within the bound on bytes in flight (a request alone always fits). */
+  /** The bytes a request holds until answered: read data, write payload, block status reply. */
+  private costOf(request: RequestHeader, payload: Buffer | undefined): number {
+    switch (request.type) {
+      case NBD_CMD_READ:
+        return request.length;
+      case NBD_CMD_BLOCK_STATUS: {
+        const descriptors = (request.flags & NBD_CMD_FLAG_REQ_ONE) !== 0 ? 1 : MAX_DESCRIPTORS;
+        return this.session.metaContexts.length * descriptors * 8;
+      }
+      default:
+        return payload?.length ?? 0;
+    }
+  }
+
+  /** Within the bounds on requests and bytes in flight (a request alone always fits). */
   private hasRoom(cost: number): boolean {
     const pending = this.io.pendingBytes;
     return (
       (this.inFlightCount === 0 && pending === 0) ||
       this.io.isClosed ||
-      this.inFlightBytes + pending + cost <= this.config.maxInFlightBytes
+      (this.inFlightCount < MAX_IN_FLIGHT_REQUESTS &&
+        this.inFlightBytes + pending + cost <= this.config.maxInFlightBytes)
     );
   }
 
