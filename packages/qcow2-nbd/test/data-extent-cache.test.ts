@@ -72,3 +72,24 @@ describe('DataExtentCache', () => {
     expect(cache.covers(0, 2 * STATUS_WINDOW)).toBe(true);
   });
 });
+
+describe('DataExtentCache over a huge device', () => {
+  it('learns a 2 PiB hole in one answer, and asks no more about any of its windows', async () => {
+    // 2^25 windows: more than a Set of window numbers can hold (2^24).
+    const size = 2 ** 51;
+    const calls: number[] = [];
+    const empty = {
+      size,
+      blockStatus: async (offset: number, length: number): Promise<Extent[]> => {
+        calls.push(offset);
+        return [{ offset, length, zero: true, data: false, present: false, depth: 0 }];
+      },
+    } as unknown as BlockDevice;
+    const cache = new DataExtentCache();
+    await cache.learn(empty, 0, 1);
+    await cache.learn(empty, size - 1, 1);
+    await cache.learn(empty, size / 2, STATUS_WINDOW * 4);
+    expect(calls).toEqual([0]);
+    expect(cache.covers(0, 1)).toBe(false);
+  });
+});

@@ -15,37 +15,35 @@
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
 
+/** Most ranges kept in each list (the oldest are forgotten first). */
 const MAX_ENTRIES = 64;
 /** Size of the windows the device is asked about. */
 export const STATUS_WINDOW = 64 * 1024 * 1024;
 
+interface Range {
+  readonly start: number;
+  readonly end: number;
+}
+
 export class DataExtentCache {
   /** Disjoint [start, end) guest ranges, most recently added last. */
-  private entries: { start: number; end: number }[] = [];
+  private entries: Range[] = [];
   private readonly pending = new Map<number, Promise<void>>();
-  /** Windows the device has been asked about already (their holes stay the device's to report). */
-  private readonly learned = new Set<number>();
+  /**
+   * Ranges of window numbers the device has been asked about already (their holes stay the
+   * device's to report). Ranges, not window numbers: one answer may reach over millions of windows
+   * (an empty petabyte image).
+   */
+  private learned: Range[] = [];
 
   /** True when [offset, offset + length) lies inside one known data range. */
   covers(offset: number, length: number): boolean {
-    const end = offset + length;
-    for (const entry of this.entries) {
-      if (entry.start <= offset && end <= entry.end) return true;
-    }
-    return false;
+    return within(this.entries, offset, offset + length);
   }
 
   /** Records a data range, merging it with ranges it touches. */
   add(start: number, end: number): void {
-    if (end <= start) return;
-    let merged = { start, end };
-    this.entries = this.entries.filter((entry) => {
-      if (entry.end < merged.start || merged.end < entry.start) return true;
-      merged = { start: Math.min(entry.start, merged.start), end: Math.max(entry.end, merged.end) };
-      return false;
-    });
-    this.entries.push(merged);
-    if (this.entries.length > MAX_ENTRIES) this.entries.shift();
+    this.entries = merged(this.entries, start, end);
   }
 
   /** Forgets every range overlapping [offset, offset + length). */
@@ -63,7 +61,7 @@ export class DataExtentCache {
     const last = Math.floor((offset + Math.max(length, 1) - 1) / STATUS_WINDOW);
     const waits: Promise<void>[] = [];
     for (let window = first; window <= last; window++) {
-      if (this.learned.has(window)) continue;
+      if (within(this.learned, window, window + 1)) continue;
       let pending = this.pending.get(window);
       if (pending === undefined) {
         pending = this.query(device, window).finally(() => this.pending.delete(window));
@@ -94,9 +92,32 @@ export class DataExtentCache {
         position = extentEnd;
       }
     }
-    // What the answer reached past the window, the following windows know too.
-    for (let known = window; known * STATUS_WINDOW < position; known++) {
-      if ((known + 1) * STATUS_WINDOW <= position || position >= device.size) this.learned.add(known);
-    }
+    // What the answer reached past the window, the following windows know too: those it covered
+    // whole, and every one up to the device's end once it got there.
+    const known =
+      position >= device.size ? Math.ceil(device.size / STATUS_WINDOW) : Math.floor(position / STATUS_WINDOW);
+    this.learned = merged(this.learned, window, known);
   }
+}
+
+/** True when [start, end) lies inside one of `ranges`. */
+function within(ranges: readonly Range[], start: number, end: number): boolean {
+  for (const range of ranges) {
+    if (range.start <= start && end <= range.end) return true;
+  }
+  return false;
+}
+
+/** `ranges` with [start, end) added, merged with the ranges it touches; at most MAX_ENTRIES. */
+function merged(ranges: readonly Range[], start: number, end: number): Range[] {
+  if (end <= start) return ranges as Range[];
+  let joined: Range = { start, end };
+  const out = ranges.filter((range) => {
+    if (range.end < joined.start || joined.end < range.start) return true;
+    joined = { start: Math.min(range.start, joined.start), end: Math.max(range.end, joined.end) };
+    return false;
+  });
+  out.push(joined);
+  if (out.length > MAX_ENTRIES) out.shift();
+  return out;
 }
