@@ -31,6 +31,9 @@ interface Case {
   readonly length: number;
   /** Writes after the zeroing ([offset, length, byte]): qemu-io on QEMU's copy, the library on ours. */
   readonly thenWrite?: readonly (readonly [number, number, number])[];
+  /** Only without may-unmap. (QEMU frees unmapped clusters at once and its next allocation
+   * reuses them; ours frees them at the next metadata write-back, so offsets differ.) */
+  readonly keepOnly?: boolean;
 }
 
 const DATA = ['write -P 1 0 256k'];
@@ -125,6 +128,7 @@ const CASES: readonly Case[] = [
     setup: DATA,
     offset: 0,
     length: 192 * KiB,
+    keepOnly: true,
     thenWrite: [
       [4 * KiB, 4 * KiB, 2],
       [64 * KiB, 64 * KiB, 3],
@@ -201,7 +205,7 @@ describe.skipIf(!haveTools)('write zeroes: the L2 state QEMU leaves', () => {
   }
 
   for (const item of CASES) {
-    for (const mayUnmap of [false, true]) {
+    for (const mayUnmap of item.keepOnly === true ? [false] : [false, true]) {
       test(`${item.name}${mayUnmap ? ', may unmap' : ''}`, async () => {
         const [qemuCopy, ourCopy] = prepare(item);
         zeroWithQemu(qemuCopy, item, mayUnmap);
