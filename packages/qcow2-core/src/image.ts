@@ -462,7 +462,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   override async flush(options?: RequestOptions): Promise<void> {
     const writer = this.#writer;
     if (writer === undefined) return super.flush(options);
-    assertOpen(this.closed, this.description, 'flush');
+    assertOpen(this.#shut, this.description, 'flush');
     throwIfAborted(options?.signal);
     await this.#tracked(writer.flush());
   }
@@ -470,7 +470,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   override async resize(newSize: number): Promise<void> {
     const writer = this.#writer;
     if (writer === undefined) return super.resize(newSize);
-    assertOpen(this.closed, this.description, 'resize');
+    assertOpen(this.#shut, this.description, 'resize');
     validateSize(newSize, 'resize');
     await this.#tracked(writer.resize(newSize));
   }
@@ -486,7 +486,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     if (writer === undefined) {
       throw new BlockDeviceError('EROFS', `qcow2: ${this.description}: the image is open read-only`);
     }
-    assertOpen(this.closed, this.description, 'preallocate');
+    assertOpen(this.#shut, this.description, 'preallocate');
     if (!Number.isSafeInteger(fromGuest) || fromGuest < 0 || fromGuest > this.size) {
       throw new BlockDeviceError(
         'EINVAL',
@@ -512,17 +512,27 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     if (writer === undefined) {
       throw new BlockDeviceError('EROFS', `qcow2: ${this.description}: the image is open read-only`);
     }
-    assertOpen(this.closed, this.description, 'bitmaps');
+    assertOpen(this.#shut, this.description, 'bitmaps');
     return writer.persistentBitmaps();
   }
 
   override async close(): Promise<void> {
     const writer = this.#writer;
     if (writer !== undefined && !this.closed) {
-      await Promise.allSettled([...this.#changes]);
+      // No change starts once closing has begun: every bit a write sets in the persistent bitmaps
+      // is set before they are stored, and nothing is written behind the final flush.
+      this.#closing = true;
+      while (this.#changes.size > 0) await Promise.allSettled([...this.#changes]);
       await writer.close();
     }
     await super.close();
+  }
+
+  /** close() has begun: changes are refused as on a closed image (reads still run). */
+  #closing = false;
+
+  get #shut(): boolean {
+    return this.closed || this.#closing;
   }
 
   readonly #changes = new Set<Promise<unknown>>();
@@ -543,7 +553,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     signal: AbortSignal | undefined,
     task: () => Promise<void>,
   ): Promise<void> {
-    assertOpen(this.closed, this.description, kind);
+    assertOpen(this.#shut, this.description, kind);
     validateRange(this.size, offset, length, kind);
     throwIfAborted(signal);
     if (length === 0) return;
@@ -670,7 +680,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   async check(options?: Qcow2CheckOptions): Promise<Qcow2CheckResult> {
     // Metadata changes still in the caches are written back first: check reads the file.
     const writer = this.#writer;
-    if (writer !== undefined && !writer.corrupt && !this.closed) await this.flush();
+    if (writer !== undefined && !writer.corrupt && !this.#shut) await this.flush();
     // Loaded when used: the checker is as large as the rest of the engine, and reading needs none of it.
     const { checkQcow2Image } = await import('./check/index.js');
     return checkQcow2Image(this, options);

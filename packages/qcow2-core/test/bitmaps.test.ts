@@ -206,6 +206,26 @@ describe('bitmap table codec', () => {
   });
 });
 
+describe('persistent bitmaps and close', () => {
+  it('a write in flight when close begins is in the stored bitmap; one issued after is refused', async () => {
+    const storage = keepOpen(new MemoryBlockDevice(0));
+    const image = await Qcow2Image.create(storage, { size: 1 << 24, clusterSize: 4096 });
+    (await image.persistentBitmaps()).add('b', { granularity: 65536 });
+    const inFlight = image.write(3 << 16, new Uint8Array(512).fill(1));
+    const closing = image.close();
+    const late = image.write(9 << 16, new Uint8Array(512).fill(2));
+    await expect(late).rejects.toMatchObject({ code: 'ECLOSED' });
+    await expect(image.persistentBitmaps()).rejects.toMatchObject({ code: 'ECLOSED' });
+    await inFlight;
+    await closing;
+    const reopened = await Qcow2Image.open(storage);
+    expect(dirtyRanges(await readStoredBitmap(reopened, 'b'), reopened.size)).toEqual([
+      { offset: 3 << 16, length: 65536 },
+    ]);
+    expect([...(await reopened.read(9 << 16, 512))].every((byte) => byte === 0)).toBe(true);
+  });
+});
+
 describe('readStoredBitmap on a directory entry as read from the file', () => {
   const entry = {
     name: 'b',
