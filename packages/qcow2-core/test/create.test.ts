@@ -182,3 +182,47 @@ describe.skipIf(!haveQemu)('qcow2 create like qemu-img create', () => {
     });
   });
 });
+
+describe.skipIf(!haveQemu)('createImage with an external data file like qemu-img create', () => {
+  let dir: { path: string; remove: () => void };
+  beforeAll(() => {
+    dir = tempDir();
+  });
+  afterAll(() => dir.remove());
+
+  const modes = [
+    { preallocation: 'off', raw: false },
+    { preallocation: 'off', raw: true },
+    { preallocation: 'metadata', raw: false },
+    { preallocation: 'falloc', raw: false },
+    { preallocation: 'full', raw: true },
+  ] as const;
+  it('maps (qemu-img map), data file sizes and a clean check for each preallocation mode', async () => {
+    const size = 3 << 20;
+    for (const { preallocation, raw } of modes) {
+      const tag = `${preallocation}-${raw ? 'raw' : 'plain'}`;
+      qemuImg(
+        dir.path,
+        'create',
+        '-q',
+        '-f',
+        'qcow2',
+        '-o',
+        `data_file=${join(dir.path, `qemu-${tag}.data`)},data_file_raw=${raw ? 'on' : 'off'},preallocation=${preallocation},cluster_size=65536`,
+        `qemu-${tag}.qcow2`,
+        String(size),
+      );
+      const opened = await createImage(join(dir.path, `ours-${tag}.qcow2`), {
+        size,
+        dataFile: join(dir.path, `ours-${tag}.data`),
+        dataFileRaw: raw,
+        preallocation,
+      });
+      await opened.close();
+      const map = (name: string): unknown => JSON.parse(qemuImg(dir.path, 'map', '--output=json', name));
+      expect(map(`ours-${tag}.qcow2`), tag).toEqual(map(`qemu-${tag}.qcow2`));
+      expect(readFileSync(join(dir.path, `ours-${tag}.data`)).length, tag).toBe(size);
+      expect(qemuImg(dir.path, 'check', `ours-${tag}.qcow2`), tag).toContain('No errors were found');
+    }
+  });
+});

@@ -46,33 +46,23 @@ export async function createImage(path: string, options: CreateImageOptions): Pr
         overwrite: overwrite ?? false,
       });
     }
-    if (preallocation !== 'off' && dataFile !== undefined) {
-      // With a data file the data lives there: metadata preallocation maps every cluster to its
-      // guest offset; falloc and full allocate the data file's storage (zeros written for full).
-      if (preallocation === 'falloc') await dataFile.writeZeroes(0, plan.size);
-      if (preallocation === 'full') await writeZeroBytes(dataFile, plan.size);
-    }
-    if (preallocation !== 'off' && dataFile !== undefined) {
-      const device = dataFile;
-      const image = await Qcow2Image.create(file, {
-        ...createOptions,
-        preallocation: 'metadata',
-        openBacking: false,
-        resolveDataFile: async () => device,
-      });
-      await image.close();
-      dataFile = undefined; // closed with the image
-    } else if (preallocation === 'metadata' || plan.dataFileRaw) {
+    // With a data file the data lives there: every preallocation mode maps each cluster to its
+    // guest offset (metadata); falloc and full also allocate the data file's storage (zeros
+    // written for full). A raw data file is mapped whole without preallocation too.
+    const mapMetadata = preallocation === 'metadata' || (dataFile !== undefined && preallocation !== 'off');
+    if (dataFile !== undefined && preallocation === 'falloc') await dataFile.writeZeroes(0, plan.size);
+    if (dataFile !== undefined && preallocation === 'full') await writeZeroBytes(dataFile, plan.size);
+    if (mapMetadata || plan.dataFileRaw) {
       // The backing file is not needed to lay out metadata.
       const device = dataFile;
       const image = await Qcow2Image.create(file, {
         ...createOptions,
-        preallocation: preallocation === 'metadata' ? 'metadata' : 'off',
+        preallocation: mapMetadata ? 'metadata' : 'off',
         openBacking: false,
         ...(device === undefined ? {} : { resolveDataFile: async () => device }),
       });
       await image.close();
-      dataFile = undefined;
+      dataFile = undefined; // closed with the image
     } else {
       await writeQcow2Layout(file, { ...plan, preallocation: 'off' });
       // falloc and full: the data area after the refcount structures, as qemu-img create lays it.
