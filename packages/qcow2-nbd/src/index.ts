@@ -4,11 +4,14 @@
  */
 
 export * as protocol from './protocol/index.js';
+export { type BitmapWindow, bitmapExtents } from './server/bitmap-extents.js';
 export type { ReadMode } from './server/connection-io.js';
 export {
   availableContexts,
   blockSizes,
+  type DirtyExtent,
   type MetaContext,
+  type NbdDirtyBitmap,
   type NbdExport,
   transmissionFlags,
 } from './server/export.js';
