@@ -118,4 +118,31 @@ describe('bounds per connection', () => {
     expect(started).toBe(count);
     client.destroy();
   });
+
+  it('ends the connection of a client that stops reading its replies and then leaves', async () => {
+    let left!: () => void;
+    const disconnected = new Promise<void>((resolve) => {
+      left = resolve;
+    });
+    let reads = 0;
+    const counting = wrap(device, {
+      readInto: (buffer: Uint8Array, offset: number) => {
+        reads++;
+        return device.readInto(buffer, offset);
+      },
+    });
+    await start([{ name: '', device: counting }], {
+      maxInFlightBytes: 1024 * 1024,
+      onDisconnect: () => left(),
+    });
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    client.socket.pause();
+    // 64 MiB asked for: the server stops at the bound with a request held, its replies unread.
+    for (let i = 0; i < 128; i++) client.request(P.NBD_CMD_READ, 0, 512 * 1024);
+    expect(await settled(() => reads)).toBeLessThan(128);
+    client.destroy();
+    await disconnected;
+    expect(server!.connections).toBe(0);
+  });
 });
