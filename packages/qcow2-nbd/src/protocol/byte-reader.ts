@@ -1,5 +1,5 @@
 /**
- * A pull-style reader over a push-style socket: the handshake and the request loop ask for
+ * A pull-style reader over a push-style socket for the handshake (and test clients): callers ask for
  * exactly n bytes. Bytes are buffered as they arrive; the socket is paused while more than
  * `highWaterMark` bytes wait, so a client sending faster than we serve is slowed down by TCP
  * rather than by our memory.
@@ -46,11 +46,6 @@ export class ByteReader {
     this.attach();
   }
 
-  /** Bytes received and not yet consumed. */
-  get available(): number {
-    return this.buffered;
-  }
-
   /** Stops listening to the stream (for STARTTLS); returns any bytes already buffered. */
   detach(): Buffer {
     this.stream.off('data', this.onData);
@@ -86,20 +81,12 @@ export class ByteReader {
   }
 
   /**
-   * Returns exactly `n` bytes when they are buffered already, otherwise undefined. Bytes within one
-   * received chunk come back as a view of it; bytes spanning chunks are copied into a buffer from
-   * `allocate` (default: a new one).
+   * Waits for exactly `n` bytes. Rejects with StreamEndedError when the stream ends first. Bytes
+   * within one received chunk come back as a view of it; bytes spanning chunks are copied.
    */
-  tryRead(n: number, allocate?: (size: number) => Buffer): Buffer | undefined {
-    if (this.buffered < n) return undefined;
-    return this.take(n, allocate);
-  }
-
-  /** Waits for exactly `n` bytes. Rejects with StreamEndedError when the stream ends first. */
-  async read(n: number, allocate?: (size: number) => Buffer): Promise<Buffer> {
+  async read(n: number): Promise<Buffer> {
     for (;;) {
-      const bytes = this.tryRead(n, allocate);
-      if (bytes !== undefined) return bytes;
+      if (this.buffered >= n) return this.take(n);
       if (this.ended) {
         throw new StreamEndedError(
           this.endError === undefined
@@ -120,17 +107,7 @@ export class ByteReader {
     }
   }
 
-  /** Consumes `n` bytes without keeping them, waiting as needed. */
-  async skip(n: number): Promise<void> {
-    let left = n;
-    while (left > 0) {
-      const step = Math.min(left, Math.max(1, Math.min(this.buffered, 1024 * 1024)));
-      await this.read(step);
-      left -= step;
-    }
-  }
-
-  private take(n: number, allocate: (size: number) => Buffer = Buffer.allocUnsafe): Buffer {
+  private take(n: number): Buffer {
     if (n === 0) return Buffer.alloc(0);
     this.buffered -= n;
     let out: Buffer;
@@ -143,7 +120,7 @@ export class ByteReader {
         this.head = 0;
       }
     } else {
-      out = allocate(n);
+      out = Buffer.allocUnsafe(n);
       let filled = 0;
       while (filled < n) {
         const chunk = this.chunks[0]!;

@@ -96,11 +96,6 @@ export function allowedFlags(type: number, context: RequestContext): number {
   }
 }
 
-/** True for commands followed by a payload of `length` bytes. */
-export function hasPayload(type: number): boolean {
-  return type === NBD_CMD_WRITE;
-}
-
 /**
  * The NBD error a request earns before reaching the device, or 0 when it is valid. Order follows
  * the spec's advice: unknown command and flags EINVAL, too large EINVAL (writes: the connection is
