@@ -11,7 +11,26 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NBD_BIN, runAsync, startServer } from '../src/nbd-server.js';
 import { requireTools, run, tempDir } from '../src/tools.js';
 
-const ok = requireTools('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo');
+const ok = requireTools('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo', 'nbdsh');
+
+/**
+ * BLOCK_STATUS requests on two bitmap contexts at once: unaligned, short, REQ_ONE, at the end.
+ * Prints each reply's descriptors per context.
+ */
+const BLOCK_STATUS_SCRIPT = `
+import os
+h.add_meta_context("qemu:dirty-bitmap:fine")
+h.add_meta_context("qemu:dirty-bitmap:coarse")
+h.connect_uri(os.environ["URI"])
+ONE = nbd.CMD_FLAG_REQ_ONE
+for (offset, length, flags) in [(0, 8 << 20, 0), (1000, 70000, 0), (100, 8000000, ONE),
+        (1048577, 1048575, 0), (102399, 2, ONE), (5 << 20, 12288, 0), ((8 << 20) - 1, 1, 0),
+        (7 << 20, 1 << 20, ONE)]:
+    replies = []
+    h.block_status(length, offset, lambda context, at, entries, error: replies.append((context, list(entries))) or 0, flags)
+    print(offset, length, flags, sorted(replies))
+h.shutdown()
+`;
 
 /** qemu-nbd serving `args` on a unix socket in `dir` until stopped. */
 function startQemuNbd(dir: string, args: readonly string[]) {
@@ -99,6 +118,22 @@ describe.skipIf(!ok)('qemu:dirty-bitmap (-B) against qemu-nbd', () => {
       const expectedMaps = await maps(theirs.uri, names);
       expect(expectedMaps[1]).toContain('dirty');
       expect(await maps(ours.uri, names)).toEqual(expectedMaps);
+    } finally {
+      await theirs.stop();
+      expect(await ours.stop()).toBe(0);
+    }
+  });
+
+  it('answers unaligned, short and REQ_ONE block status requests as qemu-nbd', async () => {
+    const theirs = startQemuNbd(dir.path, ['-r', '-f', 'qcow2', ...flags, image]);
+    const ours = await startServer(dir.path, ['-t', '-r', '-f', 'qcow2', ...flags, image]);
+    const env = (uri: string) => ({ ...process.env, URI: uri, PATH: `/usr/bin:${process.env.PATH ?? ''}` });
+    try {
+      const expected = await runAsync('nbdsh', ['-c', BLOCK_STATUS_SCRIPT], { env: env(theirs.uri) });
+      expect(expected.status, expected.stderr).toBe(0);
+      expect(expected.stdout.split('\n')).toHaveLength(9);
+      const actual = await runAsync('nbdsh', ['-c', BLOCK_STATUS_SCRIPT], { env: env(ours.uri) });
+      expect(actual.stdout).toBe(expected.stdout);
     } finally {
       await theirs.stop();
       expect(await ours.stop()).toBe(0);
