@@ -119,7 +119,10 @@ describe('ConnectionIo.startRequests', () => {
         },
       };
       await io.drained();
-      io.startRequests(new RequestReader(sink, (size) => Buffer.alloc(size)), () => {}, mode);
+      // An accepted plain socket is rewrapped for direct reads when they are asked for.
+      expect(io.startRequests(new RequestReader(sink, (size) => Buffer.alloc(size)), () => {}, mode)).toBe(
+        mode,
+      );
       await done;
       got.forEach((request, index) => {
         expect(request.cookie).toBe(BigInt(index));
@@ -128,6 +131,37 @@ describe('ConnectionIo.startRequests', () => {
       close();
     },
   );
+});
+
+describe('ConnectionIo.startRequests fallback', () => {
+  it('reads stream chunks when direct reads were asked for a stream that is no accepted socket', async () => {
+    const stream = new PassThrough();
+    const io = new ConnectionIo(stream as unknown as Socket);
+    const got: bigint[] = [];
+    const sink: RequestSink = {
+      header: () => 0,
+      request: (request) => {
+        got.push(request.cookie);
+        return true;
+      },
+    };
+    const header = (cookie: bigint) =>
+      P.encodeRequestHeader({
+        magic: P.NBD_REQUEST_MAGIC,
+        flags: 0,
+        type: P.NBD_CMD_FLUSH,
+        cookie,
+        offset: 0,
+        length: 0,
+      });
+    stream.write(header(1n));
+    await new Promise((resolve) => setImmediate(resolve));
+    const reader = new RequestReader(sink, (size) => Buffer.alloc(size));
+    expect(io.startRequests(reader, () => {}, 'direct')).toBe('stream');
+    stream.write(header(2n));
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(got).toEqual([1n, 2n]);
+  });
 });
 
 /** A ConnectionIo over a socket accepted by a net.Server (so it can be rewrapped), and the client. */
