@@ -14,6 +14,7 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Qcow2CreateOptions, Qcow2Image } from '../src/index.js';
 import { nodeCodecs } from '../src/node/index.js';
+import { crashWorkload } from './crash-workload.js';
 import { keepOpen } from './keep-open.js';
 import { requireTools, tempDir } from './qemu.js';
 
@@ -44,43 +45,6 @@ const variants: Variant[] = [
   { name: 'v2', options: { clusterSize: 4096, compat: '0.10' }, size: 200_000, runs: 45 },
 ];
 
-type Op =
-  | { kind: 'write'; offset: number; length: number; seed: number }
-  | { kind: 'zero'; offset: number; length: number }
-  | { kind: 'discard'; offset: number; length: number }
-  | { kind: 'compressed'; cluster: number }
-  | { kind: 'flush' }
-  | { kind: 'grow'; by: number };
-
-function workload(size: number, clusterSize: number): fc.Arbitrary<Op[]> {
-  const range = fc
-    .tuple(fc.integer({ min: 0, max: size - 1 }), fc.integer({ min: 1, max: 3 * clusterSize }))
-    .map(([offset, length]) => ({ offset, length }));
-  return fc.array(
-    fc.oneof(
-      {
-        weight: 6,
-        arbitrary: fc.tuple(range, fc.nat()).map(([r, seed]) => ({ kind: 'write' as const, ...r, seed })),
-      },
-      { weight: 2, arbitrary: range.map((r) => ({ kind: 'zero' as const, ...r })) },
-      { weight: 2, arbitrary: range.map((r) => ({ kind: 'discard' as const, ...r })) },
-      {
-        weight: 1,
-        arbitrary: fc.integer({ min: 0, max: Math.floor(size / clusterSize) - 1 }).map((cluster) => ({
-          kind: 'compressed' as const,
-          cluster,
-        })),
-      },
-      { weight: 3, arbitrary: fc.constant({ kind: 'flush' as const }) },
-      {
-        weight: 1,
-        arbitrary: fc.integer({ min: 1, max: 2 * clusterSize }).map((by) => ({ kind: 'grow' as const, by })),
-      },
-    ),
-    { minLength: 5, maxLength: 20 },
-  );
-}
-
 describe.skipIf(!haveQemu)('qcow2 writes survive crashes', () => {
   let dir: { path: string; remove: () => void };
   let counter = 0;
@@ -94,7 +58,7 @@ describe.skipIf(!haveQemu)('qcow2 writes survive crashes', () => {
       const clusterSize = variant.options.clusterSize ?? 65536;
       await fc.assert(
         fc.asyncProperty(
-          workload(variant.size, clusterSize),
+          crashWorkload(variant.size, clusterSize, { compressed: true }),
           fc.integer({ min: 1, max: 300 }),
           fc.nat(),
           async (ops, crashAfter, baseSeed) => {

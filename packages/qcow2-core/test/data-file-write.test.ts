@@ -21,6 +21,7 @@ import {
   type Qcow2CreateOptions,
   Qcow2Image,
 } from '../src/index.js';
+import { crashWorkload } from './crash-workload.js';
 import { keepOpen } from './keep-open.js';
 import { requireTools, suiteTempDir } from './qemu.js';
 
@@ -250,35 +251,6 @@ describe('qcow2 data file layout', () => {
   });
 });
 
-type Op =
-  | { kind: 'write'; offset: number; length: number; seed: number }
-  | { kind: 'zero'; offset: number; length: number }
-  | { kind: 'discard'; offset: number; length: number }
-  | { kind: 'flush' }
-  | { kind: 'grow'; by: number };
-
-function workload(size: number, clusterSize: number): fc.Arbitrary<Op[]> {
-  const range = fc
-    .tuple(fc.integer({ min: 0, max: size - 1 }), fc.integer({ min: 1, max: 3 * clusterSize }))
-    .map(([offset, length]) => ({ offset, length }));
-  return fc.array(
-    fc.oneof(
-      {
-        weight: 6,
-        arbitrary: fc.tuple(range, fc.nat()).map(([r, seed]) => ({ kind: 'write' as const, ...r, seed })),
-      },
-      { weight: 2, arbitrary: range.map((r) => ({ kind: 'zero' as const, ...r })) },
-      { weight: 2, arbitrary: range.map((r) => ({ kind: 'discard' as const, ...r })) },
-      { weight: 3, arbitrary: fc.constant({ kind: 'flush' as const }) },
-      {
-        weight: 1,
-        arbitrary: fc.integer({ min: 1, max: 2 * clusterSize }).map((by) => ({ kind: 'grow' as const, by })),
-      },
-    ),
-    { minLength: 5, maxLength: 20 },
-  );
-}
-
 describe.skipIf(!haveQemu)('qcow2 data file writes survive crashes', () => {
   const dir = suiteTempDir();
   let counter = 0;
@@ -288,7 +260,7 @@ describe.skipIf(!haveQemu)('qcow2 data file writes survive crashes', () => {
       const clusterSize = 4096;
       await fc.assert(
         fc.asyncProperty(
-          workload(size, clusterSize),
+          crashWorkload(size, clusterSize, { compressed: false }),
           fc.integer({ min: 1, max: 300 }),
           fc.nat(),
           async (ops, crashAfter, baseSeed) => {
