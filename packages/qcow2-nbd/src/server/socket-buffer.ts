@@ -7,6 +7,11 @@
  * CPU). Node has no call for SO_SNDBUF on stream sockets; setsockopt is reached through koffi, as
  * blockdev reaches lseek and fallocate. Optional: without koffi nothing changes.
  *
+ * The kernel caps the size at net.core.wmem_max: a stock kernel's 212 992 bytes leave the default
+ * unchanged; hosts serving NBD raise it (this one has 4 MiB). Replies in that buffer are outside the
+ * transmission's in-flight bound (they have left the process): a client that stops reading holds
+ * up to twice the granted size of kernel memory per connection, as with any TCP socket's autotuning.
+ *
  * Linux only (x86_64 and aarch64 share these constants).
  */
 import { createRequire } from 'node:module';
