@@ -50,6 +50,7 @@ import {
 } from './bitmap-table.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { dirtyRanges, type StoredBitmap } from './read-bitmap.js';
+import { forEachStoredRun, type StoredBitmapImage } from './stored-runs.js';
 
 export interface PersistentBitmapsContext {
   readonly file: BlockDevice;
@@ -290,6 +291,30 @@ export class PersistentBitmaps {
     }
     for (const range of dirtyRanges(source, sourceGuestSize))
       bitmap.setGuestRange(range.offset, range.length);
+  }
+
+  /**
+   * Sets in bitmap `target` every bit of stored bitmap `sourceName` of another image (`source`: its
+   * file, guest size, cluster size and directory, as a Qcow2Image exposes them), reading one bitmap
+   * cluster at a time (what `qemu-img convert --bitmaps` copies). Checks and messages as {@link merge}.
+   */
+  async mergeStored(target: string, source: StoredBitmapImage, sourceName: string): Promise<void> {
+    const bitmap = this.#usable(target);
+    if (source.size !== this.#guestSize) {
+      this.#fail(
+        'EINVAL',
+        `Bitmaps are of different sizes (destination size is ${this.#guestSize}, source size is ${source.size}) and can't be merged`,
+      );
+    }
+    const entry = source.bitmapDirectory.find((candidate) => candidate.name === sourceName);
+    const granularity = entry?.granularity ?? bitmap.granularity;
+    await forEachStoredRun(source, sourceName, (firstBit, endBit) => {
+      if (granularity === bitmap.granularity) bitmap.setBits(firstBit, endBit);
+      else {
+        const offset = firstBit * granularity;
+        bitmap.setGuestRange(offset, Math.min(source.size, endBit * granularity) - offset);
+      }
+    });
   }
 
   /** Every bit of consistent bitmap `name` as it stands now (stored bits and those set since). */
