@@ -43,6 +43,8 @@ export interface ReadJob {
   length: number;
   /** Triples (offset in the buffer, guest offset, length), in guest order. */
   readonly pieces: number[];
+  /** The range reads as zeros: nothing is read (jobs made for a stream, never by planReads). */
+  readonly zero?: boolean;
 }
 
 export interface PlanOptions {
@@ -165,7 +167,8 @@ export interface CopySlot {
 }
 
 /**
- * Runs the copy: up to `depth` reads in flight, each into its own buffer; buffers are handed to
+ * Runs the copy: up to `depth` reads in flight, each into its own buffer (a zero job reads
+ * nothing and leaves its buffer as it was); buffers are handed to
  * `write` in the order of `next()`, one at a time, and reused once `write` resolves. On a failure
  * no new read starts, the reads in flight are waited for, and the failure is thrown.
  */
@@ -195,9 +198,11 @@ export async function runCopy(
         const slot = free.pop()!;
         const view = slot.buffer.subarray(0, job.length);
         const read =
-          job.hostFile !== undefined
-            ? job.hostFile.readInto(view, job.sourceOffset)
-            : device.readInto(view, job.sourceOffset);
+          job.zero === true
+            ? Promise.resolve()
+            : job.hostFile !== undefined
+              ? job.hostFile.readInto(view, job.sourceOffset)
+              : device.readInto(view, job.sourceOffset);
         read.catch(() => undefined); // observed when its turn comes
         queue.push({ job, slot, read });
       }

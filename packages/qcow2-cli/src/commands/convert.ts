@@ -25,7 +25,7 @@ import { walkExtents } from '../extents.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
-import { forEachDataRun, planReads, readBufferSize, runCopy } from './convert-pipeline.js';
+import { forEachDataRun, planReads, type ReadJob, readBufferSize, runCopy } from './convert-pipeline.js';
 
 export interface ConvertOptions {
   readonly format?: ImageFormat | undefined;
@@ -383,8 +383,9 @@ async function copyAllocated(
 
 /**
  * Writes every byte of `device` to `stream` in order, zeros included (target `-`). Reads run ahead
- * in parallel; each chunk is written once the one before it has been, and its buffer is reused
- * only once the stream has taken it.
+ * (runCopy, as for a file); each chunk is written once the one before it has been, and its buffer
+ * is reused only once the stream has taken it. Zero ranges are written from one buffer of zeros,
+ * never read.
  */
 export async function convertToStream(
   device: BlockDevice,
@@ -397,71 +398,33 @@ export async function convertToStream(
   report();
   const chunkSize = wholeBlocks(options.chunkSize, SPARSE_BLOCK);
   const zeros = Buffer.alloc(chunkSize);
-  const tasks = serialise(numbered(chunks(device, chunkSize)));
-  // Chunk n is written once chunk n - 1 has been: `turn(n)` settles when chunk n is written (or
-  // rejects when it failed, so the chunks after it give up instead of waiting forever).
-  const turns = new Map<number, { promise: Promise<void>; resolve(): void; reject(error: unknown): void }>();
-  const turn = (index: number) => {
-    let entry = turns.get(index);
-    if (entry === undefined) {
-      let resolve!: () => void;
-      let reject!: (error: unknown) => void;
-      const promise = new Promise<void>((res, rej) => {
-        resolve = res;
-        reject = rej;
-      });
-      promise.catch(() => undefined);
-      entry = { promise, resolve, reject };
-      turns.set(index, entry);
-    }
-    return entry;
+  const tasks = chunks(device, chunkSize);
+  const next = async (): Promise<ReadJob | undefined> => {
+    const step = await tasks.next();
+    if (step.done) return undefined;
+    const { offset, length, zero } = step.value;
+    return { hostFile: undefined, sourceOffset: offset, length, pieces: [0, offset, length], zero };
   };
-  turn(-1).resolve();
   const streamFailed = new Promise<never>((_resolve, reject) => {
     stream.once('error', reject);
   });
   streamFailed.catch(() => undefined);
-  const write = (data: Uint8Array) =>
-    Promise.race([
+  await runCopy(device, next, options.parallel, chunkSize, async (job, { buffer }) => {
+    const data = (job.zero === true ? zeros : buffer).subarray(0, job.length);
+    await Promise.race([
       new Promise<void>((resolve, reject) => {
         stream.write(data, (error) => (error ? reject(error) : resolve()));
       }),
       streamFailed,
     ]);
-  await runWorkers(options.parallel, chunkSize, async (buffer) => {
-    const next = await tasks.next();
-    if (next.done) return false;
-    const { index, chunk } = next.value;
-    try {
-      let view: Uint8Array;
-      if (chunk.zero) {
-        view = zeros.subarray(0, chunk.length);
-      } else {
-        view = buffer.subarray(0, chunk.length);
-        await device.readInto(view, chunk.offset);
-      }
-      await turn(index - 1).promise;
-      turns.delete(index - 1);
-      await write(view);
-      turn(index).resolve();
-    } catch (error) {
-      turn(index).reject(error);
-      throw error;
-    }
-    done += chunk.length;
+    done += job.length;
     report();
-    return true;
   });
 }
 
 /** `chunkSize` rounded down to whole `block`s, at least one. */
 function wholeBlocks(chunkSize: number, block: number): number {
   return Math.max(block, chunkSize - (chunkSize % block));
-}
-
-async function* numbered<T>(items: AsyncIterable<T>): AsyncGenerator<{ index: number; chunk: T }> {
-  let index = 0;
-  for await (const chunk of items) yield { index: index++, chunk };
 }
 
 /**
