@@ -212,6 +212,8 @@ function buildProgram(
     .option('-W', 'out-of-order writes (accepted)')
     .option('-n', 'write into the existing target (do not create it)')
     .option('--target-is-zero', 'with -n: the target reads as zeros already (nothing is zeroed)')
+    .option('--bitmaps', "-O qcow2: copy the source's persistent dirty bitmaps")
+    .option('--skip-broken-bitmaps', 'with --bitmaps: skip inconsistent bitmaps (with a warning)')
     .addHelpText(
       'after',
       '\nExamples:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 convert -O qcow2 -c -o cluster_size=2M disk.raw disk.qcow2\n',
@@ -219,6 +221,13 @@ function buildProgram(
     .action(async (source: string, target: string, options: Record<string, unknown>) => {
       if (options.targetIsZero === true && options.n !== true) {
         throw new UsageError('--target-is-zero requires use of -n flag');
+      }
+      const bitmaps = {
+        bitmaps: options.bitmaps === true,
+        skipBrokenBitmaps: options.skipBrokenBitmaps === true,
+      };
+      if (bitmaps.skipBrokenBitmaps && !bitmaps.bitmaps) {
+        throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
       }
       const common = {
         format: options.f as ImageFormat | undefined,
@@ -239,9 +248,14 @@ function buildProgram(
             backingFile: options.B as string | undefined,
             backingFormat: options.F as string | undefined,
             parallel: options.m as number | undefined,
+            ...bitmaps,
           }),
         );
         return;
+      }
+      if (bitmaps.bitmaps && options.O === 'raw') {
+        const { refuseBitmapsTo } = await import('./commands/convert-bitmaps.js');
+        await refuseBitmapsTo(context, source, 'raw', { ...common, outputFormat: 'raw', ...bitmaps });
       }
       const { convertCommand } = await import('./commands/convert.js');
       setExit(

@@ -4,7 +4,8 @@
  * `-c` (compressed clusters, zlib or zstd), `-B BACKING` (`-F FMT`: only what differs from the
  * backing file is written), `-m N` (reads in flight) and `-p` (progress on stderr). The target may
  * be `-`: the image is streamed to stdout (qemu-img cannot do that). `-n` writes into an existing
- * qcow2 image instead, through qcow2-core, as qemu-img convert -n does.
+ * qcow2 image instead, through qcow2-core, as qemu-img convert -n does. `--bitmaps` copies the
+ * source's persistent bitmaps into the target once its data is written (convert-bitmaps.ts).
  */
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
@@ -17,12 +18,19 @@ import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
 import type { ConvertOptions } from './convert.js';
+import {
+  type BitmapCopyOptions,
+  bitmapSource,
+  checkSourceBitmaps,
+  copyBitmaps,
+  noBitmapSupport,
+} from './convert-bitmaps.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
 import { qcow2LayoutOptions } from './measure.js';
 import { selectSnapshot } from './snapshot-select.js';
 import { openWritable } from './writable-image.js';
 
-export interface Qcow2ConvertExtras {
+export interface Qcow2ConvertExtras extends BitmapCopyOptions {
   /** `-o` strings, in order. */
   readonly createOptions?: readonly string[];
   /** `-c`. */
@@ -101,6 +109,8 @@ async function convertIntoExisting(
   const writable = await openWritable(targetPath, target, { format: 'qcow2' });
   try {
     const image = writable.device instanceof Qcow2Image ? writable.device : undefined;
+    if (options.bitmaps === true && (image === undefined || image.version < 3))
+      throw noBitmapSupport('qcow2');
     if (writable.device.size < opened.device.size) {
       throw new CliError('output file is smaller than input file', { code: 'EINVAL' });
     }
@@ -120,6 +130,7 @@ async function convertIntoExisting(
       throw new CliError(`error while writing into '${target}': ${describeError(error)}`, { cause: error });
     });
     progress?.finish();
+    if (options.bitmaps === true) await copyBitmaps(context, bitmapSource(opened.image), image!, options);
   } finally {
     await writable.close();
   }
@@ -140,6 +151,7 @@ export async function convertToQcow2Command(
       snapshot: await selectSnapshot(sourcePath, source, options),
     });
     try {
+      if (options.bitmaps === true) checkSourceBitmaps(bitmapSource(opened.image), options);
       await convertIntoExisting(context, opened, target, options);
     } finally {
       await opened.close();
@@ -152,6 +164,9 @@ export async function convertToQcow2Command(
     throw new CliError("convert: target '-' needs a binary stdout, which this caller did not give", {
       code: 'EUNSUPPORTED',
     });
+  }
+  if (toStdout && options.bitmaps === true) {
+    throw new UsageError("--bitmaps needs a target file to add the bitmaps to, not stdout ('-')");
   }
   const values = parseCreateOptions(target, 'qcow2', options.createOptions ?? []);
   if (options.backingFile !== undefined) values.set('backing_file', options.backingFile);
@@ -169,7 +184,10 @@ export async function convertToQcow2Command(
   });
   let backing: OpenedImage | undefined;
   try {
+    const bitmapsFrom = options.bitmaps === true ? bitmapSource(opened.image) : undefined;
+    if (bitmapsFrom !== undefined) checkSourceBitmaps(bitmapsFrom, options);
     const created = qcow2CreateOptions(target, opened.device.size, values);
+    if (bitmapsFrom !== undefined && created.compat === '0.10') throw noBitmapSupport('qcow2');
     // The data file's name is recorded as given and resolved against the current folder.
     const dataFilePath =
       created.dataFile === undefined ? undefined : resolveAgainst(context.io.cwd, created.dataFile);
@@ -233,9 +251,26 @@ export async function convertToQcow2Command(
       throw new CliError(`error while converting qcow2: ${describeError(error)}`, { cause: error });
     }
     progress?.finish();
+    if (bitmapsFrom !== undefined) await addBitmaps(context, bitmapsFrom, targetPath!, target, options);
   } finally {
     await backing?.close();
     await opened.close();
   }
   return 0;
+}
+
+/** Opens the new image `targetPath` (its data written and closed) and copies the bitmaps into it. */
+async function addBitmaps(
+  context: CommandContext,
+  source: Qcow2Image,
+  targetPath: string,
+  target: string,
+  options: BitmapCopyOptions,
+): Promise<void> {
+  const writable = await openWritable(targetPath, target, { format: 'qcow2' });
+  try {
+    await copyBitmaps(context, source, writable.device as Qcow2Image, options);
+  } finally {
+    await writable.close();
+  }
 }
