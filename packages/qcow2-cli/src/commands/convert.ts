@@ -41,9 +41,7 @@ export interface ConvertOptions {
   /** `-S`: runs of this many zero bytes (aligned in the guest) become holes; 0: no zero scan at
    * all, the target fully allocated. Default 4 KiB, as qemu-img's. */
   readonly sparseSize?: number;
-  /** Bytes per read (default 2 MiB, plus up to 64 KiB of gaps) and reads in flight (default 4):
-   * memory is their product. */
-  readonly chunkSize?: number;
+  /** `-m`: reads in flight (default 4), each into a buffer of 2 MiB plus up to 64 KiB of gaps. */
   readonly parallel?: number;
 }
 
@@ -75,7 +73,7 @@ export async function convertCommand(
     // Progress goes to stderr, so `-p` never mixes with an image written to stdout.
     const progress = progressReporter(context.io, options.progress);
     const copyOptions = {
-      chunkSize: options.chunkSize ?? DEFAULT_CHUNK,
+      chunkSize: DEFAULT_CHUNK,
       parallel: options.parallel ?? DEFAULT_PARALLEL,
       onProgress:
         progress === undefined ? undefined : (done: number, total: number) => progress.update(done, total),
