@@ -270,6 +270,37 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
     );
   });
 
+  test('amend -o size=... grows the data file with the image, as qemu-img (raw: the grown range mapped)', () => {
+    for (const raw of ['on', 'off']) {
+      for (const who of ['theirs', 'ours']) {
+        runStatus('rm', ['-f', `s-${who}.qcow2`, `s-${who}.data`], { cwd: dir.path });
+        run(
+          'qemu-img',
+          [
+            'create',
+            '-q',
+            '-f',
+            'qcow2',
+            '-o',
+            `data_file=s-${who}.data,data_file_raw=${raw}`,
+            `s-${who}.qcow2`,
+            '1M',
+          ],
+          { cwd: dir.path },
+        );
+        qemuIo(`s-${who}.qcow2`, ['write -P 0x33 0 1M']);
+      }
+      const expected = qemuImg(['amend', '-o', 'size=3M', 's-theirs.qcow2']);
+      const actual = cli(['amend', '-o', 'size=3M', 's-ours.qcow2']);
+      expect(actual.status, actual.stderr).toBe(expected.status);
+      expectClean('s-ours.qcow2');
+      expect(statSync(at('s-ours.data')).size, raw).toBe(statSync(at('s-theirs.data')).size);
+      expect(qemuImg(['compare', 's-theirs.qcow2', 's-ours.qcow2']).stdout).toBe('Images are identical.\n');
+      const map = (file: string) => qemuImg(['map', '--output=json', file]).stdout;
+      expect(map('s-ours.qcow2'), raw).toBe(map('s-theirs.qcow2'));
+    }
+  });
+
   test('commit of an overlay with a data file empties it and releases the data file, as qemu-img', () => {
     for (const who of ['theirs', 'ours']) {
       run('qemu-img', ['create', '-q', '-f', 'qcow2', `o-${who}.base.qcow2`, '4M'], { cwd: dir.path });

@@ -10,6 +10,8 @@ import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
 import { parseCreateOptions } from './create.js';
 import { withImageFileForWrite } from './image-file.js';
+import { hasDataFile, qcow2Size } from './resize.js';
+import { openWritable } from './writable-image.js';
 
 export interface AmendCommandOptions {
   readonly format?: ImageFormat | undefined;
@@ -79,7 +81,7 @@ export async function amendCommand(
   const { size, ...amend } = parseAmendOptions(file, options.options);
   const path = resolveAgainst(context.io.cwd, file);
   const progress = progressReporter(context.io, options.progress === true && options.quiet !== true);
-  await withImageFileForWrite(path, file, options.format, async (device, format) => {
+  const growViaEngine = await withImageFileForWrite(path, file, options.format, async (device, format) => {
     if (format !== 'qcow2') {
       throw new CliError(`Format driver '${format}' does not support option amendment`, {
         code: 'EUNSUPPORTED',
@@ -96,11 +98,26 @@ export async function amendCommand(
       ) {
         await amendImage(device, amend);
       }
-      if (size !== undefined) await resizeImage(device, size);
+      if (size === undefined) return false;
+      // An external data file follows a grown size: the engine resizes both (file closed first),
+      // as `resize` does. A shrink is refused by resizeImage as before.
+      if (size >= (await qcow2Size(device)) && (await hasDataFile(device))) return true;
+      await resizeImage(device, size);
+      return false;
     } catch (error) {
       throw new CliError(describeError(error).replace(/^qcow2 amend: /, ''), { cause: error });
     }
   });
+  if (growViaEngine && size !== undefined) {
+    const image = await openWritable(path, file, { format: 'qcow2' });
+    try {
+      await image.device.resize(size);
+    } catch (error) {
+      throw new CliError(describeError(error), { cause: error });
+    } finally {
+      await image.close();
+    }
+  }
   progress?.finish();
   return 0;
 }

@@ -119,7 +119,7 @@ export async function resizeCommand(
 }
 
 /** Whether the header (v3) sets the external data file bit (incompatible feature bit 2). */
-async function hasDataFile(device: FileBlockDevice): Promise<boolean> {
+export async function hasDataFile(device: FileBlockDevice): Promise<boolean> {
   if (device.size < 80) return false;
   const header = await device.read(4, 76);
   const view = new DataView(header.buffer, header.byteOffset, header.byteLength);
@@ -127,7 +127,7 @@ async function hasDataFile(device: FileBlockDevice): Promise<boolean> {
 }
 
 /** The guest size from the header (bytes 24-31), read without opening the image. */
-async function qcow2Size(device: FileBlockDevice): Promise<number> {
+export async function qcow2Size(device: FileBlockDevice): Promise<number> {
   const header = await device.read(24, 8);
   const view = new DataView(header.buffer, header.byteOffset, 8);
   const size = view.getUint32(0) * 2 ** 32 + view.getUint32(4);

@@ -8,6 +8,7 @@ import { BlockDeviceError } from '@qcowkit/blockdev';
 import { hasPersistentBitmaps, resizeWithBitmaps } from '../bitmaps/resize-with-bitmaps.js';
 import { loadHeader } from '../check/check.js';
 import { classifyL2Entry, decodeCompressedDescriptor, entryOffset } from '../check/entries.js';
+import { QCOW2_INCOMPAT_DATA_FILE } from '../format/feature-bits.js';
 import { QCOW_MAX_L1_SIZE, sizeToL1 } from '../format/geometry.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from './image-edit.js';
 
@@ -50,6 +51,14 @@ export async function resizeImage(
   // Persistent bitmaps follow the size: the engine resizes and stores them (or refuses, as QEMU),
   // so the offline edit's opening check is not run for them.
   if (hasPersistentBitmaps(head)) return resizeWithBitmaps(file, size);
+  if ((head.incompatibleFeatures.low & QCOW2_INCOMPAT_DATA_FILE) !== 0) {
+    // The data file must follow the size (truncated; a raw one's grown range mapped), and only the
+    // engine has it open: this offline edit would leave it behind.
+    throw new BlockDeviceError(
+      'EUNSUPPORTED',
+      'qcow2 resize: an image with an external data file is resized through Qcow2Image.resize (the data file open)',
+    );
+  }
   const edit = await ImageEdit.open(file, options);
   const { header, clusterSize } = edit;
   if (size < header.size) {
