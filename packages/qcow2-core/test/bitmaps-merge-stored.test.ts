@@ -80,6 +80,30 @@ describe('PersistentBitmaps.mergeStored', () => {
     await source.close();
   });
 
+  it('an all-ones table entry (no data cluster) reads as set bits', async () => {
+    const storage = keepOpen(new MemoryBlockDevice(0));
+    const image = await Qcow2Image.create(storage, { size: 2 ** 22, clusterSize: 512 });
+    (await image.persistentBitmaps()).add('b', { granularity: 512 });
+    (await image.persistentBitmaps()).bitmap('b')!.setBits(5000, 5001);
+    await image.close();
+    const tableOffset = (await Qcow2Image.open(storage)).bitmapDirectory[0]!.tableOffset;
+    // Entry 0 (bits 0-4095): offset 0 with bit 0 set, all ones.
+    await storage.write(tableOffset, new Uint8Array([0, 0, 0, 0, 0, 0, 0, 1]));
+    const source = await Qcow2Image.open(storage);
+    const runs: [number, number][] = [];
+    await forEachStoredRun(source, 'b', (first, end) => runs.push([first, end]));
+    expect(runs).toEqual([
+      [0, 4096],
+      [5000, 5001],
+    ]);
+    const target = await Qcow2Image.create(new MemoryBlockDevice(0), { size: 2 ** 22, clusterSize: 4096 });
+    const bitmaps = await target.persistentBitmaps();
+    bitmaps.add('t', { granularity: 512 });
+    await bitmaps.mergeStored('t', source, 'b');
+    expect((await bitmaps.currentBits('t')).bits).toEqual((await readStoredBitmap(source, 'b')).bits);
+    await target.close();
+  });
+
   it("refuses another guest size with QEMU's words, and an in-use or missing source bitmap", async () => {
     const source = await sourceWith(2 ** 20, 512, 4096, [[0, 1]]);
     const target = await Qcow2Image.create(new MemoryBlockDevice(0), { size: 2 ** 21, clusterSize: 512 });
