@@ -133,6 +133,40 @@ describe('ConnectionIo.startRequests', () => {
   );
 });
 
+describe('ConnectionIo.startRequests failures', () => {
+  it.each(['direct', 'stream'] as const)(
+    'ends only the connection when handling a request throws (%s)',
+    async (mode) => {
+      const { io, client, close } = await rawPair();
+      const sink: RequestSink = {
+        header: () => 0,
+        request: () => {
+          throw new Error('sink broke');
+        },
+      };
+      let ended!: () => void;
+      const end = new Promise<void>((resolve) => {
+        ended = resolve;
+      });
+      await io.drained();
+      io.startRequests(new RequestReader(sink, (size) => Buffer.alloc(size)), () => ended(), mode);
+      client.write(
+        P.encodeRequestHeader({
+          magic: P.NBD_REQUEST_MAGIC,
+          flags: 0,
+          type: P.NBD_CMD_FLUSH,
+          cookie: 1n,
+          offset: 0,
+          length: 0,
+        }),
+      );
+      await end;
+      expect(io.isClosed).toBe(true);
+      close();
+    },
+  );
+});
+
 describe('ConnectionIo.startRequests fallback', () => {
   it('reads stream chunks when direct reads were asked for a stream that is no accepted socket', async () => {
     const stream = new PassThrough();

@@ -187,13 +187,25 @@ export class ConnectionIo {
       this.socket = direct;
     } else {
       stream.on('data', (chunk: Buffer) => {
-        if (!requests.feed(chunk)) stream.pause();
+        let accepting: boolean;
+        try {
+          accepting = requests.feed(chunk);
+        } catch (error) {
+          accepting = this.failRequests(requests, error);
+        }
+        if (!accepting) stream.pause();
       });
     }
     stream.on('error', end);
     stream.on('end', end);
     stream.on('close', end);
-    if (leftover.length > 0) requests.feed(leftover);
+    if (leftover.length > 0) {
+      try {
+        requests.feed(leftover);
+      } catch (error) {
+        this.failRequests(requests, error);
+      }
+    }
     // A client that left during the handshake's last turn: its end was the handshake reader's.
     if (stream.destroyed || stream.readableEnded) end();
     else if (requests.accepting) stream.resume();
@@ -211,6 +223,16 @@ export class ConnectionIo {
       chunks.push(chunk);
     }
     return Buffer.concat(chunks);
+  }
+
+  /**
+   * A request's handling threw inside a socket callback, where the throw would reach the process
+   * as an uncaught exception: this connection ends instead (its 'error' reaches `onEnd`).
+   */
+  private failRequests(requests: RequestReader, error: unknown): boolean {
+    requests.stop();
+    this.stream.destroy(error instanceof Error ? error : new Error(String(error)));
+    return true;
   }
 
   /** Restarts reading after `requests` stopped accepting (see `startRequests`). */
@@ -247,7 +269,13 @@ export class ConnectionIo {
       writable: true,
       onread: {
         buffer: () => requests.nextBuffer(),
-        callback: (count: number, buffer: Uint8Array) => requests.received(buffer, count),
+        callback: (count: number, buffer: Uint8Array) => {
+          try {
+            return requests.received(buffer, count);
+          } catch (error) {
+            return this.failRequests(requests, error);
+          }
+        },
       },
     };
     const fresh = new Socket(options) as Socket & SocketInternals;
