@@ -185,6 +185,21 @@ describe('write zeroes: L2 entries as QEMU leaves them', () => {
     expect(await closeClean(storage, image)).toBe(1);
   });
 
+  it('extended L2: zeroes up to an end that is not subcluster-aligned (the last subcluster counts whole)', async () => {
+    const { storage, image } = await makeImage({ extendedL2: true, clusterSize: 16 * KiB, size: 600_000 });
+    await image.resize(600_001);
+    await image.write(541_703, new Uint8Array(600_001 - 541_703).fill(71));
+    await image.writeZeroes(0, 1);
+    await image.writeZeroes(589_825, 600_001 - 589_825);
+    const expected = new Uint8Array(600_001 - 541_703).fill(71);
+    expected.fill(0, 589_825 - 541_703);
+    expect(await image.read(541_703, expected.length)).toEqual(expected);
+    await image.close();
+    const reopened = await Qcow2Image.open(storage, { codecs: nodeCodecs, readOnly: false });
+    expect(await reopened.read(541_703, expected.length)).toEqual(expected);
+    await closeClean(storage, reopened);
+  });
+
   it('v2 (no zero flag, no backing file): discards whole clusters, even without may-unmap', async () => {
     const { storage, image } = await makeImage({ compat: '0.10' });
     await image.write(0, new Uint8Array(2 * CLUSTER).fill(1));

@@ -784,7 +784,8 @@ export class WritePath {
     const clusterIndex = Math.floor(guestOffset / this.#clusterSize);
     const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
     const first = (guestOffset - clusterIndex * this.#clusterSize) / this.#subclusterSize;
-    const count = length / this.#subclusterSize;
+    // The image's last subcluster may be short: it counts whole.
+    const count = Math.ceil(length / this.#subclusterSize);
     const mask = count >= 32 ? ALL_SUBCLUSTERS : ((2 ** count - 1) * 2 ** first) >>> 0;
     const zeroBits = ref.slice.getUint32(ref.at + 8);
     const allocBits = ref.slice.getUint32(ref.at + 12);
