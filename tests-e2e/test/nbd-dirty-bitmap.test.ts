@@ -152,7 +152,7 @@ describe.skipIf(!ok)('qemu:dirty-bitmap (-B) against qemu-nbd', () => {
         run('qemu-io', ['-f', 'raw', '-c', 'write 3M 4k', '-c', 'write -z 6M 100k', uri]);
       }
       const expected = await maps(theirs.uri, names);
-      expect(expected[1]).toContain('3145728');
+      expect(expected[1]).toMatch(/^\s*3145728\s+\d+\s+1\s+dirty$/m);
       expect(await maps(ours.uri, names)).toEqual(expected);
     } finally {
       await theirs.stop();
@@ -167,6 +167,20 @@ describe.skipIf(!ok)('qemu:dirty-bitmap (-B) against qemu-nbd', () => {
     } finally {
       await reread.stop();
       await rereadTheirs.stop();
+    }
+  });
+
+  it('with -s, exports the bitmap of the image, which writes to the overlay leave alone, as qemu-nbd', async () => {
+    const theirs = startQemuNbd(dir.path, ['-s', '-f', 'qcow2', ...flags, image]);
+    const ours = await startServer(dir.path, ['-t', '-s', '-f', 'qcow2', ...flags, image]);
+    try {
+      for (const uri of [theirs.uri, ours.uri]) run('qemu-io', ['-f', 'raw', '-c', 'write 3M 4k', uri]);
+      const expected = await maps(theirs.uri, names);
+      expect(expected[1]).not.toMatch(/^\s*3145728\s/m);
+      expect(await maps(ours.uri, names)).toEqual(expected);
+    } finally {
+      await theirs.stop();
+      expect(await ours.stop()).toBe(0);
     }
   });
 
