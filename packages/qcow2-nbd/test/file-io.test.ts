@@ -1,10 +1,10 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
-import { type FileBlockDevice, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
+import { type FileBlockDevice, isMemoryBacked, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 import { Qcow2Image } from '@qcowkit/qcow2-core';
 import { describe, expect, it } from 'vitest';
-import { fileIoOptions, isMemoryBacked } from '../src/cli/file-io.js';
+import { fileIoOptions } from '../src/cli/file-io.js';
 import { openExports } from '../src/cli/open-exports.js';
 import { parseArgs } from '../src/cli/options.js';
 

@@ -6,4 +6,4 @@ export {
   SYNC_IO_MAX_BYTES,
 } from './file-device.js';
 export type { LockMechanism, LockMode } from './file-lock.js';
-export { isMemoryBacked } from './memory-backed.js';
+export { inlineIoMaxBytes, isMemoryBacked } from './memory-backed.js';

@@ -5,6 +5,7 @@
  * switch and a callback through the event loop) without ever blocking on I/O.
  */
 import { statfs } from 'node:fs/promises';
+import { SYNC_IO_MAX_BYTES } from './file-device.js';
 
 /** statfs(2) f_type values of file systems held in memory. */
 const TMPFS_MAGIC = 0x01021994;
@@ -18,4 +19,12 @@ export async function isMemoryBacked(path: string): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+/**
+ * The `syncIoMaxBytes` to open the file at `path` with when the caller wants inline I/O only where
+ * it cannot block: {@link SYNC_IO_MAX_BYTES} on tmpfs or ramfs, 0 (the thread pool) elsewhere.
+ */
+export async function inlineIoMaxBytes(path: string): Promise<number> {
+  return (await isMemoryBacked(path)) ? SYNC_IO_MAX_BYTES : 0;
 }

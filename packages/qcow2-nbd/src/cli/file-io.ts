@@ -10,27 +10,12 @@
  * threads win the server a larger share of the CPU and finish first: `--aio=threads` is there for
  * that. Large requests always use the pool, where their copies overlap the socket writes.
  */
-import { statfs } from 'node:fs/promises';
-import { SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
+import { inlineIoMaxBytes, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 
 export type AioMode = 'threads' | 'sync' | 'auto';
 
-/** statfs(2) f_type values of file systems held in memory. */
-const TMPFS_MAGIC = 0x01021994;
-const RAMFS_MAGIC = 0x858458f6;
-
 export interface FileIoOptions {
   readonly syncIoMaxBytes: number;
-}
-
-/** True when `path` is on tmpfs or ramfs; false when unknown. */
-export async function isMemoryBacked(path: string): Promise<boolean> {
-  try {
-    const { type } = await statfs(path);
-    return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
-  } catch {
-    return false;
-  }
 }
 
 /** FileBlockDevice options for the file at `path` under `--aio MODE`. */
@@ -41,6 +26,6 @@ export async function fileIoOptions(mode: AioMode, path: string): Promise<FileIo
     case 'sync':
       return { syncIoMaxBytes: SYNC_IO_MAX_BYTES };
     case 'auto':
-      return { syncIoMaxBytes: (await isMemoryBacked(path)) ? SYNC_IO_MAX_BYTES : 0 };
+      return { syncIoMaxBytes: await inlineIoMaxBytes(path) };
   }
 }
