@@ -5,6 +5,7 @@
  * the on-demand ones, and both paths of snapshot create (one walk, or counting first when a
  * refcount could overflow) agree with qemu-img.
  */
+
 import { copyFileSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
@@ -12,8 +13,9 @@ import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { describe, expect, it } from 'vitest';
 import { requireTools, run, runStatus } from '../../../tests-e2e/src/tools.js';
 import { checkQcow2Image, loadHeader } from '../src/check/check.js';
-import { classifyL2Entry, decodeCompressedDescriptor, entryOffset } from '../src/check/entries.js';
+import { decodeCompressedDescriptor, entryOffset } from '../src/check/entries.js';
 import { StoredRefcounts } from '../src/check/stored-refcounts.js';
+import { classifyL2Entry } from '../src/format/l2-entry.js';
 import { ImageEdit } from '../src/ops/image-edit.js';
 import { addTreeReferences, canShareTree } from '../src/ops/tree-references.js';
 import { createSnapshot } from '../src/snapshot/index.js';
@@ -33,7 +35,7 @@ async function modelTreeReferences(edit: ImageEdit, l1TableOffset: number, l1Siz
     for (let at = 0; at < clusterSize; at += extendedL2 ? 16 : 8) {
       const high = table.getUint32(at);
       const low = table.getUint32(at + 4);
-      const type = classifyL2Entry(high, low, extendedL2, hasDataFile);
+      const type = classifyL2Entry(high, low, hasDataFile, extendedL2);
       if ((type === 'normal' || type === 'zero-alloc') && !hasDataFile) {
         edit.addReferences(entryOffset(high, low), clusterSize, delta);
       } else if (type === 'compressed') {

@@ -14,6 +14,7 @@
  * Memory: one counter per host cluster of the file (1, 2 or 4 bytes), one L1 chunk, a few L2
  * tables and refcount blocks. Nothing is sized by an offset read from the file.
  */
+
 import { type BlockDevice, BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
 import {
   QCOW2_AUTOCLEAR_BITMAPS,
@@ -21,11 +22,11 @@ import {
   QCOW2_INCOMPAT_EXTL2,
 } from '../format/feature-bits.js';
 import { decodeHeader, peekClusterSize, type Qcow2Header } from '../format/header.js';
+import { classifyL2Entry } from '../format/l2-entry.js';
 import { countBitmapReferences } from './bitmaps.js';
 import { CheckLog } from './check-log.js';
 import { ComputedRefcounts } from './computed-refcounts.js';
 import {
-  classifyL2Entry,
   decodeCompressedDescriptor,
   entryHex,
   entryOffset,
@@ -492,7 +493,7 @@ function countL2Entry(
   const zeroBits = extendedL2 ? view.getUint32(at + 8) : 0;
   const allocBits = extendedL2 ? view.getUint32(at + 12) : 0;
   if (high === 0 && low === 0 && zeroBits === 0 && allocBits === 0) return nextContiguousOffset;
-  const type = classifyL2Entry(high, low, extendedL2, hasDataFile);
+  const type = classifyL2Entry(high, low, hasDataFile, extendedL2);
   if (type !== 'compressed' && l2ReservedBitsSet(high, low)) {
     log.corruption(() => `ERROR found l2 entry with reserved bits set: ${entryHex(high, low)}`);
   }
@@ -759,7 +760,7 @@ async function checkCopiedData(
     const entryLow = view.getUint32(i * l2EntryBytes + 4);
     if (entryHigh === 0 && entryLow === 0) continue;
     if (hasDataFile) {
-      const type = classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile);
+      const type = classifyL2Entry(entryHigh, entryLow, hasDataFile, extendedL2);
       if (type !== 'normal' && type !== 'zero-alloc') continue;
     } else if ((entryHigh & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) {
       continue;

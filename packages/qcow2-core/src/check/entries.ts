@@ -3,14 +3,11 @@
  * loops over millions of entries allocate nothing. Masks are the spec's (bits 9-55 hold offsets).
  */
 
-export const TWO_POW_32 = 0x1_0000_0000;
+// The flag bits and the classification are the format layer's (one definition each).
+export { QCOW_OFLAG_COPIED_HIGH } from '../format/l1-entry.js';
+export { QCOW_OFLAG_COMPRESSED_HIGH } from '../format/l2-entry.js';
 
-/** QCOW_OFLAG_COPIED, bit 63, in the high half. */
-export const QCOW_OFLAG_COPIED_HIGH = 0x8000_0000;
-/** QCOW_OFLAG_COMPRESSED, bit 62, in the high half. */
-export const QCOW_OFLAG_COMPRESSED_HIGH = 0x4000_0000;
-/** QCOW_OFLAG_ZERO, bit 0, in the low half. */
-export const QCOW_OFLAG_ZERO_LOW = 0x1;
+export const TWO_POW_32 = 0x1_0000_0000;
 
 /** L1E_OFFSET_MASK / L2E_OFFSET_MASK (0x00fffffffffffe00) split in halves. */
 const OFFSET_MASK_HIGH = 0x00ff_ffff;
@@ -60,28 +57,6 @@ export function reftableReservedBitsSet(low: number): boolean {
 export function entryHex(high: number, low: number): string {
   if (high === 0) return (low >>> 0).toString(16);
   return (high >>> 0).toString(16) + (low >>> 0).toString(16).padStart(8, '0');
-}
-
-/** What an L2 entry maps, decided once; every other place switches on this. */
-export type CheckClusterType = 'unallocated' | 'zero-plain' | 'zero-alloc' | 'normal' | 'compressed';
-
-/**
- * Classifies an L2 entry as QEMU does. With extended L2 the zero flag is not used (subcluster
- * bitmaps say it); with an external data file, offset 0 with COPIED is a normal cluster.
- */
-export function classifyL2Entry(
-  high: number,
-  low: number,
-  extendedL2: boolean,
-  hasDataFile: boolean,
-): CheckClusterType {
-  if ((high & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) return 'compressed';
-  const hostOffset = entryOffset(high, low);
-  if (!extendedL2 && (low & QCOW_OFLAG_ZERO_LOW) !== 0) return hostOffset !== 0 ? 'zero-alloc' : 'zero-plain';
-  if (hostOffset === 0) {
-    return hasDataFile && (high & QCOW_OFLAG_COPIED_HIGH) !== 0 ? 'normal' : 'unallocated';
-  }
-  return 'normal';
 }
 
 /** Where a compressed cluster's bytes lie: host byte offset and length (to the end of its last sector). */

@@ -4,14 +4,10 @@
  * compressed entry never carries COPIED. Tables that cannot be read or written safely (misaligned,
  * past the end of the file) are left alone: the check after the repair still reports them.
  */
+
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
-import {
-  classifyL2Entry,
-  entryHex,
-  entryOffset,
-  QCOW_OFLAG_COMPRESSED_HIGH,
-  QCOW_OFLAG_COPIED_HIGH,
-} from './entries.js';
+import { classifyL2Entry } from '../format/l2-entry.js';
+import { entryHex, entryOffset, QCOW_OFLAG_COMPRESSED_HIGH, QCOW_OFLAG_COPIED_HIGH } from './entries.js';
 import { L2TableReads } from './l2-reads.js';
 import type { StoredRefcount } from './stored-refcounts.js';
 import { WriteBehind } from './write-behind.js';
@@ -137,7 +133,7 @@ export async function repairCopiedFlags(
           // compressed nor without a host offset: the usual entry needs no classification.
           const compressed = (entryHigh & QCOW_OFLAG_COMPRESSED_HIGH) !== 0;
           const type = hasDataFile
-            ? classifyL2Entry(entryHigh, entryLow, extendedL2, hasDataFile)
+            ? classifyL2Entry(entryHigh, entryLow, hasDataFile, extendedL2)
             : undefined;
           let want: boolean;
           if (hasDataFile ? type === 'compressed' : compressed) {

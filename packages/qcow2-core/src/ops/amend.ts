@@ -13,8 +13,9 @@
  * - data_file=NAME (images that have an external data file; empty drops the name) and
  *   data_file_raw=off (on only where it is on already), as QEMU allows them.
  */
+
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
-import { classifyL2Entry, entryOffset, QCOW_OFLAG_COPIED_HIGH } from '../check/entries.js';
+import { entryOffset, QCOW_OFLAG_COPIED_HIGH } from '../check/entries.js';
 import { rebuildRefcountStructure } from '../check/rebuild-refcounts.js';
 import { encodeText } from '../format/binary.js';
 import {
@@ -32,6 +33,7 @@ import {
   QCOW2_EXT_MAGIC_DATA_FILE,
   QCOW2_EXT_MAGIC_FEATURE_TABLE,
 } from '../format/header-extensions.js';
+import { classifyL2Entry } from '../format/l2-entry.js';
 import { maxRefcount } from '../format/refcount.js';
 import { readSnapshotTable } from '../snapshot/snapshot-list.js';
 import { rewriteHeader } from './header-rewrite.js';

@@ -3,13 +3,15 @@
  * grow), or shrink when asked (clusters past the new end freed, the file truncated after the last
  * cluster in use). Shrinking an image with internal snapshots is refused, as QEMU does.
  */
+
 import type { BlockDevice } from '@qcowkit/blockdev';
 import { BlockDeviceError } from '@qcowkit/blockdev';
 import { hasPersistentBitmaps, resizeWithBitmaps } from '../bitmaps/resize-with-bitmaps.js';
 import { loadHeader } from '../check/check.js';
-import { classifyL2Entry, decodeCompressedDescriptor, entryOffset } from '../check/entries.js';
+import { decodeCompressedDescriptor, entryOffset } from '../check/entries.js';
 import { QCOW2_INCOMPAT_DATA_FILE } from '../format/feature-bits.js';
 import { QCOW_MAX_L1_SIZE, sizeToL1 } from '../format/geometry.js';
+import { classifyL2Entry } from '../format/l2-entry.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from './image-edit.js';
 
 export interface ResizeOptions extends ImageEditOptions {
@@ -125,7 +127,7 @@ async function shrink(edit: ImageEdit, size: number): Promise<void> {
       const at = index * l2EntryBytes;
       const high = view.getUint32(at);
       const low = view.getUint32(at + 4);
-      switch (classifyL2Entry(high, low, extendedL2, hasDataFile)) {
+      switch (classifyL2Entry(high, low, hasDataFile, extendedL2)) {
         case 'normal':
         case 'zero-alloc':
           if (!hasDataFile) edit.addReferences(entryOffset(high, low), clusterSize, -1);

@@ -11,8 +11,8 @@
  * walk; call it so only when the planned counts cannot overflow (see {@link canShareTree}),
  * because then nothing can fail half-way for a reason other than I/O.
  */
+
 import {
-  classifyL2Entry,
   decodeCompressedDescriptor,
   entryOffset,
   QCOW_OFLAG_COMPRESSED_HIGH,
@@ -20,6 +20,7 @@ import {
 } from '../check/entries.js';
 import { L2TableReads } from '../check/l2-reads.js';
 import { WriteBehind } from '../check/write-behind.js';
+import { classifyL2Entry } from '../format/l2-entry.js';
 import { maxRefcount } from '../format/refcount.js';
 import type { ImageEdit } from './image-edit.js';
 
@@ -111,7 +112,7 @@ export async function addTreeReferences(
           if (count >= 0 && count <= max && hostOffset % clusterSize === 0) counts[clusterIndex] = count;
           else edit.addReferences(hostOffset, clusterSize, delta);
         } else {
-          switch (classifyL2Entry(high, low, extendedL2, hasDataFile)) {
+          switch (classifyL2Entry(high, low, hasDataFile, extendedL2)) {
             case 'compressed': {
               const extent = decodeCompressedDescriptor(high, low, clusterBits);
               edit.addReferences(extent.hostOffset, extent.length, delta);
