@@ -114,6 +114,19 @@ export class StoredRefcounts {
     return this.table.getUint32(index * 8 + 4);
   }
 
+  /** Whether refcount table entry `blockIndex` names a block that can be read (one {@link block}
+   * returns bytes for), without reading it. */
+  hasBlock(blockIndex: number): boolean {
+    if (blockIndex >= this.tableEntries) return false;
+    const high = this.tableHigh(blockIndex);
+    const low = this.tableLow(blockIndex);
+    return (
+      reftableEntryOffset(high, low) !== 0 &&
+      reftableEntryAligned(low, this.clusterSize) &&
+      high < UNREADABLE_OFFSET_HIGH
+    );
+  }
+
   /** The stored refcount of one host cluster, or why it cannot be read. */
   async get(clusterIndex: number, request?: RequestOptions): Promise<StoredRefcount> {
     const blockIndex = Math.floor(clusterIndex / this.entriesPerBlock);

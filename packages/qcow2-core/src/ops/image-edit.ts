@@ -207,56 +207,56 @@ export class ImageEdit {
   /**
    * Makes the stored refcounts equal the planned ones (durable when it resolves): every refcount
    * block that differs from the plan is written (several at once), then the file is flushed once.
+   * Changed blocks are written as they are found, so a commit holds no more blocks than the edit
+   * keeps anyway (all of them within the budget, a few beyond it), however many it changes.
    * Callers commit in the safe order: raised refcounts before anything points at the clusters,
-   * lowered ones after nothing does.
+   * lowered ones after nothing does (so any part of a commit that reaches the file is safe).
    */
   async commitRefcounts(): Promise<void> {
     const { counts, file, request } = this;
     const refcountOrder = this.header.refcountOrder;
     const stored = await this.#storedRefcounts();
-    const resident = stored.residentBlocks;
     const perBlock = stored.entriesPerBlock;
-    const wide16 = refcountOrder === 4;
-    const changed: { blockIndex: number; hostOffset: number; bytes: Uint8Array }[] = [];
-    let rebuild = false;
-    for (let blockIndex = 0; blockIndex * perBlock < counts.length && !rebuild; blockIndex++) {
-      const base = blockIndex * perBlock;
-      const end = Math.min(counts.length, base + perBlock);
-      const block = resident !== undefined ? resident[blockIndex] : await stored.block(blockIndex, request);
-      if (!(block instanceof Uint8Array)) {
-        // No block here (or an unreadable one): fine while nothing here is in use.
-        for (let clusterIndex = base; clusterIndex < end && !rebuild; clusterIndex++) {
-          rebuild = (counts[clusterIndex] ?? 0) !== 0;
-        }
-        continue;
-      }
-      let copy: Uint8Array | undefined;
-      for (let clusterIndex = base; clusterIndex < end; clusterIndex++) {
-        const count = counts[clusterIndex] ?? 0;
-        const index = clusterIndex - base;
-        const now = wide16 ? (block[index * 2]! << 8) | block[index * 2 + 1]! : stored.decode(block, index);
-        if (now === count) continue;
-        if (copy === undefined) {
-          copy = block.slice();
-          changed.push({
-            blockIndex,
-            hostOffset: entryOffset(stored.tableHigh(blockIndex), stored.tableLow(blockIndex)),
-            bytes: copy,
-          });
-        }
-        if (wide16) {
-          copy[index * 2] = count >>> 8;
-          copy[index * 2 + 1] = count & 0xff;
-        } else {
-          encodeRefcount(copy, index, refcountOrder, count);
-        }
+    // Decided from the table alone, before anything is written.
+    for (let blockIndex = 0; blockIndex * perBlock < counts.length; blockIndex++) {
+      if (stored.hasBlock(blockIndex)) continue;
+      const end = Math.min(counts.length, (blockIndex + 1) * perBlock);
+      for (let clusterIndex = blockIndex * perBlock; clusterIndex < end; clusterIndex++) {
+        if ((counts[clusterIndex] ?? 0) !== 0) return this.#rebuildRefcounts(stored);
       }
     }
-    if (rebuild) return this.#rebuildRefcounts(stored);
-    if (changed.length === 0) return;
+    const resident = stored.residentBlocks;
+    const wide16 = refcountOrder === 4;
     const writes = new WriteBehind(WRITES_IN_FLIGHT);
+    let written = 0;
     try {
-      for (const { hostOffset, bytes } of changed) await writes.add(file.write(hostOffset, bytes, request));
+      for (let blockIndex = 0; blockIndex * perBlock < counts.length; blockIndex++) {
+        if (!stored.hasBlock(blockIndex)) continue; // nothing in use here (see above)
+        const block = resident !== undefined ? resident[blockIndex] : await stored.block(blockIndex, request);
+        if (!(block instanceof Uint8Array)) continue;
+        const base = blockIndex * perBlock;
+        const end = Math.min(counts.length, base + perBlock);
+        let copy: Uint8Array | undefined;
+        for (let clusterIndex = base; clusterIndex < end; clusterIndex++) {
+          const count = counts[clusterIndex] ?? 0;
+          const index = clusterIndex - base;
+          const now = wide16 ? (block[index * 2]! << 8) | block[index * 2 + 1]! : stored.decode(block, index);
+          if (now === count) continue;
+          copy ??= block.slice();
+          if (wide16) {
+            copy[index * 2] = count >>> 8;
+            copy[index * 2 + 1] = count & 0xff;
+          } else {
+            encodeRefcount(copy, index, refcountOrder, count);
+          }
+        }
+        if (copy === undefined) continue;
+        const hostOffset = entryOffset(stored.tableHigh(blockIndex), stored.tableLow(blockIndex));
+        await writes.add(file.write(hostOffset, copy, request));
+        // What the file holds once the write lands (a failed write drops what is kept, below).
+        stored.replaceBlock(blockIndex, copy);
+        written++;
+      }
       await writes.drain();
     } catch (error) {
       // Which blocks reached the file is unknown: read them again next time.
@@ -265,8 +265,7 @@ export class ImageEdit {
     } finally {
       await writes.settle();
     }
-    for (const { blockIndex, bytes } of changed) stored.replaceBlock(blockIndex, bytes);
-    await file.flush(request);
+    if (written > 0) await file.flush(request);
   }
 
   /** Some cluster needs a refcount block that does not exist: new structures for everything,
