@@ -231,3 +231,28 @@ describe('write zeroes: L2 entries as QEMU leaves them', () => {
     expect(await closeClean(storage, reopened)).toBe(1);
   });
 });
+
+describe('write zeroes with a raw external data file', () => {
+  it('extended L2: zeroed subclusters read as zeros in the data file too (it stays a raw image of the guest)', async () => {
+    const file = keepOpen(new MemoryBlockDevice(0));
+    const data = keepOpen(new MemoryBlockDevice(64 * KiB));
+    const image = await Qcow2Image.create(file, {
+      size: 64 * KiB,
+      clusterSize: 16 * KiB,
+      extendedL2: true,
+      dataFile: 'data.raw',
+      dataFileRaw: true,
+      resolveDataFile: async () => data,
+    });
+    await image.write(0, new Uint8Array(64 * KiB).fill(9));
+    // Subclusters (512 B) of cluster 0 from 1 KiB, then of cluster 1 up to 21 KiB: no whole cluster.
+    await image.writeZeroes(KiB, 20 * KiB);
+    await image.flush();
+    const guest = await image.read(0, 64 * KiB);
+    expect(guest.subarray(KiB, 21 * KiB)).toEqual(new Uint8Array(20 * KiB));
+    expect(await data.read(0, 64 * KiB)).toEqual(guest);
+    const report = await image.check();
+    expect(report.corruptions + report.leaks, report.messages.join('\n')).toBe(0);
+    await image.close();
+  });
+});

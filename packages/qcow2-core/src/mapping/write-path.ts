@@ -732,6 +732,12 @@ export class WritePath {
       await this.zeroOrDiscardClusters(wholeStart, wholeEnd - wholeStart, 'zero', mayUnmap);
     }
     if (tail > 0) await this.#zeroSubclusters(wholeEnd, tail);
+    // The data file's bytes of the zeroed subclusters too (whole clusters had theirs above): a raw
+    // one must read as the guest does, as QEMU zeroes the whole range there.
+    if (this.#hasDataFile) {
+      if (head > 0) await this.#zeroDataFile(guestOffset, wholeStart);
+      if (tail > 0) await this.#zeroDataFile(wholeEnd, end);
+    }
     return true;
   }
 
