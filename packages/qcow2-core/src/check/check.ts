@@ -62,7 +62,7 @@ const MAX_FILE_CLUSTERS = 0x7fff_ffff;
 const MAX_COUNTER_BYTES = 1024 * 1024 * 1024;
 
 /** Fixed facts about the image every step uses. */
-interface Geometry {
+export interface Geometry {
   file: BlockDevice;
   clusterSize: number;
   clusterBits: number;
@@ -74,7 +74,7 @@ interface Geometry {
 }
 
 /** Fragmentation counters, gathered on the active tables only. */
-interface FragInfo {
+export interface FragInfo {
   allocated: number;
   fragmented: number;
   compressed: number;
@@ -380,7 +380,7 @@ const PLAIN_LOW_MASK = 0x1ff;
  * active table, every refcount block in memory, no data file), also checks each data cluster's
  * COPIED flag against its stored refcount, in the same pass.
  */
-function countL2References(
+export function countL2References(
   geometry: Geometry,
   table: Uint8Array,
   frag: FragInfo | undefined,
@@ -476,7 +476,7 @@ function countL2References(
  * data file); returns the next contiguous host offset for the fragmentation count. Kept out of
  * the loop: its message closures would otherwise cost every iteration a context.
  */
-function countL2Entry(
+export function countL2Entry(
   geometry: Geometry,
   view: DataView,
   i: number,
@@ -788,7 +788,7 @@ async function checkCopiedData(
  * Checks one data cluster's COPIED flag (in `high`) against its stored refcount, when every
  * refcount block is in memory; a cluster whose refcount cannot be read is skipped, as in QEMU.
  */
-function checkDataCopied(
+export function checkDataCopied(
   stored: StoredRefcounts,
   clusterIndex: number,
   high: number,
