@@ -16,7 +16,6 @@
 
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import { entryOffset, QCOW_OFLAG_COPIED_HIGH } from '../check/entries.js';
-import { rebuildRefcountStructure } from '../check/rebuild-refcounts.js';
 import { encodeText } from '../format/binary.js';
 import {
   QCOW2_AUTOCLEAR_BITMAPS,
@@ -155,31 +154,14 @@ async function changeRefcountWidth(edit: ImageEdit, refcountOrder: number): Prom
       );
     }
   });
-  const { header, clusterSize } = edit;
-  const old: number[] = [];
-  for (let k = 0; k < header.refcountTableClusters; k++)
-    old.push(header.refcountTableOffset + k * clusterSize);
-  const table = await edit.file.read(header.refcountTableOffset, header.refcountTableClusters * clusterSize);
-  const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
-  for (let at = 0; at < table.length; at += 8) {
-    const hostOffset = entryOffset(view.getUint32(at), view.getUint32(at + 4));
-    if (hostOffset !== 0) old.push(hostOffset);
-  }
-  await edit.ensureFileSize();
-  const layout = await rebuildRefcountStructure(
-    edit.file,
-    edit.counts,
-    { clusterSize, refcountOrder },
-    edit.request,
-    false,
+  const { clusterSize } = edit;
+  await edit.rebuildRefcounts(refcountOrder, (layout) =>
+    rewriteHeader(edit, {
+      refcountOrder,
+      refcountTableOffset: layout.tableClusterIndex * clusterSize,
+      refcountTableClusters: layout.tableClusters,
+    }),
   );
-  await rewriteHeader(edit, {
-    refcountOrder,
-    refcountTableOffset: layout.tableClusterIndex * clusterSize,
-    refcountTableClusters: layout.tableClusters,
-  });
-  for (const hostOffset of old) edit.addReferences(hostOffset, clusterSize, -1);
-  await edit.commitRefcounts();
 }
 
 /** compat=0.10: refuse what v2 cannot hold, turn zero clusters into v2 equivalents, rewrite the header. */

@@ -20,7 +20,7 @@
 import { type BlockDevice, BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
 import { inspectQcow2Image, loadHeader } from '../check/check.js';
 import { entryOffset } from '../check/entries.js';
-import { countsOf, rebuildRefcountStructure } from '../check/rebuild-refcounts.js';
+import { countsOf, type RefcountLayout, rebuildRefcountStructure } from '../check/rebuild-refcounts.js';
 import { repairQcow2Image } from '../check/repair.js';
 import { repairCopiedFlags } from '../check/repair-copied.js';
 import { StoredRefcounts } from '../check/stored-refcounts.js';
@@ -222,7 +222,7 @@ export class ImageEdit {
       if (stored.hasBlock(blockIndex)) continue;
       const end = Math.min(counts.length, (blockIndex + 1) * perBlock);
       for (let clusterIndex = blockIndex * perBlock; clusterIndex < end; clusterIndex++) {
-        if ((counts[clusterIndex] ?? 0) !== 0) return this.#rebuildRefcounts(stored);
+        if ((counts[clusterIndex] ?? 0) !== 0) return this.rebuildRefcounts();
       }
     }
     const resident = stored.residentBlocks;
@@ -268,27 +268,42 @@ export class ImageEdit {
     if (written > 0) await file.flush(request);
   }
 
-  /** Some cluster needs a refcount block that does not exist: new structures for everything,
-   * the header switched to them, the old ones freed. */
-  async #rebuildRefcounts(stored: StoredRefcounts): Promise<void> {
-    const { clusterSize } = this;
+  /**
+   * New refcount structures holding the planned counts, at `refcountOrder`, then the header
+   * switched to them (by `switchHeader`, which writes and flushes it, e.g. with the new width
+   * too; by default the table's fields alone), then the old structures freed. Commits call it
+   * when some cluster needs a refcount block that does not exist; amend, to change the width.
+   */
+  async rebuildRefcounts(
+    refcountOrder = this.header.refcountOrder,
+    switchHeader?: (layout: RefcountLayout) => Promise<void>,
+  ): Promise<void> {
+    const { clusterSize, header, file, request } = this;
     const old: number[] = [];
-    for (let k = 0; k < this.header.refcountTableClusters; k++) {
-      old.push(this.header.refcountTableOffset + k * clusterSize);
-    }
-    for (const index of stored.usedTableEntries()) {
-      const hostOffset = entryOffset(stored.tableHigh(index), stored.tableLow(index));
+    for (let k = 0; k < header.refcountTableClusters; k++)
+      old.push(header.refcountTableOffset + k * clusterSize);
+    // The table as the file holds it (what is kept may be of another table).
+    const table = await file.read(
+      header.refcountTableOffset,
+      header.refcountTableClusters * clusterSize,
+      request,
+    );
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    for (let at = 0; at < table.length; at += 8) {
+      const hostOffset = entryOffset(view.getUint32(at), view.getUint32(at + 4));
       if (hostOffset !== 0) old.push(hostOffset);
     }
     await this.ensureFileSize();
     this.#kept = undefined;
-    await rebuildRefcountStructure(
-      this.file,
+    const layout = await rebuildRefcountStructure(
+      file,
       this.counts,
-      { clusterSize, refcountOrder: this.header.refcountOrder },
-      this.request,
+      { clusterSize, refcountOrder },
+      request,
+      switchHeader === undefined,
     );
-    this.header = await loadHeader(this.file, this.request);
+    if (switchHeader === undefined) this.header = await loadHeader(file, request);
+    else await switchHeader(layout);
     for (const hostOffset of old) this.addReferences(hostOffset, clusterSize, -1);
     await this.commitRefcounts();
   }
