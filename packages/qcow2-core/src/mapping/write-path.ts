@@ -766,6 +766,13 @@ export class WritePath {
     return this.#entry(l2Offset, Math.floor(guestOffset / this.#clusterSize) - l1Index * clustersPerTable);
   }
 
+  /** The L2 entry of guest cluster `clusterIndex`, its table ready to be changed (see {@link #l2ForWrite}). */
+  async #entryForWrite(clusterIndex: number): Promise<EntryRef> {
+    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    const l1Index = Math.floor(clusterIndex / clustersPerTable);
+    return this.#entry(await this.#l2ForWrite(l1Index), clusterIndex - l1Index * clustersPerTable);
+  }
+
   /** The cluster type of the guest cluster holding `guestOffset`. */
   async #clusterType(guestOffset: number): Promise<ReturnType<typeof classifyL2Entry>> {
     const ref = await this.#existingEntry(guestOffset);
@@ -784,11 +791,8 @@ export class WritePath {
    * compressed. The host cluster, if any, stays (its other subclusters may hold data).
    */
   async #zeroSubclusters(guestOffset: number, length: number): Promise<void> {
-    const l1Index = Math.floor(guestOffset / this.#bytesPerL1);
-    const l2Offset = await this.#l2ForWrite(l1Index);
-    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
     const clusterIndex = Math.floor(guestOffset / this.#clusterSize);
-    const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
+    const ref = await this.#entryForWrite(clusterIndex);
     const first = (guestOffset - clusterIndex * this.#clusterSize) / this.#subclusterSize;
     // The image's last subcluster may be short: it counts whole.
     const count = Math.ceil(length / this.#subclusterSize);
@@ -1005,10 +1009,7 @@ export class WritePath {
         'compressed write: an image with an external data file cannot hold compressed clusters',
       );
     }
-    const l1Index = Math.floor((clusterIndex * this.#clusterSize) / this.#bytesPerL1);
-    const l2Offset = await this.#l2ForWrite(l1Index);
-    const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
-    const ref = await this.#entry(l2Offset, clusterIndex - l1Index * clustersPerTable);
+    const ref = await this.#entryForWrite(clusterIndex);
     let hostOffset: number;
     const tail = this.#compressedTail;
     const fitsTail =
