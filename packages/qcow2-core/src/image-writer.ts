@@ -348,11 +348,14 @@ export class ImageWriter {
       to <= from ||
       (this.#context.readsAsZeros !== undefined && (await this.#context.readsAsZeros(from, to - from)));
     const writeZeros = async (from: number, to: number): Promise<void> => {
-      // Clusters this request unmapped are free for its allocations, as in QEMU (which frees at
-      // once): the write-back that makes their L2 changes durable frees them first.
-      if (this.#writePath.pendingFreeCount > freesBefore) await this.#writePath.flush();
       for (let at = from; at < to; at += 1024 * 1024) {
-        await this.#writePath.write(at, new Uint8Array(Math.min(1024 * 1024, to - at)));
+        const zeros = new Uint8Array(Math.min(1024 * 1024, to - at));
+        // Zeros over clusters of its own go in place: no allocation, nothing to free first.
+        if (await this.#writePath.tryWriteInPlace(at, zeros)) continue;
+        // Clusters this request unmapped are free for its allocations, as in QEMU (which frees at
+        // once): the write-back that makes their L2 changes durable frees them first.
+        if (this.#writePath.pendingFreeCount > freesBefore) await this.#writePath.flush();
+        await this.#writePath.write(at, zeros);
       }
     };
     const partial = async (from: number, to: number): Promise<void> => {

@@ -256,3 +256,29 @@ describe('write zeroes with a raw external data file', () => {
     await image.close();
   });
 });
+
+describe('write zeroes: no write-back of its own', () => {
+  it('zeros written in place after unmapping clusters (may-unmap, a partial tail over data) flush nothing', async () => {
+    const storage = keepOpen(new MemoryBlockDevice(0));
+    let flushes = 0;
+    const counting = new Proxy(storage, {
+      get(target, property) {
+        if (property !== 'flush') return Reflect.get(target, property, target);
+        return () => {
+          flushes++;
+          return target.flush();
+        };
+      },
+    });
+    const image = await Qcow2Image.create(counting, { size: 1024 * KiB, codecs: nodeCodecs });
+    await image.write(0, new Uint8Array(4 * CLUSTER).fill(1));
+    await image.flush();
+    flushes = 0;
+    await image.writeZeroes(0, 2 * CLUSTER + 4 * KiB, { mayUnmap: true });
+    expect(flushes).toBe(0);
+    const expected = new Uint8Array(4 * CLUSTER).fill(1);
+    expected.fill(0, 0, 2 * CLUSTER + 4 * KiB);
+    expect(await image.read(0, 4 * CLUSTER)).toEqual(expected);
+    expect(await closeClean(storage, image)).toBe(2);
+  });
+});
