@@ -20,15 +20,10 @@ export class Pacer {
   private doneAtLastYield = 0;
 
   constructor(
-    private total: number,
+    private readonly total: number,
     private readonly signal: AbortSignal | undefined,
     private readonly onProgress: ((done: number, total: number) => void) | undefined,
   ) {}
-
-  /** Adds `units` of work to the expected total. */
-  grow(units: number): void {
-    this.total += units;
-  }
 
   /**
    * Records `units` of work done without yielding; true when it is time to {@link pause}.

@@ -102,15 +102,17 @@ export async function addTreeReferences(
         const low = view.getUint32(at + 4);
         if (high === 0 && low === 0) continue;
         if (!hasDataFile && (high & QCOW_OFLAG_COMPRESSED_HIGH) === 0) {
-          // Not compressed, no data file: 'normal' or 'zero-alloc' when it has a host offset.
+          // Not compressed, no data file: 'normal' or 'zero-alloc' when it has a host offset (an
+          // entry without one references nothing, but may still carry COPIED: cleared below).
           const hostOffset = entryOffset(high, low);
-          if (hostOffset === 0) continue;
-          const clusterIndex = hostOffset / clusterSize;
-          const count = (counts[clusterIndex] ?? 0) + delta;
-          // The usual entry inline; out of range or misaligned: the general path (which throws
-          // in its words: freed too often, or an overflow).
-          if (count >= 0 && count <= max && hostOffset % clusterSize === 0) counts[clusterIndex] = count;
-          else edit.addReferences(hostOffset, clusterSize, delta);
+          if (hostOffset !== 0) {
+            const clusterIndex = hostOffset / clusterSize;
+            const count = hostOffset % clusterSize === 0 ? (counts[clusterIndex] ?? 0) + delta : -1;
+            // The usual entry inline; out of range or misaligned: the general path (which throws
+            // in its words: freed too often, or an overflow).
+            if (count >= 0 && count <= max) counts[clusterIndex] = count;
+            else edit.addReferences(hostOffset, clusterSize, delta);
+          }
         } else {
           switch (classifyL2Entry(high, low, hasDataFile, extendedL2)) {
             case 'compressed': {

@@ -8,6 +8,7 @@ import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import { loadHeader } from '../check/check.js';
 import { QCOW2_AUTOCLEAR_BITMAPS } from '../format/feature-bits.js';
 import { QCOW_MAX_SNAPSHOTS } from '../format/geometry.js';
+import { QCOW_OFLAG_COPIED_HIGH } from '../format/l1-entry.js';
 import type { Qcow2SnapshotEntry } from '../format/snapshot-table.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from '../ops/image-edit.js';
 import { addTreeReferences, canShareTree } from '../ops/tree-references.js';
@@ -24,8 +25,6 @@ const NB_SNAPSHOTS_FIELD = 60;
 const L1_SIZE_FIELD = 36;
 /** Header field: size (u64 at 24). */
 const SIZE_FIELD = 24;
-/** COPIED, bit 63, in the high half of an L1 entry. */
-const QCOW_OFLAG_COPIED_HIGH = 0x8000_0000;
 
 export interface SnapshotCreateOptions extends ImageEditOptions {
   /** When the snapshot was taken (default: now). */
