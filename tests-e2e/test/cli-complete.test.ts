@@ -289,6 +289,8 @@ describe.skipIf(!haveTools)('qcow2 commit, create, bench, dd and measure: the re
     ['raw, metadata', 'raw', ['--preallocation=metadata', '-f', 'raw', 'FILE', '3M']],
     ['a bad mode', 'raw', ['--preallocation=bogus', '-f', 'raw', 'FILE', '3M']],
     ['shrinking', 'raw', ['--shrink', '--preallocation=full', '-f', 'raw', 'FILE', '512k']],
+    ['to 0 bytes (refused)', 'qcow2', ['--shrink', 'FILE', '0']],
+    ['to 0 bytes, relative (refused)', 'raw', ['--shrink', '-f', 'raw', 'FILE', '--', '-1M']],
   ])('resize --preallocation: %s as qemu-img', (_name, format, args) => {
     for (const side of ['theirs', 'ours']) {
       must(['create', '-q', '-f', format, `rs-${side}.${format}`, '1M']);

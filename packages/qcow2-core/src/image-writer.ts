@@ -112,7 +112,8 @@ export class ImageWriter {
     if (context.dataFile?.readOnly) refuse('EROFS', 'the external data file is read-only');
     const metadata = new MetadataMap(header.clusterSize);
     metadata.add(0, header.clusterSize, 'header');
-    metadata.add(header.l1TableOffset, Math.max(1, header.l1Size * 8), 'l1-table');
+    // An empty guest has no L1 table (QEMU writes size 0 at offset 0): nothing to protect.
+    if (header.l1Size > 0) metadata.add(header.l1TableOffset, header.l1Size * 8, 'l1-table');
     if (header.nbSnapshots > 0) metadata.add(header.snapshotsOffset, 1, 'snapshot-table');
     for (const snapshot of context.snapshotTable) {
       if (snapshot.l1Size > 0) metadata.add(snapshot.l1TableOffset, snapshot.l1Size * 8, 'snapshot-l1-table');
@@ -471,8 +472,9 @@ export class ImageWriter {
           pointerView.setUint32(0, needed);
           writeU64(pointerView, 4, newOffset);
           await this.#patchHeader(36, pointer);
-          this.#metadata.remove(l1Offset, Math.max(1, l1Size * 8));
-          this.#metadata.add(newOffset, Math.max(1, needed * 8), 'l1-table');
+          // An empty guest's L1 (size 0, offset 0) was never in the map: cluster 0 is the header.
+          if (l1Size > 0) this.#metadata.remove(l1Offset, l1Size * 8);
+          this.#metadata.add(newOffset, needed * 8, 'l1-table');
           const oldClusters = l1Size === 0 ? 0 : Math.ceil((l1Size * 8) / this.#clusterSize);
           if (oldClusters > 0 && l1Offset !== 0) {
             await this.#refcounts.adjust(l1Offset / this.#clusterSize, oldClusters, -1);

@@ -48,6 +48,8 @@ describeBlockDeviceConformance({
   numRuns: 6,
   maxOperations: 20,
   supportsResize: true,
+  // An image holding persistent bitmaps cannot be empty (see PersistentBitmaps.checkResize).
+  minResizeSize: 1,
   timeout: 60_000,
   async create(size) {
     const storage = keepOpen(new MemoryBlockDevice(0));
@@ -223,6 +225,26 @@ describe('persistent bitmaps and close', () => {
       { offset: 3 << 16, length: 65536 },
     ]);
     expect([...(await reopened.read(9 << 16, 512))].every((byte) => byte === 0)).toBe(true);
+  });
+});
+
+describe('persistent bitmaps and an empty disk', () => {
+  it('a bitmap cannot be added at size 0, nor an image holding one resized to 0 (it could not be stored)', async () => {
+    const storage = keepOpen(new MemoryBlockDevice(0));
+    const empty = await Qcow2Image.create(storage, { size: 0, clusterSize: 4096 });
+    const bitmaps = await empty.persistentBitmaps();
+    expect(() => bitmaps.add('b')).toThrow(/image of 0 bytes/);
+    await empty.resize(65536);
+    (await empty.persistentBitmaps()).add('b');
+    await expect(empty.resize(0)).rejects.toMatchObject({
+      code: 'EINVAL',
+      message: /cannot be kept at size 0/,
+    });
+    expect(empty.size).toBe(65536);
+    await empty.close();
+    const reopened = await Qcow2Image.open(storage, { readOnly: false });
+    expect(reopened.bitmapDirectory.map((entry) => entry.name)).toEqual(['b']);
+    await reopened.close();
   });
 });
 

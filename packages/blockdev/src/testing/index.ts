@@ -36,6 +36,9 @@ export interface ConformanceOptions {
   readonly maxOperations?: number;
   /** The device implements `resize`: test it, and mix resizes into the random sequences. */
   readonly supportsResize?: boolean;
+  /** The smallest size the random sequences resize to (default 0), for devices that refuse to
+   * shrink below some size (e.g. a qcow2 image holding persistent bitmaps cannot be empty). */
+  readonly minResizeSize?: number;
   /** After `discard`, the range reads as zeros (default: `capabilities.discard`, since a device
    * without real discard ignores it). When false, the kit accepts zeros, the previous bytes, or
    * the initial content (a layered device showing its lower layer). */
@@ -155,7 +158,7 @@ function rangeArbitrary(size: number): fc.Arbitrary<{ offset: number; length: nu
 /** Random operation sequences for a device of `size` bytes. */
 export function operationsArbitrary(
   size: number,
-  options: { reopen?: boolean; resize?: boolean; maxOperations?: number } = {},
+  options: { reopen?: boolean; resize?: boolean; minResizeSize?: number; maxOperations?: number } = {},
 ): fc.Arbitrary<ConformanceOperation[]> {
   const range = rangeArbitrary(size);
   const choices: { arbitrary: fc.Arbitrary<ConformanceOperation>; weight: number }[] = [
@@ -190,7 +193,7 @@ export function operationsArbitrary(
       weight: 1,
       arbitrary: fc.oneof(fc.integer({ min: 0, max: largest }), offsetArbitrary(size)).map((newSize) => ({
         kind: 'resize',
-        size: newSize,
+        size: Math.max(newSize, options.minResizeSize ?? 0),
       })),
     });
   }
@@ -446,6 +449,7 @@ export function modelProperty(options: ConformanceOptions, size: number) {
     operationsArbitrary(size, {
       reopen: options.reopen !== undefined,
       resize: options.supportsResize ?? false,
+      minResizeSize: options.minResizeSize,
       maxOperations: options.maxOperations,
     }),
     (operations) => runConformanceSequence(options, size, operations),

@@ -63,7 +63,7 @@ export async function resizeCommand(
       // The data file changes with the metadata: the engine does both (file closed first).
       const viaEngine = format === 'qcow2' && (await hasDataFile(device));
       const newSize = relative === 0 ? bytes : current + relative * bytes;
-      if (newSize < 0) throw new UsageError('New image size must be positive');
+      if (newSize <= 0) throw new UsageError('New image size must be positive');
       if (newSize < current && !options.shrink) {
         throw new UsageError('Use the --shrink option to perform a shrink operation.');
       }

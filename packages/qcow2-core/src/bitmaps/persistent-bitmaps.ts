@@ -217,6 +217,9 @@ export class PersistentBitmaps {
     if (encodeText(name).length > BME_MAX_NAME_SIZE) {
       this.#fail('EINVAL', `Name length exceeds maximum (${BME_MAX_NAME_SIZE} characters)`);
     }
+    // A bitmap of an empty disk would have no table, which the spec's directory cannot express
+    // (QEMU fails to store one, losing the bitmap): refused here instead.
+    if (this.#guestSize === 0) this.#fail('EINVAL', 'Cannot add a persistent bitmap to an image of 0 bytes');
     const tableSize = bitmapTableSize(this.#guestSize, granularity, this.#clusterSize);
     if (tableSize > BME_MAX_TABLE_SIZE || Math.ceil(this.#guestSize / granularity / 8) > BME_MAX_PHYS_SIZE) {
       this.#fail('EINVAL', 'Too much space will be occupied by the bitmap. Use larger granularity');
@@ -348,6 +351,11 @@ export class PersistentBitmaps {
         'EINVAL',
         `Bitmap '${name}' is inconsistent and cannot be used (remove it to resize the image)`,
       );
+    }
+    const [first] = this.#bitmaps.values();
+    if (guestSize === 0 && first !== undefined) {
+      // See add(): a bitmap of an empty disk cannot be stored.
+      this.#fail('EINVAL', `Bitmap '${first.name}' cannot be kept at size 0 (remove it to resize the image)`);
     }
     for (const bitmap of this.#bitmaps.values()) {
       const tableSize = bitmapTableSize(guestSize, bitmap.granularity, this.#clusterSize);
