@@ -9,6 +9,7 @@
  */
 import { copyFileSync, mkdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
+import { Qcow2Image } from '@qcowkit/qcow2-core';
 import { openImage } from '@qcowkit/qcow2-core/node';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { must, startServer } from '../src/nbd-server.js';
@@ -215,7 +216,9 @@ describe.skipIf(!haveTools)('write zeroes: the L2 state QEMU leaves', () => {
     expect(runStatus('qemu-img', ['compare', qemuCopy, ourCopy]).stdout).toBe('Images are identical.\n');
     const opened = await openImage(ourCopy);
     try {
-      const report = await opened.image!.check();
+      const image = opened.image;
+      if (!(image instanceof Qcow2Image)) throw new Error(`${ourCopy}: not opened as qcow2`);
+      const report = await image.check();
       expect(report.corruptions + report.leaks, report.messages.join('\n')).toBe(0);
     } finally {
       await opened.close();
