@@ -129,19 +129,18 @@ export async function repairCopiedFlags(
           const entryHigh = view.getUint32(at);
           const entryLow = view.getUint32(at + 4);
           if (entryHigh === 0 && entryLow === 0) continue;
-          // Without a data file an entry is 'normal' or 'zero-alloc' exactly when it is neither
-          // compressed nor without a host offset: the usual entry needs no classification.
           const compressed = (entryHigh & QCOW_OFLAG_COMPRESSED_HIGH) !== 0;
-          const type = hasDataFile
-            ? classifyL2Entry(entryHigh, entryLow, hasDataFile, extendedL2)
-            : undefined;
+          const hostOffset = entryOffset(entryHigh, entryLow);
+          // A data cluster ('normal' or 'zero-alloc') is one not compressed with a host offset;
+          // with a data file also offset 0 with COPIED (the classification says it, for those alone).
+          const dataCluster =
+            !compressed &&
+            (hostOffset !== 0 ||
+              (hasDataFile && classifyL2Entry(entryHigh, entryLow, true, extendedL2) === 'normal'));
           let want: boolean;
-          if (hasDataFile ? type === 'compressed' : compressed) {
+          if (compressed) {
             want = false;
-          } else if (
-            hasDataFile ? type === 'normal' || type === 'zero-alloc' : entryOffset(entryHigh, entryLow) !== 0
-          ) {
-            const hostOffset = entryOffset(entryHigh, entryLow);
+          } else if (dataCluster) {
             if (hostOffset % clusterSize !== 0) continue;
             let refcount: number | undefined;
             if (hasDataFile) refcount = 1;
@@ -167,7 +166,7 @@ export async function repairCopiedFlags(
             continue;
           }
           if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-            if (hasDataFile ? type === 'compressed' : compressed) {
+            if (compressed) {
               note(
                 () =>
                   `Repairing compressed cluster entry with the copied flag: l2_entry=${entryHex(entryHigh, entryLow)}`,
