@@ -9,6 +9,7 @@ import { spawn } from 'node:child_process';
 import { copyFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { qemuBitmapsInfo, qemuDirtyMap } from '../src/bitmaps.js';
 import { exited, must, startServer } from '../src/nbd-server.js';
 import { qcow2 } from '../src/qcow2-cli.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
@@ -21,21 +22,8 @@ describe.skipIf(!haveTools)('writing images with persistent bitmaps, beside QEMU
   const qemuImg = (args: readonly string[]) => runStatus('qemu-img', args, { cwd: dir.path });
   const cli = (args: readonly string[]) => qcow2(args, { cwd: dir.path });
   const copy = (from: string, to: string) => copyFileSync(join(dir.path, from), join(dir.path, to));
-  const bitmapsInfo = (file: string): unknown =>
-    (
-      JSON.parse(qemuImg(['info', '--output=json', file]).stdout) as {
-        'format-specific': { data: { bitmaps?: unknown } };
-      }
-    )['format-specific'].data.bitmaps;
-  /** The dirty bits QEMU exports for bitmap `name` of `file`, as nbdinfo maps them. */
-  const dirtyMap = (file: string, name: string): string =>
-    run(
-      'nbdinfo',
-      [`--map=qemu:dirty-bitmap:${name}`, '--', '[', 'qemu-nbd', '-r', '-f', 'qcow2', '-B', name, file, ']'],
-      {
-        cwd: dir.path,
-      },
-    );
+  const bitmapsInfo = (file: string) => qemuBitmapsInfo(file, dir.path);
+  const dirtyMap = (file: string, name: string) => qemuDirtyMap(file, name, dir.path);
   const expectSameAsQemu = (ours: string, theirs: string, names = BITMAPS) => {
     expect(qemuImg(['check', ours]).status).toBe(0);
     expect(bitmapsInfo(ours)).toEqual(bitmapsInfo(theirs));

@@ -10,6 +10,7 @@
 import { copyFileSync, existsSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { qemuBitmapsInfo, qemuDirtyMap } from '../src/bitmaps.js';
 import { qcow2 } from '../src/qcow2-cli.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
@@ -21,18 +22,8 @@ describe.skipIf(!haveTools)('qcow2 convert --bitmaps, beside qemu-img convert --
   const qemuImg = (args: readonly string[]) => runStatus('qemu-img', args, { cwd: dir.path });
   const cli = (args: readonly string[]) => qcow2(args, { cwd: dir.path });
   const setup = (args: string[]) => run(args[0]!, args.slice(1), { cwd: dir.path });
-  const bitmapsInfo = (file: string): unknown =>
-    (
-      JSON.parse(qemuImg(['info', '--output=json', file]).stdout) as {
-        'format-specific': { data: { bitmaps?: unknown } };
-      }
-    )['format-specific'].data.bitmaps;
-  const dirtyMap = (file: string, name: string): string =>
-    run(
-      'nbdinfo',
-      [`--map=qemu:dirty-bitmap:${name}`, '--', '[', 'qemu-nbd', '-r', '-f', 'qcow2', '-B', name, file, ']'],
-      { cwd: dir.path },
-    );
+  const bitmapsInfo = (file: string) => qemuBitmapsInfo(file, dir.path);
+  const dirtyMap = (file: string, name: string) => qemuDirtyMap(file, name, dir.path);
   /** Both tools' stderr without their names; our one line is qemu-img's two joined by '; '. */
   const words = (text: string) =>
     text
