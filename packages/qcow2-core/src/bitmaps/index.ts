@@ -4,4 +4,5 @@ export { PersistentBitmaps, type PersistentBitmapsContext } from './persistent-b
 export { dirtyRanges, readStoredBitmap, type StoredBitmap } from './read-bitmap.js';
 export { readBitmapDirectory } from './read-directory.js';
 export { hasPersistentBitmaps, resizeWithBitmaps } from './resize-with-bitmaps.js';
-export { forEachStoredRun, type StoredBitmapImage } from './stored-runs.js';
+export { forEachStoredRun } from './stored-runs.js';
+export type { StoredBitmapImage } from './stored-table.js';

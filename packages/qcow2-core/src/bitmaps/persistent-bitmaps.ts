@@ -50,7 +50,8 @@ import {
 } from './bitmap-table.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { dirtyRanges, type StoredBitmap } from './read-bitmap.js';
-import { forEachStoredRun, type StoredBitmapImage } from './stored-runs.js';
+import { forEachStoredRun } from './stored-runs.js';
+import type { StoredBitmapImage } from './stored-table.js';
 
 export interface PersistentBitmapsContext {
   readonly file: BlockDevice;

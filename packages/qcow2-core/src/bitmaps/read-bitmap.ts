@@ -3,9 +3,8 @@
  * oracle's view of a bitmap QEMU wrote). The result holds every bit, so it costs
  * ceil(guest size / granularity / 8) bytes: QEMU caps that at 512 MiB (BME_MAX_PHYS_SIZE).
  */
-import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
-import { bitmapEntryProblem, type Qcow2BitmapEntry } from '../format/bitmap-directory.js';
-import { BITMAP_TABLE_ONES, BITMAP_TABLE_ZEROS, decodeBitmapTable } from './bitmap-table.js';
+import { BITMAP_TABLE_ONES, BITMAP_TABLE_ZEROS } from './bitmap-table.js';
+import { readStoredTable, type StoredBitmapImage } from './stored-table.js';
 
 export interface StoredBitmap {
   /** Bit `i` (byte `i >> 3`, bit `i & 7`) covers guest bytes `[i * granularity, (i + 1) * granularity)`. */
@@ -17,39 +16,13 @@ export interface StoredBitmap {
 /**
  * The bits of bitmap `name` of an image (its `file`, guest `size` and `bitmapDirectory`, as a
  * Qcow2Image exposes them). A bitmap marked in use is inconsistent: reading it is refused (EINVAL),
- * as QEMU refuses to use it.
+ * as QEMU refuses to use it (see readStoredTable).
  */
-export async function readStoredBitmap(
-  image: {
-    readonly file: BlockDevice;
-    readonly size: number;
-    readonly clusterSize: number;
-    readonly bitmapDirectory: readonly Qcow2BitmapEntry[];
-  },
-  name: string,
-): Promise<StoredBitmap> {
-  const entry = image.bitmapDirectory.find((candidate) => candidate.name === name);
-  if (entry === undefined) throw new BlockDeviceError('ENOENT', `bitmap '${name}': no such bitmap`);
-  if (entry.inUse) {
-    throw new BlockDeviceError('EINVAL', `bitmap '${name}': it is in use (inconsistent) and cannot be read`);
-  }
+export async function readStoredBitmap(image: StoredBitmapImage, name: string): Promise<StoredBitmap> {
   const { file, clusterSize } = image;
-  // The entry comes from the file as it was read (a read-only image's directory is not validated
-  // at open): QEMU's caps bound the table read and the bits allocated below.
-  const problem = bitmapEntryProblem(entry, clusterSize, image.size);
-  if (problem !== undefined) {
-    throw new BlockDeviceError('ECORRUPT', `bitmap '${name}': ${problem}`, { offset: entry.tableOffset });
-  }
-  const bitCount = Math.ceil(image.size / entry.granularity);
+  const { entry, bitCount, table } = await readStoredTable(image, name);
   const byteCount = Math.ceil(bitCount / 8);
   const needed = Math.ceil(byteCount / clusterSize);
-  const table = decodeBitmapTable(
-    await file.read(entry.tableOffset, entry.tableSize * 8),
-    entry.tableSize,
-    clusterSize,
-    file.size,
-    entry.tableOffset,
-  );
   const bits = new Uint8Array(byteCount);
   for (let chunk = 0; chunk < needed; chunk++) {
     const at = chunk * clusterSize;

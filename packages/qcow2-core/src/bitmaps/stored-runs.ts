@@ -3,17 +3,8 @@
  * another image needs (`qemu-img convert --bitmaps`), with memory bounded by the table and one
  * cluster whatever the guest size (readStoredBitmap holds every bit).
  */
-import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
-import type { Qcow2BitmapEntry } from '../format/bitmap-directory.js';
-import { BITMAP_TABLE_ONES, BITMAP_TABLE_ZEROS, decodeBitmapTable } from './bitmap-table.js';
-
-/** What {@link forEachStoredRun} reads of an image (a Qcow2Image has it). */
-export interface StoredBitmapImage {
-  readonly file: BlockDevice;
-  readonly size: number;
-  readonly clusterSize: number;
-  readonly bitmapDirectory: readonly Qcow2BitmapEntry[];
-}
+import { BITMAP_TABLE_ONES, BITMAP_TABLE_ZEROS } from './bitmap-table.js';
+import { readStoredTable, type StoredBitmapImage } from './stored-table.js';
 
 /**
  * Calls `onRun(firstBit, endBit)` for every run of set bits of stored bitmap `name`, in order,
@@ -25,27 +16,10 @@ export async function forEachStoredRun(
   name: string,
   onRun: (firstBit: number, endBit: number) => void,
 ): Promise<{ bitCount: number; granularity: number }> {
-  const entry = image.bitmapDirectory.find((candidate) => candidate.name === name);
-  if (entry === undefined) throw new BlockDeviceError('ENOENT', `bitmap '${name}': no such bitmap`);
-  if (entry.inUse) {
-    throw new BlockDeviceError('EINVAL', `bitmap '${name}': it is in use (inconsistent) and cannot be read`);
-  }
   const { file, clusterSize } = image;
-  const bitCount = Math.ceil(image.size / entry.granularity);
+  const { entry, bitCount, table } = await readStoredTable(image, name);
   const chunkBits = clusterSize * 8;
   const needed = Math.ceil(bitCount / chunkBits);
-  if (entry.tableSize < needed) {
-    throw new BlockDeviceError('ECORRUPT', `bitmap '${name}': its table is too small for the image`, {
-      offset: entry.tableOffset,
-    });
-  }
-  const table = decodeBitmapTable(
-    await file.read(entry.tableOffset, entry.tableSize * 8),
-    entry.tableSize,
-    clusterSize,
-    file.size,
-    entry.tableOffset,
-  );
   let start = -1;
   const at = (bit: number, set: boolean): void => {
     if (set && start < 0) start = bit;
