@@ -187,25 +187,13 @@ export class ConnectionIo {
       this.socket = direct;
     } else {
       stream.on('data', (chunk: Buffer) => {
-        let accepting: boolean;
-        try {
-          accepting = requests.feed(chunk);
-        } catch (error) {
-          accepting = this.failRequests(requests, error);
-        }
-        if (!accepting) stream.pause();
+        if (!this.guarded(requests, () => requests.feed(chunk))) stream.pause();
       });
     }
     stream.on('error', end);
     stream.on('end', end);
     stream.on('close', end);
-    if (leftover.length > 0) {
-      try {
-        requests.feed(leftover);
-      } catch (error) {
-        this.failRequests(requests, error);
-      }
-    }
+    if (leftover.length > 0) this.guarded(requests, () => requests.feed(leftover));
     // A client that left during the handshake's last turn: its end was the handshake reader's.
     if (stream.destroyed || stream.readableEnded) end();
     else if (requests.accepting) stream.resume();
@@ -226,13 +214,18 @@ export class ConnectionIo {
   }
 
   /**
-   * A request's handling threw inside a socket callback, where the throw would reach the process
+   * Runs `deliver` (bytes handed to `requests`, in either read mode) and returns whether reading
+   * may go on. A request's handling that throws inside a socket callback would reach the process
    * as an uncaught exception: this connection ends instead (its 'error' reaches `onEnd`).
    */
-  private failRequests(requests: RequestReader, error: unknown): boolean {
-    requests.stop();
-    this.stream.destroy(error instanceof Error ? error : new Error(String(error)));
-    return true;
+  private guarded(requests: RequestReader, deliver: () => boolean): boolean {
+    try {
+      return deliver();
+    } catch (error) {
+      requests.stop();
+      this.stream.destroy(error instanceof Error ? error : new Error(String(error)));
+      return true;
+    }
   }
 
   /** Restarts reading after `requests` stopped accepting (see `startRequests`). */
@@ -269,13 +262,8 @@ export class ConnectionIo {
       writable: true,
       onread: {
         buffer: () => requests.nextBuffer(),
-        callback: (count: number, buffer: Uint8Array) => {
-          try {
-            return requests.received(buffer, count);
-          } catch (error) {
-            return this.failRequests(requests, error);
-          }
-        },
+        callback: (count: number, buffer: Uint8Array) =>
+          this.guarded(requests, () => requests.received(buffer, count)),
       },
     };
     const fresh = new Socket(options) as Socket & SocketInternals;
