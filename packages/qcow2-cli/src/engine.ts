@@ -7,6 +7,7 @@
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
 import type {
+  Qcow2BitmapEntry,
   Qcow2CheckOptions,
   Qcow2CheckResult,
   Qcow2Header,
@@ -44,9 +45,9 @@ export interface FormatImage extends BlockDevice {
   readonly dataFileRaw?: boolean;
   readonly encrypted?: boolean;
   readonly snapshots?: readonly SnapshotInfo[];
-  /** The decoded qcow2 header and the image file (for the bitmap directory). */
+  /** The decoded header, and the bitmap directory an open qcow2 image holds. */
   readonly header?: Qcow2Header | QcowV1Header;
-  readonly file?: BlockDevice;
+  readonly bitmapDirectory?: readonly Qcow2BitmapEntry[];
   check?(options?: Qcow2CheckOptions): Promise<CheckResult>;
 }
 

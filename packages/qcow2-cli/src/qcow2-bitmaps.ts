@@ -1,7 +1,7 @@
 /**
  * The persistent dirty bitmaps a qcow2 image lists, as `qemu-img info` shows them (name,
  * granularity, flags), and the room they take in a new image, as `qemu-img measure` counts it. The
- * directory is read and decoded by qcow2-core; only the directory is read, never the bitmaps.
+ * directory is read and decoded by qcow2-core (an open `Qcow2Image` holds it); never the bitmaps.
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import {
@@ -12,6 +12,7 @@ import {
   bitmapTableBytes,
   bitmapTableSize,
   encodeText,
+  type Qcow2BitmapEntry,
   type Qcow2Header,
   readBitmapDirectory,
 } from '@qcowkit/qcow2-core';
@@ -29,7 +30,14 @@ export interface BitmapInfo {
  * know bitmaps), has none, as in QEMU.
  */
 export async function readBitmapList(file: BlockDevice, header: Qcow2Header): Promise<BitmapInfo[]> {
-  const entries = await readBitmapDirectory(file, header);
+  return bitmapList(await readBitmapDirectory(file, header), header);
+}
+
+/**
+ * The bitmaps `entries` (the directory of the image whose header is `header`, as qcow2-core decoded
+ * it: `Qcow2Image.bitmapDirectory`) list, refusing a name or granularity QEMU would not show.
+ */
+export function bitmapList(entries: readonly Qcow2BitmapEntry[], header: Qcow2Header): BitmapInfo[] {
   return entries.map((entry, index) => {
     const where = header.extensions.bitmaps!.bitmapDirectoryOffset;
     if (encodeText(entry.name).length > BME_MAX_NAME_SIZE) {

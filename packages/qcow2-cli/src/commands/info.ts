@@ -6,7 +6,7 @@ import type { CommandContext } from '../io.js';
 import { formatInfoHuman, type ImageInfo, infoToJson } from '../output/info.js';
 import { toQemuJson } from '../output/qemu-json.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
-import { type BitmapInfo, readBitmapList } from '../qcow2-bitmaps.js';
+import { type BitmapInfo, bitmapList } from '../qcow2-bitmaps.js';
 
 export interface InfoOptions {
   readonly format?: ImageFormat | undefined;
@@ -61,10 +61,10 @@ export async function collectInfo(
   return infos;
 }
 
-async function bitmapsOf(image: FormatImage): Promise<BitmapInfo[]> {
+function bitmapsOf(image: FormatImage): BitmapInfo[] {
   const header = image.header;
-  if (header === undefined || image.file === undefined || !('extensions' in header)) return [];
-  return readBitmapList(image.file, header);
+  if (header === undefined || image.bitmapDirectory === undefined || !('extensions' in header)) return [];
+  return bitmapList(image.bitmapDirectory, header);
 }
 
 async function layerInfo(layer: ChainLayer, displayName: string): Promise<ImageInfo> {
@@ -96,7 +96,7 @@ async function layerInfo(layer: ChainLayer, displayName: string): Promise<ImageI
             extendedL2: image.extendedL2 ?? false,
             dataFile: image.dataFileName,
             dataFileRaw: image.dataFileRaw ?? false,
-            bitmaps: await bitmapsOf(image),
+            bitmaps: bitmapsOf(image),
           }
         : undefined,
   };

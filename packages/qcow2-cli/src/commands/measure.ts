@@ -11,7 +11,7 @@ import type { CommandContext } from '../io.js';
 import type { JsonObject } from '../output/qemu-json.js';
 import { toQemuJson } from '../output/qemu-json.js';
 import { resolveAgainst } from '../paths.js';
-import { persistentBitmapsSize, readBitmapList } from '../qcow2-bitmaps.js';
+import { bitmapList, persistentBitmapsSize } from '../qcow2-bitmaps.js';
 import { parseSize } from '../size.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
 import { selectSnapshot } from './snapshot-select.js';
@@ -101,8 +101,8 @@ export async function measureCommand(
         const image = opened.image;
         if (opened.format === 'qcow2' && created.compat !== '0.10') {
           const list =
-            image?.file !== undefined && image.header !== undefined && 'extensions' in image.header
-              ? await readBitmapList(image.file, image.header)
+            image?.bitmapDirectory !== undefined && image.header !== undefined && 'extensions' in image.header
+              ? bitmapList(image.bitmapDirectory, image.header)
               : [];
           bitmaps = persistentBitmapsSize(
             list,
