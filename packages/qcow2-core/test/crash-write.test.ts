@@ -14,7 +14,7 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Qcow2CreateOptions, Qcow2Image } from '../src/index.js';
 import { nodeCodecs } from '../src/node/index.js';
-import { crashWorkload } from './crash-workload.js';
+import { CrashModel, crashWorkload } from './crash-workload.js';
 import { keepOpen } from './keep-open.js';
 import { requireTools, tempDir } from './qemu.js';
 
@@ -73,78 +73,17 @@ describe.skipIf(!haveQemu)('qcow2 writes survive crashes', () => {
             const base = patternBytes(baseSeed, Math.floor(variant.size / 2));
             await setup.write(Math.floor(variant.size / 4), base);
             await setup.close();
-            let durable = new Uint8Array(setup.size);
-            durable.set(base, Math.floor(variant.size / 4));
-            let model = durable.slice();
-            /** Bytes changed since the last completed flush (their content is not promised). */
-            let touched = new Uint8Array(durable.length);
+            const initial = new Uint8Array(setup.size);
+            initial.set(base, Math.floor(variant.size / 4));
+            const expected = new CrashModel(initial);
 
             const fault = new FaultInjectingBlockDevice(keepOpen(inner), { crashAfter });
             let crashed = false;
             try {
               const image = await Qcow2Image.open(fault, { readOnly: false, codecs: nodeCodecs });
-              for (const op of ops) {
-                const clamp = (offset: number, length: number): [number, number] => {
-                  const at = Math.min(offset, image.size);
-                  return [at, Math.min(length, image.size - at)];
-                };
-                switch (op.kind) {
-                  case 'write': {
-                    const [at, length] = clamp(op.offset, op.length);
-                    const data = patternBytes(op.seed, length);
-                    touched.fill(1, at, at + length);
-                    await image.write(at, data);
-                    model.set(data, at);
-                    break;
-                  }
-                  case 'zero': {
-                    const [at, length] = clamp(op.offset, op.length);
-                    touched.fill(1, at, at + length);
-                    await image.writeZeroes(at, length);
-                    model.fill(0, at, at + length);
-                    break;
-                  }
-                  case 'discard': {
-                    const [at, length] = clamp(op.offset, op.length);
-                    touched.fill(1, at, at + length);
-                    await image.discard(at, length);
-                    model.fill(0, at, at + length);
-                    break;
-                  }
-                  case 'compressed': {
-                    const at = op.cluster * clusterSize;
-                    const length = Math.min(clusterSize, image.size - at);
-                    const data = new Uint8Array(length).fill(op.cluster & 0xff);
-                    touched.fill(1, at, at + length);
-                    await image.writeCompressed(at, data);
-                    model.set(data, at);
-                    break;
-                  }
-                  case 'flush':
-                    await image.flush();
-                    durable = model.slice();
-                    touched = new Uint8Array(model.length);
-                    break;
-                  case 'grow': {
-                    const newSize = image.size + op.by;
-                    await image.resize(newSize);
-                    const grownModel = new Uint8Array(newSize);
-                    grownModel.set(model);
-                    model = grownModel;
-                    // The new size is durable once resize resolves (the header is flushed).
-                    const grownDurable = new Uint8Array(newSize);
-                    grownDurable.set(durable);
-                    durable = grownDurable;
-                    const grownTouched = new Uint8Array(newSize);
-                    grownTouched.set(touched);
-                    touched = grownTouched;
-                    break;
-                  }
-                }
-              }
+              for (const op of ops) await expected.apply(image, op, clusterSize);
               await image.close();
-              durable = model;
-              touched = new Uint8Array(model.length);
+              expected.flushed();
             } catch (error) {
               if (!fault.crashed) throw error;
               crashed = true;
@@ -155,14 +94,7 @@ describe.skipIf(!haveQemu)('qcow2 writes survive crashes', () => {
             const ours = await reopened.check();
             expect(ours.corruptions, ours.messages.join('\n')).toBe(0);
             const content = await reopened.read(0, reopened.size);
-            const length = Math.min(content.length, durable.length);
-            for (let at = 0; at < length; at++) {
-              if (touched[at] === 0 && content[at] !== durable[at]) {
-                expect.fail(
-                  `byte ${at}: ${content[at]} instead of flushed ${durable[at]} (crash: ${crashed})`,
-                );
-              }
-            }
+            expected.expectFlushedBytes(content, crashed);
             await reopened.close();
             const name = join(dir.path, `crash-${counter++}.qcow2`);
             writeFileSync(name, await inner.read(0, inner.size));

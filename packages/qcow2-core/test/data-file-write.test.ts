@@ -21,7 +21,7 @@ import {
   type Qcow2CreateOptions,
   Qcow2Image,
 } from '../src/index.js';
-import { crashWorkload } from './crash-workload.js';
+import { CrashModel, crashWorkload } from './crash-workload.js';
 import { keepOpen } from './keep-open.js';
 import { requireTools, suiteTempDir } from './qemu.js';
 
@@ -276,10 +276,9 @@ describe.skipIf(!haveQemu)('qcow2 data file writes survive crashes', () => {
             const base = patternBytes(baseSeed, Math.floor(size / 2));
             await setup.write(Math.floor(size / 4), base);
             await setup.close();
-            let durable = new Uint8Array(setup.size);
-            durable.set(base, Math.floor(size / 4));
-            let model = durable.slice();
-            let touched = new Uint8Array(durable.length);
+            const initial = new Uint8Array(setup.size);
+            initial.set(base, Math.floor(size / 4));
+            const expected = new CrashModel(initial);
 
             // One power cut for both files: requests to either count, and both lose what is unflushed.
             let requests = 0;
@@ -299,52 +298,9 @@ describe.skipIf(!haveQemu)('qcow2 data file writes survive crashes', () => {
                 readOnly: false,
                 resolveDataFile: async () => dataFault,
               });
-              for (const op of ops) {
-                const clamp = (offset: number, length: number): [number, number] => {
-                  const at = Math.min(offset, image.size);
-                  return [at, Math.min(length, image.size - at)];
-                };
-                switch (op.kind) {
-                  case 'write': {
-                    const [at, length] = clamp(op.offset, op.length);
-                    const data = patternBytes(op.seed, length);
-                    touched.fill(1, at, at + length);
-                    await image.write(at, data);
-                    model.set(data, at);
-                    break;
-                  }
-                  case 'zero':
-                  case 'discard': {
-                    const [at, length] = clamp(op.offset, op.length);
-                    touched.fill(1, at, at + length);
-                    if (op.kind === 'zero') await image.writeZeroes(at, length);
-                    else await image.discard(at, length);
-                    model.fill(0, at, at + length);
-                    break;
-                  }
-                  case 'flush':
-                    await image.flush();
-                    durable = model.slice();
-                    touched = new Uint8Array(model.length);
-                    break;
-                  case 'grow': {
-                    const newSize = image.size + op.by;
-                    await image.resize(newSize);
-                    const grow = (array: Uint8Array) => {
-                      const out = new Uint8Array(newSize);
-                      out.set(array);
-                      return out;
-                    };
-                    model = grow(model);
-                    durable = grow(durable);
-                    touched = grow(touched);
-                    break;
-                  }
-                }
-              }
+              for (const op of ops) await expected.apply(image, op, clusterSize);
               await image.close();
-              durable = model;
-              touched = new Uint8Array(model.length);
+              expected.flushed();
             } catch (error) {
               if (!fileFault.crashed && !dataFault.crashed) throw error;
               crashed = true;
@@ -355,14 +311,7 @@ describe.skipIf(!haveQemu)('qcow2 data file writes survive crashes', () => {
             const report = await reopened.check();
             expect(report.corruptions, report.messages.join('\n')).toBe(0);
             const content = await reopened.read(0, reopened.size);
-            const length = Math.min(content.length, durable.length);
-            for (let at = 0; at < length; at++) {
-              if (touched[at] === 0 && content[at] !== durable[at]) {
-                expect.fail(
-                  `byte ${at}: ${content[at]} instead of flushed ${durable[at]} (crash: ${crashed})`,
-                );
-              }
-            }
+            expected.expectFlushedBytes(content, crashed);
             await reopened.close();
             // qemu-img check: clean or leaks only (exit 0 or 3), the data file beside the image.
             const folder = join(dir.path, `crash-${counter++}`);
