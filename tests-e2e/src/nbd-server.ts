@@ -3,10 +3,11 @@
  * asynchronously (the server under test may live in the same event loop).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { run } from './tools.js';
 
 /** The built qcow2-nbd bin (run `pnpm build` first). */
 export const NBD_BIN = fileURLToPath(
@@ -81,6 +82,35 @@ export async function startServer(
     async kill() {
       if (child.exitCode === null) child.kill('SIGKILL');
       await exit;
+    },
+  };
+}
+
+/**
+ * QEMU's qemu-nbd (forked, persistent) serving `args` on a fresh unix socket in `dir`, the oracle
+ * beside our server. `stop` signals it and waits up to 5 s for it to go, then kills it.
+ */
+export function startQemuNbd(
+  dir: string,
+  args: readonly string[],
+): { uri: string; stop(signal?: NodeJS.Signals): Promise<void> } {
+  const socket = join(dir, `qemu-nbd-${Math.random().toString(36).slice(2)}.sock`);
+  const pidFile = `${socket}.pid`;
+  run('qemu-nbd', ['--fork', '--pid-file', pidFile, '-t', '-k', socket, ...args]);
+  const pid = Number(readFileSync(pidFile, 'utf8').trim());
+  return {
+    uri: `nbd+unix:///?socket=${socket}`,
+    async stop(signal: NodeJS.Signals = 'SIGTERM') {
+      process.kill(pid, signal);
+      for (let i = 0; i < 250; i++) {
+        try {
+          process.kill(pid, 0);
+        } catch {
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      process.kill(pid, 'SIGKILL');
     },
   };
 }

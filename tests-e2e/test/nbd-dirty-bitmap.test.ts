@@ -8,7 +8,7 @@
 import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NBD_BIN, runAsync, startServer } from '../src/nbd-server.js';
+import { must, NBD_BIN, runAsync, startQemuNbd, startServer } from '../src/nbd-server.js';
 import { requireTools, run, tempDir } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo', 'nbdsh');
@@ -32,34 +32,7 @@ for (offset, length, flags) in [(0, 8 << 20, 0), (1000, 70000, 0), (100, 8000000
 h.shutdown()
 `;
 
-/** qemu-nbd serving `args` on a unix socket in `dir` until stopped. */
-function startQemuNbd(dir: string, args: readonly string[]) {
-  const socket = join(dir, `qemu-nbd-${Math.random().toString(36).slice(2)}.sock`);
-  const pidFile = `${socket}.pid`;
-  run('qemu-nbd', ['--fork', '--pid-file', pidFile, '-t', '-k', socket, ...args]);
-  const pid = Number(run('cat', [pidFile]).trim());
-  return {
-    uri: `nbd+unix:///?socket=${socket}`,
-    async stop(signal: NodeJS.Signals = 'SIGTERM') {
-      process.kill(pid, signal);
-      for (let i = 0; i < 250; i++) {
-        try {
-          process.kill(pid, 0);
-        } catch {
-          return;
-        }
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
-      process.kill(pid, 'SIGKILL');
-    },
-  };
-}
-
-async function nbdinfo(args: readonly string[]): Promise<string> {
-  const result = await runAsync('nbdinfo', args);
-  if (result.status !== 0) throw new Error(`nbdinfo ${args.join(' ')}: ${result.stderr}`);
-  return result.stdout;
-}
+const nbdinfo = (args: readonly string[]) => must('nbdinfo', args);
 
 async function contexts(uri: string): Promise<string[]> {
   const listed = JSON.parse(await nbdinfo(['--list', '--json', uri])) as {

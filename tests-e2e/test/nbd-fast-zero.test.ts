@@ -9,7 +9,7 @@
 import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runAsync, startServer } from '../src/nbd-server.js';
+import { runAsync, startQemuNbd, startServer } from '../src/nbd-server.js';
 import { requireTools, run, tempDir } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdsh');
@@ -61,29 +61,6 @@ function runAsyncEnv(command: string, args: readonly string[], env: Record<strin
   });
 }
 
-/** qemu-nbd serving `image` on a unix socket in `dir` until stopped. */
-async function startQemuNbd(dir: string, image: string) {
-  const socket = join(dir, 'qemu-nbd.sock');
-  const pidFile = join(dir, 'qemu-nbd.pid');
-  run('qemu-nbd', ['--fork', '--pid-file', pidFile, '-f', 'qcow2', '-t', '-k', socket, image]);
-  const pid = Number(run('cat', [pidFile]).trim());
-  return {
-    uri: `nbd+unix:///?socket=${socket}`,
-    async stop() {
-      process.kill(pid, 'SIGTERM');
-      for (let i = 0; i < 250; i++) {
-        try {
-          process.kill(pid, 0);
-        } catch {
-          return;
-        }
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
-      process.kill(pid, 'SIGKILL');
-    },
-  };
-}
-
 describe.skipIf(!ok)('FAST_ZERO (NBD_FLAG_SEND_FAST_ZERO) against qemu-nbd', () => {
   let dir: { path: string; remove: () => void };
   beforeAll(() => {
@@ -109,7 +86,7 @@ describe.skipIf(!ok)('FAST_ZERO (NBD_FLAG_SEND_FAST_ZERO) against qemu-nbd', () 
     } finally {
       expect(await server.stop()).toBe(0);
     }
-    const qemu = await startQemuNbd(dir.path, theirs);
+    const qemu = startQemuNbd(dir.path, ['-f', 'qcow2', theirs]);
     let theirLines: string[];
     try {
       theirLines = await nbdsh(qemu.uri);
