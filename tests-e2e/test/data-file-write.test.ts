@@ -6,7 +6,7 @@
  * The CLI's writing commands (create, bench -w, resize, commit, snapshot, check -r) beside
  * qemu-img on such images.
  */
-import { readFileSync, statSync } from 'node:fs';
+import { readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { openImage } from '@qcowkit/qcow2-core/node';
@@ -45,6 +45,12 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
       cwd: dir.path,
     });
   const cli = (args: readonly string[]) => qcow2(args, { cwd: dir.path });
+  /** `qemu-img create -q -f qcow2 ...args` in the test directory. */
+  const qemuCreate = (args: readonly string[]) =>
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', ...args], { cwd: dir.path });
+  const removeFiles = (...names: string[]) => {
+    for (const name of names) rmSync(at(name), { force: true });
+  };
   const expectClean = (image: string) => {
     const result = qemuImg(['check', image]);
     expect(result.status, result.stdout + result.stderr).toBe(0);
@@ -152,20 +158,12 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
     for (const raw of ['off', 'on']) {
       const args = ['bench', '-w', '-c', '3000', '-d', '8', '-s', '4k', '-S', '37k', '--pattern=97'];
       for (const who of ['theirs', 'ours']) {
-        run(
-          'qemu-img',
-          [
-            'create',
-            '-q',
-            '-f',
-            'qcow2',
-            '-o',
-            `data_file=${who}-b${raw}.data,data_file_raw=${raw}`,
-            `${who}-b${raw}.qcow2`,
-            '32M',
-          ],
-          { cwd: dir.path },
-        );
+        qemuCreate([
+          '-o',
+          `data_file=${who}-b${raw}.data,data_file_raw=${raw}`,
+          `${who}-b${raw}.qcow2`,
+          '32M',
+        ]);
       }
       expect(qemuImg([...args, `theirs-b${raw}.qcow2`]).status).toBe(0);
       const result = cli([...args, `ours-b${raw}.qcow2`]);
@@ -192,7 +190,7 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
     ]) {
       for (const who of ['theirs', 'ours']) {
         run('mkdir', ['-p', who], { cwd: dir.path });
-        runStatus('rm', ['-f', `${who}/i.qcow2`, `${who}/d.data`], { cwd: dir.path });
+        removeFiles(`${who}/i.qcow2`, `${who}/d.data`);
       }
       const args = ['create', '-f', 'qcow2', '-o', options, 'i.qcow2', '3M'];
       const expected = runStatus('qemu-img', args, { cwd: at('theirs') });
@@ -214,21 +212,8 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
   ])('resize %s truncates the data file as qemu-img does', (_name, args) => {
     for (const raw of ['off', 'on']) {
       for (const who of ['theirs', 'ours']) {
-        runStatus('rm', ['-f', `r-${who}.qcow2`, `r-${who}.data`], { cwd: dir.path });
-        run(
-          'qemu-img',
-          [
-            'create',
-            '-q',
-            '-f',
-            'qcow2',
-            '-o',
-            `data_file=r-${who}.data,data_file_raw=${raw}`,
-            `r-${who}.qcow2`,
-            '4M',
-          ],
-          { cwd: dir.path },
-        );
+        removeFiles(`r-${who}.qcow2`, `r-${who}.data`);
+        qemuCreate(['-o', `data_file=r-${who}.data,data_file_raw=${raw}`, `r-${who}.qcow2`, '4M']);
         qemuIo(`r-${who}.qcow2`, ['write -P 0x42 0 4M']);
       }
       const expected = qemuImg(args.map((arg) => arg.replace('FILE', 'r-theirs.qcow2')));
@@ -246,16 +231,10 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
 
   test('amend -o data_file=...,data_file_raw=off as qemu-img (and its refusals)', () => {
     for (const who of ['theirs', 'ours']) {
-      runStatus('rm', ['-f', `a-${who}.qcow2`], { cwd: dir.path });
-      run(
-        'qemu-img',
-        ['create', '-q', '-f', 'qcow2', '-o', 'data_file=a.data,data_file_raw=on', `a-${who}.qcow2`, '4M'],
-        {
-          cwd: dir.path,
-        },
-      );
+      removeFiles(`a-${who}.qcow2`);
+      qemuCreate(['-o', 'data_file=a.data,data_file_raw=on', `a-${who}.qcow2`, '4M']);
     }
-    run('qemu-img', ['create', '-q', '-f', 'qcow2', 'a-plain.qcow2', '4M'], { cwd: dir.path });
+    qemuCreate(['a-plain.qcow2', '4M']);
     for (const options of ['data_file_raw=on', 'data_file_raw=off', 'data_file_raw=on', 'data_file=b.data']) {
       const expected = qemuImg(['amend', '-o', options, 'a-theirs.qcow2']);
       const actual = cli(['amend', '-o', options, 'a-ours.qcow2']);
@@ -273,21 +252,8 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
   test('amend -o size=... grows the data file with the image, as qemu-img (raw: the grown range mapped)', () => {
     for (const raw of ['on', 'off']) {
       for (const who of ['theirs', 'ours']) {
-        runStatus('rm', ['-f', `s-${who}.qcow2`, `s-${who}.data`], { cwd: dir.path });
-        run(
-          'qemu-img',
-          [
-            'create',
-            '-q',
-            '-f',
-            'qcow2',
-            '-o',
-            `data_file=s-${who}.data,data_file_raw=${raw}`,
-            `s-${who}.qcow2`,
-            '1M',
-          ],
-          { cwd: dir.path },
-        );
+        removeFiles(`s-${who}.qcow2`, `s-${who}.data`);
+        qemuCreate(['-o', `data_file=s-${who}.data,data_file_raw=${raw}`, `s-${who}.qcow2`, '1M']);
         qemuIo(`s-${who}.qcow2`, ['write -P 0x33 0 1M']);
       }
       const expected = qemuImg(['amend', '-o', 'size=3M', 's-theirs.qcow2']);
@@ -303,25 +269,17 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
 
   test('commit of an overlay with a data file empties it and releases the data file, as qemu-img', () => {
     for (const who of ['theirs', 'ours']) {
-      run('qemu-img', ['create', '-q', '-f', 'qcow2', `o-${who}.base.qcow2`, '4M'], { cwd: dir.path });
+      qemuCreate([`o-${who}.base.qcow2`, '4M']);
       qemuIo(`o-${who}.base.qcow2`, ['write -P 1 0 4M']);
-      run(
-        'qemu-img',
-        [
-          'create',
-          '-q',
-          '-f',
-          'qcow2',
-          '-o',
-          `data_file=o-${who}.data`,
-          '-b',
-          `o-${who}.base.qcow2`,
-          '-F',
-          'qcow2',
-          `o-${who}.qcow2`,
-        ],
-        { cwd: dir.path },
-      );
+      qemuCreate([
+        '-o',
+        `data_file=o-${who}.data`,
+        '-b',
+        `o-${who}.base.qcow2`,
+        '-F',
+        'qcow2',
+        `o-${who}.qcow2`,
+      ]);
       qemuIo(`o-${who}.qcow2`, ['write -P 2 1M 1M', 'write -z 3M 64k']);
     }
     expect(qemuImg(['commit', 'o-theirs.qcow2']).status).toBe(0);
@@ -341,21 +299,9 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
 
   test('commit into a base with a data file, snapshots refused, check -r all: as qemu-img', () => {
     for (const who of ['theirs', 'ours']) {
-      run(
-        'qemu-img',
-        ['create', '-q', '-f', 'qcow2', '-o', `data_file=c-${who}.data`, `c-${who}.qcow2`, '4M'],
-        {
-          cwd: dir.path,
-        },
-      );
+      qemuCreate(['-o', `data_file=c-${who}.data`, `c-${who}.qcow2`, '4M']);
       qemuIo(`c-${who}.qcow2`, ['write -P 1 0 2M']);
-      run(
-        'qemu-img',
-        ['create', '-q', '-f', 'qcow2', '-b', `c-${who}.qcow2`, '-F', 'qcow2', `t-${who}.qcow2`],
-        {
-          cwd: dir.path,
-        },
-      );
+      qemuCreate(['-b', `c-${who}.qcow2`, '-F', 'qcow2', `t-${who}.qcow2`]);
       qemuIo(`t-${who}.qcow2`, ['write -P 2 1M 2M', 'write -z 512k 64k']);
     }
     expect(qemuImg(['commit', 't-theirs.qcow2']).status).toBe(0);
