@@ -49,7 +49,8 @@ import {
   encodeBitmapTable,
 } from './bitmap-table.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
-import { dirtyRanges, type StoredBitmap } from './read-bitmap.js';
+import type { StoredBitmap } from './read-bitmap.js';
+import { SetBitRuns } from './set-bit-runs.js';
 import { forEachStoredRun } from './stored-runs.js';
 import type { StoredBitmapImage } from './stored-table.js';
 
@@ -293,8 +294,9 @@ export class PersistentBitmaps {
         `Bitmaps are of different sizes (destination size is ${this.#guestSize}, source size is ${sourceGuestSize}) and can't be merged`,
       );
     }
-    for (const range of dirtyRanges(source, sourceGuestSize))
-      bitmap.setGuestRange(range.offset, range.length);
+    const runs = new SetBitRuns(setRuns(bitmap, source.granularity, sourceGuestSize));
+    runs.scan(source.bits, 0, source.bitCount);
+    runs.end(source.bitCount);
   }
 
   /**
@@ -312,13 +314,7 @@ export class PersistentBitmaps {
     }
     const entry = source.bitmapDirectory.find((candidate) => candidate.name === sourceName);
     const granularity = entry?.granularity ?? bitmap.granularity;
-    await forEachStoredRun(source, sourceName, (firstBit, endBit) => {
-      if (granularity === bitmap.granularity) bitmap.setBits(firstBit, endBit);
-      else {
-        const offset = firstBit * granularity;
-        bitmap.setGuestRange(offset, Math.min(source.size, endBit * granularity) - offset);
-      }
-    });
+    await forEachStoredRun(source, sourceName, setRuns(bitmap, granularity, source.size));
   }
 
   /** Every bit of consistent bitmap `name` as it stands now (stored bits and those set since). */
@@ -553,6 +549,22 @@ export class PersistentBitmaps {
     for (const bitmap of this.#bitmaps.values()) bitmap.stored();
     this.#context.setDirectory(this.#entries);
   }
+}
+
+/**
+ * What sets in `bitmap` the runs of set bits of a bitmap of `granularity` over a guest of
+ * `guestSize` bytes (its bits directly when the granularities match).
+ */
+function setRuns(
+  bitmap: DirtyBitmap,
+  granularity: number,
+  guestSize: number,
+): (firstBit: number, endBit: number) => void {
+  if (granularity === bitmap.granularity) return (firstBit, endBit) => bitmap.setBits(firstBit, endBit);
+  return (firstBit, endBit) => {
+    const offset = firstBit * granularity;
+    bitmap.setGuestRange(offset, Math.min(guestSize, endBit * granularity) - offset);
+  };
 }
 
 /** Where the bitmaps extension's data (nb_bitmaps, reserved, directory size, offset) lies in the header. */

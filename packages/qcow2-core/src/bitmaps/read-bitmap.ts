@@ -4,6 +4,7 @@
  * ceil(guest size / granularity / 8) bytes: QEMU caps that at 512 MiB (BME_MAX_PHYS_SIZE).
  */
 import { BITMAP_TABLE_ONES, BITMAP_TABLE_ZEROS } from './bitmap-table.js';
+import { SetBitRuns } from './set-bit-runs.js';
 import { readStoredTable, type StoredBitmapImage } from './stored-table.js';
 
 export interface StoredBitmap {
@@ -37,31 +38,15 @@ export async function readStoredBitmap(image: StoredBitmapImage, name: string): 
   return { bits, bitCount, granularity: entry.granularity };
 }
 
-/**
- * The guest ranges `[offset, offset + length)` whose bits are set, merged, in order. Scans a byte at
- * a time (whole clear and whole set bytes are skipped over), so a sparse bitmap of 2^32 bits takes
- * a few seconds at most.
- */
+/** The guest ranges `[offset, offset + length)` whose bits are set, merged, in order. */
 export function dirtyRanges(bitmap: StoredBitmap, guestSize: number): { offset: number; length: number }[] {
   const { bits, bitCount, granularity } = bitmap;
   const ranges: { offset: number; length: number }[] = [];
-  let start = -1;
-  const close = (endBit: number): void => {
-    const offset = start * granularity;
+  const runs = new SetBitRuns((firstBit, endBit) => {
+    const offset = firstBit * granularity;
     ranges.push({ offset, length: Math.min(guestSize, endBit * granularity) - offset });
-    start = -1;
-  };
-  const byteCount = Math.ceil(bitCount / 8);
-  for (let index = 0; index < byteCount; index++) {
-    const byte = bits[index]!;
-    if ((byte === 0 && start < 0) || (byte === 0xff && start >= 0)) continue;
-    const base = index * 8;
-    for (let bit = 0; bit < 8 && base + bit < bitCount; bit++) {
-      const set = (byte & (1 << bit)) !== 0;
-      if (set && start < 0) start = base + bit;
-      else if (!set && start >= 0) close(base + bit);
-    }
-  }
-  if (start >= 0) close(bitCount);
+  });
+  runs.scan(bits, 0, bitCount);
+  runs.end(bitCount);
   return ranges;
 }

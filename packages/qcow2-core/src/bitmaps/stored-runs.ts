@@ -4,6 +4,7 @@
  * cluster whatever the guest size (readStoredBitmap holds every bit).
  */
 import { BITMAP_TABLE_ONES, BITMAP_TABLE_ZEROS } from './bitmap-table.js';
+import { SetBitRuns } from './set-bit-runs.js';
 import { readStoredTable, type StoredBitmapImage } from './stored-table.js';
 
 /**
@@ -20,31 +21,16 @@ export async function forEachStoredRun(
   const { entry, bitCount, table } = await readStoredTable(image, name);
   const chunkBits = clusterSize * 8;
   const needed = Math.ceil(bitCount / chunkBits);
-  let start = -1;
-  const at = (bit: number, set: boolean): void => {
-    if (set && start < 0) start = bit;
-    else if (!set && start >= 0) {
-      onRun(start, bit);
-      start = -1;
-    }
-  };
+  const runs = new SetBitRuns(onRun);
   for (let chunk = 0; chunk < needed; chunk++) {
     const chunkStart = chunk * chunkBits;
-    const chunkEnd = Math.min(bitCount, chunkStart + chunkBits);
     const stored = table[chunk]!;
     if (stored === BITMAP_TABLE_ZEROS || stored === BITMAP_TABLE_ONES) {
-      at(chunkStart, stored === BITMAP_TABLE_ONES);
+      runs.uniform(chunkStart, stored === BITMAP_TABLE_ONES);
       continue;
     }
-    const bytes = await file.read(stored, clusterSize);
-    const byteCount = Math.ceil((chunkEnd - chunkStart) / 8);
-    for (let index = 0; index < byteCount; index++) {
-      const byte = bytes[index]!;
-      if ((byte === 0 && start < 0) || (byte === 0xff && start >= 0)) continue;
-      const base = chunkStart + index * 8;
-      for (let bit = 0; bit < 8 && base + bit < chunkEnd; bit++) at(base + bit, (byte & (1 << bit)) !== 0);
-    }
+    runs.scan(await file.read(stored, clusterSize), chunkStart, Math.min(bitCount, chunkStart + chunkBits));
   }
-  if (start >= 0) onRun(start, bitCount);
+  runs.end(bitCount);
   return { bitCount, granularity: entry.granularity };
 }
