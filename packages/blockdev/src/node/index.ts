@@ -6,4 +6,5 @@ export {
   SYNC_IO_MAX_BYTES,
 } from './file-device.js';
 export type { LockMechanism, LockMode } from './file-lock.js';
+export { type CallResult, type Libc, loadLibc } from './libc.js';
 export { inlineIoMaxBytes, isMemoryBacked } from './memory-backed.js';

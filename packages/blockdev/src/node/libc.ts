@@ -1,6 +1,7 @@
 /**
  * The few libc calls Node lacks (lseek SEEK_DATA/SEEK_HOLE, fallocate, copy_file_range, fcntl OFD
- * locks, flock, ioctl BLKGETSIZE64), reached through koffi. Everything here is optional: when koffi cannot load
+ * locks, flock, ioctl BLKGETSIZE64, int-valued getsockopt/setsockopt), reached through koffi, in
+ * this one place for every package (the NBD server sizes its unix sockets' send buffers with it). Everything here is optional: when koffi cannot load
  * (unsupported platform, missing binary), `loadLibc()` returns undefined and callers fall back to
  * plain Node I/O.
  *
@@ -70,6 +71,11 @@ export interface Libc {
   flock(fd: number, operation: number): CallResult;
   /** Size in bytes of the block device open on `fd`. */
   blockDeviceSize(fd: number): CallResult;
+  /** getsockopt(fd, level, name) of an int-valued option: its value. Optional: test doubles of
+   * this interface may leave it out. */
+  getSocketInt?(fd: number, level: number, name: number): CallResult;
+  /** setsockopt(fd, level, name) of an int-valued option. Optional as `getSocketInt`. */
+  setSocketInt?(fd: number, level: number, name: number, value: number): CallResult;
 }
 
 let cached: Libc | null | undefined;
@@ -92,6 +98,8 @@ function tryLoad(): Libc | null {
       flock: lib.func('int flock(int, int)'),
       ioctl: lib.func('int ioctl(int, unsigned long, void *)'),
       copyFileRange: lib.func('int64_t copy_file_range(int, void *, int, void *, size_t, unsigned int)'),
+      getsockopt: lib.func('int getsockopt(int, int, int, _Out_ void *, _Inout_ int *)'),
+      setsockopt: lib.func('int setsockopt(int, int, int, void *, int)'),
     });
   } catch {
     return null;
@@ -105,6 +113,8 @@ interface Functions {
   flock: KoffiFunction;
   ioctl: KoffiFunction;
   copyFileRange: KoffiFunction;
+  getsockopt: KoffiFunction;
+  setsockopt: KoffiFunction;
 }
 
 function makeLibc(koffi: Koffi, fn: Functions): Libc {
@@ -188,6 +198,16 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
       const buf = Buffer.alloc(8);
       const r = result(fn.ioctl(fd, BLKGETSIZE64, buf));
       return r.ok ? { ok: true, value: Number(buf.readBigUInt64LE(0)) } : r;
+    },
+    getSocketInt: (fd, level, name) => {
+      const value = Buffer.alloc(4);
+      const r = result(fn.getsockopt(fd, level, name, value, [4]));
+      return r.ok ? { ok: true, value: value.readInt32LE(0) } : r;
+    },
+    setSocketInt: (fd, level, name, value) => {
+      const buf = Buffer.alloc(4);
+      buf.writeInt32LE(value, 0);
+      return result(fn.setsockopt(fd, level, name, buf, 4));
     },
   };
 }

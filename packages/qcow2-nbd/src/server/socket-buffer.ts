@@ -4,8 +4,8 @@
  * in two writes, each waiting for the client to drain the socket, so the server's thread sleeps
  * and wakes about once per reply. With a few MiB (capped by net.core.wmem_max) replies leave in
  * one write and the event loop wakes far less (nbdcopy out of a raw export: about 15% less server
- * CPU). Node has no call for SO_SNDBUF on stream sockets; setsockopt is reached through koffi, as
- * blockdev reaches lseek and fallocate. Optional: without koffi nothing changes.
+ * CPU). Node has no call for SO_SNDBUF on stream sockets; setsockopt is reached through blockdev's
+ * libc binding (koffi). Optional: without it nothing changes.
  *
  * The kernel caps the size at net.core.wmem_max: a stock kernel's 212 992 bytes leave the default
  * unchanged; hosts serving NBD raise it (this one has 4 MiB). Replies in that buffer are outside the
@@ -14,8 +14,7 @@
  *
  * Linux only (x86_64 and aarch64 share these constants).
  */
-import { createRequire } from 'node:module';
-import { arch, platform } from 'node:os';
+import { loadLibc } from '@qcowkit/blockdev/node';
 
 const SOL_SOCKET = 1;
 const SO_SNDBUF = 7;
@@ -25,48 +24,19 @@ const AF_UNIX = 1;
 /** The send buffer asked for on unix sockets (the kernel caps it at net.core.wmem_max). */
 export const UNIX_SEND_BUFFER = 4 * 1024 * 1024;
 
-interface SocketCalls {
-  setsockopt(fd: number, level: number, name: number, value: Buffer, length: number): number;
-  getsockopt(fd: number, level: number, name: number, value: Buffer, length: number[]): number;
-}
-
-let cached: SocketCalls | null | undefined;
-
-function load(): SocketCalls | null {
-  if (platform() !== 'linux' || (arch() !== 'x64' && arch() !== 'arm64')) return null;
-  try {
-    const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
-    const lib = koffi.load('libc.so.6');
-    return {
-      setsockopt: lib.func('int setsockopt(int, int, int, void *, int)'),
-      getsockopt: lib.func('int getsockopt(int, int, int, _Out_ void *, _Inout_ int *)'),
-    } as SocketCalls;
-  } catch {
-    return null;
-  }
-}
-
-/** SO_DOMAIN of `fd`, or undefined when it cannot be read. */
-function socketDomain(calls: SocketCalls, fd: number): number | undefined {
-  const value = Buffer.alloc(4);
-  if (calls.getsockopt(fd, SOL_SOCKET, SO_DOMAIN, value, [4]) !== 0) return undefined;
-  return value.readInt32LE(0);
-}
-
 /**
  * Asks for a send buffer of `bytes` on `fd` when it is a unix socket. Returns the size the kernel
  * reports afterwards (it doubles what it grants, for its bookkeeping), or undefined when nothing
- * was changed (not a unix socket, no koffi, or the call failed).
+ * was changed (not a unix socket, no libc binding, or the call failed).
  */
 export function enlargeUnixSendBuffer(fd: number, bytes = UNIX_SEND_BUFFER): number | undefined {
-  if (cached === undefined) cached = load();
-  const calls = cached;
-  if (calls === null || !Number.isSafeInteger(fd) || fd < 0) return undefined;
-  if (socketDomain(calls, fd) !== AF_UNIX) return undefined;
-  const value = Buffer.alloc(4);
-  value.writeInt32LE(bytes, 0);
-  if (calls.setsockopt(fd, SOL_SOCKET, SO_SNDBUF, value, 4) !== 0) return undefined;
-  const granted = Buffer.alloc(4);
-  if (calls.getsockopt(fd, SOL_SOCKET, SO_SNDBUF, granted, [4]) !== 0) return undefined;
-  return granted.readInt32LE(0);
+  const libc = loadLibc();
+  const get = libc?.getSocketInt;
+  const set = libc?.setSocketInt;
+  if (get === undefined || set === undefined || !Number.isSafeInteger(fd) || fd < 0) return undefined;
+  const domain = get(fd, SOL_SOCKET, SO_DOMAIN);
+  if (!domain.ok || domain.value !== AF_UNIX) return undefined;
+  if (!set(fd, SOL_SOCKET, SO_SNDBUF, bytes).ok) return undefined;
+  const granted = get(fd, SOL_SOCKET, SO_SNDBUF);
+  return granted.ok ? granted.value : undefined;
 }
