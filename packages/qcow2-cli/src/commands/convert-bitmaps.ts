@@ -128,18 +128,8 @@ export async function refuseBitmapsTo(
   format: string,
   options: ConvertOptions & BitmapCopyOptions,
 ): Promise<never> {
-  const [{ openImage }, { resolveAgainst }, { selectSnapshot }] = await Promise.all([
-    import('../engine.js'),
-    import('../paths.js'),
-    import('./snapshot-select.js'),
-  ]);
-  const sourcePath = resolveAgainst(context.io.cwd, source);
-  const opened = await openImage(sourcePath, {
-    displayName: source,
-    format: options.format,
-    forceShare: options.forceShare,
-    snapshot: await selectSnapshot(sourcePath, source, options),
-  });
+  const { openAtSnapshot } = await import('./snapshot-select.js');
+  const opened = await openAtSnapshot(context.io.cwd, source, options);
   try {
     checkSourceBitmaps(bitmapSource(opened.image), options);
   } finally {

@@ -27,7 +27,7 @@ import {
 } from './convert-bitmaps.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
 import { qcow2LayoutOptions } from './measure.js';
-import { selectSnapshot } from './snapshot-select.js';
+import { openAtSnapshot } from './snapshot-select.js';
 import { openWritable } from './writable-image.js';
 
 export interface Qcow2ConvertExtras extends BitmapCopyOptions {
@@ -143,13 +143,7 @@ export async function convertToQcow2Command(
   options: ConvertOptions & Qcow2ConvertExtras,
 ): Promise<number> {
   if (options.noCreate === true) {
-    const sourcePath = resolveAgainst(context.io.cwd, source);
-    const opened = await openImage(sourcePath, {
-      displayName: source,
-      format: options.format,
-      forceShare: options.forceShare,
-      snapshot: await selectSnapshot(sourcePath, source, options),
-    });
+    const opened = await openAtSnapshot(context.io.cwd, source, options);
     try {
       if (options.bitmaps === true) checkSourceBitmaps(bitmapSource(opened.image), options);
       await convertIntoExisting(context, opened, target, options);
@@ -174,14 +168,8 @@ export async function convertToQcow2Command(
   if (values.has('backing_fmt') && !values.has('backing_file')) {
     throw new UsageError('-F requires a backing file (-B)');
   }
-  const sourcePath = resolveAgainst(context.io.cwd, source);
   const targetPath = toStdout ? undefined : resolveAgainst(context.io.cwd, target);
-  const opened = await openImage(sourcePath, {
-    displayName: source,
-    format: options.format,
-    forceShare: options.forceShare,
-    snapshot: await selectSnapshot(sourcePath, source, options),
-  });
+  const opened = await openAtSnapshot(context.io.cwd, source, options);
   let backing: OpenedImage | undefined;
   try {
     const bitmapsFrom = options.bitmaps === true ? bitmapSource(opened.image) : undefined;

@@ -5,16 +5,15 @@
  */
 import type { Qcow2CreateOptions } from '@qcowkit/qcow2-core';
 import { measure } from '@qcowkit/qcow2-writer';
-import { type ImageFormat, openImage } from '../engine.js';
+import type { ImageFormat } from '../engine.js';
 import { UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import type { JsonObject } from '../output/qemu-json.js';
 import { toQemuJson } from '../output/qemu-json.js';
-import { resolveAgainst } from '../paths.js';
 import { bitmapList, persistentBitmapsSize } from '../qcow2-bitmaps.js';
 import { parseSize } from '../size.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
-import { selectSnapshot } from './snapshot-select.js';
+import { openAtSnapshot } from './snapshot-select.js';
 
 /** qemu-img create's default cluster size (the target's, which the bitmaps are counted in). */
 const DEFAULT_CLUSTER_SIZE = 65536;
@@ -84,12 +83,7 @@ export async function measureCommand(
       ({ required, fullyAllocated } = await measure(bytes, writerOptions));
     }
   } else {
-    const opened = await openImage(resolveAgainst(context.io.cwd, file), {
-      displayName: file,
-      format: options.format,
-      forceShare: options.forceShare,
-      snapshot: await selectSnapshot(resolveAgainst(context.io.cwd, file), file, options),
-    });
+    const opened = await openAtSnapshot(context.io.cwd, file, options);
     try {
       if (outputFormat === 'raw') {
         required = opened.device.size;
