@@ -8,10 +8,10 @@ import { join } from 'node:path';
 import { type BlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { checkReadOnly, patternBytes } from '@qcowkit/blockdev/testing';
 import fc from 'fast-check';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { Qcow2Image, QcowImage } from '../src/index.js';
 import { openImage } from '../src/node/index.js';
-import { qemuImg, requireTools, tempDir } from './qemu.js';
+import { qemuImg, requireTools, suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
 
@@ -36,12 +36,8 @@ const variants: Variant[] = [
 ];
 
 describe.skipIf(!haveQemu)('read-only BlockDevice conformance', () => {
-  let dir: { path: string; remove: () => void };
+  const dir = suiteTempDir();
   let counter = 0;
-  beforeAll(() => {
-    dir = tempDir();
-  });
-  afterAll(() => dir.remove());
 
   /** An image of `variant` holding `bytes`, opened from memory (no Node in the engine). */
   async function build(variant: Variant, bytes: Uint8Array): Promise<BlockDevice> {

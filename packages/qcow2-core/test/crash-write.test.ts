@@ -11,12 +11,12 @@ import { join } from 'node:path';
 import { FaultInjectingBlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { patternBytes } from '@qcowkit/blockdev/testing';
 import fc from 'fast-check';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { type Qcow2CreateOptions, Qcow2Image } from '../src/index.js';
 import { nodeCodecs } from '../src/node/index.js';
 import { CrashModel, crashWorkload } from './crash-workload.js';
 import { keepOpen } from './keep-open.js';
-import { requireTools, tempDir } from './qemu.js';
+import { requireTools, suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
 const SOAK = Number(process.env.QCOWKIT_SOAK ?? 1);
@@ -46,12 +46,8 @@ const variants: Variant[] = [
 ];
 
 describe.skipIf(!haveQemu)('qcow2 writes survive crashes', () => {
-  let dir: { path: string; remove: () => void };
+  const dir = suiteTempDir();
   let counter = 0;
-  beforeAll(() => {
-    dir = tempDir();
-  });
-  afterAll(() => dir.remove());
 
   for (const variant of variants) {
     it(`${variant.name}: no corruption and every flushed byte after a crash at a random request`, async () => {

@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../src/node/index.js';
-import { qemuImg, requireTools, tempDir } from './qemu.js';
+import { qemuImg, requireTools, suiteTempDir, tempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
 
@@ -184,11 +184,7 @@ describe.skipIf(!haveQemu)('qcow2 create like qemu-img create', () => {
 });
 
 describe.skipIf(!haveQemu)('createImage with an external data file like qemu-img create', () => {
-  let dir: { path: string; remove: () => void };
-  beforeAll(() => {
-    dir = tempDir();
-  });
-  afterAll(() => dir.remove());
+  const dir = suiteTempDir();
 
   const modes = [
     { preallocation: 'off', raw: false },

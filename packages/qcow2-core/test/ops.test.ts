@@ -6,8 +6,8 @@ import { copyFileSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { MemoryBlockDevice, OverlayBlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { requireTools, run, runStatus, tempDir } from '../../../tests-e2e/src/tools.js';
+import { describe, expect, it } from 'vitest';
+import { requireTools, run, runStatus } from '../../../tests-e2e/src/tools.js';
 import { checkQcow2Image } from '../src/check/index.js';
 import { Qcow2Image } from '../src/image.js';
 import { openImage } from '../src/node/open-image.js';
@@ -55,12 +55,8 @@ function expectSameGuest(a: string, b: string): void {
 }
 
 describe.skipIf(!haveQemu)('ops agree with qemu-img', () => {
-  let dir: { path: string; remove: () => void };
+  const dir = suiteTempDir('qcowkit-ops-');
   let n = 0;
-  beforeAll(() => {
-    dir = tempDir('qcowkit-ops-');
-  });
-  afterAll(() => dir.remove());
 
   /** An image by qemu-img and a copy for qemu-img to work on. */
   function pair(create: string[], size: string, writes: string[]): [string, string] {

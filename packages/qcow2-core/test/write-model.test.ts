@@ -10,11 +10,11 @@ import { join } from 'node:path';
 import { type BlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { patternBytes } from '@qcowkit/blockdev/testing';
 import fc from 'fast-check';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { type Qcow2CreateOptions, Qcow2Image } from '../src/index.js';
 import { nodeCodecs } from '../src/node/index.js';
 import { keepOpen } from './keep-open.js';
-import { qemuImg, requireTools, run, tempDir } from './qemu.js';
+import { qemuImg, requireTools, run, suiteTempDir } from './qemu.js';
 
 const haveQemu = requireTools('qemu-img');
 const SOAK = Number(process.env.QCOWKIT_SOAK ?? 1);
@@ -121,12 +121,8 @@ const variants: Variant[] = [
 ];
 
 describe.skipIf(!haveQemu)('qcow2 write path vs a model', () => {
-  let dir: { path: string; remove: () => void };
+  const dir = suiteTempDir();
   let counter = 0;
-  beforeAll(() => {
-    dir = tempDir();
-  });
-  afterAll(() => dir.remove());
 
   for (const variant of variants) {
     it(`${variant.name}: random operations, then our check, qemu-img check and compare`, async () => {
