@@ -138,6 +138,19 @@ export function runAsync(
   });
 }
 
+/**
+ * libnbd's nbdsh running the Python `script` with `env` added to the environment, asynchronously;
+ * /usr/bin comes first on PATH (nbdsh's Python module lives beside the system Python).
+ */
+export function runNbdsh(
+  script: string,
+  env: Record<string, string>,
+): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return runAsync('nbdsh', ['-c', script], {
+    env: { ...process.env, ...env, PATH: `/usr/bin:${process.env.PATH ?? ''}` },
+  });
+}
+
 /** Runs a command asynchronously, returning stdout; throws with stderr on a non-zero exit. */
 export async function must(command: string, args: readonly string[]): Promise<string> {
   const result = await runAsync(command, args);

@@ -8,7 +8,7 @@
 import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { must, NBD_BIN, runAsync, startQemuNbd, startServer } from '../src/nbd-server.js';
+import { must, NBD_BIN, runAsync, runNbdsh, startQemuNbd, startServer } from '../src/nbd-server.js';
 import { requireTools, run, tempDir } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdinfo', 'nbdsh');
@@ -100,12 +100,11 @@ describe.skipIf(!ok)('qemu:dirty-bitmap (-B) against qemu-nbd', () => {
   it('answers unaligned, short and REQ_ONE block status requests as qemu-nbd', async () => {
     const theirs = startQemuNbd(dir.path, ['-r', '-f', 'qcow2', ...flags, image]);
     const ours = await startServer(dir.path, ['-t', '-r', '-f', 'qcow2', ...flags, image]);
-    const env = (uri: string) => ({ ...process.env, URI: uri, PATH: `/usr/bin:${process.env.PATH ?? ''}` });
     try {
-      const expected = await runAsync('nbdsh', ['-c', BLOCK_STATUS_SCRIPT], { env: env(theirs.uri) });
+      const expected = await runNbdsh(BLOCK_STATUS_SCRIPT, { URI: theirs.uri });
       expect(expected.status, expected.stderr).toBe(0);
       expect(expected.stdout.split('\n')).toHaveLength(9);
-      const actual = await runAsync('nbdsh', ['-c', BLOCK_STATUS_SCRIPT], { env: env(ours.uri) });
+      const actual = await runNbdsh(BLOCK_STATUS_SCRIPT, { URI: ours.uri });
       expect(actual.stdout).toBe(expected.stdout);
     } finally {
       await theirs.stop();

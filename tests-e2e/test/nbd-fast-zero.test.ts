@@ -9,7 +9,7 @@
 import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runAsync, startQemuNbd, startServer } from '../src/nbd-server.js';
+import { runNbdsh, startQemuNbd, startServer } from '../src/nbd-server.js';
 import { requireTools, run, tempDir } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdsh');
@@ -49,16 +49,9 @@ h.shutdown()
 `;
 
 async function nbdsh(uri: string, tail = false): Promise<string[]> {
-  const result = await runAsyncEnv('nbdsh', ['-c', SCRIPT], { URI: uri, TAIL: tail ? '1' : '0' });
+  const result = await runNbdsh(SCRIPT, { URI: uri, TAIL: tail ? '1' : '0' });
   if (result.status !== 0) throw new Error(`nbdsh failed: ${result.stderr}`);
   return result.stdout.trim().split('\n');
-}
-
-/** runAsync with extra environment, /usr/bin first on PATH (nbdsh's Python module lives there). */
-function runAsyncEnv(command: string, args: readonly string[], env: Record<string, string>) {
-  return runAsync(command, args, {
-    env: { ...process.env, ...env, PATH: `/usr/bin:${process.env.PATH ?? ''}` },
-  });
 }
 
 describe.skipIf(!ok)('FAST_ZERO (NBD_FLAG_SEND_FAST_ZERO) against qemu-nbd', () => {
@@ -139,9 +132,8 @@ describe.skipIf(!ok)('FAST_ZERO (NBD_FLAG_SEND_FAST_ZERO) against qemu-nbd', () 
 
     const readOnly = await startServer(dir.path, ['-t', '-r', '-f', 'raw', raw]);
     try {
-      const result = await runAsyncEnv(
-        'nbdsh',
-        ['-c', 'import os\nh.connect_uri(os.environ["URI"])\nprint("can_fast_zero", h.can_fast_zero())'],
+      const result = await runNbdsh(
+        'import os\nh.connect_uri(os.environ["URI"])\nprint("can_fast_zero", h.can_fast_zero())',
         { URI: readOnly.uri },
       );
       expect(result.stdout.trim()).toBe('can_fast_zero False');
