@@ -13,6 +13,7 @@ import {
   type NbdServer,
   protocol as P,
 } from '../src/index.js';
+import { descriptors } from './helpers.js';
 import { metaContextPayload, TestClient } from './test-client.js';
 
 /** The runs of `bits` over `[offset, end)`, bit by bit (the model). */
@@ -217,10 +218,3 @@ describe('qemu:dirty-bitmap meta contexts', () => {
     client.destroy();
   });
 });
-
-function descriptors(payload: Buffer): [number, number][] {
-  const out: [number, number][] = [];
-  for (let i = 4; i < payload.length; i += 8)
-    out.push([payload.readUInt32BE(i), payload.readUInt32BE(i + 4)]);
-  return out;
-}

@@ -5,10 +5,11 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { type BlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
+import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createNbdServer, type NbdExport, type NbdServer, protocol as P } from '../src/index.js';
 import { MAX_IN_FLIGHT_REQUESTS } from '../src/server/transmission.js';
+import { wrap } from './helpers.js';
 import { TestClient } from './test-client.js';
 
 const SIZE = 1024 * 1024;
@@ -20,17 +21,6 @@ let device: MemoryBlockDevice;
 async function start(exports: NbdExport[], extra: Partial<Parameters<typeof createNbdServer>[0]> = {}) {
   server = createNbdServer({ exports, ...extra });
   await server.listen({ path: socketPath });
-}
-
-/** A device that forwards to `base` except for the members given. */
-function wrap(base: BlockDevice, overrides: Partial<BlockDevice>): BlockDevice {
-  return new Proxy(base, {
-    get(target, key) {
-      if (key in overrides) return overrides[key as keyof BlockDevice];
-      const value = Reflect.get(target, key, target);
-      return typeof value === 'function' ? value.bind(target) : value;
-    },
-  });
 }
 
 beforeEach(() => {

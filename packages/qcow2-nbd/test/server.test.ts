@@ -1,9 +1,10 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { type BlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
+import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createNbdServer, type NbdExport, type NbdServer, protocol as P } from '../src/index.js';
+import { descriptors, wrap } from './helpers.js';
 import { metaContextPayload, TestClient } from './test-client.js';
 
 const SIZE = 1024 * 1024;
@@ -583,22 +584,4 @@ function infoFor(name: string, infos: number[] = []): Buffer {
   out.writeUInt16BE(infos.length, 4 + nameBytes.length);
   for (const [i, info] of infos.entries()) out.writeUInt16BE(info, 6 + nameBytes.length + 2 * i);
   return out;
-}
-
-function descriptors(payload: Buffer): [number, number][] {
-  const out: [number, number][] = [];
-  for (let i = 4; i < payload.length; i += 8)
-    out.push([payload.readUInt32BE(i), payload.readUInt32BE(i + 4)]);
-  return out;
-}
-
-/** A device that forwards to `base` except for the members given. */
-function wrap(base: BlockDevice, overrides: Partial<BlockDevice>): BlockDevice {
-  return new Proxy(base, {
-    get(target, key) {
-      if (key in overrides) return overrides[key as keyof BlockDevice];
-      const value = Reflect.get(target, key, target);
-      return typeof value === 'function' ? value.bind(target) : value;
-    },
-  });
 }
