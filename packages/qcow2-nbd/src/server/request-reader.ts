@@ -32,7 +32,7 @@ export interface RequestSink {
 export type AllocatePayload = (size: number) => Buffer;
 
 /** Default size of the staging buffer, which receives headers and small payloads. */
-export const STAGING_SIZE = 32 * 1024;
+const STAGING_SIZE = 32 * 1024;
 /** Payload parts at least this long are received into the payload itself, not staged. */
 export const DIRECT_MINIMUM = 16 * 1024;
 

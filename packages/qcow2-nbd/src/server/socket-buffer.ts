@@ -22,7 +22,7 @@ const SO_DOMAIN = 39;
 const AF_UNIX = 1;
 
 /** The send buffer asked for on unix sockets (the kernel caps it at net.core.wmem_max). */
-export const UNIX_SEND_BUFFER = 4 * 1024 * 1024;
+const UNIX_SEND_BUFFER = 4 * 1024 * 1024;
 
 /**
  * Asks for a send buffer of `bytes` on `fd` when it is a unix socket. Returns the size the kernel
