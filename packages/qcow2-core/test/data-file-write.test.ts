@@ -8,7 +8,7 @@
  * qemu-img check find no corruption, every flushed byte reads back).
  */
 import { spawnSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type BlockDevice, FaultInjectingBlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { describeBlockDeviceConformance, patternBytes } from '@qcowkit/blockdev/testing';
@@ -315,12 +315,12 @@ describe.skipIf(!haveQemu)('qcow2 data file writes survive crashes', () => {
             await reopened.close();
             // qemu-img check: clean or leaks only (exit 0 or 3), the data file beside the image.
             const folder = join(dir.path, `crash-${counter++}`);
-            spawnSync('mkdir', ['-p', folder]);
+            mkdirSync(folder);
             writeFileSync(join(folder, 'image.qcow2'), await fileStorage.read(0, fileStorage.size));
             writeFileSync(join(folder, 'data.raw'), await dataStorage.read(0, dataStorage.size));
             const status = spawnSync('qemu-img', ['check', 'image.qcow2'], { cwd: folder, encoding: 'utf8' });
             expect([0, 3], status.stdout + status.stderr).toContain(status.status);
-            spawnSync('rm', ['-rf', folder]);
+            rmSync(folder, { recursive: true });
             const again = await Qcow2Image.open(keepOpen(fileStorage), {
               readOnly: false,
               resolveDataFile: async () => keepOpen(dataStorage),
