@@ -387,8 +387,10 @@ export class Transmission implements RequestSink {
       this.io.send(encodeNoneChunk(cookie));
       return;
     }
-    await this.config.dataExtents.learn(device, offset, length);
-    if (this.config.dataExtents.covers(offset, length)) {
+    // Known data (a client reading the export through again): no window lookup, no await.
+    const dataExtents = this.config.dataExtents;
+    if (!dataExtents.covers(offset, length)) await dataExtents.learn(device, offset, length);
+    if (dataExtents.covers(offset, length)) {
       await this.readWhole(request);
       return;
     }
