@@ -15,22 +15,17 @@ function outputFailed(fd: 1 | 2, error: NodeJS.ErrnoException): never {
   process.exit(1);
 }
 
-let stdout: NodeJS.WriteStream | undefined;
-/** process.stdout, made on first use: creating it loads Node's stream modules (~3 ms a start). */
-function stdoutStream(): NodeJS.WriteStream {
-  if (stdout === undefined) {
-    stdout = process.stdout;
-    stdout.on('error', (error: NodeJS.ErrnoException) => outputFailed(1, error));
+/** process.stdout and process.stderr, each made on first use: making one loads Node's stream
+ * modules (~3 ms a start). */
+const streams: { 1?: NodeJS.WriteStream; 2?: NodeJS.WriteStream } = {};
+function stream(fd: 1 | 2): NodeJS.WriteStream {
+  let made = streams[fd];
+  if (made === undefined) {
+    made = fd === 1 ? process.stdout : process.stderr;
+    made.on('error', (error: NodeJS.ErrnoException) => outputFailed(fd, error));
+    streams[fd] = made;
   }
-  return stdout;
-}
-let stderr: NodeJS.WriteStream | undefined;
-function stderrStream(): NodeJS.WriteStream {
-  if (stderr === undefined) {
-    stderr = process.stderr;
-    stderr.on('error', (error: NodeJS.ErrnoException) => outputFailed(2, error));
-  }
-  return stderr;
+  return made;
 }
 
 /**
@@ -40,13 +35,13 @@ function stderrStream(): NodeJS.WriteStream {
  * stream made for other reasons (`convert ... -`'s binary output), which may still hold bytes a
  * direct write would overtake.
  */
-function textOutput(fd: 1 | 2, stream: () => NodeJS.WriteStream, streamMade: () => boolean): CliOutput {
+function textOutput(fd: 1 | 2): CliOutput {
   let streamed = false;
   return {
     write(chunk) {
-      if (streamed || streamMade()) {
+      if (streamed || streams[fd] !== undefined) {
         streamed = true;
-        stream().write(chunk);
+        stream(fd).write(chunk);
         return;
       }
       let bytes = Buffer.from(chunk, 'utf8');
@@ -56,7 +51,7 @@ function textOutput(fd: 1 | 2, stream: () => NodeJS.WriteStream, streamMade: () 
         const { code } = error as NodeJS.ErrnoException;
         if (code !== 'EAGAIN' && code !== 'EINTR') outputFailed(fd, error as NodeJS.ErrnoException);
         streamed = true;
-        stream().write(bytes);
+        stream(fd).write(bytes);
       }
     },
   };
@@ -64,10 +59,10 @@ function textOutput(fd: 1 | 2, stream: () => NodeJS.WriteStream, streamMade: () 
 
 // No top-level await: the bundle is a CommonJS file (see scripts/bundle-bin.mjs --code-cache).
 void run(process.argv.slice(2), {
-  stdout: textOutput(1, stdoutStream, () => stdout !== undefined),
-  stderr: textOutput(2, stderrStream, () => stderr !== undefined),
+  stdout: textOutput(1),
+  stderr: textOutput(2),
   get stdoutStream() {
-    return stdoutStream();
+    return stream(1);
   },
   cwd: process.cwd(),
   env: process.env,
