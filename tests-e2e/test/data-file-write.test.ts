@@ -6,7 +6,7 @@
  * The CLI's writing commands (create, bench -w, resize, commit, snapshot, check -r) beside
  * qemu-img on such images.
  */
-import { readFileSync, rmSync, statSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { openImage } from '@qcowkit/qcow2-core/node';
@@ -189,7 +189,7 @@ describe.skipIf(!haveTools)('images with an external data file, written beside Q
       'data_file=d.data,data_file_raw=on,preallocation=falloc',
     ]) {
       for (const who of ['theirs', 'ours']) {
-        run('mkdir', ['-p', who], { cwd: dir.path });
+        mkdirSync(at(who), { recursive: true });
         removeFiles(`${who}/i.qcow2`, `${who}/d.data`);
       }
       const args = ['create', '-f', 'qcow2', '-o', options, 'i.qcow2', '3M'];
