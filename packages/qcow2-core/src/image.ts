@@ -122,10 +122,13 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   readonly openedSnapshot: Qcow2SnapshotInfo | undefined;
   /** Depth of this image in its chain (0 = top). */
   readonly chainDepth: number;
-  /** Persistent dirty bitmaps (as `qemu-img info` lists them: name, granularity, flags). */
-  bitmaps: readonly Qcow2BitmapInfo[] = [];
   /** The raw bitmap directory entries. */
   bitmapDirectory: readonly Qcow2BitmapEntry[] = [];
+
+  /** Persistent dirty bitmaps (as `qemu-img info` lists them: name, granularity, flags). */
+  get bitmaps(): readonly Qcow2BitmapInfo[] {
+    return this.bitmapDirectory.map(toBitmapInfo);
+  }
 
   #dataFile: BlockDevice | undefined;
   #backing: BlockDevice | undefined;
@@ -304,7 +307,6 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     }
     const image = new Qcow2Image(file, header, snapshotTable, openedSnapshot, options);
     image.bitmapDirectory = await readBitmapDirectory(file, header);
-    image.bitmaps = image.bitmapDirectory.map(toBitmapInfo);
     const l1Count = Math.min(l1Size, sizeToL1(image.size, clusterSize, image.extendedL2));
     const l1 = decodeL1Table(
       l1Count > 0 ? await file.read(l1Offset, l1Count * 8) : new Uint8Array(0),
@@ -371,7 +373,6 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       bitmapDirectory: this.bitmapDirectory,
       setBitmapDirectory: (entries) => {
         this.bitmapDirectory = entries;
-        this.bitmaps = entries.map(toBitmapInfo);
       },
       mapper: this.#mapper,
       cache: this.#l2Cache,
