@@ -229,11 +229,6 @@ export class ImageWriter {
     return this.#corruption !== undefined;
   }
 
-  /** The persistent dirty bitmaps kept up to date (undefined when the image has none). */
-  get bitmaps(): PersistentBitmaps | undefined {
-    return this.#bitmaps;
-  }
-
   /** The persistent dirty bitmaps, set up on first use when the image has none yet (to add one). */
   async persistentBitmaps(): Promise<PersistentBitmaps> {
     if (this.#corruption !== undefined) throw this.#corruption;
