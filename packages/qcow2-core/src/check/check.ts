@@ -22,7 +22,8 @@ import {
   QCOW2_INCOMPAT_EXTL2,
 } from '../format/feature-bits.js';
 import { decodeHeader, peekClusterSize, type Qcow2Header } from '../format/header.js';
-import { classifyL2Entry } from '../format/l2-entry.js';
+import { l1EntryReservedBitsSet } from '../format/l1-entry.js';
+import { classifyL2Entry, l2EntryReservedBitsSet } from '../format/l2-entry.js';
 import { countBitmapReferences } from './bitmaps.js';
 import { CheckLog } from './check-log.js';
 import { ComputedRefcounts } from './computed-refcounts.js';
@@ -30,8 +31,6 @@ import {
   decodeCompressedDescriptor,
   entryHex,
   entryOffset,
-  l1ReservedBitsSet,
-  l2ReservedBitsSet,
   QCOW_OFLAG_COMPRESSED_HIGH,
   QCOW_OFLAG_COPIED_HIGH,
   reftableEntryAligned,
@@ -332,7 +331,7 @@ async function countL1References(
       const high = view.getUint32(i * 8);
       const low = view.getUint32(i * 8 + 4);
       const l2Offset = l2Offsets[k]!;
-      if (l1ReservedBitsSet(high, low)) {
+      if (l1EntryReservedBitsSet(high, low)) {
         log.corruption(() => `ERROR found L1 entry with reserved bits set: ${entryHex(high, low)}`);
       }
       // Like QEMU, a non-zero entry is followed even when its offset bits are zero (it then
@@ -494,7 +493,8 @@ export function countL2Entry(
   const allocBits = extendedL2 ? view.getUint32(at + 12) : 0;
   if (high === 0 && low === 0 && zeroBits === 0 && allocBits === 0) return nextContiguousOffset;
   const type = classifyL2Entry(high, low, hasDataFile, extendedL2);
-  if (type !== 'compressed' && l2ReservedBitsSet(high, low)) {
+  // As QEMU's check: the standard entry's reserved mask, with or without extended L2.
+  if (type !== 'compressed' && l2EntryReservedBitsSet(high, low, false)) {
     log.corruption(() => `ERROR found l2 entry with reserved bits set: ${entryHex(high, low)}`);
   }
   switch (type) {

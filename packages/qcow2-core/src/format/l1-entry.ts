@@ -27,11 +27,16 @@ export function l1EntryOffset(high: number, low: number): number {
   return (high & L1E_OFFSET_MASK_HIGH) * TWO_POW_32 + ((low & L1E_OFFSET_MASK_LOW) >>> 0);
 }
 
+/** Whether any of the L1 entry's reserved bits (0x7f000000000001ff) is set. */
+export function l1EntryReservedBitsSet(high: number, low: number): boolean {
+  return (high & L1E_RESERVED_MASK_HIGH) !== 0 || (low & L1E_RESERVED_MASK_LOW) !== 0;
+}
+
 export function decodeL1Entry(high: number, low: number): L1Entry {
   return {
     l2Offset: l1EntryOffset(high, low),
     copied: (high & QCOW_OFLAG_COPIED_HIGH) !== 0,
-    reservedBitsSet: (high & L1E_RESERVED_MASK_HIGH) !== 0 || (low & L1E_RESERVED_MASK_LOW) !== 0,
+    reservedBitsSet: l1EntryReservedBitsSet(high, low),
   };
 }
 
