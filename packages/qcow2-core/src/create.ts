@@ -40,7 +40,7 @@ import {
   QCOW2_EXT_MAGIC_FEATURE_TABLE,
   type Qcow2HeaderExtension,
 } from './format/header-extensions.js';
-import { encodeRefcount, refcountsPerBlock } from './format/refcount.js';
+import { encodeRefcount, refcountClusters, refcountsPerBlock } from './format/refcount.js';
 
 /** What `qemu-img create -f qcow2 -o ...` takes. */
 export interface Qcow2CreateOptions {
@@ -215,16 +215,11 @@ function emptyLayout(clusterSize: number, refcountOrder: number, l1Clusters: num
     const blocks = [...blockAt].sort(([a], [b]) => a - b).map(([, block]) => block);
     return { tableClusters: 1, blocks, l1Cluster: 3, usedClusters: next };
   }
-  let tableClusters = 1;
-  let count = 1;
-  for (;;) {
-    const total = 1 + tableClusters + count + l1Clusters;
-    const needBlocks = Math.ceil(total / perBlock);
-    const needTable = Math.ceil((needBlocks * 8) / clusterSize);
-    if (needBlocks === count && needTable === tableClusters) break;
-    count = needBlocks;
-    tableClusters = needTable;
-  }
+  const { reftableClusters: tableClusters, refblockCount: count } = refcountClusters(
+    clusterSize,
+    refcountOrder,
+    l1Clusters,
+  );
   const blocks = Array.from({ length: count }, (_, index) => 1 + tableClusters + index);
   return {
     tableClusters,

@@ -6,10 +6,10 @@
  * written into their reserved place at the end. Refcount blocks beyond the need stay empty.
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
-import { encodeL2Entry, QCOW_MAX_REFTABLE_SIZE, viewOf } from '@qcowkit/qcow2-core/format';
+import { encodeL2Entry, QCOW_MAX_REFTABLE_SIZE, refcountClusters, viewOf } from '@qcowkit/qcow2-core/format';
 import { ClusterMap } from './cluster-map.js';
 import { chunkPipeline } from './direct-pipeline.js';
-import { type Qcow2Layout, refcountClusters } from './layout.js';
+import type { Qcow2Layout } from './layout.js';
 import { encodeImageHeader, encodeL1Slice, encodeRefcountBlock, encodeRefcountTable } from './metadata.js';
 import type { ImageGeometry } from './options.js';
 import { type ClusterRange, splitRange } from './read-ahead.js';

@@ -12,7 +12,7 @@
  * refcount block); with preallocation=metadata it is qemu-img's interleaving of L2 tables and data.
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { maxRefcount, QCOW_MAX_REFTABLE_SIZE, refcountsPerBlock } from '@qcowkit/qcow2-core/format';
+import { maxRefcount, QCOW_MAX_REFTABLE_SIZE, refcountClusters } from '@qcowkit/qcow2-core/format';
 import type { ClusterMap } from './cluster-map.js';
 import { CompressedPacker } from './compressed-packing.js';
 import type { ImageGeometry } from './options.js';
@@ -82,29 +82,6 @@ function groupsOf(
  * Plans the image. `compressedLengths` (one per data cluster, guest order) selects the compressed
  * layout; a length of `clusterSize` or more means stored uncompressed.
  */
-/**
- * Refcount table and block clusters for an image of the header, themselves and `otherClusters`
- * more clusters: the smallest fixed point, each count at least 1.
- */
-export function refcountClusters(
-  clusterSize: number,
-  refcountOrder: number,
-  otherClusters: number,
-): { reftableClusters: number; refblockCount: number } {
-  const perBlock = refcountsPerBlock(clusterSize, refcountOrder);
-  let reftableClusters = 1;
-  let refblockCount = 1;
-  for (;;) {
-    const total = 1 + reftableClusters + refblockCount + otherClusters;
-    const blocks = Math.ceil(total / perBlock);
-    const table = Math.ceil((blocks * 8) / clusterSize);
-    if (blocks <= refblockCount && table <= reftableClusters) break;
-    refblockCount = Math.max(blocks, refblockCount);
-    reftableClusters = Math.max(table, reftableClusters);
-  }
-  return { reftableClusters, refblockCount };
-}
-
 export function planLayout(
   geometry: ImageGeometry,
   map: ClusterMap,

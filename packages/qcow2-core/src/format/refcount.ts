@@ -13,6 +13,29 @@ export function refcountsPerBlock(clusterSize: number, refcountOrder: number): n
   return (clusterSize * 8) / 2 ** refcountOrder;
 }
 
+/**
+ * Refcount table and block clusters for an image of the header, themselves and `otherClusters`
+ * more clusters: the smallest fixed point, each count at least 1.
+ */
+export function refcountClusters(
+  clusterSize: number,
+  refcountOrder: number,
+  otherClusters: number,
+): { reftableClusters: number; refblockCount: number } {
+  const perBlock = refcountsPerBlock(clusterSize, refcountOrder);
+  let reftableClusters = 1;
+  let refblockCount = 1;
+  for (;;) {
+    const total = 1 + reftableClusters + refblockCount + otherClusters;
+    const blocks = Math.ceil(total / perBlock);
+    const table = Math.ceil((blocks * 8) / clusterSize);
+    if (blocks <= refblockCount && table <= reftableClusters) break;
+    refblockCount = Math.max(blocks, refblockCount);
+    reftableClusters = Math.max(table, reftableClusters);
+  }
+  return { reftableClusters, refblockCount };
+}
+
 /** Largest refcount representable with `refcountOrder` (capped at MAX_SAFE_INTEGER for 64). */
 export function maxRefcount(refcountOrder: number): number {
   return refcountOrder >= 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** refcountOrder) - 1;
