@@ -5,8 +5,8 @@
  * table points at anything new, lowered only after nothing points at it any more.
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
+import { hasPersistentBitmaps } from '../bitmaps/resize-with-bitmaps.js';
 import { loadHeader } from '../check/check.js';
-import { QCOW2_AUTOCLEAR_BITMAPS } from '../format/feature-bits.js';
 import { QCOW_MAX_SNAPSHOTS } from '../format/geometry.js';
 import { QCOW_OFLAG_COPIED_HIGH } from '../format/l1-entry.js';
 import type { Qcow2SnapshotEntry } from '../format/snapshot-table.js';
@@ -154,10 +154,7 @@ export async function applySnapshot(
   const entries = await readSnapshotTable(file, header);
   const target = findSnapshot(entries, { idOrName });
   // Reverting the data would make every persistent bitmap wrong: QEMU refuses while there is one.
-  if (
-    (header.autoclearFeatures.low & QCOW2_AUTOCLEAR_BITMAPS) !== 0 &&
-    (header.extensions.bitmaps?.nbBitmaps ?? 0) > 0
-  ) {
+  if (hasPersistentBitmaps(header)) {
     throw new BlockDeviceError(
       'EBUSY',
       `snapshot: cannot apply '${idOrName}': the image has persistent dirty bitmaps (remove them first)`,
