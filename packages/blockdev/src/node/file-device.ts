@@ -289,6 +289,15 @@ export class FileBlockDevice implements BlockDevice {
     }
   }
 
+  /**
+   * The open file descriptor, valid until `close()`: for callers that move the file's bytes
+   * without reading them into memory (the NBD server's sendfile(2) of READ replies). Reads through
+   * it see every write made through this device.
+   */
+  get fd(): number {
+    return this.#fd;
+  }
+
   get size(): number {
     return this.#size;
   }

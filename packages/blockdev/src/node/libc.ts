@@ -1,6 +1,6 @@
 /**
  * The few libc calls Node lacks (lseek SEEK_DATA/SEEK_HOLE, fallocate, copy_file_range, fcntl OFD
- * locks, flock, ioctl BLKGETSIZE64, int-valued getsockopt/setsockopt), reached through koffi, in
+ * locks, flock, ioctl BLKGETSIZE64, int-valued getsockopt/setsockopt, sendfile), reached through koffi, in
  * this one place for every package (the NBD server sizes its unix sockets' send buffers with it). Everything here is optional: when koffi cannot load
  * (unsupported platform, missing binary), `loadLibc()` returns undefined and callers fall back to
  * plain Node I/O.
@@ -76,6 +76,11 @@ export interface Libc {
   getSocketInt?(fd: number, level: number, name: number): CallResult;
   /** setsockopt(fd, level, name) of an int-valued option. Optional as `getSocketInt`. */
   setSocketInt?(fd: number, level: number, name: number, value: number): CallResult;
+  /** sendfile(2) of `length` bytes of `inFd` from `inOffset` (its own position does not move) to
+   * `outFd`, on this thread: the bytes sent (0 at the input's end). Meant for non-blocking sockets
+   * and memory-backed files, where it never waits (EAGAIN when the socket is full). Optional as
+   * `getSocketInt`. */
+  sendFile?(outFd: number, inFd: number, inOffset: number, length: number): CallResult;
 }
 
 let cached: Libc | null | undefined;
@@ -100,6 +105,7 @@ function tryLoad(): Libc | null {
       copyFileRange: lib.func('int64_t copy_file_range(int, void *, int, void *, size_t, unsigned int)'),
       getsockopt: lib.func('int getsockopt(int, int, int, _Out_ void *, _Inout_ int *)'),
       setsockopt: lib.func('int setsockopt(int, int, int, void *, int)'),
+      sendfile: lib.func('int64_t sendfile(int, int, void *, size_t)'),
     });
   } catch {
     return null;
@@ -115,6 +121,7 @@ interface Functions {
   copyFileRange: KoffiFunction;
   getsockopt: KoffiFunction;
   setsockopt: KoffiFunction;
+  sendfile: KoffiFunction;
 }
 
 function makeLibc(koffi: Koffi, fn: Functions): Libc {
@@ -138,6 +145,9 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
     buf.writeBigInt64LE(BigInt(length), 16);
     return buf;
   };
+
+  /** sendFile's offset argument: synchronous calls only, so one buffer serves them all. */
+  const sendFileOffset = Buffer.alloc(8);
 
   return {
     lseek: (fd, offset, whence) => result(fn.lseek(fd, offset, whence)),
@@ -208,6 +218,11 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
       const buf = Buffer.alloc(4);
       buf.writeInt32LE(value, 0);
       return result(fn.setsockopt(fd, level, name, buf, 4));
+    },
+    sendFile: (outFd, inFd, inOffset, length) => {
+      // off_t in and out: the kernel advances it, which nobody reads afterwards.
+      sendFileOffset.writeBigInt64LE(BigInt(inOffset), 0);
+      return result(fn.sendfile(outFd, inFd, sendFileOffset, length));
     },
   };
 }

@@ -6,7 +6,7 @@
  */
 import { open as openFile } from 'node:fs/promises';
 import { type BlockDevice, isBlockDeviceError, OverlayBlockDevice } from '@qcowkit/blockdev';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, isMemoryBacked } from '@qcowkit/blockdev/node';
 import type { OpenedImage } from '@qcowkit/qcow2-core/node';
 import type { NbdExport } from '../server/export.js';
 import { openDirtyBitmaps } from './dirty-bitmaps.js';
@@ -56,6 +56,8 @@ async function openOne(
   let device: BlockDevice;
   /** The image whose bitmaps -B names (undefined for raw files). */
   let image: BlockDevice | undefined;
+  /** The raw file itself, when READ replies may be sent from it (see NbdExport.fileSource). */
+  let fileSource: { fd: number } | undefined;
   const fileIo = await fileIoOptions(options.aio ?? 'auto', spec.path);
   if (format === 'raw') {
     if (options.loadSnapshot !== undefined)
@@ -63,6 +65,8 @@ async function openOne(
     const file = await FileBlockDevice.open(spec.path, { readOnly: readOnlyFile, ...fileIo });
     closers.push(() => file.close());
     device = file;
+    // Not with --aio=threads: that asks for no file I/O on the event loop's thread at all.
+    if (options.aio !== 'threads' && (await isMemoryBacked(spec.path))) fileSource = { fd: file.fd };
   } else {
     if (!readOnlyFile && format === 'qcow2') {
       const writable = await openWritableQcow2(spec.path, fileIo);
@@ -87,6 +91,8 @@ async function openOne(
     const overlay = new OverlayBlockDevice(device, { readOnly: options.readOnly });
     closers.push(() => overlay.close());
     device = overlay;
+    // The overlay's writes are not in the file.
+    fileSource = undefined;
   }
   return {
     name: spec.name,
@@ -97,6 +103,7 @@ async function openOne(
     allocationDepth: options.allocationDepth,
     // qemu-nbd lists the contexts of several -B in the reverse order of the command line.
     dirtyBitmaps: dirtyBitmaps.reverse(),
+    ...(fileSource !== undefined && { fileSource }),
   };
 }
 

@@ -37,6 +37,14 @@ export interface NbdExport {
    * in this order. Any source of dirty ranges works: a qcow2 image's persistent bitmap, or your own.
    */
   readonly dirtyBitmaps?: readonly NbdDirtyBitmap[];
+  /**
+   * The open file whose bytes are the export's, from its offset 0 (a raw file served as it is),
+   * on a memory-backed file system (tmpfs): READ replies of at least FILE_SEND_MINIMUM bytes are then
+   * sent from it with sendfile(2) on plain connections, never through a buffer of ours. Leave it
+   * out for files on disks (sendfile there would wait for the disk on the event loop's thread) and
+   * whenever the device is not exactly the file (an overlay, a format, an offset).
+   */
+  readonly fileSource?: { readonly fd: number };
 }
 
 /** One run of a dirty bitmap: `length` bytes, all dirty or all clean. */
