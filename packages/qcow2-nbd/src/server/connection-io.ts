@@ -44,6 +44,15 @@ export type ReadMode = 'direct' | 'stream';
  * Longer replies are written as they are, without a copy.
  */
 const COALESCE_MAX = 16 * 1024;
+/**
+ * Replies of one turn are copied into a buffer of this size kept for the purpose (a few per
+ * connection, reused once written) rather than a fresh Buffer.concat each turn: for fio's 4 KiB
+ * random reads at depth 16 that was a new 64 KiB ArrayBuffer per turn, and the garbage collector
+ * took 0.23 s of the server's 2.7 s profile. A turn's replies beyond it fill another one.
+ */
+const COALESCE_BUFFER_SIZE = 256 * 1024;
+/** Coalescing buffers kept per connection; more in use at once are left to the collector. */
+const COALESCE_BUFFERS_KEPT = 4;
 
 /** A reply whose payload is sent straight from a file (see `ConnectionIo.sendFile`). */
 export interface FileSegment {
@@ -76,6 +85,8 @@ export class ConnectionIo {
   private flushScheduled = false;
   /** A file segment is under way: nothing else may be written until it is done. */
   private segmentActive = false;
+  /** Coalescing buffers free for the next turn (see COALESCE_BUFFER_SIZE). */
+  private coalesceFree: Buffer[] = [];
   /** The plain socket's descriptor once the transmission phase has started (see `fileSendFd`). */
   private socketFd: number | undefined;
   /** Called whenever a write completes (the transmission loop waits on it for backpressure). */
@@ -157,8 +168,11 @@ export class ConnectionIo {
     this.queue = [];
     this.queueDone = [];
     if (this.isClosed) {
+      // Never to be written: no longer pending, and whoever waits for the queue to drain goes on.
+      for (const item of queue) {
+        this.pending -= item instanceof Uint8Array ? item.length : item.header.length + item.length;
+      }
       for (const done of queueDone) done?.();
-      this.pending = 0;
       this.wakeDrain();
       return;
     }
@@ -173,7 +187,15 @@ export class ConnectionIo {
         // Nothing to join: written as it is, released once written.
         this.write(group[0]!, groupDone[0]);
       } else if (group.length > 1) {
-        this.write(Buffer.concat(group, groupBytes), undefined);
+        const buffer = this.coalesceFree.pop() ?? Buffer.allocUnsafeSlow(COALESCE_BUFFER_SIZE);
+        let position = 0;
+        for (const bytes of group) {
+          buffer.set(bytes, position);
+          position += bytes.length;
+        }
+        this.write(buffer.subarray(0, groupBytes), () => {
+          if (this.coalesceFree.length < COALESCE_BUFFERS_KEPT) this.coalesceFree.push(buffer);
+        });
         // Copied: the originals may be reused now.
         for (const done of groupDone) done();
       }
@@ -193,6 +215,7 @@ export class ConnectionIo {
         break;
       }
       if (bytes.length <= COALESCE_MAX) {
+        if (groupBytes + bytes.length > COALESCE_BUFFER_SIZE) writeGroup();
         group.push(bytes);
         if (done !== undefined) groupDone.push(done);
         groupBytes += bytes.length;
@@ -249,7 +272,7 @@ export class ConnectionIo {
 
   private endSegment(): void {
     this.segmentActive = false;
-    if (this.pending === 0) this.wakeDrain();
+    if (this.pending === 0 || this.isClosed) this.wakeDrain();
     this.onWritten?.();
     if (this.queue.length > 0) this.flush();
   }
