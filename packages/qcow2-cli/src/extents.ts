@@ -3,6 +3,9 @@
  * be read while later lookups are still to come, and double while the device reports only zeros, so
  * an 8 TiB guest holding 2 MiB takes a handful of calls instead of one per step. The next lookup
  * is already under way while the caller works through the current batch.
+ *
+ * `walkExtentBatches` hands out each lookup's extents at once (convert's copy loop plans its reads
+ * a batch at a time: one step of an async generator per extent cost more than the planning).
  */
 import type { BlockDevice, Extent } from '@qcowkit/blockdev';
 import { CliError } from './errors.js';
@@ -10,6 +13,15 @@ import { CliError } from './errors.js';
 const FIRST_STEP = 64 * 2 ** 20;
 
 export async function* walkExtents(device: BlockDevice, start: number, end: number): AsyncGenerator<Extent> {
+  for await (const extents of walkExtentBatches(device, start, end)) yield* extents;
+}
+
+/** The extents of `walkExtents`, one non-empty array per block-status lookup, in guest order. */
+export async function* walkExtentBatches(
+  device: BlockDevice,
+  start: number,
+  end: number,
+): AsyncGenerator<readonly Extent[]> {
   let position = start;
   let step = FIRST_STEP;
   const lookup = (at: number, length: number) => {
@@ -35,7 +47,7 @@ export async function* walkExtents(device: BlockDevice, start: number, end: numb
     }
     step = sawData ? FIRST_STEP : Math.min(step * 2, Number.MAX_SAFE_INTEGER);
     pending = batchEnd < end ? lookup(batchEnd, Math.min(end - batchEnd, step)) : undefined;
-    for (const extent of extents) yield extent;
+    yield extents;
     position = batchEnd;
   }
 }

@@ -5,7 +5,8 @@
  * Block status first: ranges the source reports as zeros are never read and stay holes in the new
  * file. Data ranges are read ahead into a few reusable buffers (bounded memory; straight from the
  * file holding them where they lie there in order, see convert-pipeline.ts) and written in guest
- * order, one write at a time; each 4 KiB block of the guest that reads as all zeros is skipped
+ * order, one write at a time (on the main thread when the target is a regular file on tmpfs or
+ * ramfs, where a write cannot block; on libuv's pool elsewhere); each 4 KiB block of the guest that reads as all zeros is skipped
  * too, as qemu-img does by default (`-S 4k`).
  *
  * `-n` writes into the existing file as qemu-img does: the file must be at least as large as the
@@ -15,9 +16,10 @@
  * included; reads still run ahead in parallel.
  */
 import { stat } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import type { Writable } from 'node:stream';
 import { type BlockDevice, isBlockDeviceError } from '@qcowkit/blockdev';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, isMemoryBacked, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 import type { ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
@@ -68,6 +70,9 @@ export async function convertCommand(
     format: options.format,
     forceShare: options.forceShare,
     snapshot,
+    // Small requests (the image's tables) inline where they are memory copies; data is read in
+    // chunks far above this, on the pool.
+    syncIoMaxBytes: (await isMemoryBackedFile(sourcePath)) ? SYNC_IO_MAX_BYTES : 0,
   });
   try {
     // Progress goes to stderr, so `-p` never mixes with an image written to stdout.
@@ -196,6 +201,9 @@ export interface ConvertToRawOptions {
    * report: data ranges are read from it directly (and with `sparseSize` 0 copied file to file,
    * copy_file_range). */
   readonly hostFile?: ((depth: number) => FileBlockDevice | undefined) | undefined;
+  /** Write the target on this thread rather than on libuv's pool (see convert-pipeline.ts for
+   * why). Default: when the target is a regular file on a memory-backed file system. */
+  readonly inlineWrites?: boolean | undefined;
 }
 
 /** Short wordings of system errors, as qemu-img prints them after `Could not create 'X': `. */
@@ -211,18 +219,38 @@ function why(error: unknown): string {
   return (isBlockDeviceError(error) && SYSTEM_WORDS[error.code]) || describeError(error);
 }
 
-/** Opens (`-n`) or creates the raw target, sized to the guest: holes everywhere when created. */
-async function openTarget(targetPath: string, targetName: string, size: number, noCreate: boolean) {
+/**
+ * Whether `path` is a regular file on a memory-backed file system (tmpfs, ramfs); one that does
+ * not exist yet (a target about to be created) is judged by its folder when `orFolder` is set. A
+ * block device is never: its node lives on devtmpfs, which statfs reports as tmpfs.
+ */
+export async function isMemoryBackedFile(path: string, orFolder = false): Promise<boolean> {
+  const stats = await stat(path).catch(() => undefined);
+  if (stats === undefined) return orFolder && isMemoryBacked(dirname(path));
+  return stats.isFile() && isMemoryBacked(path);
+}
+
+/**
+ * Opens (`-n`) or creates the raw target, sized to the guest: holes everywhere when created.
+ * Requests up to `syncIoMaxBytes` are done on this thread.
+ */
+async function openTarget(
+  targetPath: string,
+  targetName: string,
+  size: number,
+  noCreate: boolean,
+  syncIoMaxBytes: number,
+) {
   if (!noCreate) {
     try {
-      return await FileBlockDevice.create(targetPath, size, { overwrite: true });
+      return await FileBlockDevice.create(targetPath, size, { overwrite: true, syncIoMaxBytes });
     } catch (error) {
       throw new CliError(`Could not create '${targetName}': ${why(error)}`, { cause: error });
     }
   }
   let file: FileBlockDevice;
   try {
-    file = await FileBlockDevice.open(targetPath);
+    file = await FileBlockDevice.open(targetPath, { syncIoMaxBytes });
   } catch (error) {
     throw new CliError(`Could not open '${targetName}': ${why(error)}`, { cause: error });
   }
@@ -244,14 +272,24 @@ export async function convertToRaw(
   options: ConvertToRawOptions,
 ): Promise<void> {
   const noCreate = options.noCreate === true;
-  const file = await openTarget(targetPath, targetName, device.size, noCreate);
+  const sparseSize = options.sparseSize ?? SPARSE_BLOCK;
+  // The default path's reads and writes: buffers of this many bytes (-S 0 copies file to file).
+  const chunkSize = wholeBlocks(options.chunkSize, sparseSize || SPARSE_BLOCK);
+  const inline =
+    sparseSize !== 0 && (options.inlineWrites ?? (await isMemoryBackedFile(targetPath, !noCreate)));
+  const file = await openTarget(
+    targetPath,
+    targetName,
+    device.size,
+    noCreate,
+    inline ? readBufferSize(chunkSize) : 0,
+  );
   let failure: unknown;
   try {
     const size = device.size;
     let done = 0;
     const report = () => options.onProgress?.(done, size);
     report();
-    const sparseSize = options.sparseSize ?? SPARSE_BLOCK;
     if (sparseSize === 0) {
       await copyAllocated(device, file, targetName, options, (length) => {
         done += length;
@@ -266,7 +304,6 @@ export async function convertToRaw(
     const zeroAhead = mustZero && file.capabilities.fastZero && size > 0;
     if (zeroAhead) await zeroTarget(file, targetName, 0, size, true);
     const zeroInTarget = mustZero && !zeroAhead;
-    const chunkSize = wholeBlocks(options.chunkSize, sparseSize);
     const zeroBlock = Buffer.alloc(sparseSize);
     const next = planReads(device, {
       chunkSize,
