@@ -83,6 +83,26 @@ describe.skipIf(!haveTools)('qcow2 bin code cache', () => {
     expect(readdirSync(cacheFolder(tmp))).toEqual(['planted.v8']);
   });
 
+  test("a plain create runs from create's own bundle, a line it declines from the whole CLI's", () => {
+    const create = (tmp: string, args: string[]) => {
+      mkdirSync(tmp);
+      const result = qcow2(['create', '-q', '-f', 'qcow2', ...args], {
+        cwd: dir.path,
+        env: { ...process.env, TMPDIR: tmp, QCOW2_DEBUG: undefined, QCOWKIT_CODE_CACHE: undefined },
+      });
+      expect(result.stderr).toBe('');
+      expect(result.status).toBe(0);
+      return cacheFiles(tmp).map((name) => name.replace(/^qcow2-[0-9a-f]{16}-[^-]+-[^-]+-/, ''));
+    };
+    expect(create(join(dir.path, 'own'), ['own.qcow2', '1P'])).toEqual(['create.own.v8']);
+    run('qemu-img', ['check', '-q', join(dir.path, 'own.qcow2')]);
+    // A backing file to open: the image engine, which create's own bundle leaves out.
+    expect(create(join(dir.path, 'declined'), ['-b', 'own.qcow2', '-F', 'qcow2', 'declined.qcow2'])).toEqual([
+      'create.v8',
+    ]);
+    expect(run('qemu-img', ['info', join(dir.path, 'declined.qcow2')])).toContain('backing file: own.qcow2');
+  });
+
   test('no usable temporary folder, or the cache turned off: the command still runs', () => {
     const file = join(dir.path, 'a-file');
     writeFileSync(file, '');

@@ -63,6 +63,7 @@ const { values } = parseArgs({
     metafile: { type: 'string' },
     'code-cache': { type: 'boolean', default: false },
     outdir: { type: 'string' },
+    command: { type: 'string', multiple: true, default: [] },
   },
 });
 if (values.entry === undefined) {
@@ -115,6 +116,14 @@ const stub = {
 };
 
 const codeCache = values['code-cache'] === true;
+/** `--command NAME=ENTRY` (with --code-cache): the subcommands built as bundles of their own. */
+const commands = values.command.map((spec) => {
+  const match = /^([a-z][a-z-]{0,23})=(.+)$/.exec(spec);
+  if (match === null || !codeCache) {
+    throw new Error(`bundle-bin: --command ${spec}: expected NAME=src/bin/ENTRY.ts, with --code-cache`);
+  }
+  return { command: match[1], path: resolve(packageDir, match[2]) };
+});
 const workerEntries = values.worker.map((spec) => {
   const path = workerPath(spec);
   return { in: path, out: basename(path).replace(/\.js$/, '') };
@@ -225,6 +234,52 @@ const separateModules = {
 /** out name -> resolved entry of each separate module the bundle imports. */
 const separated = new Map();
 
+/**
+ * A subcommand's own bundle (`--command`) holds what that subcommand's plain command lines run, and
+ * no more: every start reads the whole bundle and deserializes a code cache that holds a record of
+ * every top-level function in it, run or not. Two things keep it small:
+ * - the workspace packages are taken as free of side effects when imported (none of their modules
+ *   does anything on import but define things), so what the entry does not use of a package's
+ *   index is left out;
+ * - `import()` in this package's own src/ (how the CLI loads the parts a command line may need, the
+ *   image engine for one) is left out: the entry declines the command lines that need those parts
+ *   and the stub runs the whole CLI's bundle for them. Reached anyway, such an import fails with
+ *   an error naming it.
+ */
+const workspaceWithoutSideEffects = {
+  name: 'workspace-without-side-effects',
+  setup(esbuild) {
+    esbuild.onResolve({ filter: /^@qcowkit\// }, async (args) => {
+      if (args.pluginData === 'workspace-without-side-effects') return undefined;
+      const resolved = await esbuild.resolve(args.path, {
+        kind: args.kind,
+        resolveDir: args.resolveDir,
+        importer: args.importer,
+        pluginData: 'workspace-without-side-effects',
+      });
+      if (resolved.errors.length > 0) return { errors: resolved.errors };
+      return { ...resolved, sideEffects: false };
+    });
+  },
+};
+const OWN_SOURCES = join(packageDir, 'src');
+const ownImportsLeftOut = {
+  name: 'own-imports-left-out',
+  setup(esbuild) {
+    esbuild.onResolve({ filter: /.*/ }, (args) =>
+      args.kind === 'dynamic-import' && args.importer.startsWith(`${OWN_SOURCES}/`)
+        ? { path: args.path, namespace: 'left-out', pluginData: args.importer }
+        : undefined,
+    );
+    esbuild.onLoad({ filter: /.*/, namespace: 'left-out' }, (args) => ({
+      contents: `throw new Error(${JSON.stringify(
+        `bundle-bin: ${args.path} (imported by ${args.pluginData.slice(packageDir.length + 1)}) is not in this command's bundle`,
+      )});\n`,
+      loader: 'js',
+    }));
+  },
+};
+
 const metafiles = [];
 if (entryPoints.length > 0) metafiles.push((await buildEsm()).metafile);
 if (codeCache) metafiles.push((await buildCommonJs()).metafile);
@@ -260,8 +315,6 @@ async function buildEsm() {
  * `qcow2 --version`).
  */
 async function buildCommonJs() {
-  const bundleName = `${name}.bundle.cjs`;
-  const bundlePath = join(staging, bundleName);
   /** What every CommonJS file of the build shares (the bundle, the workers, separate modules). */
   const commonJs = {
     outdir: staging,
@@ -302,6 +355,18 @@ async function buildCommonJs() {
     plugins: [lazyChildProcess, fastKoffi, separateModules],
     metafile: values.metafile !== undefined,
   });
+  const metafiles = [result.metafile];
+  // `--command NAME=ENTRY`: NAME's own bundle (see commandBundles).
+  for (const { command, path } of commands) {
+    const own = await build({
+      ...commonJs,
+      entryPoints: [{ in: path, out: `${name}-${command}.bundle` }],
+      external: ['koffi'],
+      plugins: [lazyChildProcess, fastKoffi, separateModules, workspaceWithoutSideEffects, ownImportsLeftOut],
+      metafile: values.metafile !== undefined,
+    });
+    metafiles.push(own.metafile);
+  }
   for (const [out, path] of separated) await build({ ...commonJs, entryPoints: [{ in: path, out }] });
   // Workers keep the name the library starts them by (`new URL('./WORKER.js', import.meta.url)`):
   // `.js`, CommonJS by dist/bin/package.json.
@@ -314,6 +379,24 @@ async function buildCommonJs() {
     await rename(join(staging, `${out}.cjs.map`), join(staging, `${out}.js.map`));
     await rm(join(staging, `${out}.cjs`));
   }
+  // One hash for the build: every bundle's cache files carry it.
+  const hasher = createHash('sha256');
+  for (const bundleName of [
+    `${name}.bundle.cjs`,
+    ...commands.map(({ command }) => `${name}-${command}.bundle.cjs`),
+  ]) {
+    hasher.update(await finishBundle(bundleName));
+  }
+  const hash = hasher.digest('hex').slice(0, 16);
+  await writeFile(join(staging, 'package.json'), '{ "type": "commonjs" }\n');
+  const own = Object.fromEntries(commands.map(({ command }) => [command, `${name}-${command}.bundle.cjs`]));
+  await writeFile(join(staging, `${name}.js`), cachedStub(`${name}.bundle.cjs`, own, hash), { mode: 0o755 });
+  return { metafile: mergeMetafiles(metafiles) };
+}
+
+/** Checks a bundle the stub runs through the code cache and returns its final text. */
+async function finishBundle(bundleName) {
+  const bundlePath = join(staging, bundleName);
   // The entry's `#!` line (kept by esbuild) is no JavaScript inside the function wrapper the
   // stub puts around the bundle: made a comment, the same length, so the source map still fits.
   let code = await readFile(bundlePath, 'utf8');
@@ -324,25 +407,41 @@ async function buildCommonJs() {
   // The stub reads the bundle as latin1 (no UTF-8 decoding): esbuild escapes every other character.
   if (/[^ -~\t\n\r]/.test(code)) throw new Error(`bundle-bin: ${bundleName} is not ASCII`);
   await writeFile(bundlePath, code, { mode: 0o644 });
-  const hash = createHash('sha256').update(code).digest('hex').slice(0, 16);
-  await writeFile(join(staging, 'package.json'), '{ "type": "commonjs" }\n');
-  await writeFile(join(staging, `${name}.js`), cachedStub(bundleName, hash), { mode: 0o755 });
-  return result;
+  return code;
 }
 
-/** The CommonJS stub of `--code-cache` (kept small: it is compiled at every start). */
-function cachedStub(bundleName, hash) {
+function mergeMetafiles(list) {
+  const present = list.filter((metafile) => metafile !== undefined);
+  if (present.length === 0) return undefined;
+  return {
+    inputs: Object.assign({}, ...present.map((metafile) => metafile.inputs)),
+    outputs: Object.assign({}, ...present.map((metafile) => metafile.outputs)),
+  };
+}
+
+/**
+ * The CommonJS stub of `--code-cache` (kept small: it is compiled at every start). `own` maps the
+ * subcommands built as bundles of their own to their files: such a bundle runs first, and when it
+ * exports `declined: true` (a command line it leaves to the whole CLI) the main bundle runs.
+ */
+function cachedStub(bundleName, own, hash) {
   return `#!/usr/bin/env node
 // Generated by scripts/bundle-bin.mjs --code-cache: runs ${bundleName} with a V8 code cache.
 'use strict';
 const { lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } = require('node:fs');
 const { join } = require('node:path');
 
-const file = join(__dirname, ${JSON.stringify(bundleName)});
 const debug = ${debugCondition()};
 if (debug) process.setSourceMapsEnabled(true);
+const command = /^[a-z][a-z-]{0,23}$/.test(process.argv[2] ?? '') ? process.argv[2] : '_';
+const own = ${JSON.stringify(own)}[command];
+// A bundle of one subcommand, then (when it declined the command line) the whole CLI's.
+const run = (load) => {
+  if (own !== undefined && load(own, \`\${command}.own\`).declined !== true) return;
+  load(${JSON.stringify(bundleName)}, command);
+};
 if (debug || process.env.QCOWKIT_CODE_CACHE === '0') {
-  require(file);
+  run((name) => require(join(__dirname, name)));
 } else {
   const { Script } = require('node:vm');
   const uid = typeof process.getuid === 'function' ? process.getuid() : -1;
@@ -359,53 +458,62 @@ if (debug || process.env.QCOWKIT_CODE_CACHE === '0') {
   const dir = join(tmpdir(), \`qcowkit-code-cache-\${uid}\`);
   const prefix = ${JSON.stringify(`${name}-`)};
   const hash = ${JSON.stringify(hash)};
-  const command = /^[a-z][a-z-]{0,23}$/.test(process.argv[2] ?? '') ? process.argv[2] : '_';
-  const cacheFile = join(dir, \`\${prefix}\${hash}-\${process.version}-\${process.arch}-\${command}.v8\`);
   // Only a folder of our own that nobody else can write is trusted.
   const ours = () => {
     const stat = lstatSync(dir);
     return stat.isDirectory() && (uid < 0 || stat.uid === uid) && (stat.mode & 0o022) === 0;
   };
-  let cachedData;
-  try {
-    if (ours()) cachedData = readFileSync(cacheFile);
-  } catch {}
-  const source = readFileSync(file, 'latin1');
-  const script = new Script(\`(function (exports, require, module, __filename, __dirname) { \${source}\n});\`, {
-    filename: file,
-    cachedData,
-  });
-  if (cachedData === undefined || script.cachedDataRejected === true) {
-    process.once('beforeExit', () => {
-      try {
-        mkdirSync(dir, { recursive: true, mode: 0o700 });
-        if (!ours()) return;
-        const temporary = \`\${cacheFile}.\${process.pid}.tmp\`;
-        writeFileSync(temporary, script.createCachedData(), { mode: 0o600 });
-        renameSync(temporary, cacheFile);
-        // Other builds' caches: those of the most recently written other build are kept for a
-        // day (two installed versions in use side by side each keep theirs; removed at once, they
-        // would replace each other's at every run), all older builds' go (rebuilds add up).
-        const others = new Map();
-        for (const name of readdirSync(dir)) {
-          if (!name.startsWith(prefix) || name.startsWith(\`\${prefix}\${hash}-\`) || !name.endsWith('.v8')) continue;
-          const build = name.slice(prefix.length, prefix.length + hash.length);
-          const path = join(dir, name);
-          const entry = others.get(build) ?? { paths: [], newest: 0 };
-          entry.paths.push(path);
-          entry.newest = Math.max(entry.newest, statSync(path).mtimeMs);
-          others.set(build, entry);
-        }
-        const newest = [...others.values()].sort((a, b) => b.newest - a.newest);
-        for (const [index, entry] of newest.entries()) {
-          if (index === 0 && entry.newest > Date.now() - 86_400_000) continue;
-          for (const path of entry.paths) unlinkSync(path);
-        }
-      } catch {}
+  let trusted;
+  // Runs bundle \`name\` from the cache file of \`key\`; returns its exports.
+  const load = (name, key) => {
+    const file = join(__dirname, name);
+    const cacheFile = join(dir, \`\${prefix}\${hash}-\${process.version}-\${process.arch}-\${key}.v8\`);
+    let cachedData;
+    try {
+      trusted ??= ours();
+      if (trusted) cachedData = readFileSync(cacheFile);
+    } catch {}
+    const source = readFileSync(file, 'latin1');
+    const script = new Script(\`(function (exports, require, module, __filename, __dirname) { \${source}\n});\`, {
+      filename: file,
+      cachedData,
     });
-  }
-  const module = { exports: {} };
-  script.runInThisContext().call(module.exports, module.exports, require, module, file, __dirname);
+    const module = { exports: {} };
+    script.runInThisContext().call(module.exports, module.exports, require, module, file, __dirname);
+    // A bundle that declined ran none of the command's code: its cache waits for a run that does.
+    if ((cachedData === undefined || script.cachedDataRejected === true) && module.exports.declined !== true) {
+      process.once('beforeExit', () => writeCache(script, cacheFile));
+    }
+    return module.exports;
+  };
+  const writeCache = (script, cacheFile) => {
+    try {
+      mkdirSync(dir, { recursive: true, mode: 0o700 });
+      if (!ours()) return;
+      const temporary = \`\${cacheFile}.\${process.pid}.tmp\`;
+      writeFileSync(temporary, script.createCachedData(), { mode: 0o600 });
+      renameSync(temporary, cacheFile);
+      // Other builds' caches: those of the most recently written other build are kept for a
+      // day (two installed versions in use side by side each keep theirs; removed at once, they
+      // would replace each other's at every run), all older builds' go (rebuilds add up).
+      const others = new Map();
+      for (const name of readdirSync(dir)) {
+        if (!name.startsWith(prefix) || name.startsWith(\`\${prefix}\${hash}-\`) || !name.endsWith('.v8')) continue;
+        const build = name.slice(prefix.length, prefix.length + hash.length);
+        const path = join(dir, name);
+        const entry = others.get(build) ?? { paths: [], newest: 0 };
+        entry.paths.push(path);
+        entry.newest = Math.max(entry.newest, statSync(path).mtimeMs);
+        others.set(build, entry);
+      }
+      const newest = [...others.values()].sort((a, b) => b.newest - a.newest);
+      for (const [index, entry] of newest.entries()) {
+        if (index === 0 && entry.newest > Date.now() - 86_400_000) continue;
+        for (const path of entry.paths) unlinkSync(path);
+      }
+    } catch {}
+  };
+  run(load);
 }
 `;
 }

@@ -34,7 +34,6 @@ export const VERSION = '0.1.0';
 
 /** Runs the CLI with `argv` (the arguments after the program name). Resolves to the exit code. */
 export async function run(argv: readonly string[], io: CliIo): Promise<number> {
-  const debug = argv.includes('--debug') || io.env.QCOW2_DEBUG === '1';
   const context: CommandContext = { io };
   let exitCode = 0;
   let commander: Commander | undefined;
@@ -62,10 +61,19 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
       // Help and version exit 0; commander already printed the problem line through outputError.
       return error.exitCode === 0 ? 0 : 1;
     }
-    io.stderr.write(`qcow2: ${describeError(error)}\n`);
-    if (debug) io.stderr.write(`${debugTrace(error)}\n`);
-    return error instanceof CliError ? error.exitCode : 1;
+    return reportFailure(argv, io, error);
   }
+}
+
+/**
+ * How a command that failed ends: one line on stderr (and the stack trace when `--debug` or
+ * QCOW2_DEBUG=1 asks for it), and the exit code. Shared with the subcommands the bin runs from
+ * bundles of their own (bin/qcow2-create.ts).
+ */
+export function reportFailure(argv: readonly string[], io: CliIo, error: unknown): number {
+  io.stderr.write(`qcow2: ${describeError(error)}\n`);
+  if (argv.includes('--debug') || io.env.QCOW2_DEBUG === '1') io.stderr.write(`${debugTrace(error)}\n`);
+  return error instanceof CliError ? error.exitCode : 1;
 }
 
 /** A plain command line run without commander (see commands/fast-paths.ts); undefined if none. */

@@ -11,10 +11,9 @@ import {
   planQcow2Create,
   preallocateData,
   type Qcow2CreateOptions,
-  Qcow2Image,
   writeQcow2Layout,
 } from '@qcowkit/qcow2-core';
-import { type ImageFormat, openImage } from '../engine.js';
+import type { ImageFormat } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
@@ -106,6 +105,21 @@ function imageSize(text: string): number {
   }
 }
 
+/**
+ * Whether `createCommand` opens a backing file or lays the image out through `Qcow2Image`
+ * (metadata preallocation, an external data file) for this command line: the image engine those
+ * need is imported when used, so that a plain create loads without it (the bin runs plain lines
+ * from a bundle of create alone: bin/qcow2-create.ts). Throws what `createCommand` would for
+ * unknown `-o` keys.
+ */
+export function createNeedsImageEngine(file: string, options: CreateCommandOptions): boolean {
+  const values = parseCreateOptions(file, options.format, options.options);
+  if ((options.backingFile ?? values.get('backing_file')) !== undefined && !options.unsafe) return true;
+  return (
+    options.format === 'qcow2' && (values.get('preallocation') === 'metadata' || values.has('data_file'))
+  );
+}
+
 export async function createCommand(
   context: CommandContext,
   file: string,
@@ -132,6 +146,7 @@ export async function createCommand(
   if (backingFile !== undefined && !options.unsafe) {
     // As qemu-img: the backing file must open, and gives the size when none is given.
     const backingPath = pathCombine(path, backingFile);
+    const { openImage } = await import('../engine.js');
     const backing = await openImage(backingPath, {
       displayName: backingFile,
       format: values.get('backing_fmt') as ImageFormat | undefined,
@@ -216,6 +231,7 @@ export async function createCommand(
       await createWithDataFile(device, dataPath, createOptions, preallocation);
     } else if (preallocation === 'metadata') {
       // The backing file is not needed to lay out metadata (qemu-img does not open it either).
+      const { Qcow2Image } = await import('@qcowkit/qcow2-core');
       const image = await Qcow2Image.create(device, { ...createOptions, openBacking: false });
       await image.close();
     } else {
@@ -248,6 +264,7 @@ async function createWithDataFile(
   const dataFile = await FileBlockDevice.create(dataPath, plan.size, { overwrite: true });
   try {
     if (preallocation === 'falloc' || preallocation === 'full') await preallocateRaw(dataFile, preallocation);
+    const { Qcow2Image } = await import('@qcowkit/qcow2-core');
     const image = await Qcow2Image.create(device, {
       ...options,
       preallocation: preallocation === undefined || preallocation === 'off' ? 'off' : 'metadata',
