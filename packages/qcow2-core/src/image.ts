@@ -640,9 +640,9 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
         continue;
       }
       const block = await this.readRefcountBlock(blockOffset);
-      for (; cluster < stop && count < threshold; cluster++) {
-        if (decodeRefcount(block, cluster - blockIndex * perBlock, order) !== 0) count++;
-      }
+      const first = cluster - blockIndex * perBlock;
+      count += countInUse(block, first, first + (stop - cluster), order, threshold - count);
+      cluster = stop;
     }
     return count >= threshold;
   }
@@ -778,4 +778,18 @@ function validateTablePositions(header: Qcow2Header, fileSize: number): void {
   check('L1 table', header.l1TableOffset, header.l1Size * 8, 40);
   check('refcount table', header.refcountTableOffset, header.refcountTableClusters * header.clusterSize, 48);
   check('snapshot table', header.snapshotsOffset, header.nbSnapshots > 0 ? 40 : 0, 64);
+}
+
+/**
+ * How many of refcounts `from` to `to` of a refcount block are non-zero, counting no further than
+ * `limit`. A plain function of its own: V8 optimises a loop like this one within a millisecond or
+ * two, while inside the async caller it ran interpreted for most of a 4 KiB-cluster image's
+ * 131 072 refcounts (~30 ms at each open of a 512 MiB image).
+ */
+function countInUse(block: Uint8Array, from: number, to: number, order: number, limit: number): number {
+  let count = 0;
+  for (let index = from; index < to && count < limit; index++) {
+    if (decodeRefcount(block, index, order) !== 0) count++;
+  }
+  return count;
 }
