@@ -6,9 +6,19 @@
  */
 import { spawn } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { closeSync, ftruncateSync, openSync, readFileSync, statSync, writeSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  ftruncateSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeSync,
+} from 'node:fs';
 import { join } from 'node:path';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, isMemoryBacked } from '@qcowkit/blockdev/node';
 import { openImage } from '@qcowkit/qcow2-core/node';
 import { type ConvertOptions, convertToQcow2, measure } from '@qcowkit/qcow2-writer/node';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -104,6 +114,31 @@ describe.skipIf(!haveTools)('qcow2-writer conversions', () => {
       });
     }
   }
+
+  test('into a memory-backed folder (writes inline), plain and compressed: check clean, compare identical', async () => {
+    // /dev/shm where the machine has one (Linux): the file sink writes on the calling thread there.
+    const shm = existsSync('/dev/shm') && (await isMemoryBacked('/dev/shm'));
+    const folder = shm ? mkdtempSync(join('/dev/shm', 'qcowkit-writer-inline-')) : dir.path;
+    try {
+      for (const options of [{}, { compress: true }] as ConvertOptions[]) {
+        const out = join(folder, 'inline.qcow2');
+        const source = await FileBlockDevice.open(at('mixed.raw'), { readOnly: true });
+        let written: number;
+        try {
+          written = await convertToQcow2(source, out, options);
+        } finally {
+          await source.close();
+        }
+        expect(statSync(out).size).toBe(written);
+        expect(runStatus('qemu-img', ['check', out]).stdout).toContain('No errors were found');
+        expect(
+          runStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', at('mixed.raw'), out]).status,
+        ).toBe(0);
+      }
+    } finally {
+      if (shm) rmSync(folder, { recursive: true, force: true });
+    }
+  });
 
   test('output through a pipe (cat) is as valid as output to a file', async () => {
     const out = at('piped.qcow2');

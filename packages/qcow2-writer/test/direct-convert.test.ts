@@ -1,6 +1,16 @@
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { convertDirect, type RandomAccessSink, resolveGeometry } from '@qcowkit/qcow2-writer';
+import {
+  convertDirect,
+  convertDirectCompressed,
+  type RandomAccessSink,
+  resolveGeometry,
+} from '@qcowkit/qcow2-writer';
+import { createCompressorPool } from '@qcowkit/qcow2-writer/node';
 import { describe, expect, it } from 'vitest';
+import { openRandomAccessFile } from '../src/node/random-access-file.js';
 import { expectSameBytes, memorySource, openChecked } from './helpers.js';
 
 /**
@@ -98,4 +108,51 @@ describe('convertDirect pipeline', () => {
     ).rejects.toMatchObject({ code: 'ENOSPC' });
     expect(aborted).toBe(true);
   });
+});
+
+describe('into a file written inline (as on tmpfs) or on the thread pool', () => {
+  for (const inline of [true, false]) {
+    it(`inline ${inline}: plain and compressed images read back as the source`, async () => {
+      const folder = mkdtempSync(join(tmpdir(), 'qcowkit-writer-inline-'));
+      const pool = createCompressorPool(1);
+      try {
+        const size = 3 * 1024 * 1024;
+        const source = await memorySource(size, pattern(size));
+        const geometry = resolveGeometry({ clusterSize: 4096 }, size);
+        const plainPath = join(folder, 'plain.qcow2');
+        const plainLength = await convertDirect(
+          source,
+          geometry,
+          await openRandomAccessFile(plainPath, { inline }),
+          {
+            readDepth: 3,
+            chunkBytes: 64 * 1024,
+            signal: undefined,
+          },
+        );
+        const compressedPath = join(folder, 'compressed.qcow2');
+        await convertDirectCompressed(
+          source,
+          geometry,
+          await openRandomAccessFile(compressedPath, { inline }),
+          {
+            compressor: pool,
+            depth: 3,
+            chunkBytes: 64 * 1024,
+            signal: undefined,
+          },
+        );
+        for (const path of [plainPath, compressedPath]) {
+          const bytes = new Uint8Array(readFileSync(path));
+          if (path === plainPath) expect(bytes.length).toBe(plainLength);
+          const image = await openChecked(bytes);
+          expectSameBytes(await image.read(0, size), await source.read(0, size));
+          await image.close();
+        }
+      } finally {
+        await pool.close();
+        rmSync(folder, { recursive: true, force: true });
+      }
+    });
+  }
 });

@@ -1,20 +1,24 @@
 /**
  * The file sink of the read-once conversions: positioned writes, one at a time in the order asked
- * for, the file closed at the length given.
+ * for, the file closed at the length given; on the thread pool or inline (memory-backed files).
  */
 import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { isMemoryBacked } from '@qcowkit/blockdev/node';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openRandomAccessFile } from '../src/node/random-access-file.js';
 
-describe('openRandomAccessFile', () => {
+describe.each([
+  { mode: 'on the thread pool', inline: false },
+  { mode: 'inline', inline: true },
+])('openRandomAccessFile $mode', ({ inline }) => {
   const dir = mkdtempSync(join(tmpdir(), 'qcow2-writer-raf-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
   it('writes at any offset, overlapping calls in the order asked, and closes at the length given', async () => {
     const path = join(dir, 'sink.bin');
-    const sink = await openRandomAccessFile(path);
+    const sink = await openRandomAccessFile(path, { inline });
     const expected = Buffer.alloc(3 * 65536 + 100);
     const writes: Promise<void>[] = [];
     const order: number[] = [];
@@ -40,12 +44,38 @@ describe('openRandomAccessFile', () => {
 
   it('a failed write rejects its caller and the writes after it still run', async () => {
     const path = join(dir, 'failing.bin');
-    const sink = await openRandomAccessFile(path);
+    const sink = await openRandomAccessFile(path, { inline });
     const bad = sink.writeAt(Number.MAX_SAFE_INTEGER - 10, new Uint8Array(10).fill(1)); // EFBIG
     const good = sink.writeAt(4, new Uint8Array(4).fill(2));
     await expect(bad).rejects.toThrow();
     await good;
     await sink.close(8);
     expect([...readFileSync(path)]).toEqual([0, 0, 0, 0, 2, 2, 2, 2]);
+  });
+});
+
+describe('openRandomAccessFile default', () => {
+  it('writes inline exactly when the file is on a memory-backed file system', async () => {
+    for (const parent of [tmpdir(), '/dev/shm']) {
+      let dir: string;
+      try {
+        dir = mkdtempSync(join(parent, 'qcow2-writer-raf-'));
+      } catch {
+        continue; // no such folder here (not Linux)
+      }
+      try {
+        const path = join(dir, 'auto.bin');
+        const sink = await openRandomAccessFile(path);
+        const pending = sink.writeAt(0, new Uint8Array(8).fill(7));
+        // Inline, the bytes are in the file before writeAt returns; on the pool, not yet.
+        const landed = readFileSync(path).length === 8;
+        await pending;
+        await sink.close(8);
+        expect(landed).toBe(await isMemoryBacked(dir));
+        expect([...readFileSync(path)]).toEqual(new Array(8).fill(7));
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    }
   });
 });

@@ -1,14 +1,28 @@
 /**
- * A file as a {@link RandomAccessSink}: positioned writes on libuv's thread pool (callback API: no
- * FileHandle promise machinery per call), one at a time in the order they were asked for, as
- * qemu-img convert writes without `-W`. Writes to one file take its inode lock in the kernel
- * (tmpfs, ext4 and xfs alike for buffered writes), so parallel writes only waited for each other
- * on the pool's threads; one at a time leaves those threads to the reads. Closing sets the length
- * and flushes once (fdatasync).
+ * A file as a {@link RandomAccessSink}: positioned writes, one at a time in the order they were
+ * asked for, as qemu-img convert writes without `-W`. Writes to one file take its inode lock in
+ * the kernel (tmpfs, ext4 and xfs alike for buffered writes), so parallel writes would only wait
+ * for each other. Closing sets the length and flushes once (fdatasync).
+ *
+ * Where a write runs:
+ * - On a memory-backed file (tmpfs, ramfs: `isMemoryBacked`), inline on the calling thread
+ *   (writeSync). A write there is a memory copy that never waits for a disk, and it is the
+ *   conversion's critical path (one at a time, under the inode lock); through the thread pool
+ *   each one cost a futex wake and a context switch to start it, and an event-loop callback and a
+ *   promise hop before the next could start. Measured with `qcow2 convert -O qcow2` of a 1 GiB
+ *   guest holding 512 MiB on /dev/shm (medians of 20 alternating rounds, 2 busy cores, load 7):
+ *   pool writes 0.88 s wall / 0.53 s CPU, inline writes 0.80 s / 0.48 s (qemu-img 0.70 s /
+ *   0.41 s). Traced in-process, the writes took 0.40 s back to back on the pool and 0.21-0.26 s
+ *   inline. Reads stay on the pool so they overlap the writes: doing them inline as well used the
+ *   least CPU (0.45 s) but the longest wall time (0.96 s) on the loaded machine, one thread doing
+ *   everything.
+ * - Elsewhere (disks, NFS), on libuv's thread pool (callback API: no FileHandle promise machinery
+ *   per call), so a slow device never blocks the event loop.
  */
-import { close, fdatasync, ftruncate, open, write } from 'node:fs';
+import { close, fdatasync, ftruncate, open, write, writeSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { BlockDeviceError } from '@qcowkit/blockdev';
+import { isMemoryBacked } from '@qcowkit/blockdev/node';
 import type { RandomAccessSink } from '../direct-convert.js';
 
 const openFile = promisify(open);
@@ -16,8 +30,27 @@ const closeFile = promisify(close);
 const truncateFile = promisify(ftruncate);
 const datasyncFile = promisify(fdatasync);
 
-export async function openRandomAccessFile(path: string): Promise<RandomAccessSink> {
+export interface RandomAccessFileOptions {
+  /** Write on the calling thread (writeSync) instead of the thread pool (default: when the file
+   * is on a memory-backed file system, see {@link isMemoryBacked}). */
+  readonly inline?: boolean;
+}
+
+export async function openRandomAccessFile(
+  path: string,
+  options: RandomAccessFileOptions = {},
+): Promise<RandomAccessSink> {
   const fd = await openFile(path, 'w');
+  const inline = options.inline ?? (await isMemoryBacked(path));
+  const writeAllInline = (bytes: Uint8Array, at: number): void => {
+    let done = 0;
+    while (done < bytes.length) {
+      const written = writeSync(fd, bytes, done, bytes.length - done, at + done);
+      if (written === 0)
+        throw new BlockDeviceError('EIO', `write: ${path}: no progress`, { offset: at + done });
+      done += written;
+    }
+  };
   /** Settles when the last write asked for is done (never rejects). */
   let tail: Promise<void> = Promise.resolve();
   let closed = false;
@@ -38,6 +71,14 @@ export async function openRandomAccessFile(path: string): Promise<RandomAccessSi
     writeAt(hostOffset, bytes) {
       if (closed) return Promise.reject(new BlockDeviceError('EINVAL', `write: ${path}: the sink is closed`));
       if (bytes.length === 0) return Promise.resolve();
+      if (inline) {
+        try {
+          writeAllInline(bytes, hostOffset);
+          return Promise.resolve();
+        } catch (error) {
+          return Promise.reject(error);
+        }
+      }
       const pending = tail.then(() => writeAll(bytes, hostOffset));
       tail = pending.catch(() => undefined);
       return pending;
