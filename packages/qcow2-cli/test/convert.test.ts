@@ -86,6 +86,32 @@ describe('convertToRaw', () => {
     await device.close();
   });
 
+  test('a new target: block status starts while it is made; if it cannot be made, that is the error, once the lookup is over', async () => {
+    const order: string[] = [];
+    class SlowStatus extends MemoryBlockDevice {
+      override async blockStatus(offset: number, length: number) {
+        order.push('lookup');
+        await new Promise((resolve) => setTimeout(resolve, 30));
+        order.push('lookup done');
+        return super.blockStatus(offset, length);
+      }
+    }
+    const device = new SlowStatus(4 * MiB);
+    await device.write(MiB, new Uint8Array(MiB).fill(0x55));
+    const options = { chunkSize: MiB, parallel: 2 };
+    await expect(
+      convertToRaw(device, join(dir, 'no-such-folder', 'x.raw'), 'x.raw', options),
+    ).rejects.toThrow("Could not create 'x.raw': No such file or directory");
+    // The lookup had started before the failure and was waited for: nothing is left running.
+    expect(order).toEqual(['lookup', 'lookup done']);
+    order.length = 0;
+    const target = join(dir, 'early.raw');
+    await convertToRaw(device, target, 'early.raw', options);
+    expect(readFileSync(target).equals(Buffer.from(await device.read(0, device.size)))).toBe(true);
+    expect(order.slice(0, 2)).toEqual(['lookup', 'lookup done']);
+    await device.close();
+  });
+
   test('a stream gets every byte in order, zeros included, whatever order the reads finish in', async () => {
     class SlowDevice extends MemoryBlockDevice {
       override async readInto(buffer: Uint8Array, offset: number): Promise<void> {

@@ -275,23 +275,43 @@ export async function convertToRaw(
   const sparseSize = options.sparseSize ?? SPARSE_BLOCK;
   // The default path's reads and writes: buffers of this many bytes (-S 0 copies file to file).
   const chunkSize = wholeBlocks(options.chunkSize, sparseSize || SPARSE_BLOCK);
-  const inline =
-    sparseSize !== 0 && (options.inlineWrites ?? (await isMemoryBackedFile(targetPath, !noCreate)));
-  const file = await openTarget(
-    targetPath,
-    targetName,
-    device.size,
-    noCreate,
-    inline ? readBufferSize(chunkSize) : 0,
-  );
+  const size = device.size;
+  let done = 0;
+  const report = () => options.onProgress?.(done, size);
+  report();
+  let file: FileBlockDevice | undefined;
+  /** Zero ranges of the guest are zeroed in the target as they come (`-n`, see below). */
+  let zeroInTarget = false;
+  const next =
+    sparseSize === 0
+      ? undefined
+      : planReads(device, {
+          chunkSize,
+          hostFile: options.hostFile,
+          onZero: async (offset, length) => {
+            if (zeroInTarget) await zeroTarget(file!, targetName, offset, length, false);
+            done += length;
+            report();
+          },
+        });
+  // A new file needs nothing done to it before the first read: the first block-status lookup
+  // (the image's first L2 tables, and its test for metadata preallocation, 5-40 ms when the code
+  // is cold) runs while the file is made. `-n` may have zeros to write first: it waits.
+  const first = next !== undefined && !noCreate ? next() : undefined;
+  first?.catch(() => undefined); // observed below
+  try {
+    const inline =
+      sparseSize !== 0 && (options.inlineWrites ?? (await isMemoryBackedFile(targetPath, !noCreate)));
+    file = await openTarget(targetPath, targetName, size, noCreate, inline ? readBufferSize(chunkSize) : 0);
+  } catch (error) {
+    await first?.catch(() => undefined);
+    throw error;
+  }
+  const target = file;
   let failure: unknown;
   try {
-    const size = device.size;
-    let done = 0;
-    const report = () => options.onProgress?.(done, size);
-    report();
-    if (sparseSize === 0) {
-      await copyAllocated(device, file, targetName, options, (length) => {
+    if (next === undefined) {
+      await copyAllocated(device, target, targetName, options, (length) => {
         done += length;
         report();
       });
@@ -301,22 +321,18 @@ export async function convertToRaw(
     // what follows is the same as for a new file. Otherwise zeros go where the source has them.
     // With --target-is-zero the file is taken at its word: as for a new file, nothing is zeroed.
     const mustZero = noCreate && options.targetIsZero !== true;
-    const zeroAhead = mustZero && file.capabilities.fastZero && size > 0;
-    if (zeroAhead) await zeroTarget(file, targetName, 0, size, true);
-    const zeroInTarget = mustZero && !zeroAhead;
+    const zeroAhead = mustZero && target.capabilities.fastZero && size > 0;
+    if (zeroAhead) await zeroTarget(target, targetName, 0, size, true);
+    zeroInTarget = mustZero && !zeroAhead;
     const zeroBlock = Buffer.alloc(sparseSize);
-    const next = planReads(device, {
-      chunkSize,
-      hostFile: options.hostFile,
-      onZero: async (offset, length) => {
-        if (zeroInTarget) await zeroTarget(file, targetName, offset, length, false);
-        done += length;
-        report();
-      },
-    });
+    let firstJob = first;
     await runCopy(
       device,
-      next,
+      () => {
+        const job = firstJob ?? next();
+        firstJob = undefined;
+        return job;
+      },
       options.parallel,
       readBufferSize(chunkSize),
       async (job, { buffer, words }) => {
@@ -333,9 +349,10 @@ export async function convertToRaw(
             guestOffset,
             sparseSize,
             zeroBlock,
-            (start, end) => writeAll(file, buffer.subarray(start, end), guestOffset + start - at, targetName),
+            (start, end) =>
+              writeAll(target, buffer.subarray(start, end), guestOffset + start - at, targetName),
             zeroInTarget
-              ? (start, end) => zeroTarget(file, targetName, guestOffset + start - at, end - start, false)
+              ? (start, end) => zeroTarget(target, targetName, guestOffset + start - at, end - start, false)
               : undefined,
           );
           done += length;
@@ -347,7 +364,7 @@ export async function convertToRaw(
     failure = error;
     throw error;
   } finally {
-    await file.close().catch((error: unknown) => {
+    await target.close().catch((error: unknown) => {
       if (failure === undefined) {
         throw new CliError(`error while closing '${targetName}': ${describeError(error)}`, { cause: error });
       }
