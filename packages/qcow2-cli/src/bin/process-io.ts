@@ -1,7 +1,8 @@
 /** The process's side of `CliIo`, shared by the `qcow2` bin's bundles (bin/qcow2.ts and the
  * subcommands built as bundles of their own, such as bin/qcow2-create.ts). */
 import { writeSync } from 'node:fs';
-import type { CliIo, CliOutput } from '../io.js';
+import type { CliIo, CliOutput, CommandContext } from '../io.js';
+import { reportFailure } from '../run.js';
 
 // A reader that goes away (`qcow2 map ... | head`) ends the command quietly, as SIGPIPE ends
 // qemu-img; any other failure of the output streams is one line and exit 1.
@@ -75,4 +76,24 @@ export function processIo(): CliIo {
 /** Ends the process with `exitCode` once the event loop is done. */
 export function exitWith(exitCode: number): void {
   process.exitCode = exitCode;
+}
+
+/**
+ * What a subcommand's own bundle runs (see scripts/bundle-bin.mjs `--command`): `line`, the
+ * command line as its fast path parsed it, or undefined for a line the bundle leaves to the whole
+ * CLI. Runs `command` as `run` would (a failure is one line on stderr and its exit code); returns
+ * whether it declined.
+ */
+export function runOwnCommand<Line>(
+  line: Line | undefined,
+  command: (context: CommandContext, line: Line) => Promise<number>,
+): boolean {
+  if (line === undefined) return true;
+  const io = processIo();
+  // Called from a promise so that what `command` throws before its first await is caught too.
+  void Promise.resolve({ io })
+    .then((context) => command(context, line))
+    .catch((error: unknown) => reportFailure(process.argv.slice(2), io, error))
+    .then(exitWith);
+  return false;
 }
