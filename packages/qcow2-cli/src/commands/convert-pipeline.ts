@@ -24,8 +24,9 @@
  *   Measured (1 GiB guest holding 512 MiB, 64 KiB clusters, /dev/shm, medians of 12 alternating
  *   runs at load 3.5-4 on 2 cores, wall / user CPU / system CPU): pool writes 0.545 s / 0.160 /
  *   0.455, inline 0.392 s / 0.135 / 0.390, qemu-img 0.350 s / 0.045 / 0.425. An earlier trial of
- *   inline writes lost at load 11 (0.94 s against 0.73 s): with the JavaScript below cut down,
- *   inline writes won at every load tried since (3 to 7).
+ *   inline writes lost at load 11 (0.94 s against 0.73 s); with the JavaScript below cut down they
+ *   won at every load tried since (3 to 7): at load 6, 16 alternating runs, inline 0.531 s /
+ *   0.105 / 0.385, the same loop writing on the pool 0.609 s / 0.120 / 0.400, qemu-img 0.472 s.
  * - Little JavaScript to optimise: V8 compiles hot functions with TurboFan on a background thread
  *   that competes with the copy for the two cores. Planning reads from one async function per
  *   extent, and the zero scan inside an async function, cost 85 ms of compiling per run (46 ms
