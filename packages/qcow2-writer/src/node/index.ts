@@ -122,7 +122,11 @@ export async function convertToQcow2(
     const pool = options.compressor === undefined ? createCompressorPool() : undefined;
     try {
       const workers = pool?.size ?? 2;
-      return await convertDirectCompressed(source, geometry, await openRandomAccessFile(sink), {
+      // Writes on the thread pool even on tmpfs: here the main thread feeds the compression
+      // workers, and a write done inline delays the next batch (zstd, 10 alternating rounds on
+      // /dev/shm: 2.05 s wall with pool writes, 2.16 s inline; zlib 9.97 s vs 10.51 s).
+      const target = await openRandomAccessFile(sink, { inline: false });
+      return await convertDirectCompressed(source, geometry, target, {
         compressor: options.compressor ?? pool!,
         depth: options.compressDepth ?? 2 * workers + 2,
         chunkBytes: Math.max(options.chunkBytes ?? 1024 * 1024, geometry.clusterSize),

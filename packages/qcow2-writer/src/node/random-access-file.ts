@@ -19,7 +19,17 @@
  * - Elsewhere (disks, NFS), on libuv's thread pool (callback API: no FileHandle promise machinery
  *   per call), so a slow device never blocks the event loop.
  */
-import { close, fdatasync, ftruncate, open, write, writeSync } from 'node:fs';
+import {
+  close,
+  closeSync,
+  fdatasync,
+  fdatasyncSync,
+  ftruncate,
+  ftruncateSync,
+  open,
+  write,
+  writeSync,
+} from 'node:fs';
 import { promisify } from 'node:util';
 import { BlockDeviceError } from '@qcowkit/blockdev';
 import { isMemoryBacked } from '@qcowkit/blockdev/node';
@@ -86,6 +96,16 @@ export async function openRandomAccessFile(
     async close(length) {
       if (closed) return;
       closed = true;
+      if (inline) {
+        // Memory-backed: nothing here waits for a device either.
+        try {
+          ftruncateSync(fd, length);
+          fdatasyncSync(fd);
+        } finally {
+          closeSync(fd);
+        }
+        return;
+      }
       try {
         await tail;
         await truncateFile(fd, length);
