@@ -42,9 +42,12 @@ beforeEach(async () => {
 
 afterEach(async () => {
   vi.restoreAllMocks();
-  await server.close();
-  await file.close();
-  rmSync(dir, { recursive: true, force: true });
+  try {
+    await server.close();
+    await file.close();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 /** Simple replies in any order, each with the data its READ asked for. */
