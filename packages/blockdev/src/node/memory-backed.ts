@@ -4,16 +4,22 @@
  * `FileOpenOptions.syncIoMaxBytes`) saves the thread pool's hand-off (a futex wake, a context
  * switch and a callback through the event loop) without ever blocking on I/O.
  */
-import { statfs } from 'node:fs/promises';
+import { stat, statfs } from 'node:fs/promises';
 import { SYNC_IO_MAX_BYTES } from './file-device.js';
 
 /** statfs(2) f_type values of file systems held in memory. */
 const TMPFS_MAGIC = 0x01021994;
 const RAMFS_MAGIC = 0x858458f6;
 
-/** True when `path` (a file or a folder) is on tmpfs or ramfs; false when unknown. */
+/**
+ * True when `path`, a regular file or a folder, is on tmpfs or ramfs; false when unknown, and for
+ * device nodes: /dev is devtmpfs, which statfs reports as tmpfs, but a block device's I/O goes to
+ * its disk.
+ */
 export async function isMemoryBacked(path: string): Promise<boolean> {
   try {
+    const stats = await stat(path);
+    if (!stats.isFile() && !stats.isDirectory()) return false;
     const { type } = await statfs(path);
     return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
   } catch {
