@@ -20,7 +20,12 @@ import {
   mapFastPath,
   snapshotFastPath,
 } from './commands/fast-paths.js';
-import { collectOptions, registerOpsCommands, sourceCacheParser } from './commands/register-ops.js';
+import {
+  cacheParser,
+  collectOptions,
+  registerOpsCommands,
+  sourceCacheParser,
+} from './commands/register-ops.js';
 import { CliError, debugTrace, describeError, UsageError } from './errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from './image-formats.js';
 import type { CliIo, CommandContext } from './io.js';
@@ -218,6 +223,17 @@ function buildProgram(
       ).argParser(parseSparseSize),
     )
     .option('-W', 'out-of-order writes (accepted)')
+    .addOption(
+      new Option(
+        '-t <cache>',
+        'target cache mode: unsafe (default) never flushes the target; writeback and none flush it once at the end; writethrough and directsync after every write (no O_DIRECT: the page cache is always used)',
+      ).argParser(cacheParser),
+    )
+    .addOption(
+      new Option('-T <cache>', 'source cache mode (accepted; the page cache is always used)').argParser(
+        sourceCacheParser,
+      ),
+    )
     .option('-n', 'write into the existing target (do not create it)')
     .option('--target-is-zero', 'with -n: the target reads as zeros already (nothing is zeroed)')
     .option('--bitmaps', "-O qcow2: copy the source's persistent dirty bitmaps")
@@ -244,6 +260,7 @@ function buildProgram(
         forceShare: options.forceShare === true,
         noCreate: options.n === true,
         targetIsZero: options.targetIsZero === true,
+        ...(options.t === undefined ? {} : { cache: options.t as string }),
       };
       if (options.O === 'qcow2') {
         const { convertToQcow2Command } = await import('./commands/convert-qcow2.js');

@@ -92,6 +92,10 @@ describe('the fast paths agree with commander', () => {
     [['-p', '-q', '--force-share', '-s', '2', 'a', 'b']],
     [['-n', '-S', '64k', '-O', 'raw', '-O', 'raw', 'a', 'b']],
     [['-S', '0', '-l', '3', '-f', 'raw', 'a', 'b']],
+    [['-t', 'none', '-T', 'writeback', 'a', 'b']],
+    [['-t', 'unsafe', '-t', 'writethrough', '-n', 'a', 'b']],
+    [['-T', 'off', '-t', 'off', 'a', '-']],
+    [['-t', 'directsync', '-S', '0', 'a', 'b']],
   ])('convert %j', async (args) => {
     const fast = convertFastPath(args);
     expect(fast).toBeDefined();
@@ -110,6 +114,24 @@ describe('the fast paths agree with commander', () => {
       'qcow2: -l and -s cannot be used together\n',
     ]);
     expect(calls.convert).toHaveLength(0);
+  });
+
+  test.each([
+    [['-t', 'bogus'], 'qcow2: Invalid cache option: bogus\n'],
+    [['-T', 'direct'], 'qcow2: Invalid source cache option: direct\n'],
+  ])('convert %j: commander words the error (as qemu-img)', async (options, line) => {
+    const err: string[] = [];
+    const failing: CliIo = { ...io, stderr: { write: (chunk) => void err.push(chunk) } };
+    const args = [...options, 'a', 'b'];
+    expect(convertFastPath(args)).toBeUndefined();
+    expect(await run(['convert', ...args], failing)).toBe(1);
+    expect(err.filter((text) => text.startsWith('qcow2:'))).toEqual([line]);
+    expect(calls.convert).toHaveLength(0);
+  });
+
+  test('convert: -t reaches the command as given, -T does not', () => {
+    expect(convertFastPath(['-t', 'writeback', '-T', 'none', 'a', 'b'])?.options.cache).toBe('writeback');
+    expect(convertFastPath(['-T', 'none', 'a', 'b'])?.options).not.toHaveProperty('cache');
   });
 
   test.each([
@@ -213,6 +235,10 @@ describe('the fast paths agree with commander', () => {
       ['--output=json', 'a', 'b'],
       ['--', 'a', 'b'],
       ['-x', 'a', 'b'],
+      ['-tnone', 'a', 'b'],
+      ['-t', 'None', 'a', 'b'],
+      ['-T', 'bogus', 'a', 'b'],
+      ['a', 'b', '-t'],
     ]) {
       expect(convertFastPath(args), `convert ${args.join(' ')}`).toBeUndefined();
     }

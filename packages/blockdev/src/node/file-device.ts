@@ -60,6 +60,12 @@ export interface FileOpenOptions {
    * Default 0 (never); {@link SYNC_IO_MAX_BYTES} is a sensible bound for memory-backed files.
    */
   readonly syncIoMaxBytes?: number;
+  /**
+   * Never wait for stable storage: `flush()`, `fua` writes and `close()` skip fdatasync, as QEMU's
+   * `cache=unsafe` ignores flush requests (qemu-img convert's default for its target). The page
+   * cache writes the data back in its own time; a crash may lose any of it. Default false.
+   */
+  readonly noFlush?: boolean;
 }
 
 /** A bound of synchronous I/O for memory-backed files (see `syncIoMaxBytes`). */
@@ -118,6 +124,8 @@ export class FileBlockDevice implements BlockDevice {
   #closing: Promise<void> | undefined;
   /** copy_file_range has not failed as unsupported on this device yet. */
   #copyRange = true;
+  /** See {@link FileOpenOptions.noFlush}. */
+  readonly #noFlush: boolean;
 
   private constructor(init: {
     path: string;
@@ -131,6 +139,7 @@ export class FileBlockDevice implements BlockDevice {
     lockMechanism: LockMechanism;
     maxInFlight: number;
     syncIoMaxBytes: number;
+    noFlush: boolean;
   }) {
     this.path = init.path;
     this.readOnly = init.readOnly;
@@ -145,6 +154,7 @@ export class FileBlockDevice implements BlockDevice {
     this.lockMechanism = init.lockMechanism;
     this.#limiter = new IoLimiter(init.maxInFlight);
     this.syncIoMaxBytes = init.syncIoMaxBytes;
+    this.#noFlush = init.noFlush;
   }
 
   /** Opens an existing file or block device. */
@@ -282,6 +292,7 @@ export class FileBlockDevice implements BlockDevice {
         lockMechanism,
         maxInFlight,
         syncIoMaxBytes,
+        noFlush: options.noFlush ?? false,
       });
     } catch (error) {
       await handle.close().catch(() => {});
@@ -310,7 +321,7 @@ export class FileBlockDevice implements BlockDevice {
       writeZeroes: fastZero,
       fastZero,
       blockStatus: f.seekData,
-      flush: true,
+      flush: !this.#noFlush,
       fua: false,
       resize: this.#kind === 'file',
       minimumAlignment: 1,
@@ -711,6 +722,7 @@ export class FileBlockDevice implements BlockDevice {
   }
 
   #datasyncNow(): Promise<void> {
+    if (this.#noFlush) return Promise.resolve();
     return new Promise((resolve, reject) => {
       fdatasync(this.#fd, (error) => (error ? reject(fsError('flush', this.path, error)) : resolve()));
     });

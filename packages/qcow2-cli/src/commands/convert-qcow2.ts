@@ -6,6 +6,7 @@
  * be `-`: the image is streamed to stdout (qemu-img cannot do that). `-n` writes into an existing
  * qcow2 image instead, through qcow2-core, as qemu-img convert -n does. `--bitmaps` copies the
  * source's persistent bitmaps into the target once its data is written (convert-bitmaps.ts).
+ * `-t CACHE` decides when the target is flushed: never by default, as qemu-img (convert-cache.ts).
  */
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
@@ -25,6 +26,7 @@ import {
   copyBitmaps,
   noBitmapSupport,
 } from './convert-bitmaps.js';
+import { targetFlush, WriteThroughDevice } from './convert-cache.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
 import { qcow2LayoutOptions } from './measure.js';
 import { openAtSnapshot } from './snapshot-select.js';
@@ -106,22 +108,27 @@ async function convertIntoExisting(
       }
     }
   }
-  const writable = await openWritable(targetPath, target, { format: 'qcow2' });
+  const flush = targetFlush(options.cache);
+  const writable = await openWritable(targetPath, target, { format: 'qcow2', noFlush: flush === 'never' });
   try {
     const image = writable.device instanceof Qcow2Image ? writable.device : undefined;
+    const writeThrough = flush === 'every-write';
     if (options.bitmaps === true && (image === undefined || image.version < 3))
       throw noBitmapSupport('qcow2');
     if (writable.device.size < opened.device.size) {
       throw new CliError('output file is smaller than input file', { code: 'EINVAL' });
     }
     const progress = progressReporter(context.io, options.progress);
-    await copyInto(opened.device, writable.device, {
+    await copyInto(opened.device, writeThrough ? new WriteThroughDevice(writable.device) : writable.device, {
       ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
       ...(options.targetIsZero === true ? { targetIsZero: true } : {}),
       ...(options.compress === true && image !== undefined
         ? {
             blockBytes: image.clusterSize,
-            writeCompressed: (offset, data) => image.writeCompressed(offset, data),
+            writeCompressed: async (offset, data) => {
+              await image.writeCompressed(offset, data);
+              if (writeThrough) await image.flush();
+            },
           }
         : {}),
       ...(progress === undefined ? {} : { onProgress: (done, total) => progress.update(done, total) }),
@@ -169,6 +176,7 @@ export async function convertToQcow2Command(
     throw new UsageError('-F requires a backing file (-B)');
   }
   const targetPath = toStdout ? undefined : resolveAgainst(context.io.cwd, target);
+  const flush = targetFlush(options.cache);
   const opened = await openAtSnapshot(context.io.cwd, source, options);
   let backing: OpenedImage | undefined;
   try {
@@ -233,13 +241,15 @@ export async function convertToQcow2Command(
         ...(options.compress === true ? { compress: true } : {}),
         ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
         ...(progress === undefined ? {} : { onProgress: (done, total) => progress.update(done, total) }),
+        flush,
       });
     } catch (error) {
       if (error instanceof CliError) throw error;
       throw new CliError(`error while converting qcow2: ${describeError(error)}`, { cause: error });
     }
     progress?.finish();
-    if (bitmapsFrom !== undefined) await addBitmaps(context, bitmapsFrom, targetPath!, target, options);
+    if (bitmapsFrom !== undefined)
+      await addBitmaps(context, bitmapsFrom, targetPath!, target, { ...options, noFlush: flush === 'never' });
   } finally {
     await backing?.close();
     await opened.close();
@@ -253,9 +263,9 @@ async function addBitmaps(
   source: Qcow2Image,
   targetPath: string,
   target: string,
-  options: BitmapCopyOptions,
+  options: BitmapCopyOptions & { noFlush: boolean },
 ): Promise<void> {
-  const writable = await openWritable(targetPath, target, { format: 'qcow2' });
+  const writable = await openWritable(targetPath, target, { format: 'qcow2', noFlush: options.noFlush });
   try {
     await copyBitmaps(context, source, writable.device as Qcow2Image, options);
   } finally {

@@ -9,6 +9,9 @@
  * ramfs, where a write cannot block; on libuv's pool elsewhere); each 4 KiB block of the guest that reads as all zeros is skipped
  * too, as qemu-img does by default (`-S 4k`).
  *
+ * The target is never flushed by default, as qemu-img convert's default cache mode (`-t unsafe`)
+ * does; `-t` asks for a flush at the end or after every write (convert-cache.ts).
+ *
  * `-n` writes into the existing file as qemu-img does: the file must be at least as large as the
  * guest (bytes past the guest's end are left alone), and every range the guest reads as zeros
  * becomes zeros in the file too: the file's range is punched first when it can punch holes, else
@@ -20,6 +23,7 @@ import { dirname } from 'node:path';
 import type { Writable } from 'node:stream';
 import { type BlockDevice, isBlockDeviceError } from '@qcowkit/blockdev';
 import { FileBlockDevice, isMemoryBacked, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
+import type { FileFlush } from '@qcowkit/qcow2-writer/node';
 import type { ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
@@ -27,6 +31,7 @@ import { walkExtents } from '../extents.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
+import { targetFlush } from './convert-cache.js';
 import { forEachDataRun, planReads, type ReadJob, readBufferSize, runCopy } from './convert-pipeline.js';
 
 export interface ConvertOptions {
@@ -45,6 +50,9 @@ export interface ConvertOptions {
   readonly sparseSize?: number;
   /** `-m`: reads in flight (default 4), each into a buffer of 2 MiB plus up to 64 KiB of gaps. */
   readonly parallel?: number;
+  /** `-t`: the target's cache mode, as qemu-img names them (default `unsafe`: never flushed; see
+   * convert-cache.ts). `-T` is checked by the parsers and changes nothing. */
+  readonly cache?: string | undefined;
 }
 
 /** qemu-img's default minimum run of zeros that becomes a hole (`-S 4k`). */
@@ -100,6 +108,7 @@ export async function convertCommand(
         targetIsZero: options.targetIsZero === true,
         sparseSize: options.sparseSize ?? SPARSE_BLOCK,
         hostFile: (depth) => hostFileOf(opened.chain[depth]),
+        flush: targetFlush(options.cache),
       });
     }
     progress?.finish();
@@ -204,6 +213,9 @@ export interface ConvertToRawOptions {
   /** Write the target on this thread rather than on libuv's pool (see convert-pipeline.ts for
    * why). Default: when the target is a regular file on a memory-backed file system. */
   readonly inlineWrites?: boolean | undefined;
+  /** When the target is flushed to stable storage (default `'on-close'`; `qcow2 convert` passes
+   * what `-t` asks, `'never'` by default as qemu-img). */
+  readonly flush?: FileFlush | undefined;
 }
 
 /** Short wordings of system errors, as qemu-img prints them after `Could not create 'X': `. */
@@ -232,7 +244,8 @@ export async function isMemoryBackedFile(path: string, orFolder = false): Promis
 
 /**
  * Opens (`-n`) or creates the raw target, sized to the guest: holes everywhere when created.
- * Requests up to `syncIoMaxBytes` are done on this thread.
+ * Requests up to `syncIoMaxBytes` are done on this thread; with `noFlush` nothing is ever flushed,
+ * closing included.
  */
 async function openTarget(
   targetPath: string,
@@ -240,17 +253,18 @@ async function openTarget(
   size: number,
   noCreate: boolean,
   syncIoMaxBytes: number,
+  noFlush: boolean,
 ) {
   if (!noCreate) {
     try {
-      return await FileBlockDevice.create(targetPath, size, { overwrite: true, syncIoMaxBytes });
+      return await FileBlockDevice.create(targetPath, size, { overwrite: true, syncIoMaxBytes, noFlush });
     } catch (error) {
       throw new CliError(`Could not create '${targetName}': ${why(error)}`, { cause: error });
     }
   }
   let file: FileBlockDevice;
   try {
-    file = await FileBlockDevice.open(targetPath, { syncIoMaxBytes });
+    file = await FileBlockDevice.open(targetPath, { syncIoMaxBytes, noFlush });
   } catch (error) {
     throw new CliError(`Could not open '${targetName}': ${why(error)}`, { cause: error });
   }
@@ -273,6 +287,9 @@ export async function convertToRaw(
 ): Promise<void> {
   const noCreate = options.noCreate === true;
   const sparseSize = options.sparseSize ?? SPARSE_BLOCK;
+  const flush = options.flush ?? 'on-close';
+  /** Every write durable when it resolves (`-t writethrough`). */
+  const fua = flush === 'every-write';
   // The default path's reads and writes: buffers of this many bytes (-S 0 copies file to file).
   const chunkSize = wholeBlocks(options.chunkSize, sparseSize || SPARSE_BLOCK);
   const size = device.size;
@@ -289,7 +306,7 @@ export async function convertToRaw(
           chunkSize,
           hostFile: options.hostFile,
           onZero: async (offset, length) => {
-            if (zeroInTarget) await zeroTarget(file!, targetName, offset, length, false);
+            if (zeroInTarget) await zeroTarget(file!, targetName, offset, length, false, fua);
             done += length;
             report();
           },
@@ -302,7 +319,14 @@ export async function convertToRaw(
   try {
     const inline =
       sparseSize !== 0 && (options.inlineWrites ?? (await isMemoryBackedFile(targetPath, !noCreate)));
-    file = await openTarget(targetPath, targetName, size, noCreate, inline ? readBufferSize(chunkSize) : 0);
+    file = await openTarget(
+      targetPath,
+      targetName,
+      size,
+      noCreate,
+      inline ? readBufferSize(chunkSize) : 0,
+      flush === 'never',
+    );
   } catch (error) {
     await first?.catch(() => undefined);
     throw error;
@@ -311,7 +335,7 @@ export async function convertToRaw(
   let failure: unknown;
   try {
     if (next === undefined) {
-      await copyAllocated(device, target, targetName, options, (length) => {
+      await copyAllocated(device, target, targetName, options, fua, (length) => {
         done += length;
         report();
       });
@@ -322,7 +346,7 @@ export async function convertToRaw(
     // With --target-is-zero the file is taken at its word: as for a new file, nothing is zeroed.
     const mustZero = noCreate && options.targetIsZero !== true;
     const zeroAhead = mustZero && target.capabilities.fastZero && size > 0;
-    if (zeroAhead) await zeroTarget(target, targetName, 0, size, true);
+    if (zeroAhead) await zeroTarget(target, targetName, 0, size, true, fua);
     zeroInTarget = mustZero && !zeroAhead;
     const zeroBlock = Buffer.alloc(sparseSize);
     let firstJob = first;
@@ -350,9 +374,10 @@ export async function convertToRaw(
             sparseSize,
             zeroBlock,
             (start, end) =>
-              writeAll(target, buffer.subarray(start, end), guestOffset + start - at, targetName),
+              writeAll(target, buffer.subarray(start, end), guestOffset + start - at, targetName, fua),
             zeroInTarget
-              ? (start, end) => zeroTarget(target, targetName, guestOffset + start - at, end - start, false)
+              ? (start, end) =>
+                  zeroTarget(target, targetName, guestOffset + start - at, end - start, false, fua)
               : undefined,
           );
           done += length;
@@ -388,6 +413,7 @@ async function copyAllocated(
   file: FileBlockDevice,
   targetName: string,
   options: ConvertToRawOptions,
+  fua: boolean,
   onDone: (length: number) => void,
 ): Promise<void> {
   const chunkSize = wholeBlocks(options.chunkSize, SPARSE_BLOCK);
@@ -410,8 +436,8 @@ async function copyAllocated(
         await device.readInto(view, offset);
       }
       try {
-        if (view === undefined) await file.writeZeroes(offset, length);
-        else await file.write(offset, view);
+        if (view === undefined) await file.writeZeroes(offset, length, { fua });
+        else await file.write(offset, view, { fua });
       } catch (error) {
         throw new CliError(
           `error while writing at byte ${offset} of '${targetName}': ${describeError(error)}`,
@@ -421,6 +447,7 @@ async function copyAllocated(
     } else {
       try {
         await hostFile.copyTo(file, hostOffset, offset, length);
+        if (fua) await file.flush();
       } catch (error) {
         throw new CliError(
           `error while copying to byte ${offset} of '${targetName}': ${describeError(error)}`,
@@ -557,14 +584,15 @@ async function zeroTarget(
   offset: number,
   length: number,
   whole: boolean,
+  fua: boolean,
 ): Promise<void> {
   try {
     if (whole) {
-      await file.writeZeroes(offset, length, { mayUnmap: true });
+      await file.writeZeroes(offset, length, { mayUnmap: true, fua });
       return;
     }
     for await (const extent of walkExtents(file, offset, offset + length)) {
-      if (!extent.zero) await file.writeZeroes(extent.offset, extent.length, { mayUnmap: true });
+      if (!extent.zero) await file.writeZeroes(extent.offset, extent.length, { mayUnmap: true, fua });
     }
   } catch (error) {
     throw new CliError(
@@ -579,9 +607,10 @@ async function writeAll(
   data: Buffer,
   position: number,
   targetName: string,
+  fua: boolean,
 ): Promise<void> {
   try {
-    await file.write(position, data);
+    await file.write(position, data, fua ? { fua } : undefined);
   } catch (error) {
     throw new CliError(
       `error while writing at byte ${position} of '${targetName}': ${describeError(error)}`,

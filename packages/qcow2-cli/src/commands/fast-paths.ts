@@ -18,7 +18,7 @@ import { parseSnapshotOption, parseSparseSize } from './convert-args.js';
 import type { CreateCommandOptions } from './create.js';
 import type { InfoOptions } from './info.js';
 import type { MapOptions } from './map.js';
-import { CACHE_MODES } from './register-ops.js';
+import { isCacheMode } from './register-ops.js';
 import type { SnapshotCommandOptions } from './snapshot.js';
 
 interface Parsed {
@@ -112,7 +112,7 @@ function imageOptions(
 
 const COMMON_FLAGS = ['-U', '--force-share', '--debug'];
 
-const CONVERT_WITH_VALUE: ReadonlySet<string> = new Set(['-f', '-O', '-l', '-s', '-S']);
+const CONVERT_WITH_VALUE: ReadonlySet<string> = new Set(['-f', '-O', '-l', '-s', '-S', '-t', '-T']);
 const CONVERT_FLAGS: ReadonlySet<string> = new Set([...COMMON_FLAGS, '-n', '-p', '-q']);
 
 export interface ConvertCommandLine {
@@ -132,6 +132,11 @@ export function convertFastPath(args: readonly string[]): ConvertCommandLine | u
   const format = last(parsed, '-f');
   if (format !== undefined && !(IMAGE_FORMATS as readonly string[]).includes(format)) return undefined;
   if ((last(parsed, '-O') ?? 'raw') !== 'raw') return undefined;
+  // -t and -T are taken when they name a cache mode (-T changes nothing); else commander words it.
+  const cache = last(parsed, '-t');
+  if (cache !== undefined && !isCacheMode(cache)) return undefined;
+  const sourceCache = last(parsed, '-T');
+  if (sourceCache !== undefined && !isCacheMode(sourceCache)) return undefined;
   const sparse = last(parsed, '-S');
   let sparseSize: number | undefined;
   try {
@@ -150,6 +155,7 @@ export function convertFastPath(args: readonly string[]): ConvertCommandLine | u
       forceShare: parsed.flags.has('-U') || parsed.flags.has('--force-share'),
       noCreate: parsed.flags.has('-n'),
       targetIsZero: false,
+      ...(cache === undefined ? {} : { cache }),
       ...(sparseSize === undefined ? {} : { sparseSize }),
     },
   };
@@ -191,7 +197,7 @@ export function checkFastPath(args: readonly string[]): CheckCommandLine | undef
   if (common === undefined) return undefined;
   // -T is accepted (and ignored) when it names a cache mode.
   const cache = last(parsed, '-T');
-  if (cache !== undefined && !(CACHE_MODES as readonly string[]).includes(cache)) return undefined;
+  if (cache !== undefined && !isCacheMode(cache)) return undefined;
   const repair = last(parsed, '-r');
   if (repair !== undefined && repair !== 'leaks' && repair !== 'all') return undefined;
   return {

@@ -74,10 +74,11 @@ export function rateLimitParser(value: string): number {
   }
 }
 
-/** QEMU's cache modes (`-t`, `-T`): checked, then the page cache is used whatever the mode. */
-export const CACHE_MODES = ['none', 'writeback', 'unsafe', 'directsync', 'writethrough'] as const;
+/** QEMU's cache modes (`-t`, `-T`; `off` is QEMU's other name for `none`): checked, then the page
+ * cache is used whatever the mode (convert's `-t` also decides when the target is flushed). */
+export const CACHE_MODES = ['none', 'off', 'writeback', 'unsafe', 'directsync', 'writethrough'] as const;
 
-function isCacheMode(value: string): boolean {
+export function isCacheMode(value: string): boolean {
   return (CACHE_MODES as readonly string[]).includes(value);
 }
 

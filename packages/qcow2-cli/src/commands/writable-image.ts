@@ -19,15 +19,17 @@ export interface WritableImage {
   close(): Promise<void>;
 }
 
-/** `path` as a writable guest view; `backing` (when given) replaces the image's own backing file. */
+/** `path` as a writable guest view; `backing` (when given) replaces the image's own backing file.
+ * `noFlush`: the image file and its data file are never flushed (convert's `-t unsafe`). */
 export async function openWritable(
   path: string,
   displayName: string,
-  options: { format?: ImageFormat | undefined; backing?: BlockDevice | undefined } = {},
+  options: { format?: ImageFormat | undefined; backing?: BlockDevice | undefined; noFlush?: boolean } = {},
 ): Promise<WritableImage> {
+  const noFlush = options.noFlush === true;
   let file: FileBlockDevice;
   try {
-    file = await FileBlockDevice.open(path, { readOnly: false });
+    file = await FileBlockDevice.open(path, { readOnly: false, noFlush });
   } catch (error) {
     throw openError(displayName, error, path);
   }
@@ -64,7 +66,7 @@ export async function openWritable(
         // As the read-only path (core openImage): relative to the current working directory.
         const dataPath = resolve(name);
         try {
-          dataFile = await FileBlockDevice.open(dataPath, { readOnly: false });
+          dataFile = await FileBlockDevice.open(dataPath, { readOnly: false, noFlush });
         } catch (error) {
           throw openError(name, error, dataPath);
         }

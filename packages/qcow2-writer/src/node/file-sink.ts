@@ -4,11 +4,18 @@
  */
 import { open } from 'node:fs/promises';
 import type { ByteSink } from '../sink.js';
+import { checkFlush, type FileFlush } from './random-access-file.js';
 
 const WRITES_IN_FLIGHT = 4;
 
+export interface FileSinkOptions {
+  /** When the file is flushed to stable storage (default `'on-close'`): see {@link FileFlush}. */
+  readonly flush?: FileFlush | undefined;
+}
+
 /** Opens (creating or truncating) `path` for writing an image. */
-export async function openFileSink(path: string): Promise<ByteSink> {
+export async function openFileSink(path: string, options: FileSinkOptions = {}): Promise<ByteSink> {
+  const flush = checkFlush(path, options.flush);
   const handle = await open(path, 'w');
   let position = 0;
   let closed = false;
@@ -20,6 +27,7 @@ export async function openFileSink(path: string): Promise<ByteSink> {
       const { bytesWritten } = await handle.write(chunk, done, chunk.length - done, at + done);
       done += bytesWritten;
     }
+    if (flush === 'every-write') await handle.datasync();
   };
   const drain = async (limit: number) => {
     while (inFlight.length > limit) await inFlight.shift();
@@ -44,8 +52,8 @@ export async function openFileSink(path: string): Promise<ByteSink> {
       try {
         await drain(0);
         await handle.truncate(position);
-        // One flush at the end, as qemu-img convert does (its default target cache mode flushes).
-        await handle.datasync();
+        // qemu-img convert flushes its target only when its cache mode asks (not by default).
+        if (flush !== 'never') await handle.datasync();
       } finally {
         await handle.close();
       }

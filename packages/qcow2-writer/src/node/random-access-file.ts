@@ -2,7 +2,8 @@
  * A file as a {@link RandomAccessSink}: positioned writes, one at a time in the order they were
  * asked for, as qemu-img convert writes without `-W`. Writes to one file take its inode lock in
  * the kernel (tmpfs, ext4 and xfs alike for buffered writes), so parallel writes would only wait
- * for each other. Closing sets the length and flushes once (fdatasync).
+ * for each other. Closing sets the length and, by default, flushes once (fdatasync); see
+ * {@link FileFlush} for the other choices (qemu-img convert's default flushes nothing).
  *
  * Where a write runs:
  * - On a memory-backed file (tmpfs, ramfs: `isMemoryBacked`), inline on the calling thread
@@ -40,18 +41,44 @@ const closeFile = promisify(close);
 const truncateFile = promisify(ftruncate);
 const datasyncFile = promisify(fdatasync);
 
+/**
+ * When a file the writer makes is flushed to stable storage (fdatasync), after QEMU's cache modes:
+ * - `'on-close'` (the default): once, when the file is closed (`cache=writeback`): when the
+ *   conversion resolves, the image is on disk.
+ * - `'never'`: not at all (`cache=unsafe`, qemu-img convert's default): the page cache writes the
+ *   file back in its own time, and a crash soon after the conversion may lose any part of it. On a
+ *   disk the final flush waits for the writeback of the whole image, often as long as the copy.
+ * - `'every-write'`: after every write, as QEMU emulates `cache=writethrough` (each write durable
+ *   when it completes), and once more when the file is closed.
+ */
+export type FileFlush = 'on-close' | 'never' | 'every-write';
+
+/** `flush` checked (it may come from plain JavaScript), `'on-close'` when not given. */
+export function checkFlush(path: string, flush: FileFlush | undefined): FileFlush {
+  if (flush === undefined) return 'on-close';
+  if (flush === 'on-close' || flush === 'never' || flush === 'every-write') return flush;
+  throw new BlockDeviceError(
+    'EINVAL',
+    `open: ${path}: flush '${String(flush)}' is not one of on-close, never, every-write`,
+  );
+}
+
 export interface RandomAccessFileOptions {
   /** Write on the calling thread (writeSync) instead of the thread pool (default: when the file
    * is on a memory-backed file system, see {@link isMemoryBacked}). */
   readonly inline?: boolean;
+  /** See {@link FileFlush} (default `'on-close'`). */
+  readonly flush?: FileFlush | undefined;
 }
 
 export async function openRandomAccessFile(
   path: string,
   options: RandomAccessFileOptions = {},
 ): Promise<RandomAccessSink> {
+  const flush = checkFlush(path, options.flush);
   const fd = await openFile(path, 'w');
   const inline = options.inline ?? (await isMemoryBacked(path));
+  const everyWrite = flush === 'every-write';
   const writeAllInline = (bytes: Uint8Array, at: number): void => {
     let done = 0;
     while (done < bytes.length) {
@@ -60,6 +87,7 @@ export async function openRandomAccessFile(
         throw new BlockDeviceError('EIO', `write: ${path}: no progress`, { offset: at + done });
       done += written;
     }
+    if (everyWrite) fdatasyncSync(fd);
   };
   /** Settles when the last write asked for is done (never rejects). */
   let tail: Promise<void> = Promise.resolve();
@@ -69,8 +97,10 @@ export async function openRandomAccessFile(
       const step = (done: number) => {
         write(fd, bytes, done, bytes.length - done, at + done, (error, written) => {
           if (error) reject(error);
-          else if (done + written >= bytes.length) resolve();
-          else if (written === 0)
+          else if (done + written >= bytes.length) {
+            if (everyWrite) fdatasync(fd, (syncError) => (syncError ? reject(syncError) : resolve()));
+            else resolve();
+          } else if (written === 0)
             reject(new BlockDeviceError('EIO', `write: ${path}: no progress`, { offset: at + done }));
           else step(done + written);
         });
@@ -100,7 +130,7 @@ export async function openRandomAccessFile(
         // Memory-backed: nothing here waits for a device either.
         try {
           ftruncateSync(fd, length);
-          fdatasyncSync(fd);
+          if (flush !== 'never') fdatasyncSync(fd);
         } finally {
           closeSync(fd);
         }
@@ -109,8 +139,8 @@ export async function openRandomAccessFile(
       try {
         await tail;
         await truncateFile(fd, length);
-        // One flush at the end, as qemu-img convert does (its default target cache mode flushes).
-        await datasyncFile(fd);
+        // qemu-img convert flushes its target only when its cache mode asks (not by default).
+        if (flush !== 'never') await datasyncFile(fd);
       } finally {
         await closeFile(fd);
       }

@@ -1,0 +1,107 @@
+/**
+ * `qcow2 convert -t CACHE`: what QEMU's cache mode for the target means here. qemu-img convert
+ * (7.2) defaults to `unsafe` and then never flushes its target (strace: no fdatasync after the
+ * data, for raw and qcow2 targets, new or `-n`); `writeback` and `none` flush once when the
+ * target is closed; `writethrough` and `directsync` flush after every write. `none` and
+ * `directsync` also open the target with O_DIRECT, bypassing the page cache: here the page cache
+ * is always used, so `none` behaves as `writeback` and `directsync` as `writethrough` (the same
+ * flushes, the data also left in the page cache). `-T` (the source's mode) changes nothing: reads
+ * always go through the page cache.
+ */
+import type {
+  BlockDevice,
+  BlockDeviceCapabilities,
+  Extent,
+  RequestOptions,
+  WriteOptions,
+  WriteZeroesOptions,
+} from '@qcowkit/blockdev';
+import type { FileFlush } from '@qcowkit/qcow2-writer/node';
+
+/** qemu-img convert's default target cache mode. */
+export const DEFAULT_TARGET_CACHE = 'unsafe';
+
+/** When the target is flushed (fdatasync) under `-t cache` (a mode cacheParser accepted). */
+export function targetFlush(cache: string | undefined): FileFlush {
+  switch (cache ?? DEFAULT_TARGET_CACHE) {
+    case 'unsafe':
+      return 'never';
+    case 'writethrough':
+    case 'directsync':
+      return 'every-write';
+    default:
+      // writeback, none, off
+      return 'on-close';
+  }
+}
+
+/**
+ * `device` with every write durable when it resolves (`cache=writethrough`): writes and zero
+ * writes are asked with `fua` (a qcow2 image then flushes its metadata and its file, as QEMU does
+ * after each write in this mode), a discard is followed by a flush.
+ */
+export class WriteThroughDevice implements BlockDevice {
+  readonly #inner: BlockDevice;
+
+  constructor(inner: BlockDevice) {
+    this.#inner = inner;
+  }
+
+  get size(): number {
+    return this.#inner.size;
+  }
+
+  get readOnly(): boolean {
+    return this.#inner.readOnly;
+  }
+
+  get description(): string {
+    return this.#inner.description;
+  }
+
+  get capabilities(): BlockDeviceCapabilities {
+    return this.#inner.capabilities;
+  }
+
+  read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
+    return this.#inner.read(offset, length, options);
+  }
+
+  readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+    return this.#inner.readInto(buffer, offset, options);
+  }
+
+  write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    return this.#inner.write(offset, data, { ...options, fua: true });
+  }
+
+  writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
+    return this.#inner.writeZeroes(offset, length, { ...options, fua: true });
+  }
+
+  async discard(offset: number, length: number, options?: RequestOptions): Promise<void> {
+    await this.#inner.discard(offset, length, options);
+    await this.#inner.flush(options);
+  }
+
+  flush(options?: RequestOptions): Promise<void> {
+    return this.#inner.flush(options);
+  }
+
+  blockStatus(offset: number, length: number, options?: RequestOptions): Promise<Extent[]> {
+    return this.#inner.blockStatus(offset, length, options);
+  }
+
+  resize(newSize: number): Promise<void> {
+    return this.#inner.resize(newSize);
+  }
+
+  /** The inner device is its opener's to close. */
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}
