@@ -53,7 +53,7 @@ describe.skipIf(!haveTools)('qcow2 bin code cache', () => {
     const files = cacheFiles(tmp);
     expect(files).toHaveLength(1);
     expect(files[0]).toMatch(
-      new RegExp(`^qcow2-[0-9a-f]{16}-${process.version}-${process.arch}-convert\\.v8$`),
+      new RegExp(`^qcow2-[0-9a-f]{16}-${process.version}-${process.arch}-convert\\.own\\.v8$`),
     );
     const written = readFileSync(join(cacheFolder(tmp), files[0] as string));
     expect(written.length).toBeGreaterThan(0);
@@ -101,6 +101,36 @@ describe.skipIf(!haveTools)('qcow2 bin code cache', () => {
       'create.v8',
     ]);
     expect(run('qemu-img', ['info', join(dir.path, 'declined.qcow2')])).toContain('backing file: own.qcow2');
+  });
+
+  test("convert runs from convert's own bundle, a cache for each output format; a line it declines from the whole CLI's", () => {
+    const convertTo = (tmp: string, args: string[], target: string) => {
+      const result = qcow2(['convert', ...args, image, join(dir.path, target)], {
+        env: { ...process.env, TMPDIR: tmp, QCOW2_DEBUG: undefined, QCOWKIT_CODE_CACHE: undefined },
+      });
+      expect(result.stderr).toBe('');
+      expect(result.status).toBe(0);
+      return cacheFiles(tmp).map((name) => name.replace(/^qcow2-[0-9a-f]{16}-[^-]+-[^-]+-/, ''));
+    };
+    const tmp = join(dir.path, 'variants');
+    mkdirSync(tmp);
+    expect(convertTo(tmp, ['-O', 'raw'], 'variant.raw')).toEqual(['convert.own.v8']);
+    expect(readFileSync(join(dir.path, 'variant.raw')).equals(expected)).toBe(true);
+    // -c: the compression workers (node:worker_threads is loaded on first use in the bundle).
+    expect(convertTo(tmp, ['-c', '-O', 'qcow2', '-t', 'writeback'], 'variant.qcow2').sort()).toEqual([
+      'convert-O-qcow2.own.v8',
+      'convert.own.v8',
+    ]);
+    run('qemu-img', ['check', '-q', join(dir.path, 'variant.qcow2')]);
+    run('qemu-img', ['compare', '-q', image, join(dir.path, 'variant.qcow2')]);
+    // An attached option value: commander's to read, in the whole CLI's bundle.
+    expect(convertTo(tmp, ['-Oqcow2', '-o', 'cluster_size=4k'], 'attached.qcow2').sort()).toEqual([
+      'convert-O-qcow2.own.v8',
+      'convert.own.v8',
+      'convert.v8',
+    ]);
+    run('qemu-img', ['compare', '-q', image, join(dir.path, 'attached.qcow2')]);
+    expect(run('qemu-img', ['info', join(dir.path, 'attached.qcow2')])).toContain('cluster_size: 4096');
   });
 
   test('no usable temporary folder, or the cache turned off: the command still runs', () => {

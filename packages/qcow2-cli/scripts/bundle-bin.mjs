@@ -2,9 +2,9 @@
 /**
  * Bundles a package's executable into `dist/bin/` with esbuild, after `tsc -b` has built the
  * library: `node scripts/bundle-bin.mjs --entry src/bin/qcow2.ts [--worker SPEC]... [--debug-arg=
- * --debug] [--debug-env NAME[=VALUE]]
- * [--metafile PATH]`, run in the package's folder (qcow2-cli's and qcow2-nbd's
- * `build` scripts run it).
+ * --debug] [--debug-env NAME[=VALUE]] [--code-cache [--command NAME=ENTRY]... [--cache-variant
+ * NAME=OPTION:VALUE[,VALUE]...]...] [--metafile PATH]`, run in the package's folder (qcow2-cli's
+ * and qcow2-nbd's `build` scripts run it).
  *
  * Why: Node resolves, reads and compiles every ES module of an unbundled command one by one (about
  * a hundred here), which cost more start-up time than the commands' work. One file per entry,
@@ -64,6 +64,7 @@ const { values } = parseArgs({
     'code-cache': { type: 'boolean', default: false },
     outdir: { type: 'string' },
     command: { type: 'string', multiple: true, default: [] },
+    'cache-variant': { type: 'string', multiple: true, default: [] },
   },
 });
 if (values.entry === undefined) {
@@ -124,6 +125,24 @@ const commands = values.command.map((spec) => {
   }
   return { command: match[1], path: resolve(packageDir, match[2]) };
 });
+/**
+ * `--cache-variant NAME=OPTION:VALUE[,VALUE]...` (with --code-cache): lines of subcommand NAME whose
+ * last OPTION is followed by one of the VALUEs get code caches of their own. A code cache holds the
+ * functions the run that wrote it compiled, and is written once: `convert -O raw` and `convert -O
+ * qcow2` run different code (the raw copy loop, the qcow2 writer), so one shared cache left the
+ * other kind of line compiling its code at every start (~5 ms). Only the cache file's name
+ * changes: the bundle is chosen by NAME alone, and parses the line itself.
+ */
+const cacheVariants = {};
+for (const spec of values['cache-variant']) {
+  const match = /^([a-z][a-z-]{0,23})=(-[A-Za-z]|--[a-z][a-z-]*):([a-z0-9]+(?:,[a-z0-9]+)*)$/.exec(spec);
+  if (match === null || !codeCache) {
+    throw new Error(
+      `bundle-bin: --cache-variant ${spec}: expected NAME=-O:VALUE[,VALUE]..., with --code-cache`,
+    );
+  }
+  cacheVariants[match[1]] = [match[2], match[3].split(',')];
+}
 const workerEntries = values.worker.map((spec) => {
   const path = workerPath(spec);
   return { in: path, out: basename(path).replace(/\.js$/, '') };
@@ -136,22 +155,36 @@ const entryPoints = codeCache ? [] : [{ in: 'bundle-bin:stub', out: name }, ...w
 const staging = join(packageDir, 'dist', `.bin-staging-${process.pid}`);
 await rm(staging, { recursive: true, force: true });
 /**
- * commander requires node:child_process when it loads (~3 ms here), for executable subcommands,
- * which no bin of ours has: in the CommonJS bundle it gets a stand-in that requires the real module
- * on first use.
+ * Built-in modules required when a bundle loads that few runs use get stand-ins that require the
+ * real module on first use, for the importers named here only:
+ * - node:child_process, which commander requires (~3 ms here) for executable subcommands, which
+ *   no bin of ours has;
+ * - node:worker_threads (~2-4 ms), which qcow2-writer's compression pool requires: only
+ *   compressed conversions start workers (the workers themselves, built apart, get the real one).
+ * Loading is deferred to the first read of a property (`import { Worker } from ...` becomes
+ * `module.Worker` at each use in the CommonJS output).
  */
-const lazyChildProcess = {
-  name: 'lazy-child-process',
+const LAZY_BUILTINS = [
+  { module: 'child_process', importer: /[\\/]node_modules[\\/]commander[\\/]/ },
+  { module: 'worker_threads', importer: /[\\/]qcow2-writer[\\/]dist[\\/]node[\\/]compress-pool\.js$/ },
+];
+const lazyBuiltins = {
+  name: 'lazy-builtins',
   setup(esbuild) {
-    esbuild.onResolve({ filter: /^(node:)?child_process$/ }, (args) =>
-      /[\\/]node_modules[\\/]commander[\\/]/.test(args.importer)
-        ? { path: 'child_process', namespace: 'lazy-builtin' }
-        : undefined,
-    );
-    esbuild.onLoad({ filter: /.*/, namespace: 'lazy-builtin' }, () => ({
+    for (const { module, importer } of LAZY_BUILTINS) {
+      esbuild.onResolve({ filter: new RegExp(`^(node:)?${module}$`) }, (args) => {
+        if (!importer.test(args.importer)) return undefined;
+        return { path: module, namespace: 'lazy-builtin' };
+      });
+    }
+    // The module's export names as this Node has them: an ES module importing it lists them
+    // (esbuild's __toESM) without reading a value. Any read, of these names or others, loads it.
+    esbuild.onLoad({ filter: /.*/, namespace: 'lazy-builtin' }, (args) => ({
       contents:
-        "let real;\nconst load = () => (real ??= require('node:child_process'));\n" +
-        'module.exports = new Proxy({}, { get: (_, key) => load()[key], has: (_, key) => key in load() });\n',
+        `let real;\nconst load = () => (real ??= require(${JSON.stringify(`node:${args.path}`)}));\n` +
+        `const names = {};\nfor (const key of ${JSON.stringify(Object.keys(requireHere(`node:${args.path}`)))}) ` +
+        'Object.defineProperty(names, key, { get: () => load()[key], enumerable: true });\n' +
+        'module.exports = new Proxy(names, { get: (_, key) => load()[key], has: (_, key) => key in load() });\n',
       loader: 'js',
     }));
   },
@@ -352,7 +385,7 @@ async function buildCommonJs() {
     ...commonJs,
     entryPoints: [{ in: entry, out: `${name}.bundle` }, ...workerEntries],
     external: ['koffi'],
-    plugins: [lazyChildProcess, fastKoffi, separateModules],
+    plugins: [lazyBuiltins, fastKoffi, separateModules],
     metafile: values.metafile !== undefined,
   });
   const metafiles = [result.metafile];
@@ -362,7 +395,7 @@ async function buildCommonJs() {
       ...commonJs,
       entryPoints: [{ in: path, out: `${name}-${command}.bundle` }],
       external: ['koffi'],
-      plugins: [lazyChildProcess, fastKoffi, separateModules, workspaceWithoutSideEffects, ownImportsLeftOut],
+      plugins: [lazyBuiltins, fastKoffi, separateModules, workspaceWithoutSideEffects, ownImportsLeftOut],
       metafile: values.metafile !== undefined,
     });
     metafiles.push(own.metafile);
@@ -435,10 +468,17 @@ const debug = ${debugCondition()};
 if (debug) process.setSourceMapsEnabled(true);
 const command = /^[a-z][a-z-]{0,23}$/.test(process.argv[2] ?? '') ? process.argv[2] : '_';
 const own = ${JSON.stringify(own)}[command];
+// The code cache's name: the subcommand, and the value of its variant option when declared.
+let key = command;
+const variant = ${JSON.stringify(cacheVariants)}[command];
+if (variant !== undefined) {
+  const at = process.argv.lastIndexOf(variant[0]);
+  if (at > 2 && variant[1].includes(process.argv[at + 1])) key += \`\${variant[0]}-\${process.argv[at + 1]}\`;
+}
 // A bundle of one subcommand, then (when it declined the command line) the whole CLI's.
 const run = (load) => {
-  if (own !== undefined && load(own, \`\${command}.own\`).declined !== true) return;
-  load(${JSON.stringify(bundleName)}, command);
+  if (own !== undefined && load(own, \`\${key}.own\`).declined !== true) return;
+  load(${JSON.stringify(bundleName)}, key);
 };
 if (debug || process.env.QCOWKIT_CODE_CACHE === '0') {
   run((name) => require(join(__dirname, name)));
