@@ -46,6 +46,11 @@ describe.each([
     const bytes = readFileSync(path);
     expect([...bytes.subarray(0, 4)]).toEqual([0, 0, 1, 1]);
     expect([...bytes.subarray(4096, 4100)]).toEqual([2, 2, 2, 2]);
+    // Creating over an existing file empties it first, noFlush or not.
+    const over = await FileBlockDevice.create(path, 4096, { noFlush, overwrite: true });
+    expect([...(await over.read(0, 4096))].every((byte) => byte === 0)).toBe(true);
+    await over.close();
+    expect(readFileSync(path).length).toBe(4096);
     // Opening an existing file takes the option too.
     const again = await FileBlockDevice.open(path, { noFlush });
     syncs.count = 0;

@@ -4,7 +4,7 @@
  * node:fs: the random-access sink of the read-once conversions (both write modes), the streaming
  * sink, and convertToQcow2 into a path.
  */
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
@@ -101,6 +101,24 @@ describe('openFileSink', () => {
       expect([...readFileSync(path)]).toEqual([3, 3, 3, 3, 0, 0, 0, 0, 4, 4, 4, 4]);
     },
   );
+});
+
+describe('flush never over an existing file', () => {
+  it('the old bytes are gone (the file is still emptied first), and no flush', async () => {
+    const path = fresh();
+    writeFileSync(path, Buffer.alloc(65536, 0xee));
+    const sink = await openRandomAccessFile(path, { flush: 'never' });
+    await sink.writeAt(4, new Uint8Array(2).fill(5));
+    await sink.close(8);
+    expect([...readFileSync(path)]).toEqual([0, 0, 0, 0, 5, 5, 0, 0]);
+    writeFileSync(path, Buffer.alloc(65536, 0xee));
+    const stream = await openFileSink(path, { flush: 'never' });
+    await stream.skip?.(2);
+    await stream.write(new Uint8Array(2).fill(6));
+    await stream.close();
+    expect([...readFileSync(path)]).toEqual([0, 0, 6, 6]);
+    expect(syncs.count).toBe(0);
+  });
 });
 
 describe('flush checked', () => {

@@ -245,6 +245,7 @@ export class FileBlockDevice implements BlockDevice {
         } catch (error) {
           throw fsError('create', path, error);
         }
+        if (options.noFlush === true) await forgetTruncation(path);
         size = createSize;
       } else if (kind === 'file') {
         size = stats.size;
@@ -726,6 +727,23 @@ export class FileBlockDevice implements BlockDevice {
     return new Promise((resolve, reject) => {
       fdatasync(this.#fd, (error) => (error ? reject(fsError('flush', this.path, error)) : resolve()));
     });
+  }
+}
+
+/**
+ * ext4 (auto_da_alloc) and xfs mark a file truncated to zero bytes; when a descriptor of it is
+ * closed, they start writeback of everything written to it and wait for its blocks to be
+ * allocated: the close of a new 1 GiB target holding 512 MiB took 0.15-0.35 s on ext4 here, most
+ * of what a flush costs. A descriptor closed before anything is written clears the mark (QEMU
+ * empties a new image through a descriptor it closes, so it never pays this). Only for `noFlush`
+ * files: with a flush at close, the close finds nothing left to write back anyway. The locks
+ * (OFD, flock) belong to the other descriptor's open file description and stay.
+ */
+async function forgetTruncation(path: string): Promise<void> {
+  try {
+    await (await open(path, 'r')).close();
+  } catch {
+    // Not readable: the close stays slower, nothing else changes.
   }
 }
 

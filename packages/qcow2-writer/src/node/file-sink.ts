@@ -4,7 +4,7 @@
  */
 import { open } from 'node:fs/promises';
 import type { ByteSink } from '../sink.js';
-import { checkFlush, type FileFlush } from './random-access-file.js';
+import { checkFlush, type FileFlush, forgetTruncation } from './random-access-file.js';
 
 const WRITES_IN_FLIGHT = 4;
 
@@ -17,6 +17,7 @@ export interface FileSinkOptions {
 export async function openFileSink(path: string, options: FileSinkOptions = {}): Promise<ByteSink> {
   const flush = checkFlush(path, options.flush);
   const handle = await open(path, 'w');
+  if (flush === 'never') await forgetTruncation(path);
   let position = 0;
   let closed = false;
   let failure: unknown;

@@ -63,6 +63,20 @@ export function checkFlush(path: string, flush: FileFlush | undefined): FileFlus
   );
 }
 
+/**
+ * Opening an existing file with 'w' truncates it to zero bytes, which ext4 (auto_da_alloc) and xfs
+ * mark: the close then starts writeback of everything written and waits for block allocation
+ * (0.15-0.35 s for 512 MiB on ext4 here). A descriptor closed before anything is written clears
+ * the mark. Only needed without a flush: a flush at close leaves the close nothing to write back.
+ */
+export async function forgetTruncation(path: string): Promise<void> {
+  try {
+    await closeFile(await openFile(path, 'r'));
+  } catch {
+    // Not readable: the close stays slower, nothing else changes.
+  }
+}
+
 export interface RandomAccessFileOptions {
   /** Write on the calling thread (writeSync) instead of the thread pool (default: when the file
    * is on a memory-backed file system, see {@link isMemoryBacked}). */
@@ -77,6 +91,7 @@ export async function openRandomAccessFile(
 ): Promise<RandomAccessSink> {
   const flush = checkFlush(path, options.flush);
   const fd = await openFile(path, 'w');
+  if (flush === 'never') await forgetTruncation(path);
   const inline = options.inline ?? (await isMemoryBacked(path));
   const everyWrite = flush === 'every-write';
   const writeAllInline = (bytes: Uint8Array, at: number): void => {
