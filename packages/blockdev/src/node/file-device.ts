@@ -737,9 +737,10 @@ export class FileBlockDevice implements BlockDevice {
  * of what a flush costs. A descriptor closed before anything is written clears the mark (QEMU
  * empties a new image through a descriptor it closes, so it never pays this). Only for `noFlush`
  * files: with a flush at close, the close finds nothing left to write back anyway. The locks
- * (OFD, flock) belong to the other descriptor's open file description and stay.
+ * (OFD, flock) belong to the other descriptor's open file description and stay. Exported for
+ * other writers of new files without a flush (qcow2-writer's file sinks).
  */
-async function forgetTruncation(path: string): Promise<void> {
+export async function forgetTruncation(path: string): Promise<void> {
   try {
     await (await open(path, 'r')).close();
   } catch {

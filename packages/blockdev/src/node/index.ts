@@ -2,6 +2,7 @@ export {
   FileBlockDevice,
   type FileCreateOptions,
   type FileOpenOptions,
+  forgetTruncation,
   MAX_EXTENTS_PER_CALL,
   SYNC_IO_MAX_BYTES,
 } from './file-device.js';

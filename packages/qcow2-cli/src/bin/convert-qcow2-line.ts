@@ -2,7 +2,7 @@
  * Plain `qcow2 convert -O qcow2` command lines read without commander, for convert's own bundle
  * (bin/qcow2-convert.ts); `-O raw` lines are commands/fast-paths.ts's `convertFastPath`.
  *
- * The rules are the fast paths': only the plain spellings are read (each flag and its value their
+ * The rules (and the splitting, `parse`) are the fast paths': only the plain spellings are read (each flag and its value their
  * own arguments, `--long=value` too, `-` an operand); a bundled or attached flag, an option this
  * does not know (`--help`, `-W5`, ...), a value that looks like an option, a wrong number of
  * operands, or a value commander's parsers or convert's action would refuse returns undefined, and
@@ -14,6 +14,7 @@
 import type { ConvertOptions } from '../commands/convert.js';
 import { parseSnapshotOption, parseSparseSize } from '../commands/convert-args.js';
 import type { Qcow2ConvertExtras } from '../commands/convert-qcow2.js';
+import { last as lastValue, parse } from '../commands/fast-paths.js';
 import { isCacheMode } from '../commands/register-ops.js';
 import { IMAGE_FORMATS, type ImageFormat } from '../image-formats.js';
 
@@ -56,35 +57,10 @@ export interface ConvertQcow2Line {
  * plain spellings. Throws only what convert's action throws itself (`-l` with `-s`).
  */
 export function convertQcow2Line(args: readonly string[]): ConvertQcow2Line | undefined {
-  const values = new Map<string, string[]>();
-  const flags = new Set<string>();
-  const operands: string[] = [];
-  for (let index = 0; index < args.length; index++) {
-    let arg = args[index]!;
-    let value: string | undefined;
-    const equals = arg.startsWith('--') ? arg.indexOf('=') : -1;
-    if (equals > 0) {
-      value = arg.slice(equals + 1);
-      arg = arg.slice(0, equals);
-      if (!WITH_VALUE.has(arg)) return undefined;
-    }
-    if (WITH_VALUE.has(arg)) {
-      if (value === undefined) {
-        value = args[index + 1];
-        if (value === undefined || value.startsWith('-')) return undefined;
-        index++;
-      }
-      values.set(arg, [...(values.get(arg) ?? []), value]);
-    } else if (FLAGS.has(arg)) {
-      flags.add(arg);
-    } else if (arg.startsWith('-') && arg !== '-') {
-      return undefined;
-    } else {
-      operands.push(arg);
-    }
-  }
-  // Single-valued options: commander keeps the last one given.
-  const last = (name: string): string | undefined => values.get(name)?.at(-1);
+  const parsed = parse(args, WITH_VALUE, FLAGS);
+  if (parsed === undefined) return undefined;
+  const { values, flags, operands } = parsed;
+  const last = (name: string): string | undefined => lastValue(parsed, name);
   if (operands.length !== 2 || last('-O') !== 'qcow2') return undefined;
   const format = last('-f');
   if (format !== undefined && !(IMAGE_FORMATS as readonly string[]).includes(format)) return undefined;

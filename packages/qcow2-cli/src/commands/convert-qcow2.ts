@@ -160,7 +160,8 @@ export async function convertToQcow2Command(
     return 0;
   }
   const toStdout = target === '-';
-  const stdout = context.io.stdoutStream;
+  // Only asked for when it is the target: making Node's stdout stream loads its stream modules.
+  const stdout = toStdout ? context.io.stdoutStream : undefined;
   if (toStdout && stdout === undefined) {
     throw new CliError("convert: target '-' needs a binary stdout, which this caller did not give", {
       code: 'EUNSUPPORTED',

@@ -21,14 +21,14 @@ import type { MapOptions } from './map.js';
 import { isCacheMode } from './register-ops.js';
 import type { SnapshotCommandOptions } from './snapshot.js';
 
-interface Parsed {
+export interface Parsed {
   readonly values: Map<string, string[]>;
   readonly flags: Set<string>;
   readonly operands: string[];
 }
 
 /** Splits `args` by the two option sets; undefined for anything else that starts with `-`. */
-function parse(
+export function parse(
   args: readonly string[],
   withValue: ReadonlySet<string>,
   flagNames: ReadonlySet<string>,
@@ -64,7 +64,7 @@ function parse(
 }
 
 /** The last value of a single-valued option (commander keeps the last one given). */
-function last(parsed: Parsed, name: string): string | undefined {
+export function last(parsed: Parsed, name: string): string | undefined {
   return parsed.values.get(name)?.at(-1);
 }
 

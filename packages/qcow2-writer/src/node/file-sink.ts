@@ -3,8 +3,9 @@
  * for skipped ranges, the length set at the end.
  */
 import { open } from 'node:fs/promises';
+import { forgetTruncation } from '@qcowkit/blockdev/node';
 import type { ByteSink } from '../sink.js';
-import { checkFlush, type FileFlush, forgetTruncation } from './random-access-file.js';
+import { checkFlush, type FileFlush } from './random-access-file.js';
 
 const WRITES_IN_FLIGHT = 4;
 
