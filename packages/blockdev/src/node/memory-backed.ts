@@ -18,10 +18,11 @@ const RAMFS_MAGIC = 0x858458f6;
  */
 export async function isMemoryBacked(path: string): Promise<boolean> {
   try {
-    const stats = await stat(path);
-    if (!stats.isFile() && !stats.isDirectory()) return false;
     const { type } = await statfs(path);
-    return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+    if (type !== TMPFS_MAGIC && type !== RAMFS_MAGIC) return false;
+    // Only then the node's kind (one system call fewer on every other file system).
+    const stats = await stat(path);
+    return stats.isFile() || stats.isDirectory();
   } catch {
     return false;
   }

@@ -234,7 +234,7 @@ function why(error: unknown): string {
 /**
  * Whether `path` is a regular file on a memory-backed file system (tmpfs, ramfs); one that does
  * not exist yet (a target about to be created) is judged by its folder when `orFolder` is set. A
- * block device is never: its node lives on devtmpfs, which statfs reports as tmpfs.
+ * folder is not (isMemoryBacked already says no for device nodes).
  */
 export async function isMemoryBackedFile(path: string, orFolder = false): Promise<boolean> {
   const stats = await stat(path).catch(() => undefined);
