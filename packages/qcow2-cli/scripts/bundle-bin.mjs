@@ -132,16 +132,28 @@ const commands = values.command.map((spec) => {
  * qcow2` run different code (the raw copy loop, the qcow2 writer), so one shared cache left the
  * other kind of line compiling its code at every start (~5 ms). Only the cache file's name
  * changes: the bundle is chosen by NAME alone, and parses the line itself.
+ * `--cache-variant NAME=OPTION|OPTION...` (options without values): a line of NAME with one of these
+ * options gets the cache of the first one listed it has. `snapshot -c`, `-a`, `-d` and `-l` run
+ * different operations: with one shared cache, whichever ran first wrote it and the others
+ * compiled their own functions lazily at every start (snapshot -c: ~85 M instructions of parsing
+ * and compiling, about 25 ms of CPU, measured with valgrind).
+ * A NAME may have several `--cache-variant`s: the first that matches the line names the cache.
  */
 const cacheVariants = {};
 for (const spec of values['cache-variant']) {
-  const match = /^([a-z][a-z-]{0,23})=(-[A-Za-z]|--[a-z][a-z-]*):([a-z0-9]+(?:,[a-z0-9]+)*)$/.exec(spec);
-  if (match === null || !codeCache) {
+  const withValues = /^([a-z][a-z-]{0,23})=(-[A-Za-z]|--[a-z][a-z-]*):([a-z0-9]+(?:,[a-z0-9]+)*)$/.exec(spec);
+  const flags =
+    /^([a-z][a-z-]{0,23})=((?:-[A-Za-z]|--[a-z][a-z-]*)(?:\|(?:-[A-Za-z]|--[a-z][a-z-]*))*)$/.exec(spec);
+  if ((withValues === null && flags === null) || !codeCache) {
     throw new Error(
-      `bundle-bin: --cache-variant ${spec}: expected NAME=-O:VALUE[,VALUE]..., with --code-cache`,
+      `bundle-bin: --cache-variant ${spec}: expected NAME=-O:VALUE[,VALUE]... or NAME=-a|-b..., with --code-cache`,
     );
   }
-  cacheVariants[match[1]] = [match[2], match[3].split(',')];
+  const command = (withValues ?? flags)[1];
+  const list = cacheVariants[command] ?? [];
+  if (withValues !== null) list.push([withValues[2], withValues[3].split(',')]);
+  else for (const option of flags[2].split('|')) list.push([option, null]);
+  cacheVariants[command] = list;
 }
 const workerEntries = values.worker.map((spec) => {
   const path = workerPath(spec);
@@ -468,12 +480,20 @@ const debug = ${debugCondition()};
 if (debug) process.setSourceMapsEnabled(true);
 const command = /^[a-z][a-z-]{0,23}$/.test(process.argv[2] ?? '') ? process.argv[2] : '_';
 const own = ${JSON.stringify(own)}[command];
-// The code cache's name: the subcommand, and the value of its variant option when declared.
+// The code cache's name: the subcommand, and its first variant option present on the line (with
+// its value, for an option declared with values).
 let key = command;
-const variant = ${JSON.stringify(cacheVariants)}[command];
-if (variant !== undefined) {
-  const at = process.argv.lastIndexOf(variant[0]);
-  if (at > 2 && variant[1].includes(process.argv[at + 1])) key += \`\${variant[0]}-\${process.argv[at + 1]}\`;
+for (const [option, values] of ${JSON.stringify(cacheVariants)}[command] ?? []) {
+  const at = process.argv.lastIndexOf(option);
+  if (at <= 2) continue;
+  if (values === null) {
+    key += option;
+    break;
+  }
+  if (values.includes(process.argv[at + 1])) {
+    key += \`\${option}-\${process.argv[at + 1]}\`;
+    break;
+  }
 }
 // A bundle of one subcommand, then (when it declined the command line) the whole CLI's.
 const run = (load) => {

@@ -42,7 +42,7 @@ import { Pacer } from './pacer.js';
 import { readZeroPadded } from './read-padded.js';
 import { repairQcow2Image } from './repair.js';
 import { readSnapshotTableForCheck } from './snapshot-table.js';
-import { type StoredRefcount, StoredRefcounts } from './stored-refcounts.js';
+import { decodeRefcount, type StoredRefcount, StoredRefcounts } from './stored-refcounts.js';
 import type { Qcow2CheckOptions, Qcow2CheckResult } from './types.js';
 
 /** What the check needs of an image: its file, and its decoded header when already known. */
@@ -390,83 +390,129 @@ export function countL2References(
   const { clusterSize, clusterBits, extendedL2, hasDataFile, l2EntryBytes } = geometry;
   const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
   const entries = clusterSize / l2EntryBytes;
-  let nextContiguousOffset = 0;
-  // Standard entries without a data file, aligned, that need no report are handled inline: no
-  // classification, no closure, no call (most entries of most images), in int32 arithmetic: the
-  // cluster index is `high`'s offset bits shifted up, or'ed with `low`'s cluster bits, which
-  // stays below 2^31 while the offset's high bits are below `intHigh` (every cluster of a file
-  // that can be checked; an entry past that is past the end of the file: the general path).
+  // Standard entries without a data file that need no report are counted by the kernel
+  // (countPlainEntries: most entries of most images); every other one here, the general way.
   const plain = !extendedL2 && !hasDataFile;
-  const clusterMask = clusterSize - 1;
-  const highShift = 32 - clusterBits;
-  const intHigh = 2 ** (clusterBits - 1);
-  const counts = refcounts.array;
-  const countable = refcounts.fileClusters;
-  const maxCount = refcounts.maxCount;
-  // The stored refcounts, for COPIED: blocks by table index; 16-bit entries decoded inline.
-  const blocks = copied?.residentBlocks;
-  const perBlock = copied?.entriesPerBlock ?? 1;
-  const perBlockBits = Math.log2(perBlock);
-  const wide16 = copied?.refcountBits === 16;
-  let allocated = 0;
-  let fragmented = 0;
-  for (let i = 0; i < entries; i++) {
+  const scan: PlainScan | undefined = plain
+    ? {
+        counts: refcounts.array,
+        countable: refcounts.fileClusters,
+        maxCount: refcounts.maxCount,
+        clusterBits,
+        clusterSize,
+        blocks: copied?.residentBlocks,
+        perBlock: copied?.entriesPerBlock ?? 1,
+        refcountBits: copied?.refcountBits ?? 16,
+        frag: frag !== undefined,
+        allocated: 0,
+        fragmented: 0,
+        nextContiguousOffset: 0,
+      }
+    : undefined;
+  let nextContiguousOffset = 0;
+  let i = scan === undefined ? 0 : countPlainEntries(view, 0, scan);
+  while (i < entries) {
+    if (scan !== undefined) nextContiguousOffset = scan.nextContiguousOffset;
     const at = i * l2EntryBytes;
     const high = view.getUint32(at);
     const low = view.getUint32(at + 4);
-    // Unallocated, nothing else set (extended L2: no subcluster bits either).
-    if (
-      high === 0 &&
-      low === 0 &&
-      (!extendedL2 || (view.getUint32(at + 8) | view.getUint32(at + 12)) === 0)
-    ) {
-      continue;
-    }
-    const offsetHigh = high & 0x00ff_ffff;
-    if (
-      plain &&
-      (high & PLAIN_HIGH_MASK) === 0 &&
-      (low & (PLAIN_LOW_MASK | clusterMask)) === 0 &&
-      offsetHigh < intHigh
-    ) {
-      // Neither compressed nor zero nor reserved bits, aligned: unallocated (offset 0, COPIED
-      // alone) or a normal cluster.
-      if (offsetHigh === 0 && low === 0) continue;
-      const clusterIndex = (offsetHigh << highShift) | (low >>> clusterBits);
-      if (blocks !== undefined) {
-        const block = blocks[clusterIndex >> perBlockBits];
-        if (block === undefined || !wide16) {
-          checkDataCopied(copied!, clusterIndex, high, low, log);
-        } else {
-          const index = (clusterIndex & (perBlock - 1)) * 2;
-          const refcount = (block[index]! << 8) | block[index + 1]!;
-          if ((refcount === 1) !== high >= QCOW_OFLAG_COPIED_HIGH) {
-            reportDataCopied(copied!, clusterIndex, refcount, high, low, log);
-          }
-        }
-      }
-      if (frag !== undefined) {
-        allocated++;
-        const hostOffset = clusterIndex * clusterSize;
-        if (nextContiguousOffset !== 0 && hostOffset !== nextContiguousOffset) fragmented++;
-        nextContiguousOffset = hostOffset + clusterSize;
-      }
-      const count = clusterIndex < countable ? counts[clusterIndex]! : maxCount;
-      if (count < maxCount) counts[clusterIndex] = count + 1;
-      else refcounts.addCluster(clusterIndex);
-      continue;
-    }
     if (copied !== undefined && (high & QCOW_OFLAG_COMPRESSED_HIGH) === 0) {
       // Not compressed, with a host offset: 'normal' or 'zero-alloc' (a data cluster).
       const hostOffset = entryOffset(high, low);
       if (hostOffset !== 0) checkDataCopied(copied, Math.floor(hostOffset / clusterSize), high, low, log);
     }
     nextContiguousOffset = countL2Entry(geometry, view, i, frag, nextContiguousOffset, refcounts, log);
+    i++;
+    if (scan !== undefined) {
+      scan.nextContiguousOffset = nextContiguousOffset;
+      i = countPlainEntries(view, i, scan);
+    }
   }
-  if (frag !== undefined) {
-    frag.allocated += allocated;
-    frag.fragmented += fragmented;
+  if (frag !== undefined && scan !== undefined) {
+    frag.allocated += scan.allocated;
+    frag.fragmented += scan.fragmented;
   }
+}
+
+/** What {@link countPlainEntries} needs of a count, and what it counted. */
+interface PlainScan {
+  readonly counts: Uint8Array | Uint16Array | Uint32Array;
+  /** Counters a loop may bump itself (see ComputedRefcounts.fileClusters). */
+  readonly countable: number;
+  readonly maxCount: number;
+  readonly clusterBits: number;
+  readonly clusterSize: number;
+  /** The stored refcount blocks, for COPIED (the active tables, every block in memory). */
+  readonly blocks: readonly (Uint8Array | undefined)[] | undefined;
+  readonly perBlock: number;
+  readonly refcountBits: number;
+  /** Fragmentation counted (the active tables). */
+  readonly frag: boolean;
+  allocated: number;
+  fragmented: number;
+  nextContiguousOffset: number;
+}
+
+/**
+ * Counts the references of the usual standard L2 entries (no data file) from entry `i` on:
+ * unallocated ones, and normal clusters (neither compressed nor zero nor reserved bits, aligned)
+ * below the counters' maximum whose COPIED flag agrees with their stored refcount when `blocks`
+ * are given; returns the index of the first other entry (for the general path), or the table's end.
+ *
+ * In int32 arithmetic: the cluster index is `high`'s offset bits shifted up, or'ed with `low`'s
+ * cluster bits, which stays below 2^31 while the offset's high bits are below 2^(clusterBits - 1)
+ * (every cluster of a file that can be checked; an entry past that is past the end of the file: the
+ * general path). A small loop of its own, without calls or closures: V8 optimizes it alone and
+ * quickly (a check of a 1 GiB image with 64 KiB clusters walks only 16 384 entries, and optimizing
+ * a larger function around them cost more CPU than walking them; see ops/tree-references.ts).
+ */
+function countPlainEntries(view: DataView, i: number, scan: PlainScan): number {
+  const { counts, countable, maxCount, clusterBits, clusterSize, blocks, perBlock, refcountBits } = scan;
+  const entries = view.byteLength / 8;
+  const clusterMask = clusterSize - 1;
+  const highShift = 32 - clusterBits;
+  const intHigh = 2 ** (clusterBits - 1);
+  const perBlockBits = Math.log2(perBlock);
+  const wide16 = refcountBits === 16;
+  for (; i < entries; i++) {
+    const high = view.getUint32(i * 8);
+    const low = view.getUint32(i * 8 + 4);
+    if (high === 0 && low === 0) continue;
+    const offsetHigh = high & 0x00ff_ffff;
+    if (
+      (high & PLAIN_HIGH_MASK) !== 0 ||
+      (low & (PLAIN_LOW_MASK | clusterMask)) !== 0 ||
+      offsetHigh >= intHigh
+    ) {
+      break;
+    }
+    // Unallocated (offset 0, COPIED alone): nothing to count.
+    if (offsetHigh === 0 && low === 0) continue;
+    const clusterIndex = (offsetHigh << highShift) | (low >>> clusterBits);
+    if (clusterIndex >= countable) break;
+    const count = counts[clusterIndex]!;
+    if (count >= maxCount) break;
+    if (blocks !== undefined) {
+      const block = blocks[clusterIndex >> perBlockBits];
+      if (block === undefined) break;
+      const index = clusterIndex & (perBlock - 1);
+      const refcount = wide16
+        ? (block[index * 2]! << 8) | block[index * 2 + 1]!
+        : decodeRefcount(block, index, refcountBits);
+      if ((refcount === 1) !== high >= QCOW_OFLAG_COPIED_HIGH) break;
+    }
+    if (scan.frag) {
+      // Kept in `scan` as it goes: a store after the loop would have no type feedback when V8
+      // optimizes the loop while it runs, and would deoptimize it at every return.
+      scan.allocated++;
+      const hostOffset = clusterIndex * clusterSize;
+      const next = scan.nextContiguousOffset;
+      if (next !== 0 && hostOffset !== next) scan.fragmented++;
+      scan.nextContiguousOffset = hostOffset + clusterSize;
+    }
+    counts[clusterIndex] = count + 1;
+  }
+  return i;
 }
 
 /**

@@ -64,6 +64,57 @@ export async function repairCopiedFlags(
   };
   const fits = (hostOffset: number, length: number): boolean =>
     hostOffset !== 0 && hostOffset % clusterSize === 0 && hostOffset + length <= file.size;
+  /**
+   * What entry (entryHigh, entryLow)'s COPIED flag should be, its line noted when it is not so;
+   * undefined for an entry left alone (no data cluster, misaligned, refcount unreadable).
+   */
+  const wantedCopied = async (entryHigh: number, entryLow: number): Promise<boolean | undefined> => {
+    if (entryHigh === 0 && entryLow === 0) return undefined;
+    const compressed = (entryHigh & QCOW_OFLAG_COMPRESSED_HIGH) !== 0;
+    const hostOffset = entryOffset(entryHigh, entryLow);
+    if (compressed) {
+      if ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0) {
+        note(
+          () =>
+            `Repairing compressed cluster entry with the copied flag: l2_entry=${entryHex(entryHigh, entryLow)}`,
+        );
+      }
+      return false;
+    }
+    // A data cluster ('normal' or 'zero-alloc') is one not compressed with a host offset;
+    // with a data file also offset 0 with COPIED (the classification says it, for those alone).
+    const dataCluster =
+      hostOffset !== 0 ||
+      (hasDataFile && classifyL2Entry(entryHigh, entryLow, true, extendedL2) === 'normal');
+    if (!dataCluster || hostOffset % clusterSize !== 0) return undefined;
+    let refcount: number | undefined;
+    if (hasDataFile) refcount = 1;
+    else {
+      // Without awaiting when the source knows the refcount (the usual case).
+      const known = stored.peek?.(Math.floor(hostOffset / clusterSize));
+      refcount =
+        known === undefined ? await refcountOf(hostOffset) : typeof known === 'number' ? known : undefined;
+    }
+    if (refcount === undefined) return undefined;
+    const want = refcount === 1;
+    if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+      note(
+        () =>
+          `Repairing OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
+      );
+    }
+    return want;
+  };
+  // The kernel serves the usual case: no data file, refcounts known without I/O, no lines kept.
+  const peek = stored.peek;
+  const plainKernel = !hasDataFile && !collectLines && peek !== undefined;
+  const walk: PlainRepair = {
+    peek: peek === undefined ? () => undefined : (clusterIndex) => peek.call(stored, clusterIndex),
+    clusterSize,
+    step: l2EntryBytes,
+    dirty: false,
+    fixed: 0,
+  };
   if (l1TableOffset % clusterSize !== 0) return { lines, fixed };
   const writes = new WriteBehind(L2_WRITES_IN_FLIGHT);
   // Two L1 entries naming one L2 table (a damaged image) must see each other's fixes: then no
@@ -125,58 +176,23 @@ export async function repairCopiedFlags(
         if (table === undefined) continue;
         const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
         let l2Dirty = false;
-        for (let at = 0; at < clusterSize; at += l2EntryBytes) {
+        // The usual entries in the kernel (see repairPlainEntries); each other one here.
+        walk.dirty = false;
+        walk.fixed = 0;
+        for (let at = plainKernel ? repairPlainEntries(view, 0, walk) : 0; at < clusterSize; ) {
           const entryHigh = view.getUint32(at);
           const entryLow = view.getUint32(at + 4);
-          if (entryHigh === 0 && entryLow === 0) continue;
-          const compressed = (entryHigh & QCOW_OFLAG_COMPRESSED_HIGH) !== 0;
-          const hostOffset = entryOffset(entryHigh, entryLow);
-          // A data cluster ('normal' or 'zero-alloc') is one not compressed with a host offset;
-          // with a data file also offset 0 with COPIED (the classification says it, for those alone).
-          const dataCluster =
-            !compressed &&
-            (hostOffset !== 0 ||
-              (hasDataFile && classifyL2Entry(entryHigh, entryLow, true, extendedL2) === 'normal'));
-          let want: boolean;
-          if (compressed) {
-            want = false;
-          } else if (dataCluster) {
-            if (hostOffset % clusterSize !== 0) continue;
-            let refcount: number | undefined;
-            if (hasDataFile) refcount = 1;
-            else {
-              // Without awaiting when the source knows the refcount (the usual case).
-              const known = stored.peek?.(Math.floor(hostOffset / clusterSize));
-              refcount =
-                known === undefined
-                  ? await refcountOf(hostOffset)
-                  : typeof known === 'number'
-                    ? known
-                    : undefined;
-            }
-            if (refcount === undefined) continue;
-            want = refcount === 1;
-            if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-              note(
-                () =>
-                  `Repairing OFLAG_COPIED data cluster: l2_entry=${entryHex(entryHigh, entryLow)} refcount=${refcount}`,
-              );
-            }
-          } else {
-            continue;
-          }
-          if (want !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-            if (compressed) {
-              note(
-                () =>
-                  `Repairing compressed cluster entry with the copied flag: l2_entry=${entryHex(entryHigh, entryLow)}`,
-              );
-            }
-            view.setUint32(at, withCopied(entryHigh, want));
+          const fix = await wantedCopied(entryHigh, entryLow);
+          if (fix !== undefined && fix !== ((entryHigh & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+            view.setUint32(at, withCopied(entryHigh, fix));
             l2Dirty = true;
             fixed++;
           }
+          at += l2EntryBytes;
+          if (plainKernel) at = repairPlainEntries(view, at, walk);
         }
+        fixed += walk.fixed;
+        l2Dirty ||= walk.dirty;
         // A table written back keeps its buffer (the write may still read it).
         if (l2Dirty) await writes.add(file.write(l2Offset, table, request));
         else reads?.release(k);
@@ -190,4 +206,45 @@ export async function repairCopiedFlags(
   }
   if (fixed > 0) await file.flush(request);
   return { lines, fixed };
+}
+
+/** What {@link repairPlainEntries} needs of a repair, and what it fixed in the table. */
+interface PlainRepair {
+  readonly peek: (clusterIndex: number) => StoredRefcount | undefined;
+  readonly clusterSize: number;
+  /** Bytes of one L2 entry (8, or 16 with extended L2). */
+  readonly step: number;
+  /** Set when a flag was fixed in the table; `fixed` counts them. */
+  dirty: boolean;
+  fixed: number;
+}
+
+/**
+ * Fixes the COPIED flags of the usual L2 entries (no data file, no lines kept) from byte `at` on:
+ * unallocated ones, entries without a host offset, and data clusters whose refcount is known
+ * without I/O; returns the byte offset of the first other entry (compressed, misaligned, refcount
+ * unknown or unreadable), or the table's end. A loop of its own, out of the async walk, so that V8
+ * optimizes this small loop alone (see ops/tree-references.ts).
+ */
+function repairPlainEntries(view: DataView, at: number, walk: PlainRepair): number {
+  const { peek, clusterSize, step } = walk;
+  const end = view.byteLength;
+  for (; at < end; at += step) {
+    const high = view.getUint32(at);
+    const low = view.getUint32(at + 4);
+    if (high === 0 && low === 0) continue;
+    if ((high & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) return at;
+    const hostOffset = entryOffset(high, low);
+    if (hostOffset === 0) continue;
+    if (hostOffset % clusterSize !== 0) return at;
+    const refcount = peek(hostOffset / clusterSize);
+    if (typeof refcount !== 'number') return at;
+    const want = refcount === 1;
+    if (want !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
+      view.setUint32(at, withCopied(high, want));
+      walk.dirty = true;
+      walk.fixed++;
+    }
+  }
+  return end;
 }

@@ -85,6 +85,15 @@ export async function addTreeReferences(
     }
   }
 
+  const walk: PlainWalk = {
+    counts,
+    delta,
+    max,
+    clusterSize,
+    step: l2EntryBytes,
+    clearCopied,
+    dirty: false,
+  };
   const reads = new L2TableReads(file, clusterSize, l2Offsets, request);
   const writes = new WriteBehind(WRITES_IN_FLIGHT);
   try {
@@ -96,42 +105,30 @@ export async function addTreeReferences(
       // Past the end of the file (the edit's check has reported it): nothing to count.
       if (table === undefined) continue;
       const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
-      let dirty = false;
-      for (let at = 0; at < clusterSize; at += l2EntryBytes) {
+      walk.dirty = false;
+      // The usual entries in the kernel; each other one here, then the kernel again after it.
+      for (let at = hasDataFile ? 0 : countPlainEntries(view, 0, walk); at < clusterSize; ) {
         const high = view.getUint32(at);
         const low = view.getUint32(at + 4);
-        if (high === 0 && low === 0) continue;
         if (!hasDataFile && (high & QCOW_OFLAG_COMPRESSED_HIGH) === 0) {
-          // Not compressed, no data file: 'normal' or 'zero-alloc' when it has a host offset (an
-          // entry without one references nothing, but may still carry COPIED: cleared below).
-          const hostOffset = entryOffset(high, low);
-          if (hostOffset !== 0) {
-            const clusterIndex = hostOffset / clusterSize;
-            const count = hostOffset % clusterSize === 0 ? (counts[clusterIndex] ?? 0) + delta : -1;
-            // The usual entry inline; out of range or misaligned: the general path (which throws
-            // in its words: freed too often, or an overflow).
-            if (count >= 0 && count <= max) counts[clusterIndex] = count;
-            else edit.addReferences(hostOffset, clusterSize, delta);
-          }
-        } else {
-          switch (classifyL2Entry(high, low, hasDataFile, extendedL2)) {
-            case 'compressed': {
-              const extent = decodeCompressedDescriptor(high, low, clusterBits);
-              edit.addReferences(extent.hostOffset, extent.length, delta);
-              break;
-            }
-            default:
-              // With a data file the data clusters are not in this file's refcounts.
-              break;
-          }
+          // Not compressed, no data file: 'normal' or 'zero-alloc' when it has a host offset.
+          // Out of range or misaligned: the general path (which throws in its words: freed too
+          // often, or an overflow).
+          edit.addReferences(entryOffset(high, low), clusterSize, delta);
+        } else if (classifyL2Entry(high, low, hasDataFile, extendedL2) === 'compressed') {
+          const extent = decodeCompressedDescriptor(high, low, clusterBits);
+          edit.addReferences(extent.hostOffset, extent.length, delta);
         }
+        // (With a data file the data clusters are not in this file's refcounts.)
         if (clearCopied && (high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
           view.setUint32(at, (high & ~QCOW_OFLAG_COPIED_HIGH) >>> 0);
-          dirty = true;
+          walk.dirty = true;
         }
+        at += l2EntryBytes;
+        if (!hasDataFile) at = countPlainEntries(view, at, walk);
       }
       // A table written back keeps its buffer (the write may still read it).
-      if (dirty) await writes.add(file.write(l2Offset, table, request));
+      if (walk.dirty) await writes.add(file.write(l2Offset, table, request));
       else reads.release(k);
     }
     await writes.drain();
@@ -139,4 +136,53 @@ export async function addTreeReferences(
     await writes.settle();
   }
   if (l1Dirty) await file.write(l1TableOffset, l1, request);
+}
+
+/** What {@link countPlainEntries} needs of a walk, and whether it changed the table. */
+interface PlainWalk {
+  readonly counts: number[];
+  readonly delta: 1 | -1;
+  readonly max: number;
+  readonly clusterSize: number;
+  /** Bytes of one L2 entry (8, or 16 with extended L2). */
+  readonly step: number;
+  readonly clearCopied: boolean;
+  /** Set when a COPIED flag was cleared in the table. */
+  dirty: boolean;
+}
+
+/**
+ * Counts the usual entries of an L2 table (no data file) from byte `at` on: unallocated ones, and
+ * those not compressed whose host offset is 0 or a cluster whose count stays within 0..max (COPIED
+ * cleared with `clearCopied`); returns the byte offset of the first other entry (compressed,
+ * misaligned, out of range), or the table's end.
+ *
+ * Why a function of its own: the walk is async and long, and a hot loop inside it made V8 optimize
+ * all of it (on-stack replacement, then again on the next call, deoptimized and optimized again as
+ * the entry kinds changed): in `qcow2 snapshot -a` on a 1 GiB image (64 KiB clusters), that
+ * optimizing took more CPU than the rest of the command together. This loop alone compiles in a
+ * fraction of that, once for every walk of the process.
+ */
+function countPlainEntries(view: DataView, at: number, walk: PlainWalk): number {
+  const { counts, delta, max, clusterSize, step, clearCopied } = walk;
+  const end = view.byteLength;
+  for (; at < end; at += step) {
+    const high = view.getUint32(at);
+    const low = view.getUint32(at + 4);
+    if (high === 0 && low === 0) continue;
+    if ((high & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) return at;
+    const hostOffset = entryOffset(high, low);
+    if (hostOffset !== 0) {
+      if (hostOffset % clusterSize !== 0) return at;
+      const clusterIndex = hostOffset / clusterSize;
+      const count = (counts[clusterIndex] ?? 0) + delta;
+      if (count < 0 || count > max) return at;
+      counts[clusterIndex] = count;
+    }
+    if (clearCopied && (high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
+      view.setUint32(at, (high & ~QCOW_OFLAG_COPIED_HIGH) >>> 0);
+      walk.dirty = true;
+    }
+  }
+  return end;
 }
