@@ -4,10 +4,18 @@
  * (its name resolved against the working folder, as QEMU does), its backing chain read-only through
  * the engine. Read-only layers are opened with force-share so the command can also hold a writer
  * on one of them.
+ *
+ * On a memory-backed file (tmpfs, ramfs: `inlineIoMaxBytes`), the image file's and the data file's
+ * small requests (up to 64 KiB: 4 KiB guest writes, L2 slices, refcount blocks) run inline on the
+ * calling thread instead of a round trip through libuv's pool: there a write is a memory copy that
+ * never waits for a disk. `qcow2 bench -w` of 100k 4 KiB writes into allocated clusters at depth 32
+ * on /dev/shm, 5 alternating runs, medians: 2.59 s on the pool, 1.07 s inline (qemu-img bench -i
+ * threads 1.51 s). Disk file systems and block devices keep the pool (a request there may wait
+ * for the disk, and the event loop must not).
  */
 import { resolve } from 'node:path';
 import type { BlockDevice } from '@qcowkit/blockdev';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, inlineIoMaxBytes } from '@qcowkit/blockdev/node';
 import { Qcow2Image, RawImage } from '@qcowkit/qcow2-core';
 import { detectFormat, type ImageFormat, type OpenedImage, openImage } from '../engine.js';
 import { CliError, openError } from '../errors.js';
@@ -29,7 +37,11 @@ export async function openWritable(
   const noFlush = options.noFlush === true;
   let file: FileBlockDevice;
   try {
-    file = await FileBlockDevice.open(path, { readOnly: false, noFlush });
+    file = await FileBlockDevice.open(path, {
+      readOnly: false,
+      noFlush,
+      syncIoMaxBytes: await inlineIoMaxBytes(path),
+    });
   } catch (error) {
     throw openError(displayName, error, path);
   }
@@ -66,7 +78,11 @@ export async function openWritable(
         // As the read-only path (core openImage): relative to the current working directory.
         const dataPath = resolve(name);
         try {
-          dataFile = await FileBlockDevice.open(dataPath, { readOnly: false, noFlush });
+          dataFile = await FileBlockDevice.open(dataPath, {
+            readOnly: false,
+            noFlush,
+            syncIoMaxBytes: await inlineIoMaxBytes(dataPath),
+          });
         } catch (error) {
           throw openError(name, error, dataPath);
         }

@@ -170,8 +170,11 @@ export class RefcountStore {
   async adjust(clusterIndex: number, count: number, delta: number): Promise<void> {
     for (let cluster = clusterIndex; cluster < clusterIndex + count; cluster++) {
       const blockIndex = Math.floor(cluster / this.#perBlock);
+      // A loaded block costs no await (allocations adjust a run of clusters one by one).
       const block =
-        (await this.#block(blockIndex)) ?? (delta > 0 ? await this.#createBlock(blockIndex) : undefined);
+        this.#blocks.get(blockIndex) ??
+        (await this.#block(blockIndex)) ??
+        (delta > 0 ? await this.#createBlock(blockIndex) : undefined);
       if (block === undefined) {
         throw new BlockDeviceError('ECORRUPT', 'refcount: freeing a cluster that has no refcount block', {
           offset: cluster * this.#clusterSize,

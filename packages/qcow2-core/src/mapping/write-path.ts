@@ -141,11 +141,33 @@ export class WritePath {
   }
 
   async #entry(l2Offset: number, l2Index: number): Promise<EntryRef> {
+    return (
+      this.#cachedEntry(l2Offset, l2Index) ??
+      this.#refIn(l2Offset, l2Index, await this.#o.cache.get(this.#sliceOffset(l2Offset, l2Index), this.#loadSlice))
+    );
+  }
+
+  /**
+   * The L2 entry when its slice is cached, else undefined: the loops over a request's clusters take
+   * this synchronous path first, so a cached slice costs no await (no promise, no microtask) per
+   * cluster.
+   */
+  #cachedEntry(l2Offset: number, l2Index: number): EntryRef | undefined {
+    const slice = this.#o.cache.lookup(this.#sliceOffset(l2Offset, l2Index));
+    return slice === undefined ? undefined : this.#refIn(l2Offset, l2Index, slice);
+  }
+
+  #sliceOffset(l2Offset: number, l2Index: number): number {
+    return l2Offset + Math.floor(l2Index / this.#entriesPerSlice) * this.#o.sliceBytes;
+  }
+
+  #refIn(l2Offset: number, l2Index: number, slice: DataView): EntryRef {
     const sliceIndex = Math.floor(l2Index / this.#entriesPerSlice);
-    const sliceHostOffset = l2Offset + sliceIndex * this.#o.sliceBytes;
-    const slice =
-      this.#o.cache.lookup(sliceHostOffset) ?? (await this.#o.cache.get(sliceHostOffset, this.#loadSlice));
-    return { slice, sliceHostOffset, at: (l2Index - sliceIndex * this.#entriesPerSlice) * this.#entrySize };
+    return {
+      slice,
+      sliceHostOffset: l2Offset + sliceIndex * this.#o.sliceBytes,
+      at: (l2Index - sliceIndex * this.#entriesPerSlice) * this.#entrySize,
+    };
   }
 
   /** Metadata changes not written yet (dirty L2 slices, refcounts, frees). */
@@ -424,7 +446,7 @@ export class WritePath {
       for (const table of plan.tables) {
         const l2Offset = this.#o.mapper.l2TableOffset(table.l1Index);
         for (const item of table.allocations) {
-          const ref = await this.#entry(l2Offset, item.l2Index);
+          const ref = this.#cachedEntry(l2Offset, item.l2Index) ?? (await this.#entry(l2Offset, item.l2Index));
           const { high, low } = encodeL2Entry({ type: 'normal', hostOffset: item.hostCluster, copied: true });
           ref.slice.setUint32(ref.at, high);
           ref.slice.setUint32(ref.at + 4, low);
@@ -433,7 +455,7 @@ export class WritePath {
             ref.slice.setUint32(ref.at + 12, ALL_SUBCLUSTERS);
           }
           this.#dirty(ref);
-          this.#pendingFrees.push(...item.old);
+          if (item.old.length > 0) this.#pendingFrees.push(...item.old);
         }
         for (const { l2Index, allocBits } of table.subUpdates) {
           const ref = await this.#entry(l2Offset, l2Index);
@@ -476,7 +498,7 @@ export class WritePath {
     const toAllocate: { clusterIndex: number; old: Release[]; readsZeros: boolean; reuse?: number }[] = [];
     for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
       const l2Index = clusterIndex - l1Index * clustersPerTable;
-      const ref = await this.#entry(l2Offset, l2Index);
+      const ref = this.#cachedEntry(l2Offset, l2Index) ?? (await this.#entry(l2Offset, l2Index));
       const high = ref.slice.getUint32(ref.at);
       const low = ref.slice.getUint32(ref.at + 4);
       const type = classifyL2Entry(high, low, this.#hasDataFile, this.#o.extendedL2);
@@ -487,7 +509,7 @@ export class WritePath {
       if (type === 'normal' && (high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
         const hostCluster = l2EntryHostOffset(high, low);
         if (!this.#o.extendedL2) {
-          pieces.push({ hostOffset: hostCluster + (writeStart - clusterStart), bytes });
+          appendPiece(pieces, hostCluster + (writeStart - clusterStart), bytes);
           continue;
         }
         // Extended L2: widen to whole subclusters, filling unallocated ones from the guest view.
@@ -497,7 +519,7 @@ export class WritePath {
         let newBits = allocBits;
         for (let sub = first; sub <= last; sub++) newBits = (newBits | (1 << sub)) >>> 0;
         if (newBits === allocBits) {
-          pieces.push({ hostOffset: hostCluster + (writeStart - clusterStart), bytes });
+          appendPiece(pieces, hostCluster + (writeStart - clusterStart), bytes);
           continue;
         }
         const padStart = clusterStart + first * this.#subclusterSize;
@@ -585,20 +607,7 @@ export class WritePath {
         }
         bytes.set(data.subarray(writeStart - guestOffset, writeEnd - guestOffset), writeStart - clusterStart);
       }
-      const last = pieces[pieces.length - 1];
-      if (
-        last !== undefined &&
-        last.hostOffset + last.bytes.length === hostOffset &&
-        last.bytes.buffer === bytes.buffer &&
-        last.bytes.byteOffset + last.bytes.length === bytes.byteOffset
-      ) {
-        pieces[pieces.length - 1] = {
-          hostOffset: last.hostOffset,
-          bytes: new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length),
-        };
-      } else {
-        pieces.push({ hostOffset, bytes });
-      }
+      appendPiece(pieces, hostOffset, bytes);
       table.allocations.push({
         l2Index: item.clusterIndex - l1Index * clustersPerTable,
         hostCluster,
@@ -1048,6 +1057,32 @@ export class WritePath {
 function isAllocated(high: number, low: number, hasDataFile: boolean, extendedL2: boolean): boolean {
   const type = classifyL2Entry(high, low, hasDataFile, extendedL2);
   return type === 'normal' || type === 'compressed' || type === 'zero-alloc';
+}
+
+/**
+ * Adds a data write to `pieces`, merged into the last one when it continues it both on the host
+ * and in the same buffer: a request over clusters that are contiguous on the host (in place or
+ * freshly allocated) is one write, not one a cluster.
+ */
+function appendPiece(
+  pieces: { hostOffset: number; bytes: Uint8Array }[],
+  hostOffset: number,
+  bytes: Uint8Array,
+): void {
+  const last = pieces[pieces.length - 1];
+  if (
+    last !== undefined &&
+    last.hostOffset + last.bytes.length === hostOffset &&
+    last.bytes.buffer === bytes.buffer &&
+    last.bytes.byteOffset + last.bytes.length === bytes.byteOffset
+  ) {
+    pieces[pieces.length - 1] = {
+      hostOffset: last.hostOffset,
+      bytes: new Uint8Array(bytes.buffer, last.bytes.byteOffset, last.bytes.length + bytes.length),
+    };
+  } else {
+    pieces.push({ hostOffset, bytes });
+  }
 }
 
 /** Runs `task` over `items`, at most WRITE_CONCURRENCY at a time. */
