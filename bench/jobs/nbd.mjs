@@ -3,10 +3,17 @@
  * 1 GiB raw file over a unix socket on /dev/shm. The same client runs against each server: fio's
  * nbd engine (4 KiB random read and write at depth 16, 1 MiB sequential read) and nbdcopy with 4
  * connections out of and into the export. Only the client's run is timed (server start excluded).
+ *
+ * Wall times on a shared 2-core machine swing by 2x between rounds of one job; the servers' CPU
+ * during the client's run is steadier. Each job prints it after its ratio: the medians of the
+ * server's user and system seconds (all threads, from /proc/PID/stat) for each side, and for ours
+ * the event loop's sleeps (voluntary context switches of the main thread): on these VMs a sleeping
+ * thread woken from the other CPU costs an interrupt between CPUs, and 4 KiB requests at depth 16
+ * are a ping-pong with the client whose cost is mostly those wake-ups.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { copyFile, open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -59,6 +66,7 @@ async function startServer(command, args, socket) {
   }
   return {
     uri: `nbd+unix:///?socket=${socket}`,
+    pid: child.pid,
     async stop() {
       const exited = new Promise((resolve) => child.once('exit', resolve));
       if (child.exitCode === null) child.kill('SIGTERM');
@@ -98,11 +106,74 @@ const qcow2Servers = {
     ),
 };
 
+/** Clock ticks per second of /proc/PID/stat's times (USER_HZ: 100 on Linux). */
+const TICKS = 100;
+
+/** The process's CPU seconds (all its threads, living and gone) and its main thread's sleeps. */
+function usage(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+    const sleeps = /^voluntary_ctxt_switches:\s+(\d+)/m.exec(status);
+    return {
+      user: Number(fields[11]) / TICKS,
+      system: Number(fields[12]) / TICKS,
+      sleeps: sleeps === null ? Number.NaN : Number(sleeps[1]),
+    };
+  } catch {
+    return undefined;
+  }
+}
+
+/** Runs the client against `server`, recording the server's CPU meanwhile in ctx.cpu[side]. */
+function measured(ctx, side, server, run) {
+  const before = usage(server.pid);
+  const seconds = run();
+  const after = usage(server.pid);
+  if (before !== undefined && after !== undefined) {
+    ctx.cpu ??= {};
+    ctx.cpu[side] ??= [];
+    ctx.cpu[side].push({
+      user: after.user - before.user,
+      system: after.system - before.system,
+      sleeps: after.sleeps - before.sleeps,
+    });
+  }
+  return seconds;
+}
+
+function medianOf(values) {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+/** The job, printing the servers' CPU (see the header comment) before its own teardown. */
+function reportingCpu(job) {
+  return {
+    ...job,
+    teardown: async (ctx) => {
+      const sides = Object.entries(ctx?.cpu ?? {}).map(([side, runs]) => {
+        const user = medianOf(runs.map((run) => run.user));
+        const system = medianOf(runs.map((run) => run.system));
+        const label = side === 'ours' || side === 'auto' ? 'ours' : (job.theirsName ?? 'qemu');
+        const sleeps =
+          label === 'ours' ? `, ${medianOf(runs.map((run) => run.sleeps))} event-loop sleeps` : '';
+        return `${label} ${user.toFixed(2)} u + ${system.toFixed(2)} s${sleeps}`;
+      });
+      if (sides.length > 0)
+        console.log(`  ${job.name}: server CPU during the client's run (medians): ${sides.join('; ')}`);
+      await job.teardown?.(ctx);
+    },
+  };
+}
+
 function qcow2Job(name, description, work) {
   const side = (which) => async (ctx) => {
     const server = await qcow2Servers[which](ctx);
     try {
-      return work(ctx, server.uri);
+      return measured(ctx, which, server, () => work(ctx, server.uri));
     } finally {
       await server.stop();
     }
@@ -150,7 +221,7 @@ function qcow2WriteJob(name, description, source, work) {
     await copyFile(ctx[source], ctx.image);
     const server = await qcow2WriteServers[which](ctx);
     try {
-      return work(ctx, server.uri);
+      return measured(ctx, which, server, () => work(ctx, server.uri));
     } finally {
       await server.stop();
       await rm(ctx.image, { force: true });
@@ -183,7 +254,7 @@ function aioJob(name, description, format, work) {
     if (format === 'qcow2') await copyFile(ctx.full, ctx.image);
     const server = await start(ctx, mode);
     try {
-      return work(ctx, server.uri);
+      return measured(ctx, mode, server, () => work(ctx, server.uri));
     } finally {
       await server.stop();
     }
@@ -235,7 +306,7 @@ function job(name, description, work) {
   const side = (which) => async (ctx) => {
     const server = await servers[which](ctx);
     try {
-      return work(ctx, server.uri);
+      return measured(ctx, which, server, () => work(ctx, server.uri));
     } finally {
       await server.stop();
     }
@@ -252,7 +323,7 @@ function job(name, description, work) {
   };
 }
 
-export const jobs = [
+const rawAndQcow2Jobs = [
   job('nbd-fio-randread-4k', 'fio 4 KiB random reads, depth 16, 256 MiB, vs nbdkit file', (_ctx, uri) =>
     fio(uri, 'randread', '4k', '256M'),
   ),
@@ -317,3 +388,5 @@ export const jobs = [
     (_ctx, uri) => fio(uri, 'randread', '4k', '256M'),
   ),
 ];
+
+export const jobs = rawAndQcow2Jobs.map(reportingCpu);
