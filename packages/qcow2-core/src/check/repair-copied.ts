@@ -7,9 +7,15 @@
 
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
 import { classifyL2Entry } from '../format/l2-entry.js';
-import { entryHex, entryOffset, QCOW_OFLAG_COMPRESSED_HIGH, QCOW_OFLAG_COPIED_HIGH } from './entries.js';
+import {
+  entryHex,
+  entryOffset,
+  QCOW_OFLAG_COMPRESSED_HIGH,
+  QCOW_OFLAG_COPIED_HIGH,
+  TWO_POW_32,
+} from './entries.js';
 import { L2TableReads } from './l2-reads.js';
-import type { StoredRefcount } from './stored-refcounts.js';
+import { decodeRefcount, type StoredRefcount } from './stored-refcounts.js';
 import { WriteBehind } from './write-behind.js';
 
 /** Where the refcounts come from: the stored ones, or a plan not yet written. */
@@ -17,6 +23,13 @@ export interface RefcountSource {
   get(clusterIndex: number, request?: RequestOptions): Promise<StoredRefcount>;
   /** The refcount when known without I/O, else undefined. */
   peek?(clusterIndex: number): StoredRefcount | undefined;
+  /** Stored refcounts (StoredRefcounts has these): the blocks in memory by table index, when all
+   * are; the entries of a block and their width. What `peek` decodes, read in the walk's loop. */
+  readonly residentBlocks?: readonly (Uint8Array | undefined)[] | undefined;
+  readonly entriesPerBlock?: number;
+  readonly refcountBits?: number;
+  /** A plan: the refcount of every cluster (0 past the end), what `peek` returns. */
+  readonly plannedCounts?: readonly number[];
 }
 
 const L1_CHUNK_ENTRIES = 64 * 1024;
@@ -106,10 +119,13 @@ export async function repairCopiedFlags(
     return want;
   };
   // The kernel serves the usual case: no data file, refcounts known without I/O, no lines kept.
-  const peek = stored.peek;
-  const plainKernel = !hasDataFile && !collectLines && peek !== undefined;
+  const plainKernel = !hasDataFile && !collectLines && stored.peek !== undefined;
   const walk: PlainRepair = {
-    peek: peek === undefined ? () => undefined : (clusterIndex) => peek.call(stored, clusterIndex),
+    source: stored,
+    blocks: stored.residentBlocks,
+    perBlock: stored.entriesPerBlock ?? 1,
+    refcountBits: stored.refcountBits ?? 16,
+    planned: stored.plannedCounts,
     clusterSize,
     step: l2EntryBytes,
     dirty: false,
@@ -210,7 +226,12 @@ export async function repairCopiedFlags(
 
 /** What {@link repairPlainEntries} needs of a repair, and what it fixed in the table. */
 interface PlainRepair {
-  readonly peek: (clusterIndex: number) => StoredRefcount | undefined;
+  /** Asked when neither `blocks` nor `planned` is given. */
+  readonly source: RefcountSource;
+  readonly blocks: readonly (Uint8Array | undefined)[] | undefined;
+  readonly perBlock: number;
+  readonly refcountBits: number;
+  readonly planned: readonly number[] | undefined;
   readonly clusterSize: number;
   /** Bytes of one L2 entry (8, or 16 with extended L2). */
   readonly step: number;
@@ -227,18 +248,36 @@ interface PlainRepair {
  * optimizes this small loop alone (see ops/tree-references.ts).
  */
 function repairPlainEntries(view: DataView, at: number, walk: PlainRepair): number {
-  const { peek, clusterSize, step } = walk;
+  const { source, blocks, perBlock, refcountBits, planned, clusterSize, step } = walk;
+  const perBlockBits = Math.log2(perBlock);
+  const wide16 = refcountBits === 16;
   const end = view.byteLength;
   for (; at < end; at += step) {
     const high = view.getUint32(at);
     const low = view.getUint32(at + 4);
     if (high === 0 && low === 0) continue;
     if ((high & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) return at;
-    const hostOffset = entryOffset(high, low);
+    // The host offset (entryOffset, written out: one function less for V8 to optimize apart).
+    const hostOffset = (high & 0x00ff_ffff) * TWO_POW_32 + ((low & 0xffff_fe00) >>> 0);
     if (hostOffset === 0) continue;
     if (hostOffset % clusterSize !== 0) return at;
-    const refcount = peek(hostOffset / clusterSize);
-    if (typeof refcount !== 'number') return at;
+    const clusterIndex = hostOffset / clusterSize;
+    let refcount: number;
+    if (blocks !== undefined) {
+      // What StoredRefcounts.peek decodes, read here; a block not in memory: the general path.
+      const block = blocks[Math.floor(clusterIndex / perBlock)];
+      if (block === undefined) return at;
+      const index = clusterIndex - Math.floor(clusterIndex / perBlock) * perBlock;
+      refcount = wide16
+        ? (block[index * 2]! << 8) | block[index * 2 + 1]!
+        : decodeRefcount(block, index, refcountBits);
+    } else if (planned !== undefined) {
+      refcount = planned[clusterIndex] ?? 0;
+    } else {
+      const known = source.peek?.(clusterIndex);
+      if (typeof known !== 'number') return at;
+      refcount = known;
+    }
     const want = refcount === 1;
     if (want !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
       view.setUint32(at, withCopied(high, want));

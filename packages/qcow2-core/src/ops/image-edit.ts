@@ -305,6 +305,7 @@ export class ImageEdit {
       ? {
           get: async (clusterIndex: number) => this.counts[clusterIndex] ?? 0,
           peek: (clusterIndex: number) => this.counts[clusterIndex] ?? 0,
+          plannedCounts: this.counts,
         }
       : await this.#storedRefcounts();
     await repairCopiedFlags(

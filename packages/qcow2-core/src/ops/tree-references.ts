@@ -17,6 +17,7 @@ import {
   entryOffset,
   QCOW_OFLAG_COMPRESSED_HIGH,
   QCOW_OFLAG_COPIED_HIGH,
+  TWO_POW_32,
 } from '../check/entries.js';
 import { L2TableReads } from '../check/l2-reads.js';
 import { WriteBehind } from '../check/write-behind.js';
@@ -171,7 +172,8 @@ function countPlainEntries(view: DataView, at: number, walk: PlainWalk): number 
     const low = view.getUint32(at + 4);
     if (high === 0 && low === 0) continue;
     if ((high & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) return at;
-    const hostOffset = entryOffset(high, low);
+    // The host offset (entryOffset, written out: one function less for V8 to optimize apart).
+    const hostOffset = (high & 0x00ff_ffff) * TWO_POW_32 + ((low & 0xffff_fe00) >>> 0);
     if (hostOffset !== 0) {
       if (hostOffset % clusterSize !== 0) return at;
       const clusterIndex = hostOffset / clusterSize;
