@@ -195,10 +195,15 @@ export class ImageWriter {
     try {
       return await task();
     } catch (error) {
-      if (error instanceof OverlapError || isBlockDeviceError(error, 'ECORRUPT')) {
-        await this.#markCorrupt(error as BlockDeviceError);
-      }
+      await this.#corrupted(error);
       throw error;
+    }
+  }
+
+  /** Marks the image corrupt when `error` says its structures are inconsistent. */
+  async #corrupted(error: unknown): Promise<void> {
+    if (error instanceof OverlapError || isBlockDeviceError(error, 'ECORRUPT')) {
+      await this.#markCorrupt(error as BlockDeviceError);
     }
   }
 
@@ -239,9 +244,22 @@ export class ImageWriter {
   async write(guestOffset: number, data: Uint8Array): Promise<void> {
     if (this.#corruption !== undefined) throw this.#corruption;
     this.#bitmaps?.mark(guestOffset, data.length);
-    const done = await this.lock.shared(() =>
-      this.#guarded(() => this.#writePath.tryWriteInPlace(guestOffset, data)),
-    );
+    let done: boolean;
+    if (this.lock.tryShared()) {
+      // The common case (nothing holds the lock alone): no closures around the in-place write.
+      try {
+        done = await this.#writePath.tryWriteInPlace(guestOffset, data);
+      } catch (error) {
+        await this.#corrupted(error);
+        throw error;
+      } finally {
+        this.lock.releaseShared();
+      }
+    } else {
+      done = await this.lock.shared(() =>
+        this.#guarded(() => this.#writePath.tryWriteInPlace(guestOffset, data)),
+      );
+    }
     if (done) return;
     // Allocating: plan under the lock, write the data without it (other requests proceed), then
     // change the mapping under the lock again.

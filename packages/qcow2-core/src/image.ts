@@ -407,12 +407,15 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     return writer.lock.shared(() => super.readInto(buffer, offset, options));
   }
 
-  override async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+  override write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
     const writer = this.#writer;
     if (writer === undefined) return super.write(offset, data, options);
-    return this.#change('write', offset, data.length, options?.signal, async () => {
+    if (options?.fua !== true) {
+      return this.#change('write', offset, data.length, options?.signal, () => writer.write(offset, data));
+    }
+    return this.#change('write', offset, data.length, options.signal, async () => {
       await writer.write(offset, data);
-      if (options?.fua) await writer.flush();
+      await writer.flush();
     });
   }
 
@@ -523,7 +526,10 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       // No change starts once closing has begun: every bit a write sets in the persistent bitmaps
       // is set before they are stored, and nothing is written behind the final flush.
       this.#closing = true;
-      while (this.#changes.size > 0) await Promise.allSettled([...this.#changes]);
+      while (this.#changes.size > 0 || this.#requests > 0) {
+        if (this.#changes.size > 0) await Promise.allSettled([...this.#changes]);
+        if (this.#requests > 0) await new Promise<void>((resolve) => this.#requestsDone.push(resolve));
+      }
       await writer.close();
     }
     await super.close();
@@ -547,6 +553,12 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     return promise;
   }
 
+  /** Guest requests (write, write zeroes, discard) running, and close()'s wait for none. A
+   * counter, not a set of promises as {@link #tracked}: each 4 KiB write would pay for a set entry
+   * and a promise reaction. */
+  #requests = 0;
+  #requestsDone: (() => void)[] = [];
+
   async #change(
     kind: RequestKind,
     offset: number,
@@ -558,7 +570,16 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
     validateRange(this.size, offset, length, kind);
     throwIfAborted(signal);
     if (length === 0) return;
-    await this.#tracked(task());
+    this.#requests++;
+    try {
+      await task();
+    } finally {
+      if (--this.#requests === 0 && this.#requestsDone.length > 0) {
+        const waiting = this.#requestsDone;
+        this.#requestsDone = [];
+        for (const resolve of waiting) resolve();
+      }
+    }
   }
 
   async #openExternalFiles(options: Qcow2OpenOptions): Promise<void> {

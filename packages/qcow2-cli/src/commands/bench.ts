@@ -5,6 +5,7 @@
  * `flushInterval` requests, draining the queue first unless `noDrain`.
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
+import { inlineIoMaxBytes } from '@qcowkit/blockdev/node';
 import { type ImageFormat, openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
@@ -77,10 +78,12 @@ async function openForBench(
     );
   }
   if (!options.write) {
+    // Requests up to 64 KiB inline on a memory-backed file (as writes, see writable-image.ts).
     const opened = await openImage(path, {
       displayName: file,
       format: options.format,
       forceShare: options.forceShare,
+      syncIoMaxBytes: await inlineIoMaxBytes(path),
     });
     return { device: opened.device, close: () => opened.close() };
   }

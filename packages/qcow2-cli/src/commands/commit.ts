@@ -10,7 +10,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, inlineIoMaxBytes } from '@qcowkit/blockdev/node';
 import { commitToBacking, emptyImage } from '@qcowkit/qcow2-core';
 import { type ChainLayer, type ImageFormat, openImage } from '../engine.js';
 import { CliError, describeError } from '../errors.js';
@@ -54,7 +54,13 @@ export async function commitCommand(
 ): Promise<number> {
   const path = resolveAgainst(context.io.cwd, file);
   // The guest view over the whole chain, read-only; the base layer of it is the target.
-  const overlay = await openImage(path, { displayName: file, format: options.format, forceShare: true });
+  // Its small reads (L2 slices) inline on a memory-backed file, as the base's (see writable-image.ts).
+  const overlay = await openImage(path, {
+    displayName: file,
+    format: options.format,
+    forceShare: true,
+    syncIoMaxBytes: await inlineIoMaxBytes(path),
+  });
   const progress = progressReporter(context.io, options.progress && !options.quiet);
   try {
     if (overlay.chain.length < 2) throw new CliError('Image does not have a backing file');
@@ -87,7 +93,10 @@ export async function commitCommand(
   }
   // qemu-img: -b implies -d (the images between the top and the base stay as they are).
   if (!options.keep && options.base === undefined && overlay.format === 'qcow2') {
-    const overlayFile = await FileBlockDevice.open(path, { readOnly: false });
+    const overlayFile = await FileBlockDevice.open(path, {
+      readOnly: false,
+      syncIoMaxBytes: await inlineIoMaxBytes(path),
+    });
     try {
       await emptyImage(overlayFile);
     } finally {

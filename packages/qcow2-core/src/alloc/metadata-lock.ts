@@ -24,6 +24,23 @@ export class MetadataLock {
     }
   }
 
+  /**
+   * Takes the lock shared at once when nobody holds or waits for it alone (then returns true; the
+   * caller must {@link releaseShared}); returns false otherwise. The hot path of small in-place
+   * writes and reads: no closure, no extra async frame.
+   */
+  tryShared(): boolean {
+    if (this.#writer || this.#waitingWriters.length > 0) return false;
+    this.#readers++;
+    return true;
+  }
+
+  /** Releases a shared hold taken by {@link tryShared}. */
+  releaseShared(): void {
+    this.#readers--;
+    this.#wake();
+  }
+
   /** Runs `task` holding the lock alone. */
   async exclusive<T>(task: () => Promise<T>): Promise<T> {
     if (this.#writer || this.#readers > 0) {
