@@ -133,6 +133,56 @@ describe.skipIf(!haveTools)('qcow2 bin code cache', () => {
     expect(run('qemu-img', ['info', join(dir.path, 'attached.qcow2')])).toContain('cluster_size: 4096');
   });
 
+  test('snapshot -c, -l, -a and -d each have a cache of their own, and do what qemu-img does', () => {
+    const tmp = join(dir.path, 'snapshot-variants');
+    mkdirSync(tmp);
+    const ours = join(dir.path, 'snap-ours.qcow2');
+    const theirs = join(dir.path, 'snap-theirs.qcow2');
+    run('qemu-img', ['convert', '-O', 'qcow2', image, ours]);
+    run('qemu-img', ['convert', '-O', 'qcow2', image, theirs]);
+    const snapshot = (args: string[]) => {
+      const result = qcow2(['snapshot', ...args, ours], {
+        env: { ...process.env, TMPDIR: tmp, QCOW2_DEBUG: undefined, QCOWKIT_CODE_CACHE: undefined },
+      });
+      expect(result.stderr).toBe('');
+      expect(result.status).toBe(0);
+      run('qemu-img', ['snapshot', ...args, theirs]);
+      return cacheFiles(tmp)
+        .map((name) => name.replace(/^qcow2-[0-9a-f]{16}-[^-]+-[^-]+-/, ''))
+        .sort();
+    };
+    /** What each image holds: its snapshots (ids, names, sizes; not dates) and its guest data. */
+    const same = () => {
+      const list = (file: string) =>
+        run('qemu-img', ['snapshot', '-l', file])
+          .split('\n')
+          .slice(2)
+          .map((line) => line.split(/\s+/).slice(0, 4).join(' '));
+      expect(list(ours)).toEqual(list(theirs));
+      run('qemu-img', ['check', '-q', ours]);
+      run('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'qcow2', ours, theirs]);
+    };
+    expect(snapshot(['-c', 'first'])).toEqual(['snapshot-c.own.v8']);
+    same();
+    run('qemu-io', ['-c', 'write -P 0x11 0 64k', ours]);
+    run('qemu-io', ['-c', 'write -P 0x11 0 64k', theirs]);
+    expect(snapshot(['-c', 'second'])).toEqual(['snapshot-c.own.v8']);
+    expect(snapshot(['-a', 'first'])).toEqual(['snapshot-a.own.v8', 'snapshot-c.own.v8']);
+    same();
+    expect(snapshot(['-d', 'first'])).toEqual([
+      'snapshot-a.own.v8',
+      'snapshot-c.own.v8',
+      'snapshot-d.own.v8',
+    ]);
+    same();
+    const listed = qcow2(['snapshot', '-l', ours], {
+      env: { ...process.env, TMPDIR: tmp, QCOW2_DEBUG: undefined, QCOWKIT_CODE_CACHE: undefined },
+    });
+    expect(listed.status).toBe(0);
+    expect(listed.stdout).toContain('second');
+    expect(cacheFiles(tmp).length).toBe(4);
+  });
+
   test('no usable temporary folder, or the cache turned off: the command still runs', () => {
     const file = join(dir.path, 'a-file');
     writeFileSync(file, '');
