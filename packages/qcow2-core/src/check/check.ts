@@ -474,6 +474,8 @@ function countPlainEntries(view: DataView, i: number, scan: PlainScan): number {
   const intHigh = 2 ** (clusterBits - 1);
   const perBlockBits = Math.log2(perBlock);
   const wide16 = refcountBits === 16;
+  const frag = scan.frag;
+  let { allocated, fragmented, nextContiguousOffset: next } = scan;
   for (; i < entries; i++) {
     const high = view.getUint32(i * 8);
     const low = view.getUint32(i * 8 + 4);
@@ -501,17 +503,19 @@ function countPlainEntries(view: DataView, i: number, scan: PlainScan): number {
         : decodeRefcount(block, index, refcountBits);
       if ((refcount === 1) !== high >= QCOW_OFLAG_COPIED_HIGH) break;
     }
-    if (scan.frag) {
-      // Kept in `scan` as it goes: a store after the loop would have no type feedback when V8
-      // optimizes the loop while it runs, and would deoptimize it at every return.
-      scan.allocated++;
+    if (frag) {
+      allocated++;
       const hostOffset = clusterIndex * clusterSize;
-      const next = scan.nextContiguousOffset;
-      if (next !== 0 && hostOffset !== next) scan.fragmented++;
-      scan.nextContiguousOffset = hostOffset + clusterSize;
+      if (next !== 0 && hostOffset !== next) fragmented++;
+      next = hostOffset + clusterSize;
     }
     counts[clusterIndex] = count + 1;
   }
+  // In locals during the loop, which runs mostly unoptimized in a short process (a property of
+  // `scan` costs the interpreter a lookup per access); stored back once here.
+  scan.allocated = allocated;
+  scan.fragmented = fragmented;
+  scan.nextContiguousOffset = next;
   return i;
 }
 

@@ -249,25 +249,28 @@ interface PlainRepair {
  */
 function repairPlainEntries(view: DataView, at: number, walk: PlainRepair): number {
   const { source, blocks, perBlock, refcountBits, planned, clusterSize, step } = walk;
-  const perBlockBits = Math.log2(perBlock);
   const wide16 = refcountBits === 16;
   const end = view.byteLength;
+  // Locals during the loop (see check.ts countPlainEntries), added to `walk` on the way out.
+  let dirty = false;
+  let fixed = 0;
   for (; at < end; at += step) {
     const high = view.getUint32(at);
     const low = view.getUint32(at + 4);
     if (high === 0 && low === 0) continue;
-    if ((high & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) return at;
+    if ((high & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) break;
     // The host offset (entryOffset, written out: one function less for V8 to optimize apart).
     const hostOffset = (high & 0x00ff_ffff) * TWO_POW_32 + ((low & 0xffff_fe00) >>> 0);
     if (hostOffset === 0) continue;
-    if (hostOffset % clusterSize !== 0) return at;
+    if (hostOffset % clusterSize !== 0) break;
     const clusterIndex = hostOffset / clusterSize;
     let refcount: number;
     if (blocks !== undefined) {
       // What StoredRefcounts.peek decodes, read here; a block not in memory: the general path.
-      const block = blocks[Math.floor(clusterIndex / perBlock)];
-      if (block === undefined) return at;
-      const index = clusterIndex - Math.floor(clusterIndex / perBlock) * perBlock;
+      const blockIndex = Math.floor(clusterIndex / perBlock);
+      const block = blocks[blockIndex];
+      if (block === undefined) break;
+      const index = clusterIndex - blockIndex * perBlock;
       refcount = wide16
         ? (block[index * 2]! << 8) | block[index * 2 + 1]!
         : decodeRefcount(block, index, refcountBits);
@@ -275,15 +278,17 @@ function repairPlainEntries(view: DataView, at: number, walk: PlainRepair): numb
       refcount = planned[clusterIndex] ?? 0;
     } else {
       const known = source.peek?.(clusterIndex);
-      if (typeof known !== 'number') return at;
+      if (typeof known !== 'number') break;
       refcount = known;
     }
     const want = refcount === 1;
     if (want !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
       view.setUint32(at, withCopied(high, want));
-      walk.dirty = true;
-      walk.fixed++;
+      dirty = true;
+      fixed++;
     }
   }
-  return end;
+  if (dirty) walk.dirty = true;
+  walk.fixed += fixed;
+  return at;
 }

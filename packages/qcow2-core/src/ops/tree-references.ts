@@ -167,24 +167,27 @@ interface PlainWalk {
 function countPlainEntries(view: DataView, at: number, walk: PlainWalk): number {
   const { counts, delta, max, clusterSize, step, clearCopied } = walk;
   const end = view.byteLength;
+  // A local during the loop (see check.ts countPlainEntries), set in `walk` on the way out.
+  let dirty = false;
   for (; at < end; at += step) {
     const high = view.getUint32(at);
     const low = view.getUint32(at + 4);
     if (high === 0 && low === 0) continue;
-    if ((high & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) return at;
+    if ((high & QCOW_OFLAG_COMPRESSED_HIGH) !== 0) break;
     // The host offset (entryOffset, written out: one function less for V8 to optimize apart).
     const hostOffset = (high & 0x00ff_ffff) * TWO_POW_32 + ((low & 0xffff_fe00) >>> 0);
     if (hostOffset !== 0) {
-      if (hostOffset % clusterSize !== 0) return at;
+      if (hostOffset % clusterSize !== 0) break;
       const clusterIndex = hostOffset / clusterSize;
       const count = (counts[clusterIndex] ?? 0) + delta;
-      if (count < 0 || count > max) return at;
+      if (count < 0 || count > max) break;
       counts[clusterIndex] = count;
     }
     if (clearCopied && (high & QCOW_OFLAG_COPIED_HIGH) !== 0) {
       view.setUint32(at, (high & ~QCOW_OFLAG_COPIED_HIGH) >>> 0);
-      walk.dirty = true;
+      dirty = true;
     }
   }
-  return end;
+  if (dirty) walk.dirty = true;
+  return at;
 }
