@@ -75,17 +75,28 @@ export function planRefcountStructure(
   return { blocks, tableClusterIndex, tableClusters, counts };
 }
 
-/** The counted references as an array (capped at the refcount width), ready for a rebuild. */
-export function countsOf(computed: ComputedRefcounts, refcountOrder: number): number[] {
+/**
+ * The counted references as an array (capped at the refcount width), ready for a rebuild; with
+ * `stats`, also the highest of them (in the same pass: offline edits need it, see
+ * ImageEdit.highestCount).
+ */
+export function countsOf(
+  computed: ComputedRefcounts,
+  refcountOrder: number,
+  stats?: { highest: number },
+): number[] {
   const max = maxRefcount(refcountOrder);
   const used = computed.used;
   const array = computed.array;
   // Filled in place (a packed array of small integers), not grown by push.
   const counts = new Array<number>(used).fill(0);
+  let highest = 0;
   for (let clusterIndex = 0; clusterIndex < used; clusterIndex++) {
-    const count = array[clusterIndex]!;
-    counts[clusterIndex] = Math.min(count, max);
+    const count = Math.min(array[clusterIndex]!, max);
+    counts[clusterIndex] = count;
+    if (count > highest) highest = count;
   }
+  if (stats !== undefined) stats.highest = highest;
   return counts;
 }
 

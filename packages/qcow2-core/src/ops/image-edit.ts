@@ -104,14 +104,43 @@ export class ImageEdit {
     }
     // The refcount blocks the check read serve the first commit (read again only if the
     // refcount table moves).
-    return new ImageEdit(
+    const stats = { highest: 0 };
+    const edit = new ImageEdit(
       file,
       header,
-      countsOf(inspection.computed, header.refcountOrder),
+      countsOf(inspection.computed, header.refcountOrder, stats),
       request,
       inspection.stored,
       tuning.preloadMaxBytes,
     );
+    edit.#highest = stats.highest;
+    return edit;
+  }
+
+  /** The highest planned count, while known without a pass over `counts` (see highestCount). */
+  #highest: number | undefined;
+
+  /**
+   * The highest planned count. Known from the opening check until counts change other than by
+   * {@link allocate}; then found again in one pass (snapshot create asks right after opening and
+   * allocating: the pass it saves is ~16 000 clusters of a 1 GiB image, run cold).
+   */
+  highestCount(): number {
+    if (this.#highest === undefined) {
+      let highest = 0;
+      const counts = this.counts;
+      for (let clusterIndex = 0; clusterIndex < counts.length; clusterIndex++) {
+        const count = counts[clusterIndex] ?? 0;
+        if (count > highest) highest = count;
+      }
+      this.#highest = highest;
+    }
+    return this.#highest;
+  }
+
+  /** Callers that change `counts` themselves (the tree walks) say so: the highest is then unknown. */
+  countsChanged(): void {
+    this.#highest = undefined;
   }
 
   get clusterSize(): number {
@@ -144,6 +173,7 @@ export class ImageEdit {
       start += run + 1;
     }
     for (let k = 0; k < clusters; k++) counts[start + k] = 1;
+    if (this.#highest !== undefined && this.#highest < 1) this.#highest = 1;
     return start * this.clusterSize;
   }
 
@@ -158,6 +188,7 @@ export class ImageEdit {
   /** Adds `delta` references to every cluster touched by `[hostOffset, hostOffset + length)`. */
   addReferences(hostOffset: number, length: number, delta: number): void {
     if (length <= 0) return;
+    this.#highest = undefined;
     const max = this.maxCount();
     const first = Math.floor(hostOffset / this.clusterSize);
     const last = Math.floor((hostOffset + length - 1) / this.clusterSize);
@@ -282,6 +313,7 @@ export class ImageEdit {
     }
     await this.ensureFileSize();
     this.#kept = undefined;
+    this.#highest = undefined;
     const layout = await rebuildRefcountStructure(
       file,
       this.counts,

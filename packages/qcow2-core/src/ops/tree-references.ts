@@ -38,14 +38,7 @@ export interface TreeReferenceOptions {
  * cluster a tree reaches k times already has at least k references, so at most doubles.
  */
 export function canShareTree(edit: ImageEdit): boolean {
-  const max = maxRefcount(edit.header.refcountOrder);
-  let highest = 0;
-  const counts = edit.counts;
-  for (let clusterIndex = 0; clusterIndex < counts.length; clusterIndex++) {
-    const count = counts[clusterIndex] ?? 0;
-    if (count > highest) highest = count;
-  }
-  return highest * 2 <= max;
+  return edit.highestCount() * 2 <= maxRefcount(edit.header.refcountOrder);
 }
 
 /** Adds `delta` references to every L2 table and cluster the L1 table reaches (not the L1 table itself). */
@@ -57,6 +50,8 @@ export async function addTreeReferences(
   options: TreeReferenceOptions = {},
 ): Promise<void> {
   if (l1Size === 0) return;
+  // Counts change below without ImageEdit's methods.
+  edit.countsChanged();
   const { file, request, clusterSize, extendedL2, hasDataFile } = edit;
   const clusterBits = edit.header.clusterBits;
   const counts = edit.counts as number[];
