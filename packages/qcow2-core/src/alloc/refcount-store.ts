@@ -168,18 +168,34 @@ export class RefcountStore {
 
   /** Adds `delta` to the refcount of clusters `[clusterIndex, clusterIndex + count)` (in memory). */
   async adjust(clusterIndex: number, count: number, delta: number): Promise<void> {
-    for (let cluster = clusterIndex; cluster < clusterIndex + count; cluster++) {
+    // Synchronous over loaded blocks (see #adjustLoaded); a block is loaded or made only when the
+    // run reaches one that is not in memory.
+    let done = 0;
+    while ((done += this.#adjustLoaded(clusterIndex + done, count - done, delta)) < count) {
+      const cluster = clusterIndex + done;
       const blockIndex = Math.floor(cluster / this.#perBlock);
-      // A loaded block costs no await (allocations adjust a run of clusters one by one).
       const block =
-        this.#blocks.get(blockIndex) ??
-        (await this.#block(blockIndex)) ??
-        (delta > 0 ? await this.#createBlock(blockIndex) : undefined);
+        (await this.#block(blockIndex)) ?? (delta > 0 ? await this.#createBlock(blockIndex) : undefined);
       if (block === undefined) {
         throw new BlockDeviceError('ECORRUPT', 'refcount: freeing a cluster that has no refcount block', {
           offset: cluster * this.#clusterSize,
         });
       }
+    }
+  }
+
+  /**
+   * {@link adjust} over the clusters whose refcount block is in memory, stopping at the first one
+   * whose block is not; returns how many clusters it adjusted. A synchronous loop: the async one
+   * (an await per cluster) was among the write path's most expensive functions for TurboFan to
+   * compile (16 ms of a 0.5 s run of fresh 1 MiB writes).
+   */
+  #adjustLoaded(clusterIndex: number, count: number, delta: number): number {
+    for (let done = 0; done < count; done++) {
+      const cluster = clusterIndex + done;
+      const blockIndex = Math.floor(cluster / this.#perBlock);
+      const block = this.#blocks.get(blockIndex);
+      if (block === undefined) return done;
       const index = cluster - blockIndex * this.#perBlock;
       const value = decodeRefcount(block, index, this.#order) + delta;
       if (value < 0) {
@@ -196,6 +212,7 @@ export class RefcountStore {
       this.#dirtyBlocks.add(blockIndex);
       if (value === 0 && cluster < this.#freeHint) this.#freeHint = cluster;
     }
+    return count;
   }
 
   /**

@@ -94,6 +94,25 @@ interface PlannedTable {
   readonly subUpdates: { l2Index: number; allocBits: number }[];
 }
 
+/** A guest cluster of a write to (re)map; `reuse`: a zero-allocated cluster of its own (COPIED)
+ * written in place. */
+interface ToAllocate {
+  readonly clusterIndex: number;
+  readonly old: Release[];
+  readonly readsZeros: boolean;
+  readonly reuse?: number;
+}
+
+/** A copy-on-write buffer of a planned write: `target` gets the guest's bytes at `guestOffset`,
+ * then `bytes` (the request's) go into `into` at `at`. */
+interface GuestFill {
+  readonly target: Uint8Array;
+  readonly guestOffset: number;
+  readonly into: Uint8Array;
+  readonly bytes: Uint8Array;
+  readonly at: number;
+}
+
 /** A host range freed once the L2 change that dropped it is durable. */
 interface Release {
   readonly clusterIndex: number;
@@ -440,22 +459,18 @@ export class WritePath {
     await this.#writePieces(plan.pieces);
   }
 
-  /** Points the L2 entries at the written clusters (under the exclusive lock). */
+  /**
+   * Points the L2 entries at the written clusters (under the exclusive lock). The entries change
+   * synchronously while their slices are cached ({@link #applyAllocations}); a missing slice is
+   * loaded and the change goes on from there (a changed slice is dirty, so never evicted).
+   */
   async finishWrite(plan: WritePlan): Promise<void> {
     try {
       for (const table of plan.tables) {
         const l2Offset = this.#o.mapper.l2TableOffset(table.l1Index);
-        for (const item of table.allocations) {
-          const ref = this.#cachedEntry(l2Offset, item.l2Index) ?? (await this.#entry(l2Offset, item.l2Index));
-          const { high, low } = encodeL2Entry({ type: 'normal', hostOffset: item.hostCluster, copied: true });
-          ref.slice.setUint32(ref.at, high);
-          ref.slice.setUint32(ref.at + 4, low);
-          if (this.#o.extendedL2) {
-            ref.slice.setUint32(ref.at + 8, 0);
-            ref.slice.setUint32(ref.at + 12, ALL_SUBCLUSTERS);
-          }
-          this.#dirty(ref);
-          if (item.old.length > 0) this.#pendingFrees.push(...item.old);
+        let done = 0;
+        while ((done = this.#applyAllocations(table, l2Offset, done)) < table.allocations.length) {
+          await this.#entry(l2Offset, table.allocations[done]!.l2Index);
         }
         for (const { l2Index, allocBits } of table.subUpdates) {
           const ref = await this.#entry(l2Offset, l2Index);
@@ -469,6 +484,27 @@ export class WritePath {
       this.#settle(plan);
     }
     await this.#writeBackIfFull();
+  }
+
+  /** Applies `table`'s allocations from index `from` while their slices are cached; returns the
+   * index of the first one not applied (its slice is not cached), or their count. */
+  #applyAllocations(table: PlannedTable, l2Offset: number, from: number): number {
+    const allocations = table.allocations;
+    for (let index = from; index < allocations.length; index++) {
+      const item = allocations[index]!;
+      const ref = this.#cachedEntry(l2Offset, item.l2Index);
+      if (ref === undefined) return index;
+      const { high, low } = encodeL2Entry({ type: 'normal', hostOffset: item.hostCluster, copied: true });
+      ref.slice.setUint32(ref.at, high);
+      ref.slice.setUint32(ref.at + 4, low);
+      if (this.#o.extendedL2) {
+        ref.slice.setUint32(ref.at + 8, 0);
+        ref.slice.setUint32(ref.at + 12, ALL_SUBCLUSTERS);
+      }
+      this.#dirty(ref);
+      if (item.old.length > 0) this.#pendingFrees.push(...item.old);
+    }
+    return allocations.length;
   }
 
   /** Undoes a planned write whose data I/O failed: its new clusters are free again. */
@@ -487,18 +523,93 @@ export class WritePath {
     plan.settle();
   }
 
+  /**
+   * Plans the part of a write inside one L2 table. The per-cluster work runs in two synchronous
+   * passes ({@link #scanForWrite}, {@link #placeAllocations}) over slices loaded first; the guest
+   * reads a copy-on-write needs run after them (see {@link GuestFill}). Why: TurboFan compiled the
+   * async version (an await per cluster) in ~52 ms, the largest of the ~200 ms it spent compiling
+   * the write path during a 0.5 s run of 512 fresh 1 MiB writes, on the cores the data writes
+   * need (`node --trace-opt`); with `--no-opt` that run took 0.40 s instead of 0.56 s.
+   */
   async #planInTable(plan: WritePlan, l1Index: number, guestOffset: number, data: Uint8Array): Promise<void> {
     const l2Offset = await this.#l2ForWrite(l1Index);
     const clustersPerTable = this.#bytesPerL1 / this.#clusterSize;
+    const [firstCluster, endCluster] = this.#clusterSpan(guestOffset, data.length);
+    const tableBase = l1Index * clustersPerTable;
+    // Held for the scan, which only reads them (nothing changes an L2 entry under this lock until
+    // finishWrite; a slice evicted meanwhile was clean, so it still equals the table).
+    const slices = await this.#slicesOf(l2Offset, firstCluster - tableBase, endCluster - tableBase);
+    const table: PlannedTable = { l1Index, allocations: [], subUpdates: [] };
+    const fills: GuestFill[] = [];
+    const toAllocate = this.#scanForWrite(plan, table, fills, l2Offset, tableBase, slices, guestOffset, data);
+    plan.tables.push(table);
+    if (toAllocate.length > 0) {
+      let start = 0;
+      let fresh: boolean;
+      if (this.#hasDataFile) {
+        // A data cluster sits at its guest offset in the data file: nothing to allocate. Its bytes
+        // there are known to read as the guest reads them only in a raw data file (kept so);
+        // elsewhere they may be stale (a zeroed or discarded cluster's), so whole clusters are written.
+        fresh = this.#o.dataFileRaw === true;
+      } else {
+        // One contiguous run for the whole request, written with as few I/Os as the buffers allow.
+        let count = 0;
+        for (const item of toAllocate) if (item.reuse === undefined) count++;
+        fresh = false;
+        if (count > 0) {
+          ({ start, fresh } = await this.#o.refcounts.allocateRun(count));
+          plan.allocated.push({ clusterIndex: start, count });
+          await this.#o.refcounts.extendFile();
+        }
+      }
+      this.#placeAllocations(plan, table, fills, toAllocate, start, fresh, tableBase, guestOffset, data);
+    }
+    for (const fill of fills) {
+      await this.#o.readGuest(fill.target, fill.guestOffset);
+      fill.into.set(fill.bytes, fill.at);
+    }
+  }
+
+  /** The L2 slices holding entries `[firstL2Index, endL2Index)` of the table at `l2Offset`. */
+  async #slicesOf(l2Offset: number, firstL2Index: number, endL2Index: number): Promise<DataView[]> {
+    const first = Math.floor(firstL2Index / this.#entriesPerSlice);
+    const last = Math.floor((endL2Index - 1) / this.#entriesPerSlice);
+    const slices: DataView[] = [];
+    for (let sliceIndex = first; sliceIndex <= last; sliceIndex++) {
+      const key = l2Offset + sliceIndex * this.#o.sliceBytes;
+      slices.push(this.#o.cache.lookup(key) ?? (await this.#o.cache.get(key, this.#loadSlice)));
+    }
+    return slices;
+  }
+
+  /**
+   * The first pass of {@link #planInTable}: clusters written in place get their data pieces
+   * (extended L2: widened to whole subclusters, filled from the guest view later), the others are
+   * returned, to be (re)mapped.
+   */
+  #scanForWrite(
+    plan: WritePlan,
+    table: PlannedTable,
+    fills: GuestFill[],
+    l2Offset: number,
+    tableBase: number,
+    slices: readonly DataView[],
+    guestOffset: number,
+    data: Uint8Array,
+  ): ToAllocate[] {
     const end = guestOffset + data.length;
     const [firstCluster, endCluster] = this.#clusterSpan(guestOffset, data.length);
+    const firstSlice = Math.floor((firstCluster - tableBase) / this.#entriesPerSlice);
     const pieces = plan.pieces;
-    const table: PlannedTable = { l1Index, allocations: [], subUpdates: [] };
-    /** Clusters to (re)map; `reuse`: a zero-allocated cluster of its own (COPIED) written in place. */
-    const toAllocate: { clusterIndex: number; old: Release[]; readsZeros: boolean; reuse?: number }[] = [];
+    const toAllocate: ToAllocate[] = [];
     for (let clusterIndex = firstCluster; clusterIndex < endCluster; clusterIndex++) {
-      const l2Index = clusterIndex - l1Index * clustersPerTable;
-      const ref = this.#cachedEntry(l2Offset, l2Index) ?? (await this.#entry(l2Offset, l2Index));
+      const l2Index = clusterIndex - tableBase;
+      const sliceIndex = Math.floor(l2Index / this.#entriesPerSlice);
+      const ref: EntryRef = {
+        slice: slices[sliceIndex - firstSlice]!,
+        sliceHostOffset: l2Offset + sliceIndex * this.#o.sliceBytes,
+        at: (l2Index - sliceIndex * this.#entriesPerSlice) * this.#entrySize,
+      };
       const high = ref.slice.getUint32(ref.at);
       const low = ref.slice.getUint32(ref.at + 4);
       const type = classifyL2Entry(high, low, this.#hasDataFile, this.#o.extendedL2);
@@ -525,8 +636,7 @@ export class WritePath {
         const padStart = clusterStart + first * this.#subclusterSize;
         const padEnd = Math.min(clusterStart + (last + 1) * this.#subclusterSize, this.#o.size());
         const padded = new Uint8Array(padEnd - padStart);
-        await this.#o.readGuest(padded, padStart);
-        padded.set(bytes, writeStart - padStart);
+        fills.push({ target: padded, guestOffset: padStart, into: padded, bytes, at: writeStart - padStart });
         pieces.push({ hostOffset: hostCluster + (padStart - clusterStart), bytes: padded });
         table.subUpdates.push({ l2Index, allocBits: newBits });
         continue;
@@ -543,25 +653,28 @@ export class WritePath {
       }
       toAllocate.push({ clusterIndex, old: this.#releasesOf(ref), readsZeros });
     }
-    plan.tables.push(table);
-    if (toAllocate.length === 0) return;
-    let start = 0;
-    let fresh: boolean;
-    if (this.#hasDataFile) {
-      // A data cluster sits at its guest offset in the data file: nothing to allocate. Its bytes
-      // there are known to read as the guest reads them only in a raw data file (kept so);
-      // elsewhere they may be stale (a zeroed or discarded cluster's), so whole clusters are written.
-      fresh = this.#o.dataFileRaw === true;
-    } else {
-      // One contiguous run for the whole request, written with as few I/Os as the buffers allow.
-      const count = toAllocate.filter((item) => item.reuse === undefined).length;
-      fresh = false;
-      if (count > 0) {
-        ({ start, fresh } = await this.#o.refcounts.allocateRun(count));
-        plan.allocated.push({ clusterIndex: start, count });
-        await this.#o.refcounts.extendFile();
-      }
-    }
+    return toAllocate;
+  }
+
+  /**
+   * The second pass of {@link #planInTable}: each cluster to (re)map gets its host cluster (the
+   * run from `start`, its own for a reused zero-allocated one, its guest offset in a data file),
+   * its data piece and its planned L2 change; whole-cluster buffers needing the guest's old bytes
+   * are filled later (`fills`).
+   */
+  #placeAllocations(
+    plan: WritePlan,
+    table: PlannedTable,
+    fills: GuestFill[],
+    toAllocate: readonly ToAllocate[],
+    start: number,
+    fresh: boolean,
+    tableBase: number,
+    guestOffset: number,
+    data: Uint8Array,
+  ): void {
+    const end = guestOffset + data.length;
+    const pieces = plan.pieces;
     let next = start;
     for (const item of toAllocate) {
       const hostCluster = item.reuse ?? (this.#hasDataFile ? item.clusterIndex : next++) * this.#clusterSize;
@@ -602,14 +715,23 @@ export class WritePath {
         // A whole cluster: the tail past a short last cluster is zeros (it shows after a grow). A
         // data file stops at the guest's end (it stays the guest's size, a valid raw image).
         bytes = new Uint8Array(this.#hasDataFile ? clusterLength : this.#clusterSize);
+        const written = data.subarray(writeStart - guestOffset, writeEnd - guestOffset);
         if (!covered && !item.readsZeros) {
-          await this.#o.readGuest(bytes.subarray(0, clusterLength), clusterStart);
+          // The guest's old bytes first, then the written ones over them.
+          fills.push({
+            target: bytes.subarray(0, clusterLength),
+            guestOffset: clusterStart,
+            into: bytes,
+            bytes: written,
+            at: writeStart - clusterStart,
+          });
+        } else {
+          bytes.set(written, writeStart - clusterStart);
         }
-        bytes.set(data.subarray(writeStart - guestOffset, writeEnd - guestOffset), writeStart - clusterStart);
       }
       appendPiece(pieces, hostOffset, bytes);
       table.allocations.push({
-        l2Index: item.clusterIndex - l1Index * clustersPerTable,
+        l2Index: item.clusterIndex - tableBase,
         hostCluster,
         old: item.old,
       });
