@@ -3,8 +3,8 @@
  * Bundles a package's executable into `dist/bin/` with esbuild, after `tsc -b` has built the
  * library: `node scripts/bundle-bin.mjs --entry src/bin/qcow2.ts [--worker SPEC]... [--debug-arg=
  * --debug] [--debug-env NAME[=VALUE]] [--code-cache [--command NAME=ENTRY]... [--cache-variant
- * NAME=OPTION:VALUE[,VALUE]...]...] [--metafile PATH]`, run in the package's folder (qcow2-cli's
- * and qcow2-nbd's `build` scripts run it).
+ * NAME=OPTION:VALUE[,VALUE]... | NAME=OPTION|OPTION...]...] [--metafile PATH]`, run in the
+ * package's folder (qcow2-cli's and qcow2-nbd's `build` scripts run it).
  *
  * Why: Node resolves, reads and compiles every ES module of an unbundled command one by one (about
  * a hundred here), which cost more start-up time than the commands' work. One file per entry,
