@@ -170,8 +170,8 @@ export class RefcountStore {
   async adjust(clusterIndex: number, count: number, delta: number): Promise<void> {
     // Synchronous over loaded blocks (see #adjustLoaded); a block is loaded or made only when the
     // run reaches one that is not in memory.
-    let done = 0;
-    while ((done += this.#adjustLoaded(clusterIndex + done, count - done, delta)) < count) {
+    let done = this.#adjustLoaded(clusterIndex, count, delta);
+    while (done < count) {
       const cluster = clusterIndex + done;
       const blockIndex = Math.floor(cluster / this.#perBlock);
       const block =
@@ -181,6 +181,7 @@ export class RefcountStore {
           offset: cluster * this.#clusterSize,
         });
       }
+      done += this.#adjustLoaded(cluster, count - done, delta);
     }
   }
 

@@ -18,6 +18,13 @@
  *
  * The caller serialises calls that change the mapping (one at a time, flush included) and runs
  * in-place writes (see `tryWriteInPlace`) under a shared lock.
+ *
+ * Speed: a request's data goes out in as few writes as its host layout allows (in-place clusters
+ * contiguous on the host merge too: `qcow2 commit` of 256 MiB into a base holding data went from
+ * 1895 writes of 64 KiB to 263 of 1 MiB, qemu-img commit's 256), and planning and finishing a
+ * request are synchronous passes over cached L2 slices (an await per cluster cost a promise and a
+ * microtask each, and made these the write path's costliest functions for TurboFan to compile:
+ * #planInTable alone ~52 ms during a 0.5 s run of fresh 1 MiB writes).
  */
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import type { MetadataMap } from '../alloc/metadata-map.js';
@@ -162,7 +169,11 @@ export class WritePath {
   async #entry(l2Offset: number, l2Index: number): Promise<EntryRef> {
     return (
       this.#cachedEntry(l2Offset, l2Index) ??
-      this.#refIn(l2Offset, l2Index, await this.#o.cache.get(this.#sliceOffset(l2Offset, l2Index), this.#loadSlice))
+      this.#refIn(
+        l2Offset,
+        l2Index,
+        await this.#o.cache.get(this.#sliceOffset(l2Offset, l2Index), this.#loadSlice),
+      )
     );
   }
 
@@ -468,9 +479,10 @@ export class WritePath {
     try {
       for (const table of plan.tables) {
         const l2Offset = this.#o.mapper.l2TableOffset(table.l1Index);
-        let done = 0;
-        while ((done = this.#applyAllocations(table, l2Offset, done)) < table.allocations.length) {
+        let done = this.#applyAllocations(table, l2Offset, 0);
+        while (done < table.allocations.length) {
           await this.#entry(l2Offset, table.allocations[done]!.l2Index);
+          done = this.#applyAllocations(table, l2Offset, done);
         }
         for (const { l2Index, allocBits } of table.subUpdates) {
           const ref = await this.#entry(l2Offset, l2Index);
