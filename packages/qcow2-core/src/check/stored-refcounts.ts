@@ -96,14 +96,9 @@ export class StoredRefcounts {
    * image with 64 KiB clusters cost more CPU than the loop.
    */
   usedTableEntries(): readonly number[] {
-    if (this.used === undefined) {
-      const words = new Uint32Array(this.table.buffer, this.table.byteOffset, this.tableEntries * 2);
-      const used: number[] = [];
-      for (let index = 0; index < this.tableEntries; index++) {
-        if ((words[index * 2]! | words[index * 2 + 1]!) !== 0) used.push(index);
-      }
-      this.used = used;
-    }
+    this.used ??= nonZeroEntries(
+      new Uint32Array(this.table.buffer, this.table.byteOffset, this.tableEntries * 2),
+    );
     return this.used;
   }
 
@@ -279,6 +274,20 @@ export class StoredRefcounts {
     this.cache.set(blockIndex, bytes);
     return bytes;
   }
+}
+
+/**
+ * The indexes of the non-zero 64-bit entries of a table given as 32-bit words. A function called
+ * once per table: V8 optimizes its loop on the stack and has no reason to compile it again (a
+ * method that returns the kept result on later calls would be optimized a second time).
+ */
+function nonZeroEntries(words: Uint32Array): number[] {
+  const used: number[] = [];
+  const entries = words.length / 2;
+  for (let index = 0; index < entries; index++) {
+    if ((words[index * 2]! | words[index * 2 + 1]!) !== 0) used.push(index);
+  }
+  return used;
 }
 
 /** Entry `index` of a refcount block of `refcountBits`-bit entries. */
