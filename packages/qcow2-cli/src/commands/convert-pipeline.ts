@@ -43,10 +43,8 @@
  *   the shared cores got a fair share of one core. Medians of 8-10 alternating runs at load 6-7
  *   (1 GiB guest holding 512 MiB, 64 KiB clusters; wall s / CPU s): read + inline writes (`-U`)
  *   0.82-0.98 / 0.50, mapped + inline writes 0.90-1.18 / 0.39-0.40, mapped + pool writes
- *   0.68-0.76 / 0.42-0.43, qemu-img 0.58-0.62 / 0.43 (at load 5-6, 14 runs: 0.65 / 0.455 mapped,
- *   0.65 / 0.52 read, qemu-img 0.56 / 0.455). The scan of a range still waits for the writes of
- *   the one before: letting it run ahead (two write callbacks at once, writes queued in order)
- *   cost more CPU (0.455 against 0.405 s) and won no wall time in alternating runs.
+ *   0.68-0.76 / 0.42-0.43, qemu-img 0.58-0.62 / 0.43. With the pool writing, the main thread's
+ *   page faults and scan of the next range overlap the kernel's copy of the one before.
  */
 import type { BlockDevice, Extent } from '@qcowkit/blockdev';
 import type { FileBlockDevice, FileMapping, MappedRange } from '@qcowkit/blockdev/node';
