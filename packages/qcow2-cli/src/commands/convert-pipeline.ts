@@ -35,16 +35,6 @@
  * - Small reads of the source (its L2 and refcount tables) are inline too on a memory-backed
  *   source (4 KiB clusters: 580 table reads that were each a pool round trip); data reads, 2 MiB,
  *   stay on the pool.
- * - Fifth session: on tmpfs or ramfs, data is not read at all where the file holding it can be
- *   mapped (blockdev's FileMapping: read-only, writers locked out, resident pages only): the zero
- *   scan runs over the mapped pages and the writes go from them, one copy of each byte instead
- *   of two (pread into a buffer, pwrite out of it). The writes then go back to the pool: with
- *   nothing read on the pool any more, inline writes left the whole copy on one thread, which on
- *   the shared cores got a fair share of one core. Medians of 8-10 alternating runs at load 6-7
- *   (1 GiB guest holding 512 MiB, 64 KiB clusters; wall s / CPU s): read + inline writes (`-U`)
- *   0.82-0.98 / 0.50, mapped + inline writes 0.90-1.18 / 0.39-0.40, mapped + pool writes
- *   0.68-0.76 / 0.42-0.43, qemu-img 0.58-0.62 / 0.43. With the pool writing, the main thread's
- *   page faults and scan of the next range overlap the kernel's copy of the one before.
  */
 import type { BlockDevice, Extent } from '@qcowkit/blockdev';
 import type { FileBlockDevice, FileMapping, MappedRange } from '@qcowkit/blockdev/node';

@@ -4,12 +4,10 @@
  *
  * Block status first: ranges the source reports as zeros are never read and stay holes in the new
  * file. Data ranges are read ahead into a few reusable buffers (bounded memory; straight from the
- * file holding them where they lie there in order, see convert-pipeline.ts), or, where that file
- * is on tmpfs or ramfs and can be mapped safely, seen in place through a read-only mapping of it
- * (one copy of each byte instead of two), and written in guest order, one write at a time (on the
- * main thread when the target is a regular file on tmpfs or ramfs and the data was read, where a
- * write cannot block; on libuv's pool elsewhere and from a mapping); each 4 KiB block of the guest
- * that reads as all zeros is skipped too, as qemu-img does by default (`-S 4k`).
+ * file holding them where they lie there in order, see convert-pipeline.ts) and written in guest
+ * order, one write at a time (on the main thread when the target is a regular file on tmpfs or
+ * ramfs, where a write cannot block; on libuv's pool elsewhere); each 4 KiB block of the guest that reads as all zeros is skipped
+ * too, as qemu-img does by default (`-S 4k`).
  *
  * The target is never flushed by default, as qemu-img convert's default cache mode (`-t unsafe`)
  * does; `-t` asks for a flush at the end or after every write (convert-cache.ts).
@@ -106,14 +104,14 @@ export async function convertCommand(
     } else {
       const targetPath = resolveAgainst(context.io.cwd, target);
       await refuseOverwritingSource(targetPath, target, opened, options.noCreate === true);
-      await mapHostFiles(opened, sourcePath, sourceInMemory, mappings);
+      await mapHostFiles(opened, sourcePath, sourceInMemory, options.parallel ?? DEFAULT_PARALLEL, mappings);
       await convertToRaw(opened.device, targetPath, target, {
         ...copyOptions,
         noCreate: options.noCreate === true,
         targetIsZero: options.targetIsZero === true,
         sparseSize: options.sparseSize ?? SPARSE_BLOCK,
         hostFile: (depth) => hostFileOf(opened.chain[depth]),
-        mapping: mappings.size === 0 ? undefined : (file) => mappings.get(file),
+        mapping: (file) => mappings.get(file),
         flush: targetFlush(options.cache),
       });
     }
@@ -135,6 +133,7 @@ async function mapHostFiles(
   opened: OpenedImage,
   sourcePath: string,
   sourceInMemory: boolean,
+  parallel: number,
   into: Map<FileBlockDevice, FileMapping>,
 ): Promise<void> {
   for (const layer of opened.chain) {
@@ -142,10 +141,11 @@ async function mapHostFiles(
     if (file === undefined || into.has(file)) continue;
     const inMemory = layer.path === sourcePath ? sourceInMemory : await isMemoryBackedFile(layer.path);
     if (!inMemory) continue;
-    // Three 16 MiB windows: the views held at once (up to 4 reads ahead, 2 MiB each, in host
-    // order) fit two; a job whose window cannot be mapped then is read instead. The mapped pages
-    // count in the process's RSS (shared page cache, not memory of its own): ~54 MiB at most.
-    const mapping = file.openMapping({ maxViewBytes: readBufferSize(DEFAULT_CHUNK), maxWindows: 3 });
+    // A window for each view the copy holds at once (one per read in flight), and one more.
+    const mapping = file.openMapping({
+      maxViewBytes: readBufferSize(DEFAULT_CHUNK),
+      maxWindows: parallel + 1,
+    });
     if (mapping !== undefined) into.set(file, mapping);
   }
 }
@@ -246,8 +246,7 @@ export interface ConvertToRawOptions {
    * than read into a buffer first (the default `-S` path only; see convert-pipeline.ts). */
   readonly mapping?: ((file: FileBlockDevice) => FileMapping | undefined) | undefined;
   /** Write the target on this thread rather than on libuv's pool (see convert-pipeline.ts for
-   * why). Default: when the target is a regular file on a memory-backed file system and no
-   * `mapping` is given (data taken from a mapping is written on the pool). */
+   * why). Default: when the target is a regular file on a memory-backed file system. */
   readonly inlineWrites?: boolean | undefined;
   /** When the target is flushed to stable storage (default `'on-close'`; `qcow2 convert` passes
    * what `-t` asks, `'never'` by default as qemu-img). */
@@ -354,9 +353,7 @@ export async function convertToRaw(
   first?.catch(() => undefined); // observed below
   try {
     const inline =
-      sparseSize !== 0 &&
-      (options.inlineWrites ??
-        (options.mapping === undefined && (await isMemoryBackedFile(targetPath, !noCreate))));
+      sparseSize !== 0 && (options.inlineWrites ?? (await isMemoryBackedFile(targetPath, !noCreate)));
     file = await openTarget(
       targetPath,
       targetName,

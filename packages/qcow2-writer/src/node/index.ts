@@ -129,13 +129,6 @@ export async function convertToQcow2(
     if (!options.compress) {
       // Eight requests in flight as qemu-img convert has by default (-m 8), in 2 MiB buffers.
       const chunkBytes = Math.max(options.chunkBytes ?? 2 * 1024 * 1024, geometry.clusterSize);
-      // A raw source file on tmpfs or ramfs is mapped (blockdev's FileMapping, where safe): chunks
-      // are scanned and written from the mapped pages, one copy of each byte instead of two, and
-      // the writes go to the thread pool even there, so the main thread's page faults and scan
-      // overlap the kernel's copy (with nothing read on the pool any more, inline writes left the
-      // whole conversion on one thread). 1 GiB raw holding 512 MiB -> qcow2 on /dev/shm, medians
-      // of 8 alternating runs at load 7 (wall s / CPU s): read + inline writes (before) 0.96 /
-      // 0.52, mapped + inline 0.94 / 0.41, mapped + pool writes 0.64 / 0.44, qemu-img 0.72 / 0.43.
       const sourceFile = options.sourceFile ?? (source instanceof FileBlockDevice ? source : undefined);
       const mapping =
         sourceFile !== undefined && sourceFile.size === source.size && (await isMemoryBacked(sourceFile.path))
@@ -145,10 +138,7 @@ export async function convertToQcow2(
         return await convertDirect(
           source,
           geometry,
-          await openRandomAccessFile(sink, {
-            flush: options.flush,
-            ...(mapping === undefined ? {} : { inline: false }),
-          }),
+          await openRandomAccessFile(sink, { flush: options.flush }),
           {
             readDepth: options.readDepth ?? 8,
             chunkBytes,
