@@ -2,7 +2,7 @@
  * The copy loop of `convert -O raw`: reads planned from extents (coalesced in the file holding the
  * data), the zero scan, and the read-ahead / one-write-at-a-time runner.
  */
-import { mkdtempSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BlockDeviceError, type Extent, MemoryBlockDevice } from '@qcowkit/blockdev';
@@ -15,7 +15,6 @@ import {
   MAX_READ_GAP,
   planReads,
   type ReadJob,
-  readBufferSize,
   runCopy,
 } from '../src/commands/convert-pipeline.js';
 
@@ -383,62 +382,6 @@ describe('convertToRaw from host offsets', () => {
     expect(progress).toEqual([...progress].sort((a, b) => a - b));
     // About 6 MiB of data: the unmapped guest ranges stay holes.
     expect(statSync(target).blocks * 512).toBeLessThan(7 * MiB);
-    await host.close();
-    await device.close();
-  });
-});
-
-describe('convertToRaw from a mapped host file', () => {
-  let dir: string;
-  beforeAll(() => {
-    // tmpfs, where convert maps host files (and where a hole is not a resident page).
-    dir = mkdtempSync(join('/dev/shm', 'qcow2-cli-pipeline-map-'));
-  });
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-  test('data is written from the mapping in place, holes of the host file read as before', async () => {
-    const hostBytes = pattern(12 * MiB, 9);
-    hostBytes.fill(0, 11 * MiB); // left a hole in the file: no view of it, read instead
-    const path = join(dir, 'host.raw');
-    writeFileSync(path, hostBytes.subarray(0, 11 * MiB));
-    truncateSync(path, 12 * MiB);
-    const host = await FileBlockDevice.open(path, { readOnly: true });
-    const reads: number[] = [];
-    const readInto = host.readInto.bind(host);
-    host.readInto = (buffer, offset, options) => {
-      reads.push(offset);
-      return readInto(buffer, offset, options);
-    };
-    // Windows of 1 MiB: the copy crosses many, each view within one (mapped 2 MiB + 64 KiB longer);
-    // as many as views held at once (3 in flight).
-    const mapping = host.openMapping({
-      windowBytes: MiB,
-      maxViewBytes: readBufferSize(2 * MiB),
-      maxWindows: 3,
-    });
-    expect(mapping).toBeDefined();
-    const layout = [
-      { guest: 0, length: MiB + 512, host: 2 * MiB + 512 },
-      { guest: 3 * MiB, length: 2 * MiB, host: 3 * MiB + 512 + 4 * KiB },
-      { guest: 6 * MiB, length: 3 * MiB, host: 64 * KiB },
-      { guest: 10 * MiB, length: 700, host: 11 * MiB + 4 * KiB },
-    ];
-    const device = new MappedDevice(10 * MiB + 700, layout);
-    const expected = Buffer.alloc(device.size);
-    for (const run of layout) hostBytes.copy(expected, run.guest, run.host, run.host + run.length);
-    const target = join(dir, 'out.raw');
-    await convertToRaw(device, target, 'out.raw', {
-      chunkSize: 2 * MiB,
-      parallel: 3,
-      hostFile: () => host,
-      mapping: (file) => (file === host ? mapping : undefined),
-    });
-    expect(readFileSync(target).equals(expected)).toBe(true);
-    // Only the range in the hole was read; everything else came from the mapping.
-    expect(reads).toEqual([11 * MiB + 4 * KiB]);
-    // Every view was released: closing unmaps at once.
-    mapping!.close();
-    expect(mapping!.mappedWindows).toBe(0);
     await host.close();
     await device.close();
   });

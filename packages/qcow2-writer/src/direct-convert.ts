@@ -26,25 +26,10 @@ export interface RandomAccessSink {
   abort(): Promise<void>;
 }
 
-/** Source bytes seen in place (a mapped file), valid until `release()`. */
-export interface SourceView {
-  readonly bytes: Uint8Array;
-  /** The same bytes as 32-bit words (the view starts 4-byte aligned). */
-  readonly words: Uint32Array;
-  release(): void;
-}
-
 export interface DirectConvertOptions {
   readonly readDepth: number;
   readonly chunkBytes: number;
   readonly signal: AbortSignal | undefined;
-  /**
-   * The source's bytes `[guestOffset, guestOffset + length)` in place, or undefined where they
-   * must be read (the node entry maps a raw source file on tmpfs: a chunk is then scanned and
-   * written from the mapping, one copy instead of two). A view is released once every write
-   * from it is done.
-   */
-  readonly viewSource?: ((guestOffset: number, length: number) => SourceView | undefined) | undefined;
   /** Called as the source is consumed: bytes done and in all (block-status data). */
   readonly onProgress?: ((done: number, total: number) => void) | undefined;
 }
@@ -178,15 +163,6 @@ export async function writeDirectL1(sink: RandomAccessSink, layout: DirectLayout
   }
 }
 
-/** Bytes handled from source views between two turns of the event loop. */
-const VIEWED_BYTES_PER_TURN = 64 * 1024 * 1024;
-
-/** Resolves on a later turn of the event loop (setImmediate where there is one). */
-function nextTurn(): Promise<void> {
-  const immediate = (globalThis as { setImmediate?: (callback: () => void) => unknown }).setImmediate;
-  return new Promise((resolve) => (immediate ?? setTimeout)(resolve));
-}
-
 /** Converts `source` into `sink`; resolves with the file length. */
 export async function convertDirect(
   source: BlockDevice,
@@ -232,30 +208,13 @@ export async function convertDirect(
       const buffer = new Uint8Array(chunkClusters * clusterSize);
       return { buffer, words: new Uint32Array(buffer.buffer), writes: Promise.resolve() };
     });
-    const viewSource = options.viewSource;
-    // A chunk is seen in place when the source can show it whole, else read into its slot.
-    const chunks = chunkPipeline(
-      tableChunks(candidates, l2Entries, chunkClusters),
-      slots,
-      (slot, range) => {
-        const start = range.cluster * clusterSize;
-        const length = range.count * clusterSize;
-        const view =
-          viewSource !== undefined && start + length <= source.size ? viewSource(start, length) : undefined;
-        if (view !== undefined) return Promise.resolve(view);
-        return readChunk(source, slot.buffer, range, clusterSize, signal).then(() => undefined);
-      },
-      (view) => view?.release(),
+    const chunks = chunkPipeline(tableChunks(candidates, l2Entries, chunkClusters), slots, (slot, range) =>
+      readChunk(source, slot.buffer, range, clusterSize, signal),
     );
     const wordsPerCluster = clusterSize / 4;
-    let viewedSinceTurn = 0;
-    for await (const { range, slot, result: view } of chunks) {
-      if (signal?.aborted || failure !== undefined) {
-        view?.release();
-        signal?.throwIfAborted();
-        throw failure;
-      }
-      const bytes = view === undefined ? slot.buffer : view.bytes;
+    for await (const { range, slot } of chunks) {
+      signal?.throwIfAborted();
+      if (failure !== undefined) throw failure;
       const chunkTable = Math.floor(range.cluster / l2Entries);
       if (chunkTable !== tableIndex) {
         await finishTable();
@@ -265,7 +224,7 @@ export async function convertDirect(
       let runStart = -1;
       const flushRun = (end: number) => {
         if (runStart < 0) return;
-        writes.push(sink.writeAt(cursor, bytes.subarray(runStart * clusterSize, end * clusterSize)));
+        writes.push(sink.writeAt(cursor, slot.buffer.subarray(runStart * clusterSize, end * clusterSize)));
         table ??= new Uint8Array(clusterSize);
         const view = viewOf(table);
         for (let index = runStart; index < end; index++) {
@@ -278,22 +237,13 @@ export async function convertDirect(
         }
         runStart = -1;
       };
-      const words = view === undefined ? slot.words : view.words;
+      const words = slot.words;
       for (let index = 0; index < range.count; index++) {
         if (isZeroWords(words, index * wordsPerCluster, (index + 1) * wordsPerCluster)) flushRun(index);
         else if (runStart < 0) runStart = index;
       }
       flushRun(range.count);
       slot.writes = Promise.all(writes).then(() => {}, noteFailure);
-      if (view !== undefined) {
-        slot.writes = slot.writes.finally(() => view.release());
-        // Views never wait for the thread pool: give the event loop a turn now and then.
-        viewedSinceTurn += range.count * clusterSize;
-        if (viewedSinceTurn >= VIEWED_BYTES_PER_TURN) {
-          viewedSinceTurn = 0;
-          await nextTurn();
-        }
-      }
       doneBytes += range.count * clusterSize;
       options.onProgress?.(doneBytes, totalBytes);
     }

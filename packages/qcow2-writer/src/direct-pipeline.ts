@@ -22,14 +22,12 @@ export interface PipelineChunk<S extends PipelineSlot, T> {
  * Yields each of `ranges` once `start(slot, range)` for it resolves, keeping up to
  * `slots.length` chunks started ahead. The consumer sets `slot.writes` before asking for the next
  * chunk: the slot's next chunk starts after those writes. A start that fails is thrown when its
- * turn comes. When the consumer stops early, `discard` gets what each chunk started and never
- * yielded resolves with (a mapped view to release).
+ * turn comes.
  */
 export async function* chunkPipeline<S extends PipelineSlot, T>(
   ranges: Iterator<ClusterRange>,
   slots: readonly S[],
   start: (slot: S, range: ClusterRange) => Promise<T>,
-  discard?: (result: T) => void,
 ): AsyncGenerator<PipelineChunk<S, T>> {
   const depth = slots.length;
   const queue: { range: ClusterRange; slot: S; job: Promise<T> }[] = [];
@@ -49,14 +47,10 @@ export async function* chunkPipeline<S extends PipelineSlot, T>(
       queue.push({ range, slot, job });
     }
   };
-  try {
+  fill();
+  while (queue.length > 0) {
+    const { range, slot, job } = queue.shift()!;
+    yield { range, slot, result: await job };
     fill();
-    while (queue.length > 0) {
-      const { range, slot, job } = queue.shift()!;
-      yield { range, slot, result: await job };
-      fill();
-    }
-  } finally {
-    if (discard !== undefined) for (const { job } of queue) job.then(discard, () => undefined);
   }
 }

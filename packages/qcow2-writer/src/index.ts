@@ -3,12 +3,7 @@ export type { ClusterCompressor, CompressedBatch, CompressionType } from './comp
 export { type ConversionPlan, type ConvertOptions, convertToQcow2, planConversion } from './convert.js';
 export { type CopyIntoOptions, copyInto } from './copy-into.js';
 export { convertDirectCompressed, type DirectCompressOptions } from './direct-compressed.js';
-export {
-  convertDirect,
-  type DirectConvertOptions,
-  type RandomAccessSink,
-  type SourceView,
-} from './direct-convert.js';
+export { convertDirect, type DirectConvertOptions, type RandomAccessSink } from './direct-convert.js';
 export { type CreateImageOptions, createEmptyImage, planEmptyImage } from './empty.js';
 export { planLayout, type Qcow2Layout } from './layout.js';
 export { type MeasureResult, measure, preallocatedSize, refcountMetadataSize } from './measure.js';

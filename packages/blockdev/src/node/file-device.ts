@@ -26,8 +26,7 @@ import type {
 } from '../block-device.js';
 import { BlockDeviceError } from '../errors.js';
 import { assertOpen, assertWritable, throwIfAborted, validateRange, validateSize } from '../range.js';
-import { acquireLock, type LockMechanism, type LockMode, lockPlan, PERM_WRITE } from './file-lock.js';
-import { FileMapping, type FileMappingOptions } from './file-mapping.js';
+import { acquireLock, type LockMechanism, type LockMode, lockPlan } from './file-lock.js';
 import { errnoError, fsError } from './fs-errors.js';
 import { IoLimiter } from './io-limiter.js';
 import {
@@ -127,10 +126,6 @@ export class FileBlockDevice implements BlockDevice {
   #copyRange = true;
   /** See {@link FileOpenOptions.noFlush}. */
   readonly #noFlush: boolean;
-  /** An OFD lock (which QEMU honours) refuses writers for as long as this device is open. */
-  readonly #writersLocked: boolean;
-  /** Mappings opened on this device: closed with it (their descriptor number may be reused). */
-  readonly #mappings = new Set<FileMapping>();
 
   private constructor(init: {
     path: string;
@@ -145,7 +140,6 @@ export class FileBlockDevice implements BlockDevice {
     maxInFlight: number;
     syncIoMaxBytes: number;
     noFlush: boolean;
-    writersLocked: boolean;
   }) {
     this.path = init.path;
     this.readOnly = init.readOnly;
@@ -161,7 +155,6 @@ export class FileBlockDevice implements BlockDevice {
     this.#limiter = new IoLimiter(init.maxInFlight);
     this.syncIoMaxBytes = init.syncIoMaxBytes;
     this.#noFlush = init.noFlush;
-    this.#writersLocked = init.writersLocked;
   }
 
   /** Opens an existing file or block device. */
@@ -236,8 +229,13 @@ export class FileBlockDevice implements BlockDevice {
         throw new BlockDeviceError('EINVAL', `create: ${path}: not a regular file`);
       }
       const mode = options.lock ?? (readOnly ? 'shared' : 'exclusive');
-      const plan = lockPlan(readOnly, mode, forceShare);
-      const lockMechanism = acquireLock(libc, handle.fd, path, plan, forceShare);
+      const lockMechanism = acquireLock(
+        libc,
+        handle.fd,
+        path,
+        lockPlan(readOnly, mode, forceShare),
+        forceShare,
+      );
 
       let size: number;
       if (create) {
@@ -296,7 +294,6 @@ export class FileBlockDevice implements BlockDevice {
         maxInFlight,
         syncIoMaxBytes,
         noFlush: options.noFlush ?? false,
-        writersLocked: lockMechanism === 'ofd' && plan !== undefined && plan.denies.includes(PERM_WRITE),
       });
     } catch (error) {
       await handle.close().catch(() => {});
@@ -315,38 +312,6 @@ export class FileBlockDevice implements BlockDevice {
 
   get size(): number {
     return this.#size;
-  }
-
-  /**
-   * A read-only view of this file's bytes in place (see file-mapping.ts), or undefined where
-   * mapping it is not safe or not possible: not a regular file (a block device, whose size can
-   * change under a mapping), no native binding or no mmap, a device open for writing (its size
-   * changes), or no OFD lock refusing writers (forceShare, `lock: 'none'`, flock only): with the
-   * lock, neither QEMU nor qcowkit can shrink the file while it is mapped. Views never go past
-   * the size read at open. Closing this device closes its mappings (views held stay valid
-   * until released).
-   */
-  openMapping(options?: FileMappingOptions): FileMapping | undefined {
-    const libc = this.#libc;
-    if (
-      this.#closed ||
-      this.#kind !== 'file' ||
-      !this.readOnly ||
-      !this.#writersLocked ||
-      libc?.reserveMapping === undefined ||
-      libc.pageSize === undefined ||
-      !(libc.pageSize > 0)
-    ) {
-      return undefined;
-    }
-    const mapping = new FileMapping(
-      this.#fd,
-      this.#size,
-      { ...libc, reserveMapping: libc.reserveMapping, pageSize: libc.pageSize },
-      options,
-    );
-    this.#mappings.add(mapping);
-    return mapping;
   }
 
   get capabilities(): BlockDeviceCapabilities {
@@ -572,9 +537,6 @@ export class FileBlockDevice implements BlockDevice {
 
   async #close(): Promise<void> {
     this.#closed = true;
-    // No new window once the descriptor may be another file's; views held stay valid.
-    for (const mapping of this.#mappings) mapping.close();
-    this.#mappings.clear();
     await this.#limiter.whenIdle();
     let failure: unknown;
     if (!this.readOnly) await this.#datasyncNow().catch((error: unknown) => (failure = error));

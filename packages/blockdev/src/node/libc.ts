@@ -36,18 +36,6 @@ export const LOCK_SH = 1;
 export const LOCK_EX = 2;
 export const LOCK_NB = 4;
 
-/** mmap protections and flags, sysconf's page-size name, and the (void *)-1 mmap returns on
- * failure. */
-const PROT_NONE = 0x0;
-const PROT_READ = 0x1;
-const MAP_SHARED = 0x01;
-const MAP_PRIVATE = 0x02;
-const MAP_FIXED = 0x10;
-const MAP_ANONYMOUS = 0x20;
-const MAP_NORESERVE = 0x4000;
-const SC_PAGESIZE = 30;
-const MAP_FAILED = 0xffffffffffffffffn;
-
 /** ioctl request for a block device's size in bytes (_IOR(0x12, 114, size_t)). */
 const BLKGETSIZE64 = 0x80081272;
 
@@ -56,8 +44,7 @@ const BLKGETSIZE64 = 0x80081272;
 const FLOCK_STRUCT_SIZE = 32;
 
 /** A result of a raw call: a non-negative value, or the errno name of a failure. */
-export type CallResult = { ok: true; value: number } | CallFailure;
-export type CallFailure = { ok: false; errno: number; code: string };
+export type CallResult = { ok: true; value: number } | { ok: false; errno: number; code: string };
 
 export interface Libc {
   /** lseek(fd, offset, whence). */
@@ -94,33 +81,6 @@ export interface Libc {
    * and memory-backed files, where it never waits (EAGAIN when the socket is full). Optional as
    * `getSocketInt`. */
   sendFile?(outFd: number, inFd: number, inOffset: number, length: number): CallResult;
-  /** Reserves `length` bytes of address space (a page multiple), inaccessible until files are
-   * mapped into it. Optional as `getSocketInt`. */
-  reserveMapping?(length: number): { ok: true; area: MappingArea } | CallFailure;
-  /** The system's page size (sysconf), when `reserveMapping` exists. */
-  readonly pageSize?: number;
-}
-
-/**
- * A range of address space reserved for read-only file mappings (see `Libc.reserveMapping`), seen
- * from JavaScript as one external ArrayBuffer, `memory`, made once: parts of files are mapped
- * into it and replaced in place, so no new ArrayBuffer (which V8 counts as external memory, a
- * major GC every few of them) is made per mapping. Offsets `at` are bytes into the area, page
- * multiples. What is not mapped is inaccessible: a touch there is SIGSEGV, a touch of a mapped
- * page past its file's end SIGBUS, and any touch after `release()` a crash.
- */
-export interface MappingArea {
-  readonly memory: ArrayBuffer;
-  /** Maps `length` bytes of `fd` from `offset` (a page multiple), read-only and shared, at `at`,
-   * replacing what was there (mmap MAP_FIXED). */
-  mapFile(at: number, fd: number, offset: number, length: number): CallResult;
-  /** Makes `[at, at + length)` inaccessible again, dropping any file mapped there. */
-  clear(at: number, length: number): CallResult;
-  /** mincore(2) of `[at, at + length)` into `vec`, one byte per page, bit 0 set where the page is
-   * in memory (the page cache, or a tmpfs file's own page; a hole or a swapped-out page is not). */
-  residency(at: number, length: number, vec: Uint8Array): CallResult;
-  /** Unmaps the whole area. Idempotent. */
-  release(): CallResult;
 }
 
 let cached: Libc | null | undefined;
@@ -146,10 +106,6 @@ function tryLoad(): Libc | null {
       getsockopt: lib.func('int getsockopt(int, int, int, _Out_ void *, _Inout_ int *)'),
       setsockopt: lib.func('int setsockopt(int, int, int, void *, int)'),
       sendfile: lib.func('int64_t sendfile(int, int, void *, size_t)'),
-      mmap: lib.func('void *mmap(void *, size_t, int, int, int, int64_t)'),
-      munmap: lib.func('int munmap(void *, size_t)'),
-      mincore: lib.func('int mincore(void *, size_t, _Out_ uint8_t *)'),
-      sysconf: lib.func('long sysconf(int)'),
     });
   } catch {
     return null;
@@ -166,10 +122,6 @@ interface Functions {
   getsockopt: KoffiFunction;
   setsockopt: KoffiFunction;
   sendfile: KoffiFunction;
-  mmap: KoffiFunction;
-  munmap: KoffiFunction;
-  mincore: KoffiFunction;
-  sysconf: KoffiFunction;
 }
 
 function makeLibc(koffi: Koffi, fn: Functions): Libc {
@@ -177,7 +129,7 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
   for (const [name, value] of Object.entries(koffi.os.errno)) {
     if (!errnoNames.has(value)) errnoNames.set(value, name);
   }
-  const fail = (): CallFailure => {
+  const fail = (): CallResult => {
     const errno = koffi.errno();
     return { ok: false, errno, code: errnoNames.get(errno) ?? `errno ${errno}` };
   };
@@ -192,44 +144,6 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
     buf.writeBigInt64LE(BigInt(start), 8);
     buf.writeBigInt64LE(BigInt(length), 16);
     return buf;
-  };
-
-  const pageSize = Number(fn.sysconf(SC_PAGESIZE));
-  /** Addresses come back as bigints (koffi's pointers as numbers); mmap, munmap, mincore and
-   * koffi.view take them as they are. */
-  const mappingArea = (base: bigint, size: number): MappingArea => {
-    let reserved = true;
-    const inside = (at: number, length: number) => reserved && at >= 0 && length > 0 && at + length <= size;
-    const refused = (): CallFailure => ({ ok: false, errno: 22, code: 'EINVAL' });
-    const mapped = (address: bigint | null): CallResult =>
-      typeof address === 'bigint' && address !== MAP_FAILED ? { ok: true, value: 0 } : fail();
-    return {
-      memory: koffi.view(base, size),
-      mapFile: (at, fd, offset, length) =>
-        inside(at, length)
-          ? mapped(fn.mmap(base + BigInt(at), length, PROT_READ, MAP_SHARED | MAP_FIXED, fd, offset))
-          : refused(),
-      clear: (at, length) =>
-        inside(at, length)
-          ? mapped(
-              fn.mmap(
-                base + BigInt(at),
-                length,
-                PROT_NONE,
-                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
-                -1,
-                0,
-              ),
-            )
-          : refused(),
-      residency: (at, length, vec) =>
-        inside(at, length) ? result(fn.mincore(base + BigInt(at), length, vec)) : refused(),
-      release: () => {
-        if (!reserved) return { ok: true, value: 0 };
-        reserved = false;
-        return result(fn.munmap(base, size));
-      },
-    };
   };
 
   /** sendFile's offset argument: synchronous calls only, so one buffer serves them all. */
@@ -309,14 +223,6 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
       // off_t in and out: the kernel advances it, which nobody reads afterwards.
       sendFileOffset.writeBigInt64LE(BigInt(inOffset), 0);
       return result(fn.sendfile(outFd, inFd, sendFileOffset, length));
-    },
-    pageSize,
-    reserveMapping: (length) => {
-      const address = fn.mmap(null, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) as
-        | bigint
-        | null;
-      if (typeof address !== 'bigint' || address === MAP_FAILED) return fail();
-      return { ok: true, area: mappingArea(address, length) };
     },
   };
 }

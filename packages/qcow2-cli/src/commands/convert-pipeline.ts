@@ -37,7 +37,7 @@
  *   stay on the pool.
  */
 import type { BlockDevice, Extent } from '@qcowkit/blockdev';
-import type { FileBlockDevice, FileMapping, MappedRange } from '@qcowkit/blockdev/node';
+import type { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { walkExtentBatches } from '../extents.js';
 
 /** Host bytes between two extents that one read may still cover (read, never written). A read
@@ -198,19 +198,11 @@ export interface CopySlot {
   readonly words: Uint32Array;
 }
 
-/** Bytes written from mappings between two turns of the event loop (see runCopy). */
-const MAPPED_BYTES_PER_TURN = 64 * 1024 * 1024;
-
 /**
  * Runs the copy: up to `depth` reads in flight, each into its own buffer (a zero job reads
  * nothing and leaves its buffer as it was); buffers are handed to
  * `write` in the order of `next()`, one at a time, and reused once `write` resolves. On a failure
  * no new read starts, the reads in flight are waited for, and the failure is thrown.
- *
- * With `mapOf`, a job read from a host file that has a mapping is not read at all where the
- * mapping can show its bytes in place (`FileMapping.view`): `write` gets the mapped bytes instead
- * of a buffer, and the range is released once `write` resolves. Such jobs never wait for the
- * thread pool, so the loop gives the event loop a turn every 64 MiB of them.
  */
 export async function runCopy(
   device: BlockDevice,
@@ -218,7 +210,6 @@ export async function runCopy(
   depth: number,
   bufferSize: number,
   write: (job: ReadJob, slot: CopySlot) => Promise<void>,
-  mapOf?: ((hostFile: FileBlockDevice) => FileMapping | undefined) | undefined,
 ): Promise<void> {
   const free: CopySlot[] = [];
   for (let index = 0; index < Math.max(1, depth); index++) {
@@ -226,9 +217,8 @@ export async function runCopy(
     const buffer = Buffer.allocUnsafeSlow(bufferSize);
     free.push({ buffer, words: new Uint32Array(buffer.buffer, 0, bufferSize >>> 2) });
   }
-  const queue: { job: ReadJob; slot: CopySlot; read: Promise<void>; mapped: MappedRange | undefined }[] = [];
+  const queue: { job: ReadJob; slot: CopySlot; read: Promise<void> }[] = [];
   let exhausted = false;
-  let mappedSinceTurn = 0;
   try {
     for (;;) {
       while (!exhausted && free.length > 0) {
@@ -238,44 +228,25 @@ export async function runCopy(
           break;
         }
         const slot = free.pop()!;
-        const mapped =
-          mapOf !== undefined && job.hostFile !== undefined && job.zero !== true
-            ? mapOf(job.hostFile)?.view(job.sourceOffset, job.length)
-            : undefined;
         const view = slot.buffer.subarray(0, job.length);
         const read =
-          job.zero === true || mapped !== undefined
+          job.zero === true
             ? Promise.resolve()
             : job.hostFile !== undefined
               ? job.hostFile.readInto(view, job.sourceOffset)
               : device.readInto(view, job.sourceOffset);
         read.catch(() => undefined); // observed when its turn comes
-        queue.push({ job, slot, read, mapped });
+        queue.push({ job, slot, read });
       }
       const head = queue.shift();
       if (head === undefined) return;
-      const { mapped } = head;
-      if (mapped === undefined) {
-        await head.read;
-        await write(head.job, head.slot);
-      } else {
-        try {
-          await write(head.job, { buffer: mapped.bytes, words: mapped.words });
-        } finally {
-          mapped.release();
-        }
-        mappedSinceTurn += head.job.length;
-        if (mappedSinceTurn >= MAPPED_BYTES_PER_TURN) {
-          mappedSinceTurn = 0;
-          await new Promise((resolve) => setImmediate(resolve));
-        }
-      }
+      await head.read;
+      await write(head.job, head.slot);
       free.push(head.slot);
     }
   } finally {
     // Nothing may land in a buffer (or read a file) after this returns.
     await Promise.allSettled(queue.map((entry) => entry.read));
-    for (const entry of queue) entry.mapped?.release();
   }
 }
 

@@ -11,7 +11,6 @@
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import type { Writable } from 'node:stream';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { Qcow2Image } from '@qcowkit/qcow2-core';
 import { type ByteSink, convertToQcow2, copyInto } from '@qcowkit/qcow2-writer/node';
 import { type ImageFormat, type OpenedImage, openImage } from '../engine.js';
@@ -241,8 +240,6 @@ export async function convertToQcow2Command(
         ...(created.backingFormat === undefined ? {} : { backingFormat: created.backingFormat }),
         ...(backing === undefined ? {} : { backing: backing.device }),
         ...(options.compress === true ? { compress: true } : {}),
-        // A raw source's guest bytes are its file's: the writer may map it (tmpfs, not with -U).
-        sourceFile: rawSourceFile(opened),
         ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
         ...(progress === undefined ? {} : { onProgress: (done, total) => progress.update(done, total) }),
         flush,
@@ -259,13 +256,6 @@ export async function convertToQcow2Command(
     await opened.close();
   }
   return 0;
-}
-
-/** The file of a raw source (one layer), when it is a plain file device. */
-function rawSourceFile(opened: OpenedImage): FileBlockDevice | undefined {
-  const layer = opened.chain[0];
-  if (opened.format !== 'raw' || opened.chain.length !== 1 || layer === undefined) return undefined;
-  return layer.file instanceof FileBlockDevice ? layer.file : undefined;
 }
 
 /** Opens the new image `targetPath` (its data written and closed) and copies the bitmaps into it. */

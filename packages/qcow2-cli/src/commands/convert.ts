@@ -22,7 +22,7 @@ import { stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import type { Writable } from 'node:stream';
 import { type BlockDevice, isBlockDeviceError } from '@qcowkit/blockdev';
-import { FileBlockDevice, type FileMapping, isMemoryBacked, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, isMemoryBacked, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 import type { FileFlush } from '@qcowkit/qcow2-writer/node';
 import type { ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
@@ -73,7 +73,6 @@ export async function convertCommand(
   }
   const sourcePath = resolveAgainst(context.io.cwd, source);
   const snapshot = await resolveSnapshot(sourcePath, source, options);
-  const sourceInMemory = await isMemoryBackedFile(sourcePath);
   const opened = await openImage(sourcePath, {
     displayName: source,
     format: options.format,
@@ -81,9 +80,8 @@ export async function convertCommand(
     snapshot,
     // Small requests (the image's tables) inline where they are memory copies; data is read in
     // chunks far above this, on the pool.
-    syncIoMaxBytes: sourceInMemory ? SYNC_IO_MAX_BYTES : 0,
+    syncIoMaxBytes: (await isMemoryBackedFile(sourcePath)) ? SYNC_IO_MAX_BYTES : 0,
   });
-  const mappings = new Map<FileBlockDevice, FileMapping>();
   try {
     // Progress goes to stderr, so `-p` never mixes with an image written to stdout.
     const progress = progressReporter(context.io, options.progress);
@@ -104,50 +102,20 @@ export async function convertCommand(
     } else {
       const targetPath = resolveAgainst(context.io.cwd, target);
       await refuseOverwritingSource(targetPath, target, opened, options.noCreate === true);
-      await mapHostFiles(opened, sourcePath, sourceInMemory, options.parallel ?? DEFAULT_PARALLEL, mappings);
       await convertToRaw(opened.device, targetPath, target, {
         ...copyOptions,
         noCreate: options.noCreate === true,
         targetIsZero: options.targetIsZero === true,
         sparseSize: options.sparseSize ?? SPARSE_BLOCK,
         hostFile: (depth) => hostFileOf(opened.chain[depth]),
-        mapping: (file) => mappings.get(file),
         flush: targetFlush(options.cache),
       });
     }
     progress?.finish();
   } finally {
-    for (const mapping of mappings.values()) mapping.close();
     await opened.close();
   }
   return 0;
-}
-
-/**
- * Read-only mappings of the files holding the source's data, for the default `-S` path (see
- * convert-pipeline.ts): only files on tmpfs or ramfs (a page fault there is a memory access; on a
- * disk it would stall the event loop's thread), and only where `openMapping` finds them safe to
- * map (a regular file whose lock refuses writers: not with `-U`).
- */
-async function mapHostFiles(
-  opened: OpenedImage,
-  sourcePath: string,
-  sourceInMemory: boolean,
-  parallel: number,
-  into: Map<FileBlockDevice, FileMapping>,
-): Promise<void> {
-  for (const layer of opened.chain) {
-    const file = hostFileOf(layer);
-    if (file === undefined || into.has(file)) continue;
-    const inMemory = layer.path === sourcePath ? sourceInMemory : await isMemoryBackedFile(layer.path);
-    if (!inMemory) continue;
-    // A window for each view the copy holds at once (one per read in flight), and one more.
-    const mapping = file.openMapping({
-      maxViewBytes: readBufferSize(DEFAULT_CHUNK),
-      maxWindows: parallel + 1,
-    });
-    if (mapping !== undefined) into.set(file, mapping);
-  }
 }
 
 /** Creating the target truncates it, and `-n` overwrites it: refuse when it is the source or any
@@ -242,9 +210,6 @@ export interface ConvertToRawOptions {
    * report: data ranges are read from it directly (and with `sparseSize` 0 copied file to file,
    * copy_file_range). */
   readonly hostFile?: ((depth: number) => FileBlockDevice | undefined) | undefined;
-  /** A read-only mapping of a host file: its data ranges are scanned and written in place rather
-   * than read into a buffer first (the default `-S` path only; see convert-pipeline.ts). */
-  readonly mapping?: ((file: FileBlockDevice) => FileMapping | undefined) | undefined;
   /** Write the target on this thread rather than on libuv's pool (see convert-pipeline.ts for
    * why). Default: when the target is a regular file on a memory-backed file system. */
   readonly inlineWrites?: boolean | undefined;
@@ -419,7 +384,6 @@ export async function convertToRaw(
           report();
         }
       },
-      options.mapping,
     );
   } catch (error) {
     failure = error;

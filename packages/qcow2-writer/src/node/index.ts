@@ -3,7 +3,6 @@
  * compressor used by default, and `writeQcow2ToFile`.
  */
 
-import { FileBlockDevice, isMemoryBacked } from '@qcowkit/blockdev/node';
 import { convertDirectCompressed } from '../direct-compressed.js';
 import type { RandomAccessSink } from '../direct-convert.js';
 import { convertDirect } from '../direct-convert.js';
@@ -50,14 +49,6 @@ export interface NodeConvertOptions extends ConvertOptions {
    * stable storage: once when closed by default; see {@link FileFlush}. Sinks given as objects
    * flush as they do. */
   readonly flush?: FileFlush | undefined;
-  /**
-   * The file holding the source's guest bytes at the same offsets (a raw image's file; a source
-   * that is itself a FileBlockDevice needs none). When it is on tmpfs or ramfs and can be mapped
-   * safely (`FileBlockDevice.openMapping`: read-only, a regular file, writers locked out), the
-   * uncompressed conversion scans and writes data chunks in place from a read-only mapping of it
-   * instead of reading them into buffers first.
-   */
-  readonly sourceFile?: FileBlockDevice | undefined;
 }
 
 /** planConversion with a worker-thread compressor and a temporary-file spool when `compress` is set
@@ -128,28 +119,12 @@ export async function convertToQcow2(
     const geometry = resolveGeometry(options, options.size ?? source.size);
     if (!options.compress) {
       // Eight requests in flight as qemu-img convert has by default (-m 8), in 2 MiB buffers.
-      const chunkBytes = Math.max(options.chunkBytes ?? 2 * 1024 * 1024, geometry.clusterSize);
-      const sourceFile = options.sourceFile ?? (source instanceof FileBlockDevice ? source : undefined);
-      const mapping =
-        sourceFile !== undefined && sourceFile.size === source.size && (await isMemoryBacked(sourceFile.path))
-          ? sourceFile.openMapping({ maxViewBytes: chunkBytes, maxWindows: 3 })
-          : undefined;
-      try {
-        return await convertDirect(
-          source,
-          geometry,
-          await openRandomAccessFile(sink, { flush: options.flush }),
-          {
-            readDepth: options.readDepth ?? 8,
-            chunkBytes,
-            signal: options.signal,
-            onProgress: options.onProgress,
-            viewSource: mapping === undefined ? undefined : (offset, length) => mapping.view(offset, length),
-          },
-        );
-      } finally {
-        mapping?.close();
-      }
+      return convertDirect(source, geometry, await openRandomAccessFile(sink, { flush: options.flush }), {
+        readDepth: options.readDepth ?? 8,
+        chunkBytes: Math.max(options.chunkBytes ?? 2 * 1024 * 1024, geometry.clusterSize),
+        signal: options.signal,
+        onProgress: options.onProgress,
+      });
     }
     const pool = options.compressor === undefined ? createCompressorPool() : undefined;
     try {
