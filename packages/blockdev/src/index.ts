@@ -8,6 +8,7 @@ export type {
 } from './block-device.js';
 export { BlockDeviceError, type BlockErrorCode, isBlockDeviceError } from './errors.js';
 export { FaultInjectingBlockDevice, type FaultInjectingOptions, type FaultRequest } from './fault-device.js';
+export { ForwardingBlockDevice } from './forwarding-device.js';
 export { MemoryBlockDevice, type MemoryBlockDeviceOptions } from './memory-device.js';
 export { OverlayBlockDevice, type OverlayBlockDeviceOptions } from './overlay-device.js';
 export {

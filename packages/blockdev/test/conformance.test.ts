@@ -1,6 +1,7 @@
 import {
   type BlockDevice,
   FaultInjectingBlockDevice,
+  ForwardingBlockDevice,
   MemoryBlockDevice,
   OverlayBlockDevice,
 } from '@qcowkit/blockdev';
@@ -17,6 +18,16 @@ describeBlockDeviceConformance({
   name: 'MemoryBlockDevice with 512-byte chunks',
   create: async (size) => new MemoryBlockDevice(size, { chunkSize: 512 }),
   sizes: [4097, 197_635],
+  numRuns: 20,
+  supportsResize: true,
+});
+
+describeBlockDeviceConformance({
+  name: 'ForwardingBlockDevice over a memory device',
+  create: async (size) => new ForwardingBlockDevice(new MemoryBlockDevice(size)),
+  createReadOnly: async (content) =>
+    new ForwardingBlockDevice(MemoryBlockDevice.from(content, { readOnly: true })),
+  sizes: [4097],
   numRuns: 20,
   supportsResize: true,
 });

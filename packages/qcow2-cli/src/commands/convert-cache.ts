@@ -8,13 +8,11 @@
  * flushes, the data also left in the page cache). `-T` (the source's mode) changes nothing: reads
  * always go through the page cache.
  */
-import type {
-  BlockDevice,
-  BlockDeviceCapabilities,
-  Extent,
-  RequestOptions,
-  WriteOptions,
-  WriteZeroesOptions,
+import {
+  ForwardingBlockDevice,
+  type RequestOptions,
+  type WriteOptions,
+  type WriteZeroesOptions,
 } from '@qcowkit/blockdev';
 import type { FileFlush } from '@qcowkit/qcow2-writer/node';
 
@@ -40,68 +38,22 @@ export function targetFlush(cache: string | undefined): FileFlush {
  * writes are asked with `fua` (a qcow2 image then flushes its metadata and its file, as QEMU does
  * after each write in this mode), a discard is followed by a flush.
  */
-export class WriteThroughDevice implements BlockDevice {
-  readonly #inner: BlockDevice;
-
-  constructor(inner: BlockDevice) {
-    this.#inner = inner;
+export class WriteThroughDevice extends ForwardingBlockDevice {
+  override write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    return this.inner.write(offset, data, { ...options, fua: true });
   }
 
-  get size(): number {
-    return this.#inner.size;
+  override writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
+    return this.inner.writeZeroes(offset, length, { ...options, fua: true });
   }
 
-  get readOnly(): boolean {
-    return this.#inner.readOnly;
-  }
-
-  get description(): string {
-    return this.#inner.description;
-  }
-
-  get capabilities(): BlockDeviceCapabilities {
-    return this.#inner.capabilities;
-  }
-
-  read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
-    return this.#inner.read(offset, length, options);
-  }
-
-  readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
-    return this.#inner.readInto(buffer, offset, options);
-  }
-
-  write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
-    return this.#inner.write(offset, data, { ...options, fua: true });
-  }
-
-  writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
-    return this.#inner.writeZeroes(offset, length, { ...options, fua: true });
-  }
-
-  async discard(offset: number, length: number, options?: RequestOptions): Promise<void> {
-    await this.#inner.discard(offset, length, options);
-    await this.#inner.flush(options);
-  }
-
-  flush(options?: RequestOptions): Promise<void> {
-    return this.#inner.flush(options);
-  }
-
-  blockStatus(offset: number, length: number, options?: RequestOptions): Promise<Extent[]> {
-    return this.#inner.blockStatus(offset, length, options);
-  }
-
-  resize(newSize: number): Promise<void> {
-    return this.#inner.resize(newSize);
+  override async discard(offset: number, length: number, options?: RequestOptions): Promise<void> {
+    await this.inner.discard(offset, length, options);
+    await this.inner.flush(options);
   }
 
   /** The inner device is its opener's to close. */
-  close(): Promise<void> {
+  override close(): Promise<void> {
     return Promise.resolve();
-  }
-
-  [Symbol.asyncDispose](): Promise<void> {
-    return this.close();
   }
 }

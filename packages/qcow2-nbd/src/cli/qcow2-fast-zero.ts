@@ -15,9 +15,7 @@ import {
   type BlockDevice,
   type BlockDeviceCapabilities,
   BlockDeviceError,
-  type Extent,
-  type RequestOptions,
-  type WriteOptions,
+  ForwardingBlockDevice,
   type WriteZeroesOptions,
 } from '@qcowkit/blockdev';
 
@@ -35,40 +33,26 @@ export function zeroesInMetadata(image: ZeroableQcow2): boolean {
   return !image.readOnly && !image.dataFileRaw && !(image.version === 2 && hasBacking);
 }
 
-export class FastZeroQcow2 implements BlockDevice {
-  readonly capabilities: BlockDeviceCapabilities;
+export class FastZeroQcow2 extends ForwardingBlockDevice<ZeroableQcow2> {
+  readonly #capabilities: BlockDeviceCapabilities;
   readonly #fast: boolean;
 
-  constructor(readonly image: ZeroableQcow2) {
+  constructor(image: ZeroableQcow2) {
+    super(image);
     this.#fast = zeroesInMetadata(image);
-    this.capabilities = { ...image.capabilities, writeZeroes: this.#fast, fastZero: this.#fast };
+    this.#capabilities = { ...image.capabilities, writeZeroes: this.#fast, fastZero: this.#fast };
   }
 
-  get size(): number {
-    return this.image.size;
+  /** The wrapped image. */
+  get image(): ZeroableQcow2 {
+    return this.inner;
   }
 
-  get readOnly(): boolean {
-    return this.image.readOnly;
+  override get capabilities(): BlockDeviceCapabilities {
+    return this.#capabilities;
   }
 
-  get description(): string {
-    return this.image.description;
-  }
-
-  read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
-    return this.image.read(offset, length, options);
-  }
-
-  readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
-    return this.image.readInto(buffer, offset, options);
-  }
-
-  write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
-    return this.image.write(offset, data, options);
-  }
-
-  async writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
+  override async writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
     if (options?.fastOnly !== true) return this.image.writeZeroes(offset, length, options);
     const refuse = (why: string): never => {
       throw new BlockDeviceError(
@@ -97,30 +81,6 @@ export class FastZeroQcow2 implements BlockDevice {
     }
     const { fastOnly: _fastOnly, ...rest } = options;
     await this.image.writeZeroes(wholeStart, wholeEnd - wholeStart, rest);
-  }
-
-  discard(offset: number, length: number, options?: RequestOptions): Promise<void> {
-    return this.image.discard(offset, length, options);
-  }
-
-  flush(options?: RequestOptions): Promise<void> {
-    return this.image.flush(options);
-  }
-
-  blockStatus(offset: number, length: number, options?: RequestOptions): Promise<Extent[]> {
-    return this.image.blockStatus(offset, length, options);
-  }
-
-  resize(newSize: number): Promise<void> {
-    return this.image.resize(newSize);
-  }
-
-  close(): Promise<void> {
-    return this.image.close();
-  }
-
-  [Symbol.asyncDispose](): Promise<void> {
-    return this.close();
   }
 
   async #readsAsZeros(offset: number, length: number): Promise<boolean> {
