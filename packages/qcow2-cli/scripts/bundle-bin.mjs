@@ -255,6 +255,18 @@ const fastKoffi = {
  * bundle (~1 ms per MB); zstd's WebAssembly build (~240 KB, mostly the module as one string) is
  * needed only to write zstd-compressed clusters (reading them uses fzstd).
  */
+/**
+ * How esbuild resolves `args` without the plugin that asks (`marker`, given back to it as
+ * pluginData so it declines): a plugin that only adjusts the usual resolution starts from this.
+ */
+function resolveAsUsual(esbuild, args, marker) {
+  return esbuild.resolve(args.path, {
+    kind: args.kind,
+    resolveDir: args.resolveDir,
+    importer: args.importer,
+    pluginData: marker,
+  });
+}
 const SEPARATE_MODULES = new Map([['@hpcc-js/wasm-zstd', 'hpcc-wasm-zstd']]);
 const separateModules = {
   name: 'separate-modules',
@@ -264,12 +276,7 @@ const separateModules = {
     );
     esbuild.onResolve({ filter }, async (args) => {
       if (args.pluginData === 'separate-modules') return undefined;
-      const resolved = await esbuild.resolve(args.path, {
-        kind: args.kind,
-        resolveDir: args.resolveDir,
-        importer: args.importer,
-        pluginData: 'separate-modules',
-      });
+      const resolved = await resolveAsUsual(esbuild, args, 'separate-modules');
       if (resolved.errors.length > 0) return { errors: resolved.errors };
       separated.set(SEPARATE_MODULES.get(args.path), resolved.path);
       return { path: `./${SEPARATE_MODULES.get(args.path)}.cjs`, external: true };
@@ -296,12 +303,7 @@ const workspaceWithoutSideEffects = {
   setup(esbuild) {
     esbuild.onResolve({ filter: /^@qcowkit\// }, async (args) => {
       if (args.pluginData === 'workspace-without-side-effects') return undefined;
-      const resolved = await esbuild.resolve(args.path, {
-        kind: args.kind,
-        resolveDir: args.resolveDir,
-        importer: args.importer,
-        pluginData: 'workspace-without-side-effects',
-      });
+      const resolved = await resolveAsUsual(esbuild, args, 'workspace-without-side-effects');
       if (resolved.errors.length > 0) return { errors: resolved.errors };
       return { ...resolved, sideEffects: false };
     });
