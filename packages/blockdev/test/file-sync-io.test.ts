@@ -6,7 +6,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { isBlockDeviceError } from '@qcowkit/blockdev';
-import { FileBlockDevice, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, isMemoryBacked, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
 import { describeBlockDeviceConformance } from '@qcowkit/blockdev/testing';
 import { afterAll, describe, expect, it } from 'vitest';
 
@@ -72,6 +72,23 @@ describe('FileBlockDevice sync I/O', () => {
     const bounded = await FileBlockDevice.open(path, { readOnly: true, syncIoMaxBytes: SYNC_IO_MAX_BYTES });
     expect(bounded.syncIoMaxBytes).toBe(65536);
     await bounded.close();
+  });
+
+  it("'memory-backed' chooses the bound on tmpfs and 0 on other file systems", async () => {
+    const shm = mkdtempSync(join('/dev/shm', 'qcowkit-file-sync-'));
+    try {
+      for (const path of [join(shm, 'disk.raw'), freshPath()]) {
+        writeFileSync(path, new Uint8Array(4096));
+        const device = await FileBlockDevice.open(path, { readOnly: true, syncIoMaxBytes: 'memory-backed' });
+        expect(device.syncIoMaxBytes).toBe((await isMemoryBacked(path)) ? SYNC_IO_MAX_BYTES : 0);
+        await device.close();
+      }
+      const onShm = await FileBlockDevice.open(join(shm, 'disk.raw'), { syncIoMaxBytes: 'memory-backed' });
+      expect(onShm.syncIoMaxBytes).toBe(SYNC_IO_MAX_BYTES);
+      await onShm.close();
+    } finally {
+      rmSync(shm, { recursive: true, force: true });
+    }
   });
 
   it('refuses a negative or fractional bound with EINVAL', async () => {

@@ -6,6 +6,7 @@
  * `OpenedImage` is checked against them at compile time.
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
+import type { FileOpenOptions } from '@qcowkit/blockdev/node';
 import type {
   Qcow2BitmapEntry,
   Qcow2CheckOptions,
@@ -82,8 +83,9 @@ export interface OpenImageOptions {
   readonly openBacking?: boolean;
   /** The name the user typed, for error messages (default: `path`). */
   readonly displayName?: string;
-  /** The top file's requests up to this many bytes run inline (a memory-backed file; default 0). */
-  readonly syncIoMaxBytes?: number;
+  /** The top file's requests up to this many bytes run inline (`'memory-backed'`: the bound on
+   * tmpfs or ramfs, 0 elsewhere; default 0). */
+  readonly syncIoMaxBytes?: FileOpenOptions['syncIoMaxBytes'];
 }
 
 /** Opens `path` read-only with the engine; errors become `Could not open 'NAME': why`. */

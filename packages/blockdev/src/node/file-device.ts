@@ -39,6 +39,7 @@ import {
   SEEK_END,
   SEEK_HOLE,
 } from './libc.js';
+import { onMemoryFileSystem, SYNC_IO_MAX_BYTES } from './memory-backed.js';
 
 export interface FileOpenOptions {
   /** Open for reading only (default false). */
@@ -57,9 +58,11 @@ export interface FileOpenOptions {
    * of a round trip through libuv's thread pool: about 25% less CPU per 4 KiB request when the
    * data is in memory (tmpfs, page cache), but the event loop waits for each call and the work no
    * longer spreads over the pool's threads, so throughput at depth 16 was no better on 2 cores.
-   * Default 0 (never); {@link SYNC_IO_MAX_BYTES} is a sensible bound for memory-backed files.
+   * Default 0 (never); {@link SYNC_IO_MAX_BYTES} is a sensible bound for memory-backed files, and
+   * `'memory-backed'` chooses it for a regular file on tmpfs or ramfs (where a read or a write is a
+   * memory copy that never waits for a disk) and 0 everywhere else.
    */
-  readonly syncIoMaxBytes?: number;
+  readonly syncIoMaxBytes?: number | 'memory-backed';
   /**
    * Never wait for stable storage: `flush()`, `fua` writes and `close()` skip fdatasync, as QEMU's
    * `cache=unsafe` ignores flush requests (qemu-img convert's default for its target). The page
@@ -67,9 +70,6 @@ export interface FileOpenOptions {
    */
   readonly noFlush?: boolean;
 }
-
-/** A bound of synchronous I/O for memory-backed files (see `syncIoMaxBytes`). */
-export const SYNC_IO_MAX_BYTES = 64 * 1024;
 
 export interface FileCreateOptions extends Omit<FileOpenOptions, 'readOnly' | 'forceShare'> {
   /** Replace an existing file (default false: an existing file is an error). */
@@ -274,7 +274,12 @@ export class FileBlockDevice implements BlockDevice {
         }
       }
       const blockSize = kind === 'file' && stats.blksize > 0 ? stats.blksize : 4096;
-      const syncIoMaxBytes = options.syncIoMaxBytes ?? 0;
+      const syncIoMaxBytes =
+        options.syncIoMaxBytes === 'memory-backed'
+          ? kind === 'file' && (await onMemoryFileSystem(path))
+            ? SYNC_IO_MAX_BYTES
+            : 0
+          : (options.syncIoMaxBytes ?? 0);
       if (!Number.isSafeInteger(syncIoMaxBytes) || syncIoMaxBytes < 0) {
         throw new BlockDeviceError(
           'EINVAL',

@@ -4,8 +4,7 @@ export {
   type FileOpenOptions,
   forgetTruncation,
   MAX_EXTENTS_PER_CALL,
-  SYNC_IO_MAX_BYTES,
 } from './file-device.js';
 export type { LockMechanism, LockMode } from './file-lock.js';
 export { type CallResult, type Libc, loadLibc } from './libc.js';
-export { inlineIoMaxBytes, isMemoryBacked } from './memory-backed.js';
+export { inlineIoMaxBytes, isMemoryBacked, SYNC_IO_MAX_BYTES } from './memory-backed.js';

@@ -5,11 +5,24 @@
  * switch and a callback through the event loop) without ever blocking on I/O.
  */
 import { stat, statfs } from 'node:fs/promises';
-import { SYNC_IO_MAX_BYTES } from './file-device.js';
 
 /** statfs(2) f_type values of file systems held in memory. */
 const TMPFS_MAGIC = 0x01021994;
 const RAMFS_MAGIC = 0x858458f6;
+
+/** A bound of synchronous I/O for memory-backed files (see `FileOpenOptions.syncIoMaxBytes`). */
+export const SYNC_IO_MAX_BYTES = 64 * 1024;
+
+/** True when the file system holding `path` is tmpfs or ramfs (statfs alone: also for /dev's
+ * nodes, which the caller tells apart); false when unknown. */
+export async function onMemoryFileSystem(path: string): Promise<boolean> {
+  try {
+    const { type } = await statfs(path);
+    return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+  } catch {
+    return false;
+  }
+}
 
 /**
  * True when `path`, a regular file or a folder, is on tmpfs or ramfs; false when unknown, and for
@@ -17,9 +30,8 @@ const RAMFS_MAGIC = 0x858458f6;
  * its disk.
  */
 export async function isMemoryBacked(path: string): Promise<boolean> {
+  if (!(await onMemoryFileSystem(path))) return false;
   try {
-    const { type } = await statfs(path);
-    if (type !== TMPFS_MAGIC && type !== RAMFS_MAGIC) return false;
     // Only then the node's kind (one system call fewer on every other file system).
     const stats = await stat(path);
     return stats.isFile() || stats.isDirectory();
@@ -31,6 +43,7 @@ export async function isMemoryBacked(path: string): Promise<boolean> {
 /**
  * The `syncIoMaxBytes` to open the file at `path` with when the caller wants inline I/O only where
  * it cannot block: {@link SYNC_IO_MAX_BYTES} on tmpfs or ramfs, 0 (the thread pool) elsewhere.
+ * `FileBlockDevice.open(path, { syncIoMaxBytes: 'memory-backed' })` decides the same at open.
  */
 export async function inlineIoMaxBytes(path: string): Promise<number> {
   return (await isMemoryBacked(path)) ? SYNC_IO_MAX_BYTES : 0;

@@ -5,7 +5,6 @@
  * `flushInterval` requests, draining the queue first unless `noDrain`.
  */
 import type { BlockDevice } from '@qcowkit/blockdev';
-import { inlineIoMaxBytes } from '@qcowkit/blockdev/node';
 import { type ImageFormat, openImage } from '../engine.js';
 import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
@@ -83,7 +82,7 @@ async function openForBench(
       displayName: file,
       format: options.format,
       forceShare: options.forceShare,
-      syncIoMaxBytes: await inlineIoMaxBytes(path),
+      syncIoMaxBytes: 'memory-backed',
     });
     return { device: opened.device, close: () => opened.close() };
   }

@@ -1,6 +1,6 @@
 /** `qcow2 check` (read-only): qemu-img check's verdict, layout and exit codes. */
 
-import { FileBlockDevice, inlineIoMaxBytes } from '@qcowkit/blockdev/node';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { checkQcow2Image } from '@qcowkit/qcow2-core';
 import type { CheckResult, ImageFormat } from '../engine.js';
 import { detectFormat, openImage } from '../engine.js';
@@ -42,7 +42,7 @@ export async function checkCommand(
     // (converted images interleave them with data): on tmpfs/ramfs inline, without the thread
     // pool's hand-off per read (a 1 GiB image with 4 KiB clusters: 644 reads); elsewhere a few
     // in flight through the pool, ahead of the check.
-    syncIoMaxBytes: await inlineIoMaxBytes(path),
+    syncIoMaxBytes: 'memory-backed',
   });
   let result: CheckResult;
   try {
@@ -94,7 +94,7 @@ async function repairCommand(
   try {
     device = await FileBlockDevice.open(path, {
       readOnly: false,
-      syncIoMaxBytes: await inlineIoMaxBytes(path),
+      syncIoMaxBytes: 'memory-backed',
     });
   } catch (error) {
     throw openError(file, error, path);

@@ -10,7 +10,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { FileBlockDevice, inlineIoMaxBytes } from '@qcowkit/blockdev/node';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { commitToBacking, emptyImage } from '@qcowkit/qcow2-core';
 import { type ChainLayer, type ImageFormat, openImage } from '../engine.js';
 import { CliError, describeError } from '../errors.js';
@@ -59,7 +59,7 @@ export async function commitCommand(
     displayName: file,
     format: options.format,
     forceShare: true,
-    syncIoMaxBytes: await inlineIoMaxBytes(path),
+    syncIoMaxBytes: 'memory-backed',
   });
   const progress = progressReporter(context.io, options.progress && !options.quiet);
   try {
@@ -95,7 +95,7 @@ export async function commitCommand(
   if (!options.keep && options.base === undefined && overlay.format === 'qcow2') {
     const overlayFile = await FileBlockDevice.open(path, {
       readOnly: false,
-      syncIoMaxBytes: await inlineIoMaxBytes(path),
+      syncIoMaxBytes: 'memory-backed',
     });
     try {
       await emptyImage(overlayFile);

@@ -22,7 +22,7 @@ import { stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import type { Writable } from 'node:stream';
 import { type BlockDevice, isBlockDeviceError } from '@qcowkit/blockdev';
-import { FileBlockDevice, isMemoryBacked, SYNC_IO_MAX_BYTES } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, isMemoryBacked } from '@qcowkit/blockdev/node';
 import type { FileFlush } from '@qcowkit/qcow2-writer/node';
 import type { ImageFormat, OpenedImage } from '../engine.js';
 import { openImage } from '../engine.js';
@@ -80,7 +80,7 @@ export async function convertCommand(
     snapshot,
     // Small requests (the image's tables) inline where they are memory copies; data is read in
     // chunks far above this, on the pool.
-    syncIoMaxBytes: (await isMemoryBackedFile(sourcePath)) ? SYNC_IO_MAX_BYTES : 0,
+    syncIoMaxBytes: 'memory-backed',
   });
   try {
     // Progress goes to stderr, so `-p` never mixes with an image written to stdout.

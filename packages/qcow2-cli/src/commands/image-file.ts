@@ -4,7 +4,7 @@
  * change, close whatever happened. On tmpfs or ramfs small reads and writes run inline (the
  * offline edits read and write table by table: no thread-pool hand-off for each).
  */
-import { FileBlockDevice, inlineIoMaxBytes } from '@qcowkit/blockdev/node';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { detectFormat, type ImageFormat } from '../engine.js';
 import { openError } from '../errors.js';
 
@@ -17,8 +17,7 @@ export async function withImageFileForWrite<T>(
 ): Promise<T> {
   let device: FileBlockDevice;
   try {
-    const syncIoMaxBytes = await inlineIoMaxBytes(path);
-    device = await FileBlockDevice.open(path, { readOnly: false, syncIoMaxBytes });
+    device = await FileBlockDevice.open(path, { readOnly: false, syncIoMaxBytes: 'memory-backed' });
   } catch (error) {
     throw openError(displayName, error, path);
   }

@@ -5,7 +5,7 @@
  * the engine. Read-only layers are opened with force-share so the command can also hold a writer
  * on one of them.
  *
- * On a memory-backed file (tmpfs, ramfs: `inlineIoMaxBytes`), the image file's and the data file's
+ * On a memory-backed file (tmpfs, ramfs: `syncIoMaxBytes: 'memory-backed'`), the image file's and the data file's
  * small requests (up to 64 KiB: 4 KiB guest writes, L2 slices, refcount blocks) run inline on the
  * calling thread instead of a round trip through libuv's pool: there a write is a memory copy that
  * never waits for a disk. `qcow2 bench -w` of 100k 4 KiB writes into allocated clusters at depth 32
@@ -15,7 +15,7 @@
  */
 import { resolve } from 'node:path';
 import type { BlockDevice } from '@qcowkit/blockdev';
-import { FileBlockDevice, inlineIoMaxBytes } from '@qcowkit/blockdev/node';
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { Qcow2Image, RawImage } from '@qcowkit/qcow2-core';
 import { detectFormat, type ImageFormat, type OpenedImage, openImage } from '../engine.js';
 import { CliError, openError } from '../errors.js';
@@ -40,7 +40,7 @@ export async function openWritable(
     file = await FileBlockDevice.open(path, {
       readOnly: false,
       noFlush,
-      syncIoMaxBytes: await inlineIoMaxBytes(path),
+      syncIoMaxBytes: 'memory-backed',
     });
   } catch (error) {
     throw openError(displayName, error, path);
@@ -81,7 +81,7 @@ export async function openWritable(
           dataFile = await FileBlockDevice.open(dataPath, {
             readOnly: false,
             noFlush,
-            syncIoMaxBytes: await inlineIoMaxBytes(dataPath),
+            syncIoMaxBytes: 'memory-backed',
           });
         } catch (error) {
           throw openError(name, error, dataPath);

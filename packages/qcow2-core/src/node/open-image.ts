@@ -14,7 +14,7 @@
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
+import { FileBlockDevice, type FileOpenOptions } from '@qcowkit/blockdev/node';
 import type { Qcow2Codecs } from '../codecs.js';
 import { DETECT_BYTES, detectFormat, type ImageFormat } from '../detect.js';
 import { Qcow2Image } from '../image.js';
@@ -41,9 +41,9 @@ export interface OpenImageOptions {
   l2CacheBytes?: number;
   codecs?: Qcow2Codecs;
   /** The top layer's file: requests up to this many bytes run synchronously (FileBlockDevice's
-   * `syncIoMaxBytes`, for a memory-backed file; backing files, which may live elsewhere, always use
-   * the thread pool; default 0). */
-  syncIoMaxBytes?: number;
+   * `syncIoMaxBytes`, `'memory-backed'` to choose by its file system; backing files, which may
+   * live elsewhere, always use the thread pool; default 0). */
+  syncIoMaxBytes?: FileOpenOptions['syncIoMaxBytes'];
 }
 
 export interface ChainLayer {
