@@ -6,5 +6,14 @@ export {
   MAX_EXTENTS_PER_CALL,
 } from './file-device.js';
 export type { LockMechanism, LockMode } from './file-lock.js';
-export { type CallResult, type Libc, loadLibc } from './libc.js';
+export {
+  type CallResult,
+  F_GETPIPE_SZ,
+  F_SETPIPE_SZ,
+  type Libc,
+  loadLibc,
+  O_CLOEXEC,
+  SPLICE_F_MOVE,
+  SPLICE_F_NONBLOCK,
+} from './libc.js';
 export { inlineIoMaxBytes, isMemoryBacked, SYNC_IO_MAX_BYTES } from './memory-backed.js';

@@ -1,6 +1,6 @@
 /**
  * The few libc calls Node lacks (lseek SEEK_DATA/SEEK_HOLE, fallocate, copy_file_range, fcntl OFD
- * locks, flock, ioctl BLKGETSIZE64, int-valued getsockopt/setsockopt, sendfile), reached through koffi, in
+ * locks, flock, ioctl BLKGETSIZE64, int-valued getsockopt/setsockopt, sendfile, splice and pipes), reached through koffi, in
  * this one place for every package (the NBD server sizes its unix sockets' send buffers with it). Everything here is optional: when koffi cannot load
  * (unsupported platform, missing binary), `loadLibc()` returns undefined and callers fall back to
  * plain Node I/O.
@@ -35,6 +35,17 @@ export const F_UNLCK = 2;
 export const LOCK_SH = 1;
 export const LOCK_EX = 2;
 export const LOCK_NB = 4;
+
+/** splice flags. */
+export const SPLICE_F_MOVE = 0x01;
+export const SPLICE_F_NONBLOCK = 0x02;
+
+/** fcntl commands for a pipe's capacity. */
+export const F_SETPIPE_SZ = 1031;
+export const F_GETPIPE_SZ = 1032;
+
+/** pipe2 flags. */
+export const O_CLOEXEC = 0o2000000;
 
 /** ioctl request for a block device's size in bytes (_IOR(0x12, 114, size_t)). */
 const BLKGETSIZE64 = 0x80081272;
@@ -81,6 +92,25 @@ export interface Libc {
    * and memory-backed files, where it never waits (EAGAIN when the socket is full). Optional as
    * `getSocketInt`. */
   sendFile?(outFd: number, inFd: number, inOffset: number, length: number): CallResult;
+  /** splice(2) of up to `length` bytes from `inFd` to `outFd`, on this thread: the bytes moved (0
+   * at the input's end). One side must be a pipe; an offset is given for the side that is a file
+   * (its own position does not move) and left undefined for a pipe or a socket. Optional as
+   * `getSocketInt`. */
+  splice?(
+    inFd: number,
+    inOffset: number | undefined,
+    outFd: number,
+    outOffset: number | undefined,
+    length: number,
+    flags: number,
+  ): CallResult;
+  /** pipe2(2): a new pipe's read and write ends. Optional as `getSocketInt`. */
+  pipe?(
+    flags: number,
+  ): { ok: true; readFd: number; writeFd: number } | { ok: false; errno: number; code: string };
+  /** fcntl(fd, cmd, value) of a command taking an int (F_SETPIPE_SZ, F_GETPIPE_SZ). Optional as
+   * `getSocketInt`. */
+  fcntlInt?(fd: number, command: number, value: number): CallResult;
 }
 
 let cached: Libc | null | undefined;
@@ -106,6 +136,9 @@ function tryLoad(): Libc | null {
       getsockopt: lib.func('int getsockopt(int, int, int, _Out_ void *, _Inout_ int *)'),
       setsockopt: lib.func('int setsockopt(int, int, int, void *, int)'),
       sendfile: lib.func('int64_t sendfile(int, int, void *, size_t)'),
+      splice: lib.func('int64_t splice(int, void *, int, void *, size_t, unsigned int)'),
+      pipe2: lib.func('int pipe2(int *, int)'),
+      fcntlInt: lib.func('fcntl', 'int', ['int', 'int', 'int']),
     });
   } catch {
     return null;
@@ -122,6 +155,9 @@ interface Functions {
   getsockopt: KoffiFunction;
   setsockopt: KoffiFunction;
   sendfile: KoffiFunction;
+  splice: KoffiFunction;
+  pipe2: KoffiFunction;
+  fcntlInt: KoffiFunction;
 }
 
 function makeLibc(koffi: Koffi, fn: Functions): Libc {
@@ -146,8 +182,9 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
     return buf;
   };
 
-  /** sendFile's offset argument: synchronous calls only, so one buffer serves them all. */
+  /** sendFile's and splice's offset arguments: synchronous calls only, so one buffer serves them all. */
   const sendFileOffset = Buffer.alloc(8);
+  const spliceOffset = Buffer.alloc(8);
 
   return {
     lseek: (fd, offset, whence) => result(fn.lseek(fd, offset, whence)),
@@ -224,5 +261,27 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
       sendFileOffset.writeBigInt64LE(BigInt(inOffset), 0);
       return result(fn.sendfile(outFd, inFd, sendFileOffset, length));
     },
+    splice: (inFd, inOffset, outFd, outOffset, length, flags) => {
+      if (inOffset !== undefined && outOffset !== undefined) {
+        throw new RangeError('splice: at most one side can be a file with an offset');
+      }
+      // The file side's loff_t is advanced by the kernel, which nobody reads.
+      let inPointer: Buffer | null = null;
+      let outPointer: Buffer | null = null;
+      if (inOffset !== undefined) {
+        spliceOffset.writeBigInt64LE(BigInt(inOffset), 0);
+        inPointer = spliceOffset;
+      } else if (outOffset !== undefined) {
+        spliceOffset.writeBigInt64LE(BigInt(outOffset), 0);
+        outPointer = spliceOffset;
+      }
+      return result(fn.splice(inFd, inPointer, outFd, outPointer, length, flags));
+    },
+    pipe: (flags) => {
+      const fds = new Int32Array(2);
+      const r = result(fn.pipe2(fds, flags));
+      return r.ok ? { ok: true, readFd: fds[0]!, writeFd: fds[1]! } : r;
+    },
+    fcntlInt: (fd, command, value) => result(fn.fcntlInt(fd, command, value)),
   };
 }

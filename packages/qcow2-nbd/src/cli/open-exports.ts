@@ -57,7 +57,7 @@ async function openOne(
   /** The image whose bitmaps -B names (undefined for raw files). */
   let image: BlockDevice | undefined;
   /** The raw file itself, when READ replies may be sent from it (see NbdExport.fileSource). */
-  let fileSource: { fd: number } | undefined;
+  let fileSource: { fd: number; writes: boolean } | undefined;
   const fileIo = await fileIoOptions(options.aio ?? 'auto', spec.path);
   if (format === 'raw') {
     if (options.loadSnapshot !== undefined)
@@ -66,7 +66,9 @@ async function openOne(
     closers.push(() => file.close());
     device = file;
     // Not with --aio=threads: that asks for no file I/O on the event loop's thread at all.
-    if (options.aio !== 'threads' && (await isMemoryBacked(spec.path))) fileSource = { fd: file.fd };
+    if (options.aio !== 'threads' && (await isMemoryBacked(spec.path))) {
+      fileSource = { fd: file.fd, writes: !readOnlyFile };
+    }
   } else {
     if (!readOnlyFile && format === 'qcow2') {
       const writable = await openWritableQcow2(spec.path, fileIo);

@@ -24,6 +24,7 @@ import { loadLibc } from '@qcowkit/blockdev/node';
 import { ByteReader } from '../protocol/byte-reader.js';
 import type { RequestReader } from './request-reader.js';
 import { enlargeUnixSendBuffer } from './socket-buffer.js';
+import { openSocketSplicer } from './socket-splice.js';
 
 /**
  * What a plain socket accepted by a net.Server holds that `startRequests` needs: the native handle
@@ -332,6 +333,8 @@ export class ConnectionIo {
     if (direct !== undefined) {
       this.stream = direct;
       this.socket = direct;
+      const splicer = this.socketFd === undefined ? undefined : openSocketSplicer();
+      if (this.socketFd !== undefined && splicer !== undefined) requests.useSocket(this.socketFd, splicer);
     } else {
       stream.on('data', (chunk: Buffer) => {
         if (!this.guarded(requests, () => requests.feed(chunk))) stream.pause();

@@ -43,8 +43,13 @@ export interface NbdExport {
    * sent from it with sendfile(2) on plain connections, never through a buffer of ours. Leave it
    * out for files on disks (sendfile there would wait for the disk on the event loop's thread) and
    * whenever the device is not exactly the file (an overlay, a format, an offset).
+   *
+   * `writes: true` (the file open for writing, the export writable): WRITE payloads longer than
+   * 64 KiB go straight into the file too, moved from the socket by splice(2) on plain connections
+   * (written from the reader's buffers otherwise), never through `device.write`. Only when the
+   * device has nothing to learn from its writes (no cache of the file's bytes, no dirty tracking).
    */
-  readonly fileSource?: { readonly fd: number };
+  readonly fileSource?: { readonly fd: number; readonly writes?: boolean };
 }
 
 /** One run of a dirty bitmap: `length` bytes, all dirty or all clean. */

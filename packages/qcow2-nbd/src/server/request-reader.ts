@@ -9,11 +9,19 @@
  * device will write from, one recv for the lot as nbdkit does, instead of through Node's 64 KiB
  * read chunks and a copy. Or from a stream's chunks (`feed`, for TLS).
  *
+ * Large WRITE payloads may skip buffers altogether (`placeWrite`): the sink names a file and an
+ * offset, staged bytes are written there at once and, once the reader knows the socket's
+ * descriptor (`useSocket`), the rest is moved from the socket into the file by splice(2) (see
+ * socket-splice.ts). When the socket runs dry in the middle, the next read takes a few bytes
+ * (PROBE_SIZE) into the staging buffer, which go to the file the same way, and the splice goes on.
+ *
  * Backpressure: when the sink refuses a request (returns false) the reader pauses; the unparsed
  * rest of the bytes it holds is kept until `resume`, and the caller stops reading the socket.
  */
+import { writeSync } from 'node:fs';
 import { REQUEST_HEADER_SIZE } from '../protocol/constants.js';
 import { decodeRequestHeader, type RequestHeader } from '../protocol/requests.js';
+import type { SocketSplicer } from './socket-splice.js';
 
 export interface RequestSink {
   /**
@@ -26,6 +34,21 @@ export interface RequestSink {
    * reader until `resume`.
    */
   request(request: RequestHeader, payload: Buffer | undefined): boolean;
+  /**
+   * Optional. A WRITE of at least PLACE_MINIMUM bytes has arrived: the file and offset its payload
+   * may be written to directly (the request is valid and may be served now), or undefined for the
+   * ordinary way (`request` with a buffer).
+   */
+  placeWrite?(request: RequestHeader): FilePlacement | undefined;
+  /** The payload of a WRITE `placeWrite` placed has all arrived: in the file, or `error`. */
+  placed?(request: RequestHeader, error: Error | undefined): void;
+}
+
+/** Where a placed WRITE's payload goes: a memory-backed file (writes there never wait). */
+export interface FilePlacement {
+  readonly fd: number;
+  /** The file offset of the payload's first byte. */
+  readonly offset: number;
 }
 
 /** Where payloads are received (the connection's buffer pool). */
@@ -35,9 +58,25 @@ export type AllocatePayload = (size: number) => Buffer;
 const STAGING_SIZE = 32 * 1024;
 /** Payload parts at least this long are received into the payload itself, not staged. */
 export const DIRECT_MINIMUM = 16 * 1024;
+/** WRITE payloads at least this long are offered to the sink's `placeWrite`. */
+export const PLACE_MINIMUM = 64 * 1024 + 1;
+/** What a read takes while a placed payload waits for the socket: the rest is spliced. */
+const PROBE_SIZE = 4096;
+
+interface Placement {
+  readonly request: RequestHeader;
+  readonly fd: number;
+  readonly offset: number;
+  readonly length: number;
+  done: number;
+  error: Error | undefined;
+}
 
 export class RequestReader {
   private readonly staging: Buffer;
+  /** The staging buffer's first PROBE_SIZE bytes, and its first header's worth. */
+  private readonly probe: Buffer;
+  private readonly oneHeader: Buffer;
   /** Bytes of a header split across reads. */
   private readonly headerBytes = Buffer.allocUnsafe(REQUEST_HEADER_SIZE);
   private headerFilled = 0;
@@ -49,6 +88,15 @@ export class RequestReader {
   private held: Buffer | undefined;
   private paused = false;
   private stopped = false;
+  /** A WRITE whose payload is being written straight into a file. */
+  private placing: Placement | undefined;
+  /** The last request was placed: the next read takes one header, so that a next large WRITE's
+   * payload stays in the socket for the splice (a stream of them, as nbdcopy sends, then never
+   * passes through our buffers). Any other request ends it. */
+  private afterPlacement = false;
+  /** The socket's descriptor and the splicer, once known (`useSocket`). */
+  private socketFd = -1;
+  private splicer: SocketSplicer | undefined;
 
   constructor(
     private readonly sink: RequestSink,
@@ -59,6 +107,18 @@ export class RequestReader {
       throw new RangeError(`RequestReader: staging size ${stagingSize} is too small`);
     }
     this.staging = Buffer.allocUnsafeSlow(stagingSize);
+    this.probe = this.staging.subarray(0, Math.min(PROBE_SIZE, stagingSize));
+    this.oneHeader = this.staging.subarray(0, REQUEST_HEADER_SIZE);
+  }
+
+  /**
+   * The plain socket the bytes come from: the rest of a placed payload is then spliced from it
+   * into the file, behind the reader's buffers. Only for a socket read with `nextBuffer` /
+   * `received`, whose reads the caller stops between callbacks.
+   */
+  useSocket(fd: number, splicer: SocketSplicer): void {
+    this.socketFd = fd;
+    this.splicer = splicer;
   }
 
   /** False while paused by the sink (bytes are dropped once stopped, so reading goes on). */
@@ -75,6 +135,11 @@ export class RequestReader {
    * staging buffer. Never empty. Whatever lands there must be passed to `received`.
    */
   nextBuffer(): Uint8Array {
+    if (this.splicer !== undefined) {
+      const placing = this.placing;
+      if (placing !== undefined && placing.error === undefined) return this.probe;
+      if (this.afterPlacement && this.headerFilled === 0 && this.payload === undefined) return this.oneHeader;
+    }
     const payload = this.payload;
     if (payload !== undefined && payload.length - this.filled >= DIRECT_MINIMUM) {
       return payload.subarray(this.filled);
@@ -91,6 +156,7 @@ export class RequestReader {
     if (this.stopped) return true;
     if (buffer.buffer === this.staging.buffer) {
       this.parse(this.staging, 0, count);
+      if (this.placing !== undefined) this.splice(this.placing);
     } else {
       // Straight into the payload: nothing to copy.
       this.filled += count;
@@ -124,11 +190,21 @@ export class RequestReader {
     this.held = undefined;
     this.current = undefined;
     this.payload = undefined;
+    this.placing = undefined;
   }
 
   private parse(bytes: Buffer, start: number, end: number): void {
     let position = start;
     while (position < end && !this.paused && !this.stopped) {
+      const placing = this.placing;
+      if (placing !== undefined) {
+        const count = Math.min(end - position, placing.length - placing.done);
+        if (placing.error === undefined) this.writePlaced(placing, bytes, position, count);
+        placing.done += count;
+        position += count;
+        if (placing.done === placing.length) this.endPlacing(placing);
+        continue;
+      }
       const payload = this.payload;
       if (payload !== undefined) {
         const count = Math.min(end - position, payload.length - this.filled);
@@ -165,13 +241,67 @@ export class RequestReader {
       this.stop();
       return;
     }
+    this.afterPlacement = false;
     if (length === 0) {
       if (!this.sink.request(header, undefined)) this.paused = true;
       return;
     }
+    if (length >= PLACE_MINIMUM && this.sink.placeWrite !== undefined) {
+      const target = this.sink.placeWrite(header);
+      if (target !== undefined) {
+        this.afterPlacement = true;
+        this.placing = {
+          request: header,
+          fd: target.fd,
+          offset: target.offset,
+          length,
+          done: 0,
+          error: undefined,
+        };
+        return;
+      }
+    }
     this.current = header;
     this.payload = this.allocate(length);
     this.filled = 0;
+  }
+
+  /** Writes `count` staged bytes of a placed payload to its file, or records why not. */
+  private writePlaced(placing: Placement, bytes: Buffer, position: number, count: number): void {
+    try {
+      let written = 0;
+      while (written < count) {
+        written += writeSync(
+          placing.fd,
+          bytes,
+          position + written,
+          count - written,
+          placing.offset + placing.done + written,
+        );
+      }
+    } catch (error) {
+      placing.error = error instanceof Error ? error : new Error(String(error));
+    }
+  }
+
+  /** Moves what the socket holds of a placed payload into its file. */
+  private splice(placing: Placement): void {
+    const splicer = this.splicer;
+    if (splicer === undefined || placing.error !== undefined || this.stopped) return;
+    const result = splicer.move(
+      this.socketFd,
+      placing.fd,
+      placing.offset + placing.done,
+      placing.length - placing.done,
+    );
+    placing.done += result.taken;
+    if (result.fileError !== undefined) placing.error = result.fileError;
+    if (placing.done === placing.length) this.endPlacing(placing);
+  }
+
+  private endPlacing(placing: Placement): void {
+    this.placing = undefined;
+    this.sink.placed?.(placing.request, placing.error);
   }
 
   private deliver(): void {

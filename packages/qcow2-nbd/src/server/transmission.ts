@@ -59,7 +59,7 @@ import {
 } from './export.js';
 import type { Session } from './handshake.js';
 import { errorMessage, nbdErrorName, toNbdError } from './nbd-errors.js';
-import { RequestReader, type RequestSink } from './request-reader.js';
+import { type FilePlacement, RequestReader, type RequestSink } from './request-reader.js';
 
 /**
  * READs at least this long of an export with a `fileSource` leave by sendfile(2) (see
@@ -204,6 +204,46 @@ export class Transmission implements RequestSink {
     }
     this.dispatch(request, payload, cost);
     return true;
+  }
+
+  /**
+   * RequestSink: a large WRITE's payload goes straight into the export's file when the export lets
+   * it (`fileSource.writes`) and the request may be served now; the ordinary way otherwise, which
+   * also answers the invalid ones.
+   */
+  placeWrite(request: RequestHeader): FilePlacement | undefined {
+    const source = this.session.export.fileSource;
+    if (
+      source === undefined ||
+      source.writes !== true ||
+      this.stopping ||
+      validateRequest(request, this.context) !== 0 ||
+      !this.hasRoom(0)
+    ) {
+      return undefined;
+    }
+    return { fd: source.fd, offset: request.offset };
+  }
+
+  /** RequestSink: a placed WRITE's payload is in the file (or failed): answered, after a flush for FUA. */
+  placed(request: RequestHeader, error: Error | undefined): void {
+    if (error !== undefined) {
+      this.replyError(request, toNbdError(error), errorMessage(error));
+    } else if ((request.flags & NBD_CMD_FLAG_FUA) === 0) {
+      this.replySimple(request, 0);
+    } else {
+      this.inFlightCount++;
+      this.session.export.device.flush().then(
+        () => {
+          this.replySimple(request, 0);
+          this.release(0);
+        },
+        (failure: unknown) => {
+          this.replyError(request, toNbdError(failure), errorMessage(failure));
+          this.release(0);
+        },
+      );
+    }
   }
 
   /** The bytes a request holds until answered: read data, write payload, block status reply. */
