@@ -138,7 +138,16 @@ export class RequestReader {
     if (this.splicer !== undefined) {
       const placing = this.placing;
       if (placing !== undefined && placing.error === undefined) return this.probe;
-      if (this.afterPlacement && this.headerFilled === 0 && this.payload === undefined) return this.oneHeader;
+      // Not while a failed placement's payload is being dropped, nor once stopped: 28-byte reads
+      // there would only drain the socket slowly.
+      if (
+        this.afterPlacement &&
+        placing === undefined &&
+        this.headerFilled === 0 &&
+        this.payload === undefined
+      ) {
+        return this.oneHeader;
+      }
     }
     const payload = this.payload;
     if (payload !== undefined && payload.length - this.filled >= DIRECT_MINIMUM) {
@@ -191,6 +200,7 @@ export class RequestReader {
     this.current = undefined;
     this.payload = undefined;
     this.placing = undefined;
+    this.afterPlacement = false;
   }
 
   private parse(bytes: Buffer, start: number, end: number): void {
