@@ -6,7 +6,7 @@
  * Read-only (-r) and snapshot (-s) exports must never write the file.
  */
 import { randomFillSync } from 'node:crypto';
-import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { must, runNbdsh, startServer } from '../src/nbd-server.js';
 import { requireTools, run } from '../src/tools.js';
 
-const ok = requireTools('qemu-img', 'qemu-io', 'nbdcopy', 'nbdsh');
+const ok = requireTools('qemu-img', 'qemu-io', 'nbdcopy', 'nbdsh', 'openssl');
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -72,6 +72,55 @@ function freePort(): Promise<number> {
   });
 }
 
+/** A CA and a server certificate for localhost in `pki`, as --tls-creds reads them. */
+function makePki(pki: string): void {
+  mkdirSync(pki, { recursive: true });
+  const ssl = (args: string[]) => run('openssl', args, { cwd: pki });
+  const subject = (name: string) => ['-nodes', '-days', '1', '-subj', `/CN=${name}`];
+  ssl([
+    'req',
+    '-x509',
+    '-newkey',
+    'rsa:2048',
+    '-keyout',
+    'ca-key.pem',
+    '-out',
+    'ca-cert.pem',
+    ...subject('ca'),
+  ]);
+  ssl([
+    'req',
+    '-newkey',
+    'rsa:2048',
+    '-keyout',
+    'server-key.pem',
+    '-out',
+    'server.csr',
+    ...subject('localhost'),
+  ]);
+  writeFileSync(
+    join(pki, 'ext.cnf'),
+    'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n',
+  );
+  ssl([
+    'x509',
+    '-req',
+    '-in',
+    'server.csr',
+    '-CA',
+    'ca-cert.pem',
+    '-CAkey',
+    'ca-key.pem',
+    '-CAcreateserial',
+    '-out',
+    'server-cert.pem',
+    '-days',
+    '1',
+    '-extfile',
+    'ext.cnf',
+  ]);
+}
+
 function qemuIo(target: string, commands: readonly string[]): Promise<string> {
   return must('qemu-io', ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), target]);
 }
@@ -121,6 +170,25 @@ describe.skipIf(!ok)('qcow2-nbd raw exports on tmpfs (WRITE payloads by splice)'
       rmSync(image);
     });
   }
+
+  it('over TLS (no socket to splice from) payloads are written from the decrypted chunks: nbdcopy copies exactly', async () => {
+    const pki = join(dir, 'pki');
+    makePki(pki);
+    const image = join(dir, 'export-tls.raw');
+    run('qemu-img', ['create', '-f', 'raw', image, String(SIZE)]);
+    const port = await freePort();
+    const server = await startServer(dir, ['-f', 'raw', '-t', '-e', '0', '--tls-creds', pki, image], {
+      port,
+    });
+    try {
+      const uri = `nbds://localhost:${port}/?tls-certificates=${pki}`;
+      await must('nbdcopy', ['--connections=4', source, uri]);
+    } finally {
+      expect(await server.stop()).toBe(0);
+    }
+    expect(readFileSync(image).equals(readFileSync(source))).toBe(true);
+    rmSync(image);
+  });
 
   it('a write past the end fails with ENOSPC and the export goes on serving; FUA and the end work', async () => {
     const image = join(dir, 'export-nbdsh.raw');

@@ -79,9 +79,10 @@ function counted(device: BlockDevice): BlockDevice {
   });
 }
 
-async function serve(entry: Partial<NbdExport>): Promise<void> {
+async function serve(entry: Partial<NbdExport>, readMode?: 'direct' | 'stream'): Promise<void> {
   server = createNbdServer({
     exports: [{ name: '', device: counted(file), fileSource: { fd: file.fd, writes: true }, ...entry }],
+    ...(readMode !== undefined && { readMode }),
   });
   await server.listen({ path: socketPath });
 }
@@ -131,6 +132,29 @@ describe('WRITE payloads placed in the file', () => {
     expect(splicedIntoFile).toBeGreaterThan(0);
     client.request(P.NBD_CMD_DISC, 0, 0);
     expect(await client.closed()).toBe(true);
+  });
+
+  it("read from stream chunks (readMode 'stream', as over TLS): placed from the chunks, nothing spliced", async () => {
+    await serve({}, 'stream');
+    const model = readFileSync(path);
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    const cookies: bigint[] = [];
+    for (const [offset, length] of [
+      [MiB + 5, 3 * MiB],
+      [6 * MiB, 100 * KiB],
+      [7 * MiB, 2 * KiB],
+    ] as const) {
+      const data = randomFillSync(Buffer.alloc(length));
+      data.copy(model, offset);
+      cookies.push(client.request(P.NBD_CMD_WRITE, offset, length, { data }));
+    }
+    const answered = await replies(client, cookies.length);
+    for (const cookie of cookies) expect(answered.get(cookie)).toBe(0);
+    expect(readFileSync(path).equals(model)).toBe(true);
+    expect(deviceWrites).toEqual([2 * KiB]);
+    expect(splicedIntoFile).toBe(0);
+    client.destroy();
   });
 
   it('FUA flushes the device before the reply', async () => {
