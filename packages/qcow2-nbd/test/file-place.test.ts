@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { type BlockDevice, MemoryBlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice, loadLibc } from '@qcowkit/blockdev/node';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
-import { createNbdServer, type NbdExport, type NbdServer, protocol as P, toNbdError } from '../src/index.js';
+import { createNbdServer, type NbdExport, type NbdServer, protocol as P } from '../src/index.js';
 import { PLACE_MINIMUM } from '../src/server/request-reader.js';
 import { wrap } from './helpers.js';
 import { TestClient } from './test-client.js';
@@ -283,20 +283,5 @@ describe('WRITE payloads placed in the file', () => {
     expect(reply.data.equals(data)).toBe(true);
     staying.request(P.NBD_CMD_DISC, 0, 0);
     expect(await staying.closed()).toBe(true);
-  });
-});
-
-describe('errors of placed writes', () => {
-  it('an operating-system error maps as the device would map it', () => {
-    const osError = (code: string) => Object.assign(new Error(`write failed: ${code}`), { code });
-    expect(toNbdError(osError('ENOSPC'))).toBe(P.NBD_ENOSPC);
-    expect(toNbdError(osError('EDQUOT'))).toBe(P.NBD_ENOSPC);
-    expect(toNbdError(osError('EFBIG'))).toBe(P.NBD_ENOSPC);
-    expect(toNbdError(osError('EROFS'))).toBe(P.NBD_EPERM);
-    expect(toNbdError(osError('EACCES'))).toBe(P.NBD_EPERM);
-    expect(toNbdError(osError('EBADF'))).toBe(P.NBD_EIO);
-    expect(toNbdError(osError('EINVAL'))).toBe(P.NBD_EIO);
-    expect(toNbdError(new Error('boom'))).toBe(P.NBD_EIO);
-    expect(toNbdError({ code: 42 })).toBe(P.NBD_EIO);
   });
 });

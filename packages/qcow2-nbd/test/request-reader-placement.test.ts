@@ -133,8 +133,7 @@ class FakeSplicer implements SocketSplicer {
     const start = this.socket.taken;
     this.socket.taken += count;
     if (this.calls === this.failingCall) {
-      const fileError = Object.assign(new Error('write failed: ENOSPC'), { code: 'ENOSPC' });
-      return { taken: count, stopped: 'file', fileError };
+      return { taken: count, stopped: 'file', errno: 'ENOSPC' };
     }
     try {
       let written = 0;
@@ -142,7 +141,7 @@ class FakeSplicer implements SocketSplicer {
         written += writeSync(fd, this.socket.bytes, start + written, count - written, fileOffset + written);
       }
     } catch (error) {
-      return { taken: count, stopped: 'file', fileError: error as Error };
+      return { taken: count, stopped: 'file', errno: (error as NodeJS.ErrnoException).code ?? 'EIO' };
     }
     this.moved += count;
     return { taken: count, stopped: count === length ? 'done' : 'again' };
@@ -193,7 +192,7 @@ class PlacingSink implements RequestSink {
     if (place === 'no') return undefined;
     this.open = { cookie, failing: place === 'failing' };
     this.lastPlaced = true;
-    return { fd: place === 'failing' ? readOnlyFd : fileFd, offset: request.offset };
+    return { fd: place === 'failing' ? readOnlyFd : fileFd, offset: request.offset, name: 'the test file' };
   }
   placed(request: P.RequestHeader, error: Error | undefined): void {
     const cookie = Number(request.cookie);
@@ -261,7 +260,9 @@ function checkOutcome(
       expect(event.kind).toBe('placed');
       if (event.kind !== 'placed') return;
       if (request.place === 'failing') {
-        expect((event.error as NodeJS.ErrnoException | undefined)?.code).toBe(options.failure ?? 'EBADF');
+        // BlockDeviceError codes: a read-only descriptor (EBADF) reads as a closed device.
+        expect((event.error as NodeJS.ErrnoException | undefined)?.code).toBe(options.failure ?? 'ECLOSED');
+        expect(event.error?.message).toContain('write: the test file:');
       } else {
         expect(event.error).toBeUndefined();
         const landed = file.subarray(header.offset, header.offset + request.length);
@@ -411,6 +412,37 @@ describe('RequestReader placed WRITEs', () => {
     // One staged read (the first header and 32 KiB - 28 of its payload), then only headers.
     expect(sizes).toEqual([STAGING, HEADER, HEADER]);
     expect(splicer.moved).toBe(bytes.length - STAGING - 2 * HEADER);
+    checkOutcome(requests, sink);
+  });
+
+  it('a socket that refuses splice (not EAGAIN) is read from then on; the payloads still land', () => {
+    clearFile();
+    const requests: Wire[] = [
+      { type: P.NBD_CMD_WRITE, length: 100_000, seed: 4 },
+      { type: P.NBD_CMD_WRITE, length: 90_000, seed: 5 },
+    ];
+    const { bytes, ends } = encode(requests);
+    const socket = new ModelSocket(bytes);
+    const sink = new PlacingSink(requests, socket, ends);
+    const reader = new RequestReader(sink, (size) => Buffer.alloc(size));
+    let calls = 0;
+    const refusing: SocketSplicer = {
+      move: () => {
+        calls++;
+        return { taken: 0, stopped: 'socket', errno: 'EINVAL' };
+      },
+    };
+    reader.useSocket(FAKE_SOCKET_FD, refusing);
+    socket.arrive(bytes.length);
+    const sizes: number[] = [];
+    while (socket.available > 0) {
+      const buffer = reader.nextBuffer();
+      sizes.push(buffer.length);
+      reader.received(buffer, socket.read(buffer));
+    }
+    // Tried once; then no probes and no one-header reads, only the staging buffer.
+    expect(calls).toBe(1);
+    expect(sizes.every((size) => size === STAGING)).toBe(true);
     checkOutcome(requests, sink);
   });
 

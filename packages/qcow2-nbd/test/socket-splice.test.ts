@@ -141,9 +141,7 @@ describe('socket splicer', () => {
       await send(refused);
       const result = splicer.move(socketFd, readOnlyFd, 0, refused.length);
       expect(result.stopped).toBe('file');
-      expect(result.fileError).toBeInstanceOf(Error);
-      expect((result.fileError as NodeJS.ErrnoException).code).toBe('EBADF');
-      expect(result.fileError!.message).toContain('EBADF');
+      expect(result.errno).toBe('EBADF');
       expect(result.taken).toBeGreaterThan(0);
       expect(result.taken).toBeLessThanOrEqual(refused.length);
       // Whatever the failed move left of the refused bytes is still in the socket; then `after`.

@@ -6,6 +6,7 @@ export {
   MAX_EXTENTS_PER_CALL,
 } from './file-device.js';
 export type { LockMechanism, LockMode } from './file-lock.js';
+export { errnoError, fsError } from './fs-errors.js';
 export {
   type CallResult,
   F_GETPIPE_SZ,

@@ -14,29 +14,11 @@ import {
 } from '../protocol/constants.js';
 
 /**
- * Operating-system failures that arrive unwrapped (a WRITE placed straight in the export's file,
- * see request-reader.ts): the errno names that mean what a device's codes mean. Anything else is
- * EIO.
- */
-const NBD_ERROR_BY_ERRNO: Readonly<Record<string, number>> = {
-  ENOSPC: NBD_ENOSPC,
-  EDQUOT: NBD_ENOSPC,
-  EFBIG: NBD_ENOSPC,
-  EROFS: NBD_EPERM,
-  EACCES: NBD_EPERM,
-  EPERM: NBD_EPERM,
-};
-
-/**
  * The NBD error for a failure. `fastZero`: the request was a WRITE_ZEROES with FAST_ZERO, the one
  * place the spec lets a server answer ENOTSUP; anything else unsupported is EINVAL.
  */
 export function toNbdError(error: unknown, options: { readonly fastZero?: boolean } = {}): number {
-  if (!isBlockDeviceError(error)) {
-    const errno =
-      typeof error === 'object' && error !== null ? (error as { code?: unknown }).code : undefined;
-    return (typeof errno === 'string' ? NBD_ERROR_BY_ERRNO[errno] : undefined) ?? NBD_EIO;
-  }
+  if (!isBlockDeviceError(error)) return NBD_EIO;
   switch (error.code) {
     case 'EINVAL':
       return NBD_EINVAL;

@@ -19,6 +19,7 @@
  * rest of the bytes it holds is kept until `resume`, and the caller stops reading the socket.
  */
 import { writeSync } from 'node:fs';
+import { errnoError, fsError } from '@qcowkit/blockdev/node';
 import { REQUEST_HEADER_SIZE } from '../protocol/constants.js';
 import { decodeRequestHeader, type RequestHeader } from '../protocol/requests.js';
 import type { SocketSplicer } from './socket-splice.js';
@@ -49,6 +50,8 @@ export interface FilePlacement {
   readonly fd: number;
   /** The file offset of the payload's first byte. */
   readonly offset: number;
+  /** What to call the file in error messages. */
+  readonly name: string;
 }
 
 /** Where payloads are received (the connection's buffer pool). */
@@ -65,8 +68,7 @@ const PROBE_SIZE = 4096;
 
 interface Placement {
   readonly request: RequestHeader;
-  readonly fd: number;
-  readonly offset: number;
+  readonly target: FilePlacement;
   readonly length: number;
   done: number;
   error: Error | undefined;
@@ -260,14 +262,7 @@ export class RequestReader {
       const target = this.sink.placeWrite(header);
       if (target !== undefined) {
         this.afterPlacement = true;
-        this.placing = {
-          request: header,
-          fd: target.fd,
-          offset: target.offset,
-          length,
-          done: 0,
-          error: undefined,
-        };
+        this.placing = { request: header, target, length, done: 0, error: undefined };
         return;
       }
     }
@@ -278,19 +273,17 @@ export class RequestReader {
 
   /** Writes `count` staged bytes of a placed payload to its file, or records why not. */
   private writePlaced(placing: Placement, bytes: Buffer, position: number, count: number): void {
+    const { fd, offset, name } = placing.target;
+    let written = 0;
     try {
-      let written = 0;
       while (written < count) {
-        written += writeSync(
-          placing.fd,
-          bytes,
-          position + written,
-          count - written,
-          placing.offset + placing.done + written,
-        );
+        const at = offset + placing.done + written;
+        const wrote = writeSync(fd, bytes, position + written, count - written, at);
+        if (wrote === 0) throw errnoError('write', name, 'ENOSPC', at);
+        written += wrote;
       }
     } catch (error) {
-      placing.error = error instanceof Error ? error : new Error(String(error));
+      placing.error = fsError('write', name, error, offset + placing.done + written);
     }
   }
 
@@ -298,14 +291,16 @@ export class RequestReader {
   private splice(placing: Placement): void {
     const splicer = this.splicer;
     if (splicer === undefined || placing.error !== undefined || this.stopped) return;
-    const result = splicer.move(
-      this.socketFd,
-      placing.fd,
-      placing.offset + placing.done,
-      placing.length - placing.done,
-    );
+    const { fd, offset, name } = placing.target;
+    const at = offset + placing.done;
+    const result = splicer.move(this.socketFd, fd, at, placing.length - placing.done);
     placing.done += result.taken;
-    if (result.fileError !== undefined) placing.error = result.fileError;
+    if (result.stopped === 'file') {
+      placing.error = errnoError('write', name, result.errno ?? 'EIO', at);
+    } else if (result.stopped === 'socket') {
+      // This socket refuses splice: the rest of this payload and the next ones come by reads.
+      this.splicer = undefined;
+    }
     if (placing.done === placing.length) this.endPlacing(placing);
   }
 

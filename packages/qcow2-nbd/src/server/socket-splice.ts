@@ -22,15 +22,17 @@ const DEFAULT_PIPE_SIZE = 64 * 1024;
 
 /** What one `move` did. */
 export interface SpliceResult {
-  /** Payload bytes taken from the socket (written to the file unless `fileError` is set). */
+  /** Payload bytes taken from the socket (written to the file unless `stopped` is 'file'). */
   readonly taken: number;
   /**
-   * Why it stopped short of `length`: 'again' when the socket holds nothing more for now (or it
-   * failed or ended: the socket's own reads will see that), 'file' when writing to the file failed
-   * (`fileError`): the bytes taken were read out of the pipe and dropped.
+   * Why it stopped short of `length`: 'again' when the socket holds nothing more for now (or its
+   * peer has gone: the socket's own reads will see the end); 'socket' when splicing from the socket
+   * failed otherwise (`errno`): it is not worth trying again on that socket, whose own reads will
+   * report a real failure; 'file' when writing to the file failed (`errno`): the bytes taken were
+   * read out of the pipe and dropped.
    */
-  readonly stopped: 'done' | 'again' | 'file';
-  readonly fileError?: Error;
+  readonly stopped: 'done' | 'again' | 'socket' | 'file';
+  readonly errno?: string;
 }
 
 export interface SocketSplicer {
@@ -76,15 +78,20 @@ function makeSplicer(): SocketSplicer | null {
           Math.min(length - taken, capacity),
           SPLICE_F_MOVE | SPLICE_F_NONBLOCK,
         );
-        if (!into.ok || into.value === 0) return { taken, stopped: 'again' };
+        if (!into.ok) {
+          return into.code === 'EAGAIN' || into.code === 'EINTR'
+            ? { taken, stopped: 'again' }
+            : { taken, stopped: 'socket', errno: into.code };
+        }
+        if (into.value === 0) return { taken, stopped: 'again' };
         let left = into.value;
         while (left > 0) {
           const out = splice(readFd, undefined, fileFd, fileOffset + taken, left, SPLICE_F_MOVE);
+          if (!out.ok && out.code === 'EINTR') continue;
           if (!out.ok || out.value === 0) {
             discard(left);
-            const code = out.ok ? 'EIO' : out.code;
-            const fileError = Object.assign(new Error(`write failed: ${code}`), { code });
-            return { taken: taken + left, stopped: 'file', fileError };
+            // A file that takes nothing more is full (tmpfs past its size).
+            return { taken: taken + left, stopped: 'file', errno: out.ok ? 'ENOSPC' : out.code };
           }
           left -= out.value;
           taken += out.value;

@@ -222,7 +222,7 @@ export class Transmission implements RequestSink {
     ) {
       return undefined;
     }
-    return { fd: source.fd, offset: request.offset };
+    return { fd: source.fd, offset: request.offset, name: `export '${this.session.export.name}'` };
   }
 
   /** RequestSink: a placed WRITE's payload is in the file (or failed): answered, after a flush for FUA. */
