@@ -3,8 +3,8 @@
  * asynchronously (the server under test may live in the same event loop).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
-import { connect } from 'node:net';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { type AddressInfo, connect, createServer } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { run } from './tools.js';
@@ -156,4 +156,65 @@ export async function must(command: string, args: readonly string[]): Promise<st
   const result = await runAsync(command, args);
   if (result.status !== 0) throw new Error(`${command} ${args.join(' ')} failed: ${result.stderr}`);
   return result.stdout;
+}
+
+/** A TCP port free right now on 127.0.0.1 (the kernel picks it). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address() as AddressInfo;
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * A CA and a server certificate for localhost and 127.0.0.1 in `pki`, valid for a day, as
+ * `--tls-creds` reads them (ca-cert.pem, server-cert.pem, server-key.pem); clients trust the CA
+ * with `tls-certificates=PKI`.
+ */
+export function makePki(pki: string): void {
+  mkdirSync(pki, { recursive: true });
+  const ssl = (args: string[]) => run('openssl', args, { cwd: pki });
+  const request = (name: string, key: string, out: string, ...extra: string[]) =>
+    ssl([
+      'req',
+      ...extra,
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-keyout',
+      key,
+      '-out',
+      out,
+      '-days',
+      '1',
+      '-subj',
+      `/CN=${name}`,
+    ]);
+  request('qcowkit test CA', 'ca-key.pem', 'ca-cert.pem', '-x509');
+  request('localhost', 'server-key.pem', 'server.csr');
+  writeFileSync(
+    join(pki, 'ext.cnf'),
+    'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n',
+  );
+  ssl([
+    'x509',
+    '-req',
+    '-in',
+    'server.csr',
+    '-CA',
+    'ca-cert.pem',
+    '-CAkey',
+    'ca-key.pem',
+    '-CAcreateserial',
+    '-out',
+    'server-cert.pem',
+    '-days',
+    '1',
+    '-extfile',
+    'ext.cnf',
+  ]);
 }

@@ -4,25 +4,13 @@
  * bytes, written ones included, over a unix socket and over loopback TCP.
  */
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { must, startServer } from '../src/nbd-server.js';
+import { freePort, must, startServer } from '../src/nbd-server.js';
 import { requireTools, run } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'nbdcopy');
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const probe = createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const address = probe.address();
-      probe.close(() => resolve(typeof address === 'object' && address !== null ? address.port : 0));
-    });
-  });
-}
 
 describe.skipIf(!ok)('qcow2-nbd raw exports on tmpfs (READ replies by sendfile)', () => {
   let dir: string;

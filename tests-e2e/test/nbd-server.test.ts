@@ -3,10 +3,10 @@
  * behaving badly. Each test starts its own server (the built bin) and stops it.
  */
 import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { type AddressInfo, connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NBD_BIN as BIN, must, runAsync, startServer } from '../src/nbd-server.js';
+import { NBD_BIN as BIN, freePort, makePki, must, runAsync, startServer } from '../src/nbd-server.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'nbdinfo', 'nbdcopy', 'fio', 'openssl');
@@ -296,56 +296,7 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
 
   it('TLS with generated certificates: nbds:// works, plain NBD is refused', async () => {
     const pki = join(dir.path, 'pki');
-    run('mkdir', ['-p', pki]);
-    const ssl = (args: string[]) => run('openssl', args, { cwd: pki });
-    ssl([
-      'req',
-      '-x509',
-      '-newkey',
-      'rsa:2048',
-      '-nodes',
-      '-keyout',
-      'ca-key.pem',
-      '-out',
-      'ca-cert.pem',
-      '-days',
-      '1',
-      '-subj',
-      '/CN=qcowkit test CA',
-    ]);
-    ssl([
-      'req',
-      '-newkey',
-      'rsa:2048',
-      '-nodes',
-      '-keyout',
-      'server-key.pem',
-      '-out',
-      'server.csr',
-      '-subj',
-      '/CN=localhost',
-    ]);
-    writeFileSync(
-      join(pki, 'ext.cnf'),
-      'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n',
-    );
-    ssl([
-      'x509',
-      '-req',
-      '-in',
-      'server.csr',
-      '-CA',
-      'ca-cert.pem',
-      '-CAkey',
-      'ca-key.pem',
-      '-CAcreateserial',
-      '-out',
-      'server-cert.pem',
-      '-days',
-      '1',
-      '-extfile',
-      'ext.cnf',
-    ]);
+    makePki(pki);
     const port = await freePort();
     const server = await startServer(
       dir.path,
@@ -367,18 +318,6 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
     }
   });
 });
-
-/** A TCP port free right now on 127.0.0.1 (the kernel picks it). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const probe = createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const { port } = probe.address() as AddressInfo;
-      probe.close(() => resolve(port));
-    });
-  });
-}
 
 /** Handshake bytes for a client that negotiates nothing and asks for the default export. */
 function handshake(): Buffer[] {

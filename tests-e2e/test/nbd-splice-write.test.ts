@@ -6,13 +6,12 @@
  * Read-only (-r) and snapshot (-s) exports must never write the file.
  */
 import { randomFillSync } from 'node:crypto';
-import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { isMemoryBacked } from '@qcowkit/blockdev/node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { must, runNbdsh, startServer } from '../src/nbd-server.js';
+import { freePort, makePki, must, runNbdsh, startServer } from '../src/nbd-server.js';
 import { requireTools, run } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'nbdcopy', 'nbdsh', 'openssl');
@@ -60,66 +59,6 @@ attempt("fua", 5000001, nbd.CMD_FLAG_FUA)
 print("read back", h.pread(len(big), size - len(big)) == big and h.pread(len(big), 5000001) == big)
 h.shutdown()
 `;
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const probe = createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const address = probe.address();
-      probe.close(() => resolve(typeof address === 'object' && address !== null ? address.port : 0));
-    });
-  });
-}
-
-/** A CA and a server certificate for localhost in `pki`, as --tls-creds reads them. */
-function makePki(pki: string): void {
-  mkdirSync(pki, { recursive: true });
-  const ssl = (args: string[]) => run('openssl', args, { cwd: pki });
-  const subject = (name: string) => ['-nodes', '-days', '1', '-subj', `/CN=${name}`];
-  ssl([
-    'req',
-    '-x509',
-    '-newkey',
-    'rsa:2048',
-    '-keyout',
-    'ca-key.pem',
-    '-out',
-    'ca-cert.pem',
-    ...subject('ca'),
-  ]);
-  ssl([
-    'req',
-    '-newkey',
-    'rsa:2048',
-    '-keyout',
-    'server-key.pem',
-    '-out',
-    'server.csr',
-    ...subject('localhost'),
-  ]);
-  writeFileSync(
-    join(pki, 'ext.cnf'),
-    'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n',
-  );
-  ssl([
-    'x509',
-    '-req',
-    '-in',
-    'server.csr',
-    '-CA',
-    'ca-cert.pem',
-    '-CAkey',
-    'ca-key.pem',
-    '-CAcreateserial',
-    '-out',
-    'server-cert.pem',
-    '-days',
-    '1',
-    '-extfile',
-    'ext.cnf',
-  ]);
-}
 
 function qemuIo(target: string, commands: readonly string[]): Promise<string> {
   return must('qemu-io', ['-f', 'raw', ...commands.flatMap((command) => ['-c', command]), target]);

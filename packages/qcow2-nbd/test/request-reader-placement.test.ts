@@ -204,6 +204,29 @@ class PlacingSink implements RequestSink {
   }
 }
 
+/** A fresh file, the requests' bytes in a model socket, the recording sink and a reader over them. */
+function setUp(requests: readonly Wire[]) {
+  clearFile();
+  const { bytes, ends } = encode(requests);
+  const socket = new ModelSocket(bytes);
+  const sink = new PlacingSink(requests, socket, ends);
+  const reader = new RequestReader(sink, (size) => Buffer.alloc(size));
+  return { bytes, ends, socket, sink, reader };
+}
+
+/** Lets every byte arrive and reads until none is left; the size of each buffer read into. */
+function readAll(reader: RequestReader, socket: ModelSocket, afterRead?: () => void): number[] {
+  socket.arrive(socket.bytes.length);
+  const sizes: number[] = [];
+  while (socket.available > 0) {
+    const buffer = reader.nextBuffer();
+    sizes.push(buffer.length);
+    reader.received(buffer, socket.read(buffer));
+    afterRead?.();
+  }
+  return sizes;
+}
+
 /**
  * Reads the model socket as ConnectionIo does (nextBuffer, then received), `cuts` bytes arriving
  * between reads, checking the size of each buffer the reader asks to be filled.
@@ -348,16 +371,12 @@ describe('RequestReader placed WRITEs', () => {
   });
 
   it('a payload split across a staged read, probes and splices lands in order; then one header, then staging', () => {
-    clearFile();
     const requests: Wire[] = [
       { type: P.NBD_CMD_WRITE, length: 200 * 1024 + 3, seed: 5 },
       { type: P.NBD_CMD_READ, length: 4096, seed: 0 },
       { type: P.NBD_CMD_FLUSH, length: 0, seed: 0 },
     ];
-    const { bytes, ends } = encode(requests);
-    const socket = new ModelSocket(bytes);
-    const sink = new PlacingSink(requests, socket, ends);
-    const reader = new RequestReader(sink, (size) => Buffer.alloc(size));
+    const { bytes, ends, socket, sink, reader } = setUp(requests);
     const splicer = new FakeSplicer(socket);
     reader.useSocket(FAKE_SOCKET_FD, splicer);
     const step = (arriving: number, expectedSize: number): number => {
@@ -390,25 +409,15 @@ describe('RequestReader placed WRITEs', () => {
   });
 
   it('back-to-back large WRITEs: after the first, the second payload never passes through a buffer', () => {
-    clearFile();
     const requests: Wire[] = [
       { type: P.NBD_CMD_WRITE, length: 100_000, seed: 1 },
       { type: P.NBD_CMD_WRITE, length: 250_000, seed: 2 },
       { type: P.NBD_CMD_WRITE, length: PLACE_MINIMUM, seed: 3 },
     ];
-    const { bytes, ends } = encode(requests);
-    const socket = new ModelSocket(bytes);
-    const sink = new PlacingSink(requests, socket, ends);
-    const reader = new RequestReader(sink, (size) => Buffer.alloc(size));
+    const { bytes, socket, sink, reader } = setUp(requests);
     const splicer = new FakeSplicer(socket);
     reader.useSocket(FAKE_SOCKET_FD, splicer);
-    socket.arrive(bytes.length);
-    const sizes: number[] = [];
-    while (socket.available > 0) {
-      const buffer = reader.nextBuffer();
-      sizes.push(buffer.length);
-      reader.received(buffer, socket.read(buffer));
-    }
+    const sizes = readAll(reader, socket);
     // One staged read (the first header and 32 KiB - 28 of its payload), then only headers.
     expect(sizes).toEqual([STAGING, HEADER, HEADER]);
     expect(splicer.moved).toBe(bytes.length - STAGING - 2 * HEADER);
@@ -416,15 +425,11 @@ describe('RequestReader placed WRITEs', () => {
   });
 
   it('a socket that refuses splice (not EAGAIN) is read from then on; the payloads still land', () => {
-    clearFile();
     const requests: Wire[] = [
       { type: P.NBD_CMD_WRITE, length: 100_000, seed: 4 },
       { type: P.NBD_CMD_WRITE, length: 90_000, seed: 5 },
     ];
-    const { bytes, ends } = encode(requests);
-    const socket = new ModelSocket(bytes);
-    const sink = new PlacingSink(requests, socket, ends);
-    const reader = new RequestReader(sink, (size) => Buffer.alloc(size));
+    const { socket, sink, reader } = setUp(requests);
     let calls = 0;
     const refusing: SocketSplicer = {
       move: () => {
@@ -433,13 +438,7 @@ describe('RequestReader placed WRITEs', () => {
       },
     };
     reader.useSocket(FAKE_SOCKET_FD, refusing);
-    socket.arrive(bytes.length);
-    const sizes: number[] = [];
-    while (socket.available > 0) {
-      const buffer = reader.nextBuffer();
-      sizes.push(buffer.length);
-      reader.received(buffer, socket.read(buffer));
-    }
+    const sizes = readAll(reader, socket);
     // Tried once; then no probes and no one-header reads, only the staging buffer.
     expect(calls).toBe(1);
     expect(sizes.every((size) => size === STAGING)).toBe(true);
@@ -447,16 +446,12 @@ describe('RequestReader placed WRITEs', () => {
   });
 
   it('a placement whose file fails is answered with the error after its whole payload; the next request is intact', () => {
-    clearFile();
     const requests: Wire[] = [
       { type: P.NBD_CMD_WRITE, length: 150_000, seed: 9, place: 'failing' },
       { type: P.NBD_CMD_WRITE, length: 300, seed: 4 },
       { type: P.NBD_CMD_READ, length: 512, seed: 0 },
     ];
-    const { bytes, ends } = encode(requests);
-    const socket = new ModelSocket(bytes);
-    const sink = new PlacingSink(requests, socket, ends);
-    const reader = new RequestReader(sink, (size) => Buffer.alloc(size));
+    const { ends, socket, sink, reader } = setUp(requests);
     const splicer = new FakeSplicer(socket);
     reader.useSocket(FAKE_SOCKET_FD, splicer);
     // The staged bytes fail (pwrite to a read-only descriptor): nothing more is spliced, the rest
@@ -472,15 +467,11 @@ describe('RequestReader placed WRITEs', () => {
   });
 
   it('a splice that fails mid-payload: the rest is dropped through staging, answered once, stream in step', () => {
-    clearFile();
     const requests: Wire[] = [
       { type: P.NBD_CMD_WRITE, length: 200_000, seed: 6 },
       { type: P.NBD_CMD_WRITE, length: 70_000, seed: 7 },
     ];
-    const { bytes, ends } = encode(requests);
-    const socket = new ModelSocket(bytes);
-    const sink = new PlacingSink(requests, socket, ends);
-    const reader = new RequestReader(sink, (size) => Buffer.alloc(size));
+    const { bytes, socket, sink, reader } = setUp(requests);
     // 30 000 bytes a call; the second call fails.
     const splicer = new FakeSplicer(socket, 30_000, 2);
     reader.useSocket(FAKE_SOCKET_FD, splicer);
@@ -512,15 +503,11 @@ describe('RequestReader placed WRITEs', () => {
   });
 
   it('stop() in the middle of a placement: nothing more is written, spliced or answered', () => {
-    clearFile();
     const requests: Wire[] = [
       { type: P.NBD_CMD_WRITE, length: 120_000, seed: 8 },
       { type: P.NBD_CMD_READ, length: 512, seed: 0 },
     ];
-    const { bytes, ends } = encode(requests);
-    const socket = new ModelSocket(bytes);
-    const sink = new PlacingSink(requests, socket, ends);
-    const reader = new RequestReader(sink, (size) => Buffer.alloc(size));
+    const { bytes, socket, sink, reader } = setUp(requests);
     const splicer = new FakeSplicer(socket);
     reader.useSocket(FAKE_SOCKET_FD, splicer);
     socket.arrive(HEADER + 10_000);
