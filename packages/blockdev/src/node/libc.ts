@@ -182,9 +182,8 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
     return buf;
   };
 
-  /** sendFile's and splice's offset arguments: synchronous calls only, so one buffer serves them all. */
-  const sendFileOffset = Buffer.alloc(8);
-  const spliceOffset = Buffer.alloc(8);
+  /** sendFile's and splice's offset argument: synchronous calls only, so one buffer serves them all. */
+  const syncOffset = Buffer.alloc(8);
 
   return {
     lseek: (fd, offset, whence) => result(fn.lseek(fd, offset, whence)),
@@ -258,8 +257,8 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
     },
     sendFile: (outFd, inFd, inOffset, length) => {
       // off_t in and out: the kernel advances it, which nobody reads afterwards.
-      sendFileOffset.writeBigInt64LE(BigInt(inOffset), 0);
-      return result(fn.sendfile(outFd, inFd, sendFileOffset, length));
+      syncOffset.writeBigInt64LE(BigInt(inOffset), 0);
+      return result(fn.sendfile(outFd, inFd, syncOffset, length));
     },
     splice: (inFd, inOffset, outFd, outOffset, length, flags) => {
       if (inOffset !== undefined && outOffset !== undefined) {
@@ -269,11 +268,11 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
       let inPointer: Buffer | null = null;
       let outPointer: Buffer | null = null;
       if (inOffset !== undefined) {
-        spliceOffset.writeBigInt64LE(BigInt(inOffset), 0);
-        inPointer = spliceOffset;
+        syncOffset.writeBigInt64LE(BigInt(inOffset), 0);
+        inPointer = syncOffset;
       } else if (outOffset !== undefined) {
-        spliceOffset.writeBigInt64LE(BigInt(outOffset), 0);
-        outPointer = spliceOffset;
+        syncOffset.writeBigInt64LE(BigInt(outOffset), 0);
+        outPointer = syncOffset;
       }
       return result(fn.splice(inFd, inPointer, outFd, outPointer, length, flags));
     },

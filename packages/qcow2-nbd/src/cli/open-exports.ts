@@ -58,17 +58,19 @@ async function openOne(
   let image: BlockDevice | undefined;
   /** The raw file itself, when READ replies may be sent from it (see NbdExport.fileSource). */
   let fileSource: { fd: number; writes: boolean } | undefined;
-  const fileIo = await fileIoOptions(options.aio ?? 'auto', spec.path);
+  const aio = options.aio ?? 'auto';
+  const fileIo = await fileIoOptions(aio, spec.path);
   if (format === 'raw') {
     if (options.loadSnapshot !== undefined)
       throw new CliError(`${spec.path}: -l needs a qcow2 image, not raw`);
     const file = await FileBlockDevice.open(spec.path, { readOnly: readOnlyFile, ...fileIo });
     closers.push(() => file.close());
     device = file;
-    // Not with --aio=threads: that asks for no file I/O on the event loop's thread at all.
-    if (options.aio !== 'threads' && (await isMemoryBacked(spec.path))) {
-      fileSource = { fd: file.fd, writes: !readOnlyFile };
-    }
+    // Not with --aio=threads: that asks for no file I/O on the event loop's thread at all. `auto`
+    // has asked the file system already (inline I/O only on memory-backed files).
+    const memoryBacked =
+      aio === 'auto' ? fileIo.syncIoMaxBytes > 0 : aio === 'sync' && (await isMemoryBacked(spec.path));
+    if (memoryBacked) fileSource = { fd: file.fd, writes: !readOnlyFile };
   } else {
     if (!readOnlyFile && format === 'qcow2') {
       const writable = await openWritableQcow2(spec.path, fileIo);
