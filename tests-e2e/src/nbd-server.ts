@@ -42,6 +42,27 @@ function accepts(port: number): Promise<boolean> {
 }
 
 /**
+ * Whether a unix socket is listening at `path`. The file appears at bind(2), a moment before
+ * listen(2): a client connecting in between is refused, and one that then waits for data waits
+ * forever. Read from /proc/net/unix (the listening flag, __SO_ACCEPTCON) rather than by connecting,
+ * which a server without -t would count as its client and stop after.
+ */
+function unixListening(path: string): boolean {
+  if (!existsSync(path)) return false;
+  for (const line of readFileSync('/proc/net/unix', 'utf8').split('\n')) {
+    const fields = line.trim().split(/\s+/);
+    if (
+      fields.length >= 8 &&
+      fields.slice(7).join(' ') === path &&
+      (Number.parseInt(fields[3]!, 16) & 0x10000) !== 0
+    ) {
+      return true;
+    }
+  }
+  return false;
+}
+
+/**
  * Starts the bin on a fresh unix socket in `dir` (or on loopback TCP with `port`) serving `args`,
  * and resolves once it accepts connections. A server that exits or is not up in 20 s fails.
  */
@@ -63,7 +84,7 @@ export async function startServer(
   const deadline = Date.now() + 20_000;
   for (;;) {
     if (child.exitCode !== null) throw new Error(`qcow2-nbd exited: ${stderr}`);
-    const ready = options.port === undefined ? existsSync(socket) : await accepts(options.port);
+    const ready = options.port === undefined ? unixListening(socket) : await accepts(options.port);
     if (ready) break;
     if (Date.now() > deadline) {
       child.kill('SIGKILL');
