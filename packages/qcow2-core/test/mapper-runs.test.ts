@@ -249,7 +249,9 @@ describe('Qcow2Mapper runs of standard L2 entries', () => {
           expect(before).toBe(l1Absent && oneCluster ? LOOKUP_UNALLOCATED : LOOKUP_GENERAL);
         },
       ),
-      { numRuns: 400 },
+      // 400 runs met about 12 zero answers on average, and 5 or fewer about once in a hundred CI
+      // runs (seen once): 1000 keep the coverage check below far from chance.
+      { numRuns: 1000 },
     );
     // The property above met each kind of answer often enough to mean something.
     expect(answered.data).toBeGreaterThan(20);
