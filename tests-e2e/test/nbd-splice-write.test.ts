@@ -1,9 +1,11 @@
 /**
- * A writable raw export on a memory-backed file system takes large WRITE payloads straight into
- * its file (spliced from the socket): real clients writing through it (qemu-io, some requests in
- * parallel, FUA, an odd offset; nbdcopy with 4 connections; libnbd past the end) must leave exactly
- * the bytes QEMU leaves writing the same to a plain file, over a unix socket and over loopback TCP.
- * Read-only (-r) and snapshot (-s) exports must never write the file.
+ * A writable raw export on a memory-backed file system writes straight into its file: each
+ * connection on a thread of its own (the default), or on the event loop with large WRITE payloads
+ * spliced from the socket (`--connection-threads=0`). Real clients writing through it (qemu-io,
+ * some requests in parallel, FUA, an odd offset; nbdcopy with 4 connections; fio verifying from 4
+ * jobs; libnbd past the end) must leave exactly the bytes QEMU leaves writing the same to a plain
+ * file, over a unix socket and over loopback TCP, both ways. Read-only (-r) and snapshot (-s)
+ * exports must never write the file.
  */
 import { randomFillSync } from 'node:crypto';
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -11,10 +13,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { isMemoryBacked } from '@qcowkit/blockdev/node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePort, makePki, must, runNbdsh, startServer } from '../src/nbd-server.js';
+import { exited, freePort, makePki, must, runAsync, runNbdsh, startServer } from '../src/nbd-server.js';
 import { requireTools, run } from '../src/tools.js';
 
-const ok = requireTools('qemu-img', 'qemu-io', 'nbdcopy', 'nbdsh', 'openssl');
+const ok = requireTools('qemu-img', 'qemu-io', 'nbdcopy', 'nbdsh', 'fio', 'openssl');
 
 const MiB = 1024 * 1024;
 const SIZE = 64 * MiB;
@@ -88,12 +90,18 @@ describe.skipIf(!ok)('qcow2-nbd raw exports on tmpfs (WRITE payloads by splice)'
     expect(await isMemoryBacked(dir)).toBe(true);
   });
 
-  for (const transport of ['unix', 'tcp'] as const) {
-    it(`qemu-io writes leave what QEMU leaves; nbdcopy (4 connections) copies exactly (${transport})`, async () => {
+  for (const [transport, threads] of [
+    ['unix', 'threads'],
+    ['tcp', 'threads'],
+    ['unix', 'event loop'],
+    ['tcp', 'event loop'],
+  ] as const) {
+    it(`qemu-io writes leave what QEMU leaves; nbdcopy (4 connections) copies exactly (${transport}, ${threads})`, async () => {
       const image = join(dir, `export-${transport}.raw`);
       run('qemu-img', ['create', '-f', 'raw', image, String(SIZE)]);
       const port = transport === 'tcp' ? await freePort() : undefined;
-      const server = await startServer(dir, ['-f', 'raw', '-t', '-e', '0', image], { port });
+      const flags = threads === 'threads' ? [] : ['--connection-threads=0'];
+      const server = await startServer(dir, ['-f', 'raw', '-t', '-e', '0', ...flags, image], { port });
       try {
         const io = await qemuIo(server.uri, QEMU_IO_WRITES);
         expect(io).not.toMatch(/failed|error/i);
@@ -109,6 +117,65 @@ describe.skipIf(!ok)('qcow2-nbd raw exports on tmpfs (WRITE payloads by splice)'
       rmSync(image);
     });
   }
+
+  it('fio verifies its random writes from 4 jobs, each connection on its thread', async () => {
+    const image = join(dir, 'export-fio.raw');
+    run('qemu-img', ['create', '-f', 'raw', image, String(SIZE)]);
+    const server = await startServer(dir, ['-f', 'raw', '-t', '-e', '0', image]);
+    try {
+      const fio = await must('fio', [
+        '--name=verify',
+        '--ioengine=nbd',
+        `--uri=${server.uri}`,
+        '--rw=randwrite',
+        '--bs=4k',
+        '--iodepth=16',
+        '--numjobs=4',
+        '--size=8M',
+        '--offset_increment=16M',
+        '--verify=crc32c',
+        '--verify_state_save=0',
+        '--group_reporting',
+      ]);
+      expect(fio).toMatch(/err= 0/);
+    } finally {
+      expect(await server.stop()).toBe(0);
+    }
+    rmSync(image);
+  });
+
+  it('SIGTERM during fio random writes on threads: a clean exit (0), the written data in the file', async () => {
+    const image = join(dir, 'export-sigterm.raw');
+    run('qemu-img', ['create', '-f', 'raw', image, String(SIZE)]);
+    const server = await startServer(dir, ['-f', 'raw', '-t', '-e', '0', image]);
+    const fio = runAsync('fio', [
+      '--name=busy',
+      '--ioengine=nbd',
+      `--uri=${server.uri}`,
+      '--rw=randwrite',
+      '--bs=4k',
+      '--iodepth=16',
+      '--numjobs=2',
+      '--size=32M',
+      '--offset_increment=32M',
+      '--time_based',
+      '--runtime=20',
+    ]);
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const started = Date.now();
+    const code = exited(server.child);
+    server.child.kill('SIGTERM');
+    expect(await code).toBe(0);
+    expect(Date.now() - started).toBeLessThan(5000);
+    // fio lost its server mid-run: it fails, promptly.
+    expect((await fio).status).not.toBe(0);
+    // Its writes are in the file: random 4 KiB blocks all over it (not zero).
+    const written = readFileSync(image);
+    let nonZero = 0;
+    for (let at = 0; at < written.length; at += 1024 * 1024) if (written[at + 100] !== 0) nonZero++;
+    expect(nonZero).toBeGreaterThan(0);
+    rmSync(image);
+  });
 
   it('over TLS (no socket to splice from) payloads are written from the decrypted chunks: nbdcopy copies exactly', async () => {
     const pki = join(dir, 'pki');

@@ -18,6 +18,7 @@ describe('qcow2-nbd flags', () => {
       persistent: false,
       discard: 'ignore',
       aio: undefined,
+      connectionThreads: 16,
     });
     expect(o.exports).toEqual([{ name: '', path: 'disk.raw' }]);
   });
@@ -85,6 +86,10 @@ describe('qcow2-nbd flags', () => {
     expect(() => options(['--discard=maybe', 'a'])).toThrow(CliError);
     expect(() => options(['--aio=native', 'a'])).toThrow(CliError);
     expect(options(['--aio=auto', 'a']).aio).toBe('auto');
+    expect(options(['--connection-threads=0', 'a']).connectionThreads).toBe(0);
+    expect(options(['--connection-threads', '3', 'a']).connectionThreads).toBe(3);
+    expect(() => options(['--connection-threads=-1', 'a'])).toThrow(CliError);
+    expect(() => options(['--connection-threads=many', 'a'])).toThrow(CliError);
     expect(() => options(['-f', 'vmdk', 'a'])).toThrow(CliError);
     expect(() => options(['-l', 'snap', 'a'])).toThrow(/read-only/);
     expect(parseArgs(['--help'], '1.2.3')).toMatchObject({ kind: 'print' });

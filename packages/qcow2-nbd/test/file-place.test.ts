@@ -83,6 +83,8 @@ async function serve(entry: Partial<NbdExport>, readMode?: 'direct' | 'stream'):
   server = createNbdServer({
     exports: [{ name: '', device: counted(file), fileSource: { fd: file.fd, writes: true }, ...entry }],
     ...(readMode !== undefined && { readMode }),
+    // The event loop's placement (connection threads have their own tests).
+    connectionThreads: false,
   });
   await server.listen({ path: socketPath });
 }
@@ -230,6 +232,7 @@ describe('WRITE payloads placed in the file', () => {
       const memory = new MemoryBlockDevice(SIZE);
       server = createNbdServer({
         exports: [{ name: '', device: memory, fileSource: { fd: full, writes: true } }],
+        connectionThreads: false,
       });
       await server.listen({ path: socketPath });
       const client = await TestClient.connect(socketPath);

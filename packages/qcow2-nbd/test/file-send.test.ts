@@ -28,7 +28,11 @@ beforeEach(async () => {
   contents = randomFillSync(Buffer.allocUnsafe(SIZE));
   writeFileSync(join(dir, 'disk.raw'), contents);
   file = await FileBlockDevice.open(join(dir, 'disk.raw'), { syncIoMaxBytes: 64 * 1024 });
-  server = createNbdServer({ exports: [{ name: '', device: file, fileSource: { fd: file.fd } }] });
+  server = createNbdServer({
+    exports: [{ name: '', device: file, fileSource: { fd: file.fd } }],
+    // The event loop's sendfile path (connection threads have their own tests).
+    connectionThreads: false,
+  });
   await server.listen({ path: socketPath });
   const libc = loadLibc()!;
   const sendFile = libc.sendFile!;

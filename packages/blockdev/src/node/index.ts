@@ -9,11 +9,15 @@ export type { LockMechanism, LockMode } from './file-lock.js';
 export { errnoError, fsError } from './fs-errors.js';
 export {
   type CallResult,
+  F_DUPFD_CLOEXEC,
+  F_GETFL,
   F_GETPIPE_SZ,
   F_SETPIPE_SZ,
   type Libc,
   loadLibc,
   O_CLOEXEC,
+  O_NONBLOCK,
+  type RawIo,
   SPLICE_F_MOVE,
   SPLICE_F_NONBLOCK,
 } from './libc.js';

@@ -111,7 +111,38 @@ export interface Libc {
   /** fcntl(fd, cmd, value) of a command taking an int (F_SETPIPE_SZ, F_GETPIPE_SZ). Optional as
    * `getSocketInt`. */
   fcntlInt?(fd: number, command: number, value: number): CallResult;
+  /** Plain blocking calls for a thread that does nothing else (a worker serving one NBD
+   * connection): see RawIo. Optional as `getSocketInt`. */
+  rawIo?: RawIo;
 }
+
+/**
+ * read, write, pread, pwrite, sendfile, fdatasync, close, poll and lseek(SEEK_HOLE) called directly on this
+ * thread, for a thread of its own that may block in them. Each returns its count (0 or more) or a
+ * failure as minus errno; nothing is allocated per call. Buffers are passed as they are (pass a
+ * subarray for a part of one); `length` must not pass the buffer's end.
+ */
+export interface RawIo {
+  read(fd: number, buffer: Uint8Array, length: number): number;
+  write(fd: number, buffer: Uint8Array, length: number): number;
+  pread(fd: number, buffer: Uint8Array, length: number, position: number): number;
+  pwrite(fd: number, buffer: Uint8Array, length: number, position: number): number;
+  /** sendfile(2) of `length` bytes of `inFd` from `inOffset` (its position does not move). */
+  sendfile(outFd: number, inFd: number, inOffset: number, length: number): number;
+  fdatasync(fd: number): number;
+  close(fd: number): number;
+  /** poll(2) of one descriptor for `events` (POLLIN 1, POLLOUT 4): its revents, 0 after
+   * `timeoutMs` (-1: no limit). */
+  poll(fd: number, events: number, timeoutMs: number): number;
+  /** lseek(fd, offset, SEEK_HOLE): where the next hole at or after `offset` starts. */
+  seekHole(fd: number, offset: number): number;
+}
+
+/** fcntl commands for file status flags, and the flag for non-blocking I/O. */
+export const F_GETFL = 3;
+export const O_NONBLOCK = 0o4000;
+/** fcntl command duplicating a descriptor with close-on-exec set. */
+export const F_DUPFD_CLOEXEC = 1030;
 
 let cached: Libc | null | undefined;
 
@@ -139,6 +170,13 @@ function tryLoad(): Libc | null {
       splice: lib.func('int64_t splice(int, void *, int, void *, size_t, unsigned int)'),
       pipe2: lib.func('int pipe2(int *, int)'),
       fcntlInt: lib.func('fcntl', 'int', ['int', 'int', 'int']),
+      read: lib.func('int64_t read(int, void *, size_t)'),
+      write: lib.func('int64_t write(int, void *, size_t)'),
+      pread: lib.func('int64_t pread64(int, void *, size_t, int64_t)'),
+      pwrite: lib.func('int64_t pwrite64(int, void *, size_t, int64_t)'),
+      fdatasync: lib.func('int fdatasync(int)'),
+      close: lib.func('int close(int)'),
+      poll: lib.func('int poll(void *, unsigned long, int)'),
     });
   } catch {
     return null;
@@ -158,6 +196,13 @@ interface Functions {
   splice: KoffiFunction;
   pipe2: KoffiFunction;
   fcntlInt: KoffiFunction;
+  read: KoffiFunction;
+  write: KoffiFunction;
+  pread: KoffiFunction;
+  pwrite: KoffiFunction;
+  fdatasync: KoffiFunction;
+  close: KoffiFunction;
+  poll: KoffiFunction;
 }
 
 function makeLibc(koffi: Koffi, fn: Functions): Libc {
@@ -282,5 +327,37 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
       return r.ok ? { ok: true, readFd: fds[0]!, writeFd: fds[1]! } : r;
     },
     fcntlInt: (fd, command, value) => result(fn.fcntlInt(fd, command, value)),
+    rawIo: makeRawIo(koffi, fn),
+  };
+}
+
+function makeRawIo(koffi: Koffi, fn: Functions): RawIo {
+  const raw = (value: number | bigint): number => {
+    const n = Number(value);
+    return n < 0 ? -koffi.errno() : n;
+  };
+  /** sendfile's offset argument and poll's struct pollfd: one per thread (this binding is loaded
+   * once per thread, and used synchronously). */
+  const offset = Buffer.alloc(8);
+  const pollFd = Buffer.alloc(8);
+  return {
+    read: (fd, buffer, length) => raw(fn.read(fd, buffer, length)),
+    write: (fd, buffer, length) => raw(fn.write(fd, buffer, length)),
+    pread: (fd, buffer, length, position) => raw(fn.pread(fd, buffer, length, position)),
+    pwrite: (fd, buffer, length, position) => raw(fn.pwrite(fd, buffer, length, position)),
+    sendfile: (outFd, inFd, inOffset, length) => {
+      offset.writeBigInt64LE(BigInt(inOffset), 0);
+      return raw(fn.sendfile(outFd, inFd, offset, length));
+    },
+    fdatasync: (fd) => raw(fn.fdatasync(fd)),
+    close: (fd) => raw(fn.close(fd)),
+    poll: (fd, events, timeoutMs) => {
+      pollFd.writeInt32LE(fd, 0);
+      pollFd.writeInt16LE(events, 4);
+      pollFd.writeInt16LE(0, 6);
+      const count = raw(fn.poll(pollFd, 1, timeoutMs));
+      return count > 0 ? pollFd.readInt16LE(6) : count;
+    },
+    seekHole: (fd, position) => raw(fn.lseek(fd, position, SEEK_HOLE)),
   };
 }

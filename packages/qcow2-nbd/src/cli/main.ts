@@ -63,6 +63,7 @@ export async function startCli(environment: CliEnvironment): Promise<RunningCli 
       exports: opened.exports,
       ...(tls === undefined ? {} : { tls }),
       maxConnections: options.shared === 0 ? Number.POSITIVE_INFINITY : options.shared,
+      connectionThreads: options.connectionThreads,
       ...(log === undefined ? {} : { log }),
       onDisconnect: ({ open }) => {
         log?.(`client disconnected, ${open} left`);

@@ -30,6 +30,8 @@ export interface CliOptions {
    * (at most 64 KiB) on the main thread; `auto` as `sync` on tmpfs/ramfs, the pool elsewhere.
    */
   readonly aio: 'threads' | 'sync' | 'auto' | undefined;
+  /** Connections served on threads of their own at once (0: none). */
+  readonly connectionThreads: number;
   readonly allocationDepth: boolean;
   /** Persistent dirty bitmaps to export as `qemu:dirty-bitmap:NAME` (-B, as given). */
   readonly bitmaps: readonly string[];
@@ -90,6 +92,12 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
         'file I/O: auto (default: sync on tmpfs/ramfs, else threads), threads (pool) or sync (requests up to 64 KiB inline)',
       ).choices(['auto', 'threads', 'sync']),
     )
+    .option(
+      '--connection-threads <NUM>',
+      'serve connections to raw files on tmpfs on threads of their own, at most NUM at once (0: all on the event loop)',
+      integer(0, 1024),
+      16,
+    )
     .option('-A, --allocation-depth', 'offer the qemu:allocation-depth meta context', false)
     .option(
       '-B, --bitmap <NAME>',
@@ -135,6 +143,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
     loadSnapshot?: string;
     discard: 'ignore' | 'unmap';
     aio?: 'threads' | 'sync' | 'auto';
+    connectionThreads: number;
     allocationDepth: boolean;
     bitmap: string[];
     pidFile?: string;
@@ -181,6 +190,7 @@ export function parseArgs(argv: readonly string[], version: string): ParseResult
       loadSnapshot: raw.loadSnapshot,
       discard: raw.discard,
       aio: raw.aio,
+      connectionThreads: raw.connectionThreads,
       allocationDepth: raw.allocationDepth,
       bitmaps: raw.bitmap,
       pidFile: raw.pidFile,

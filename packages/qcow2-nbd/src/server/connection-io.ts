@@ -32,7 +32,7 @@ import { openSocketSplicer } from './socket-splice.js';
  * `onread` socket option) and the server counting the socket among its connections.
  */
 interface SocketInternals {
-  _handle?: { useUserBuffer?: unknown; fd?: unknown } | null;
+  _handle?: { useUserBuffer?: unknown; fd?: unknown; reading?: boolean; readStop?: unknown } | null;
   _server?: unknown;
   server?: unknown;
 }
@@ -348,6 +348,52 @@ export class ConnectionIo {
     if (stream.destroyed || stream.readableEnded) end();
     else if (requests.accepting) stream.resume();
     return direct !== undefined ? 'direct' : 'stream';
+  }
+
+  /**
+   * For a connection served by a thread of its own (connection-threads.ts): stops reading the
+   * socket and returns its descriptor and the bytes received past the handshake, which are the
+   * thread's to serve from now on. This object still sends (replies to the requests the thread
+   * forwards) and ends the connection. Undefined, with nothing changed, for TLS or a socket
+   * without a descriptor. Call once, with nothing left to write (after `drained`).
+   */
+  detachForThread(): { fd: number; leftover: Buffer } | undefined {
+    if (this.tls || this.stream !== this.socket) return undefined;
+    const handle = (this.socket as Socket & SocketInternals)._handle;
+    const fd = handle?.fd;
+    if (handle == null || typeof fd !== 'number' || fd < 0 || typeof handle.readStop !== 'function') {
+      return undefined;
+    }
+    this.socket.pause();
+    // As Socket.pause does for its own buffered reads: libuv stops reading now, and a later
+    // resume() starts it again.
+    handle.reading = false;
+    (handle.readStop as () => number).call(handle);
+    const leftover = this.takeBuffered(this.reader.detach());
+    enlargeUnixSendBuffer(fd);
+    this.socketFd = fd;
+    return { fd, leftover };
+  }
+
+  /**
+   * After the thread serving the connection let it go (see `detachForThread`): reads again, and
+   * drops what comes, so that `end` sees the client's closing.
+   */
+  reattachAfterThread(): void {
+    const handle = (this.socket as Socket & SocketInternals)._handle as
+      | { reading?: boolean; readStart?: () => number }
+      | null
+      | undefined;
+    if (this.isClosed || handle == null || typeof handle.readStart !== 'function') return;
+    // The stream still waits for the read it asked for before the hand-over: libuv restarts
+    // reading directly, as Socket.pause's counterpart would.
+    handle.reading = true;
+    if (handle.readStart() !== 0) {
+      this.destroy();
+      return;
+    }
+    this.stream.on('data', () => {});
+    this.stream.resume();
   }
 
   /**

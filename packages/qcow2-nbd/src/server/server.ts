@@ -8,6 +8,7 @@ import { type AddressInfo, createServer, type Server, type Socket } from 'node:n
 import { createSecureContext, type SecureContext, type SecureContextOptions } from 'node:tls';
 import { BufferPool } from './buffer-pool.js';
 import { ConnectionIo, type ReadMode } from './connection-io.js';
+import { ConnectionThreads, type ServedOnThread } from './connection-threads.js';
 import { DataExtentCache } from './data-extent-cache.js';
 import type { NbdExport } from './export.js';
 import { HandshakeAbort, negotiate } from './handshake.js';
@@ -46,6 +47,13 @@ export interface NbdServerOptions {
   readonly handshakeTimeout?: number;
   /** Receives one line per notable event (bad client, failed request). Default: ignored. */
   readonly log?: (message: string) => void;
+  /**
+   * Connections to exports with a `fileSource` (raw files on tmpfs) are served by worker threads
+   * of their own after the handshake, up to this many at once (see connection-threads.ts); more
+   * are served on the event loop. Two workers are started with the server. `false` or 0: every
+   * connection on the event loop. Default 16 where the platform can (Linux with koffi).
+   */
+  readonly connectionThreads?: number | false;
   /** Called after a connection has ended, with the number still open. */
   readonly onDisconnect?: (info: { readonly open: number; readonly served: number }) => void;
 }
@@ -65,12 +73,16 @@ export interface NbdServer extends AsyncDisposable {
   close(): Promise<void>;
 }
 
+/** Connection threads started with the server (nbdcopy's 2 connections on 2 cores find theirs). */
+const PRESTARTED_THREADS = 2;
 /** Most clients kept waiting for a slot; more are closed on arrival. */
 const MAX_WAITING = 64;
 
 interface Connection {
   readonly io: ConnectionIo;
   transmission: Transmission | undefined;
+  /** Set when a thread serves the connection: its graceful stop. */
+  stopThread: (() => void) | undefined;
   done: Promise<void>;
 }
 
@@ -97,6 +109,13 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
   const buffers = new BufferPool();
   const dataExtents = new Map(options.exports.map((entry) => [entry, new DataExtentCache()]));
   const connections = new Set<Connection>();
+  const maxThreads = options.connectionThreads === false ? 0 : (options.connectionThreads ?? 16);
+  const threads =
+    maxThreads > 0 &&
+    options.exports.some((entry) => entry.fileSource !== undefined) &&
+    ConnectionThreads.available
+      ? new ConnectionThreads(log, maxThreads, PRESTARTED_THREADS)
+      : undefined;
   let served = 0;
   let closing: Promise<void> | undefined;
 
@@ -119,7 +138,14 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
         dataExtents: dataExtents.get(session.export)!,
       });
       connection.transmission = transmission;
-      const end = await transmission.run(options.readMode ?? 'direct');
+      let onThread: ServedOnThread | undefined;
+      if (threads !== undefined) {
+        // The handshake's last reply leaves first: the thread writes to the socket directly.
+        await io.drained();
+        onThread = threads.serve(io, session, transmission);
+      }
+      if (onThread !== undefined) connection.stopThread = onThread.stop;
+      const end = await (onThread?.done ?? transmission.run(options.readMode ?? 'direct'));
       if (end === 'protocol-error') io.destroy();
     } catch (error) {
       if (error instanceof HandshakeAbort) log(error.message);
@@ -139,6 +165,7 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
     const connection: Connection = {
       io: new ConnectionIo(socket),
       transmission: undefined,
+      stopThread: undefined,
       done: Promise.resolve(),
     };
     connections.add(connection);
@@ -184,10 +211,13 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
       for (const socket of waiting.splice(0)) socket.destroy();
       for (const connection of connections) {
         if (connection.transmission === undefined) connection.io.destroy();
+        else if (connection.stopThread !== undefined) connection.stopThread();
         else connection.transmission.stop();
       }
       await Promise.all(
         [...connections].map(async (connection) => {
+          // A thread lets its connection go once the requests it received are served.
+          if (connection.stopThread !== undefined) await connection.done;
           await connection.transmission?.idle();
           await connection.io.end();
           await connection.done;
@@ -204,6 +234,7 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
           }
         }),
       );
+      threads?.close();
       if (netServer.listening) await stopped;
     })();
     return closing;

@@ -28,6 +28,7 @@ import {
   NBD_STATE_DIRTY,
   NBD_STATE_HOLE,
   NBD_STATE_ZERO,
+  REQUEST_HEADER_SIZE,
   SIMPLE_REPLY_HEADER_SIZE,
 } from '../protocol/constants.js';
 import {
@@ -42,6 +43,7 @@ import {
 } from '../protocol/replies.js';
 import {
   commandName,
+  decodeRequestHeader,
   type RequestContext,
   type RequestHeader,
   validateRequest,
@@ -99,7 +101,6 @@ export class Transmission implements RequestSink {
   private inFlightCount = 0;
   private waiters: (() => void)[] = [];
   private stopping = false;
-  private readonly readOnly: boolean;
   private readonly context: RequestContext;
   private readonly requests: RequestReader;
   /** A request received while the in-flight bound was reached: served once room frees. */
@@ -114,16 +115,15 @@ export class Transmission implements RequestSink {
     private readonly session: Session,
     private readonly config: TransmissionConfig,
   ) {
-    this.readOnly = isExportReadOnly(session.export);
-    this.context = {
-      size: session.export.device.size,
-      readOnly: this.readOnly,
-      structuredReplies: session.structuredReplies,
-      metaContexts: session.metaContexts.length > 0,
-    };
+    this.context = requestContext(session);
     this.requests = new RequestReader(this, this.allocate);
     // Replies leaving our buffers free room too: a client that stops reading stops being served.
     io.onWritten = () => this.wake();
+  }
+
+  /** Why the connection is ending, once it is. */
+  get ended(): TransmissionEnd | undefined {
+    return this.ending;
   }
 
   /** Stops reading requests (graceful shutdown). Requests in flight finish. */
@@ -152,6 +152,24 @@ export class Transmission implements RequestSink {
       this.releaseHeld();
       await this.idle();
     }
+  }
+
+  /**
+   * Serves one whole request (header, then the payload of a WRITE) received by a connection's own
+   * thread (connection-threads.ts), whose replies this connection's `io` sends; resolves once they
+   * have left, with whether the connection goes on (false: the client disconnected or broke the
+   * protocol, and the connection is to end).
+   */
+  async serveForwarded(bytes: Buffer): Promise<boolean> {
+    const request = decodeRequestHeader(bytes);
+    const length = this.header(request);
+    if (length < 0) return false;
+    if (bytes.length !== REQUEST_HEADER_SIZE + length) {
+      throw new Error(`forwarded request: ${bytes.length} bytes for a payload of ${length}`);
+    }
+    this.request(request, length === 0 ? undefined : bytes.subarray(REQUEST_HEADER_SIZE));
+    await this.idle();
+    return this.ending === undefined && !this.io.isClosed;
   }
 
   /** Resolves when no request is in flight. */
@@ -570,6 +588,16 @@ export class Transmission implements RequestSink {
         : encodeSimpleReply(request.cookie, error),
     );
   }
+}
+
+/** What requests on a session are validated against. */
+export function requestContext(session: Session): RequestContext {
+  return {
+    size: session.export.device.size,
+    readOnly: isExportReadOnly(session.export),
+    structuredReplies: session.structuredReplies,
+    metaContexts: session.metaContexts.length > 0,
+  };
 }
 
 /** A device extent's status in base:allocation or qemu:allocation-depth. */
