@@ -462,8 +462,7 @@ class ThreadLoop {
       if (count > 0) done += count;
       else if (count === -EAGAIN) {
         if (!this.waitFor(POLLOUT)) break;
-      }
-      else if (count !== -EINTR) {
+      } else if (count !== -EINTR) {
         this.ended = 'socket-error';
         break;
       }
