@@ -11,6 +11,7 @@
  * connection takes an idle one or starts one; at its end the worker goes back to the idle ones.
  * Past `max` connections on threads at once, more are served on the event loop as before.
  */
+import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { F_DUPFD_CLOEXEC, loadLibc } from '@qcowkit/blockdev/node';
 import type { ConnectionIo } from './connection-io.js';
@@ -51,6 +52,8 @@ function workerUrl(): URL {
 export class ConnectionThreads {
   private readonly idle: Worker[] = [];
   private busy = 0;
+  /** `busy`, for the threads (see ThreadJob.busy). */
+  private readonly sharedBusy = new Int32Array(new SharedArrayBuffer(4));
   private closed = false;
   /** Set when a worker failed to start: every connection goes to the event loop from then on. */
   private broken = false;
@@ -118,6 +121,7 @@ export class ConnectionThreads {
       return { done: Promise.resolve('closed'), stop: () => {} };
     }
     this.busy++;
+    Atomics.store(this.sharedBusy, 0, this.busy);
     const worker = this.idle.pop() ?? this.start();
     const words = new Int32Array(new SharedArrayBuffer(SIGNAL_WORDS * 4));
     const job: ThreadJob = {
@@ -127,6 +131,8 @@ export class ConnectionThreads {
       context: requestContext(session),
       leftover: new Uint8Array(detached.leftover),
       signal: words.buffer as SharedArrayBuffer,
+      busy: this.sharedBusy.buffer as SharedArrayBuffer,
+      spinLimit: availableParallelism(),
     };
     const done = new Promise<TransmissionEnd>((resolve) => {
       /** Why the main thread's side ended the connection (a forwarded request's verdict). */
@@ -139,6 +145,7 @@ export class ConnectionThreads {
         worker.off('message', onMessage);
         worker.off('exit', onExit);
         this.busy--;
+        Atomics.store(this.sharedBusy, 0, this.busy);
         if (reusable && !this.closed && this.idle.length < MAX_IDLE) {
           worker.unref();
           this.idle.push(worker);

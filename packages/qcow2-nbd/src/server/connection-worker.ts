@@ -24,6 +24,7 @@ if (port !== null) {
   port.on('message', (job: ThreadJob) => {
     const post = (message: ThreadMessage, transfer?: ArrayBuffer[]) => port.postMessage(message, transfer);
     const signal = new Int32Array(job.signal);
+    const busy = new Int32Array(job.busy);
     Atomics.store(signal, SIGNAL_TAKEN, 1);
     const io = loadLibc()?.rawIo;
     if (io === undefined) {
@@ -41,6 +42,7 @@ if (port !== null) {
         fileWrites: job.fileWrites,
         context: job.context,
         leftover: job.leftover,
+        maySpin: () => Atomics.load(busy, 0) < job.spinLimit,
         stopping: () => Atomics.load(signal, SIGNAL_STOP) !== 0,
         forward: (request) => {
           // A copy of its own: posting a view would copy the whole buffer behind it.

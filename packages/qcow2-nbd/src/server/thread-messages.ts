@@ -17,6 +17,10 @@ export interface ThreadJob {
    * [SIGNAL_STOP] non-zero once the server is stopping, [SIGNAL_TAKEN] set by the worker when it
    * takes the job (the socket's descriptor is its to close from then on). */
   readonly signal: SharedArrayBuffer;
+  /** One Int32 word shared by every connection thread of the server: how many serve one now. */
+  readonly busy: SharedArrayBuffer;
+  /** Connection threads busy at once past which none spins (see thread-loop.ts): the CPUs. */
+  readonly spinLimit: number;
 }
 
 export type ThreadMessage =
