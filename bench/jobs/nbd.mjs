@@ -9,7 +9,9 @@
  * server's user and system seconds (all threads, from /proc/PID/stat) for each side, and for ours
  * the event loop's sleeps (voluntary context switches of the main thread): on these VMs a sleeping
  * thread woken from the other CPU costs an interrupt between CPUs, and 4 KiB requests at depth 16
- * are a ping-pong with the client whose cost is mostly those wake-ups.
+ * are a ping-pong with the client whose cost is mostly those wake-ups. Raw exports here are
+ * served by connection threads (qcow2-nbd's `--connection-threads`): the main thread only does
+ * the handshakes, so its sleeps count for the qcow2 jobs only.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
