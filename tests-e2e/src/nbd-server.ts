@@ -179,6 +179,27 @@ export async function must(command: string, args: readonly string[]): Promise<st
   return result.stdout;
 }
 
+/**
+ * fio's nbd engine writing 4 KiB blocks at random from 4 jobs (8 MiB each, 16 MiB apart, depth 16)
+ * and verifying them by crc32c; resolves with its report (throws when fio fails).
+ */
+export function fioVerify(uri: string): Promise<string> {
+  return must('fio', [
+    '--name=verify',
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    '--rw=randwrite',
+    '--bs=4k',
+    '--iodepth=16',
+    '--numjobs=4',
+    '--size=8M',
+    '--offset_increment=16M',
+    '--verify=crc32c',
+    '--verify_state_save=0',
+    '--group_reporting',
+  ]);
+}
+
 /** A TCP port free right now on 127.0.0.1 (the kernel picks it). */
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {

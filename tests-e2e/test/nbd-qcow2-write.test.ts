@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { exited, must, runAsync, startServer as startNbdServer } from '../src/nbd-server.js';
+import { exited, fioVerify, must, runAsync, startServer as startNbdServer } from '../src/nbd-server.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'fio', 'nbdinfo');
@@ -140,20 +140,7 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
     const server = await startServer(dir.path, ['-e', '4', '-f', 'qcow2', image]);
     try {
       expect((await runAsync('nbdinfo', ['--can', 'multi-conn', server.uri])).status).toBe(0);
-      const fio = await must('fio', [
-        '--name=verify',
-        '--ioengine=nbd',
-        `--uri=${server.uri}`,
-        '--rw=randwrite',
-        '--bs=4k',
-        '--iodepth=16',
-        '--numjobs=4',
-        '--size=8M',
-        '--offset_increment=16M',
-        '--verify=crc32c',
-        '--verify_state_save=0',
-        '--group_reporting',
-      ]);
+      const fio = await fioVerify(server.uri);
       expect(fio).toMatch(/err= 0/);
     } finally {
       expect(await server.stop()).toBe(0);

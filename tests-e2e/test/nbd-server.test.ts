@@ -6,7 +6,15 @@ import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NBD_BIN as BIN, freePort, makePki, must, runAsync, startServer } from '../src/nbd-server.js';
+import {
+  NBD_BIN as BIN,
+  fioVerify,
+  freePort,
+  makePki,
+  must,
+  runAsync,
+  startServer,
+} from '../src/nbd-server.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'nbdinfo', 'nbdcopy', 'fio', 'openssl');
@@ -184,20 +192,7 @@ describe.skipIf(!ok)('qcow2-nbd with real NBD clients', () => {
       await must('nbdcopy', ['--connections=4', source, server.uri]);
       await must('nbdcopy', ['--connections=4', '--flush', source, server.uri]);
       expect((await runAsync('qemu-img', ['compare', '-f', 'raw', source, server.uri])).status).toBe(0);
-      const fio = await must('fio', [
-        '--name=verify',
-        '--ioengine=nbd',
-        `--uri=${server.uri}`,
-        '--rw=randwrite',
-        '--bs=4k',
-        '--iodepth=16',
-        '--numjobs=4',
-        '--size=8M',
-        '--offset_increment=16M',
-        '--verify=crc32c',
-        '--verify_state_save=0',
-        '--group_reporting',
-      ]);
+      const fio = await fioVerify(server.uri);
       expect(fio).toMatch(/err= 0/);
     } finally {
       expect(await server.stop()).toBe(0);

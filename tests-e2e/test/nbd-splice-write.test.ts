@@ -13,7 +13,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { isMemoryBacked } from '@qcowkit/blockdev/node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { exited, freePort, makePki, must, runAsync, runNbdsh, startServer } from '../src/nbd-server.js';
+import {
+  exited,
+  fioVerify,
+  freePort,
+  makePki,
+  must,
+  runAsync,
+  runNbdsh,
+  startServer,
+} from '../src/nbd-server.js';
 import { requireTools, run } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'nbdcopy', 'nbdsh', 'fio', 'openssl');
@@ -123,20 +132,7 @@ describe.skipIf(!ok)('qcow2-nbd raw exports on tmpfs (WRITE payloads by splice)'
     run('qemu-img', ['create', '-f', 'raw', image, String(SIZE)]);
     const server = await startServer(dir, ['-f', 'raw', '-t', '-e', '0', image]);
     try {
-      const fio = await must('fio', [
-        '--name=verify',
-        '--ioengine=nbd',
-        `--uri=${server.uri}`,
-        '--rw=randwrite',
-        '--bs=4k',
-        '--iodepth=16',
-        '--numjobs=4',
-        '--size=8M',
-        '--offset_increment=16M',
-        '--verify=crc32c',
-        '--verify_state_save=0',
-        '--group_reporting',
-      ]);
+      const fio = await fioVerify(server.uri);
       expect(fio).toMatch(/err= 0/);
     } finally {
       expect(await server.stop()).toBe(0);
