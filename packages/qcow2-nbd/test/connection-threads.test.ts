@@ -339,20 +339,29 @@ describe('connections served by threads', () => {
     },
   );
 
-  it.skipIf(!ConnectionThreads.available)('a bad magic ends that connection only; others go on', async () => {
-    const served = await serveFile('magic', randomFillSync(Buffer.alloc(SIZE)), { threads: true });
-    const good = await TestClient.connect(served.socket);
-    await good.open();
-    const bad = await TestClient.connect(served.socket);
-    await bad.open();
-    bad.request(P.NBD_CMD_READ, 0, 4096, { magic: 0x12345678 });
-    expect(await bad.closed()).toBe(true);
-    const cookie = good.request(P.NBD_CMD_READ, 4096, 4096);
-    const reply = await good.simpleReply(4096);
-    expect(reply.cookie).toBe(cookie);
-    expect(reply.data.equals(readFileSync(served.path).subarray(4096, 8192))).toBe(true);
-    good.destroy();
-  });
+  it.skipIf(!ConnectionThreads.available)(
+    'a bad magic or a 2 GiB WRITE ends that connection only; others go on',
+    async () => {
+      const served = await serveFile('magic', randomFillSync(Buffer.alloc(SIZE)), { threads: true });
+      const good = await TestClient.connect(served.socket);
+      await good.open();
+      const bad = await TestClient.connect(served.socket);
+      await bad.open();
+      bad.request(P.NBD_CMD_READ, 0, 4096, { magic: 0x12345678 });
+      expect(await bad.closed()).toBe(true);
+      // A WRITE whose payload cannot be trusted to follow: EINVAL, then the connection is closed.
+      const huge = await TestClient.connect(served.socket);
+      await huge.open();
+      const hugeCookie = huge.request(P.NBD_CMD_WRITE, 0, 2 ** 31, { data: Buffer.alloc(1000, 1) });
+      expect(await huge.simpleReply()).toMatchObject({ cookie: hugeCookie, error: P.NBD_EINVAL });
+      expect(await huge.closed()).toBe(true);
+      const cookie = good.request(P.NBD_CMD_READ, 4096, 4096);
+      const reply = await good.simpleReply(4096);
+      expect(reply.cookie).toBe(cookie);
+      expect(reply.data.equals(readFileSync(served.path).subarray(4096, 8192))).toBe(true);
+      good.destroy();
+    },
+  );
 
   it.skipIf(!ConnectionThreads.available)(
     'a read-only export refuses WRITEs with EPERM from its thread',

@@ -163,7 +163,11 @@ export class Transmission implements RequestSink {
   async serveForwarded(bytes: Buffer): Promise<boolean> {
     const request = decodeRequestHeader(bytes);
     const length = this.header(request);
-    if (length < 0) return false;
+    if (length < 0) {
+      // The reply to a WRITE too large to read leaves before the connection is closed.
+      await this.io.drained();
+      return false;
+    }
     if (bytes.length !== REQUEST_HEADER_SIZE + length) {
       throw new Error(`forwarded request: ${bytes.length} bytes for a payload of ${length}`);
     }
