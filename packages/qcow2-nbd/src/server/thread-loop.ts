@@ -40,6 +40,14 @@ import { DataExtentCache } from './data-extent-cache.js';
 export const THREAD_INPUT_BUFFER = 256 * 1024;
 /** Replies are gathered in a buffer this large and written when the thread is about to wait. */
 const OUTPUT_BUFFER = 256 * 1024;
+/**
+ * Gathered replies are written once they reach this many bytes after a short (simple) reply: the
+ * client, answered sooner, sends its next requests while this thread serves the rest. fio's 4 KiB
+ * random writes at depth 16: 0.75-0.85 s against 0.93-0.94 s when answered only as the socket ran
+ * dry (nbdkit 0.72-0.85). READ replies stay gathered: answered one by one they took 0.76-0.86 s
+ * against 0.71-0.82 s.
+ */
+const SHORT_REPLIES_BYTES = 4 * SIMPLE_REPLY_HEADER_SIZE;
 /** READs at least this long of ranges not known to be data go to the main thread (holes). */
 const SPARSE_READ_MINIMUM = 64 * 1024;
 /** poll(2) event bits. */
@@ -278,6 +286,8 @@ class ThreadLoop {
     out.writeUInt32BE(error, o + 4);
     input.copy(out, o + 8, at + 8, at + 16);
     this.outLength = o + SIMPLE_REPLY_HEADER_SIZE;
+    // Short replies (WRITE, FLUSH) leave four at a time, not only when the socket runs dry.
+    if (this.outLength >= SHORT_REPLIES_BYTES) this.flushOutput();
   }
 
   /** Reads `data.length` bytes of the file at `offset`; zeros past its end. False on a failure. */
