@@ -29,6 +29,8 @@ import {
 } from './thread-messages.js';
 import { requestContext, type Transmission, type TransmissionEnd } from './transmission.js';
 
+/** Longest a server waits for its workers started ahead before it listens anyway. */
+const READY_PATIENCE_MS = 5000;
 /** Idle workers kept for the next connections. */
 const MAX_IDLE = 4;
 
@@ -57,6 +59,8 @@ export class ConnectionThreads {
   private closed = false;
   /** Set when a worker failed to start: every connection goes to the event loop from then on. */
   private broken = false;
+  /** Settles when the workers started ahead are ready (or have failed). */
+  readonly ready: Promise<void>;
 
   /** Whether this platform can serve connections on threads (koffi's libc binding loads). */
   static get available(): boolean {
@@ -74,6 +78,26 @@ export class ConnectionThreads {
     prestart: number,
   ) {
     for (let i = 0; i < Math.min(prestart, max, MAX_IDLE); i++) this.idle.push(this.start());
+    const started = Promise.all(
+      this.idle.map(
+        (worker) =>
+          new Promise<void>((resolve) => {
+            const onMessage = (message: ThreadMessage) => {
+              if (message.type === 'ready') done();
+            };
+            const done = () => {
+              worker.off('message', onMessage);
+              worker.off('exit', done);
+              resolve();
+            };
+            worker.on('message', onMessage);
+            worker.once('exit', done);
+          }),
+      ),
+    ).then(() => {});
+    // A worker that neither starts nor fails must not hold the server back.
+    const patience = new Promise<void>((resolve) => setTimeout(resolve, READY_PATIENCE_MS).unref());
+    this.ready = Promise.race([started, patience]);
   }
 
   private start(): Worker {
@@ -157,6 +181,7 @@ export class ConnectionThreads {
         resolve(end);
       };
       const onMessage = (message: ThreadMessage) => {
+        if (message.type === 'ready') return;
         if (message.type === 'end') {
           const end = message.end;
           finish(

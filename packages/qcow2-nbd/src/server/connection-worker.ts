@@ -2,7 +2,7 @@
  * A worker thread serving connections handed to it one at a time (see connection-threads.ts):
  * each job is a socket descriptor, the export's file and the session's terms; the thread runs the
  * transmission loop (thread-loop.ts) until the connection ends, closes its copy of the descriptor
- * and reports why it ended. Requests it does not serve itself go to the main thread as messages,
+ * and reports why it ended. It says when it is ready, its binding loaded. Requests it does not serve itself go to the main thread as messages,
  * the thread waiting on a shared word for the verdict.
  */
 import { closeSync } from 'node:fs';
@@ -21,6 +21,9 @@ import {
 
 const port = parentPort;
 if (port !== null) {
+  // Ready to serve once the binding is loaded (a server starts listening after that).
+  loadLibc();
+  port.postMessage({ type: 'ready' } satisfies ThreadMessage);
   port.on('message', (job: ThreadJob) => {
     const post = (message: ThreadMessage, transfer?: ArrayBuffer[]) => port.postMessage(message, transfer);
     const signal = new Int32Array(job.signal);

@@ -50,7 +50,8 @@ export interface NbdServerOptions {
   /**
    * Connections to exports with a `fileSource` (raw files on tmpfs) are served by worker threads
    * of their own after the handshake, up to this many at once (see connection-threads.ts); more
-   * are served on the event loop. Two workers are started with the server. `false` or 0: every
+   * are served on the event loop. Two workers are started with the server; `listen` resolves once
+   * they are ready. `false` or 0: every
    * connection on the event loop. Default 16 where the platform can (Linux with koffi).
    */
   readonly connectionThreads?: number | false;
@@ -241,7 +242,9 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
   };
 
   return {
-    listen(target: NbdListenTarget): Promise<void> {
+    async listen(target: NbdListenTarget): Promise<void> {
+      // Clients find the connection threads started, not starting (tens of ms of CPU each).
+      await threads?.ready;
       return new Promise<void>((resolve, reject) => {
         const onError = (error: Error) => reject(error);
         netServer.once('error', onError);

@@ -24,6 +24,7 @@ export interface ThreadJob {
 }
 
 export type ThreadMessage =
+  | { readonly type: 'ready' }
   | { readonly type: 'forward'; readonly request: Uint8Array }
   | { readonly type: 'end'; readonly end: ThreadLoopEnd | 'unavailable' };
 
