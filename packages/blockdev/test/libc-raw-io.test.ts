@@ -2,7 +2,8 @@
  * The libc binding's RawIo (plain calls for a thread of its own), on real descriptors: pread and
  * pwrite at offsets (the file's position untouched), read and write on a pipe, EAGAIN as minus
  * errno on an empty non-blocking pipe, poll's ready bits and its timeout, lseek SEEK_HOLE over a
- * sparse file, sendfile into a pipe, fdatasync, close, and errors as minus errno (EBADF).
+ * sparse file, sendfile into a pipe, fdatasync, close, and errors as minus errno (EBADF) with
+ * their names.
  * Linux x64/arm64 only, as the binding (CI's platform).
  */
 import { randomFillSync } from 'node:crypto';
@@ -130,5 +131,7 @@ describe.skipIf(io === undefined)('libc RawIo', () => {
     expect(io!.close(copy.value)).toBe(0);
     expect(io!.close(copy.value)).toBe(-EBADF);
     expect(io!.write(copy.value, Buffer.alloc(1), 1)).toBe(-EBADF);
+    expect(io!.errnoName(EBADF)).toBe('EBADF');
+    expect(io!.errnoName(28)).toBe('ENOSPC');
   });
 });

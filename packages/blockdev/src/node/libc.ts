@@ -136,6 +136,8 @@ export interface RawIo {
   poll(fd: number, events: number, timeoutMs: number): number;
   /** lseek(fd, offset, SEEK_HOLE): where the next hole at or after `offset` starts. */
   seekHole(fd: number, offset: number): number;
+  /** The name of an errno value (`ENOSPC` for 28), as `CallResult.code` gives it. */
+  errnoName(errno: number): string;
 }
 
 /** fcntl commands for file status flags, and the flag for non-blocking I/O. */
@@ -327,11 +329,11 @@ function makeLibc(koffi: Koffi, fn: Functions): Libc {
       return r.ok ? { ok: true, readFd: fds[0]!, writeFd: fds[1]! } : r;
     },
     fcntlInt: (fd, command, value) => result(fn.fcntlInt(fd, command, value)),
-    rawIo: makeRawIo(koffi, fn),
+    rawIo: makeRawIo(koffi, fn, errnoNames),
   };
 }
 
-function makeRawIo(koffi: Koffi, fn: Functions): RawIo {
+function makeRawIo(koffi: Koffi, fn: Functions, errnoNames: ReadonlyMap<number, string>): RawIo {
   const raw = (value: number | bigint): number => {
     const n = Number(value);
     return n < 0 ? -koffi.errno() : n;
@@ -359,5 +361,6 @@ function makeRawIo(koffi: Koffi, fn: Functions): RawIo {
       return count > 0 ? pollFd.readInt16LE(6) : count;
     },
     seekHole: (fd, position) => raw(fn.lseek(fd, position, SEEK_HOLE)),
+    errnoName: (errno) => errnoNames.get(errno) ?? `errno ${errno}`,
   };
 }

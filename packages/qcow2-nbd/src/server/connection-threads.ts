@@ -53,9 +53,8 @@ function workerUrl(): URL {
 
 export class ConnectionThreads {
   private readonly idle: Worker[] = [];
-  private busy = 0;
-  /** `busy`, for the threads (see ThreadJob.busy). */
-  private readonly sharedBusy = new Int32Array(new SharedArrayBuffer(4));
+  /** Connections served on threads now, in a word the threads read too (see ThreadJob.busy). */
+  private readonly busy = new Int32Array(new SharedArrayBuffer(4));
   private closed = false;
   /** Set when a worker failed to start: every connection goes to the event loop from then on. */
   private broken = false;
@@ -128,7 +127,7 @@ export class ConnectionThreads {
     if (
       this.closed ||
       this.broken ||
-      this.busy >= this.max ||
+      Atomics.load(this.busy, 0) >= this.max ||
       source === undefined ||
       libc?.fcntlInt === undefined ||
       rawIo === undefined
@@ -144,8 +143,7 @@ export class ConnectionThreads {
       io.destroy();
       return { done: Promise.resolve('closed'), stop: () => {} };
     }
-    this.busy++;
-    Atomics.store(this.sharedBusy, 0, this.busy);
+    Atomics.add(this.busy, 0, 1);
     const worker = this.idle.pop() ?? this.start();
     const words = new Int32Array(new SharedArrayBuffer(SIGNAL_WORDS * 4));
     const job: ThreadJob = {
@@ -155,7 +153,7 @@ export class ConnectionThreads {
       context: requestContext(session),
       leftover: new Uint8Array(detached.leftover),
       signal: words.buffer as SharedArrayBuffer,
-      busy: this.sharedBusy.buffer as SharedArrayBuffer,
+      busy: this.busy.buffer as SharedArrayBuffer,
       spinLimit: availableParallelism(),
     };
     const done = new Promise<TransmissionEnd>((resolve) => {
@@ -168,8 +166,7 @@ export class ConnectionThreads {
       const finish = (end: TransmissionEnd, reusable: boolean) => {
         worker.off('message', onMessage);
         worker.off('exit', onExit);
-        this.busy--;
-        Atomics.store(this.sharedBusy, 0, this.busy);
+        Atomics.sub(this.busy, 0, 1);
         if (reusable && !this.closed && this.idle.length < MAX_IDLE) {
           worker.unref();
           this.idle.push(worker);

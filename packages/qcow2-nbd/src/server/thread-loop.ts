@@ -11,7 +11,7 @@
  * that would block gets EAGAIN and the thread waits in poll(2), waking now and then to see whether
  * the server is stopping.
  */
-import type { RawIo } from '@qcowkit/blockdev/node';
+import { errnoError, type RawIo } from '@qcowkit/blockdev/node';
 import {
   NBD_CMD_DISC,
   NBD_CMD_FLAG_DF,
@@ -19,25 +19,18 @@ import {
   NBD_CMD_FLUSH,
   NBD_CMD_READ,
   NBD_CMD_WRITE,
-  NBD_EINVAL,
-  NBD_EIO,
-  NBD_ENOSPC,
-  NBD_EPERM,
   NBD_MAX_PAYLOAD_SIZE,
-  NBD_REPLY_FLAG_DONE,
-  NBD_REPLY_TYPE_OFFSET_DATA,
   NBD_REQUEST_MAGIC,
-  NBD_SIMPLE_REPLY_MAGIC,
-  NBD_STRUCTURED_REPLY_MAGIC,
   REQUEST_HEADER_SIZE,
   SIMPLE_REPLY_HEADER_SIZE,
-  STRUCTURED_REPLY_HEADER_SIZE,
 } from '../protocol/constants.js';
+import { encodeOffsetDataChunk, encodeSimpleReply, OFFSET_DATA_PAYLOAD_START } from '../protocol/replies.js';
 import { decodeRequestHeader, type RequestContext, validateRequest } from '../protocol/requests.js';
 import { DataExtentCache } from './data-extent-cache.js';
+import { toNbdError } from './nbd-errors.js';
 
 /** Requests are read into a buffer this large; longer WRITE payloads are written as they come. */
-export const THREAD_INPUT_BUFFER = 256 * 1024;
+const THREAD_INPUT_BUFFER = 256 * 1024;
 /** Replies are gathered in a buffer this large and written when the thread is about to wait. */
 const OUTPUT_BUFFER = 256 * 1024;
 /**
@@ -70,8 +63,6 @@ const EINTR = 4;
  */
 const SPIN_MS = 0.2;
 const EIO = 5;
-/** Bytes of an OFFSET_DATA chunk before its data: the chunk header and the offset. */
-const OFFSET_DATA_HEADER = STRUCTURED_REPLY_HEADER_SIZE + 8;
 
 export interface ThreadLoopOptions {
   readonly io: RawIo;
@@ -162,7 +153,7 @@ class ThreadLoop {
     const context = this.options.context;
     const valid = !this.options.stopping() && validateRequest(request, context) === 0;
     if (valid && type === NBD_CMD_WRITE && this.options.fileWrites) {
-      this.write(at, request.offset, length, (request.flags & NBD_CMD_FLAG_FUA) !== 0);
+      this.write(request.cookie, request.offset, length, (request.flags & NBD_CMD_FLAG_FUA) !== 0);
       return;
     }
     if (
@@ -172,7 +163,7 @@ class ThreadLoop {
       this.isPlainRead(request.offset, length, request.flags)
     ) {
       this.start += REQUEST_HEADER_SIZE;
-      if (!this.read(input, at, request.offset, length)) {
+      if (!this.read(request.cookie, request.offset, length)) {
         this.forward(input.subarray(at, at + REQUEST_HEADER_SIZE));
       }
       return;
@@ -183,7 +174,7 @@ class ThreadLoop {
         this.forward(input.subarray(at, at + REQUEST_HEADER_SIZE));
         return;
       }
-      this.replySimple(input, at);
+      this.replySimple(request.cookie);
       return;
     }
     // Anything else, whole, to the main thread.
@@ -208,15 +199,15 @@ class ThreadLoop {
    * Answers a valid READ: the reply header, then the data, read into the reply buffer or sent
    * from the file by sendfile. False when the file failed (nothing was sent).
    */
-  private read(input: Buffer, at: number, offset: number, length: number): boolean {
+  private read(cookie: bigint, offset: number, length: number): boolean {
     const structured = this.options.context.structuredReplies;
-    const headerSize = structured ? OFFSET_DATA_HEADER : SIMPLE_REPLY_HEADER_SIZE;
+    const headerSize = structured ? OFFSET_DATA_PAYLOAD_START : SIMPLE_REPLY_HEADER_SIZE;
     if (headerSize + length <= OUTPUT_BUFFER) {
       if (this.outLength + headerSize + length > OUTPUT_BUFFER) this.flushOutput();
       const dataAt = this.outLength + headerSize;
       const data = this.output.subarray(dataAt, dataAt + length);
       if (!this.preadFully(data, offset)) return false;
-      this.writeReadHeader(input, at, offset, length);
+      this.writeReadHeader(cookie, offset, length, headerSize);
       this.outLength = dataAt + length;
       return true;
     }
@@ -224,7 +215,7 @@ class ThreadLoop {
     // A file that fails fails here, while an error reply can still be sent instead.
     if (this.io.pread(this.options.fileFd, this.probe, 1, offset) < 0) return false;
     if (this.outLength + headerSize > OUTPUT_BUFFER) this.flushOutput();
-    this.writeReadHeader(input, at, offset, length);
+    this.writeReadHeader(cookie, offset, length, headerSize);
     this.outLength += headerSize;
     this.flushOutput();
     let sent = 0;
@@ -259,36 +250,28 @@ class ThreadLoop {
     }
   }
 
-  private writeReadHeader(input: Buffer, at: number, offset: number, length: number): void {
-    const out = this.output;
-    const o = this.outLength;
-    if (this.options.context.structuredReplies) {
-      out.writeUInt32BE(NBD_STRUCTURED_REPLY_MAGIC, o);
-      out.writeUInt16BE(NBD_REPLY_FLAG_DONE, o + 4);
-      out.writeUInt16BE(NBD_REPLY_TYPE_OFFSET_DATA, o + 6);
-      input.copy(out, o + 8, at + 8, at + 16);
-      out.writeUInt32BE(8 + length, o + 16);
-      out.writeUInt32BE(Math.floor(offset / 0x100000000), o + 20);
-      out.writeUInt32BE(offset >>> 0, o + 24);
-    } else {
-      out.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, o);
-      out.writeUInt32BE(0, o + 4);
-      input.copy(out, o + 8, at + 8, at + 16);
-    }
+  /**
+   * A READ reply's header (OFFSET_DATA chunk or simple reply), at `outLength` of the output; the
+   * caller places the data after it. The encoders write only the header into the view they get.
+   */
+  private writeReadHeader(cookie: bigint, offset: number, length: number, headerSize: number): void {
+    const header = () => this.output.subarray(this.outLength, this.outLength + headerSize);
+    if (this.options.context.structuredReplies) encodeOffsetDataChunk(cookie, true, offset, length, header);
+    else encodeSimpleReply(cookie, 0, length, header);
   }
 
-  /** A simple reply (success unless `error`) to the request whose header is at `at` of `input`. */
-  private replySimple(input: Buffer, at: number, error = 0): void {
+  /** A simple reply (success unless `error`), gathered with the others. */
+  private replySimple(cookie: bigint, error = 0): void {
     if (this.outLength + SIMPLE_REPLY_HEADER_SIZE > OUTPUT_BUFFER) this.flushOutput();
-    const out = this.output;
-    const o = this.outLength;
-    out.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, o);
-    out.writeUInt32BE(error, o + 4);
-    input.copy(out, o + 8, at + 8, at + 16);
-    this.outLength = o + SIMPLE_REPLY_HEADER_SIZE;
+    encodeSimpleReply(cookie, error, 0, this.allocateReply);
+    this.outLength += SIMPLE_REPLY_HEADER_SIZE;
     // Short replies (WRITE, FLUSH) leave four at a time, not only when the socket runs dry.
     if (this.outLength >= SHORT_REPLIES_BYTES) this.flushOutput();
   }
+
+  /** The next `size` bytes of the output buffer, for the reply encoders. */
+  private readonly allocateReply = (size: number): Buffer =>
+    this.output.subarray(this.outLength, this.outLength + size);
 
   /** Reads `data.length` bytes of the file at `offset`; zeros past its end. False on a failure. */
   private preadFully(data: Buffer, offset: number): boolean {
@@ -324,7 +307,7 @@ class ThreadLoop {
    * it again through the device and answers with the device's error (a long payload is no longer
    * whole by then: it is answered here, EIO or ENOSPC).
    */
-  private write(at: number, offset: number, length: number, fua: boolean): void {
+  private write(cookie: bigint, offset: number, length: number, fua: boolean): void {
     const total = REQUEST_HEADER_SIZE + length;
     if (total <= this.input.length) {
       const whole = this.gather(total);
@@ -334,11 +317,10 @@ class ThreadLoop {
         this.forward(whole);
         return;
       }
-      this.replySimple(whole, 0);
+      this.replySimple(cookie);
       return;
     }
-    // Long: keep the header (the reply needs its cookie), then write the payload as it comes.
-    const header = Buffer.from(this.input.subarray(at, at + REQUEST_HEADER_SIZE));
+    // Long: the payload is written as it comes.
     this.start += REQUEST_HEADER_SIZE;
     let written = 0;
     /** The first failure's NBD error: the rest of the payload is read and dropped. */
@@ -353,7 +335,7 @@ class ThreadLoop {
       const piece = this.input.subarray(this.start, this.start + count);
       if (error === 0) {
         const failed = this.pwriteFully(piece, offset + written);
-        if (failed < 0) error = nbdErrorOf(-failed);
+        if (failed < 0) error = this.fileError('write', -failed, offset + written);
       }
       this.start += count;
       written += count;
@@ -361,9 +343,9 @@ class ThreadLoop {
     if (this.ended !== undefined) return;
     if (error === 0 && fua) {
       const synced = this.io.fdatasync(this.options.fileFd);
-      if (synced < 0) error = nbdErrorOf(-synced);
+      if (synced < 0) error = this.fileError('fdatasync', -synced);
     }
-    this.replySimple(header, 0, error);
+    this.replySimple(cookie, error);
   }
 
   /**
@@ -490,27 +472,15 @@ class ThreadLoop {
     this.outLength = 0;
   }
 
+  /** The NBD error for a failed call on the file: the one the device's failure would give. */
+  private fileError(what: string, errno: number, offset?: number): number {
+    return toNbdError(errnoError(what, 'export file', this.io.errnoName(errno), offset));
+  }
+
   /** Hands a request to the main thread (replies gathered so far leave first). */
   private forward(request: Uint8Array): void {
     this.flushOutput();
     if (this.ended !== undefined) return;
     if (!this.options.forward(request)) this.ended = 'forwarded-end';
-  }
-}
-
-/** The NBD error for a failed file write's errno, as the main thread's device errors map. */
-function nbdErrorOf(errno: number): number {
-  switch (errno) {
-    case 28: // ENOSPC
-    case 122: // EDQUOT
-      return NBD_ENOSPC;
-    case 1: // EPERM
-    case 13: // EACCES
-    case 30: // EROFS
-      return NBD_EPERM;
-    case 22:
-      return NBD_EINVAL;
-    default:
-      return NBD_EIO;
   }
 }
