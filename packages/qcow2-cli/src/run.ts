@@ -20,6 +20,7 @@ import {
   mapFastPath,
   snapshotFastPath,
 } from './commands/fast-paths.js';
+import { asksOptionHelp, createOptionHelp } from './commands/option-help.js';
 import {
   cacheParser,
   collectOptions,
@@ -45,7 +46,7 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
   try {
     if (argv.filter((arg) => arg !== '--debug').length === 0) {
       throw new UsageError(
-        "a command is needed: info, map, convert, check, compare, dd or bench ('qcow2 --help' tells more)",
+        "a command is needed: amend, bench, bitmap, check, commit, compare, convert, create, dd, info, map, measure, rebase, resize or snapshot ('qcow2 --help' tells more)",
       );
     }
     if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-V')) {
@@ -202,8 +203,8 @@ function buildProgram(
   addCommon(
     program
       .command('convert')
-      .argument('<source>', 'the image to read')
-      .argument('<target>', "the file to write ('-': stdout)"),
+      .argument('[source]', 'the image to read')
+      .argument('[target]', "the file to write ('-': stdout)"),
   )
     .description('convert an image to a sparse raw file or a new qcow2 image (as qemu-img convert)')
     .addOption(new Option('-O <fmt>', 'output format: raw or qcow2').default('raw'))
@@ -215,7 +216,7 @@ function buildProgram(
     .option('-c', '-O qcow2: compressed clusters')
     .addOption(new Option('-B <backing>', '-O qcow2: backing file of the new image'))
     .addOption(new Option('-F <fmt>', '-O qcow2: format of the backing file'))
-    .addOption(new Option('-m <n>', 'reads in flight').argParser(positiveInteger))
+    .addOption(new Option('-m <n>', 'requests in flight, 1 to 16').argParser(coroutineCount))
     .addOption(
       new Option(
         '-S <size>',
@@ -242,56 +243,72 @@ function buildProgram(
       'after',
       '\nExamples:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 convert -O qcow2 -c -o cluster_size=2M disk.raw disk.qcow2\n',
     )
-    .action(async (source: string, target: string, options: Record<string, unknown>) => {
-      if (options.targetIsZero === true && options.n !== true) {
-        throw new UsageError('--target-is-zero requires use of -n flag');
-      }
-      const bitmaps = {
-        bitmaps: options.bitmaps === true,
-        skipBrokenBitmaps: options.skipBrokenBitmaps === true,
-      };
-      if (bitmaps.skipBrokenBitmaps && !bitmaps.bitmaps) {
-        throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
-      }
-      const common = {
-        format: options.f as ImageFormat | undefined,
-        snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
-        progress: options.p === true && options.q !== true,
-        forceShare: options.forceShare === true,
-        noCreate: options.n === true,
-        targetIsZero: options.targetIsZero === true,
-        ...(options.t === undefined ? {} : { cache: options.t as string }),
-      };
-      if (options.O === 'qcow2') {
-        const { convertToQcow2Command } = await import('./commands/convert-qcow2.js');
+    .action(
+      async (source: string | undefined, target: string | undefined, options: Record<string, unknown>) => {
+        const createOptions = (options.o as string[] | undefined) ?? [];
+        if (asksOptionHelp(createOptions) && (options.O === 'raw' || options.O === 'qcow2')) {
+          io.stdout.write(createOptionHelp(options.O, target !== undefined));
+          return;
+        }
+        if (source === undefined) throw new UsageError("missing required argument 'source'");
+        if (target === undefined) throw new UsageError("missing required argument 'target'");
+        if (options.targetIsZero === true && options.n !== true) {
+          throw new UsageError('--target-is-zero requires use of -n flag');
+        }
+        const bitmaps = {
+          bitmaps: options.bitmaps === true,
+          skipBrokenBitmaps: options.skipBrokenBitmaps === true,
+        };
+        if (bitmaps.skipBrokenBitmaps && !bitmaps.bitmaps) {
+          throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
+        }
+        const common = {
+          format: options.f as ImageFormat | undefined,
+          snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
+          progress: options.p === true && options.q !== true,
+          forceShare: options.forceShare === true,
+          noCreate: options.n === true,
+          targetIsZero: options.targetIsZero === true,
+          ...(options.t === undefined ? {} : { cache: options.t as string }),
+        };
+        if (options.O === 'qcow2') {
+          const { convertToQcow2Command } = await import('./commands/convert-qcow2.js');
+          setExit(
+            await convertToQcow2Command(context, source, target, {
+              ...common,
+              outputFormat: 'qcow2',
+              createOptions,
+              compress: options.c === true,
+              backingFile: options.B as string | undefined,
+              backingFormat: options.F as string | undefined,
+              parallel: options.m as number | undefined,
+              ...bitmaps,
+            }),
+          );
+          return;
+        }
+        if (options.O === 'raw') {
+          // As qemu-img: a raw target has no compressed clusters and no backing file, and takes only
+          // raw's creation options.
+          if (options.c === true) throw new CliError('Compression not supported for this file format');
+          if (options.B !== undefined) throw new CliError("Backing file not supported for file format 'raw'");
+        }
+        if (bitmaps.bitmaps && options.O === 'raw') {
+          const { refuseBitmapsTo } = await import('./commands/convert-bitmaps.js');
+          await refuseBitmapsTo(context, source, 'raw', { ...common, outputFormat: 'raw', ...bitmaps });
+        }
+        const { convertCommand } = await import('./commands/convert.js');
         setExit(
-          await convertToQcow2Command(context, source, target, {
+          await convertCommand(context, source, target, {
             ...common,
-            outputFormat: 'qcow2',
-            createOptions: (options.o as string[] | undefined) ?? [],
-            compress: options.c === true,
-            backingFile: options.B as string | undefined,
-            backingFormat: options.F as string | undefined,
-            parallel: options.m as number | undefined,
-            ...bitmaps,
+            outputFormat: options.O as string,
+            ...(createOptions.length === 0 ? {} : { createOptions }),
+            ...(options.S === undefined ? {} : { sparseSize: options.S as number }),
+            ...(options.m === undefined ? {} : { parallel: options.m as number }),
           }),
         );
-        return;
-      }
-      if (bitmaps.bitmaps && options.O === 'raw') {
-        const { refuseBitmapsTo } = await import('./commands/convert-bitmaps.js');
-        await refuseBitmapsTo(context, source, 'raw', { ...common, outputFormat: 'raw', ...bitmaps });
-      }
-      const { convertCommand } = await import('./commands/convert.js');
-      setExit(
-        await convertCommand(context, source, target, {
-          ...common,
-          outputFormat: options.O as string,
-          ...(options.S === undefined ? {} : { sparseSize: options.S as number }),
-          ...(options.m === undefined ? {} : { parallel: options.m as number }),
-        }),
-      );
-    });
+      },
+    );
 
   addCommon(program.command('check').argument('<file>', 'the image'))
     .description('check an image for consistency; -r repairs it (as qemu-img check)')
@@ -358,12 +375,17 @@ function parseFormat(value: string): ImageFormat {
   return value as ImageFormat;
 }
 
-function positiveInteger(value: string): number {
+/** `convert -m`: qemu-img takes 1 to 16 (its coroutines), and words a refusal so. */
+function coroutineCount(value: string): number {
   const parsed = Number(value);
-  if (!Number.isSafeInteger(parsed) || parsed < 1)
-    throw new UsageError(`Invalid value '${value}': a positive integer is needed`);
+  if (!Number.isSafeInteger(parsed) || parsed < 1 || parsed > MAX_COROUTINES)
+    throw new UsageError(
+      `Invalid number of coroutines. Allowed number of coroutines is between 1 and ${MAX_COROUTINES}`,
+    );
   return parsed;
 }
+
+const MAX_COROUTINES = 16;
 
 function sizeParser(what: string): (value: string) => number {
   return (value) => parseSize(value, what);

@@ -17,20 +17,22 @@ const UNITS: Record<string, number> = {
 
 /** Parses `text` into a byte count; throws a {@link UsageError} naming `what` when it is not one. */
 export function parseSize(text: string, what = 'size'): number {
-  const match = /^\s*(\d+)(?:\.(\d+))?\s*([bkmgtpe])?\s*$/i.exec(text);
+  // As QEMU: leading blanks and a `+`, then hexadecimal (`0x1000`) or decimal with an optional
+  // fraction, then at most a suffix, nothing after it.
+  const match = /^\s*\+?(?:0x([0-9a-f]+)|(\d+)(?:\.(\d+))?)([bkmgtpe])?$/i.exec(text);
   if (match === null) {
     throw new UsageError(
       `Invalid ${what} specified: '${text}' (use a number with an optional suffix k, M, G, T, P, E)`,
     );
   }
-  const [, whole, fraction, suffix] = match;
+  const [, hex, whole, fraction, suffix] = match;
   const unit = UNITS[(suffix ?? 'b').toLowerCase()]!;
-  if (fraction !== undefined && unit === 1) {
+  if (fraction !== undefined && unit === 1 && /[1-9]/.test(fraction)) {
     throw new UsageError(
       `Invalid ${what} specified: '${text}' (a fraction needs a suffix larger than bytes)`,
     );
   }
-  const value = Number(`${whole}.${fraction ?? '0'}`) * unit;
+  const value = (hex !== undefined ? Number.parseInt(hex, 16) : Number(`${whole}.${fraction ?? '0'}`)) * unit;
   if (!Number.isSafeInteger(Math.floor(value)) || value > Number.MAX_SAFE_INTEGER) {
     throw new UsageError(`Invalid ${what} specified: '${text}' is too large`);
   }

@@ -15,17 +15,39 @@ describe('parseSize', () => {
     ['8T', 8 * 2 ** 40],
     ['2P', 2 * 2 ** 50],
     ['4P', 4 * 2 ** 50],
+    // As QEMU reads sizes: hexadecimal, a leading `+` or blanks, a fraction that gives whole bytes.
+    ['0x1000', 4096],
+    ['0X10', 16],
+    ['0x2k', 2048],
+    ['+1M', 2 ** 20],
+    [' 1M', 2 ** 20],
+    ['1.0', 1],
+    ['1.0b', 1],
+    ['00012', 12],
   ])('%s is %d bytes', (text, bytes) => {
     expect(parseSize(text)).toBe(bytes);
   });
 
-  test.each(['', 'k', '-1', '12x', '1.5', '1,5G', '0x10', '9999999E', '1E'])(
-    '%s is refused with a usage error',
-    (text) => {
-      expect(() => parseSize(text, 'max length')).toThrow(UsageError);
-      expect(() => parseSize(text, 'max length')).toThrow(/max length/);
-    },
-  );
+  test.each([
+    '',
+    'k',
+    '-1',
+    '12x',
+    '1.5',
+    '1.5b',
+    '1,5G',
+    '0x',
+    '0x1.8k',
+    '1e3',
+    '.5k',
+    '1 k',
+    '1k ',
+    '9999999E',
+    '1E',
+  ])('%s is refused with a usage error', (text) => {
+    expect(() => parseSize(text, 'max length')).toThrow(UsageError);
+    expect(() => parseSize(text, 'max length')).toThrow(/max length/);
+  });
 
   test('every suffix multiplies by its power of 1024', () => {
     const suffixes = ['b', 'k', 'm', 'g', 't'];

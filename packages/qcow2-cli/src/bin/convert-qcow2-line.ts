@@ -15,6 +15,7 @@ import type { ConvertOptions } from '../commands/convert.js';
 import { parseSnapshotOption, parseSparseSize } from '../commands/convert-args.js';
 import type { Qcow2ConvertExtras } from '../commands/convert-qcow2.js';
 import { last as lastValue, parse } from '../commands/fast-paths.js';
+import { asksOptionHelp } from '../commands/option-help.js';
 import { isCacheMode } from '../commands/register-ops.js';
 import { IMAGE_FORMATS, type ImageFormat } from '../image-formats.js';
 
@@ -67,6 +68,7 @@ export function convertQcow2Line(args: readonly string[]): ConvertQcow2Line | un
   // The action's own refusals, and values commander's parsers refuse: commander words them.
   if (flags.has('--target-is-zero') && !flags.has('-n')) return undefined;
   if (flags.has('--skip-broken-bitmaps') && !flags.has('--bitmaps')) return undefined;
+  if (asksOptionHelp(values.get('-o'))) return undefined;
   // -t and -T when they name a cache mode (-T changes nothing).
   const cache = last('-t');
   if (cache !== undefined && !isCacheMode(cache)) return undefined;
@@ -74,7 +76,8 @@ export function convertQcow2Line(args: readonly string[]): ConvertQcow2Line | un
   if (sourceCache !== undefined && !isCacheMode(sourceCache)) return undefined;
   const parallelText = last('-m');
   const parallel = parallelText === undefined ? undefined : Number(parallelText);
-  if (parallel !== undefined && (!Number.isSafeInteger(parallel) || parallel < 1)) return undefined;
+  if (parallel !== undefined && (!Number.isSafeInteger(parallel) || parallel < 1 || parallel > 16))
+    return undefined;
   // -S is checked (commander parses it) but changes nothing in a qcow2 target.
   const sparse = last('-S');
   try {

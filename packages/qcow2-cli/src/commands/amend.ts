@@ -1,15 +1,18 @@
 /** `qcow2 amend -o OPTIONS [-f FMT] FILE`: qemu-img amend's options for qcow2 (compat,
  * lazy_refcounts, refcount_bits, data_file, data_file_raw, size) through qcow2-core's
  * `amendImage` / `resizeImage`. */
+
+import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { type AmendOptions, amendImage, resizeImage } from '@qcowkit/qcow2-core';
-import type { ImageFormat } from '../engine.js';
-import { CliError, describeError, UsageError } from '../errors.js';
+import { detectFormat, type ImageFormat } from '../engine.js';
+import { CliError, describeError, openError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
 import { parseCreateOptions } from './create.js';
 import { withImageFileForWrite } from './image-file.js';
+import { amendOptionHelp } from './option-help.js';
 import { hasDataFile, qcow2Size } from './resize.js';
 import { openWritable } from './writable-image.js';
 
@@ -73,6 +76,38 @@ export function parseAmendOptions(file: string, list: readonly string[]): AmendO
   return out;
 }
 
+/**
+ * `amend -o help`: the options amend changes, for a qcow2 image (`-f qcow2`, or a file probed as
+ * one, opened read-only and closed again); any other format cannot be amended.
+ */
+export async function amendHelp(
+  context: CommandContext,
+  file: string | undefined,
+  format: ImageFormat | undefined,
+): Promise<string> {
+  let detected = format;
+  if (detected === undefined && file !== undefined) {
+    const path = resolveAgainst(context.io.cwd, file);
+    let device: FileBlockDevice;
+    try {
+      device = await FileBlockDevice.open(path, { readOnly: true });
+    } catch (error) {
+      throw openError(file, error, path);
+    }
+    try {
+      detected = detectFormat(await device.read(0, Math.min(device.size, 512)));
+    } finally {
+      await device.close();
+    }
+  }
+  if (detected !== 'qcow2') {
+    throw new CliError(`Format driver '${detected}' does not support option amendment`, {
+      code: 'EUNSUPPORTED',
+    });
+  }
+  return amendOptionHelp();
+}
+
 export async function amendCommand(
   context: CommandContext,
   file: string,
@@ -100,12 +135,18 @@ export async function amendCommand(
       }
       if (size === undefined) return false;
       // An external data file follows a grown size: the engine resizes both (file closed first),
-      // as `resize` does. A shrink is refused by resizeImage as before.
+      // as `resize` does.
       if (size >= (await qcow2Size(device)) && (await hasDataFile(device))) return true;
-      await resizeImage(device, size);
+      // As qemu-img amend: a smaller size shrinks the image (no separate shrink flag exists here).
+      await resizeImage(device, size, { shrink: true });
       return false;
     } catch (error) {
-      throw new CliError(describeError(error).replace(/^qcow2 amend: /, ''), { cause: error });
+      // The engine names the file by its path (`qcow2: file:/abs/path: ...`): the line names it as
+      // given instead, once.
+      const reason = describeError(error)
+        .replace(/^qcow2 amend: /, '')
+        .replace(/^qcow2: file:.*?: (?=\d+ corruptions|the image is dirty)/, `${file}: `);
+      throw new CliError(reason, { cause: error });
     }
   });
   if (growViaEngine && size !== undefined) {

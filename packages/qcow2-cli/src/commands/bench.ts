@@ -170,8 +170,23 @@ export async function runRequests(
       }
     }
   };
-  const buffers = Array.from({ length: lanes }, () =>
-    new Uint8Array(options.bufferSize).fill(options.pattern),
+  // A request past the end fails as qemu-img's does (its block layer answers EIO), before any
+  // buffer is made: `-s 1G` over a small image must not allocate gigabytes first.
+  if (options.count > 0 && options.offset + options.bufferSize > device.size) {
+    throw new CliError('Failed request: Input/output error', { code: 'EIO' });
+  }
+  // At most BUFFER_BYTES of buffers (one at least): lanes share them when requests are large. A
+  // buffer is only a source of the pattern (writes) or a place for data nobody looks at (reads).
+  const bufferCount = Math.max(
+    1,
+    Math.min(lanes, Math.floor(BUFFER_BYTES / Math.max(1, options.bufferSize))),
   );
-  await Promise.all(buffers.map((buffer) => lane(buffer)));
+  const buffers = Array.from({ length: bufferCount }, () => {
+    const buffer = new Uint8Array(options.bufferSize);
+    return options.write ? buffer.fill(options.pattern) : buffer;
+  });
+  await Promise.all(Array.from({ length: lanes }, (_, index) => lane(buffers[index % bufferCount]!)));
 }
+
+/** Most bytes of request buffers `runRequests` allocates when requests are larger than this / depth. */
+const BUFFER_BYTES = 256 * 1024 * 1024;

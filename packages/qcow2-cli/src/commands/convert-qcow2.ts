@@ -176,6 +176,10 @@ export async function convertToQcow2Command(
   if (values.has('backing_fmt') && !values.has('backing_file')) {
     throw new UsageError('-F requires a backing file (-B)');
   }
+  // As qemu-img: a backing file's format is never left to probing later.
+  if (values.has('backing_file') && !values.has('backing_fmt')) {
+    throw new UsageError('Use of backing file requires explicit backing format');
+  }
   const targetPath = toStdout ? undefined : resolveAgainst(context.io.cwd, target);
   const flush = targetFlush(options.cache);
   const opened = await openAtSnapshot(context.io.cwd, source, options);

@@ -33,6 +33,7 @@ import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
 import { targetFlush } from './convert-cache.js';
 import { forEachDataRun, planReads, type ReadJob, readBufferSize, runCopy } from './convert-pipeline.js';
+import { parseCreateOptions, preallocateRaw } from './create.js';
 
 export interface ConvertOptions {
   readonly format?: ImageFormat | undefined;
@@ -53,6 +54,26 @@ export interface ConvertOptions {
   /** `-t`: the target's cache mode, as qemu-img names them (default `unsafe`: never flushed; see
    * convert-cache.ts). `-T` is checked by the parsers and changes nothing. */
   readonly cache?: string | undefined;
+  /** `-o`: creation options of the target (for raw: `preallocation=off|falloc|full`; `size` is
+   * accepted and, as with qemu-img, the guest's size wins). */
+  readonly createOptions?: readonly string[] | undefined;
+}
+
+/** `-o` of a raw target: its preallocation, checked as qemu-img checks it. */
+function rawTargetPreallocation(
+  target: string,
+  list: readonly string[],
+  noCreate: boolean,
+): 'falloc' | 'full' | undefined {
+  const values = parseCreateOptions(target, 'raw', list, '');
+  if (values.size > 0 && noCreate) throw new UsageError('-o has no effect when skipping image creation');
+  const mode = values.get('preallocation') ?? 'off';
+  if (mode === 'off') return undefined;
+  if (mode === 'falloc' || mode === 'full') return mode;
+  throw new CliError(
+    `${target}: error while converting raw: ${mode === 'metadata' ? 'Unsupported preallocation mode: metadata' : `invalid parameter value: ${mode}`}`,
+    { code: 'EINVAL' },
+  );
 }
 
 /** qemu-img's default minimum run of zeros that becomes a hole (`-S 4k`). */
@@ -71,6 +92,11 @@ export async function convertCommand(
   if (options.outputFormat !== 'raw') {
     throw new UsageError(`convert: output format '${options.outputFormat}' is not supported yet (only raw)`);
   }
+  const preallocation = rawTargetPreallocation(
+    target,
+    options.createOptions ?? [],
+    options.noCreate === true,
+  );
   const sourcePath = resolveAgainst(context.io.cwd, source);
   const snapshot = await resolveSnapshot(sourcePath, source, options);
   const opened = await openImage(sourcePath, {
@@ -109,6 +135,7 @@ export async function convertCommand(
         sparseSize: options.sparseSize ?? SPARSE_BLOCK,
         hostFile: (depth) => hostFileOf(opened.chain[depth]),
         flush: targetFlush(options.cache),
+        preallocation,
       });
     }
     progress?.finish();
@@ -216,6 +243,9 @@ export interface ConvertToRawOptions {
   /** When the target is flushed to stable storage (default `'on-close'`; `qcow2 convert` passes
    * what `-t` asks, `'never'` by default as qemu-img). */
   readonly flush?: FileFlush | undefined;
+  /** A new target's data area allocated before the copy: `falloc` (fallocate) or `full` (zeros
+   * written), as `create -o preallocation=` does (`-o preallocation=` of convert). */
+  readonly preallocation?: 'falloc' | 'full' | undefined;
 }
 
 /** Short wordings of system errors, as qemu-img prints them after `Could not create 'X': `. */
@@ -334,6 +364,7 @@ export async function convertToRaw(
   const target = file;
   let failure: unknown;
   try {
+    if (options.preallocation !== undefined && !noCreate) await preallocateRaw(target, options.preallocation);
     if (next === undefined) {
       await copyAllocated(device, target, targetName, options, fua, (length) => {
         done += length;

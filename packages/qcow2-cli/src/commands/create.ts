@@ -51,7 +51,7 @@ const RAW_PREALLOCATION: readonly string[] = ['off', 'metadata', 'falloc', 'full
 const ZERO_CHUNK = 4 * 1024 * 1024;
 
 /** A raw file's data area: allocated in place (falloc) or written with zeros (full). */
-async function preallocateRaw(device: FileBlockDevice, mode: 'falloc' | 'full'): Promise<void> {
+export async function preallocateRaw(device: FileBlockDevice, mode: 'falloc' | 'full'): Promise<void> {
   if (device.size === 0) return;
   if (mode === 'falloc') await device.writeZeroes(0, device.size);
   else await writeZeros(device, 0, device.size);
@@ -135,6 +135,12 @@ export async function createCommand(
   if (options.backingFormat !== undefined) values.set('backing_fmt', options.backingFormat);
   if (values.has('backing_fmt') && !values.has('backing_file')) {
     throw new UsageError(`${file}: backing_fmt requires a backing file (-b)`);
+  }
+  if (format === 'raw' && values.has('backing_file')) {
+    throw new UsageError(`${file}: Backing file not supported for file format 'raw'`);
+  }
+  if (sizeText !== undefined && values.has('size')) {
+    throw new UsageError(`${file}: The image size must be specified only once`);
   }
   let size = sizeText !== undefined ? imageSize(sizeText) : undefined;
   if (size === undefined && values.has('size')) size = imageSize(values.get('size')!);

@@ -18,6 +18,7 @@ import { parseSnapshotOption, parseSparseSize } from './convert-args.js';
 import type { CreateCommandOptions } from './create.js';
 import type { InfoOptions } from './info.js';
 import type { MapOptions } from './map.js';
+import { asksOptionHelp } from './option-help.js';
 import { isCacheMode } from './register-ops.js';
 import type { SnapshotCommandOptions } from './snapshot.js';
 
@@ -81,6 +82,7 @@ export interface CreateCommandLine {
 export function createFastPath(args: readonly string[]): CreateCommandLine | undefined {
   const parsed = parse(args, CREATE_WITH_VALUE, CREATE_FLAGS);
   if (parsed === undefined || parsed.operands.length < 1 || parsed.operands.length > 2) return undefined;
+  if (asksOptionHelp(parsed.values.get('-o'))) return undefined;
   return {
     file: parsed.operands[0]!,
     size: parsed.operands[1],

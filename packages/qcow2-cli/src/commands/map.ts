@@ -62,7 +62,12 @@ export async function mapCommand(
       }
     }
     if (pending !== undefined) emit(pending);
-    if (options.output === 'json') out.write(first ? '[]\n' : ']\n');
+    // An empty range (at or past the end, a zero length, an empty image): qemu-img still lists
+    // one entry, of length 0 where the range starts.
+    if (first && options.output === 'json') {
+      emit({ offset: options.startOffset, length: 0, depth: 0, present: false, zero: false, data: false });
+    }
+    if (options.output === 'json') out.write(']\n');
   } finally {
     await opened.close();
   }

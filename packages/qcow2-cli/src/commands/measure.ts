@@ -109,6 +109,10 @@ export async function measureCommand(
       await opened.close();
     }
   }
+  // As qemu-img: falloc and full allocate every data cluster up front, so that is what a new
+  // image needs (metadata allocates only metadata, which `required` already counts).
+  const preallocation = values.get('preallocation');
+  if (preallocation === 'falloc' || preallocation === 'full') required = fullyAllocated;
   if (options.output === 'json') {
     const json: JsonObject = { bitmaps, required, 'fully-allocated': fullyAllocated };
     context.io.stdout.write(`${toQemuJson(json)}\n`);

@@ -30,6 +30,16 @@ export async function rebaseCommand(
 ): Promise<number> {
   const path = resolveAgainst(context.io.cwd, file);
   const newName = options.backingFile === '' ? undefined : options.backingFile;
+  // As qemu-img: the new backing file's format is recorded, never left to probing later. Refused
+  // before anything is read or written.
+  if (newName !== undefined && options.backingFormat === undefined) {
+    throw new CliError(
+      `Could not change the backing file to '${newName}': backing format must be specified`,
+      {
+        code: 'EINVAL',
+      },
+    );
+  }
   const format = await probe(path, file, options.format);
   if (format !== 'qcow2')
     throw new CliError(

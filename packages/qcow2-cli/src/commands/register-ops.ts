@@ -7,6 +7,12 @@ import type { ImageFormat } from '../engine.js';
 import { CliError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { parseSize } from '../size.js';
+import { asksOptionHelp, createOptionHelp } from './option-help.js';
+
+/** Formats `create -o help` lists the options of. */
+function isCreatableFormat(format: unknown): boolean {
+  return format === 'qcow2' || format === 'raw';
+}
 
 export interface RegisterContext {
   readonly program: Command;
@@ -223,7 +229,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
 
   program
     .command('create')
-    .argument('<file>', 'the image to create')
+    .argument('[file]', 'the image to create')
     .argument('[size]', 'guest size (suffixes k, M, G, T, P, E); default: the backing file size')
     .description('create a new image (as qemu-img create)')
     .addOption(new Option('-f <fmt>', 'qcow2 or raw').default('raw'))
@@ -243,7 +249,12 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
       'after',
       '\nExamples:\n  qcow2 create -f qcow2 disk.qcow2 20G\n  qcow2 create -f qcow2 -o cluster_size=4k,refcount_bits=64 disk.qcow2 1T\n  qcow2 create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2\n',
     )
-    .action(async (file: string, size: string | undefined, options: Record<string, unknown>) => {
+    .action(async (file: string | undefined, size: string | undefined, options: Record<string, unknown>) => {
+      if (asksOptionHelp(options.o as string[] | undefined) && isCreatableFormat(options.f)) {
+        context.io.stdout.write(createOptionHelp(options.f as string, file !== undefined));
+        return;
+      }
+      if (file === undefined) throw new UsageError("missing required argument 'file'");
       const { createCommand } = await import('./create.js');
       setExit(
         await createCommand(context, file, size, {
@@ -325,7 +336,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
       );
     });
 
-  addCommon(program.command('amend').argument('<file>', 'the image'))
+  addCommon(program.command('amend').argument('[file]', 'the image'))
     .description('change options of an existing qcow2 image (as qemu-img amend)')
     .addOption(
       new Option(
@@ -343,7 +354,16 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
       'after',
       '\nExamples:\n  qcow2 amend -o refcount_bits=64 disk.qcow2\n  qcow2 amend -o compat=0.10 disk.qcow2\n',
     )
-    .action(async (file: string, options: Record<string, unknown>) => {
+    .action(async (file: string | undefined, options: Record<string, unknown>) => {
+      if (
+        asksOptionHelp(options.o as string[] | undefined) &&
+        (options.f === 'qcow2' || file !== undefined)
+      ) {
+        const { amendHelp } = await import('./amend.js');
+        context.io.stdout.write(await amendHelp(context, file, options.f as ImageFormat | undefined));
+        return;
+      }
+      if (file === undefined) throw new UsageError("missing required argument 'file'");
       const { amendCommand } = await import('./amend.js');
       setExit(
         await amendCommand(context, file, {
@@ -389,7 +409,7 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
 
   addCommon(program.command('rebase').argument('<file>', 'the image'))
     .description('change the backing file of an image (as qemu-img rebase)')
-    .addOption(new Option('-b <backing>', "the new backing file ('' for none)").makeOptionMandatory(true))
+    .addOption(new Option('-b <backing>', "the new backing file ('' for none; with -u, none by default)"))
     .addOption(
       new Option('-F <fmt>', 'format of the new backing file').argParser((value: string) => {
         if (value !== 'qcow2' && value !== 'raw' && value !== 'qcow') {
@@ -414,11 +434,15 @@ export function registerOpsCommands({ program, Option, context, setExit, addComm
       '\nExamples:\n  qcow2 rebase -b new-base.qcow2 -F qcow2 overlay.qcow2\n  qcow2 rebase -u -b moved/base.qcow2 -F qcow2 overlay.qcow2\n',
     )
     .action(async (file: string, options: Record<string, unknown>) => {
+      // As qemu-img: -b is needed unless -u, where leaving it out removes the backing file.
+      if (options.b === undefined && options.u !== true) {
+        throw new UsageError('Must specify backing file (-b) or use unsafe mode (-u)');
+      }
       const { rebaseCommand } = await import('./rebase.js');
       setExit(
         await rebaseCommand(context, file, {
           format: options.f as ImageFormat | undefined,
-          backingFile: options.b as string,
+          backingFile: (options.b as string | undefined) ?? '',
           backingFormat: options.F as ImageFormat | undefined,
           unsafe: options.u === true,
           progress: options.p === true,
