@@ -185,6 +185,28 @@ describe.skipIf(!haveTools)('qcow2 answers as qemu-img does', () => {
     ]);
   });
 
+  test('convert -n into a qcow2 image gives the clusters it frees back, as qemu-img', () => {
+    const setup = (folder: string) => {
+      run('qemu-img', ['create', '-q', '-f', 'qcow2', 'out.qcow2', '64M'], { cwd: folder });
+      run('qemu-io', ['-c', 'write -P 0x77 0 8M', 'out.qcow2'], { cwd: folder });
+    };
+    round++;
+    const qemuDir = join(dir.path, `q${round}`);
+    const ourDir = join(dir.path, `o${round}`);
+    for (const folder of [qemuDir, ourDir]) {
+      cpSync(join(dir.path, 'seed'), folder, { recursive: true });
+      setup(folder);
+    }
+    const args = ['convert', '-n', '-O', 'qcow2', 'base.qcow2', 'out.qcow2'];
+    expect(runStatus('qemu-img', args, { cwd: qemuDir }).status).toBe(0);
+    const ours = qcow2(args, { cwd: ourDir });
+    expect(ours.status, ours.stderr).toBe(0);
+    const allocated = (folder: string) => statSync(join(folder, 'out.qcow2')).blocks * 512;
+    expect(allocated(ourDir)).toBeLessThan(allocated(qemuDir) + 1024 * 1024);
+    run('qemu-img', ['compare', '-q', join(qemuDir, 'out.qcow2'), join(ourDir, 'out.qcow2')]);
+    run('qemu-img', ['check', 'out.qcow2'], { cwd: ourDir });
+  });
+
   test('amend -o size= shrinks the image, as qemu-img amend does', () => {
     const { theirs, ours, qemuDir, ourDir } = both(['amend', '-o', 'size=32M', 'base.qcow2']);
     expect(theirs.status, theirs.stderr).toBe(0);

@@ -9,7 +9,14 @@ import { spawn } from 'node:child_process';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { exited, fioVerify, must, runAsync, startServer as startNbdServer } from '../src/nbd-server.js';
+import {
+  exited,
+  fioVerify,
+  must,
+  runAsync,
+  startServer as startNbdServer,
+  startQemuNbd,
+} from '../src/nbd-server.js';
 import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
 
 const ok = requireTools('qemu-img', 'qemu-io', 'fio', 'nbdinfo');
@@ -133,6 +140,37 @@ describe.skipIf(!ok)('qcow2-nbd writable qcow2 exports', () => {
       expect(infoJson(image).dirtyFlag).toBe(false);
     },
   );
+
+  it('--discard=unmap gives TRIMmed clusters back to the file system, as qemu-nbd', async () => {
+    const ours = join(dir.path, 'trim-ours.qcow2');
+    const theirs = join(dir.path, 'trim-qemu.qcow2');
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', ours, '64M']);
+    run('qemu-io', ['-c', 'write -P 0x5a 0 32M', ours]);
+    run('cp', [ours, theirs]);
+    const allocated = (file: string) => statSync(file).blocks * 512;
+    const before = allocated(ours);
+    const server = await startServer(dir.path, ['-f', 'qcow2', '--discard=unmap', ours]);
+    try {
+      expect(await must('qemu-io', ['-f', 'raw', '-c', 'discard 0 16M', server.uri])).not.toMatch(
+        /fail|error/i,
+      );
+    } finally {
+      expect(await server.stop()).toBe(0);
+    }
+    const qemu = startQemuNbd(dir.path, ['-f', 'qcow2', '--discard=unmap', theirs]);
+    try {
+      await must('qemu-io', ['-f', 'raw', '-c', 'discard 0 16M', qemu.uri]);
+    } finally {
+      await qemu.stop();
+    }
+    // 16 MiB less on disk, give or take a metadata cluster, as qemu-nbd leaves it.
+    expect(before - allocated(ours)).toBeGreaterThan(15 * 1024 * 1024);
+    expect(Math.abs(allocated(ours) - allocated(theirs))).toBeLessThan(1024 * 1024);
+    const compare = runStatus('qemu-img', ['compare', theirs, ours]);
+    expect(compare.status, compare.stdout + compare.stderr).toBe(0);
+    const check = runStatus('qemu-img', ['check', ours]);
+    expect(check.status, check.stdout + check.stderr).toBe(0);
+  });
 
   it('fio from 4 jobs with verify on a qcow2 export (multi-conn), then check-clean', async () => {
     const image = join(dir.path, 'fio.qcow2');

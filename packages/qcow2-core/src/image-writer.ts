@@ -50,6 +50,8 @@ export interface ImageWriterContext {
   readonly readsAsZeros?: (guestOffset: number, length: number) => Promise<boolean>;
   readonly forgetCompressed: (hostOffset: number) => void;
   readonly compress: (input: Uint8Array) => Promise<Uint8Array | undefined>;
+  /** See `Qcow2OpenOptions.discardFreedClusters`. */
+  readonly discardFreedClusters?: boolean;
 }
 
 export class ImageWriter {
@@ -93,6 +95,7 @@ export class ImageWriter {
       size: context.size,
       readGuest: context.readGuest,
       forgetCompressed: context.forgetCompressed,
+      discardFreed: context.discardFreedClusters === true && context.file.capabilities.discard,
     });
   }
 

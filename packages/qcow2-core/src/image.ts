@@ -137,6 +137,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
   readonly #compressed: CompressedClusterReader;
   readonly #codecs: Qcow2Codecs;
   readonly #concurrency: number;
+  readonly #discardFreedClusters: boolean;
   #source!: SegmentSource;
   #writer: ImageWriter | undefined;
 
@@ -198,6 +199,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       cachedClusters: COMPRESSED_CACHE_CLUSTERS,
     });
     this.#concurrency = options.concurrency ?? DEFAULT_CONCURRENCY;
+    this.#discardFreedClusters = options.discardFreedClusters === true;
   }
 
   /**
@@ -381,6 +383,7 @@ export class Qcow2Image extends ReadOnlyImage implements Qcow2MetadataReader {
       readsAsZeros: async (guestOffset, length) =>
         (await blockStatusAll(this, guestOffset, length)).every((extent) => extent.zero),
       forgetCompressed: (hostOffset) => this.#compressed.forget(hostOffset),
+      discardFreedClusters: this.#discardFreedClusters,
       compress: async (input) => {
         if (codecs.compress === undefined) {
           throw new BlockDeviceError('EUNSUPPORTED', `qcow2: ${this.description}: no compressor available`);

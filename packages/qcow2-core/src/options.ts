@@ -55,4 +55,12 @@ export interface Qcow2OpenOptions extends ImageOpenOptions {
    * read as unallocated); `'snapshot'` uses the size recorded in the snapshot.
    */
   snapshotSize?: 'current' | 'snapshot';
+  /**
+   * Opened for writing: host clusters the image stops using (refcount down to 0, after a discard,
+   * a write of zeros that unmaps, a rewritten compressed cluster) are discarded in the image file
+   * too (`file.discard`: a punched hole on a regular file), so the file system gets the space
+   * back, as QEMU does with `discard=unmap`. Default false: they stay allocated in the file until
+   * the image reuses them.
+   */
+  discardFreedClusters?: boolean;
 }

@@ -109,7 +109,11 @@ async function convertIntoExisting(
     }
   }
   const flush = targetFlush(options.cache);
-  const writable = await openWritable(targetPath, target, { format: 'qcow2', noFlush: flush === 'never' });
+  const writable = await openWritable(targetPath, target, {
+    format: 'qcow2',
+    noFlush: flush === 'never',
+    discardFreedClusters: true,
+  });
   try {
     const image = writable.device instanceof Qcow2Image ? writable.device : undefined;
     const writeThrough = flush === 'every-write';

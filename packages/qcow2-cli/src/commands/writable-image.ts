@@ -28,11 +28,18 @@ export interface WritableImage {
 }
 
 /** `path` as a writable guest view; `backing` (when given) replaces the image's own backing file.
- * `noFlush`: the image file and its data file are never flushed (convert's `-t unsafe`). */
+ * `noFlush`: the image file and its data file are never flushed (convert's `-t unsafe`).
+ * `discardFreedClusters`: clusters the image stops using are punched in its file (qcow2-core's
+ * option of that name; `convert -n` sets it, as qemu-img's target gives freed space back). */
 export async function openWritable(
   path: string,
   displayName: string,
-  options: { format?: ImageFormat | undefined; backing?: BlockDevice | undefined; noFlush?: boolean } = {},
+  options: {
+    format?: ImageFormat | undefined;
+    backing?: BlockDevice | undefined;
+    noFlush?: boolean;
+    discardFreedClusters?: boolean;
+  } = {},
 ): Promise<WritableImage> {
   const noFlush = options.noFlush === true;
   let file: FileBlockDevice;
@@ -64,6 +71,7 @@ export async function openWritable(
     }
     const image = await Qcow2Image.open(file, {
       readOnly: false,
+      discardFreedClusters: options.discardFreedClusters === true,
       resolveBacking: async ({ name, format: backingFormat }) => {
         if (options.backing !== undefined) return options.backing;
         const layer = await openImage(pathCombine(path, name), {

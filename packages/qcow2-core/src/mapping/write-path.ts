@@ -70,6 +70,9 @@ export interface WritePathOptions {
   readonly forgetCompressed: (hostOffset: number) => void;
   /** Dirty L2 bytes that trigger a write-back (default: half the cache's budget). */
   readonly maxDirtyBytes?: number;
+  /** Host clusters whose refcount drops to 0 are discarded in `file` too (see
+   * `Qcow2OpenOptions.discardFreedClusters`). */
+  readonly discardFreed?: boolean;
 }
 
 /** One L2 entry as read for writing. */
@@ -264,6 +267,38 @@ export class WritePath {
       if (tailCluster >= release.clusterIndex && tailCluster < release.clusterIndex + release.count) {
         this.#compressedTail = -1;
       }
+    }
+    if (this.#o.discardFreed === true) await this.#discardFreed(releases);
+  }
+
+  /**
+   * Discards in the image file the host clusters of `releases` that nothing references any more
+   * (a snapshot may still hold some: those stay), in runs. Safe at any time after the L2 changes
+   * that dropped them are durable, which {@link flush} ensures before applying frees: a crash
+   * before the refcounts reach the disk leaves clusters counted as used that read as zeros, a leak
+   * `check -r` repairs, never a mapping onto a discarded cluster.
+   */
+  async #discardFreed(releases: readonly Release[]): Promise<void> {
+    const clusters: number[] = [];
+    for (const { clusterIndex, count } of releases) {
+      for (let cluster = clusterIndex; cluster < clusterIndex + count; cluster++) {
+        if ((await this.#o.refcounts.get(cluster)) === 0) clusters.push(cluster);
+      }
+    }
+    clusters.sort((a, b) => a - b);
+    const fileSize = this.#o.file.size;
+    let index = 0;
+    while (index < clusters.length) {
+      const start = clusters[index]!;
+      let end = start + 1;
+      while (index + 1 < clusters.length && clusters[index + 1]! <= end) {
+        end = Math.max(end, clusters[index + 1]! + 1);
+        index++;
+      }
+      index++;
+      const offset = start * this.#clusterSize;
+      const length = Math.min(end * this.#clusterSize, fileSize) - offset;
+      if (length > 0) await this.#o.file.discard(offset, length);
     }
   }
 

@@ -73,7 +73,11 @@ async function openOne(
     if (memoryBacked) fileSource = { fd: file.fd, writes: !readOnlyFile };
   } else {
     if (!readOnlyFile && format === 'qcow2') {
-      const writable = await openWritableQcow2(spec.path, fileIo);
+      // --discard=unmap: clusters TRIM (or a WRITE_ZEROES that unmaps) frees are punched in the
+      // image file too, as qemu-nbd's discard=unmap gives the space back.
+      const writable = await openWritableQcow2(spec.path, fileIo, {
+        discardFreedClusters: options.discard === 'unmap',
+      });
       closers.push(() => writable.close());
       device = writable.device;
       image = writable.device instanceof FastZeroQcow2 ? writable.device.image : writable.device;

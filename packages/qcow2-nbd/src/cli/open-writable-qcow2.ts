@@ -22,6 +22,7 @@ const BACKING_FORMATS: readonly string[] = ['qcow2', 'qcow', 'raw'];
 export async function openWritableQcow2(
   path: string,
   fileOptions: { syncIoMaxBytes?: number } = {},
+  imageOptions: { discardFreedClusters?: boolean } = {},
 ): Promise<WritableQcow2> {
   // Loaded on first use, as for read-only images.
   const { DEFAULT_L2_CACHE_MAX_BYTES, Qcow2Image } = await import('@qcowkit/qcow2-core');
@@ -37,6 +38,7 @@ export async function openWritableQcow2(
     const image = await Qcow2Image.open(file, {
       readOnly: false,
       codecs: nodeCodecs,
+      discardFreedClusters: imageOptions.discardFreedClusters === true,
       // The engine's (and QEMU's) largest default L2 cache, whatever the image's size. Dirty L2
       // slices are written back once they pass half the budget: with the default budget (just
       // enough for the whole image) a small image wrote back every few dozen allocating writes,
