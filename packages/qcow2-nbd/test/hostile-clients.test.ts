@@ -185,3 +185,31 @@ describe('bounds per connection', () => {
     client.destroy();
   });
 });
+
+describe('a graceful stop', () => {
+  it('drops a client that neither reads its replies nor leaves, once its grace is over', async () => {
+    let reads = 0;
+    const counting = wrap(device, {
+      readInto: (buffer: Uint8Array, offset: number) => {
+        reads++;
+        return device.readInto(buffer, offset);
+      },
+    });
+    await start([{ name: '', device: counting }], { maxInFlightBytes: 2 * 1024 * 1024 });
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    client.socket.pause();
+    // 32 MiB of READ replies, none read: more than the socket's buffers and the bound.
+    for (let i = 0; i < 64; i++) client.request(P.NBD_CMD_READ, 0, 512 * 1024);
+    expect(await settled(() => reads)).toBeLessThan(64);
+    const closed = client.closed();
+    // Before, close() waited for the replies to be written, for as long as the client lived.
+    await server!.close();
+    expect(server!.connections).toBe(0);
+    // The client finds its connection closed once it reads what the server managed to send.
+    client.reader.detach();
+    client.socket.on('data', () => {});
+    client.socket.resume();
+    expect(await closed).toBe(true);
+  }, 10_000);
+});
