@@ -11,9 +11,10 @@ import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { createNbdServer, type NbdExport, type NbdServer, protocol as P } from '../src/index.js';
 import { ConnectionIo } from '../src/server/connection-io.js';
+import { HANDSHAKE_PENDING_MAX } from '../src/server/handshake.js';
 import { MAX_IN_FLIGHT_REQUESTS } from '../src/server/transmission.js';
 import { wrap } from './helpers.js';
-import { TestClient } from './test-client.js';
+import { infoPayload, TestClient } from './test-client.js';
 
 const SIZE = 1024 * 1024;
 let dir: string;
@@ -212,4 +213,39 @@ describe('a graceful stop', () => {
     client.socket.resume();
     expect(await closed).toBe(true);
   }, 10_000);
+});
+
+describe('handshake', () => {
+  it('stops reading options while their replies wait to be written', async () => {
+    let replies = 0;
+    let mostPending = 0;
+    const send = ConnectionIo.prototype.send;
+    vi.spyOn(ConnectionIo.prototype, 'send').mockImplementation(function (this: ConnectionIo, ...args) {
+      send.apply(this, args);
+      replies++;
+      mostPending = Math.max(mostPending, this.pendingBytes);
+    });
+    await start([{ name: '', device }]);
+    const client = await TestClient.connect(socketPath);
+    await client.greeting();
+    client.socket.pause();
+    // INFO options of 32 bytes, each answered with about 90 bytes in 4 replies, never read:
+    // 3.6 MiB of replies, more than the socket's buffer takes.
+    const count = 40_000;
+    const payload = infoPayload('', [P.NBD_INFO_NAME, P.NBD_INFO_DESCRIPTION]);
+    const option = Buffer.alloc(16 + payload.length);
+    option.writeBigUInt64BE(P.NBD_IHAVEOPT, 0);
+    option.writeUInt32BE(P.NBD_OPT_INFO, 8);
+    option.writeUInt32BE(payload.length, 12);
+    payload.copy(option, 16);
+    replies = 0;
+    mostPending = 0;
+    client.socket.write(Buffer.concat(Array.from({ length: count }, () => option)));
+    const answered = await settled(() => replies, 100);
+    expect(answered).toBeGreaterThan(0);
+    expect(answered).toBeLessThan(4 * count);
+    // One option's replies may pass the bound before the server waits.
+    expect(mostPending).toBeLessThanOrEqual(HANDSHAKE_PENDING_MAX + 1024);
+    client.destroy();
+  });
 });
