@@ -7,7 +7,16 @@
  * client leaving, DISC and a graceful stop all let the connection go at once.
  */
 import { randomFillSync } from 'node:crypto';
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  rmSync,
+  truncateSync,
+  writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -403,6 +412,44 @@ describe('connections served by threads', () => {
       expect(Date.now() - started).toBeLessThan(2000);
       expect(readFileSync(served.path).subarray(0, 4096).equals(Buffer.alloc(4096, 9))).toBe(true);
     },
+  );
+
+  it.skipIf(!ConnectionThreads.available)(
+    'a graceful stop drops a client that does not read what the main thread answers for its thread',
+    async () => {
+      // 4 MiB of data, then a hole: READs over both go to the main thread (holes are sent as such).
+      const path = join(dir, 'sparse.raw');
+      writeFileSync(path, randomFillSync(Buffer.alloc(4096 * KiB)));
+      truncateSync(path, 8192 * KiB);
+      const file = await FileBlockDevice.open(path);
+      files.push(file);
+      const server = createNbdServer({
+        exports: [{ name: '', device: file, fileSource: { fd: file.fd } }],
+        connectionThreads: 4,
+      });
+      servers.push(server);
+      const socket = join(dir, 'sparse.sock');
+      await server.listen({ path: socket });
+      const client = await TestClient.connect(socket);
+      await client.open({ structured: true });
+      client.socket.pause();
+      const forwarded = vi.spyOn(Transmission.prototype, 'serveForwarded');
+      for (let i = 0; i < 16; i++) client.request(P.NBD_CMD_READ, 0, 8192 * KiB);
+      // Until the main thread's replies fill the socket and the thread waits for them to leave.
+      let last = -1;
+      for (let steady = 0; steady < 3; ) {
+        await sleep(50);
+        const now = forwarded.mock.calls.length;
+        steady = now === last && now > 0 ? steady + 1 : 0;
+        last = now;
+      }
+      expect(last).toBeLessThan(16);
+      // Before, close() waited for those replies to be written, for as long as the client lived.
+      await servers.pop()!.close();
+      expect(server.connections).toBe(0);
+      client.destroy();
+    },
+    10_000,
   );
 
   it.skipIf(!ConnectionThreads.available)(

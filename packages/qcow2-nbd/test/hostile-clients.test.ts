@@ -1,16 +1,20 @@
 /**
  * The server against clients and devices that misbehave: failures must not hand a buffer still in
- * use to another request, memory per connection stays bounded, and a connection ends cleanly.
+ * use to another request, memory per connection stays bounded (replies queued for the socket,
+ * error replies and option replies included), requests left over from a client that is gone are
+ * dropped, and a connection ends cleanly, within a bounded time on a graceful stop.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { createNbdServer, type NbdExport, type NbdServer, protocol as P } from '../src/index.js';
+import { ConnectionIo } from '../src/server/connection-io.js';
+import { HANDSHAKE_PENDING_MAX } from '../src/server/handshake.js';
 import { MAX_IN_FLIGHT_REQUESTS } from '../src/server/transmission.js';
 import { wrap } from './helpers.js';
-import { TestClient } from './test-client.js';
+import { infoPayload, TestClient } from './test-client.js';
 
 const SIZE = 1024 * 1024;
 let dir: string;
@@ -30,6 +34,7 @@ beforeEach(() => {
 });
 
 afterEach(async () => {
+  vi.restoreAllMocks();
   await server?.close();
   server = undefined;
   rmSync(dir, { recursive: true, force: true });
@@ -72,11 +77,11 @@ describe('buffers after a device failure', () => {
 });
 
 /** Waits until `value()` stops changing (the server has done all it will do for now). */
-async function settled(value: () => number): Promise<number> {
+async function settled(value: () => number, interval = 20): Promise<number> {
   let last = -1;
   let steady = 0;
   while (steady < 3) {
-    await new Promise((resolve) => setTimeout(resolve, 20));
+    await new Promise((resolve) => setTimeout(resolve, interval));
     const now = value();
     steady = now === last ? steady + 1 : 0;
     last = now;
@@ -130,9 +135,117 @@ describe('bounds per connection', () => {
     client.socket.pause();
     // 64 MiB asked for: the server stops at the bound with a request held, its replies unread.
     for (let i = 0; i < 128; i++) client.request(P.NBD_CMD_READ, 0, 512 * 1024);
-    expect(await settled(() => reads)).toBeLessThan(128);
+    const started = await settled(() => reads);
+    expect(started).toBeLessThan(128);
     client.destroy();
     await disconnected;
     expect(server!.connections).toBe(0);
+    // The requests not yet started when the client left were dropped, not served (each would
+    // have taken its 512 KiB buffer at once).
+    expect(reads).toBe(started);
+  });
+
+  it('counts error replies in the bytes queued for a client that does not read them', async () => {
+    const maxInFlightBytes = 256 * 1024;
+    // The most bytes the server queued for the socket, seen after each reply it queued.
+    let replies = 0;
+    let mostPending = 0;
+    const send = ConnectionIo.prototype.send;
+    vi.spyOn(ConnectionIo.prototype, 'send').mockImplementation(function (this: ConnectionIo, ...args) {
+      send.apply(this, args);
+      replies++;
+      mostPending = Math.max(mostPending, this.pendingBytes);
+    });
+    await start([{ name: '', device }], { maxInFlightBytes });
+    const client = await TestClient.connect(socketPath);
+    await client.open({ structured: true });
+    client.socket.pause();
+    // READs past the end, each answered at once with an EINVAL error chunk of about 46 bytes:
+    // 9 MiB of replies, more than the socket's buffers (4 MiB) and the bound take together.
+    const count = 200_000;
+    const requests = Buffer.alloc(count * P.REQUEST_HEADER_SIZE);
+    for (let i = 0; i < count; i++) {
+      const header = P.encodeRequestHeader({
+        magic: P.NBD_REQUEST_MAGIC,
+        flags: 0,
+        type: P.NBD_CMD_READ,
+        cookie: BigInt(i),
+        offset: SIZE,
+        length: 4096,
+      });
+      header.copy(requests, i * P.REQUEST_HEADER_SIZE);
+    }
+    replies = 0;
+    mostPending = 0;
+    client.socket.write(requests);
+    const answered = await settled(() => replies, 100);
+    // The server stopped reading: not every request was answered while the replies stay unread.
+    expect(answered).toBeGreaterThan(0);
+    expect(answered).toBeLessThan(count);
+    expect(mostPending).toBeLessThanOrEqual(maxInFlightBytes + 1024);
+    client.destroy();
+  });
+});
+
+describe('a graceful stop', () => {
+  it('drops a client that neither reads its replies nor leaves, once its grace is over', async () => {
+    let reads = 0;
+    const counting = wrap(device, {
+      readInto: (buffer: Uint8Array, offset: number) => {
+        reads++;
+        return device.readInto(buffer, offset);
+      },
+    });
+    await start([{ name: '', device: counting }], { maxInFlightBytes: 2 * 1024 * 1024 });
+    const client = await TestClient.connect(socketPath);
+    await client.open();
+    client.socket.pause();
+    // 32 MiB of READ replies, none read: more than the socket's buffers and the bound.
+    for (let i = 0; i < 64; i++) client.request(P.NBD_CMD_READ, 0, 512 * 1024);
+    expect(await settled(() => reads)).toBeLessThan(64);
+    const closed = client.closed();
+    // Before, close() waited for the replies to be written, for as long as the client lived.
+    await server!.close();
+    expect(server!.connections).toBe(0);
+    // The client finds its connection closed once it reads what the server managed to send.
+    client.reader.detach();
+    client.socket.on('data', () => {});
+    client.socket.resume();
+    expect(await closed).toBe(true);
+  }, 10_000);
+});
+
+describe('handshake', () => {
+  it('stops reading options while their replies wait to be written', async () => {
+    let replies = 0;
+    let mostPending = 0;
+    const send = ConnectionIo.prototype.send;
+    vi.spyOn(ConnectionIo.prototype, 'send').mockImplementation(function (this: ConnectionIo, ...args) {
+      send.apply(this, args);
+      replies++;
+      mostPending = Math.max(mostPending, this.pendingBytes);
+    });
+    await start([{ name: '', device }]);
+    const client = await TestClient.connect(socketPath);
+    await client.greeting();
+    client.socket.pause();
+    // INFO options of 32 bytes, each answered with about 90 bytes in 4 replies, never read:
+    // 3.6 MiB of replies, more than the socket's buffer takes.
+    const count = 40_000;
+    const payload = infoPayload('', [P.NBD_INFO_NAME, P.NBD_INFO_DESCRIPTION]);
+    const option = Buffer.alloc(16 + payload.length);
+    option.writeBigUInt64BE(P.NBD_IHAVEOPT, 0);
+    option.writeUInt32BE(P.NBD_OPT_INFO, 8);
+    option.writeUInt32BE(payload.length, 12);
+    payload.copy(option, 16);
+    replies = 0;
+    mostPending = 0;
+    client.socket.write(Buffer.concat(Array.from({ length: count }, () => option)));
+    const answered = await settled(() => replies, 100);
+    expect(answered).toBeGreaterThan(0);
+    expect(answered).toBeLessThan(4 * count);
+    // One option's replies may pass the bound before the server waits.
+    expect(mostPending).toBeLessThanOrEqual(HANDSHAKE_PENDING_MAX + 1024);
+    client.destroy();
   });
 });

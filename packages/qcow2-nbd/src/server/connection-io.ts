@@ -54,7 +54,10 @@ const COALESCE_MAX = 16 * 1024;
  * took 0.23 s of the server's 2.7 s profile. A turn's replies beyond it fill another one.
  */
 const COALESCE_BUFFER_SIZE = 256 * 1024;
-/** Coalescing buffers kept per connection; more in use at once are left to the collector. */
+/**
+ * Coalescing buffers kept per connection. When all are waiting to be written (a client slow to
+ * read), a turn's replies are copied into a buffer of their own size, left to the collector.
+ */
 const COALESCE_BUFFERS_KEPT = 4;
 
 /** A reply whose payload is sent straight from a file (see `ConnectionIo.sendFile`). */
@@ -90,6 +93,8 @@ export class ConnectionIo {
   private segmentActive = false;
   /** Coalescing buffers free for the next turn (see COALESCE_BUFFER_SIZE). */
   private coalesceFree: Buffer[] = [];
+  /** Coalescing buffers made so far (at most COALESCE_BUFFERS_KEPT). */
+  private coalesceMade = 0;
   /** The plain socket's descriptor once the transmission phase has started (see `fileSendFd`). */
   private socketFd: number | undefined;
   /** Called whenever a write completes (the transmission loop waits on it for backpressure). */
@@ -190,14 +195,22 @@ export class ConnectionIo {
         // Nothing to join: written as it is, released once written.
         this.write(group[0]!, groupDone[0]);
       } else if (group.length > 1) {
-        const buffer = this.coalesceFree.pop() ?? Buffer.allocUnsafeSlow(COALESCE_BUFFER_SIZE);
+        // A kept buffer, or one of just the group's size: while a client does not read, every
+        // turn's replies wait in the socket's queue, and a 256 KiB buffer for a few hundred bytes
+        // of replies would hold far more memory than `pendingBytes` says.
+        let kept = this.coalesceFree.pop();
+        if (kept === undefined && this.coalesceMade < COALESCE_BUFFERS_KEPT) {
+          kept = Buffer.allocUnsafeSlow(COALESCE_BUFFER_SIZE);
+          this.coalesceMade++;
+        }
+        const buffer = kept ?? Buffer.allocUnsafeSlow(groupBytes);
         let position = 0;
         for (const bytes of group) {
           buffer.set(bytes, position);
           position += bytes.length;
         }
         this.write(buffer.subarray(0, groupBytes), () => {
-          if (this.coalesceFree.length < COALESCE_BUFFERS_KEPT) this.coalesceFree.push(buffer);
+          if (kept !== undefined) this.coalesceFree.push(kept);
         });
         // Copied: the originals may be reused now.
         for (const done of groupDone) done();
@@ -281,9 +294,12 @@ export class ConnectionIo {
   }
 
   private write(bytes: Uint8Array, done: (() => void) | undefined): void {
-    this.stream.write(bytes, () => {
+    this.stream.write(bytes, (error) => {
+      // A failed write: the stream is about to be destroyed (Node calls back first), and nothing
+      // more can reach the client. Closed from now on, so no one serves requests for it.
+      if (error != null) this.closed = true;
       this.pending -= bytes.length;
-      if (this.pending === 0) this.wakeDrain();
+      if (this.pending === 0 || this.closed) this.wakeDrain();
       this.onWritten?.();
       done?.();
     });

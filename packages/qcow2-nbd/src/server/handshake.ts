@@ -69,6 +69,14 @@ export interface Session {
   readonly transmissionFlags: number;
 }
 
+/**
+ * Option replies queued for the socket past which the next option is not read until they have
+ * been written: a client that sends options without reading the replies is held at this, plus the
+ * socket's own buffers, rather than at the handshake timeout (qemu-nbd writes each reply before
+ * it reads on).
+ */
+export const HANDSHAKE_PENDING_MAX = 64 * 1024;
+
 /** A protocol violation that ends the connection without a reply. */
 export class HandshakeAbort extends Error {
   override name = 'HandshakeAbort';
@@ -96,6 +104,7 @@ export async function negotiate(io: ConnectionIo, config: HandshakeConfig): Prom
   });
 
   for (;;) {
+    if (io.pendingBytes > HANDSHAKE_PENDING_MAX) await io.drained();
     const header = decodeOptionHeader(await io.reader.read(OPTION_HEADER_SIZE));
     if (header.magic !== NBD_IHAVEOPT) throw new HandshakeAbort('handshake: bad option magic');
     const { option, length } = header;

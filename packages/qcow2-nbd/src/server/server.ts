@@ -78,6 +78,11 @@ export interface NbdServer extends AsyncDisposable {
 const PRESTARTED_THREADS = 2;
 /** Most clients kept waiting for a slot; more are closed on arrival. */
 const MAX_WAITING = 64;
+/**
+ * How long a graceful stop waits for a connection to finish its requests and take its replies
+ * (as a connection thread gives a client that does not read); then the connection is dropped.
+ */
+const STOP_GRACE_MS = 2000;
 
 interface Connection {
   readonly io: ConnectionIo;
@@ -215,15 +220,29 @@ export function createNbdServer(options: NbdServerOptions): NbdServer {
         else if (connection.stopThread !== undefined) connection.stopThread();
         else connection.transmission.stop();
       }
+      // A client that neither reads its replies nor leaves must not hold the stop up: past the
+      // grace period its connection is dropped (requests in flight still finish on the device).
+      let graceTimer: NodeJS.Timeout | undefined;
+      const graceOver = new Promise<void>((resolve) => {
+        graceTimer = setTimeout(resolve, STOP_GRACE_MS);
+      });
       await Promise.all(
         [...connections].map(async (connection) => {
-          // A thread lets its connection go once the requests it received are served.
-          if (connection.stopThread !== undefined) await connection.done;
-          await connection.transmission?.idle();
-          await connection.io.end();
+          const graceful = (async () => {
+            // A thread lets its connection go once the requests it received are served.
+            if (connection.stopThread !== undefined) await connection.done;
+            await connection.transmission?.idle();
+            await connection.io.end();
+          })();
+          const ended = await Promise.race([graceful.then(() => true), graceOver.then(() => false)]);
+          if (!ended) {
+            log('close: a client did not take its replies in time, dropping the connection');
+            connection.io.destroy();
+          }
           await connection.done;
         }),
       );
+      clearTimeout(graceTimer);
       await Promise.all(
         options.exports.map(async (entry) => {
           if (!entry.device.readOnly) {

@@ -2,8 +2,9 @@
  * The transmission phase of one connection: requests are parsed as their bytes arrive (a
  * RequestReader), validated, and dispatched without waiting for earlier ones; each is answered
  * when it completes. The bytes held for requests in flight (read data, write payloads, replies not
- * yet written) are bounded: past the bound the reader pauses and the socket is no longer read, its
- * buffers fill and the client is slowed down.
+ * yet written, error replies included) are bounded: past the bound the reader pauses and the
+ * socket is no longer read, its buffers fill and the client is slowed down. Once the client is
+ * gone, requests not yet started are dropped.
  */
 import type { Extent } from '@qcowkit/blockdev';
 import {
@@ -103,8 +104,13 @@ export class Transmission implements RequestSink {
   private stopping = false;
   private readonly context: RequestContext;
   private readonly requests: RequestReader;
-  /** A request received while the in-flight bound was reached: served once room frees. */
-  private held: { request: RequestHeader; payload: Buffer | undefined; cost: number } | undefined;
+  /**
+   * A request received while the in-flight bound was reached: served (or answered with its
+   * error, when `error` is not 0) once room frees.
+   */
+  private held:
+    | { request: RequestHeader; payload: Buffer | undefined; cost: number; error: number }
+    | undefined;
   /** The client's side has ended (or failed). */
   private sourceEnded = false;
   private finish: ((end: TransmissionEnd) => void) | undefined;
@@ -186,6 +192,8 @@ export class Transmission implements RequestSink {
 
   /** RequestSink: checks what the stream itself depends on; returns the payload length. */
   header(request: RequestHeader): number {
+    // Nothing is read, nor a payload buffer taken, for a client that is gone.
+    if (this.gone) return -1;
     if (request.magic !== NBD_REQUEST_MAGIC) {
       this.config.log(`request: bad magic 0x${request.magic.toString(16)}: closing the connection`);
       this.end('protocol-error');
@@ -206,26 +214,45 @@ export class Transmission implements RequestSink {
     return request.length;
   }
 
-  /** RequestSink: a whole request; false when it has to wait for room (the reader pauses). */
+  /**
+   * RequestSink: a whole request; false when it has to wait for room (the reader pauses). A
+   * request answered at once with an error waits for room too: its reply is bytes queued for the
+   * socket like any other (`pendingBytes`), and a client sending invalid requests without reading
+   * the replies must be stopped at the same bound.
+   */
   request(request: RequestHeader, payload: Buffer | undefined): boolean {
-    if (this.stopping) {
+    if (this.gone) {
       this.releasePayload(payload);
-      this.replyError(request, NBD_ESHUTDOWN, 'server is shutting down');
+      this.requests.stop();
       return true;
     }
-    const error = validateRequest(request, this.context);
-    if (error !== 0) {
-      this.releasePayload(payload);
-      this.replyError(request, error, `${commandName(request.type)}: ${nbdErrorName(error)}`);
-      return true;
-    }
-    const cost = this.costOf(request, payload);
+    const error = this.stopping ? NBD_ESHUTDOWN : validateRequest(request, this.context);
+    const cost = error === 0 ? this.costOf(request, payload) : 0;
     if (!this.hasRoom(cost)) {
-      this.held = { request, payload, cost };
+      this.held = { request, payload, cost, error };
       return false;
     }
-    this.dispatch(request, payload, cost);
+    this.start(request, payload, cost, error);
     return true;
+  }
+
+  /** Dispatches a request, or answers it with its error. */
+  private start(request: RequestHeader, payload: Buffer | undefined, cost: number, error: number): void {
+    if (error === 0) {
+      this.dispatch(request, payload, cost);
+      return;
+    }
+    this.releasePayload(payload);
+    if (error === NBD_ESHUTDOWN) this.replyError(request, error, 'server is shutting down');
+    else this.replyError(request, error, `${commandName(request.type)}: ${nbdErrorName(error)}`);
+  }
+
+  /**
+   * The client is gone (its side ended or failed, or a write to it failed): nothing more can be
+   * answered, so requests not yet started are dropped rather than served.
+   */
+  private get gone(): boolean {
+    return this.sourceEnded || this.io.isClosed;
   }
 
   /**
@@ -239,6 +266,7 @@ export class Transmission implements RequestSink {
       source === undefined ||
       source.writes !== true ||
       this.stopping ||
+      this.gone ||
       validateRequest(request, this.context) !== 0 ||
       !this.hasRoom(0)
     ) {
@@ -282,12 +310,14 @@ export class Transmission implements RequestSink {
     }
   }
 
-  /** Within the bounds on requests and bytes in flight (a request alone always fits). */
+  /**
+   * Within the bounds on requests and bytes in flight (a request alone always fits). Never true
+   * just because the connection is closed: requests left over then are dropped, not served.
+   */
   private hasRoom(cost: number): boolean {
     const pending = this.io.pendingBytes;
     return (
       (this.inFlightCount === 0 && pending === 0) ||
-      this.io.isClosed ||
       (this.inFlightCount < MAX_IN_FLIGHT_REQUESTS &&
         this.inFlightBytes + pending + cost <= this.config.maxInFlightBytes)
     );
@@ -308,7 +338,10 @@ export class Transmission implements RequestSink {
 
   private sourceEnd(): void {
     this.sourceEnded = true;
-    if (this.held === undefined) this.end(this.stopping ? 'shutdown' : 'closed');
+    // A request held for room is never started: its reply could not be sent.
+    this.releaseHeld();
+    this.requests.stop();
+    this.end(this.stopping ? 'shutdown' : 'closed');
   }
 
   private end(end: TransmissionEnd): void {
@@ -335,11 +368,16 @@ export class Transmission implements RequestSink {
 
   private wake(): void {
     const held = this.held;
-    if (held !== undefined && this.ending === undefined && this.hasRoom(held.cost)) {
-      this.held = undefined;
-      this.dispatch(held.request, held.payload, held.cost);
-      if (this.requests.resume()) this.io.resumeReading();
-      if (this.sourceEnded && this.held === undefined) this.end(this.stopping ? 'shutdown' : 'closed');
+    if (held !== undefined && this.ending === undefined) {
+      if (this.gone) {
+        // Dropped, and the bytes after it too; the socket's close ends the connection.
+        this.releaseHeld();
+        this.requests.stop();
+      } else if (this.hasRoom(held.cost)) {
+        this.held = undefined;
+        this.start(held.request, held.payload, held.cost, held.error);
+        if (this.requests.resume()) this.io.resumeReading();
+      }
     }
     const waiters = this.waiters;
     if (waiters.length === 0) return;
