@@ -134,6 +134,49 @@ describe.skipIf(!haveTools)('qcow2 create, snapshot, resize and check -r against
   });
 
   test.each([
+    ['64 KiB clusters, the shared L2 table copied', [], '8M', '3M'],
+    ['4 KiB clusters: tables kept, copied and dropped', ['-o', 'cluster_size=4k'], '8M', '3M'],
+    ['extended L2, compressed clusters', ['-o', 'extended_l2=on'], '8M', '2500k'],
+    ['v2: refused as qemu-img refuses it', ['-o', 'compat=0.10'], '8M', '3M'],
+  ])('resize --shrink under an internal snapshot (%s), as qemu-img', (_name, createArgs, size, newSize) => {
+    for (const side of ['theirs', 'ours']) {
+      const file = `shrink-snap-${side}.qcow2`;
+      run('qemu-img', ['create', '-q', '-f', 'qcow2', ...createArgs, file, size], { cwd: dir.path });
+      run('qemu-io', ['-c', 'write -P 0x31 0 5M', '-c', 'write -c -P 0x32 6M 256k', file], { cwd: dir.path });
+      run('qemu-img', ['snapshot', '-c', 'before', file], { cwd: dir.path });
+      // One more write after the snapshot: a table copied already, beside the shared ones.
+      run('qemu-io', ['-c', 'write -P 0x33 64k 64k', file], { cwd: dir.path });
+    }
+    const { expected, actual } = both(
+      ['resize', '--shrink', 'FILE', newSize],
+      'shrink-snap-theirs.qcow2',
+      'shrink-snap-ours.qcow2',
+    );
+    expect(actual.status, actual.stderr).toBe(expected.status);
+    if (expected.status !== 0) {
+      expect(actual.stderr).toContain("Can't resize a v2 image which has snapshots");
+      return;
+    }
+    expectClean('shrink-snap-ours.qcow2');
+    expectIdentical('shrink-snap-theirs.qcow2', 'shrink-snap-ours.qcow2');
+    // The snapshot still reads as it was taken, and applying it brings that back.
+    for (const side of ['theirs', 'ours']) {
+      run(
+        'qemu-img',
+        ['convert', '-O', 'raw', '-l', 'before', `shrink-snap-${side}.qcow2`, `snap-${side}.raw`],
+        {
+          cwd: dir.path,
+        },
+      );
+    }
+    expect(qemuImg(['compare', '-f', 'raw', '-F', 'raw', 'snap-theirs.raw', 'snap-ours.raw']).status).toBe(0);
+    expect(cli(['snapshot', '-a', 'before', 'shrink-snap-ours.qcow2']).status).toBe(0);
+    expect(qemuImg(['snapshot', '-a', 'before', 'shrink-snap-theirs.qcow2']).status).toBe(0);
+    expectClean('shrink-snap-ours.qcow2');
+    expectIdentical('shrink-snap-theirs.qcow2', 'shrink-snap-ours.qcow2');
+  });
+
+  test.each([
     ['leaks', 'human'],
     ['all', 'json'],
   ])('check -r %s --output=%s on leaked clusters', (mode, output) => {

@@ -1,7 +1,8 @@
 /**
  * `qemu-img resize` on a qcow2 file: grow (the L1 table moved to a larger place when it must
  * grow), or shrink when asked (clusters past the new end freed, the file truncated after the last
- * cluster in use). Shrinking an image with internal snapshots is refused, as QEMU does.
+ * cluster in use). A v2 image with internal snapshots keeps its size, as QEMU refuses to
+ * resize one.
  */
 
 import type { BlockDevice } from '@qcowkit/blockdev';
@@ -11,6 +12,7 @@ import { loadHeader } from '../check/check.js';
 import { decodeCompressedDescriptor, entryOffset } from '../check/entries.js';
 import { QCOW2_INCOMPAT_DATA_FILE } from '../format/feature-bits.js';
 import { QCOW_MAX_L1_SIZE, sizeToL1 } from '../format/geometry.js';
+import { QCOW_OFLAG_COPIED_HIGH } from '../format/l1-entry.js';
 import { classifyL2Entry } from '../format/l2-entry.js';
 import { ImageEdit, type ImageEditOptions, setU64 } from './image-edit.js';
 
@@ -43,12 +45,10 @@ export async function resizeImage(
         'qcow2 resize: use the shrink option to shrink the image (data past the new end is lost)',
       );
     }
-    if (head.nbSnapshots > 0) {
-      throw new BlockDeviceError(
-        'EUNSUPPORTED',
-        'qcow2 resize: cannot shrink an image with internal snapshots',
-      );
-    }
+  }
+  // As QEMU: a v2 snapshot records no disk size of its own, so the image keeps its size.
+  if (head.nbSnapshots > 0 && head.version < 3) {
+    throw new BlockDeviceError('EUNSUPPORTED', "qcow2 resize: Can't resize a v2 image which has snapshots");
   }
   // Persistent bitmaps follow the size: the engine resizes and stores them (or refuses, as QEMU),
   // so the offline edit's opening check is not run for them.
@@ -105,7 +105,16 @@ async function writeSizeAndL1(
   await edit.writeHeader(SIZE_FIELD, field);
 }
 
-/** Drops every mapping past the new end, then the size, then the refcounts; truncates the file. */
+/**
+ * Drops every mapping past the new end, then the size, then the refcounts; truncates the file.
+ *
+ * An L2 table an internal snapshot shares (refcount above 1) is never edited in place: the
+ * snapshot still reads through it. When some of its entries stay, the active L1 gets a copy
+ * without the dropped ones (counted and written before the L1 table names it, as QEMU copies a
+ * shared table before its first change), and the shared table loses the active L1's reference.
+ * Either way every dropped entry's cluster loses one reference (the active L1's path to it): a
+ * cluster the snapshot holds keeps its data.
+ */
 async function shrink(edit: ImageEdit, size: number): Promise<void> {
   const { header, clusterSize, file, extendedL2, hasDataFile } = edit;
   const l2EntryBytes = extendedL2 ? 16 : 8;
@@ -115,6 +124,19 @@ async function shrink(edit: ImageEdit, size: number): Promise<void> {
     header.l1Size === 0 ? new Uint8Array(0) : await file.read(header.l1TableOffset, header.l1Size * 8);
   const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
   let l1Dirty = false;
+  // Where the copies of shared tables go (by L1 index); their clusters counted on disk first.
+  const copies = new Map<number, number>();
+  for (let l1Index = 0; l1Index < header.l1Size; l1Index++) {
+    const firstGuestCluster = l1Index * entriesPerL2;
+    if (firstGuestCluster + entriesPerL2 <= firstDroppedCluster || firstGuestCluster >= firstDroppedCluster) {
+      continue;
+    }
+    const l2Offset = entryOffset(l1View.getUint32(l1Index * 8), l1View.getUint32(l1Index * 8 + 4));
+    if (l2Offset !== 0 && (edit.counts[l2Offset / clusterSize] ?? 0) > 1) {
+      copies.set(l1Index, edit.allocate(1));
+    }
+  }
+  if (copies.size > 0) await edit.commitRefcounts();
   for (let l1Index = 0; l1Index < header.l1Size; l1Index++) {
     const firstGuestCluster = l1Index * entriesPerL2;
     if (firstGuestCluster + entriesPerL2 <= firstDroppedCluster) continue;
@@ -148,10 +170,20 @@ async function shrink(edit: ImageEdit, size: number): Promise<void> {
       l1View.setUint32(l1Index * 8 + 4, 0);
       l1Dirty = true;
       edit.addReferences(l2Offset, clusterSize, -1);
+    } else if (copies.has(l1Index)) {
+      const copy = copies.get(l1Index)!;
+      await edit.write(copy, table);
+      // Refcount 1: COPIED, as QEMU sets it on a table it just copied.
+      l1View.setUint32(l1Index * 8, (Math.floor(copy / 2 ** 32) | QCOW_OFLAG_COPIED_HIGH) >>> 0);
+      l1View.setUint32(l1Index * 8 + 4, copy >>> 0);
+      l1Dirty = true;
+      edit.addReferences(l2Offset, clusterSize, -1);
     } else {
       await file.write(l2Offset, table);
     }
   }
+  // The copies are on disk before the L1 table names them.
+  if (copies.size > 0) await edit.flush();
   if (l1Dirty) await file.write(header.l1TableOffset, l1);
   await edit.flush();
   await writeSizeAndL1(edit, size, header.l1Size, header.l1TableOffset);
