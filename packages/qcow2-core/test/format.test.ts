@@ -121,6 +121,24 @@ describe('qcow2 header', () => {
     expect(again).toEqual(encodeHeader(baseFields()));
   });
 
+  it('reads stored names as C strings, as QEMU: a NUL ends the backing file, its format and the data file name', () => {
+    const header = decodeHeader(
+      encodeHeader(
+        baseFields({
+          backingFileName: 'base.qcow2\u0000junk',
+          incompatibleFeatures: { high: 0, low: 0b100 },
+          extensions: [
+            { type: QCOW2_EXT_MAGIC_BACKING_FORMAT, data: text('qcow2\u0000') },
+            { type: QCOW2_EXT_MAGIC_DATA_FILE, data: text('disk.data\u0000\u0000') },
+          ],
+        }),
+      ),
+    );
+    expect(header.backingFileName).toBe('base.qcow2');
+    expect(header.extensions.backingFormat).toBe('qcow2');
+    expect(header.extensions.dataFileName).toBe('disk.data');
+  });
+
   it('round-trips v2 (refcount order 4, header length 72, no feature words)', () => {
     const header = decodeHeader(encodeHeader(baseFields({ version: 2, extensions: [] })));
     expect(header.version).toBe(2);

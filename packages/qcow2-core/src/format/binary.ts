@@ -39,6 +39,15 @@ export function decodeText(bytes: Uint8Array): string {
   return utf8Decoder.decode(bytes);
 }
 
+/**
+ * A name stored in the image (backing file, its format, the data file) read as QEMU reads it, a C
+ * string: it ends at the first NUL byte, whatever length the header gives.
+ */
+export function decodeCString(bytes: Uint8Array): string {
+  const nul = bytes.indexOf(0);
+  return utf8Decoder.decode(nul === -1 ? bytes : bytes.subarray(0, nul));
+}
+
 export function encodeText(text: string): Uint8Array {
   return utf8Encoder.encode(text);
 }

@@ -3,7 +3,7 @@
  * header_length and ending with a type-0 record, all inside the first cluster.
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { decodeText, hex, readU64, viewOf } from './binary.js';
+import { decodeCString, hex, readU64, viewOf } from './binary.js';
 import type { FeatureKind } from './feature-bits.js';
 
 export const QCOW2_EXT_MAGIC_END = 0;
@@ -91,17 +91,15 @@ export function decodeHeaderExtensions(
     const dataView = viewOf(data);
     switch (type) {
       case QCOW2_EXT_MAGIC_BACKING_FORMAT:
-        backingFormat = decodeText(data);
+        backingFormat = decodeCString(data);
         break;
       case QCOW2_EXT_MAGIC_FEATURE_TABLE:
         for (let entry = 0; entry + FEATURE_NAME_ENTRY_SIZE <= length; entry += FEATURE_NAME_ENTRY_SIZE) {
           const kindNumber = data[entry]!;
-          const nameBytes = data.subarray(entry + 2, entry + FEATURE_NAME_ENTRY_SIZE);
-          const nul = nameBytes.indexOf(0);
           featureNames.push({
             kind: KINDS[kindNumber] ?? kindNumber,
             bit: data[entry + 1]!,
-            name: decodeText(nul === -1 ? nameBytes : nameBytes.subarray(0, nul)),
+            name: decodeCString(data.subarray(entry + 2, entry + FEATURE_NAME_ENTRY_SIZE)),
           });
         }
         break;
@@ -118,7 +116,7 @@ export function decodeHeaderExtensions(
         };
         break;
       case QCOW2_EXT_MAGIC_DATA_FILE:
-        dataFileName = decodeText(data);
+        dataFileName = decodeCString(data);
         break;
       case QCOW2_EXT_MAGIC_CRYPTO_HEADER:
         if (length !== 16) {

@@ -8,7 +8,7 @@
  * refcount_order 96, header_length 100, compression_type 104 (when header_length > 104).
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { decodeText, encodeText, hex, readU64, viewOf, writeU64 } from './binary.js';
+import { decodeCString, encodeText, hex, readU64, viewOf, writeU64 } from './binary.js';
 import {
   type FeatureWord,
   knownFeatureName,
@@ -239,7 +239,7 @@ export function decodeHeader(firstCluster: Uint8Array): Qcow2Header {
   );
   const backingFileName =
     backingFileOffset !== 0
-      ? decodeText(firstCluster.subarray(backingFileOffset, backingFileOffset + backingFileSize))
+      ? decodeCString(firstCluster.subarray(backingFileOffset, backingFileOffset + backingFileSize))
       : undefined;
 
   const header: Qcow2Header = {

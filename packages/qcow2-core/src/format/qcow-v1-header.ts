@@ -8,7 +8,7 @@
  * bits are the offset and the next cluster_bits bits the compressed size in bytes.
  */
 import { BlockDeviceError } from '@qcowkit/blockdev';
-import { decodeText, readU64, viewOf } from './binary.js';
+import { decodeCString, readU64, viewOf } from './binary.js';
 import { QCOW_MAGIC } from './header.js';
 
 export const QCOW_V1_HEADER_LENGTH = 48;
@@ -74,7 +74,7 @@ export function decodeQcowV1Header(bytes: Uint8Array): QcowV1Header {
     if (backingFileSize > 1023) corrupt(`backing file name of ${backingFileSize} bytes is too long`, 16);
     if (backingFileOffset + backingFileSize > bytes.length)
       corrupt('backing file name runs past the header area', 8);
-    backingFileName = decodeText(bytes.subarray(backingFileOffset, backingFileOffset + backingFileSize));
+    backingFileName = decodeCString(bytes.subarray(backingFileOffset, backingFileOffset + backingFileSize));
   }
   return {
     version: 1,
