@@ -49,6 +49,18 @@ export function describeError(error: unknown): string {
   return oneLine(String(error));
 }
 
+/**
+ * {@link describeError} for an error about the image `file` (as the user named it): the engine's
+ * `qcow2: file:/abs/path: ` prefix becomes `file: `, so the line names the file once and as given.
+ */
+export function describeImageError(error: unknown, file: string): string {
+  const message = describeError(error);
+  const prefix = /^qcow2(?: [a-z]+)?: file:/.exec(message);
+  if (prefix === null) return message;
+  const end = message.indexOf(': ', prefix[0].length);
+  return end === -1 ? message : `${file}: ${message.slice(end + 2)}`;
+}
+
 const OPEN_MESSAGES: Record<string, string> = {
   ENOENT: 'No such file or directory',
   EACCES: 'Permission denied',

@@ -3,9 +3,9 @@
  * `amendImage` / `resizeImage`. */
 
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { type AmendOptions, amendImage, resizeImage } from '@qcowkit/qcow2-core';
+import { type AmendOptions, amendImage, refuseDamagedImage, resizeImage } from '@qcowkit/qcow2-core';
 import { detectFormat, type ImageFormat } from '../engine.js';
-import { CliError, describeError, openError, UsageError } from '../errors.js';
+import { CliError, describeError, describeImageError, openError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
@@ -136,16 +136,18 @@ export async function amendCommand(
       if (size === undefined) return false;
       // An external data file follows a grown size: the engine resizes both (file closed first),
       // as `resize` does.
-      if (size >= (await qcow2Size(device)) && (await hasDataFile(device))) return true;
+      if (size >= (await qcow2Size(device)) && (await hasDataFile(device))) {
+        // Checked here, as resizeImage checks: the engine would write before finding damage.
+        await refuseDamagedImage(device);
+        return true;
+      }
       // As qemu-img amend: a smaller size shrinks the image (no separate shrink flag exists here).
       await resizeImage(device, size, { shrink: true });
       return false;
     } catch (error) {
       // The engine names the file by its path (`qcow2: file:/abs/path: ...`): the line names it as
       // given instead, once.
-      const reason = describeError(error)
-        .replace(/^qcow2 amend: /, '')
-        .replace(/^qcow2: file:.*?: (?=\d+ corruptions|the image is dirty)/, `${file}: `);
+      const reason = describeImageError(error, file).replace(/^qcow2 amend: /, '');
       throw new CliError(reason, { cause: error });
     }
   });

@@ -7,9 +7,9 @@
  * as QEMU does (and maps a raw data file's grown range).
  */
 import type { FileBlockDevice } from '@qcowkit/blockdev/node';
-import { QCOW2_INCOMPAT_DATA_FILE, Qcow2Image, resizeImage } from '@qcowkit/qcow2-core';
+import { QCOW2_INCOMPAT_DATA_FILE, Qcow2Image, refuseDamagedImage, resizeImage } from '@qcowkit/qcow2-core';
 import type { ImageFormat } from '../engine.js';
-import { CliError, describeError, UsageError } from '../errors.js';
+import { CliError, describeImageError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
@@ -74,7 +74,11 @@ export async function resizeCommand(
         throw new CliError('Unsupported preallocation mode: metadata', { code: 'EUNSUPPORTED' });
       }
       try {
-        if (viaEngine) return { format, current, newSize, viaEngine };
+        if (viaEngine) {
+          // Checked here, as resizeImage checks: the engine would write before finding damage.
+          await refuseDamagedImage(device);
+          return { format, current, newSize, viaEngine };
+        }
         if (format === 'qcow2') await resizeImage(device, newSize, { shrink: options.shrink });
         else await device.resize(newSize);
         if (format === 'raw' && newSize > current) {
@@ -82,7 +86,7 @@ export async function resizeCommand(
           if (preallocation === 'full') await writeZeros(device, current, newSize);
         }
       } catch (error) {
-        throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
+        throw new CliError(`Error resizing image: ${describeImageError(error, file)}`, { cause: error });
       }
       return { format, current, newSize, viaEngine };
     },
@@ -92,7 +96,7 @@ export async function resizeCommand(
     try {
       await image.device.resize(newSize);
     } catch (error) {
-      throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
+      throw new CliError(`Error resizing image: ${describeImageError(error, file)}`, { cause: error });
     } finally {
       await image.close();
     }
@@ -109,7 +113,7 @@ export async function resizeCommand(
       }
       await image.device.flush();
     } catch (error) {
-      throw new CliError(`Error resizing image: ${describeError(error)}`, { cause: error });
+      throw new CliError(`Error resizing image: ${describeImageError(error, file)}`, { cause: error });
     } finally {
       await image.close();
     }

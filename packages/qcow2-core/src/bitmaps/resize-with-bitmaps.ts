@@ -6,6 +6,7 @@
 import type { BlockDevice } from '@qcowkit/blockdev';
 import { QCOW2_AUTOCLEAR_BITMAPS } from '../format/feature-bits.js';
 import type { Qcow2Header } from '../format/header.js';
+import { refuseDamagedImage } from '../ops/image-edit.js';
 
 /** Whether `header` lists valid persistent bitmaps (the extension, with its autoclear bit set). */
 export function hasPersistentBitmaps(header: Qcow2Header): boolean {
@@ -18,6 +19,9 @@ export function hasPersistentBitmaps(header: Qcow2Header): boolean {
 
 /** Resizes the qcow2 image in `file` to `newSize` through the engine; `file` stays open. */
 export async function resizeWithBitmaps(file: BlockDevice, newSize: number): Promise<void> {
+  // As every offline edit: nothing is written to a damaged image (the engine would set its
+  // corrupt bit, mark the bitmaps in use and store the new size before finding the damage).
+  await refuseDamagedImage(file);
   const { Qcow2Image } = await import('../image.js');
   const image = await Qcow2Image.open(keepOpen(file), { readOnly: false, openBacking: false });
   try {

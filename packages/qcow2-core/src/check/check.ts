@@ -300,7 +300,7 @@ async function countL1References(
   l1TableOffsetHex?: string,
 ): Promise<void> {
   if (l1TableOffsetHex !== undefined && refcounts.pastEnd(l1TableOffset, l1Size * 8)) {
-    refcounts.reportPastEnd(l1TableOffsetHex, l1Size * 8);
+    refcounts.reportPastEnd(l1TableOffsetHex, l1Size * 8, l1TableOffset);
   } else {
     refcounts.add(l1TableOffset, l1Size * 8);
   }
@@ -573,7 +573,7 @@ export function countL2Entry(
       }
       const extent = decodeCompressedDescriptor(high & ~QCOW_OFLAG_COPIED_HIGH, low, clusterBits);
       if (refcounts.pastEnd(extent.hostOffset, extent.length)) {
-        refcounts.reportPastEnd(extent.hostOffsetHex, extent.length);
+        refcounts.reportPastEnd(extent.hostOffsetHex, extent.length, extent.hostOffset);
       } else {
         refcounts.add(extent.hostOffset, extent.length);
       }

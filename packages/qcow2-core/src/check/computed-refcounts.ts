@@ -6,6 +6,11 @@
  */
 import type { CheckLog } from './check-log.js';
 
+/** Most clusters past the end kept in `ComputedRefcounts.pastEndNear`. */
+const PAST_END_KEPT = 65536;
+/** Clusters past twice the file's length still kept there (small files). */
+const PAST_END_SLACK = 1024;
+
 export class ComputedRefcounts {
   private counts: Uint8Array | Uint16Array | Uint32Array;
   /** The highest count a counter holds (the refcount width's maximum, at most 2^32 - 1). */
@@ -35,13 +40,22 @@ export class ComputedRefcounts {
   /** Number of clusters compared: the file's clusters, or one more when a region reached past it. */
   used: number;
 
+  /**
+   * References to clusters past the end of the file, not counted above (as QEMU does) but kept
+   * apart by cluster, so a refcount rebuild places no new structure over them (an L2 table a
+   * truncated file lost is still named by the L1 table). Only clusters up to as far past the end
+   * as the file is long, and at most PAST_END_KEPT of them: structures a rebuild adds go right
+   * after the end, never that far.
+   */
+  readonly pastEndNear = new Map<number, number>();
+
   /** Counts one reference to every cluster touched by `[hostOffset, hostOffset + length)`. */
   add(hostOffset: number, length: number): void {
     // The common case first: one whole cluster inside the file, below the maximum.
     if (length === this.clusterSize && hostOffset % length === 0 && this.#bump(hostOffset / length)) return;
     if (length <= 0) return;
     if (this.pastEnd(hostOffset, length)) {
-      this.reportPastEnd(() => hostOffset.toString(16), length);
+      this.reportPastEnd(() => hostOffset.toString(16), length, hostOffset);
       return;
     }
     const first = Math.floor(hostOffset / this.clusterSize);
@@ -83,13 +97,30 @@ export class ComputedRefcounts {
     return end > this.fileSize && end - this.fileSize >= this.clusterSize;
   }
 
-  /** Reports a region not counted because it lies past the end (`offsetHex` exact, no prefix). */
-  reportPastEnd(offsetHex: string | (() => string), length: number): void {
+  /** Reports a region not counted because it lies past the end (`offsetHex` exact, no prefix);
+   * with `hostOffset`, its clusters near the end are kept in {@link pastEndNear}. */
+  reportPastEnd(offsetHex: string | (() => string), length: number, hostOffset?: number): void {
+    if (hostOffset !== undefined) this.#notePastEnd(hostOffset, length);
     this.log.corruption(
       () =>
         'ERROR: counting reference for region exceeding the end of the file by one cluster or more: ' +
         `offset 0x${typeof offsetHex === 'string' ? offsetHex : offsetHex()} size 0x${length.toString(16)}`,
     );
+  }
+
+  #notePastEnd(hostOffset: number, length: number): void {
+    const first = Math.floor(hostOffset / this.clusterSize);
+    const last = Math.floor((hostOffset + length - 1) / this.clusterSize);
+    const near = 2 * this.fileClusters + PAST_END_SLACK;
+    for (
+      let clusterIndex = Math.max(first, this.fileClusters);
+      clusterIndex <= Math.min(last, near);
+      clusterIndex++
+    ) {
+      const count = this.pastEndNear.get(clusterIndex);
+      if (count === undefined && this.pastEndNear.size >= PAST_END_KEPT) return;
+      this.pastEndNear.set(clusterIndex, Math.min((count ?? 0) + 1, this.maxCount));
+    }
   }
 
   get(clusterIndex: number): number {

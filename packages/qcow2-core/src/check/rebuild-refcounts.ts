@@ -96,6 +96,14 @@ export function countsOf(
     counts[clusterIndex] = count;
     if (count > highest) highest = count;
   }
+  // Clusters referenced past the end count too: a rebuild places nothing over them, and the file
+  // it grows over them then holds what their references expect (zeros, counted).
+  for (const [clusterIndex, references] of computed.pastEndNear) {
+    while (counts.length <= clusterIndex) counts.push(0);
+    const count = Math.min(counts[clusterIndex]! + references, max);
+    counts[clusterIndex] = count;
+    if (count > highest) highest = count;
+  }
   if (stats !== undefined) stats.highest = highest;
   return counts;
 }

@@ -118,6 +118,24 @@ export async function repairCopiedFlags(
     }
     return want;
   };
+  /**
+   * Sets the COPIED flag of the L1 entry at `at` in `l1View` (L1 index `index`) from the refcount
+   * of the cluster it names; true when it changed. An unreadable refcount leaves it alone.
+   */
+  const fixL1Copied = async (index: number, l1View: DataView, at: number): Promise<boolean> => {
+    const high = l1View.getUint32(at);
+    const low = l1View.getUint32(at + 4);
+    const l2Refcount = await refcountOf(entryOffset(high, low));
+    if (l2Refcount === undefined || (l2Refcount === 1) === ((high & QCOW_OFLAG_COPIED_HIGH) !== 0))
+      return false;
+    note(
+      () =>
+        `Repairing OFLAG_COPIED L2 cluster: l1_index=${index} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
+    );
+    l1View.setUint32(at, withCopied(high, l2Refcount === 1));
+    fixed++;
+    return true;
+  };
   // The kernel serves the usual case: no data file, refcounts known without I/O, no lines kept.
   const plainKernel = !hasDataFile && !collectLines && stored.peek !== undefined;
   const walk: PlainRepair = {
@@ -145,9 +163,19 @@ export async function repairCopiedFlags(
       const l1 = await file.read(l1At, count * 8, request);
       const l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
       const items: number[] = [];
+      let l1Dirty = false;
       for (let i = 0; i < count; i++) {
-        const l2Offset = entryOffset(l1View.getUint32(i * 8), l1View.getUint32(i * 8 + 4));
-        if (!fits(l2Offset, clusterSize)) continue;
+        const high = l1View.getUint32(i * 8);
+        const low = l1View.getUint32(i * 8 + 4);
+        const l2Offset = entryOffset(high, low);
+        if (l2Offset === 0) continue;
+        if (!fits(l2Offset, clusterSize)) {
+          // A table that cannot be read (misaligned, past the end) still gets its L1 entry's
+          // COPIED flag set from the refcount of the cluster it names, as QEMU does: a leak repair
+          // may just have dropped that refcount, and a stale flag would be a new corruption.
+          if (await fixL1Copied(first + i, l1View, i * 8)) l1Dirty = true;
+          continue;
+        }
         items.push(i);
         if (seen.has(l2Offset)) readAhead = false;
         seen.add(l2Offset);
@@ -161,26 +189,14 @@ export async function repairCopiedFlags(
             request,
           )
         : undefined;
-      let l1Dirty = false;
       for (let k = 0; k < items.length; k++) {
         const i = items[k]!;
-        const high = l1View.getUint32(i * 8);
-        const low = l1View.getUint32(i * 8 + 4);
-        const l2Offset = entryOffset(high, low);
-        const l2Refcount = await refcountOf(l2Offset);
-        if (l2Refcount === undefined) {
+        const l2Offset = entryOffset(l1View.getUint32(i * 8), l1View.getUint32(i * 8 + 4));
+        if ((await refcountOf(l2Offset)) === undefined) {
           reads?.release(k);
           continue;
         }
-        if ((l2Refcount === 1) !== ((high & QCOW_OFLAG_COPIED_HIGH) !== 0)) {
-          note(
-            () =>
-              `Repairing OFLAG_COPIED L2 cluster: l1_index=${first + i} l1_entry=${entryHex(high, low)} refcount=${l2Refcount}`,
-          );
-          l1View.setUint32(i * 8, withCopied(high, l2Refcount === 1));
-          l1Dirty = true;
-          fixed++;
-        }
+        if (await fixL1Copied(first + i, l1View, i * 8)) l1Dirty = true;
         let table: Uint8Array | undefined;
         if (reads !== undefined) {
           table = await reads.table(k);

@@ -421,3 +421,13 @@ export function setU64(view: DataView, at: number, value: number): void {
   view.setUint32(at, Math.floor(value / 0x1_0000_0000));
   view.setUint32(at + 4, value >>> 0);
 }
+
+/**
+ * The check every offline edit runs first, for a change made through the engine instead (a
+ * resize that moves persistent bitmaps or an external data file along): a dirty image (lazy
+ * refcounts) is repaired, and a damaged one refused (`ECORRUPT`, `repair the image first`), so a
+ * write never starts on metadata it could make worse.
+ */
+export async function refuseDamagedImage(file: BlockDevice, options: ImageEditOptions = {}): Promise<void> {
+  await ImageEdit.open(file, options);
+}

@@ -8,6 +8,6 @@ export {
   emptyImage,
   setBackingFile,
 } from './backing.js';
-export type { ImageEditOptions } from './image-edit.js';
+export { type ImageEditOptions, refuseDamagedImage } from './image-edit.js';
 export { type DataPreallocation, type PreallocateOptions, preallocateData } from './preallocate.js';
 export { type ResizeOptions, resizeImage } from './resize.js';
