@@ -202,6 +202,23 @@ describe('qcow2 header', () => {
     ['zstd without the feature bit', (_v, b) => (b[104] = 1), 'ECORRUPT', /feature bit/],
     ['extension past the cluster', (v) => v.setUint32(116, 70000), 'ECORRUPT', /header extension/],
     [
+      // QEMU checks every record's length before its type: the end marker's too.
+      'end marker whose length runs past the cluster',
+      (v) => {
+        let at = 112;
+        while (v.getUint32(at) !== 0) at += 8 + Math.ceil(v.getUint32(at + 4) / 8) * 8;
+        v.setUint32(at + 4, 905969677);
+      },
+      'ECORRUPT',
+      /header extension 0x0/,
+    ],
+    [
+      'snapshot table unaligned with no snapshot (as QEMU)',
+      (v) => writeU64(v, 64, 2),
+      'ECORRUPT',
+      /snapshots_offset/,
+    ],
+    [
       'unknown incompatible bit 9',
       (v) => v.setUint32(76, 1 << 9),
       'EUNSUPPORTED',

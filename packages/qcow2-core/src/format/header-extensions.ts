@@ -77,8 +77,8 @@ export function decodeHeaderExtensions(
   while (at + 8 <= end) {
     const type = view.getUint32(at);
     const length = view.getUint32(at + 4);
-    if (type === QCOW2_EXT_MAGIC_END) break;
     const dataStart = at + 8;
+    // The end marker's length is checked too, as QEMU checks every record's before its type.
     if (length > end - dataStart) {
       throw new BlockDeviceError(
         'ECORRUPT',
@@ -86,6 +86,7 @@ export function decodeHeaderExtensions(
         { offset: at },
       );
     }
+    if (type === QCOW2_EXT_MAGIC_END) break;
     const data = firstCluster.slice(dataStart, dataStart + length);
     list.push({ type, data });
     const dataView = viewOf(data);

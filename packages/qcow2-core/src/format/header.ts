@@ -213,7 +213,8 @@ export function decodeHeader(firstCluster: Uint8Array): Qcow2Header {
     corrupt('the image has no refcount table', 48);
   }
   if (nbSnapshots > QCOW_MAX_SNAPSHOTS) corrupt(`${nbSnapshots} snapshots exceed ${QCOW_MAX_SNAPSHOTS}`, 60);
-  if (nbSnapshots > 0 && !isAligned(snapshotsOffset, clusterSize)) {
+  // Checked with no snapshot too, as QEMU checks the table's place whatever its length.
+  if (!isAligned(snapshotsOffset, clusterSize)) {
     corrupt(`snapshots_offset ${hex(snapshotsOffset)} is not cluster-aligned`, 64);
   }
 
