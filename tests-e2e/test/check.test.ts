@@ -113,6 +113,52 @@ describe.skipIf(!haveTools)('qcow2 check matches qemu-img check', () => {
   });
 });
 
+describe.skipIf(!haveTools)('qcow2 check on images qemu-img cannot open', () => {
+  let dir: { path: string; remove: () => void };
+  beforeAll(() => {
+    dir = tempDir('qcowkit-check-refused-');
+  });
+  afterAll(() => dir?.remove());
+
+  /** The bitmap directory's first entry, at `field` bytes into it. */
+  const bitmapField = (bytes: Buffer, field: number) => {
+    // The bitmaps extension (0x23852875) holds the directory offset at 16 bytes into its data.
+    let at = bytes.readUInt32BE(100);
+    while (bytes.readUInt32BE(at) !== 0x23852875) at += 8 + Math.ceil(bytes.readUInt32BE(at + 4) / 8) * 8;
+    return Number(bytes.readBigUInt64BE(at + 8 + 16)) + field;
+  };
+
+  test.each([
+    [
+      'reserved bitmap flags',
+      (bytes: Buffer) => bytes.writeUInt32BE(0x66, bitmapField(bytes, 12)),
+      /reserved flags/,
+    ],
+    [
+      'a bitmap type other than dirty tracking',
+      (bytes: Buffer) => bytes.writeUInt8(7, bitmapField(bytes, 16)),
+      /type 7/,
+    ],
+    [
+      'bitmap granularity bits 40',
+      (bytes: Buffer) => bytes.writeUInt8(40, bitmapField(bytes, 17)),
+      /granularity bits 40/,
+    ],
+  ])(
+    '%s: qemu-img cannot open it, ours reports a corruption (exit 2), not a clean image',
+    (label, damage, message) => {
+      const name = `${label.replace(/\W+/g, '-')}.qcow2`;
+      create(dir.path, name);
+      run('qemu-img', ['bitmap', '--add', name, 'b0'], { cwd: dir.path });
+      patch(dir.path, name, damage);
+      expect(runStatus('qemu-img', ['check', name], { cwd: dir.path }).status).toBe(1);
+      const ours = qcow2(['check', name], { cwd: dir.path });
+      expect(ours.status, ours.stderr).toBe(2);
+      expect(ours.stderr).toMatch(message);
+    },
+  );
+});
+
 describe.skipIf(!haveTools)('checkQcow2Image on the read corpus matches qemu-img check', () => {
   let dir: { path: string; remove: () => void };
   beforeAll(() => {

@@ -5,7 +5,14 @@
  * extra_data_size 20, then extra data and name, padded to 8 bytes.
  */
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
-import { BME_MAX_TABLE_SIZE, QCOW2_MAX_BITMAP_DIRECTORY_SIZE } from '../format/bitmap-directory.js';
+import {
+  BME_MAX_GRANULARITY_BITS,
+  BME_MAX_TABLE_SIZE,
+  BME_MIN_GRANULARITY_BITS,
+  BME_RESERVED_FLAGS,
+  BT_DIRTY_TRACKING_BITMAP,
+  QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+} from '../format/bitmap-directory.js';
 import type { CheckLog } from './check-log.js';
 import type { ComputedRefcounts } from './computed-refcounts.js';
 import { entryOffset, TWO_POW_32 } from './entries.js';
@@ -49,9 +56,19 @@ export async function countBitmapReferences(
     const tableHigh = view.getUint32(at);
     const tableOffset = (tableHigh & 0x00ff_ffff) * TWO_POW_32 + view.getUint32(at + 4);
     const tableSize = view.getUint32(at + 8);
+    const flags = view.getUint32(at + 12);
+    const type = view.getUint8(at + 16);
+    const granularityBits = view.getUint8(at + 17);
     const nameSize = view.getUint16(at + 18);
     const extraSize = view.getUint32(at + 20);
     at = Math.ceil((at + BME_ENTRY_FIXED_SIZE + extraSize + nameSize) / 8) * 8;
+    // Fields QEMU refuses to open an image over (`doesn't satisfy the constraints`): reported, and
+    // the bitmap's clusters still counted.
+    if ((flags & BME_RESERVED_FLAGS) !== 0) log.corruption(`ERROR bitmap ${index} has reserved flags set`);
+    if (type !== BT_DIRTY_TRACKING_BITMAP) log.corruption(`ERROR bitmap ${index} has type ${type}`);
+    if (granularityBits < BME_MIN_GRANULARITY_BITS || granularityBits > BME_MAX_GRANULARITY_BITS) {
+      log.corruption(`ERROR bitmap ${index} has granularity bits ${granularityBits}`);
+    }
     if (tableSize > BME_MAX_TABLE_SIZE || tableOffset % clusterSize !== 0) {
       log.corruption(`ERROR bitmap ${index} has an invalid bitmap table`);
       continue;
