@@ -40,6 +40,32 @@ afterEach(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
+/**
+ * Counts the replies the server queues for its sockets and the most bytes queued at once, seen
+ * after each one (`ConnectionIo.send` spied on; the afterEach hook restores it).
+ */
+function watchQueuedReplies(): { readonly replies: number; readonly mostPending: number; reset(): void } {
+  const state = { replies: 0, mostPending: 0 };
+  const send = ConnectionIo.prototype.send;
+  vi.spyOn(ConnectionIo.prototype, 'send').mockImplementation(function (this: ConnectionIo, ...args) {
+    send.apply(this, args);
+    state.replies++;
+    state.mostPending = Math.max(state.mostPending, this.pendingBytes);
+  });
+  return {
+    get replies() {
+      return state.replies;
+    },
+    get mostPending() {
+      return state.mostPending;
+    },
+    reset() {
+      state.replies = 0;
+      state.mostPending = 0;
+    },
+  };
+}
+
 describe('buffers after a device failure', () => {
   it('never hands a failed write payload or read buffer to another request', async () => {
     // The device rejects at once but keeps the buffers, as a device whose parallel parts are
@@ -147,15 +173,7 @@ describe('bounds per connection', () => {
 
   it('counts error replies in the bytes queued for a client that does not read them', async () => {
     const maxInFlightBytes = 256 * 1024;
-    // The most bytes the server queued for the socket, seen after each reply it queued.
-    let replies = 0;
-    let mostPending = 0;
-    const send = ConnectionIo.prototype.send;
-    vi.spyOn(ConnectionIo.prototype, 'send').mockImplementation(function (this: ConnectionIo, ...args) {
-      send.apply(this, args);
-      replies++;
-      mostPending = Math.max(mostPending, this.pendingBytes);
-    });
+    const queued = watchQueuedReplies();
     await start([{ name: '', device }], { maxInFlightBytes });
     const client = await TestClient.connect(socketPath);
     await client.open({ structured: true });
@@ -175,14 +193,13 @@ describe('bounds per connection', () => {
       });
       header.copy(requests, i * P.REQUEST_HEADER_SIZE);
     }
-    replies = 0;
-    mostPending = 0;
+    queued.reset();
     client.socket.write(requests);
-    const answered = await settled(() => replies, 100);
+    const answered = await settled(() => queued.replies, 100);
     // The server stopped reading: not every request was answered while the replies stay unread.
     expect(answered).toBeGreaterThan(0);
     expect(answered).toBeLessThan(count);
-    expect(mostPending).toBeLessThanOrEqual(maxInFlightBytes + 1024);
+    expect(queued.mostPending).toBeLessThanOrEqual(maxInFlightBytes + 1024);
     client.destroy();
   });
 });
@@ -217,14 +234,7 @@ describe('a graceful stop', () => {
 
 describe('handshake', () => {
   it('stops reading options while their replies wait to be written', async () => {
-    let replies = 0;
-    let mostPending = 0;
-    const send = ConnectionIo.prototype.send;
-    vi.spyOn(ConnectionIo.prototype, 'send').mockImplementation(function (this: ConnectionIo, ...args) {
-      send.apply(this, args);
-      replies++;
-      mostPending = Math.max(mostPending, this.pendingBytes);
-    });
+    const queued = watchQueuedReplies();
     await start([{ name: '', device }]);
     const client = await TestClient.connect(socketPath);
     await client.greeting();
@@ -238,14 +248,13 @@ describe('handshake', () => {
     option.writeUInt32BE(P.NBD_OPT_INFO, 8);
     option.writeUInt32BE(payload.length, 12);
     payload.copy(option, 16);
-    replies = 0;
-    mostPending = 0;
+    queued.reset();
     client.socket.write(Buffer.concat(Array.from({ length: count }, () => option)));
-    const answered = await settled(() => replies, 100);
+    const answered = await settled(() => queued.replies, 100);
     expect(answered).toBeGreaterThan(0);
     expect(answered).toBeLessThan(4 * count);
     // One option's replies may pass the bound before the server waits.
-    expect(mostPending).toBeLessThanOrEqual(HANDSHAKE_PENDING_MAX + 1024);
+    expect(queued.mostPending).toBeLessThanOrEqual(HANDSHAKE_PENDING_MAX + 1024);
     client.destroy();
   });
 });
