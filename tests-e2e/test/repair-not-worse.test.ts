@@ -55,8 +55,10 @@ describe.skipIf(!haveTools)('writes on damaged images never make them worse', ()
     const before = qemuVerdict(file);
     expect(before.status, 'the damage is there').toBe(2);
     const repair = qcow2(['check', '-r', 'all', file], { cwd: dir.path });
-    expect([0, 2, 3]).toContain(repair.status);
+    expect([0, 1, 2, 3]).toContain(repair.status);
     expect(repair.stderr).not.toMatch(/\bat .*\.js/);
+    // A repair that cannot go on says why in one line (qemu-img check -r all fails there too).
+    if (repair.status === 1) expect(repair.stderr).toMatch(/^qcow2: Check failed: [^\n]+\n$/);
     const after = qemuVerdict(file);
     expect(after.status, 'still checkable').not.toBe(1);
     expect(after.checkErrors).toBe(0);
@@ -88,10 +90,11 @@ describe.skipIf(!haveTools)('writes on damaged images never make them worse', ()
     const cut = Buffer.from(bytes.subarray(0, 0x40000));
     cut.writeBigUInt64BE(0x50000n, Number(cut.readBigUInt64BE(48)));
     writeFileSync(at(file), cut);
+    const before = readFileSync(at(file));
     expectRepairNoWorse(file);
-    // The L1 table still names its L2 table, which reads as an empty one now: nothing else is there.
-    const map = qcow2(['map', '--output=json', file], { cwd: dir.path });
-    expect(map.status, map.stderr).toBe(0);
+    // The rebuild would have covered the L2 table the L1 table still names past the end: it is
+    // refused before anything is written (QEMU's overlap check stops its own there too).
+    expect(readFileSync(at(file)).equals(before)).toBe(true);
   });
 
   test.each([

@@ -94,5 +94,13 @@ export function debugTrace(error: unknown): string {
 }
 
 function oneLine(text: string): string {
-  return text.replace(/\s*\n\s*/g, '; ').trim();
+  // Bytes a damaged image supplies (a format or file name) may hold control characters: shown
+  // escaped, so the message stays one printable line.
+  return (
+    text
+      .replace(/\s*\n\s*/g, '; ')
+      .trim()
+      // biome-ignore lint/suspicious/noControlCharactersInRegex: the point is to find them
+      .replace(/[\u0000-\u001f\u007f]/g, (char) => `\\x${char.charCodeAt(0).toString(16).padStart(2, '0')}`)
+  );
 }

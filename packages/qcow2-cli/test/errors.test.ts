@@ -1,6 +1,13 @@
 import { BlockDeviceError, isBlockDeviceError } from '@qcowkit/blockdev';
 import { describe, expect, test } from 'vitest';
-import { CliError, debugTrace, describeError, openError, UsageError } from '../src/errors.js';
+import {
+  CliError,
+  debugTrace,
+  describeError,
+  describeImageError,
+  openError,
+  UsageError,
+} from '../src/errors.js';
 
 describe('CLI errors', () => {
   test('are BlockDeviceErrors with stable codes', () => {
@@ -19,6 +26,16 @@ describe('CLI errors', () => {
     expect(describeError(new Error('first\n  second'))).toBe('first; second');
     expect(describeError(Object.assign(new Error('raw'), { code: 'EACCES' }))).toBe('Permission denied');
     expect(describeError('text')).toBe('text');
+    // Bytes from a damaged image stay printable and on one line.
+    expect(describeError(new BlockDeviceError('ECORRUPT', "unknown format 'qcow\f' for 'a\u0000b'"))).toBe(
+      "unknown format 'qcow\\x0c' for 'a\\x00b'",
+    );
+    expect(
+      describeImageError(
+        new BlockDeviceError('ECORRUPT', 'qcow2: file:/abs/x.qcow2: 2 corruptions'),
+        'x.qcow2',
+      ),
+    ).toBe('x.qcow2: 2 corruptions');
   });
 
   test('open errors use the short system wording only for the file itself', () => {

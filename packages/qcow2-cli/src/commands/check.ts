@@ -4,7 +4,7 @@ import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { checkQcow2Image } from '@qcowkit/qcow2-core';
 import type { CheckResult, ImageFormat } from '../engine.js';
 import { detectFormat, openImage } from '../engine.js';
-import { CliError, openError } from '../errors.js';
+import { CliError, describeImageError, openError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { checkToJson, formatCheckHuman } from '../output/check.js';
 import { type ProgressReporter, progressReporter } from '../output/progress.js';
@@ -60,9 +60,7 @@ export async function checkCommand(
       );
       progress?.finish();
     } catch (error) {
-      throw new CliError(`Check failed: ${error instanceof Error ? error.message : String(error)}`, {
-        cause: error,
-      });
+      throw new CliError(`Check failed: ${describeImageError(error, file)}`, { cause: error });
     }
   } finally {
     await opened.close();
@@ -119,9 +117,7 @@ async function repairCommand(
         },
       );
     } catch (error) {
-      throw new CliError(`Check failed: ${error instanceof Error ? error.message : String(error)}`, {
-        cause: error,
-      });
+      throw new CliError(`Check failed: ${describeImageError(error, file)}`, { cause: error });
     }
     progress?.finish();
   } finally {

@@ -42,10 +42,10 @@ export class ComputedRefcounts {
 
   /**
    * References to clusters past the end of the file, not counted above (as QEMU does) but kept
-   * apart by cluster, so a refcount rebuild places no new structure over them (an L2 table a
-   * truncated file lost is still named by the L1 table). Only clusters up to as far past the end
-   * as the file is long, and at most PAST_END_KEPT of them: structures a rebuild adds go right
-   * after the end, never that far.
+   * apart by cluster, so a refcount rebuild neither places a new structure over one nor grows the
+   * file over one (an L2 table a truncated file lost is still named by the L1 table). Only clusters
+   * up to as far past the end as the file is long, and at most PAST_END_KEPT of them: structures a
+   * rebuild adds go right after the end, never that far.
    */
   readonly pastEndNear = new Map<number, number>();
 

@@ -96,14 +96,6 @@ export function countsOf(
     counts[clusterIndex] = count;
     if (count > highest) highest = count;
   }
-  // Clusters referenced past the end count too: a rebuild places nothing over them, and the file
-  // it grows over them then holds what their references expect (zeros, counted).
-  for (const [clusterIndex, references] of computed.pastEndNear) {
-    while (counts.length <= clusterIndex) counts.push(0);
-    const count = Math.min(counts[clusterIndex]! + references, max);
-    counts[clusterIndex] = count;
-    if (count > highest) highest = count;
-  }
   if (stats !== undefined) stats.highest = highest;
   return counts;
 }
@@ -120,12 +112,28 @@ export async function rebuildRefcountStructure(
   request: RequestOptions,
   /** Leave the header alone (the caller switches it, e.g. together with refcount_order). */
   switchHeader = true,
+  /**
+   * Clusters past the end of the file that metadata still names (a truncated file: see
+   * `ComputedRefcounts.pastEndNear`). The new structures must neither land on one nor grow the
+   * file over one (it would then read as a zero table counted nowhere): then nothing is written
+   * and the rebuild fails, as QEMU's overlap check stops its own.
+   */
+  namedPastEnd: ReadonlySet<number> = new Set(),
 ): Promise<RefcountLayout> {
   const { clusterSize, refcountOrder } = geometry;
   const entriesPerBlock = (clusterSize * 8) / 2 ** refcountOrder;
   const layout = planRefcountStructure(counts, clusterSize, entriesPerBlock);
   let end = (layout.tableClusterIndex + layout.tableClusters) * clusterSize;
   for (const clusterIndex of layout.blocks.values()) end = Math.max(end, (clusterIndex + 1) * clusterSize);
+  for (const clusterIndex of namedPastEnd) {
+    if (clusterIndex * clusterSize < end) {
+      throw new BlockDeviceError(
+        'ECORRUPT',
+        `qcow2: ${file.description}: cannot rebuild the refcount structures: the new ones would cover cluster ${clusterIndex}, which the image names past the end of the file`,
+        { offset: clusterIndex * clusterSize },
+      );
+    }
+  }
   if (end > file.size) await file.resize(end);
 
   for (const [blockIndex, clusterIndex] of layout.blocks) {

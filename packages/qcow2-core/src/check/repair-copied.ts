@@ -40,6 +40,13 @@ export interface CopiedRepairGeometry {
   l1Size: number;
   extendedL2: boolean;
   hasDataFile: boolean;
+  /**
+   * Host ranges of other metadata ([offset, length]: the header, the refcount table and blocks,
+   * the L1 table): an L1 entry naming a table there (a damaged image) gets its own flag fixed, but
+   * that "table" is never written, as QEMU's overlap check refuses such a write. Without it, every
+   * table is written as needed.
+   */
+  metadata?: readonly (readonly [number, number])[];
 }
 
 /** Sets `high`'s COPIED bit to `copied`. */
@@ -75,8 +82,14 @@ export async function repairCopiedFlags(
   const note = (line: () => string): void => {
     if (collectLines) lines.push(line());
   };
+  const overlapsMetadata = (hostOffset: number, length: number): boolean =>
+    geometry.metadata?.some(([offset, size]) => hostOffset < offset + size && offset < hostOffset + length) ??
+    false;
   const fits = (hostOffset: number, length: number): boolean =>
-    hostOffset !== 0 && hostOffset % clusterSize === 0 && hostOffset + length <= file.size;
+    hostOffset !== 0 &&
+    hostOffset % clusterSize === 0 &&
+    hostOffset + length <= file.size &&
+    !overlapsMetadata(hostOffset, length);
   /**
    * What entry (entryHigh, entryLow)'s COPIED flag should be, its line noted when it is not so;
    * undefined for an entry left alone (no data cluster, misaligned, refcount unreadable).

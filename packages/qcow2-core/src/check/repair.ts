@@ -18,6 +18,7 @@
 import { BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
 import { QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2 } from '../format/feature-bits.js';
 import { inspectQcow2Image, loadHeader, type Qcow2CheckTarget, type Qcow2Inspection } from './check.js';
+import { reftableEntryOffset } from './entries.js';
 import { countsOf, rebuildRefcountStructure } from './rebuild-refcounts.js';
 import { repairCopiedFlags } from './repair-copied.js';
 import { type RepairMode, repairRefcountsInPlace } from './repair-refcounts.js';
@@ -85,6 +86,8 @@ export async function repairQcow2Image(
         countsOf(first.computed, geometry.refcountOrder),
         geometry,
         request,
+        true,
+        new Set(first.computed.pastEndNear.keys()),
       );
       corruptionsFixed += inPlace.unfixedCorruptions;
       // The old structures are leaked now: free them.
@@ -117,6 +120,20 @@ export async function repairQcow2Image(
           l1Size: header.l1Size,
           extendedL2: (header.incompatibleFeatures.low & QCOW2_INCOMPAT_EXTL2) !== 0,
           hasDataFile: (header.incompatibleFeatures.low & QCOW2_INCOMPAT_DATA_FILE) !== 0,
+          metadata: [
+            [0, header.clusterSize],
+            [header.refcountTableOffset, header.refcountTableClusters * header.clusterSize],
+            [header.l1TableOffset, header.l1Size * 8],
+            ...stored
+              .usedTableEntries()
+              .map(
+                (index) =>
+                  [
+                    reftableEntryOffset(stored.tableHigh(index), stored.tableLow(index)),
+                    header.clusterSize,
+                  ] as const,
+              ),
+          ],
         },
         request,
       );
