@@ -103,40 +103,6 @@ export function* tableChunks(
   }
 }
 
-/** A read of {@link readChunks}: `pieces` are the candidate clusters it covers, in order. */
-export interface ReadChunk extends ClusterRange {
-  readonly pieces: readonly ClusterRange[];
-}
-
-/**
- * {@link tableChunks} gathered into reads of at most `chunkClusters` clusters, each within one L2
- * table: candidates close together (a raw source's data runs with holes between them) share one
- * read, holes included. Each read is a hand-off to the thread pool that costs the main thread
- * more than reading the hole's zeros (a 1 GiB raw guest of 1 MiB runs: 512 reads became 128);
- * only the pieces are looked at and written.
- */
-export function* readChunks(
-  candidates: readonly ClusterRange[],
-  l2Entries: number,
-  chunkClusters: number,
-): Generator<ReadChunk> {
-  let open: { cluster: number; count: number; pieces: ClusterRange[] } | undefined;
-  for (const piece of tableChunks(candidates, l2Entries, chunkClusters)) {
-    if (
-      open !== undefined &&
-      Math.floor(piece.cluster / l2Entries) === Math.floor(open.cluster / l2Entries) &&
-      piece.cluster + piece.count - open.cluster <= chunkClusters
-    ) {
-      open.count = piece.cluster + piece.count - open.cluster;
-      open.pieces.push(piece);
-      continue;
-    }
-    if (open !== undefined) yield open;
-    open = { cluster: piece.cluster, count: piece.count, pieces: [piece] };
-  }
-  if (open !== undefined) yield open;
-}
-
 /** A layout the direct conversions fill in as they go. */
 export type DirectLayout = { -readonly [K in keyof Qcow2Layout]: Qcow2Layout[K] } & {
   readonly groupL1Index: number[];
@@ -242,7 +208,7 @@ export async function convertDirect(
       const buffer = new Uint8Array(chunkClusters * clusterSize);
       return { buffer, words: new Uint32Array(buffer.buffer), writes: Promise.resolve() };
     });
-    const chunks = chunkPipeline(readChunks(candidates, l2Entries, chunkClusters), slots, (slot, range) =>
+    const chunks = chunkPipeline(tableChunks(candidates, l2Entries, chunkClusters), slots, (slot, range) =>
       readChunk(source, slot.buffer, range, clusterSize, signal),
     );
     const wordsPerCluster = clusterSize / 4;
@@ -272,19 +238,13 @@ export async function convertDirect(
         runStart = -1;
       };
       const words = slot.words;
-      // Only the candidates' clusters: the holes between them were read, not looked at. A run
-      // written in one piece never spans a hole (its clusters follow each other in the image).
-      for (const piece of range.pieces) {
-        const first = piece.cluster - range.cluster;
-        const end = first + piece.count;
-        for (let index = first; index < end; index++) {
-          if (isZeroWords(words, index * wordsPerCluster, (index + 1) * wordsPerCluster)) flushRun(index);
-          else if (runStart < 0) runStart = index;
-        }
-        flushRun(end);
-        doneBytes += piece.count * clusterSize;
+      for (let index = 0; index < range.count; index++) {
+        if (isZeroWords(words, index * wordsPerCluster, (index + 1) * wordsPerCluster)) flushRun(index);
+        else if (runStart < 0) runStart = index;
       }
+      flushRun(range.count);
       slot.writes = Promise.all(writes).then(() => {}, noteFailure);
+      doneBytes += range.count * clusterSize;
       options.onProgress?.(doneBytes, totalBytes);
     }
     await Promise.all(slots.map((slot) => slot.writes));

@@ -11,8 +11,8 @@ export interface PipelineSlot {
 }
 
 /** A started chunk, yielded in guest order. */
-export interface PipelineChunk<S extends PipelineSlot, T, R extends ClusterRange = ClusterRange> {
-  readonly range: R;
+export interface PipelineChunk<S extends PipelineSlot, T> {
+  readonly range: ClusterRange;
   readonly slot: S;
   /** What `start` resolved with for this chunk. */
   readonly result: T;
@@ -24,13 +24,13 @@ export interface PipelineChunk<S extends PipelineSlot, T, R extends ClusterRange
  * chunk: the slot's next chunk starts after those writes. A start that fails is thrown when its
  * turn comes.
  */
-export async function* chunkPipeline<S extends PipelineSlot, T, R extends ClusterRange = ClusterRange>(
-  ranges: Iterator<R>,
+export async function* chunkPipeline<S extends PipelineSlot, T>(
+  ranges: Iterator<ClusterRange>,
   slots: readonly S[],
-  start: (slot: S, range: R) => Promise<T>,
-): AsyncGenerator<PipelineChunk<S, T, R>> {
+  start: (slot: S, range: ClusterRange) => Promise<T>,
+): AsyncGenerator<PipelineChunk<S, T>> {
   const depth = slots.length;
-  const queue: { range: R; slot: S; job: Promise<T> }[] = [];
+  const queue: { range: ClusterRange; slot: S; job: Promise<T> }[] = [];
   let issued = 0;
   let exhausted = false;
   const fill = () => {

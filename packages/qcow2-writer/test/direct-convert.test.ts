@@ -10,7 +10,6 @@ import {
 } from '@qcowkit/qcow2-writer';
 import { createCompressorPool } from '@qcowkit/qcow2-writer/node';
 import { describe, expect, it } from 'vitest';
-import { readChunks } from '../src/direct-convert.js';
 import { openRandomAccessFile } from '../src/node/random-access-file.js';
 import { expectSameBytes, memorySource, openChecked } from './helpers.js';
 
@@ -71,98 +70,6 @@ function pattern(size: number): { offset: number; data: Uint8Array }[] {
   }
   return writes;
 }
-
-describe('readChunks: candidates gathered into reads', () => {
-  const ranges = (list: [number, number][]) => list.map(([cluster, count]) => ({ cluster, count }));
-
-  it('takes in the holes between candidates up to the chunk size, never across an L2 table', () => {
-    const reads = [
-      ...readChunks(
-        ranges([
-          [0, 16],
-          [32, 16],
-          [64, 16],
-          [96, 16],
-        ]),
-        8192,
-        64,
-      ),
-    ];
-    expect(reads).toEqual([
-      {
-        cluster: 0,
-        count: 48,
-        pieces: ranges([
-          [0, 16],
-          [32, 16],
-        ]),
-      },
-      {
-        cluster: 64,
-        count: 48,
-        pieces: ranges([
-          [64, 16],
-          [96, 16],
-        ]),
-      },
-    ]);
-    // Tables of 40 entries: the candidate across cluster 40 is cut there, its second half read apart.
-    const byTable = [
-      ...readChunks(
-        ranges([
-          [0, 8],
-          [32, 16],
-        ]),
-        40,
-        64,
-      ),
-    ];
-    expect(byTable).toEqual([
-      {
-        cluster: 0,
-        count: 40,
-        pieces: ranges([
-          [0, 8],
-          [32, 8],
-        ]),
-      },
-      { cluster: 40, count: 8, pieces: ranges([[40, 8]]) },
-    ]);
-    // A candidate longer than a read is cut into whole reads.
-    expect(
-      [...readChunks(ranges([[0, 100]]), 8192, 64)].map(({ cluster, count }) => [cluster, count]),
-    ).toEqual([
-      [0, 64],
-      [64, 36],
-    ]);
-  });
-
-  it('a sparse source (holes between data runs, zero clusters inside them) converts to the same guest', async () => {
-    const size = 4 * 1024 * 1024;
-    const writes: { offset: number; data: Uint8Array }[] = [];
-    for (let offset = 0; offset < size; offset += 192 * 1024) {
-      const data = new Uint8Array(64 * 1024);
-      // Data, then a zero 4 KiB cluster, then data: only the data clusters may be allocated.
-      data.fill((offset / 65536) & 0xff || 1, 0, 8192);
-      data.fill(0x5a, 12288);
-      writes.push({ offset, data });
-    }
-    const source = await memorySource(size, writes);
-    const late = lateSink();
-    const geometry = resolveGeometry({ clusterSize: 4096 }, size);
-    await convertDirect(source, geometry, late.sink, {
-      readDepth: 2,
-      chunkBytes: 256 * 1024,
-      signal: undefined,
-    });
-    const image = await openChecked(late.bytes());
-    expectSameBytes(await image.read(0, size), await source.read(0, size));
-    // 15 data clusters per 64 KiB run (the zero one is left out), nothing from the holes.
-    const allocated = (await image.blockStatus(0, size)).filter((extent) => extent.data && !extent.zero);
-    expect(allocated.reduce((sum, extent) => sum + extent.length, 0)).toBe(writes.length * 15 * 4096);
-    await image.close();
-  });
-});
 
 describe('convertDirect pipeline', () => {
   it('keeps each buffer until its writes land, with writes overlapping', async () => {
