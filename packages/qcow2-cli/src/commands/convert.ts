@@ -83,8 +83,9 @@ const SPARSE_BLOCK = 4096;
  * Bytes a read starts with. 4 MiB rather than 2: each read is a hand-off to libuv's pool (a wake of
  * a sleeping thread, ~0.1 ms of the main thread here), and half as many of them measured 0.31-0.34
  * s against 0.33-0.37 s for a 1 GiB guest holding 512 MiB (64 KiB clusters, /dev/shm, 4 quiet runs
- * of 9-15 alternating rounds; qemu-img 0.30-0.32 s), for 8 MiB more of buffers (peak RSS 58 -> 67
- * MiB). 8 MiB reads were no better.
+ * of 9-15 alternating rounds; qemu-img 0.30-0.32 s); against the previous build in 13 and 21
+ * alternating rounds, 340 and 344 ms against 339 and 354: at most a small gain. 8 MiB more of
+ * buffers (peak RSS 58 -> 67 MiB). 8 MiB reads were no better.
  */
 const DEFAULT_CHUNK = 4 * 2 ** 20;
 const DEFAULT_PARALLEL = 4;
