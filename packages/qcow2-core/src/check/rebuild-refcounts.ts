@@ -100,6 +100,49 @@ export function countsOf(
   return counts;
 }
 
+/** The file's length once `layout`'s structures are written. */
+function layoutEnd(layout: RefcountLayout, clusterSize: number): number {
+  let end = (layout.tableClusterIndex + layout.tableClusters) * clusterSize;
+  for (const clusterIndex of layout.blocks.values()) end = Math.max(end, (clusterIndex + 1) * clusterSize);
+  return end;
+}
+
+/** The refusal of a rebuild whose structures would reach `end`, over a cluster of `namedPastEnd`. */
+function coveredPastEnd(
+  file: BlockDevice,
+  end: number,
+  clusterSize: number,
+  namedPastEnd: ReadonlySet<number>,
+): BlockDeviceError | undefined {
+  for (const clusterIndex of namedPastEnd) {
+    if (clusterIndex * clusterSize < end) {
+      return new BlockDeviceError(
+        'ECORRUPT',
+        `qcow2: ${file.description}: cannot rebuild the refcount structures: the new ones would cover cluster ${clusterIndex}, which the image names past the end of the file`,
+        { offset: clusterIndex * clusterSize },
+      );
+    }
+  }
+  return undefined;
+}
+
+/**
+ * Why {@link rebuildRefcountStructure} would refuse `counts` (see its `namedPastEnd`), planned on a
+ * copy and nothing written; undefined when it would go ahead. A repair asks first, so that a
+ * rebuild it cannot make leaves the file untouched, its in-place fixes included.
+ */
+export function rebuildRefusal(
+  file: BlockDevice,
+  counts: readonly number[],
+  geometry: { clusterSize: number; refcountOrder: number },
+  namedPastEnd: ReadonlySet<number>,
+): BlockDeviceError | undefined {
+  if (namedPastEnd.size === 0) return undefined;
+  const { clusterSize, refcountOrder } = geometry;
+  const layout = planRefcountStructure([...counts], clusterSize, (clusterSize * 8) / 2 ** refcountOrder);
+  return coveredPastEnd(file, layoutEnd(layout, clusterSize), clusterSize, namedPastEnd);
+}
+
 /**
  * Writes new refcount structures holding `counts` and switches the header to them. `counts` must
  * count every cluster in use, the current refcount structures included (so the new ones avoid
@@ -123,17 +166,9 @@ export async function rebuildRefcountStructure(
   const { clusterSize, refcountOrder } = geometry;
   const entriesPerBlock = (clusterSize * 8) / 2 ** refcountOrder;
   const layout = planRefcountStructure(counts, clusterSize, entriesPerBlock);
-  let end = (layout.tableClusterIndex + layout.tableClusters) * clusterSize;
-  for (const clusterIndex of layout.blocks.values()) end = Math.max(end, (clusterIndex + 1) * clusterSize);
-  for (const clusterIndex of namedPastEnd) {
-    if (clusterIndex * clusterSize < end) {
-      throw new BlockDeviceError(
-        'ECORRUPT',
-        `qcow2: ${file.description}: cannot rebuild the refcount structures: the new ones would cover cluster ${clusterIndex}, which the image names past the end of the file`,
-        { offset: clusterIndex * clusterSize },
-      );
-    }
-  }
+  const end = layoutEnd(layout, clusterSize);
+  const refusal = coveredPastEnd(file, end, clusterSize, namedPastEnd);
+  if (refusal !== undefined) throw refusal;
   if (end > file.size) await file.resize(end);
 
   for (const [blockIndex, clusterIndex] of layout.blocks) {

@@ -55,6 +55,8 @@ export async function repairRefcountsInPlace(
   geometry: { clusterSize: number; refcountOrder: number },
   mode: RepairMode,
   request: RequestOptions,
+  /** Called once the fixes are known, before any is written: it may throw to write nothing. */
+  beforeWrite?: (outcome: RefcountRepairOutcome) => void,
 ): Promise<RefcountRepairOutcome> {
   const { clusterSize, refcountOrder } = geometry;
   const tableDamage = refcountTableDamage(stored, computed, clusterSize);
@@ -101,6 +103,7 @@ export async function repairRefcountsInPlace(
   }
   // Leaks mode cannot rebuild: then it changes nothing (the caller reports it, as QEMU fails).
   if (mode === 'leaks' && outcome.rebuildNeeded) return { ...outcome, leaksFixed: 0, corruptionsFixed: 0 };
+  beforeWrite?.(outcome);
   for (const { hostOffset, bytes } of changed.values()) {
     await file.write(hostOffset, bytes, request);
   }

@@ -19,7 +19,7 @@ import { BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
 import { QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2 } from '../format/feature-bits.js';
 import { inspectQcow2Image, loadHeader, type Qcow2CheckTarget, type Qcow2Inspection } from './check.js';
 import { reftableEntryOffset } from './entries.js';
-import { countsOf, rebuildRefcountStructure } from './rebuild-refcounts.js';
+import { countsOf, rebuildRefcountStructure, rebuildRefusal } from './rebuild-refcounts.js';
 import { repairCopiedFlags } from './repair-copied.js';
 import { type RepairMode, repairRefcountsInPlace } from './repair-refcounts.js';
 import { StoredRefcounts } from './stored-refcounts.js';
@@ -67,7 +67,26 @@ export async function repairQcow2Image(
 
   if (needsWork) {
     const geometry = { clusterSize: first.header.clusterSize, refcountOrder: first.header.refcountOrder };
-    const inPlace = await repairRefcountsInPlace(file, first.stored, first.computed, geometry, mode, request);
+    const namedPastEnd = new Set(first.computed.pastEndNear.keys());
+    const inPlace = await repairRefcountsInPlace(
+      file,
+      first.stored,
+      first.computed,
+      geometry,
+      mode,
+      request,
+      (outcome) => {
+        // A rebuild that will be refused is refused now, before the in-place fixes are written.
+        if (mode !== 'all' || !outcome.rebuildNeeded) return;
+        const refusal = rebuildRefusal(
+          file,
+          countsOf(first.computed, geometry.refcountOrder),
+          geometry,
+          namedPastEnd,
+        );
+        if (refusal !== undefined) throw refusal;
+      },
+    );
     if (mode === 'leaks' && inPlace.rebuildNeeded) {
       throw new Qcow2RebuildNeededError([
         ...before.messages.filter((line) => !isCopiedLine(line)),
@@ -87,7 +106,7 @@ export async function repairQcow2Image(
         geometry,
         request,
         true,
-        new Set(first.computed.pastEndNear.keys()),
+        namedPastEnd,
       );
       corruptionsFixed += inPlace.unfixedCorruptions;
       // The old structures are leaked now: free them.
