@@ -3,7 +3,7 @@
  * both tools in copies of the same folder: the exit codes must match, and where qemu-img prints
  * data (JSON, option lists) ours must say the same thing.
  */
-import { cpSync, existsSync, statSync } from 'node:fs';
+import { cpSync, existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { qcow2 } from '../src/qcow2-cli.js';
@@ -163,6 +163,34 @@ describe.skipIf(!haveTools)('qcow2 answers as qemu-img does', () => {
     expect(theirs.status).toBe(0);
     expect(ours.status, ours.stderr).toBe(0);
     expect(JSON.parse(ours.stdout)).toEqual(JSON.parse(theirs.stdout));
+  });
+
+  test('a raw file of 25 bytes is a guest of one 512-byte sector, as qemu-img sees it', () => {
+    round++;
+    const folder = join(dir.path, `raw25-${round}`);
+    cpSync(join(dir.path, 'seed'), folder, { recursive: true });
+    writeFileSync(join(folder, 'short.raw'), 'twenty-five bytes of text');
+    for (const args of [
+      ['info', '--output=json', '-f', 'raw', 'short.raw'],
+      ['map', '--output=json', '-f', 'raw', 'short.raw'],
+    ]) {
+      const theirs = runStatus('qemu-img', args, { cwd: folder });
+      const ours = qcow2(args, { cwd: folder });
+      expect(ours.status, ours.stderr).toBe(0);
+      const parsed = JSON.parse(ours.stdout);
+      const expected = JSON.parse(theirs.stdout);
+      if (args[0] === 'info') {
+        expect(parsed['virtual-size']).toBe(expected['virtual-size']);
+        expect(parsed['virtual-size']).toBe(512);
+      } else {
+        expect(parsed).toEqual(expected);
+      }
+    }
+    expect(
+      qcow2(['convert', '-f', 'raw', '-O', 'raw', 'short.raw', 'ours.raw'], { cwd: folder }).status,
+    ).toBe(0);
+    run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', 'short.raw', 'theirs.raw'], { cwd: folder });
+    expect(readFileSync(join(folder, 'ours.raw'))).toEqual(readFileSync(join(folder, 'theirs.raw')));
   });
 
   test('convert -O raw -o preallocation=falloc allocates the whole target, as qemu-img', () => {
