@@ -7,20 +7,10 @@
  * Linux x64/arm64 only, as the binding (CI's platform).
  */
 import { randomFillSync } from 'node:crypto';
-import {
-  closeSync,
-  mkdtempSync,
-  openSync,
-  readFileSync,
-  readSync,
-  rmSync,
-  writeFileSync,
-  writeSync,
-} from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { openSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs';
 import { F_DUPFD_CLOEXEC, F_GETFL, loadLibc, O_CLOEXEC, O_NONBLOCK } from '@qcowkit/blockdev/node';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
+import { scratchDescriptors } from './scratch-descriptors.js';
 
 const libc = loadLibc();
 const io = libc?.rawIo;
@@ -29,34 +19,15 @@ const EBADF = 9;
 const POLLIN = 1;
 const POLLOUT = 4;
 
-let dir: string;
-let opened: number[] = [];
-
-beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), 'qcowkit-raw-io-'));
-});
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
-afterEach(() => {
-  for (const fd of opened) closeSync(fd);
-  opened = [];
-});
-
-function track(fd: number): number {
-  opened.push(fd);
-  return fd;
-}
+const { path: scratchPath, track, pipe } = scratchDescriptors(libc, 'qcowkit-raw-io-');
 
 function nonBlockingPipe(): { readFd: number; writeFd: number } {
-  const pipe = libc!.pipe!(O_CLOEXEC | O_NONBLOCK);
-  if (!pipe.ok) throw new Error(`pipe2: ${pipe.code}`);
-  track(pipe.readFd);
-  track(pipe.writeFd);
-  return pipe;
+  return pipe(O_CLOEXEC | O_NONBLOCK);
 }
 
 describe.skipIf(io === undefined)('libc RawIo', () => {
   it('preads and pwrites at offsets, leaving the position alone', () => {
-    const path = join(dir, 'file');
+    const path = scratchPath('file');
     const contents = randomFillSync(Buffer.alloc(64 * 1024));
     writeFileSync(path, contents);
     const fd = track(openSync(path, 'r+'));
@@ -100,7 +71,7 @@ describe.skipIf(io === undefined)('libc RawIo', () => {
   });
 
   it('finds the next hole of a sparse file', () => {
-    const path = join(dir, 'sparse');
+    const path = scratchPath('sparse');
     const fd = track(openSync(path, 'w+'));
     writeSync(fd, Buffer.alloc(4096, 1), 0, 4096, 0);
     writeSync(fd, Buffer.alloc(4096, 1), 0, 4096, 4 << 20);
@@ -112,7 +83,7 @@ describe.skipIf(io === undefined)('libc RawIo', () => {
   });
 
   it('sends a file range into a pipe by sendfile', () => {
-    const path = join(dir, 'send');
+    const path = scratchPath('send');
     const contents = randomFillSync(Buffer.alloc(8192));
     writeFileSync(path, contents);
     const fd = track(openSync(path, 'r'));

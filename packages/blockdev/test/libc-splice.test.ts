@@ -5,45 +5,20 @@
  * offsets at once are refused before any call. Linux x64/arm64 only, as the binding (CI's platform).
  */
 import { randomFillSync } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import {
   F_GETPIPE_SZ,
   F_SETPIPE_SZ,
   loadLibc,
-  O_CLOEXEC,
   SPLICE_F_MOVE,
   SPLICE_F_NONBLOCK,
 } from '@qcowkit/blockdev/node';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
+import { scratchDescriptors } from './scratch-descriptors.js';
 
 const libc = loadLibc();
 
-let dir: string;
-let opened: number[] = [];
-
-beforeAll(() => {
-  dir = mkdtempSync(join(tmpdir(), 'qcowkit-splice-'));
-});
-afterAll(() => rmSync(dir, { recursive: true, force: true }));
-afterEach(() => {
-  for (const fd of opened) closeSync(fd);
-  opened = [];
-});
-
-function track(fd: number): number {
-  opened.push(fd);
-  return fd;
-}
-
-function newPipe(flags = O_CLOEXEC): { readFd: number; writeFd: number } {
-  const pipe = libc!.pipe!(flags);
-  if (!pipe.ok) throw new Error(`pipe2: ${pipe.code}`);
-  track(pipe.readFd);
-  track(pipe.writeFd);
-  return pipe;
-}
+const { path: scratchPath, track, pipe: newPipe } = scratchDescriptors(libc, 'qcowkit-splice-');
 
 describe('libc splice, pipe2 and fcntl', () => {
   it('is bound on 64-bit Linux', () => {
@@ -64,14 +39,14 @@ describe('libc splice, pipe2 and fcntl', () => {
     expect(resized).toEqual({ ok: true, value: 256 * 1024 });
     expect(libc!.fcntlInt!(readFd, F_GETPIPE_SZ, 0)).toEqual({ ok: true, value: 256 * 1024 });
     // An int command on a descriptor that is not a pipe fails with its errno, not a throw.
-    const notPipe = libc!.fcntlInt!(track(openSync(join(dir, 'plain'), 'w')), F_GETPIPE_SZ, 0);
+    const notPipe = libc!.fcntlInt!(track(openSync(scratchPath('plain'), 'w')), F_GETPIPE_SZ, 0);
     expect(notPipe).toMatchObject({ ok: false, code: 'EBADF' });
   });
 
   it('moves bytes from a file at an offset into the pipe and out to a file at an offset', () => {
     const sourceBytes = randomFillSync(Buffer.alloc(300_000));
-    const sourcePath = join(dir, 'source');
-    const targetPath = join(dir, 'target');
+    const sourcePath = scratchPath('source');
+    const targetPath = scratchPath('target');
     writeFileSync(sourcePath, sourceBytes);
     writeFileSync(targetPath, Buffer.alloc(400_000, 0xee));
     const source = track(openSync(sourcePath, 'r'));
@@ -107,7 +82,7 @@ describe('libc splice, pipe2 and fcntl', () => {
   });
 
   it('returns 0 at the end of the input file', () => {
-    const sourcePath = join(dir, 'short');
+    const sourcePath = scratchPath('short');
     writeFileSync(sourcePath, Buffer.alloc(100, 1));
     const source = track(openSync(sourcePath, 'r'));
     const { writeFd } = newPipe();
@@ -116,7 +91,7 @@ describe('libc splice, pipe2 and fcntl', () => {
   });
 
   it('an empty pipe with SPLICE_F_NONBLOCK fails with EAGAIN at once', () => {
-    const target = track(openSync(join(dir, 'never'), 'w'));
+    const target = track(openSync(scratchPath('never'), 'w'));
     const { readFd } = newPipe();
     const result = libc!.splice!(readFd, undefined, target, 0, 4096, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     expect(result).toMatchObject({ ok: false, code: 'EAGAIN' });
@@ -124,7 +99,7 @@ describe('libc splice, pipe2 and fcntl', () => {
   });
 
   it('a read-only file as the output fails with EBADF, leaving the bytes in the pipe', () => {
-    const path = join(dir, 'read-only');
+    const path = scratchPath('read-only');
     writeFileSync(path, Buffer.alloc(8192));
     const readOnly = track(openSync(path, 'r'));
     const { readFd, writeFd } = newPipe();
@@ -134,19 +109,19 @@ describe('libc splice, pipe2 and fcntl', () => {
       code: 'EBADF',
     });
     const left = Buffer.alloc(2000);
-    const sink = track(openSync(join(dir, 'drained'), 'w+'));
+    const sink = track(openSync(scratchPath('drained'), 'w+'));
     expect(libc!.splice!(readFd, undefined, sink, 0, 2000, SPLICE_F_NONBLOCK)).toEqual({
       ok: true,
       value: 1000,
     });
-    expect(readFileSync(join(dir, 'drained')).equals(left.fill(7, 0, 1000).subarray(0, 1000))).toBe(true);
+    expect(readFileSync(scratchPath('drained')).equals(left.fill(7, 0, 1000).subarray(0, 1000))).toBe(true);
   });
 
   it('refuses an offset on both sides before calling', () => {
     const { readFd, writeFd } = newPipe();
     expect(() => libc!.splice!(readFd, 0, writeFd, 0, 1, 0)).toThrow(RangeError);
     // Nothing happened: the pipe is still empty.
-    const sink = track(openSync(join(dir, 'untouched'), 'w'));
+    const sink = track(openSync(scratchPath('untouched'), 'w'));
     expect(libc!.splice!(readFd, undefined, sink, 0, 1, SPLICE_F_NONBLOCK)).toMatchObject({
       ok: false,
       code: 'EAGAIN',
