@@ -2,16 +2,15 @@
  * lazy_refcounts, refcount_bits, data_file, data_file_raw, size) through qcow2-core's
  * `amendImage` / `resizeImage`. */
 
-import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { type AmendOptions, amendImage, refuseDamagedImage, resizeImage } from '@qcowkit/qcow2-core';
-import { detectFormat, type ImageFormat } from '../engine.js';
-import { CliError, describeError, describeImageError, openError, UsageError } from '../errors.js';
+import type { ImageFormat } from '../engine.js';
+import { CliError, describeError, describeImageError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
 import { parseCreateOptions } from './create.js';
-import { withImageFileForWrite } from './image-file.js';
+import { probeImageFormat, withImageFileForWrite } from './image-file.js';
 import { amendOptionHelp } from './option-help.js';
 import { hasDataFile, qcow2Size } from './resize.js';
 import { openWritable } from './writable-image.js';
@@ -85,27 +84,14 @@ export async function amendHelp(
   file: string | undefined,
   format: ImageFormat | undefined,
 ): Promise<string> {
-  let detected = format;
-  if (detected === undefined && file !== undefined) {
-    const path = resolveAgainst(context.io.cwd, file);
-    let device: FileBlockDevice;
-    try {
-      device = await FileBlockDevice.open(path, { readOnly: true });
-    } catch (error) {
-      throw openError(file, error, path);
-    }
-    try {
-      detected = detectFormat(await device.read(0, Math.min(device.size, 512)));
-    } finally {
-      await device.close();
-    }
-  }
+  const detected =
+    file === undefined ? format : await probeImageFormat(resolveAgainst(context.io.cwd, file), file, format);
   if (detected !== 'qcow2') {
     throw new CliError(`Format driver '${detected}' does not support option amendment`, {
       code: 'EUNSUPPORTED',
     });
   }
-  return amendOptionHelp();
+  return amendOptionHelp(AMENDABLE);
 }
 
 export async function amendCommand(

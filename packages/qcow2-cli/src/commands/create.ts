@@ -18,6 +18,7 @@ import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
 import { parseSize } from '../size.js';
+import { optionItems } from './option-help.js';
 
 export interface CreateCommandOptions {
   readonly format: string;
@@ -75,15 +76,9 @@ export function parseCreateOptions(
 ): Map<string, string> {
   const allowed: readonly string[] = format === 'raw' ? RAW_KEYS : QCOW2_KEYS;
   const out = new Map<string, string>();
-  for (const text of list) {
-    for (const item of text.replaceAll(',,', '\u0000').split(',')) {
-      if (item === '') continue;
-      const equals = item.indexOf('=');
-      const key = equals < 0 ? item : item.slice(0, equals);
-      const value = (equals < 0 ? '' : item.slice(equals + 1)).replaceAll('\u0000', ',');
-      if (!allowed.includes(key)) throw new UsageError(`${prefix}Invalid parameter '${key}'`);
-      out.set(key, value);
-    }
+  for (const { key, value } of optionItems(list)) {
+    if (!allowed.includes(key)) throw new UsageError(`${prefix}Invalid parameter '${key}'`);
+    out.set(key, value);
   }
   return out;
 }

@@ -41,25 +41,28 @@ const QCOW2_CREATE: readonly OptionDoc[] = [
 const RAW_CREATE: readonly OptionDoc[] = [SIZE];
 const RAW_FILE_CREATE: readonly OptionDoc[] = [PREALLOCATION, SIZE];
 
-/** The keys `amend` changes, as amend.ts takes them. */
-const QCOW2_AMEND_KEYS: ReadonlySet<string> = new Set([
-  'compat',
-  'data_file',
-  'data_file_raw',
-  'lazy_refcounts',
-  'refcount_bits',
-  'size',
-]);
+/**
+ * The `key=value` items of `-o` strings, in order (`,,` is a literal comma, as in QEMU; an item
+ * without `=` has the value ''). Lives here, with no import, as the fast paths ask it too.
+ */
+export function optionItems(list: readonly string[]): { key: string; value: string }[] {
+  const items: { key: string; value: string }[] = [];
+  for (const text of list) {
+    for (const item of text.replaceAll(',,', '\u0000').split(',')) {
+      if (item === '') continue;
+      const equals = item.indexOf('=');
+      items.push({
+        key: equals < 0 ? item : item.slice(0, equals),
+        value: (equals < 0 ? '' : item.slice(equals + 1)).replaceAll('\u0000', ','),
+      });
+    }
+  }
+  return items;
+}
 
-/** True when an `-o` list asks for the option list: an item `help` or `?` (`,,` is a comma). */
+/** True when an `-o` list asks for the option list: an item `help` or `?`. */
 export function asksOptionHelp(list: readonly string[] | undefined): boolean {
-  if (list === undefined) return false;
-  return list.some((text) =>
-    text
-      .replaceAll(',,', '\u0000')
-      .split(',')
-      .some((item) => item === 'help' || item === '?'),
-  );
+  return list !== undefined && optionItems(list).some(({ key }) => key === 'help' || key === '?');
 }
 
 function lines(docs: readonly OptionDoc[]): string {
@@ -80,7 +83,7 @@ export function createOptionHelp(format: string, withFile: boolean): string {
   );
 }
 
-/** What `amend -f qcow2 -o help` prints. */
-export function amendOptionHelp(): string {
-  return `Amend options for 'qcow2':\n${lines(QCOW2_CREATE.filter((doc) => QCOW2_AMEND_KEYS.has(doc.key)))}`;
+/** What `amend -f qcow2 -o help` prints: the options of `keys` (those amend changes). */
+export function amendOptionHelp(keys: ReadonlySet<string>): string {
+  return `Amend options for 'qcow2':\n${lines(QCOW2_CREATE.filter((doc) => keys.has(doc.key)))}`;
 }

@@ -7,11 +7,12 @@
 import type { BlockDevice } from '@qcowkit/blockdev';
 import { FileBlockDevice } from '@qcowkit/blockdev/node';
 import { copyBackingDifferences, setBackingFile } from '@qcowkit/qcow2-core';
-import { detectFormat, type ImageFormat, type OpenedImage, openImage } from '../engine.js';
-import { CliError, describeError, openError } from '../errors.js';
+import { type ImageFormat, type OpenedImage, openImage } from '../engine.js';
+import { CliError, describeError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
+import { probeImageFormat } from './image-file.js';
 import { openWritable } from './writable-image.js';
 
 export interface RebaseCommandOptions {
@@ -40,7 +41,7 @@ export async function rebaseCommand(
       },
     );
   }
-  const format = await probe(path, file, options.format);
+  const format = await probeImageFormat(path, file, options.format);
   if (format !== 'qcow2')
     throw new CliError(
       `Could not change the backing file to '${options.backingFile}': Operation not supported`,
@@ -101,19 +102,4 @@ export async function rebaseCommand(
     await device.close();
   }
   return 0;
-}
-
-async function probe(path: string, file: string, format: ImageFormat | undefined): Promise<ImageFormat> {
-  if (format !== undefined) return format;
-  let device: FileBlockDevice;
-  try {
-    device = await FileBlockDevice.open(path, { readOnly: true, forceShare: true });
-  } catch (error) {
-    throw openError(file, error, path);
-  }
-  try {
-    return detectFormat(await device.read(0, Math.min(device.size, 512)));
-  } finally {
-    await device.close();
-  }
 }

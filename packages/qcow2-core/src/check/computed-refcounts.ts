@@ -6,7 +6,7 @@
  */
 import type { CheckLog } from './check-log.js';
 
-/** Most clusters past the end kept in `ComputedRefcounts.pastEndNear`. */
+/** Most clusters past the end kept in `ComputedRefcounts.namedPastEnd`. */
 const PAST_END_KEPT = 65536;
 /** Clusters past twice the file's length still kept there (small files). */
 const PAST_END_SLACK = 1024;
@@ -47,7 +47,7 @@ export class ComputedRefcounts {
    * up to as far past the end as the file is long, and at most PAST_END_KEPT of them: structures a
    * rebuild adds go right after the end, never that far.
    */
-  readonly pastEndNear = new Map<number, number>();
+  readonly namedPastEnd = new Set<number>();
 
   /** Counts one reference to every cluster touched by `[hostOffset, hostOffset + length)`. */
   add(hostOffset: number, length: number): void {
@@ -98,7 +98,7 @@ export class ComputedRefcounts {
   }
 
   /** Reports a region not counted because it lies past the end (`offsetHex` exact, no prefix);
-   * with `hostOffset`, its clusters near the end are kept in {@link pastEndNear}. */
+   * with `hostOffset`, its clusters near the end are kept in {@link namedPastEnd}. */
   reportPastEnd(offsetHex: string | (() => string), length: number, hostOffset?: number): void {
     if (hostOffset !== undefined) this.#notePastEnd(hostOffset, length);
     this.log.corruption(
@@ -117,9 +117,8 @@ export class ComputedRefcounts {
       clusterIndex <= Math.min(last, near);
       clusterIndex++
     ) {
-      const count = this.pastEndNear.get(clusterIndex);
-      if (count === undefined && this.pastEndNear.size >= PAST_END_KEPT) return;
-      this.pastEndNear.set(clusterIndex, Math.min((count ?? 0) + 1, this.maxCount));
+      if (this.namedPastEnd.size >= PAST_END_KEPT) return;
+      this.namedPastEnd.add(clusterIndex);
     }
   }
 

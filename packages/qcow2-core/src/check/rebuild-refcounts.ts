@@ -137,7 +137,6 @@ export function rebuildRefusal(
   geometry: { clusterSize: number; refcountOrder: number },
   namedPastEnd: ReadonlySet<number>,
 ): BlockDeviceError | undefined {
-  if (namedPastEnd.size === 0) return undefined;
   const { clusterSize, refcountOrder } = geometry;
   const layout = planRefcountStructure([...counts], clusterSize, (clusterSize * 8) / 2 ** refcountOrder);
   return coveredPastEnd(file, layoutEnd(layout, clusterSize), clusterSize, namedPastEnd);
@@ -157,7 +156,7 @@ export async function rebuildRefcountStructure(
   switchHeader = true,
   /**
    * Clusters past the end of the file that metadata still names (a truncated file: see
-   * `ComputedRefcounts.pastEndNear`). The new structures must neither land on one nor grow the
+   * `ComputedRefcounts.namedPastEnd`). The new structures must neither land on one nor grow the
    * file over one (it would then read as a zero table counted nowhere): then nothing is written
    * and the rebuild fails, as QEMU's overlap check stops its own.
    */

@@ -67,7 +67,7 @@ export async function repairQcow2Image(
 
   if (needsWork) {
     const geometry = { clusterSize: first.header.clusterSize, refcountOrder: first.header.refcountOrder };
-    const namedPastEnd = new Set(first.computed.pastEndNear.keys());
+    const namedPastEnd = first.computed.namedPastEnd;
     const inPlace = await repairRefcountsInPlace(
       file,
       first.stored,
@@ -77,7 +77,7 @@ export async function repairQcow2Image(
       request,
       (outcome) => {
         // A rebuild that will be refused is refused now, before the in-place fixes are written.
-        if (mode !== 'all' || !outcome.rebuildNeeded) return;
+        if (mode !== 'all' || !outcome.rebuildNeeded || namedPastEnd.size === 0) return;
         const refusal = rebuildRefusal(
           file,
           countsOf(first.computed, geometry.refcountOrder),

@@ -25,6 +25,7 @@ import { ByteReader } from '../protocol/byte-reader.js';
 import type { RequestReader } from './request-reader.js';
 import { enlargeUnixSendBuffer } from './socket-buffer.js';
 import { openSocketSplicer } from './socket-splice.js';
+import { STOP_GRACE_MS } from './stop-grace.js';
 
 /**
  * What a plain socket accepted by a net.Server holds that `startRequests` needs: the native handle
@@ -521,7 +522,7 @@ export class ConnectionIo {
       setTimeout(() => {
         this.destroy();
         resolve();
-      }, 2000).unref();
+      }, STOP_GRACE_MS).unref();
     });
     this.socket.destroy();
   }

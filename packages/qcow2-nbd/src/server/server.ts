@@ -13,6 +13,7 @@ import { DataExtentCache } from './data-extent-cache.js';
 import type { NbdExport } from './export.js';
 import { HandshakeAbort, negotiate } from './handshake.js';
 import { errorMessage } from './nbd-errors.js';
+import { STOP_GRACE_MS } from './stop-grace.js';
 import { Transmission } from './transmission.js';
 
 export interface NbdTlsOptions {
@@ -78,11 +79,6 @@ export interface NbdServer extends AsyncDisposable {
 const PRESTARTED_THREADS = 2;
 /** Most clients kept waiting for a slot; more are closed on arrival. */
 const MAX_WAITING = 64;
-/**
- * How long a graceful stop waits for a connection to finish its requests and take its replies
- * (as a connection thread gives a client that does not read); then the connection is dropped.
- */
-const STOP_GRACE_MS = 2000;
 
 interface Connection {
   readonly io: ConnectionIo;

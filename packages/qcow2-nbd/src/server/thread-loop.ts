@@ -28,6 +28,7 @@ import { encodeOffsetDataChunk, encodeSimpleReply, OFFSET_DATA_PAYLOAD_START } f
 import { decodeRequestHeader, type RequestContext, validateRequest } from '../protocol/requests.js';
 import { DataExtentCache } from './data-extent-cache.js';
 import { toNbdError } from './nbd-errors.js';
+import { STOP_GRACE_MS } from './stop-grace.js';
 
 /** Requests are read into a buffer this large; longer WRITE payloads are written as they come. */
 const THREAD_INPUT_BUFFER = 256 * 1024;
@@ -48,8 +49,6 @@ const POLLIN = 0x001;
 const POLLOUT = 0x004;
 /** How often a waiting thread looks whether the server is stopping, in milliseconds. */
 const STOP_CHECK_MS = 200;
-/** How long a stopping server waits for a client to take its replies. */
-const STOP_WRITE_GRACE_MS = 2000;
 const EAGAIN = 11;
 const EINTR = 4;
 /**
@@ -438,7 +437,7 @@ class ThreadLoop {
 
   /**
    * Waits until the socket is ready for `events`. False (and `ended` set) when the server is
-   * stopping: at once for more requests, after STOP_WRITE_GRACE_MS for a client that does not read
+   * stopping: at once for more requests, after STOP_GRACE_MS for a client that does not read
    * its replies (as the event loop's connections end).
    */
   private waitFor(events: number): boolean {
@@ -448,7 +447,7 @@ class ThreadLoop {
       if (ready !== 0 && ready !== -EINTR) return true;
       if (!this.options.stopping()) continue;
       stopSeen ??= performance.now();
-      if (events === POLLIN || performance.now() - stopSeen >= STOP_WRITE_GRACE_MS) {
+      if (events === POLLIN || performance.now() - stopSeen >= STOP_GRACE_MS) {
         this.ended = 'shutdown';
         return false;
       }
