@@ -8,6 +8,7 @@
  */
 import { randomFillSync } from 'node:crypto';
 import { openSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { F_DUPFD_CLOEXEC, F_GETFL, loadLibc, O_CLOEXEC, O_NONBLOCK } from '@qcowkit/blockdev/node';
 import { describe, expect, it } from 'vitest';
 import { scratchDescriptors } from './scratch-descriptors.js';
@@ -104,5 +105,14 @@ describe.skipIf(io === undefined)('libc RawIo', () => {
     expect(io!.write(copy.value, Buffer.alloc(1), 1)).toBe(-EBADF);
     expect(io!.errnoName(EBADF)).toBe('EBADF');
     expect(io!.errnoName(28)).toBe('ENOSPC');
+  });
+
+  it("names every errno as koffi's table does (its first name for a value), common ones included", () => {
+    const koffi = createRequire(import.meta.url)('koffi') as { os: { errno: Record<string, number> } };
+    const first = new Map<number, string>();
+    for (const [name, value] of Object.entries(koffi.os.errno)) if (!first.has(value)) first.set(value, name);
+    expect(first.size).toBeGreaterThan(100);
+    for (const [value, name] of first) expect(io!.errnoName(value)).toBe(name);
+    expect(io!.errnoName(100_000)).toBe('errno 100000');
   });
 });
