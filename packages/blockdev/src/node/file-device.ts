@@ -39,7 +39,7 @@ import {
   SEEK_END,
   SEEK_HOLE,
 } from './libc.js';
-import { onMemoryFileSystem, SYNC_IO_MAX_BYTES } from './memory-backed.js';
+import { memoryFileSystem, SYNC_IO_MAX_BYTES } from './memory-backed.js';
 
 export interface FileOpenOptions {
   /** Open for reading only (default false). */
@@ -166,7 +166,9 @@ export class FileBlockDevice implements BlockDevice {
     }
     let handle: FileHandle;
     try {
-      handle = await open(path, readOnly ? 'r' : 'r+');
+      const opening = open(path, readOnly ? 'r' : 'r+');
+      loadLibcWhileWaiting(options);
+      handle = await opening;
     } catch (error) {
       throw fsError('open', path, error);
     }
@@ -180,7 +182,9 @@ export class FileBlockDevice implements BlockDevice {
     try {
       // No O_TRUNC: an existing file is emptied only once its lock is ours.
       const flags = constants.O_RDWR | constants.O_CREAT | (options.overwrite ? 0 : constants.O_EXCL);
-      handle = await open(path, flags, 0o644);
+      const opening = open(path, flags, 0o644);
+      loadLibcWhileWaiting(options);
+      handle = await opening;
     } catch (error) {
       throw fsError('create', path, error);
     }
@@ -212,16 +216,23 @@ export class FileBlockDevice implements BlockDevice {
         );
       }
       let stats: Stats;
+      // The file system's kind alongside (one round trip through the pool for both): a file held in
+      // memory needs neither the ext4/xfs close workaround nor a probe for hole punching below.
+      const onMemory = memoryFileSystem(path);
       try {
         stats = await handle.stat();
       } catch (error) {
+        await onMemory;
         throw fsError('stat', path, error);
       }
+      const memory = (await onMemory) ?? 'none';
       const kind: FileKind | undefined = stats.isFile()
         ? 'file'
         : stats.isBlockDevice()
           ? 'block'
           : undefined;
+      /** The file system holding a regular file in memory (/dev's nodes are on devtmpfs too). */
+      const memoryFile = kind === 'file' ? memory : 'none';
       if (kind === undefined) {
         throw new BlockDeviceError('EINVAL', `open: ${path}: not a regular file or block device`);
       }
@@ -241,11 +252,11 @@ export class FileBlockDevice implements BlockDevice {
       if (create) {
         try {
           await handle.truncate(0);
-          await handle.truncate(createSize);
+          if (createSize > 0) await handle.truncate(createSize);
         } catch (error) {
           throw fsError('create', path, error);
         }
-        if (options.noFlush === true) await forgetTruncation(path);
+        if (options.noFlush === true && memoryFile === 'none') await forgetTruncation(path);
         size = createSize;
       } else if (kind === 'file') {
         size = stats.size;
@@ -258,7 +269,9 @@ export class FileBlockDevice implements BlockDevice {
         const probe = libc.lseek(handle.fd, 0, SEEK_DATA);
         features.seekData = probe.ok || probe.code === 'ENXIO';
         if (!readOnly) {
-          if (kind === 'file') {
+          if (memoryFile === 'tmpfs') {
+            features.punchHole = true; // tmpfs punches holes since Linux 3.5
+          } else if (kind === 'file') {
             // Punching past the end changes nothing and tells whether the file system can punch.
             const punch = await libc.fallocate(
               handle.fd,
@@ -276,7 +289,7 @@ export class FileBlockDevice implements BlockDevice {
       const blockSize = kind === 'file' && stats.blksize > 0 ? stats.blksize : 4096;
       const syncIoMaxBytes =
         options.syncIoMaxBytes === 'memory-backed'
-          ? kind === 'file' && (await onMemoryFileSystem(path))
+          ? memoryFile !== 'none'
             ? SYNC_IO_MAX_BYTES
             : 0
           : (options.syncIoMaxBytes ?? 0);
@@ -751,6 +764,15 @@ export async function forgetTruncation(path: string): Promise<void> {
   } catch {
     // Not readable: the close stays slower, nothing else changes.
   }
+}
+
+/**
+ * Loads the libc binding (once per process, ~2.5 ms of this thread: koffi's binary and its
+ * function table) while the thread pool opens the file, instead of after: the first open of a
+ * run also waits for the pool's threads to start.
+ */
+function loadLibcWhileWaiting(options: FileOpenOptions): void {
+  if (options.native !== false) loadLibc();
 }
 
 function dataExtent(offset: number, length: number): Extent {

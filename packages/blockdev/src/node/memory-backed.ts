@@ -16,11 +16,17 @@ export const SYNC_IO_MAX_BYTES = 64 * 1024;
 /** True when the file system holding `path` is tmpfs or ramfs (statfs alone: also for /dev's
  * nodes, which the caller tells apart); false when unknown. */
 export async function onMemoryFileSystem(path: string): Promise<boolean> {
+  return (await memoryFileSystem(path)) !== undefined;
+}
+
+/** Which memory-held file system holds `path` (statfs alone, as {@link onMemoryFileSystem}):
+ * tmpfs (which punches holes) or ramfs (which does not); undefined for any other or unknown. */
+export async function memoryFileSystem(path: string): Promise<'tmpfs' | 'ramfs' | undefined> {
   try {
     const { type } = await statfs(path);
-    return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+    return type === TMPFS_MAGIC ? 'tmpfs' : type === RAMFS_MAGIC ? 'ramfs' : undefined;
   } catch {
-    return false;
+    return undefined;
   }
 }
 
