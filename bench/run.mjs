@@ -8,7 +8,8 @@
  * nbdkit; `tools` lists the programs the job needs, and a job missing one is skipped). The runner works in a fresh directory on /dev/shm (memory-backed, so the
  * figures measure CPU cost, not a disk), alternates ours and theirs for several rounds, takes the
  * median of each, prints `job | ours | qemu | ratio` (ours / theirs: below 1 means we are
- * faster) and writes bench/results.json.
+ * faster) beside the median and quartiles of the rounds' own ratios, and writes
+ * bench/results.json.
  *
  * Start-up and NODE_EXTRA_CA_CERTS: Node reads and parses that CA bundle eagerly when a process
  * starts (about 50 ms for Debian's bundle on the bench machines, against 27 ms for the rest of
@@ -80,8 +81,17 @@ function formatSeconds(s) {
   return s < 1 ? `${(s * 1000).toFixed(0)} ms` : `${s.toFixed(2)} s`;
 }
 
+/** The `q` quantile (0-1) of `values`, interpolated between the two nearest. */
+function quantile(values, q) {
+  const sorted = [...values].sort((a, b) => a - b);
+  const at = (sorted.length - 1) * q;
+  const low = Math.floor(at);
+  const high = Math.ceil(at);
+  return sorted[low] + (sorted[high] - sorted[low]) * (at - low);
+}
+
 function table(rows) {
-  const header = ['job', 'ours', 'qemu', 'ratio (ours/theirs)'];
+  const header = ['job', 'ours', 'qemu', 'ratio (ours/theirs)', 'round ratios: median (quartiles)'];
   const cells = [header, ...rows];
   const widths = header.map((_, i) => Math.max(...cells.map((r) => String(r[i]).length)));
   const line = (r) => r.map((c, i) => String(c).padEnd(widths[i])).join(' | ');
@@ -152,9 +162,24 @@ async function main() {
         const o = median(ours);
         const t = median(theirs);
         const ratio = o / t;
+        // Each round's two runs side by side: on a machine whose speed drifts (a shared VM), the
+        // median of these ratios moves less than the ratio of the two medians, and the quartiles
+        // say how far a single round may stray.
+        const roundRatios = ours.map((value, index) => value / theirs[index]);
+        const paired = {
+          median: median(roundRatios),
+          q1: quantile(roundRatios, 0.25),
+          q3: quantile(roundRatios, 0.75),
+        };
         const theirsName = job.theirsName ?? 'qemu';
         const theirsCell = theirsName === 'qemu' ? formatSeconds(t) : `${formatSeconds(t)} (${theirsName})`;
-        rows.push([job.name, formatSeconds(o), theirsCell, ratio.toFixed(2)]);
+        rows.push([
+          job.name,
+          formatSeconds(o),
+          theirsCell,
+          ratio.toFixed(2),
+          `${paired.median.toFixed(2)} (${paired.q1.toFixed(2)}-${paired.q3.toFixed(2)})`,
+        ]);
         results.push({
           name: job.name,
           description: job.description,
@@ -164,6 +189,7 @@ async function main() {
           oursMedian: o,
           theirsMedian: t,
           ratio,
+          roundRatios: paired,
         });
         console.log(
           `${job.name}: ours ${formatSeconds(o)}, ${theirsName} ${formatSeconds(t)}, ratio ${ratio.toFixed(2)}  (${job.description})`,
@@ -172,7 +198,7 @@ async function main() {
         // One broken job is reported and the others still run; the exit code says so.
         failures++;
         console.log(`${job.name}: FAILED: ${error instanceof Error ? error.message : String(error)}`);
-        rows.push([job.name, 'failed', 'failed', '-']);
+        rows.push([job.name, 'failed', 'failed', '-', '-']);
         results.push({ name: job.name, failed: String(error instanceof Error ? error.message : error) });
       } finally {
         if (ctx !== undefined) await job.teardown?.(ctx);
