@@ -18,7 +18,7 @@ export type BackingResolver = (request: {
 
 /** Options shared by qcow2 and qcow images. */
 export interface ImageOpenOptions {
-  /** Default true; false rejects with EUNSUPPORTED (writing is not implemented yet). */
+  /** Default true. False opens a qcow2 image for writing; a qcow (v1) image rejects it (EUNSUPPORTED). */
   readOnly?: boolean;
   /** Opens the backing file. Absent: an image with a backing file fails to open. */
   resolveBacking?: BackingResolver;
