@@ -37,12 +37,13 @@ export interface PreallocatedFixesOptions {
   refcountBlockClusters: ReadonlySet<number>;
 }
 
-/** Most entries planned: beyond it further ones stay reported (8 MiB of entries at 16 bytes). */
-const MAX_PLANNED = 512 * 1024;
+/** Most entries planned in one repair (a few tens of MiB of map): further ones stay reported, and
+ * a second repair fixes them. */
+const MAX_PLANNED = 1024 * 1024;
 
 export class PreallocatedFixes {
-  /** Planned entries by host byte offset: the replacement's bytes. */
-  readonly #planned = new Map<number, Uint8Array>();
+  /** Planned entries by host byte offset: the replacement's zero bits (extended L2; else 0). */
+  readonly #planned = new Map<number, number>();
   /** Clusters of the active L2 tables met so far (a snapshot's fix never writes there). */
   readonly #activeL2Clusters = new Set<number>();
   #tableOffset = 0;
@@ -69,9 +70,21 @@ export class PreallocatedFixes {
   /** Puts the entries planned so far into `table` (just read from `tableOffset`). */
   applyTo(table: Uint8Array, tableOffset: number): void {
     if (this.#planned.size === 0) return;
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
     const end = tableOffset + table.length;
-    for (const [at, bytes] of this.#planned) {
-      if (at >= tableOffset && at < end) table.set(bytes, at - tableOffset);
+    for (const [at, zeroBits] of this.#planned) {
+      if (at >= tableOffset && at < end) this.#encode(view, at - tableOffset, zeroBits);
+    }
+  }
+
+  /** Writes the replacement entry at byte `byteOffset` of `view`. */
+  #encode(view: DataView, byteOffset: number, zeroBits: number): void {
+    const { l2EntryBytes, replacement } = this.options;
+    view.setUint32(byteOffset, 0);
+    view.setUint32(byteOffset + 4, l2EntryBytes === 8 && replacement === 'zero-flag' ? 1 : 0);
+    if (l2EntryBytes === 16) {
+      view.setUint32(byteOffset + 8, zeroBits);
+      view.setUint32(byteOffset + 12, 0);
     }
   }
 
@@ -84,17 +97,12 @@ export class PreallocatedFixes {
     const at = this.#tableOffset + index * l2EntryBytes;
     if (this.#planned.size >= MAX_PLANNED || this.#overlapsMetadata(at)) return false;
     const byteOffset = index * l2EntryBytes;
-    if (l2EntryBytes === 16) {
-      // Allocated subclusters become zero ones (a preallocated entry has none: the zero bits stay).
-      const zeroBits = view.getUint32(byteOffset + 8);
-      const allocBits = view.getUint32(byteOffset + 12);
-      view.setUint32(byteOffset + 8, (zeroBits | allocBits) >>> 0);
-      view.setUint32(byteOffset + 12, 0);
-    }
-    view.setUint32(byteOffset, 0);
-    view.setUint32(byteOffset + 4, l2EntryBytes === 8 && this.options.replacement === 'zero-flag' ? 1 : 0);
-    const bytes = new Uint8Array(view.buffer, view.byteOffset + byteOffset, l2EntryBytes).slice();
-    this.#planned.set(at, bytes);
+    // Extended L2: allocated subclusters become zero ones (a preallocated entry has none: its zero
+    // bits stay as they are).
+    const zeroBits =
+      l2EntryBytes === 16 ? (view.getUint32(byteOffset + 8) | view.getUint32(byteOffset + 12)) >>> 0 : 0;
+    this.#encode(view, byteOffset, zeroBits);
+    this.#planned.set(at, zeroBits);
     return true;
   }
 
@@ -119,7 +127,10 @@ export class PreallocatedFixes {
       let last = first;
       while (last + 1 < offsets.length && offsets[last + 1] === offsets[last]! + entryBytes) last++;
       const run = new Uint8Array((last - first + 1) * entryBytes);
-      for (let k = first; k <= last; k++) run.set(this.#planned.get(offsets[k]!)!, (k - first) * entryBytes);
+      const view = new DataView(run.buffer);
+      for (let k = first; k <= last; k++) {
+        this.#encode(view, (k - first) * entryBytes, this.#planned.get(offsets[k]!)!);
+      }
       await file.write(offsets[first]!, run, request);
       first = last + 1;
     }
