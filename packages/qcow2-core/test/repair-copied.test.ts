@@ -1,8 +1,8 @@
 /**
- * The COPIED repair of L1 entries whose L2 table cannot be read (misaligned, past the end of the
- * file): the flag still follows the refcount of the cluster the entry names, as QEMU sets it before
- * it looks at the table. A leak repair may just have freed that cluster; a flag left set would be a
- * new corruption.
+ * The COPIED repair of L1 entries naming misaligned L2 tables or tables past the end of the file:
+ * the flag follows the refcount of the cluster the entry names, as QEMU sets it before it looks at
+ * the table. A leak repair may just have freed that cluster; a flag left set would be a new
+ * corruption.
  */
 import { MemoryBlockDevice } from '@qcowkit/blockdev';
 import { describe, expect, it } from 'vitest';
@@ -26,7 +26,7 @@ async function repairOf(entry: bigint, refcount: number, fileClusters = 8) {
   return { ...result, stored };
 }
 
-describe('repairCopiedFlags: L1 entries naming tables that cannot be read', () => {
+describe('repairCopiedFlags: L1 entries naming misaligned tables or tables past the end', () => {
   it.each([
     ['misaligned, in a freed cluster', 6n * 65536n + 0x2800n, 0, 8],
     ['misaligned, in a cluster counted twice', 5n * 65536n + 0x200n, 2, 8],

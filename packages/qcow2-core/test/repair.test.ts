@@ -84,6 +84,19 @@ const cases: Case[] = [
     },
   },
   {
+    // qemu-img checks again only when it fixed something: its lines end with the repair's.
+    name: 'leaks mode with nothing to fix (no second check)',
+    mode: 'leaks',
+    prepare: snapshot,
+    damage: (p) => p.setRefcount16(p.dataCluster(0), 1),
+  },
+  {
+    // Mode leaks reports it and goes on (mode all rebuilds: QEMU grows the file first).
+    name: 'refcount block outside the image, leaks mode',
+    mode: 'leaks',
+    damage: (p) => p.bytes.writeBigUInt64BE(0x1000_0000n, p.reftableOffset + 8),
+  },
+  {
     name: 'refcount too low (shared cluster)',
     mode: 'all',
     prepare: snapshot,

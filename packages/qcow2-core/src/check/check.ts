@@ -6,7 +6,8 @@
  *    clusters), every snapshot's L1 and L2 tables, the snapshot table, the refcount table, the
  *    encryption header, the bitmap directory and tables, and the refcount blocks themselves.
  *    Broken entries (reserved bits, misalignment, references a cluster or more past the end of
- *    the file, invalid subcluster bitmaps) are reported on the way.
+ *    the file, invalid subcluster bitmaps) are reported on the way; for `check -r all`, a
+ *    misaligned preallocated entry is planned for repair instead (preallocated-fixes.ts).
  * 2. Compare with the stored refcounts, cluster by cluster: stored lower is a corruption
  *    ("ERROR cluster N refcount=R reference=r"), stored higher a leak ("Leaked cluster ...").
  * 3. Check the COPIED flag of the active L1 and L2 entries against the stored refcounts.
@@ -39,6 +40,7 @@ import {
 } from './entries.js';
 import { L2TableReads } from './l2-reads.js';
 import { Pacer } from './pacer.js';
+import { PreallocatedFixes } from './preallocated-fixes.js';
 import { readZeroPadded } from './read-padded.js';
 import { repairQcow2Image } from './repair.js';
 import { readSnapshotTableForCheck } from './snapshot-table.js';
@@ -70,6 +72,9 @@ export interface Geometry {
   /** Bytes of one L2 entry (8, or 16 with extended L2). */
   l2EntryBytes: number;
   request: RequestOptions;
+  /** Repair mode `all`: misaligned preallocated entries are planned for repair here (and their
+   * references not counted), as `qemu-img check -r all` repairs them while it counts. */
+  fixes?: PreallocatedFixes | undefined;
 }
 
 /** Fragmentation counters, gathered on the active tables only. */
@@ -111,6 +116,11 @@ export interface Qcow2Inspection {
   header: Qcow2Header;
   computed: ComputedRefcounts;
   stored: StoredRefcounts;
+  /** The snapshots' L1 tables and the bytes the snapshot table spans. */
+  snapshotTable: { snapshots: readonly { l1TableOffset: number; l1Size: number }[]; size: number };
+  /** With `fixPreallocated`: the entries planned for repair (`result` and `computed` leave them
+   * out; written by {@link PreallocatedFixes.write}). */
+  fixes?: PreallocatedFixes | undefined;
 }
 
 /** The read-only check, keeping what it rebuilt. */
@@ -119,6 +129,9 @@ export async function inspectQcow2Image(
   options: Omit<Qcow2CheckOptions, 'repair'> & {
     /** Refcount blocks read at once up to this many bytes (StoredRefcounts.load's default). */
     preloadMaxBytes?: number;
+    /** Plan the repair of misaligned preallocated L2 entries (repair mode `all`; nothing is
+     * written here): they are reported as being repaired and their references are not counted. */
+    fixPreallocated?: boolean;
   } = {},
 ): Promise<Qcow2Inspection> {
   const request: RequestOptions = options.signal === undefined ? {} : { signal: options.signal };
@@ -186,6 +199,10 @@ export async function inspectQcow2Image(
     request,
     ...(options.preloadMaxBytes === undefined ? {} : { preloadMaxBytes: options.preloadMaxBytes }),
   });
+
+  if (options.fixPreallocated === true) {
+    geometry.fixes = planPreallocatedFixes(header, snapshotTable.snapshots, snapshotTable.size, stored);
+  }
 
   // 1. References. Header cluster (with the extension area) first. The active tables' COPIED
   // flags are checked in the same pass (their lines are printed after the comparison's).
@@ -261,7 +278,41 @@ export async function inspectQcow2Image(
     leaksFixed: 0,
     messages: log.finalMessages(),
   };
-  return { result, header, computed: refcounts, stored };
+  return { result, header, computed: refcounts, stored, snapshotTable, fixes: geometry.fixes };
+}
+
+/** The repair of misaligned preallocated entries, with the metadata it must not write into. */
+function planPreallocatedFixes(
+  header: Qcow2Header,
+  snapshots: readonly { l1TableOffset: number; l1Size: number }[],
+  snapshotTableSize: number,
+  stored: StoredRefcounts,
+): PreallocatedFixes {
+  const { clusterSize } = header;
+  const extendedL2 = (header.incompatibleFeatures.low & QCOW2_INCOMPAT_EXTL2) !== 0;
+  const refcountBlockClusters = new Set<number>();
+  for (const index of stored.usedTableEntries()) {
+    const blockOffset = reftableEntryOffset(stored.tableHigh(index), stored.tableLow(index));
+    refcountBlockClusters.add(Math.floor(blockOffset / clusterSize));
+    refcountBlockClusters.add(Math.floor((blockOffset + clusterSize - 1) / clusterSize));
+  }
+  return new PreallocatedFixes({
+    clusterSize,
+    l2EntryBytes: extendedL2 ? 16 : 8,
+    // QEMU writes the zero flag, which a v2 image does not have (QEMU then fails to read the
+    // cluster): there, without a backing file, an unallocated entry reads as the zeros meant.
+    replacement:
+      extendedL2 || (header.version === 2 && header.backingFileName === undefined)
+        ? 'unallocated'
+        : 'zero-flag',
+    metadata: [
+      [header.l1TableOffset, header.l1Size * 8],
+      [header.refcountTableOffset, header.refcountTableClusters * clusterSize],
+      [header.snapshotsOffset, snapshotTableSize],
+      ...snapshots.map((snapshot) => [snapshot.l1TableOffset, snapshot.l1Size * 8] as const),
+    ],
+    refcountBlockClusters,
+  });
 }
 
 /** QEMU's notice when it first meets a misaligned refcount block. */
@@ -343,6 +394,10 @@ async function countL1References(
         );
       }
       const table = await reads.table(k);
+      if (geometry.fixes !== undefined && table !== undefined) {
+        geometry.fixes.applyTo(table, l2Offset);
+        geometry.fixes.beginTable(l2Offset, active !== undefined);
+      }
       // The L2 table's own COPIED flag; its entries' flags are examined only when its refcount
       // could be read (as in QEMU).
       const checkEntries =
@@ -414,6 +469,8 @@ export function countL2References(
   while (i < entries) {
     if (scan !== undefined) nextContiguousOffset = scan.nextContiguousOffset;
     const at = i * l2EntryBytes;
+    nextContiguousOffset = countL2Entry(geometry, view, i, frag, nextContiguousOffset, refcounts, log);
+    // Read after counting: a repair (geometry.fixes) may have replaced the entry.
     const high = view.getUint32(at);
     const low = view.getUint32(at + 4);
     if (copied !== undefined && (high & QCOW_OFLAG_COMPRESSED_HIGH) === 0) {
@@ -421,7 +478,6 @@ export function countL2References(
       const hostOffset = entryOffset(high, low);
       if (hostOffset !== 0) checkDataCopied(copied, Math.floor(hostOffset / clusterSize), high, low, log);
     }
-    nextContiguousOffset = countL2Entry(geometry, view, i, frag, nextContiguousOffset, refcounts, log);
     i++;
     if (scan !== undefined) {
       scan.nextContiguousOffset = nextContiguousOffset;
@@ -596,6 +652,14 @@ export function countL2Entry(
       }
       if (hostOffset % clusterSize !== 0) {
         const containsData = extendedL2 ? allocBits !== 0 : type === 'normal';
+        if (!containsData && geometry.fixes?.plan(view, i) === true) {
+          // Repaired (see preallocated-fixes.ts): it names no cluster any more.
+          log.message(
+            () =>
+              `Repairing offset=${hostOffset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
+          );
+          return nextContiguousOffset;
+        }
         log.corruption(
           containsData
             ? `ERROR offset=${hostOffset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`

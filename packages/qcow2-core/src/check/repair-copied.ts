@@ -1,8 +1,10 @@
 /**
  * Repairing the COPIED flags of the active L1 and L2 tables against the stored refcounts (after
  * those are repaired), as `qemu-img check -r all` does: set exactly when the refcount is 1. A
- * compressed entry never carries COPIED. Tables that cannot be read or written safely (misaligned,
- * past the end of the file) are left alone: the check after the repair still reports them.
+ * compressed entry never carries COPIED. As in QEMU, a misaligned entry's flag follows the refcount
+ * of the cluster its offset falls in, and a table an L1 entry names at a misaligned offset is read
+ * and written there. Tables that cannot be read or written safely (past the end of the file, over
+ * other metadata) are left alone: the check after the repair still reports them.
  */
 
 import type { BlockDevice, RequestOptions } from '@qcowkit/blockdev';
@@ -42,8 +44,9 @@ export interface CopiedRepairGeometry {
   hasDataFile: boolean;
   /**
    * Host ranges of other metadata ([offset, length]: the header, the refcount table and blocks,
-   * the L1 table): an L1 entry naming a table there (a damaged image) gets its own flag fixed, but
-   * that "table" is never written, as QEMU's overlap check refuses such a write. Without it, every
+   * the L1 table, the snapshot table and snapshots' L1 tables): an L1 entry naming a table whose
+   * clusters hold any of it (a damaged image) gets its own flag fixed, but that "table" is never
+   * written, as QEMU's overlap check (by whole clusters) refuses such a write. Without it, every
    * table is written as needed.
    */
   metadata?: readonly (readonly [number, number])[];
@@ -82,17 +85,19 @@ export async function repairCopiedFlags(
   const note = (line: () => string): void => {
     if (collectLines) lines.push(line());
   };
-  const overlapsMetadata = (hostOffset: number, length: number): boolean =>
-    geometry.metadata?.some(([offset, size]) => hostOffset < offset + size && offset < hostOffset + length) ??
-    false;
+  const overlapsMetadata = (hostOffset: number, length: number): boolean => {
+    // Whole clusters, as QEMU's overlap check.
+    const start = Math.floor(hostOffset / clusterSize) * clusterSize;
+    const end = Math.ceil((hostOffset + length) / clusterSize) * clusterSize;
+    return (
+      geometry.metadata?.some(([offset, size]) => size > 0 && start < offset + size && offset < end) ?? false
+    );
+  };
   const fits = (hostOffset: number, length: number): boolean =>
-    hostOffset !== 0 &&
-    hostOffset % clusterSize === 0 &&
-    hostOffset + length <= file.size &&
-    !overlapsMetadata(hostOffset, length);
+    hostOffset !== 0 && hostOffset + length <= file.size && !overlapsMetadata(hostOffset, length);
   /**
    * What entry (entryHigh, entryLow)'s COPIED flag should be, its line noted when it is not so;
-   * undefined for an entry left alone (no data cluster, misaligned, refcount unreadable).
+   * undefined for an entry left alone (no data cluster, refcount unreadable).
    */
   const wantedCopied = async (entryHigh: number, entryLow: number): Promise<boolean | undefined> => {
     if (entryHigh === 0 && entryLow === 0) return undefined;
@@ -112,7 +117,7 @@ export async function repairCopiedFlags(
     const dataCluster =
       hostOffset !== 0 ||
       (hasDataFile && classifyL2Entry(entryHigh, entryLow, true, extendedL2) === 'normal');
-    if (!dataCluster || hostOffset % clusterSize !== 0) return undefined;
+    if (!dataCluster) return undefined;
     let refcount: number | undefined;
     if (hasDataFile) refcount = 1;
     else {
@@ -183,7 +188,7 @@ export async function repairCopiedFlags(
         const l2Offset = entryOffset(high, low);
         if (l2Offset === 0) continue;
         if (!fits(l2Offset, clusterSize)) {
-          // A table that cannot be read (misaligned, past the end) still gets its L1 entry's
+          // A table that cannot be read (past the end, over metadata) still gets its L1 entry's
           // COPIED flag set from the refcount of the cluster it names, as QEMU does: a leak repair
           // may just have dropped that refcount, and a stale flag would be a new corruption.
           if (await fixL1Copied(first + i, l1View, i * 8)) l1Dirty = true;

@@ -26,14 +26,19 @@ export interface RefcountRepairOutcome {
   unfixedCorruptions: number;
 }
 
-/** How many refcount table entries are damaged (reserved bits, misaligned or out-of-file blocks,
- * a block whose cluster is not referenced exactly once): only a rebuild repairs those. */
+/**
+ * How many refcount table entries are damaged (reserved bits, misaligned or out-of-file blocks,
+ * a block whose cluster is not referenced exactly once): only a rebuild repairs those. `outside`
+ * counts the blocks past the end of the file apart: as in QEMU, they ask for a rebuild only in
+ * mode all (QEMU grows the file there, then rebuilds); mode leaks leaves them reported.
+ */
 function refcountTableDamage(
   stored: StoredRefcounts,
   computed: ComputedRefcounts,
   clusterSize: number,
-): number {
+): { damaged: number; outside: number } {
   let damaged = 0;
+  let outside = 0;
   for (let index = 0; index < stored.tableEntries; index++) {
     const { high, low } = stored.tableEntry(index);
     if (high === 0 && low === 0) continue;
@@ -42,9 +47,10 @@ function refcountTableDamage(
       continue;
     }
     const clusterIndex = Math.floor(reftableEntryOffset(high, low) / clusterSize);
-    if (clusterIndex === 0 || clusterIndex >= computed.used || computed.get(clusterIndex) !== 1) damaged++;
+    if (clusterIndex >= computed.used) outside++;
+    else if (clusterIndex === 0 || computed.get(clusterIndex) !== 1) damaged++;
   }
-  return damaged;
+  return { damaged, outside };
 }
 
 /** Fixes mismatching refcounts in place and writes the refcount blocks it changed (then flushes). */
@@ -56,7 +62,7 @@ export async function repairRefcountsInPlace(
   mode: RepairMode,
   request: RequestOptions,
   /** Called once the fixes are known, before any is written: it may throw to write nothing. */
-  beforeWrite?: (outcome: RefcountRepairOutcome) => void,
+  beforeWrite?: (outcome: RefcountRepairOutcome) => void | Promise<void>,
 ): Promise<RefcountRepairOutcome> {
   const { clusterSize, refcountOrder } = geometry;
   const tableDamage = refcountTableDamage(stored, computed, clusterSize);
@@ -64,8 +70,8 @@ export async function repairRefcountsInPlace(
     lines: [],
     leaksFixed: 0,
     corruptionsFixed: 0,
-    rebuildNeeded: tableDamage > 0,
-    unfixedCorruptions: tableDamage,
+    rebuildNeeded: tableDamage.damaged > 0 || (mode === 'all' && tableDamage.outside > 0),
+    unfixedCorruptions: tableDamage.damaged + tableDamage.outside,
   };
   const perBlock = stored.entriesPerBlock;
   const changed = new Map<number, { hostOffset: number; bytes: Uint8Array }>();
@@ -103,7 +109,7 @@ export async function repairRefcountsInPlace(
   }
   // Leaks mode cannot rebuild: then it changes nothing (the caller reports it, as QEMU fails).
   if (mode === 'leaks' && outcome.rebuildNeeded) return { ...outcome, leaksFixed: 0, corruptionsFixed: 0 };
-  beforeWrite?.(outcome);
+  await beforeWrite?.(outcome);
   for (const { hostOffset, bytes } of changed.values()) {
     await file.write(hostOffset, bytes, request);
   }

@@ -1,19 +1,23 @@
 /**
  * `qemu-img check -r leaks|all`: check, repair what the mode allows, check again.
  *
+ * 0. Mode all: preallocated L2 entries whose host offset is misaligned are made plain zero
+ *    entries (see preallocated-fixes.ts; the check counts them out), written and flushed first.
  * 1. Refcounts that differ from the counted references are fixed in place (leaks: decreased;
  *    all: also increased).
  * 2. Mode all, when refcounts cannot be fixed in place (a referenced cluster with refcount 0, an
  *    unreadable refcount block, a damaged refcount table): the refcount structures are rebuilt
  *    (see rebuild-refcounts.ts), then the old ones, now leaked, are freed.
  * 3. Mode all: COPIED flags of the active tables are set to match the refcounts.
- * 4. The image is checked again; that state is the result, with leaksFixed / corruptionsFixed.
- *    When no corruption and no check error remain, the dirty and corrupt bits are cleared, as
- *    QEMU marks a repaired image clean and consistent.
+ * 4. The image is checked again; that state is the result, with leaksFixed / corruptionsFixed
+ *    (qemu-img prints that second check only when something was fixed). When no corruption and
+ *    no check error remain, the dirty and corrupt bits are cleared, as QEMU marks a repaired image
+ *    clean and consistent.
  *
- * Every step flushes before the next one, and each only raises refcounts, lowers refcounts nothing
- * references, or switches the header to fully written structures: a crash mid-repair leaves at
- * worst leaks. Data clusters are never moved or rewritten.
+ * Every step flushes before the next one, and each only drops references, raises refcounts, lowers
+ * refcounts nothing references, or switches the header to fully written structures: a crash
+ * mid-repair leaves at worst leaks. Data clusters are never moved or rewritten (but an L1 entry
+ * naming its table at a misaligned offset makes what lies there a table, as QEMU sees it).
  */
 import { BlockDeviceError, type RequestOptions } from '@qcowkit/blockdev';
 import { QCOW2_INCOMPAT_DATA_FILE, QCOW2_INCOMPAT_EXTL2 } from '../format/feature-bits.js';
@@ -57,13 +61,15 @@ export async function repairQcow2Image(
   const request: RequestOptions = options.signal === undefined ? {} : { signal: options.signal };
   const inspectOptions = { ...options };
   delete inspectOptions.repair;
-  const first = await inspectQcow2Image(image, inspectOptions);
+  // Mode all repairs misaligned preallocated entries as it counts (planned here, written below).
+  const first = await inspectQcow2Image(image, { ...inspectOptions, fixPreallocated: mode === 'all' });
   const before = first.result;
+  const entryFixes = first.fixes?.count ?? 0;
   const lines: string[] = [];
   let leaksFixed = 0;
-  let corruptionsFixed = 0;
+  let corruptionsFixed = entryFixes;
   let rebuilt = false;
-  const needsWork = before.leaks > 0 || before.corruptions > 0 || before.checkErrors > 0;
+  const needsWork = before.leaks > 0 || before.corruptions > 0 || before.checkErrors > 0 || entryFixes > 0;
 
   if (needsWork) {
     const geometry = { clusterSize: first.header.clusterSize, refcountOrder: first.header.refcountOrder };
@@ -75,16 +81,19 @@ export async function repairQcow2Image(
       geometry,
       mode,
       request,
-      (outcome) => {
+      async (outcome) => {
         // A rebuild that will be refused is refused now, before the in-place fixes are written.
-        if (mode !== 'all' || !outcome.rebuildNeeded || namedPastEnd.size === 0) return;
-        const refusal = rebuildRefusal(
-          file,
-          countsOf(first.computed, geometry.refcountOrder),
-          geometry,
-          namedPastEnd,
-        );
-        if (refusal !== undefined) throw refusal;
+        if (mode === 'all' && outcome.rebuildNeeded && namedPastEnd.size > 0) {
+          const refusal = rebuildRefusal(
+            file,
+            countsOf(first.computed, geometry.refcountOrder),
+            geometry,
+            namedPastEnd,
+          );
+          if (refusal !== undefined) throw refusal;
+        }
+        // Repaired entries stop naming their clusters (durably) before any refcount changes.
+        await first.fixes?.write(file, request);
       },
     );
     if (mode === 'leaks' && inPlace.rebuildNeeded) {
@@ -143,6 +152,10 @@ export async function repairQcow2Image(
             [0, header.clusterSize],
             [header.refcountTableOffset, header.refcountTableClusters * header.clusterSize],
             [header.l1TableOffset, header.l1Size * 8],
+            [header.snapshotsOffset, first.snapshotTable.size],
+            ...first.snapshotTable.snapshots.map(
+              (snapshot) => [snapshot.l1TableOffset, snapshot.l1Size * 8] as const,
+            ),
             ...stored
               .usedTableEntries()
               .map(
@@ -163,12 +176,15 @@ export async function repairQcow2Image(
 
   const after: Qcow2Inspection = needsWork ? await inspectQcow2Image({ file }, inspectOptions) : first;
   if (after.result.corruptions === 0 && after.result.checkErrors === 0) await markClean(image, request);
+  // qemu-img checks again only when something was fixed; else its verdict is the repair's own,
+  // the same counts as a check now (nothing was written).
+  const checkedAgain = leaksFixed > 0 || corruptionsFixed > 0;
   return {
     ...after.result,
     leaksFixed,
     corruptionsFixed,
     messages: needsWork
-      ? repairMessages(before.messages, lines, after.result.messages, mode, rebuilt)
+      ? repairMessages(before.messages, lines, after.result.messages, mode, rebuilt, checkedAgain)
       : before.messages,
   };
 }
@@ -188,12 +204,13 @@ function repairMessages(
   after: string[],
   mode: RepairMode,
   rebuilt: boolean,
+  checkedAgain: boolean,
 ): string[] {
   return [
     ...before.filter((line) => !isCopiedLine(line)),
     ...lines,
     ...(mode === 'leaks' && !rebuilt ? after.filter(isCopiedLine) : []),
-    ...after,
+    ...(checkedAgain ? after : []),
   ];
 }
 
