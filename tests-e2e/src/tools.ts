@@ -66,3 +66,26 @@ export function tempDir(prefix = 'qcowkit-e2e-'): { path: string; remove: () => 
   const path = mkdtempSync(join(tmpdir(), prefix));
   return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
 }
+
+/** What `qemu-img check --output=json` says of an image: its exit status and counts (0 where the
+ * report leaves a count out, or where qemu-img could not check and printed no report). */
+export interface QemuCheckVerdict {
+  readonly status: number;
+  readonly corruptions: number;
+  readonly leaks: number;
+  readonly checkErrors: number;
+}
+
+export function qemuCheckVerdict(file: string, options?: { cwd?: string }): QemuCheckVerdict {
+  const result = runStatus('qemu-img', ['check', '--output=json', file], options);
+  const json = (result.stdout.trim() === '' ? {} : JSON.parse(result.stdout)) as Record<
+    string,
+    number | undefined
+  >;
+  return {
+    status: result.status,
+    corruptions: json.corruptions ?? 0,
+    leaks: json.leaks ?? 0,
+    checkErrors: json['check-errors'] ?? 0,
+  };
+}

@@ -9,16 +9,16 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { DAMAGED_L2_CASES } from '../src/damaged-l2.js';
 import { qcow2 } from '../src/qcow2-cli.js';
-import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
+import {
+  type QemuCheckVerdict,
+  qemuCheckVerdict,
+  requireTools,
+  run,
+  runStatus,
+  tempDir,
+} from '../src/tools.js';
 
 const haveTools = requireTools('qemu-img', 'qemu-io');
-
-interface Verdict {
-  readonly status: number;
-  readonly corruptions: number;
-  readonly leaks: number;
-  readonly checkErrors: number;
-}
 
 /** stderr lines of a check, without the tool's own error line. */
 const findings = (stderr: string): string[] =>
@@ -32,16 +32,7 @@ describe.skipIf(!haveTools)('check and repair of misaligned L1/L2 entries, as qe
   });
   afterAll(() => dir?.remove());
 
-  const verdict = (file: string): Verdict => {
-    const result = runStatus('qemu-img', ['check', '--output=json', file], { cwd: dir.path });
-    const json = JSON.parse(result.stdout) as Record<string, number | undefined>;
-    return {
-      status: result.status,
-      corruptions: json.corruptions ?? 0,
-      leaks: json.leaks ?? 0,
-      checkErrors: json['check-errors'] ?? 0,
-    };
-  };
+  const verdict = (file: string): QemuCheckVerdict => qemuCheckVerdict(file, { cwd: dir.path });
 
   /** The guest bytes of `[offset, offset + length)` as qemu-img reads them (raw window). */
   const guestBytes = (file: string, offset: number, length: number, out: string): Buffer => {

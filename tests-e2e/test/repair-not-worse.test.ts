@@ -10,15 +10,16 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { qcow2 } from '../src/qcow2-cli.js';
-import { requireTools, run, runStatus, tempDir } from '../src/tools.js';
+import {
+  type QemuCheckVerdict,
+  qemuCheckVerdict,
+  requireTools,
+  run,
+  runStatus,
+  tempDir,
+} from '../src/tools.js';
 
 const haveTools = requireTools('qemu-img', 'qemu-io');
-
-interface Verdict {
-  readonly status: number;
-  readonly corruptions: number;
-  readonly checkErrors: number;
-}
 
 describe.skipIf(!haveTools)('writes on damaged images never make them worse', () => {
   let dir: { path: string; remove: () => void };
@@ -29,15 +30,7 @@ describe.skipIf(!haveTools)('writes on damaged images never make them worse', ()
   afterAll(() => dir?.remove());
 
   /** qemu-img check's verdict on `file` (exit status, corruptions and check errors). */
-  const qemuVerdict = (file: string): Verdict => {
-    const result = runStatus('qemu-img', ['check', '--output=json', file], { cwd: dir.path });
-    const json = result.stdout.trim() === '' ? {} : JSON.parse(result.stdout);
-    return {
-      status: result.status,
-      corruptions: json.corruptions ?? 0,
-      checkErrors: json['check-errors'] ?? 0,
-    };
-  };
+  const qemuVerdict = (file: string): QemuCheckVerdict => qemuCheckVerdict(file, { cwd: dir.path });
   const hash = (file: string) =>
     createHash('sha256')
       .update(readFileSync(at(file)))
