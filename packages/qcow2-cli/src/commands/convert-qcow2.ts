@@ -126,6 +126,7 @@ async function convertIntoExisting(
     await copyInto(opened.device, writeThrough ? new WriteThroughDevice(writable.device) : writable.device, {
       ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
       ...(options.targetIsZero === true ? { targetIsZero: true } : {}),
+      ...(options.sparseSize === undefined ? {} : { sparseSize: options.sparseSize }),
       ...(options.compress === true && image !== undefined
         ? {
             blockBytes: image.clusterSize,
@@ -248,6 +249,9 @@ export async function convertToQcow2Command(
         ...(created.backingFormat === undefined ? {} : { backingFormat: created.backingFormat }),
         ...(backing === undefined ? {} : { backing: backing.device }),
         ...(options.compress === true ? { compress: true } : {}),
+        ...(options.sparseSize === undefined
+          ? {}
+          : { sparseSize: options.sparseSize, sourceClusterSize: opened.image?.clusterSize }),
         ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
         ...(progress === undefined ? {} : { onProgress: (done, total) => progress.update(done, total) }),
         flush,
