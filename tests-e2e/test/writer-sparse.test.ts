@@ -205,6 +205,13 @@ describe.skipIf(!haveTools)('qcow2 convert -O qcow2 -S: allocation as qemu-img',
     }
   }
 
+  for (const clusterSize of ['512', '1k', '2k']) {
+    test(`cluster_size=${clusterSize} without -S: qemu-img's default -S 4k`, () => {
+      convertBoth('src.raw', ['-f', 'raw', '-o', `cluster_size=${clusterSize}`]);
+      convertBoth('src.qcow2', ['-o', `cluster_size=${clusterSize}`]);
+    });
+  }
+
   for (const size of ['0', '4k', '1M']) {
     test(`-c -S ${size}: zero clusters tested whole, -S 0 compresses every cluster`, () => {
       convertBoth('src.qcow2', ['-c', '-S', size]);

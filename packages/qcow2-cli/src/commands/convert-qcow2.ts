@@ -148,6 +148,9 @@ async function convertIntoExisting(
   }
 }
 
+/** qemu-img convert's default `-S`. */
+const DEFAULT_SPARSE_SIZE = 4096;
+
 export async function convertToQcow2Command(
   context: CommandContext,
   source: string,
@@ -249,9 +252,10 @@ export async function convertToQcow2Command(
         ...(created.backingFormat === undefined ? {} : { backingFormat: created.backingFormat }),
         ...(backing === undefined ? {} : { backing: backing.device }),
         ...(options.compress === true ? { compress: true } : {}),
-        ...(options.sparseSize === undefined
-          ? {}
-          : { sparseSize: options.sparseSize, sourceClusterSize: opened.image?.clusterSize }),
+        // qemu-img's default is -S 4k: the same as the writer's default for clusters of 4 KiB
+        // and more, not for smaller ones (a data run there is written up to a 4 KiB boundary).
+        sparseSize: options.sparseSize ?? DEFAULT_SPARSE_SIZE,
+        sourceClusterSize: opened.image?.clusterSize,
         ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
         ...(progress === undefined ? {} : { onProgress: (done, total) => progress.update(done, total) }),
         flush,
