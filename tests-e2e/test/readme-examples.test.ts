@@ -332,6 +332,18 @@ const FIXTURES: Record<string, Fixture> = {
     check: (_, dir) =>
       expect(qemuImg(dir, 'compare', '-f', 'raw', 'disk.raw', 'scratch.qcow2')).toMatch(/identical/),
   },
+  'packages/qcow2-writer/README.md § Sparse output (`sparseSize`, `qemu-img convert -S`)': {
+    tools: ['qemu-img', 'qemu-io'],
+    setup: (dir) => makeRaw(dir),
+    check: (_, dir) => {
+      for (const image of ['full.qcow2', 'fewer.qcow2'])
+        expect(qemuImg(dir, 'compare', '-f', 'raw', 'disk.raw', image)).toMatch(/identical/);
+      // -S 0: the whole 16 MiB guest is one data extent.
+      expect(qemuImg(dir, 'map', '--output=json', 'full.qcow2')).toMatch(
+        /"length": 16777216, .*"data": true/,
+      );
+    },
+  },
   'packages/qcow2-writer/README.md § Writing into an existing image (`copyInto`, `qemu-img convert -n`)': {
     tools: ['qemu-img', 'qemu-io'],
     setup: (dir) => makeRaw(dir),

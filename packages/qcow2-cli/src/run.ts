@@ -282,6 +282,7 @@ function buildProgram(
               backingFile: options.B as string | undefined,
               backingFormat: options.F as string | undefined,
               parallel: options.m as number | undefined,
+              ...(options.S === undefined ? {} : { sparseSize: options.S as number }),
               ...bitmaps,
             }),
           );

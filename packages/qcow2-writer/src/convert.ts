@@ -9,7 +9,7 @@
  * Raw streams (read once): nothing can be known ahead, so every cluster is stored (a fully
  * allocated image, zero clusters included); compression and zero detection need a seekable source.
  */
-import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
+import { type BlockDevice, BlockDeviceError, blockStatusAll } from '@qcowkit/blockdev';
 import { maxRefcount } from '@qcowkit/qcow2-core/format';
 import { ClusterMap } from './cluster-map.js';
 import { CompressedPacker } from './compressed-packing.js';
@@ -23,6 +23,7 @@ import { type CachedChunk, readClusters, SHARED_SLOTS, scanSource } from './scan
 import { SharedCompression } from './shared-compression.js';
 import { OutputWriter, type Qcow2Sink, toByteSink } from './sink.js';
 import { type ConvertSource, isBlockDevice, StreamReader } from './source.js';
+import { sparseDataClusters, sparseMode, validateSparseSize } from './sparse.js';
 import type { Spool } from './spool.js';
 import { isAllZero, isZeroWords } from './zero-detect.js';
 
@@ -38,6 +39,23 @@ export interface ConvertOptions extends Qcow2ImageOptions {
   readonly backing?: BlockDevice;
   /** Drop clusters that read as all zeros (default true). */
   readonly detectZeroes?: boolean;
+  /**
+   * qemu-img convert's `-S`: the least run of zero bytes (a multiple of 512, up to 16 MiB) left
+   * out of the image; shorter runs between data are stored with it. `0` stores every cluster of
+   * the source as data, holes and zeros included (a fully allocated image; with `compress`,
+   * every cluster compressed). Unset, or at most the cluster size: every cluster that reads as
+   * zeros is left out (the default, qemu-img's `-S 4k` for clusters of 4 KiB and more). Above the
+   * cluster size the source's data is read in qemu-img's pieces (see `sparse.ts`) and the
+   * clusters its writes would touch are stored, as real bytes. Compressed conversions test whole
+   * clusters whatever the size (as qemu-img), unless 0. With `backing`, only 0 applies: every
+   * cluster the source's top layer answers for (block status depth 0) is stored, the rest left
+   * to the backing file, as qemu-img does; other sizes keep the backing comparison.
+   */
+  readonly sparseSize?: number;
+  /** The source's cluster size when it has one (a qcow2 image): with `sparseSize` above the
+   * cluster size, qemu-img ends the source's block-status runs on its cluster boundaries, which
+   * moves where its 2 MiB pieces start. Default 512 (a raw source). */
+  readonly sourceClusterSize?: number;
   /** Memory the scan may keep to avoid reading twice (default 16 MiB). */
   readonly cacheBytes?: number;
   /** Compressed clusters beyond `cacheBytes` are kept here instead of compressed again (the node
@@ -106,6 +124,7 @@ export async function planConversion(
       'qcow2 convert: compression needs a compressor (the node entry has one)',
     );
   }
+  if (options.sparseSize !== undefined) validateSparseSize(options.sparseSize);
   const readDepth = options.readDepth ?? 4;
   // Compressed batches of 1 MiB: enough per worker message, and the shared slots stay small.
   const chunkBytes = Math.max(
@@ -140,16 +159,46 @@ export async function planConversion(
     const progress = progressOf(options.onProgress, 0, source.size);
     return makePlan(layout, [], fetch, 1, chunkClusters, undefined, signal, {
       cleanup: () => reader.cancel(),
+      dense: options.sparseSize === 0,
       dataSink: options.dataSink,
       onData: progress,
     });
   }
 
   let scanTotal = 0;
+  // -S: every cluster ('all'), or the clusters qemu-img's zero-run rule writes ('runs'), all
+  // stored as data without a zero test; over a backing file only -S 0 applies.
+  const sparse = sparseMode(
+    options.sparseSize,
+    clusterSize,
+    compressor !== undefined || options.backing !== undefined,
+  );
+  let candidates: ClusterRange[] | undefined;
+  if (sparse === 'all') {
+    const end = Math.min(source.size, geometry.size);
+    const clusters = Math.ceil(end / clusterSize);
+    // Over a backing file, as qemu-img: what the source's own top layer holds (data or zeros, or
+    // nothing below it); ranges it leaves to its backing file stay unallocated.
+    candidates =
+      options.backing !== undefined
+        ? await topLayerClusters(source, end, clusterSize, signal)
+        : clusters > 0
+          ? [{ cluster: 0, count: clusters }]
+          : [];
+  } else if (sparse === 'runs') {
+    candidates = await sparseDataClusters(
+      source,
+      Math.min(source.size, geometry.size),
+      clusterSize,
+      options.sparseSize!,
+      { readDepth, signal, sourceClusterSize: options.sourceClusterSize },
+    );
+  }
   const map0 = await scanSource(source, {
     geometry,
     backing: options.backing,
-    detectZeroes: options.detectZeroes ?? true,
+    detectZeroes: candidates === undefined && (options.detectZeroes ?? true),
+    candidates,
     compression:
       compressor !== undefined
         ? { compressor, type: geometry.compressionType, depth: options.compressDepth ?? 8 }
@@ -190,8 +239,36 @@ export async function planConversion(
     {
       dataSink: options.dataSink,
       onData: progressOf(options.onProgress, scanTotal, map.dataClusters * clusterSize),
+      // As qemu-img: clusters -S keeps are written, zeros included (never holes in the file).
+      dense: candidates !== undefined,
     },
   );
+}
+
+/** Guest cluster ranges `device`'s top layer answers for (depth 0), merged and sorted. */
+async function topLayerClusters(
+  device: BlockDevice,
+  end: number,
+  clusterSize: number,
+  signal: AbortSignal | undefined,
+): Promise<ClusterRange[]> {
+  const ranges: ClusterRange[] = [];
+  const STEP = 2 ** 40;
+  for (let position = 0; position < end; position += STEP) {
+    for (const extent of await blockStatusAll(device, position, Math.min(STEP, end - position), { signal })) {
+      if (extent.depth !== 0) continue;
+      const first = Math.floor(extent.offset / clusterSize);
+      const last = Math.ceil((extent.offset + extent.length) / clusterSize);
+      const previous = ranges[ranges.length - 1];
+      if (previous !== undefined && first <= previous.cluster + previous.count) {
+        const count = Math.max(previous.count, last - previous.cluster);
+        ranges[ranges.length - 1] = { cluster: previous.cluster, count };
+      } else {
+        ranges.push({ cluster: first, count: last - first });
+      }
+    }
+  }
+  return ranges;
 }
 
 /**
@@ -275,9 +352,11 @@ function makePlan(
     dataSink?: RandomAccessSink | undefined;
     /** Called with the bytes of each piece of data written. */
     onData?: ((bytes: number) => void) | undefined;
+    /** Data clusters are written as they are, all-zero ones too (no holes in the file). */
+    dense?: boolean;
   } = {},
 ): ConversionPlan {
-  const { cleanup, dataSink, onData } = extras;
+  const { cleanup, dataSink, onData, dense = false } = extras;
   let used = false;
   return {
     layout,
@@ -304,7 +383,7 @@ function makePlan(
         } else if (compression === undefined) {
           await emitImage(layout, out, {
             signal,
-            group: groupWriter(layout, out, cachedChunks, fetch, readDepth, chunkClusters, onData),
+            group: groupWriter(layout, out, cachedChunks, fetch, readDepth, chunkClusters, onData, dense),
           });
         } else {
           await emitImage(layout, out, {
@@ -429,6 +508,7 @@ function groupWriter(
   readDepth: number,
   chunkClusters: number,
   onData: ((bytes: number) => void) | undefined,
+  dense: boolean,
 ) {
   const clusterSize = layout.geometry.clusterSize;
   const perTable = layout.geometry.l2Entries;
@@ -453,7 +533,8 @@ function groupWriter(
           if (next.done || next.value.item.cluster !== at) {
             throw new Error(`qcow2 convert: data out of order at guest cluster ${at}`);
           }
-          await writeSparse(out, cursor, next.value.result, clusterSize);
+          if (dense) await out.writeAt(cursor, next.value.result);
+          else await writeSparse(out, cursor, next.value.result, clusterSize);
           onData?.(next.value.result.length);
           cursor += next.value.result.length;
           at += next.value.item.count;

@@ -19,6 +19,10 @@ export interface CopyIntoOptions {
   /** The target is known to read as zeros (qemu-img convert --target-is-zero): nothing is zeroed
    * and the target's block status is not asked. */
   readonly targetIsZero?: boolean;
+  /** qemu-img convert's `-S`: 0 writes every byte of the source as data (zeros and holes too),
+   * so the target ends fully allocated over the source's size. Other values keep the default
+   * (zero blocks of `blockBytes` zeroed, not written). */
+  readonly sparseSize?: number;
   readonly signal?: AbortSignal;
   /** Bytes of the guest handled, of `source.size`. */
   readonly onProgress?: (done: number, total: number) => void;
@@ -73,6 +77,7 @@ export async function copyInto(
     Math.floor((options.chunkBytes ?? 4 * 1024 * 1024) / blockBytes) * blockBytes,
   );
   const depth = Math.max(1, options.readDepth ?? 4);
+  const writeAll = options.sparseSize === 0;
   if (size === 0) return;
   const targetZeros = new ZeroMap(
     options.targetIsZero === true
@@ -96,7 +101,7 @@ export async function copyInto(
   type Job = { offset: number; length: number; zero: boolean };
   function* jobs(): Generator<Job> {
     for (const extent of sourceExtents) {
-      if (extent.zero) {
+      if (extent.zero && !writeAll) {
         yield { offset: extent.offset, length: extent.length, zero: true };
         continue;
       }
@@ -177,7 +182,7 @@ export async function copyInto(
         bytes.length,
         (Math.floor((offset + at) / blockBytes) + 1) * blockBytes - offset,
       );
-      if (isZero(bytes, at, blockEnd)) {
+      if (!writeAll && isZero(bytes, at, blockEnd)) {
         flushRun(at);
         if (zeroStart < 0) zeroStart = at;
       } else {

@@ -21,6 +21,8 @@ export interface ScanOptions {
   readonly geometry: ImageGeometry;
   readonly backing: BlockDevice | undefined;
   readonly detectZeroes: boolean;
+  /** Guest cluster ranges to consider instead of the ones block status gives (`-S`). */
+  readonly candidates?: ClusterRange[] | undefined;
   readonly compression: { compressor: ClusterCompressor; type: CompressionType; depth: number } | undefined;
   readonly cacheBytes: number;
   /** Where compressed clusters beyond `cacheBytes` go (else they are compressed again later). */
@@ -114,8 +116,8 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
   const { geometry, backing, signal } = options;
   const clusterSize = geometry.clusterSize;
   const guestEnd = Math.min(source.size, geometry.size);
-  let candidates = await nonZeroClusters(source, guestEnd, clusterSize, signal);
-  if (backing !== undefined) {
+  let candidates = options.candidates ?? (await nonZeroClusters(source, guestEnd, clusterSize, signal));
+  if (backing !== undefined && options.candidates === undefined) {
     const backingEnd = Math.min(backing.size, geometry.size);
     candidates = unionRanges(candidates, await nonZeroClusters(backing, backingEnd, clusterSize, signal));
   }
@@ -130,7 +132,10 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
   };
   let spooled = 0;
 
-  const mustRead = options.detectZeroes || backing !== undefined || options.compression !== undefined;
+  // Given candidates (-S) are all stored as data: read only to compress them.
+  const given = options.candidates !== undefined;
+  const mustRead =
+    options.compression !== undefined || (!given && (options.detectZeroes || backing !== undefined));
   if (!mustRead) {
     for (const range of candidates) map.add(range.cluster, range.count, 'data');
     return result;
@@ -201,7 +206,9 @@ export async function scanSource(source: BlockDevice, options: ScanOptions): Pro
     for (let index = 0; index < range.count; index++) {
       const zero = () => isZeroWords(words, index * clusterWords, (index + 1) * clusterWords);
       let kind: 'data' | 'zero' | 'skip';
-      if (base !== undefined) {
+      if (given) {
+        kind = 'data';
+      } else if (base !== undefined) {
         const cluster = data.subarray(index * clusterSize, (index + 1) * clusterSize);
         const backingCluster = base.subarray(index * clusterSize, (index + 1) * clusterSize);
         if (sameBytes(cluster, backingCluster)) kind = 'skip';

@@ -78,10 +78,10 @@ export function convertQcow2Line(args: readonly string[]): ConvertQcow2Line | un
   const parallel = parallelText === undefined ? undefined : Number(parallelText);
   if (parallel !== undefined && (!Number.isSafeInteger(parallel) || parallel < 1 || parallel > 16))
     return undefined;
-  // -S is checked (commander parses it) but changes nothing in a qcow2 target.
   const sparse = last('-S');
+  let sparseSize: number | undefined;
   try {
-    if (sparse !== undefined) parseSparseSize(sparse);
+    if (sparse !== undefined) sparseSize = parseSparseSize(sparse);
   } catch {
     return undefined;
   }
@@ -94,6 +94,7 @@ export function convertQcow2Line(args: readonly string[]): ConvertQcow2Line | un
       progress: flags.has('-p') && !flags.has('-q'),
       forceShare: flags.has('-U') || flags.has('--force-share'),
       noCreate: flags.has('-n'),
+      ...(sparseSize === undefined ? {} : { sparseSize }),
       targetIsZero: flags.has('--target-is-zero'),
       ...(cache === undefined ? {} : { cache }),
       outputFormat: 'qcow2',

@@ -126,6 +126,7 @@ async function convertIntoExisting(
     await copyInto(opened.device, writeThrough ? new WriteThroughDevice(writable.device) : writable.device, {
       ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
       ...(options.targetIsZero === true ? { targetIsZero: true } : {}),
+      ...(options.sparseSize === undefined ? {} : { sparseSize: options.sparseSize }),
       ...(options.compress === true && image !== undefined
         ? {
             blockBytes: image.clusterSize,
@@ -146,6 +147,9 @@ async function convertIntoExisting(
     await writable.close();
   }
 }
+
+/** qemu-img convert's default `-S`. */
+const DEFAULT_SPARSE_SIZE = 4096;
 
 export async function convertToQcow2Command(
   context: CommandContext,
@@ -248,6 +252,10 @@ export async function convertToQcow2Command(
         ...(created.backingFormat === undefined ? {} : { backingFormat: created.backingFormat }),
         ...(backing === undefined ? {} : { backing: backing.device }),
         ...(options.compress === true ? { compress: true } : {}),
+        // qemu-img's default is -S 4k: the same as the writer's default for clusters of 4 KiB
+        // and more, not for smaller ones (a data run there is written up to a 4 KiB boundary).
+        sparseSize: options.sparseSize ?? DEFAULT_SPARSE_SIZE,
+        sourceClusterSize: opened.image?.clusterSize,
         ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
         ...(progress === undefined ? {} : { onProgress: (done, total) => progress.update(done, total) }),
         flush,

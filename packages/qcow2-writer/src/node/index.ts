@@ -17,6 +17,7 @@ import { resolveGeometry } from '../options.js';
 import type { Qcow2Sink } from '../sink.js';
 import type { ConvertSource } from '../source.js';
 import { isBlockDevice } from '../source.js';
+import { sparseMode } from '../sparse.js';
 import { createCompressorPool } from './compress-pool.js';
 import { openFileSink } from './file-sink.js';
 import { createFileSpool } from './file-spool.js';
@@ -99,7 +100,8 @@ export async function planConversion(
 
 /**
  * Converts `source` to qcow2 at `sink` (a path or any sink); resolves with the bytes written. To a
- * file path, a conversion of a BlockDevice without `backing`, preallocation or a data file reads
+ * file path, a conversion of a BlockDevice without `backing`, preallocation, a data file or a
+ * `sparseSize` that changes the default (0, or above the cluster size uncompressed) reads
  * the source once (`convertDirect`, or `convertDirectCompressed` when compressing); everything
  * else goes through `planConversion`.
  */
@@ -114,7 +116,13 @@ export async function convertToQcow2(
     options.backing === undefined &&
     (options.preallocation ?? 'off') === 'off' &&
     options.dataFile === undefined &&
-    options.detectZeroes !== false
+    options.detectZeroes !== false &&
+    (options.sparseSize === undefined ||
+      sparseMode(
+        options.sparseSize,
+        resolveGeometry(options, options.size ?? source.size).clusterSize,
+        options.compress === true,
+      ) === 'clusters')
   ) {
     const geometry = resolveGeometry(options, options.size ?? source.size);
     if (!options.compress) {
