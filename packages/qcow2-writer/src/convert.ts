@@ -9,7 +9,7 @@
  * Raw streams (read once): nothing can be known ahead, so every cluster is stored (a fully
  * allocated image, zero clusters included); compression and zero detection need a seekable source.
  */
-import { type BlockDevice, BlockDeviceError, blockStatusAll } from '@qcowkit/blockdev';
+import { type BlockDevice, BlockDeviceError } from '@qcowkit/blockdev';
 import { maxRefcount } from '@qcowkit/qcow2-core/format';
 import { ClusterMap } from './cluster-map.js';
 import { CompressedPacker } from './compressed-packing.js';
@@ -19,7 +19,7 @@ import { emitImage } from './emit.js';
 import { planLayout, type Qcow2Layout } from './layout.js';
 import { type Qcow2ImageOptions, resolveGeometry } from './options.js';
 import { type ClusterRange, readAhead, splitRange } from './read-ahead.js';
-import { type CachedChunk, readClusters, SHARED_SLOTS, scanSource } from './scan.js';
+import { type CachedChunk, clustersWhere, readClusters, SHARED_SLOTS, scanSource } from './scan.js';
 import { SharedCompression } from './shared-compression.js';
 import { OutputWriter, type Qcow2Sink, toByteSink } from './sink.js';
 import { type ConvertSource, isBlockDevice, StreamReader } from './source.js';
@@ -181,7 +181,7 @@ export async function planConversion(
     // nothing below it); ranges it leaves to its backing file stay unallocated.
     candidates =
       options.backing !== undefined
-        ? await topLayerClusters(source, end, clusterSize, signal)
+        ? await clustersWhere(source, end, clusterSize, signal, (extent) => extent.depth === 0)
         : clusters > 0
           ? [{ cluster: 0, count: clusters }]
           : [];
@@ -243,32 +243,6 @@ export async function planConversion(
       dense: candidates !== undefined,
     },
   );
-}
-
-/** Guest cluster ranges `device`'s top layer answers for (depth 0), merged and sorted. */
-async function topLayerClusters(
-  device: BlockDevice,
-  end: number,
-  clusterSize: number,
-  signal: AbortSignal | undefined,
-): Promise<ClusterRange[]> {
-  const ranges: ClusterRange[] = [];
-  const STEP = 2 ** 40;
-  for (let position = 0; position < end; position += STEP) {
-    for (const extent of await blockStatusAll(device, position, Math.min(STEP, end - position), { signal })) {
-      if (extent.depth !== 0) continue;
-      const first = Math.floor(extent.offset / clusterSize);
-      const last = Math.ceil((extent.offset + extent.length) / clusterSize);
-      const previous = ranges[ranges.length - 1];
-      if (previous !== undefined && first <= previous.cluster + previous.count) {
-        const count = Math.max(previous.count, last - previous.cluster);
-        ranges[ranges.length - 1] = { cluster: previous.cluster, count };
-      } else {
-        ranges.push({ cluster: first, count: last - first });
-      }
-    }
-  }
-  return ranges;
 }
 
 /**

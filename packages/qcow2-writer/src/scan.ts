@@ -5,7 +5,7 @@
  * before the layout is fixed. Results are cached up to a budget so the writing pass reads (and
  * compresses) again only what did not fit.
  */
-import { type BlockDevice, blockStatusAll } from '@qcowkit/blockdev';
+import { type BlockDevice, blockStatusAll, type Extent } from '@qcowkit/blockdev';
 import { ClusterMap } from './cluster-map.js';
 import type { ClusterCompressor, CompressionType } from './compressor.js';
 import type { ImageGeometry } from './options.js';
@@ -54,18 +54,32 @@ export interface ScanResult {
 }
 
 /** Guest cluster ranges where `device` may read as non-zero (block status), merged and sorted. */
-export async function nonZeroClusters(
+export function nonZeroClusters(
   device: BlockDevice,
   end: number,
   clusterSize: number,
   signal: AbortSignal | undefined,
+): Promise<ClusterRange[]> {
+  return clustersWhere(device, end, clusterSize, signal, (extent) => !extent.zero && extent.present);
+}
+
+/**
+ * Guest cluster ranges covering the block-status extents of `device` (up to `end`) that `keep`
+ * accepts, merged and sorted.
+ */
+export async function clustersWhere(
+  device: BlockDevice,
+  end: number,
+  clusterSize: number,
+  signal: AbortSignal | undefined,
+  keep: (extent: Extent) => boolean,
 ): Promise<ClusterRange[]> {
   const ranges: ClusterRange[] = [];
   const STEP = 2 ** 40;
   for (let position = 0; position < end; position += STEP) {
     const extents = await blockStatusAll(device, position, Math.min(STEP, end - position), { signal });
     for (const extent of extents) {
-      if (extent.zero || !extent.present) continue;
+      if (!keep(extent)) continue;
       const first = Math.floor(extent.offset / clusterSize);
       const last = Math.ceil((extent.offset + extent.length) / clusterSize);
       const previous = ranges[ranges.length - 1];
