@@ -66,6 +66,14 @@ describe.skipIf(!haveTools)('qcow2 convert --salvage on damaged images', () => {
     truncateSync(fresh('truncated.qcow2'), 400_000);
     // A healthy image, to concatenate with a damaged one.
     fresh('healthy.qcow2');
+    // 12 MiB of compressed clusters with every other 4 KiB of the file after the metadata (header,
+    // refcount table and block, L1, L2: the first 320 KiB) garbled: failures in many reads.
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', 'spread.qcow2', '16M'], { cwd: seed() });
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -c -P 0x61 0 12M', 'spread.qcow2'], { cwd: seed() });
+    const spread = join(seed(), 'spread.qcow2');
+    const spreadSize = readFileSync(spread).length;
+    for (let offset = 0x50000; offset < spreadSize; offset += 8192)
+      patch(spread, offset, new Uint8Array(4096).fill(0xee));
   });
   afterAll(() => dir?.remove());
 
@@ -134,6 +142,32 @@ describe.skipIf(!haveTools)('qcow2 convert --salvage on damaged images', () => {
     }
     if (format === 'qcow2') run('qemu-img', ['check', '-q', join(o, out)]);
   });
+
+  test.each([['raw'], ['qcow2']])(
+    'failures in many reads -O %s: the same lines, ours in offset order',
+    (format) => {
+      const out = `out.${format}`;
+      const { theirs, ours, q, o } = both(['convert', '--salvage', '-O', format, 'spread.qcow2', out]);
+      expect(ours.status).toBe(theirs.status);
+      expect(ours.status).toBe(0);
+      const seen = lines(theirs.stderr, ours.stderr);
+      expect(seen.ours.length).toBeGreaterThan(1000);
+      // qemu-img's parallel requests interleave their lines; ours come in offset order.
+      expect([...seen.ours].sort()).toEqual([...seen.theirs].sort());
+      const offsets = seen.ours.map((line) => Number(/offset (\d+):/.exec(line)![1]));
+      expect(offsets).toEqual([...offsets].sort((a, b) => a - b));
+      const compare = runStatus('qemu-img', [
+        'compare',
+        '-f',
+        format,
+        '-F',
+        format,
+        join(q, out),
+        join(o, out),
+      ]);
+      expect(compare.status, compare.stdout).toBe(0);
+    },
+  );
 
   test.each([
     ['compressed.qcow2', 'raw'],

@@ -14,7 +14,9 @@
  *
  * Sectors found bad are remembered: a second pass over them (qcow2-writer may read a range twice)
  * neither retries nor reports them again. Offsets are the wrapped device's own (for several
- * sources, each source's, as qemu-img prints them).
+ * sources, each source's, as qemu-img prints them). Reads run ahead in parallel, so a read's
+ * reports wait for those of the reads started before it: callers reading in guest order (every
+ * convert path does) get them in offset order, as qemu-img prints them.
  */
 import {
   type BlockDevice,
@@ -91,10 +93,18 @@ function salvageable(error: unknown, options: RequestOptions | undefined): boole
   return error instanceof Error && typeof (error as NodeJS.ErrnoException).code === 'string';
 }
 
+/** A read's place in the order reports are given in. */
+interface ReadTurn {
+  done: boolean;
+  readonly reports: SalvageReport[];
+}
+
 export class SalvagingBlockDevice extends ForwardingBlockDevice {
   readonly #report: (report: SalvageReport) => void;
   readonly #badReads = new RangeSet();
   readonly #badStatus = new RangeSet();
+  /** Reads not yet reported on, in the order they started. */
+  readonly #turns: ReadTurn[] = [];
 
   /** `report` is called once for each sector found bad, in increasing offsets within a request. */
   constructor(inner: BlockDevice, report: (report: SalvageReport) => void) {
@@ -112,7 +122,16 @@ export class SalvagingBlockDevice extends ForwardingBlockDevice {
   override async readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
     validateRange(this.size, offset, buffer.length, 'read');
     throwIfAborted(options?.signal);
-    await this.#readPiece(buffer, offset, offset, offset + buffer.length, options);
+    const turn: ReadTurn = { done: false, reports: [] };
+    this.#turns.push(turn);
+    try {
+      await this.#readPiece(buffer, offset, offset, offset + buffer.length, turn.reports, options);
+    } finally {
+      turn.done = true;
+      // Reports of every finished read with no unfinished read before it.
+      while (this.#turns[0]?.done === true)
+        for (const report of this.#turns.shift()!.reports) this.#report(report);
+    }
   }
 
   /** Reads [from, to) of the device into `buffer` (which starts at device offset `base`). */
@@ -121,6 +140,7 @@ export class SalvagingBlockDevice extends ForwardingBlockDevice {
     base: number,
     from: number,
     to: number,
+    reports: SalvageReport[],
     options: RequestOptions | undefined,
   ): Promise<void> {
     if (from >= to) return;
@@ -141,14 +161,14 @@ export class SalvagingBlockDevice extends ForwardingBlockDevice {
         const sector = firstSector * SECTOR;
         if (!this.#badReads.covers(sector, Math.min(sector + SECTOR, this.size))) {
           this.#badReads.add(sector, Math.min(sector + SECTOR, this.size));
-          this.#report({ kind: 'read', offset: sector, error });
+          reports.push({ kind: 'read', offset: sector, error });
         }
         return;
       }
       // Halves on a sector boundary, the first one first (reports come in offset order).
       const middle = (firstSector + Math.ceil((lastSector - firstSector + 1) / 2)) * SECTOR;
-      await this.#readPiece(buffer, base, from, middle, options);
-      await this.#readPiece(buffer, base, middle, to, options);
+      await this.#readPiece(buffer, base, from, middle, reports, options);
+      await this.#readPiece(buffer, base, middle, to, reports, options);
     }
   }
 

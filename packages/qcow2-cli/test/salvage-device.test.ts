@@ -79,6 +79,27 @@ describe('SalvagingBlockDevice', () => {
     expect(reports).toHaveLength(3);
   });
 
+  test('reads run in parallel report in the order they were started', async () => {
+    /** Bad everywhere; reads of the first half take longer than those of the second. */
+    class SlowFirstHalf extends Damaged {
+      override async readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+        if (offset < 8 * K) await new Promise((resolve) => setTimeout(resolve, 5));
+        return super.readInto(buffer, offset, options);
+      }
+    }
+    const reports: number[] = [];
+    const device = new SalvagingBlockDevice(new SlowFirstHalf(await filled(16 * K), [0, 16 * K]), (report) =>
+      reports.push(report.offset),
+    );
+    const first = device.read(0, 8 * K);
+    const second = device.read(8 * K, 8 * K);
+    await second;
+    // The second read is done, but its reports wait for the first one's.
+    expect(reports).toEqual([]);
+    await first;
+    expect(reports).toEqual(Array.from({ length: 32 }, (_, index) => index * 512));
+  });
+
   test('reads that do not fail are passed through untouched', async () => {
     const damaged = new Damaged(await filled(64 * K), [0, 0]);
     const device = new SalvagingBlockDevice(damaged, () => {
