@@ -6,6 +6,11 @@ export type {
   WriteOptions,
   WriteZeroesOptions,
 } from './block-device.js';
+export {
+  ConcatBlockDevice,
+  type ConcatBlockDeviceOptions,
+  type ConcatPart,
+} from './concat-device.js';
 export { BlockDeviceError, type BlockErrorCode, isBlockDeviceError } from './errors.js';
 export { FaultInjectingBlockDevice, type FaultInjectingOptions, type FaultRequest } from './fault-device.js';
 export { ForwardingBlockDevice } from './forwarding-device.js';

@@ -9,8 +9,12 @@ import {
 import {
   type ConformanceOptions,
   checkBounds,
+  checkReadOnlyBounds,
   modelProperty,
   overlapProperty,
+  patternBytes,
+  readOnlyOperationsArbitrary,
+  runReadOnlySequence,
 } from '@qcowkit/blockdev/testing';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
@@ -67,6 +71,41 @@ class RacyReadModifyWrite extends MemoryBlockDevice {
     block.set(data, offset - start);
     await super.write(start, block, options);
   }
+}
+
+/** Read-only, but reads one byte late past 1000 (an off-by-one in a part boundary). */
+class ShiftedAfter1000 extends MemoryBlockDevice {
+  override async readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+    if (offset < 1000 || offset + buffer.length >= this.size) return super.readInto(buffer, offset, options);
+    return super.readInto(buffer, offset + 1, options);
+  }
+  override async read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
+    validateRange(this.size, offset, length, 'read');
+    const buffer = new Uint8Array(length);
+    await this.readInto(buffer, offset, options);
+    return buffer;
+  }
+}
+
+async function readOnlyFailureOf(
+  create: (content: Uint8Array) => Promise<MemoryBlockDevice>,
+): Promise<string> {
+  const size = 4097;
+  try {
+    await fc.assert(
+      fc.asyncProperty(fc.nat(), readOnlyOperationsArbitrary(size), (seed, operations) =>
+        runReadOnlySequence(
+          { name: 'read-only', createReadOnly: create },
+          patternBytes(seed, size),
+          operations,
+        ),
+      ),
+      { numRuns: 300, endOnFailure: true, seed: 42 },
+    );
+  } catch (error) {
+    return `${String(error)}\n${String((error as Error).cause)}`;
+  }
+  return 'no failure';
 }
 
 async function failureOf(options: ConformanceOptions, size: number): Promise<string> {
@@ -126,5 +165,23 @@ describe('the conformance kit', () => {
     expect(
       await failureOf({ name: 'memory', create: async (size) => new MemoryBlockDevice(size) }, 197_635),
     ).toBe('no failure');
+  });
+
+  it('catches a read-only device that reads the wrong bytes, and passes a correct one', async () => {
+    const shifted = async (content: Uint8Array) => {
+      const device = new ShiftedAfter1000(content.length);
+      await device.write(0, content);
+      return device;
+    };
+    expect(await readOnlyFailureOf(shifted)).toMatch(/reads \d+, expected \d+/);
+    expect(
+      await readOnlyFailureOf(async (content) => MemoryBlockDevice.from(content, { readOnly: true })),
+    ).toBe('no failure');
+  });
+
+  it('catches a read-only device without bounds checks', async () => {
+    await expect(checkReadOnlyBounds(new ReadsPastEnd(4096))).rejects.toThrow(
+      /expected a rejection with EINVAL/,
+    );
   });
 });

@@ -11,7 +11,12 @@
  */
 import type { Command } from 'commander';
 import { registerBitmapCommand } from './commands/bitmap.js';
-import { parseSnapshotOption, parseSparseSize } from './commands/convert-args.js';
+import {
+  parseSnapshotOption,
+  parseSparseSize,
+  refuseConvertFlags,
+  refuseForSeveralSources,
+} from './commands/convert-args.js';
 import {
   checkFastPath,
   convertFastPath,
@@ -24,6 +29,7 @@ import { asksOptionHelp, createOptionHelp } from './commands/option-help.js';
 import {
   cacheParser,
   collectOptions,
+  rateLimitParser,
   registerOpsCommands,
   sourceCacheParser,
 } from './commands/register-ops.js';
@@ -203,10 +209,14 @@ function buildProgram(
   addCommon(
     program
       .command('convert')
-      .argument('[source]', 'the image to read')
-      .argument('[target]', "the file to write ('-': stdout)"),
+      .argument(
+        '[files...]',
+        "the images to read (several: one after the other), then the file to write ('-': stdout)",
+      ),
   )
-    .description('convert an image to a sparse raw file or a new qcow2 image (as qemu-img convert)')
+    .description(
+      'convert an image (or several, concatenated) to a sparse raw file or a new qcow2 image (as qemu-img convert)',
+    )
     .addOption(new Option('-O <fmt>', 'output format: raw or qcow2').default('raw'))
     .addOption(new Option('-l <snapshot>', 'snapshot.name=NAME, snapshot.id=ID, or an id or name'))
     .addOption(new Option('-s <snapshot>', 'snapshot id or name'))
@@ -224,6 +234,17 @@ function buildProgram(
       ).argParser(parseSparseSize),
     )
     .option('-W', 'out-of-order writes (accepted)')
+    .option(
+      '-C',
+      'copy offloading: data copied whole, file to file in the kernel where it can (copy_file_range)',
+    )
+    .addOption(
+      new Option(
+        '-r <rate>',
+        'at most this many bytes a second written to the target (size suffixes allowed)',
+      ).argParser(rateLimitParser),
+    )
+    .option('--salvage', 'keep going on read errors of the sources: what cannot be read becomes zeros')
     .addOption(
       new Option(
         '-t <cache>',
@@ -241,75 +262,90 @@ function buildProgram(
     .option('--skip-broken-bitmaps', 'with --bitmaps: skip inconsistent bitmaps (with a warning)')
     .addHelpText(
       'after',
-      '\nExamples:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 convert -O qcow2 -c -o cluster_size=2M disk.raw disk.qcow2\n',
+      '\nExamples:\n  qcow2 convert -p -O raw disk.qcow2 disk.raw\n  qcow2 convert -O qcow2 -c -o cluster_size=2M disk.raw disk.qcow2\n  qcow2 convert -O raw part1.qcow2 part2.qcow2 whole.raw\n',
     )
-    .action(
-      async (source: string | undefined, target: string | undefined, options: Record<string, unknown>) => {
-        const createOptions = (options.o as string[] | undefined) ?? [];
-        if (asksOptionHelp(createOptions) && (options.O === 'raw' || options.O === 'qcow2')) {
-          io.stdout.write(createOptionHelp(options.O, target !== undefined));
-          return;
-        }
-        if (source === undefined) throw new UsageError("missing required argument 'source'");
-        if (target === undefined) throw new UsageError("missing required argument 'target'");
-        if (options.targetIsZero === true && options.n !== true) {
-          throw new UsageError('--target-is-zero requires use of -n flag');
-        }
-        const bitmaps = {
-          bitmaps: options.bitmaps === true,
-          skipBrokenBitmaps: options.skipBrokenBitmaps === true,
-        };
-        if (bitmaps.skipBrokenBitmaps && !bitmaps.bitmaps) {
-          throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
-        }
-        const common = {
-          format: options.f as ImageFormat | undefined,
-          snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
-          progress: options.p === true && options.q !== true,
-          forceShare: options.forceShare === true,
-          noCreate: options.n === true,
-          targetIsZero: options.targetIsZero === true,
-          ...(options.t === undefined ? {} : { cache: options.t as string }),
-        };
-        if (options.O === 'qcow2') {
-          const { convertToQcow2Command } = await import('./commands/convert-qcow2.js');
-          setExit(
-            await convertToQcow2Command(context, source, target, {
-              ...common,
-              outputFormat: 'qcow2',
-              createOptions,
-              compress: options.c === true,
-              backingFile: options.B as string | undefined,
-              backingFormat: options.F as string | undefined,
-              parallel: options.m as number | undefined,
-              ...(options.S === undefined ? {} : { sparseSize: options.S as number }),
-              ...bitmaps,
-            }),
-          );
-          return;
-        }
-        if (options.O === 'raw') {
-          // As qemu-img: a raw target has no compressed clusters and no backing file, and takes only
-          // raw's creation options.
-          if (options.c === true) throw new CliError('Compression not supported for this file format');
-          if (options.B !== undefined) throw new CliError("Backing file not supported for file format 'raw'");
-        }
-        if (bitmaps.bitmaps && options.O === 'raw') {
-          const { refuseBitmapsTo } = await import('./commands/convert-bitmaps.js');
-          await refuseBitmapsTo(context, source, 'raw', { ...common, outputFormat: 'raw', ...bitmaps });
-        }
-        const { convertCommand } = await import('./commands/convert.js');
+    .action(async (files: string[], options: Record<string, unknown>) => {
+      // Before anything else, as qemu-img checks them.
+      refuseConvertFlags({
+        compress: options.c === true,
+        copyOffload: options.C === true,
+        sparseGiven: options.S !== undefined,
+        salvage: options.salvage === true,
+      });
+      const createOptions = (options.o as string[] | undefined) ?? [];
+      if (asksOptionHelp(createOptions) && (options.O === 'raw' || options.O === 'qcow2')) {
+        io.stdout.write(createOptionHelp(options.O, files.length >= 2));
+        return;
+      }
+      // The last name is the target, the others the sources.
+      if (files.length < 2) throw new UsageError('Must specify image file name');
+      const sources = files.slice(0, -1);
+      const target = files.at(-1)!;
+      // One source is passed as its name, as the fast paths pass it.
+      const source = sources.length === 1 ? sources[0]! : sources;
+      if (options.targetIsZero === true && options.n !== true) {
+        throw new UsageError('--target-is-zero requires use of -n flag');
+      }
+      const bitmaps = {
+        bitmaps: options.bitmaps === true,
+        skipBrokenBitmaps: options.skipBrokenBitmaps === true,
+      };
+      if (bitmaps.skipBrokenBitmaps && !bitmaps.bitmaps) {
+        throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps');
+      }
+      const common = {
+        format: options.f as ImageFormat | undefined,
+        snapshot: parseSnapshotOption(options.l as string | undefined, options.s as string | undefined),
+        progress: options.p === true && options.q !== true,
+        quiet: options.q === true,
+        forceShare: options.forceShare === true,
+        noCreate: options.n === true,
+        targetIsZero: options.targetIsZero === true,
+        ...(options.salvage === true ? { salvage: true } : {}),
+        ...(options.C === true ? { copyOffload: true } : {}),
+        ...(options.r === undefined ? {} : { rateLimit: options.r as number }),
+        ...(options.t === undefined ? {} : { cache: options.t as string }),
+      };
+      refuseForSeveralSources(sources.length, { snapshot: common.snapshot });
+      if (options.O === 'qcow2') {
+        const { convertToQcow2Command } = await import('./commands/convert-qcow2.js');
         setExit(
-          await convertCommand(context, source, target, {
+          await convertToQcow2Command(context, source, target, {
             ...common,
-            outputFormat: options.O as string,
-            ...(createOptions.length === 0 ? {} : { createOptions }),
+            outputFormat: 'qcow2',
+            createOptions,
+            compress: options.c === true,
+            backingFile: options.B as string | undefined,
+            backingFormat: options.F as string | undefined,
+            parallel: options.m as number | undefined,
             ...(options.S === undefined ? {} : { sparseSize: options.S as number }),
-            ...(options.m === undefined ? {} : { parallel: options.m as number }),
+            ...bitmaps,
           }),
         );
-      },
-    );
+        return;
+      }
+      if (options.O === 'raw') {
+        // As qemu-img: a raw target has no compressed clusters and no backing file, and takes only
+        // raw's creation options.
+        if (options.B !== undefined) throw new CliError("Backing file not supported for file format 'raw'");
+        if (options.c === true) throw new CliError('Compression not supported for this file format');
+      }
+      refuseForSeveralSources(sources.length, { bitmaps: bitmaps.bitmaps });
+      if (bitmaps.bitmaps && options.O === 'raw') {
+        const { refuseBitmapsTo } = await import('./commands/convert-bitmaps.js');
+        await refuseBitmapsTo(context, sources[0]!, 'raw', { ...common, outputFormat: 'raw', ...bitmaps });
+      }
+      const { convertCommand } = await import('./commands/convert.js');
+      setExit(
+        await convertCommand(context, source, target, {
+          ...common,
+          outputFormat: options.O as string,
+          ...(createOptions.length === 0 ? {} : { createOptions }),
+          ...(options.S === undefined ? {} : { sparseSize: options.S as number }),
+          ...(options.m === undefined ? {} : { parallel: options.m as number }),
+        }),
+      );
+    });
 
   addCommon(program.command('check').argument('<file>', 'the image'))
     .description('check an image for consistency; -r repairs it (as qemu-img check)')

@@ -15,28 +15,43 @@ const UNITS: Record<string, number> = {
   e: 2 ** 60,
 };
 
+/** QEMU's size syntax: leading blanks and a `+`, then hexadecimal (`0x1000`) or decimal with an
+ * optional fraction, then at most a suffix, nothing after it. */
+const SIZE_SYNTAX = /^\s*\+?(?:0x([0-9a-f]+)|(\d+)(?:\.(\d+))?)([bkmgtpe])?$/i;
+
+/**
+ * The byte count `text` names, exactly, as a bigint (any size, 2^64 and beyond included); undefined
+ * when it is not a size, 'fraction' when it is a fraction of a byte (`1.5`: refused by QEMU).
+ */
+export function sizeInBytes(text: string): bigint | 'fraction' | undefined {
+  const match = SIZE_SYNTAX.exec(text);
+  if (match === null) return undefined;
+  const [, hex, whole, fraction, suffix] = match;
+  const unit = UNITS[(suffix ?? 'b').toLowerCase()]!;
+  if (fraction !== undefined && unit === 1 && /[1-9]/.test(fraction)) return 'fraction';
+  if (hex !== undefined) return BigInt(`0x${hex}`) * BigInt(unit);
+  if (fraction === undefined || !/[1-9]/.test(fraction)) return BigInt(whole!) * BigInt(unit);
+  // A fraction with a suffix: whole bytes of it, as QEMU truncates.
+  return BigInt(whole!) * BigInt(unit) + BigInt(Math.floor(Number(`0.${fraction}`) * unit));
+}
+
 /** Parses `text` into a byte count; throws a {@link UsageError} naming `what` when it is not one. */
 export function parseSize(text: string, what = 'size'): number {
-  // As QEMU: leading blanks and a `+`, then hexadecimal (`0x1000`) or decimal with an optional
-  // fraction, then at most a suffix, nothing after it.
-  const match = /^\s*\+?(?:0x([0-9a-f]+)|(\d+)(?:\.(\d+))?)([bkmgtpe])?$/i.exec(text);
-  if (match === null) {
+  const bytes = sizeInBytes(text);
+  if (bytes === undefined) {
     throw new UsageError(
       `Invalid ${what} specified: '${text}' (use a number with an optional suffix k, M, G, T, P, E)`,
     );
   }
-  const [, hex, whole, fraction, suffix] = match;
-  const unit = UNITS[(suffix ?? 'b').toLowerCase()]!;
-  if (fraction !== undefined && unit === 1 && /[1-9]/.test(fraction)) {
+  if (bytes === 'fraction') {
     throw new UsageError(
       `Invalid ${what} specified: '${text}' (a fraction needs a suffix larger than bytes)`,
     );
   }
-  const value = (hex !== undefined ? Number.parseInt(hex, 16) : Number(`${whole}.${fraction ?? '0'}`)) * unit;
-  if (!Number.isSafeInteger(Math.floor(value)) || value > Number.MAX_SAFE_INTEGER) {
+  if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) {
     throw new UsageError(`Invalid ${what} specified: '${text}' is too large`);
   }
-  return Math.floor(value);
+  return Number(bytes);
 }
 
 /** A size the way QEMU prints it for people: `64 MiB`, `1.32 MiB`, `512 B` (`%0.3g` of the value in

@@ -76,7 +76,37 @@ describe('run(): convert with and without commander', () => {
 
   test.each([
     [['convert', '-f', 'vmdk', 'disk.raw', 'x.raw'], /^qcow2: .*Unknown driver 'vmdk'/],
-    [['convert', 'disk.raw'], /^qcow2: missing required argument 'target'\n$/],
+    // qemu-img's words: the last name is the target, so one name leaves no source.
+    [['convert', 'disk.raw'], /^qcow2: Must specify image file name\n$/],
+    [['convert'], /^qcow2: Must specify image file name\n$/],
+    [
+      ['convert', '-C', '-c', '-O', 'qcow2', 'disk.raw', 'x.qcow2'],
+      /^qcow2: Cannot enable copy offloading when -c is used\n$/,
+    ],
+    [
+      ['convert', '-C', '-S', '4k', 'disk.raw', 'x.raw'],
+      /^qcow2: Cannot enable copy offloading when -S is used\n$/,
+    ],
+    [
+      ['convert', '-C', '--salvage', 'disk.raw', 'x.raw'],
+      /^qcow2: Cannot use copy offloading in salvaging mode\n$/,
+    ],
+    [
+      ['convert', '-r', '1x', 'disk.raw', 'x.raw'],
+      /^qcow2: Invalid rate limit specified. You may use k, M, G/,
+    ],
+    [
+      ['convert', '-r', '8E', 'disk.raw', 'x.raw'],
+      /^qcow2: Invalid rate limit specified. Must be between 0 and 9223372036854775807.\n$/,
+    ],
+    [
+      ['convert', '-s', 'snap', 'disk.raw', 'disk.raw', 'x.raw'],
+      /^qcow2: No support for concatenating multiple snapshot\n$/,
+    ],
+    [
+      ['convert', '--bitmaps', '-O', 'qcow2', 'disk.raw', 'disk.raw', 'x.qcow2'],
+      /^qcow2: Copying bitmaps only possible with single source\n$/,
+    ],
     [['convert', '-x', 'disk.raw', 'x.raw'], /^qcow2: unknown option '-x'\n$/],
   ])('%j is reported by commander', async (argv, message) => {
     const { code, stderr } = await runIn(argv);

@@ -69,6 +69,10 @@ describe('convert -O qcow2 lines read without commander', () => {
     [['-O', 'qcow2', '-t', 'bogus', 'a', 'b']],
     [['-O', 'qcow2', '-T', 'direct', 'a', 'b']],
     [['-O', 'qcow2', '-W5', 'a', 'b']],
+    // Options the plain lines do not take: copy offloading, a rate limit, salvaging.
+    [['-O', 'qcow2', '-C', 'a', 'b']],
+    [['-O', 'qcow2', '-r', '1M', 'a', 'b']],
+    [['-O', 'qcow2', '--salvage', 'a', 'b']],
   ])('%j is left to commander', (args) => {
     expect(convertQcow2Line(args)).toBeUndefined();
   });

@@ -129,6 +129,24 @@ describe('the fast paths agree with commander', () => {
     expect(calls.convert).toHaveLength(0);
   });
 
+  test.each([[['a', 'b', 'c']], [['-C', 'a', 'b']], [['-r', '1M', 'a', 'b']], [['--salvage', 'a', 'b']]])(
+    'convert %j (several sources, -C, -r, --salvage) is left to commander',
+    async (args) => {
+      expect(convertFastPath(args)).toBeUndefined();
+      expect(await run(['convert', ...args], io)).toBe(0);
+      expect(calls.convert).toHaveLength(1);
+    },
+  );
+
+  test('convert: commander hands several sources over as a list, the target last', async () => {
+    expect(await run(['convert', '--salvage', '-r', '2k', '-q', 'a', 'b', 'c', 'out'], io)).toBe(0);
+    expect(calls.convert[0]).toEqual([
+      ['a', 'b', 'c'],
+      'out',
+      expect.objectContaining({ salvage: true, rateLimit: 2048, quiet: true, progress: false }),
+    ]);
+  });
+
   test('convert: -t reaches the command as given, -T does not', () => {
     expect(convertFastPath(['-t', 'writeback', '-T', 'none', 'a', 'b'])?.options.cache).toBe('writeback');
     expect(convertFastPath(['-T', 'none', 'a', 'b'])?.options).not.toHaveProperty('cache');

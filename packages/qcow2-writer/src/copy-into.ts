@@ -13,6 +13,10 @@ export interface CopyIntoOptions {
   readonly readDepth?: number;
   /** Zero detection granularity inside data ranges (default 64 KiB). */
   readonly blockBytes?: number;
+  /** Look for all-zero blocks in data ranges (default true). False writes every data range whole,
+   * zeros in it included, as qemu-img convert -C (copy offloading) does; ranges the source
+   * reports as zeros are handled as zeros either way. */
+  readonly detectZeroes?: boolean;
   /** Writes each whole, aligned block of data compressed (qemu-img convert -n -c); `blockBytes`
    * must then be the target's cluster size. */
   readonly writeCompressed?: (guestOffset: number, data: Uint8Array) => Promise<void>;
@@ -175,6 +179,10 @@ export async function copyInto(
       await writeZeroes(offset + zeroStart, end - zeroStart);
       zeroStart = -1;
     };
+    if (options.detectZeroes === false) {
+      await writeRun(offset, bytes);
+      return;
+    }
     // Blocks are aligned to guest offsets, so the first and last may be partial.
     let at = 0;
     while (at < bytes.length) {

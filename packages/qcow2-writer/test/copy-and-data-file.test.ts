@@ -86,6 +86,21 @@ describe('copyInto (convert -n)', () => {
     expect((await again.device.read(3 * 1024 * 1024, 10)).every((byte) => byte === 0)).toBe(true);
   });
 
+  it('with detectZeroes: false writes data ranges whole, zero blocks in them included (convert -C)', async () => {
+    const size = 1024 * 1024;
+    const source = new MemoryBlockDevice(size, { chunkSize: 256 * 1024 });
+    const data = new Uint8Array(256 * 1024).fill(3);
+    data.fill(0, 64 * 1024, 192 * 1024); // zeros stored as data
+    await source.write(256 * 1024, data);
+    const whole = counting(new MemoryBlockDevice(size, { chunkSize: 4096 }));
+    await copyInto(source, whole.device, { detectZeroes: false });
+    expectSameBytes(await whole.device.read(0, size), await source.read(0, size));
+    expect(whole.writes()).toBe(1);
+    const scanned = counting(new MemoryBlockDevice(size, { chunkSize: 4096 }));
+    await copyInto(source, scanned.device);
+    expect(scanned.writes()).toBe(2); // the data around the zeros, which are skipped
+  });
+
   it('refuses a smaller or read-only target', async () => {
     await expect(copyInto(new MemoryBlockDevice(2048), new MemoryBlockDevice(1024))).rejects.toMatchObject({
       code: 'EINVAL',

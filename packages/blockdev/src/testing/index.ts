@@ -89,13 +89,13 @@ function environment(name: string): string | undefined {
   return env?.[name];
 }
 
-function runsFor(options: ConformanceOptions): number {
+function runsFor(options: Pick<ConformanceOptions, 'numRuns'>): number {
   const base = options.numRuns ?? DEFAULT_RUNS;
   const fromEnvironment = Number(environment('QCOWKIT_CONFORMANCE_RUNS'));
   return Number.isSafeInteger(fromEnvironment) && fromEnvironment > base ? fromEnvironment : base;
 }
 
-function seedFor(options: ConformanceOptions): number | undefined {
+function seedFor(options: Pick<ConformanceOptions, 'seed'>): number | undefined {
   if (options.seed !== undefined) return options.seed;
   const fromEnvironment = Number(environment('QCOWKIT_CONFORMANCE_SEED'));
   return environment('QCOWKIT_CONFORMANCE_SEED') !== undefined && Number.isSafeInteger(fromEnvironment)
@@ -750,7 +750,7 @@ export async function checkResize(options: ConformanceOptions, size: number): Pr
   }
 }
 
-function checkCapabilities(device: BlockDevice): void {
+function checkCapabilities(device: BlockDevice, expect: { readOnly: boolean } = { readOnly: false }): void {
   const c = device.capabilities;
   const powerOfTwo = (value: number) =>
     Number.isSafeInteger(value) && value > 0 && (value & (value - 1)) === 0;
@@ -765,7 +765,261 @@ function checkCapabilities(device: BlockDevice): void {
   if (typeof device.description !== 'string' || device.description.length === 0) {
     throw new Error('description is empty');
   }
-  if (device.readOnly) throw new Error('create() returned a read-only device');
+  if (device.readOnly !== expect.readOnly) {
+    throw new Error(
+      expect.readOnly
+        ? 'createReadOnly() returned a writable device'
+        : 'create() returned a read-only device',
+    );
+  }
+}
+
+/** What the read-only kit needs: a way to make a read-only device holding given bytes. */
+export interface ReadOnlyConformanceOptions {
+  /** Shown in the test names. */
+  readonly name: string;
+  /** A read-only device whose `size` is `content.length` and whose bytes are `content`. */
+  createReadOnly(content: Uint8Array): Promise<BlockDevice>;
+  /** Device sizes to test (default: 1 B, 4097 B and about 193 KiB; the content is held in memory). */
+  readonly sizes?: readonly number[];
+  /** fast-check runs per property (default 40; `QCOWKIT_CONFORMANCE_RUNS` raises it). */
+  readonly numRuns?: number;
+  /** Longest random operation sequence (default 30). */
+  readonly maxOperations?: number;
+  /** Per-test timeout in milliseconds (default: vitest's). */
+  readonly timeout?: number;
+  /** fast-check seed, to replay a failure (default: random; also `QCOWKIT_CONFORMANCE_SEED`). */
+  readonly seed?: number;
+}
+
+const DEFAULT_READ_ONLY_SIZES = [1, 4097, 197_635];
+
+/** The content a read-only device of `size` bytes is made with in the kit: data with, for one
+ * seed in four, a run of zeros in the middle (so zero detection is exercised). */
+function readOnlyContent(seed: number, size: number): Uint8Array {
+  return patternBytes(seed, size);
+}
+
+/** Random read-only operation sequences (reads into new and given buffers, block status, flush). */
+export function readOnlyOperationsArbitrary(
+  size: number,
+  maxOperations = DEFAULT_MAX_OPERATIONS,
+): fc.Arbitrary<ConformanceOperation[]> {
+  const range = rangeArbitrary(size);
+  return fc.array(
+    fc.oneof(
+      {
+        weight: 4,
+        arbitrary: fc
+          .tuple(range, fc.boolean())
+          .map(([r, into]): ConformanceOperation => ({ kind: 'read', ...r, into })),
+      },
+      { weight: 2, arbitrary: range.map((r): ConformanceOperation => ({ kind: 'blockStatus', ...r })) },
+      { weight: 1, arbitrary: fc.constant<ConformanceOperation>({ kind: 'flush' }) },
+    ),
+    { minLength: 1, maxLength: maxOperations },
+  );
+}
+
+/** Runs read-only `operations` on a device made from `content` and checks every answer. */
+export async function runReadOnlySequence(
+  options: ReadOnlyConformanceOptions,
+  content: Uint8Array,
+  operations: readonly ConformanceOperation[],
+): Promise<void> {
+  const device = await options.createReadOnly(content);
+  try {
+    if (device.size !== content.length) {
+      throw new Error(`createReadOnly made a device of ${device.size} bytes for ${content.length} bytes`);
+    }
+    const run = new ModelRun(device, {
+      name: options.name,
+      create: () => Promise.reject(new Error('a read-only run makes no writable device')),
+      initialContent: () => content,
+    });
+    for (const [index, operation] of operations.entries()) {
+      if (operation.kind !== 'read' && operation.kind !== 'blockStatus' && operation.kind !== 'flush') {
+        throw new Error(
+          `runReadOnlySequence: step ${index} is a ${operation.kind}, which changes the device`,
+        );
+      }
+      await run.step(operation, index);
+    }
+  } finally {
+    await device.close();
+  }
+}
+
+/** Bounds of a read-only device: reads and block status outside it reject with `EINVAL`, changes
+ * anywhere reject (`EROFS`, or the out-of-range code), and zero-length reads at the end succeed. */
+export async function checkReadOnlyBounds(device: BlockDevice): Promise<void> {
+  const size = device.size;
+  const refused = ['EROFS', 'EINVAL', 'ENOSPC'];
+  await expectRejection(device.read(size, 1), ['EINVAL'], 'read of 1 byte at the end');
+  await expectRejection(device.read(size + 1, 0), ['EINVAL'], 'read of 0 bytes past the end');
+  await expectRejection(device.read(-1, 1), ['EINVAL'], 'read at offset -1');
+  await expectRejection(device.read(0.5, 0), ['EINVAL'], 'read at offset 0.5');
+  await expectRejection(device.read(0, -1), ['EINVAL'], 'read of length -1');
+  await expectRejection(device.read(Number.NaN, 0), ['EINVAL'], 'read at offset NaN');
+  await expectRejection(device.readInto(new Uint8Array(1), size), ['EINVAL'], 'readInto at the end');
+  await expectRejection(device.blockStatus(size, 1), ['EINVAL'], 'blockStatus of 1 byte at the end');
+  await expectRejection(device.blockStatus(0, 0.5), ['EINVAL'], 'blockStatus of length 0.5');
+  if (size > 0) await expectRejection(device.read(size - 1, 2), ['EINVAL'], 'read crossing the end');
+  await expectRejection(device.write(size, new Uint8Array(1)), refused, 'write at the end');
+  await expectRejection(device.write(-1, new Uint8Array(1)), refused, 'write at offset -1');
+  await expectRejection(device.writeZeroes(size, 1), refused, 'writeZeroes at the end');
+  await expectRejection(device.discard(-1, 1), refused, 'discard at offset -1');
+  const empty = await device.read(size, 0);
+  if (empty.length !== 0) throw new Error(`read of 0 bytes returned ${empty.length} bytes`);
+  await device.readInto(new Uint8Array(0), size);
+}
+
+/** Several reads and block-status requests at once, over random ranges (overlapping or not):
+ * each answers as if alone. */
+export function readOnlyConcurrencyProperty(options: ReadOnlyConformanceOptions, size: number) {
+  const request = fc.record({
+    range: rangeArbitrary(size),
+    kind: fc.constantFrom<'read' | 'blockStatus'>('read', 'read', 'blockStatus'),
+  });
+  return fc.asyncProperty(
+    fc.nat(),
+    fc.array(request, { minLength: 1, maxLength: 8 }),
+    async (seed, requests) => {
+      const content = readOnlyContent(seed, size);
+      const model = new DeviceModel(size, content);
+      const device = await options.createReadOnly(content);
+      try {
+        await Promise.all(
+          requests.map(async ({ range, kind }) => {
+            const context = `concurrent ${kind} of ${range.length} bytes at ${range.offset}`;
+            if (kind === 'blockStatus') {
+              if (range.length > 0)
+                await checkBlockStatus(device, model, range.offset, range.length, context);
+              return;
+            }
+            compare(model, range.offset, await device.read(range.offset, range.length), context);
+          }),
+        );
+      } finally {
+        await device.close();
+      }
+    },
+  );
+}
+
+/** After close every request rejects with `ECLOSED`; a read in flight at close still completes. */
+export async function checkReadOnlyClose(options: ReadOnlyConformanceOptions, size: number): Promise<void> {
+  const content = readOnlyContent(2, size);
+  const device = await options.createReadOnly(content);
+  const inFlight = device.read(0, size);
+  await device.close();
+  compare(new DeviceModel(size, content), 0, await inFlight, 'read in flight at close');
+  await device.close();
+  const closed = ['ECLOSED'];
+  await expectRejection(device.read(0, 0), closed, 'read after close');
+  await expectRejection(device.readInto(new Uint8Array(0), 0), closed, 'readInto after close');
+  await expectRejection(device.flush(), closed, 'flush after close');
+  await expectRejection(device.blockStatus(0, Math.min(1, size)), closed, 'blockStatus after close');
+  const disposable = await options.createReadOnly(content);
+  await disposable[Symbol.asyncDispose]();
+  await expectRejection(disposable.read(0, 0), closed, 'read after Symbol.asyncDispose');
+}
+
+/** Registers a vitest `describe` block that runs the read-only part of the kit on a device that
+ * cannot be written at all (for devices that can, use {@link describeBlockDeviceConformance} with
+ * `createReadOnly`): reads and block status against the content over random sequences and
+ * concurrent requests, bounds, refused changes, close and aborted signals. */
+export function describeReadOnlyBlockDeviceConformance(options: ReadOnlyConformanceOptions): void {
+  const sizes = options.sizes ?? DEFAULT_READ_ONLY_SIZES;
+  const numRuns = runsFor(options);
+  const seed = seedFor(options);
+  const parameters = seed === undefined ? { numRuns } : { numRuns, seed };
+  const timeout = options.timeout;
+  const firstSize = sizes[0] ?? 4096;
+  describe(`BlockDevice read-only conformance: ${options.name}`, () => {
+    it(
+      'reports sane capabilities',
+      async () => {
+        const device = await options.createReadOnly(readOnlyContent(1, firstSize));
+        try {
+          checkCapabilities(device, { readOnly: true });
+        } finally {
+          await device.close();
+        }
+      },
+      timeout,
+    );
+    for (const size of sizes) {
+      describe(`size ${size}`, () => {
+        it(
+          'reads the content over random operation sequences',
+          async () => {
+            await fc.assert(
+              fc.asyncProperty(
+                fc.nat(),
+                readOnlyOperationsArbitrary(size, options.maxOperations),
+                (s, operations) => runReadOnlySequence(options, readOnlyContent(s, size), operations),
+              ),
+              parameters,
+            );
+          },
+          timeout,
+        );
+        it(
+          'serves concurrent requests',
+          async () => {
+            await fc.assert(readOnlyConcurrencyProperty(options, size), {
+              ...parameters,
+              numRuns: Math.max(1, Math.ceil(numRuns / 2)),
+            });
+          },
+          timeout,
+        );
+        it(
+          'rejects out-of-range requests and every change',
+          async () => {
+            const content = readOnlyContent(3, size);
+            const device = await options.createReadOnly(content);
+            try {
+              await checkReadOnlyBounds(device);
+              await checkReadOnly(device, content);
+            } finally {
+              await device.close();
+            }
+          },
+          timeout,
+        );
+      });
+    }
+    it('rejects requests after close with ECLOSED', () => checkReadOnlyClose(options, firstSize), timeout);
+    it(
+      'rejects requests whose signal is already aborted',
+      async () => {
+        const device = await options.createReadOnly(readOnlyContent(4, firstSize));
+        try {
+          const signal = AbortSignal.abort();
+          const length = Math.min(1, device.size);
+          for (const [what, attempt] of [
+            ['read', () => device.read(0, length, { signal })],
+            ['blockStatus', () => device.blockStatus(0, length, { signal })],
+            ['flush', () => device.flush({ signal })],
+          ] as const) {
+            let rejected = false;
+            try {
+              await attempt();
+            } catch {
+              rejected = true;
+            }
+            if (!rejected)
+              throw new Error(`${what} with an aborted signal: expected a rejection, but it succeeded`);
+          }
+        } finally {
+          await device.close();
+        }
+      },
+      timeout,
+    );
+  });
 }
 
 /**

@@ -92,6 +92,7 @@ export function convertQcow2Line(args: readonly string[]): ConvertQcow2Line | un
       format: format as ImageFormat | undefined,
       snapshot: parseSnapshotOption(last('-l'), last('-s')),
       progress: flags.has('-p') && !flags.has('-q'),
+      quiet: flags.has('-q'),
       forceShare: flags.has('-U') || flags.has('--force-share'),
       noCreate: flags.has('-n'),
       ...(sparseSize === undefined ? {} : { sparseSize }),

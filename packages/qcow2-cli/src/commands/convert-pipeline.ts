@@ -66,8 +66,9 @@ export interface ReadJob {
 export interface PlanOptions {
   /** Most bytes a read starts with (see {@link readBufferSize} for what it may grow to). */
   readonly chunkSize: number;
-  /** The plain file holding the data of the source's layer `depth` at its extents' host offsets. */
-  readonly hostFile?: ((depth: number) => FileBlockDevice | undefined) | undefined;
+  /** The plain file holding the data an extent at `guestOffset` reports at layer `depth`, at the
+   * extent's host offset (several sources: each source's own files). */
+  readonly hostFile?: ((depth: number, guestOffset: number) => FileBlockDevice | undefined) | undefined;
   /** Called for each range that reads as zeros, in guest order, before any read after it. */
   readonly onZero?: ((offset: number, length: number) => Promise<void>) | undefined;
 }
@@ -159,7 +160,7 @@ export function planReads(device: BlockDevice, options: PlanOptions): () => Prom
       const candidate =
         extent.hostOffset === undefined || extent.compressed === true || !extent.data
           ? undefined
-          : options.hostFile?.(extent.depth);
+          : options.hostFile?.(extent.depth, extent.offset);
       // Inside the file only (a short backing file's tail reads as zeros through the device).
       const hostFile =
         candidate !== undefined && extent.hostOffset! + extent.length <= candidate.size

@@ -11,6 +11,8 @@
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import type { Writable } from 'node:stream';
+import type { BlockDevice, RequestOptions, WriteOptions, WriteZeroesOptions } from '@qcowkit/blockdev';
+import { ForwardingBlockDevice } from '@qcowkit/blockdev';
 import { Qcow2Image } from '@qcowkit/qcow2-core';
 import { type ByteSink, convertToQcow2, copyInto } from '@qcowkit/qcow2-writer/node';
 import { type ImageFormat, type OpenedImage, openImage } from '../engine.js';
@@ -18,7 +20,9 @@ import { CliError, describeError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { pathCombine, resolveAgainst } from '../paths.js';
+import { type RateLimiter, rateLimiterFor } from '../rate-limit.js';
 import type { ConvertOptions } from './convert.js';
+import { refuseConvertFlags, refuseForSeveralSources } from './convert-args.js';
 import {
   type BitmapCopyOptions,
   bitmapSource,
@@ -27,6 +31,7 @@ import {
   noBitmapSupport,
 } from './convert-bitmaps.js';
 import { targetFlush, WriteThroughDevice } from './convert-cache.js';
+import { type ConvertSources, openSources, snapshotOfSource } from './convert-sources.js';
 import { parseCreateOptions, qcow2CreateOptions } from './create.js';
 import { qcow2LayoutOptions } from './measure.js';
 import { openAtSnapshot } from './snapshot-select.js';
@@ -82,13 +87,60 @@ function stdoutSink(stream: Writable): ByteSink {
   };
 }
 
+/**
+ * `-r`: `device` with its writes paced by `limiter` (`'writes'`: the `-n` target, zeros written
+ * included, as QEMU's throttle counts every write request to the target by its guest bytes), or
+ * its reads (`'reads'`: the source of a new image, whose writer lays out and writes the file
+ * itself; the data read is the data qemu-img would write, less the zero blocks inside it).
+ */
+class RateLimitedDevice extends ForwardingBlockDevice {
+  constructor(
+    inner: BlockDevice,
+    private readonly limiter: RateLimiter,
+    private readonly paced: 'reads' | 'writes',
+  ) {
+    super(inner);
+  }
+
+  override async read(offset: number, length: number, options?: RequestOptions): Promise<Uint8Array> {
+    if (this.paced === 'reads') await this.limiter.take(length);
+    return this.inner.read(offset, length, options);
+  }
+
+  override async readInto(buffer: Uint8Array, offset: number, options?: RequestOptions): Promise<void> {
+    if (this.paced === 'reads') await this.limiter.take(buffer.length);
+    return this.inner.readInto(buffer, offset, options);
+  }
+
+  override async write(offset: number, data: Uint8Array, options?: WriteOptions): Promise<void> {
+    if (this.paced === 'writes') await this.limiter.take(data.length);
+    return this.inner.write(offset, data, options);
+  }
+
+  override async writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
+    if (this.paced === 'writes') await this.limiter.take(length);
+    return this.inner.writeZeroes(offset, length, options);
+  }
+
+  /** The inner device is its opener's to close. */
+  override close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+/** The files every source reads: the images of their chains. */
+function sourcePaths(sources: ConvertSources): string[] {
+  return sources.images.flatMap((opened) => opened.chain.map((layer) => layer.path));
+}
+
 /** `-n`: the source's data into the existing qcow2 image `target`. */
 async function convertIntoExisting(
   context: CommandContext,
-  opened: OpenedImage,
+  sources: ConvertSources,
   target: string,
   options: ConvertOptions & Qcow2ConvertExtras,
 ): Promise<void> {
+  const opened = sources.images[0]!;
   if (target === '-') throw new UsageError("-n needs an existing image to write into, not '-'");
   if ((options.createOptions ?? []).length > 0) {
     throw new CliError('-o has no effect when skipping image creation', { code: 'EINVAL' });
@@ -96,15 +148,12 @@ async function convertIntoExisting(
   const targetPath = resolveAgainst(context.io.cwd, target);
   const targetStat = await stat(targetPath).catch(() => undefined);
   if (targetStat !== undefined) {
-    for (const layer of opened.chain) {
-      const layerStat = await stat(layer.path).catch(() => undefined);
+    for (const path of sourcePaths(sources)) {
+      const layerStat = await stat(path).catch(() => undefined);
       if (layerStat !== undefined && layerStat.dev === targetStat.dev && layerStat.ino === targetStat.ino) {
-        throw new CliError(
-          `Could not write '${target}': it is a file the source image reads (${layer.path})`,
-          {
-            code: 'EINVAL',
-          },
-        );
+        throw new CliError(`Could not write '${target}': it is a file the source image reads (${path})`, {
+          code: 'EINVAL',
+        });
       }
     }
   }
@@ -119,18 +168,25 @@ async function convertIntoExisting(
     const writeThrough = flush === 'every-write';
     if (options.bitmaps === true && (image === undefined || image.version < 3))
       throw noBitmapSupport('qcow2');
-    if (writable.device.size < opened.device.size) {
+    if (writable.device.size < sources.device.size) {
       throw new CliError('output file is smaller than input file', { code: 'EINVAL' });
     }
-    const progress = progressReporter(context.io, options.progress);
-    await copyInto(opened.device, writeThrough ? new WriteThroughDevice(writable.device) : writable.device, {
+    const progress = progressReporter(context.io, options.progress && options.quiet !== true);
+    const limiter = rateLimiterFor(options.rateLimit);
+    let into: BlockDevice = writeThrough ? new WriteThroughDevice(writable.device) : writable.device;
+    if (limiter !== undefined) into = new RateLimitedDevice(into, limiter, 'writes');
+    await copyInto(sources.device, into, {
       ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
       ...(options.targetIsZero === true ? { targetIsZero: true } : {}),
       ...(options.sparseSize === undefined ? {} : { sparseSize: options.sparseSize }),
+      // -C: data copied whole, zero blocks in it included, as qemu-img's copy offloading.
+      ...(options.copyOffload === true ? { detectZeroes: false } : {}),
       ...(options.compress === true && image !== undefined
         ? {
             blockBytes: image.clusterSize,
             writeCompressed: async (offset, data) => {
+              // QEMU's throttle counts a compressed write by its guest bytes.
+              if (limiter !== undefined) await limiter.take(data.length);
               await image.writeCompressed(offset, data);
               if (writeThrough) await image.flush();
             },
@@ -153,17 +209,33 @@ const DEFAULT_SPARSE_SIZE = 4096;
 
 export async function convertToQcow2Command(
   context: CommandContext,
-  source: string,
+  source: string | readonly string[],
   target: string,
   options: ConvertOptions & Qcow2ConvertExtras,
 ): Promise<number> {
+  refuseConvertFlags({ ...options, sparseGiven: options.sparseSize !== undefined });
+  const names = typeof source === 'string' ? [source] : source;
+  if (names.length === 0) throw new UsageError('Must specify image file name');
+  refuseForSeveralSources(names.length, { snapshot: options.snapshot });
+  const openAll = () =>
+    openSources(
+      context.io,
+      names,
+      (name, index) =>
+        openAtSnapshot(context.io.cwd, name, {
+          ...options,
+          snapshot: snapshotOfSource(index, names.length, options.snapshot),
+        }),
+      options,
+    );
   if (options.noCreate === true) {
-    const opened = await openAtSnapshot(context.io.cwd, source, options);
+    refuseForSeveralSources(names.length, { bitmaps: options.bitmaps });
+    const sources = await openAll();
     try {
-      if (options.bitmaps === true) checkSourceBitmaps(bitmapSource(opened.image), options);
-      await convertIntoExisting(context, opened, target, options);
+      if (options.bitmaps === true) checkSourceBitmaps(bitmapSource(sources.images[0]!.image), options);
+      await convertIntoExisting(context, sources, target, options);
     } finally {
-      await opened.close();
+      await sources.close();
     }
     return 0;
   }
@@ -175,12 +247,13 @@ export async function convertToQcow2Command(
       code: 'EUNSUPPORTED',
     });
   }
-  if (toStdout && options.bitmaps === true) {
+  if (toStdout && options.bitmaps === true && names.length === 1) {
     throw new UsageError("--bitmaps needs a target file to add the bitmaps to, not stdout ('-')");
   }
   const values = parseCreateOptions(target, 'qcow2', options.createOptions ?? []);
   if (options.backingFile !== undefined) values.set('backing_file', options.backingFile);
   if (options.backingFormat !== undefined) values.set('backing_fmt', options.backingFormat);
+  refuseForSeveralSources(names.length, { backing: values.has('backing_file'), bitmaps: options.bitmaps });
   if (values.has('backing_fmt') && !values.has('backing_file')) {
     throw new UsageError('-F requires a backing file (-B)');
   }
@@ -190,12 +263,13 @@ export async function convertToQcow2Command(
   }
   const targetPath = toStdout ? undefined : resolveAgainst(context.io.cwd, target);
   const flush = targetFlush(options.cache);
-  const opened = await openAtSnapshot(context.io.cwd, source, options);
+  const sources = await openAll();
+  const opened = sources.images[0]!;
   let backing: OpenedImage | undefined;
   try {
     const bitmapsFrom = options.bitmaps === true ? bitmapSource(opened.image) : undefined;
     if (bitmapsFrom !== undefined) checkSourceBitmaps(bitmapsFrom, options);
-    const created = qcow2CreateOptions(target, opened.device.size, values);
+    const created = qcow2CreateOptions(target, sources.device.size, values);
     if (bitmapsFrom !== undefined && created.compat === '0.10') throw noBitmapSupport('qcow2');
     // The data file's name is recorded as given and resolved against the current folder.
     const dataFilePath =
@@ -204,7 +278,10 @@ export async function convertToQcow2Command(
       [targetPath, target],
       [dataFilePath, created.dataFile],
     ] as const) {
-      if (path !== undefined && opened.chain.some((layer) => resolve(layer.path) === resolve(path))) {
+      if (
+        path !== undefined &&
+        sourcePaths(sources).some((layerPath) => resolve(layerPath) === resolve(path))
+      ) {
         throw new CliError(`Could not create '${name}': it is the source or a file the source reads`, {
           code: 'EINVAL',
         });
@@ -241,10 +318,13 @@ export async function convertToQcow2Command(
       });
     }
     // Progress goes to stderr, never to stdout (which may be the image).
-    const progress = progressReporter(context.io, options.progress);
+    const progress = progressReporter(context.io, options.progress && options.quiet !== true);
     progress?.update(0, 1);
+    const limiter = rateLimiterFor(options.rateLimit);
+    const from =
+      limiter === undefined ? sources.device : new RateLimitedDevice(sources.device, limiter, 'reads');
     try {
-      await convertToQcow2(opened.device, targetPath ?? stdoutSink(stdout!), {
+      await convertToQcow2(from, targetPath ?? stdoutSink(stdout!), {
         ...qcow2LayoutOptions(created),
         ...(created.dataFile === undefined ? {} : { dataFile: created.dataFile, dataFilePath }),
         ...(created.dataFileRaw === undefined ? {} : { dataFileRaw: created.dataFileRaw }),
@@ -258,6 +338,8 @@ export async function convertToQcow2Command(
         sourceClusterSize: opened.image?.clusterSize,
         ...(options.parallel === undefined ? {} : { readDepth: options.parallel }),
         ...(progress === undefined ? {} : { onProgress: (done, total) => progress.update(done, total) }),
+        // -C: data clusters stored whole, zeros in them included, as qemu-img's copy offloading.
+        ...(options.copyOffload === true ? { detectZeroes: false } : {}),
         flush,
       });
     } catch (error) {
@@ -269,7 +351,7 @@ export async function convertToQcow2Command(
       await addBitmaps(context, bitmapsFrom, targetPath!, target, { ...options, noFlush: flush === 'never' });
   } finally {
     await backing?.close();
-    await opened.close();
+    await sources.close();
   }
   return 0;
 }

@@ -31,8 +31,11 @@ import { walkExtents } from '../extents.js';
 import type { CommandContext } from '../io.js';
 import { progressReporter } from '../output/progress.js';
 import { resolveAgainst } from '../paths.js';
+import { type RateLimiter, rateLimiterFor } from '../rate-limit.js';
+import { refuseConvertFlags } from './convert-args.js';
 import { targetFlush } from './convert-cache.js';
 import { forEachDataRun, planReads, type ReadJob, readBufferSize, runCopy } from './convert-pipeline.js';
+import { openSources, snapshotOfSource } from './convert-sources.js';
 import { parseCreateOptions, preallocateRaw } from './create.js';
 
 export interface ConvertOptions {
@@ -57,6 +60,17 @@ export interface ConvertOptions {
   /** `-o`: creation options of the target (for raw: `preallocation=off|falloc|full`; `size` is
    * accepted and, as with qemu-img, the guest's size wins). */
   readonly createOptions?: readonly string[] | undefined;
+  /** `-q`: nothing on stderr but errors (no progress, no salvage warnings). */
+  readonly quiet?: boolean;
+  /** `--salvage`: what cannot be read of the sources becomes zeros in the target, each failing
+   * 512-byte sector reported on stderr (unless `quiet`), as qemu-img convert --salvage does. */
+  readonly salvage?: boolean;
+  /** `-C`: copy offloading, as qemu-img's: data ranges are copied whole (no zero scan inside
+   * them), file to file in the kernel (copy_file_range) where they lie in a plain file; ranges
+   * the source reports as zeros stay holes (a new target) or are zeroed (`-n`). */
+  readonly copyOffload?: boolean;
+  /** `-r`: at most this many bytes a second written to the target (0 or undefined: no limit). */
+  readonly rateLimit?: number | undefined;
 }
 
 /** `-o` of a raw target: its preallocation, checked as qemu-img checks it. */
@@ -91,7 +105,7 @@ const DEFAULT_CHUNK = 4 * 2 ** 20;
 const DEFAULT_PARALLEL = 4;
 export async function convertCommand(
   context: CommandContext,
-  source: string,
+  source: string | readonly string[],
   target: string,
   options: ConvertOptions,
 ): Promise<number> {
@@ -100,30 +114,41 @@ export async function convertCommand(
   if (options.outputFormat !== 'raw') {
     throw new UsageError(`convert: output format '${options.outputFormat}' is not supported yet (only raw)`);
   }
+  refuseConvertFlags({ ...options, sparseGiven: options.sparseSize !== undefined });
+  const names = typeof source === 'string' ? [source] : source;
+  if (names.length === 0) throw new UsageError('Must specify image file name');
   const preallocation = rawTargetPreallocation(
     target,
     options.createOptions ?? [],
     options.noCreate === true,
   );
-  const sourcePath = resolveAgainst(context.io.cwd, source);
-  const snapshot = await resolveSnapshot(sourcePath, source, options);
-  const opened = await openImage(sourcePath, {
-    displayName: source,
-    format: options.format,
-    forceShare: options.forceShare,
-    snapshot,
-    // Small requests (the image's tables) inline where they are memory copies; data is read in
-    // chunks far above this, on the pool.
-    syncIoMaxBytes: 'memory-backed',
-  });
+  const sources = await openSources(
+    context.io,
+    names,
+    async (name, index) => {
+      const sourcePath = resolveAgainst(context.io.cwd, name);
+      const wanted = snapshotOfSource(index, names.length, options.snapshot);
+      return openImage(sourcePath, {
+        displayName: name,
+        format: options.format,
+        forceShare: options.forceShare,
+        snapshot: await resolveSnapshot(sourcePath, name, { ...options, snapshot: wanted }),
+        // Small requests (the image's tables) inline where they are memory copies; data is read in
+        // chunks far above this, on the pool.
+        syncIoMaxBytes: 'memory-backed',
+      });
+    },
+    options,
+  );
   try {
     // Progress goes to stderr, so `-p` never mixes with an image written to stdout.
-    const progress = progressReporter(context.io, options.progress);
+    const progress = progressReporter(context.io, options.progress && options.quiet !== true);
     const copyOptions = {
       chunkSize: DEFAULT_CHUNK,
       parallel: options.parallel ?? DEFAULT_PARALLEL,
       onProgress:
         progress === undefined ? undefined : (done: number, total: number) => progress.update(done, total),
+      rateLimiter: rateLimiterFor(options.rateLimit),
     };
     if (target === '-') {
       const stream = context.io.stdoutStream;
@@ -132,23 +157,24 @@ export async function convertCommand(
           code: 'EUNSUPPORTED',
         });
       }
-      await convertToStream(opened.device, stream, copyOptions);
+      await convertToStream(sources.device, stream, copyOptions);
     } else {
       const targetPath = resolveAgainst(context.io.cwd, target);
-      await refuseOverwritingSource(targetPath, target, opened, options.noCreate === true);
-      await convertToRaw(opened.device, targetPath, target, {
+      await refuseOverwritingSource(targetPath, target, sources.images, options.noCreate === true);
+      await convertToRaw(sources.device, targetPath, target, {
         ...copyOptions,
         noCreate: options.noCreate === true,
         targetIsZero: options.targetIsZero === true,
         sparseSize: options.sparseSize ?? SPARSE_BLOCK,
-        hostFile: (depth) => hostFileOf(opened.chain[depth]),
+        copyOffload: options.copyOffload === true,
+        hostFile: sources.hostFile,
         flush: targetFlush(options.cache),
         preallocation,
       });
     }
     progress?.finish();
   } finally {
-    await opened.close();
+    await sources.close();
   }
   return 0;
 }
@@ -159,7 +185,7 @@ export async function convertCommand(
 async function refuseOverwritingSource(
   targetPath: string,
   target: string,
-  opened: OpenedImage,
+  images: readonly OpenedImage[],
   noCreate: boolean,
 ): Promise<void> {
   const targetStat = await stat(targetPath).catch(() => undefined);
@@ -172,7 +198,9 @@ async function refuseOverwritingSource(
       },
     );
   }
-  const sources = opened.chain.flatMap((layer) => [layer.path, ...dataFilePath(layer)]);
+  const sources = images.flatMap((opened) =>
+    opened.chain.flatMap((layer) => [layer.path, ...dataFilePath(layer)]),
+  );
   for (const sourcePath of sources) {
     const sourceStat = await stat(sourcePath).catch(() => undefined);
     if (sourceStat !== undefined && sourceStat.dev === targetStat.dev && sourceStat.ino === targetStat.ino) {
@@ -184,15 +212,6 @@ async function refuseOverwritingSource(
       );
     }
   }
-}
-
-/** The file holding a layer's data at the host offsets its extents report, when that is a plain
- * file device: a raw layer, or a qcow2 image without an external data file. */
-function hostFileOf(layer: OpenedImage['chain'][number] | undefined): FileBlockDevice | undefined {
-  if (layer === undefined || !(layer.file instanceof FileBlockDevice)) return undefined;
-  if (layer.format === 'raw') return layer.file;
-  if (layer.format === 'qcow2' && layer.image?.dataFileName === undefined) return layer.file;
-  return undefined;
 }
 
 function dataFilePath(layer: OpenedImage['chain'][number]): string[] {
@@ -241,10 +260,15 @@ export interface ConvertToRawOptions {
   readonly targetIsZero?: boolean;
   /** See {@link ConvertOptions.sparseSize} (default 4 KiB). */
   readonly sparseSize?: number;
-  /** The file holding the data of the source's layer `depth` at the host offsets its extents
-   * report: data ranges are read from it directly (and with `sparseSize` 0 copied file to file,
-   * copy_file_range). */
-  readonly hostFile?: ((depth: number) => FileBlockDevice | undefined) | undefined;
+  /** The file holding the data an extent of the source at `guestOffset` reports at layer `depth`
+   * (at its `hostOffset`): data ranges are read from it directly (and with `sparseSize` 0 or
+   * `copyOffload` copied file to file, copy_file_range). */
+  readonly hostFile?: ((depth: number, guestOffset: number) => FileBlockDevice | undefined) | undefined;
+  /** `-C`: data ranges copied whole (copy_file_range where they lie in a plain file), no zero scan;
+   * zero ranges left as holes (a new target, `targetIsZero`) or zeroed (`noCreate`). */
+  readonly copyOffload?: boolean;
+  /** `-r`: paces the writes to the target (zeros written count; holes left do not). */
+  readonly rateLimiter?: RateLimiter | undefined;
   /** Write the target on this thread rather than on libuv's pool (see convert-pipeline.ts for
    * why). Default: when the target is a regular file on a memory-backed file system. */
   readonly inlineWrites?: boolean | undefined;
@@ -325,6 +349,9 @@ export async function convertToRaw(
 ): Promise<void> {
   const noCreate = options.noCreate === true;
   const sparseSize = options.sparseSize ?? SPARSE_BLOCK;
+  const limiter = options.rateLimiter;
+  /** Data ranges copied whole, without the zero scan (`-S 0`, `-C`). */
+  const copyWhole = sparseSize === 0 || options.copyOffload === true;
   const flush = options.flush ?? 'on-close';
   /** Every write durable when it resolves (`-t writethrough`). */
   const fua = flush === 'every-write';
@@ -337,26 +364,27 @@ export async function convertToRaw(
   let file: FileBlockDevice | undefined;
   /** Zero ranges of the guest are zeroed in the target as they come (`-n`, see below). */
   let zeroInTarget = false;
-  const next =
-    sparseSize === 0
-      ? undefined
-      : planReads(device, {
-          chunkSize,
-          hostFile: options.hostFile,
-          onZero: async (offset, length) => {
-            if (zeroInTarget) await zeroTarget(file!, targetName, offset, length, false, fua);
-            done += length;
-            report();
-          },
-        });
+  /** Zero ranges of the guest are zeros qemu-img writes into the target (`-n`): `-r` counts them. */
+  const mustZero = noCreate && options.targetIsZero !== true;
+  const next = copyWhole
+    ? undefined
+    : planReads(device, {
+        chunkSize,
+        hostFile: options.hostFile,
+        onZero: async (offset, length) => {
+          if (zeroInTarget) await zeroTarget(file!, targetName, offset, length, false, fua, limiter);
+          else if (mustZero && limiter !== undefined) await limiter.take(length);
+          done += length;
+          report();
+        },
+      });
   // A new file needs nothing done to it before the first read: the first block-status lookup
   // (the image's first L2 tables, and its test for metadata preallocation, 5-40 ms when the code
   // is cold) runs while the file is made. `-n` may have zeros to write first: it waits.
   const first = next !== undefined && !noCreate ? next() : undefined;
   first?.catch(() => undefined); // observed below
   try {
-    const inline =
-      sparseSize !== 0 && (options.inlineWrites ?? (await isMemoryBackedFile(targetPath, !noCreate)));
+    const inline = !copyWhole && (options.inlineWrites ?? (await isMemoryBackedFile(targetPath, !noCreate)));
     file = await openTarget(
       targetPath,
       targetName,
@@ -374,7 +402,9 @@ export async function convertToRaw(
   try {
     if (options.preallocation !== undefined && !noCreate) await preallocateRaw(target, options.preallocation);
     if (next === undefined) {
-      await copyAllocated(device, target, targetName, options, fua, (length) => {
+      // -S 0 allocates the zeros; -C leaves them alone in a new file and zeroes them with -n.
+      const zeros = sparseSize === 0 ? 'allocate' : mustZero ? 'punch' : 'skip';
+      await copyAllocated(device, target, targetName, options, fua, zeros, (length) => {
         done += length;
         report();
       });
@@ -383,7 +413,7 @@ export async function convertToRaw(
     // An existing file: zero the guest's range in one go where that is cheap (a punched hole), so
     // what follows is the same as for a new file. Otherwise zeros go where the source has them.
     // With --target-is-zero the file is taken at its word: as for a new file, nothing is zeroed.
-    const mustZero = noCreate && options.targetIsZero !== true;
+    // (-r counts the zeros as the copy reaches them, as qemu-img writes them.)
     const zeroAhead = mustZero && target.capabilities.fastZero && size > 0;
     if (zeroAhead) await zeroTarget(target, targetName, 0, size, true, fua);
     zeroInTarget = mustZero && !zeroAhead;
@@ -413,11 +443,20 @@ export async function convertToRaw(
             sparseSize,
             zeroBlock,
             (start, end) =>
-              writeAll(target, buffer.subarray(start, end), guestOffset + start - at, targetName, fua),
+              writeAll(
+                target,
+                buffer.subarray(start, end),
+                guestOffset + start - at,
+                targetName,
+                fua,
+                limiter,
+              ),
             zeroInTarget
               ? (start, end) =>
-                  zeroTarget(target, targetName, guestOffset + start - at, end - start, false, fua)
-              : undefined,
+                  zeroTarget(target, targetName, guestOffset + start - at, end - start, false, fua, limiter)
+              : mustZero && limiter !== undefined
+                ? (start, end) => limiter.take(end - start)
+                : undefined,
           );
           done += length;
           report();
@@ -437,10 +476,12 @@ export async function convertToRaw(
 }
 
 /**
- * `-S 0`: no zero scan, the target fully allocated as qemu-img leaves it. Zero ranges are
- * allocated as zeros (fallocate where the file system can); data ranges whose bytes lie in order
- * in a plain file (a raw source, or a qcow2 image's uncompressed clusters laid out in order) are
- * copied file to file inside the kernel (copy_file_range), the rest is read and written.
+ * `-S 0` and `-C`: no zero scan. Zero ranges are allocated as zeros with `-S 0` (fallocate where
+ * the file system can: the target fully allocated as qemu-img leaves it), and with `-C` left alone
+ * (`'skip'`: a new file's holes) or zeroed (`'punch'`: `-n`, a hole punched where the file system
+ * can); data ranges whose bytes lie in order in a plain file (a raw source, or a qcow2 image's
+ * uncompressed clusters laid out in order) are copied file to file inside the kernel
+ * (copy_file_range), the rest is read and written whole.
  *
  * Why only here: copying in the kernel saves one pass over the data in user space (512 MiB on
  * /dev/shm: 267 ms against 336 ms for pread + pwrite), but the default `-S 4k` must look at every
@@ -458,15 +499,22 @@ async function copyAllocated(
   targetName: string,
   options: ConvertToRawOptions,
   fua: boolean,
+  zeros: 'allocate' | 'punch' | 'skip',
   onDone: (length: number) => void,
 ): Promise<void> {
   const chunkSize = wholeBlocks(options.chunkSize, SPARSE_BLOCK);
+  const limiter = options.rateLimiter;
   const tasks = serialise(chunks(device, chunkSize));
   await runWorkers(options.parallel, chunkSize, async (buffer) => {
     const next = await tasks.next();
     if (next.done) return false;
     const { offset, length, zero, hostOffset, depth } = next.value;
-    const candidate = hostOffset === undefined ? undefined : options.hostFile?.(depth);
+    if (zero && zeros === 'skip') {
+      onDone(length);
+      return true;
+    }
+    if (limiter !== undefined) await limiter.take(length);
+    const candidate = hostOffset === undefined ? undefined : options.hostFile?.(depth, offset);
     // Inside the file only (a short backing file's tail reads as zeros through the device).
     const hostFile =
       candidate !== undefined && hostOffset !== undefined && hostOffset + length <= candidate.size
@@ -480,7 +528,7 @@ async function copyAllocated(
         await device.readInto(view, offset);
       }
       try {
-        if (view === undefined) await file.writeZeroes(offset, length, { fua });
+        if (view === undefined) await file.writeZeroes(offset, length, { fua, mayUnmap: zeros === 'punch' });
         else await file.write(offset, view, { fua });
       } catch (error) {
         throw new CliError(
@@ -532,8 +580,10 @@ export async function convertToStream(
     stream.once('error', reject);
   });
   streamFailed.catch(() => undefined);
+  const limiter = options.rateLimiter;
   await runCopy(device, next, options.parallel, chunkSize, async (job, { buffer }) => {
     const data = (job.zero === true ? zeros : buffer).subarray(0, job.length);
+    if (limiter !== undefined) await limiter.take(data.length);
     await Promise.race([
       new Promise<void>((resolve, reject) => {
         stream.write(data, (error) => (error ? reject(error) : resolve()));
@@ -629,7 +679,9 @@ async function zeroTarget(
   length: number,
   whole: boolean,
   fua: boolean,
+  limiter?: RateLimiter,
 ): Promise<void> {
+  if (limiter !== undefined) await limiter.take(length);
   try {
     if (whole) {
       await file.writeZeroes(offset, length, { mayUnmap: true, fua });
@@ -652,7 +704,9 @@ async function writeAll(
   position: number,
   targetName: string,
   fua: boolean,
+  limiter: RateLimiter | undefined,
 ): Promise<void> {
+  if (limiter !== undefined) await limiter.take(data.length);
   try {
     await file.write(position, data, fua ? { fua } : undefined);
   } catch (error) {

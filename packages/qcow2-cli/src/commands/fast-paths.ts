@@ -154,6 +154,7 @@ export function convertFastPath(args: readonly string[]): ConvertCommandLine | u
       outputFormat: 'raw',
       snapshot: parseSnapshotOption(last(parsed, '-l'), last(parsed, '-s')),
       progress: parsed.flags.has('-p') && !parsed.flags.has('-q'),
+      quiet: parsed.flags.has('-q'),
       forceShare: parsed.flags.has('-U') || parsed.flags.has('--force-share'),
       noCreate: parsed.flags.has('-n'),
       targetIsZero: false,

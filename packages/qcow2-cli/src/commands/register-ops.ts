@@ -6,7 +6,7 @@ import type { Command, Option as OptionClass } from 'commander';
 import type { ImageFormat } from '../engine.js';
 import { CliError, UsageError } from '../errors.js';
 import type { CommandContext } from '../io.js';
-import { parseSize } from '../size.js';
+import { parseSize, sizeInBytes } from '../size.js';
 import { asksOptionHelp, createOptionHelp } from './option-help.js';
 
 /** Formats `create -o help` lists the options of. */
@@ -71,13 +71,21 @@ export function benchSizeParser(what: string): (value: string) => number {
   };
 }
 
-/** qemu-img's `-r` rate limit: a size with suffixes, not negative. */
+/** The largest value qemu-img's option parser (cvtnum) takes: INT64_MAX. */
+const CVTNUM_MAX = 2n ** 63n - 1n;
+
+/** qemu-img's `-r` rate limit (commit, convert): a size with suffixes, 0 (no limit) up to
+ * 2^63 - 1 bytes a second, refused in qemu-img's words otherwise. Values beyond 2^53 are kept
+ * approximately (a limit no copy reaches). */
 export function rateLimitParser(value: string): number {
-  try {
-    return parseSize(value, 'rate limit');
-  } catch {
+  const bytes = sizeInBytes(value);
+  if (bytes === undefined || bytes === 'fraction') {
     throw new UsageError(`Invalid rate limit specified. ${SUFFIX_HINT}`);
   }
+  if (bytes > CVTNUM_MAX) {
+    throw new UsageError(`Invalid rate limit specified. Must be between 0 and ${CVTNUM_MAX}.`);
+  }
+  return Number(bytes);
 }
 
 /** QEMU's cache modes (`-t`, `-T`; `off` is QEMU's other name for `none`): checked, then the page
