@@ -175,6 +175,21 @@ const FIXTURES: Record<string, Fixture> = {
       ].join('\n'),
     },
   },
+  'packages/blockdev/README.md § ConcatBlockDevice': {
+    check: ({ stdout }) => expect(stdout).toMatch(/^rtse 1$/m),
+  },
+  'packages/blockdev/README.md § The conformance kit (`@qcowkit/blockdev/testing`) (2)': {
+    typecheckOnly: 'it registers vitest suites for a read-only device of yours',
+    path: 'test/my-read-only-device.test.ts',
+    files: {
+      'src/my-read-only-device.ts': [
+        "import { MemoryBlockDevice } from '@qcowkit/blockdev';",
+        'export declare class MyReadOnlyDevice extends MemoryBlockDevice {',
+        '  static fromBytes(content: Uint8Array): Promise<MyReadOnlyDevice>;',
+        '}',
+      ].join('\n'),
+    },
+  },
   'packages/blockdev/README.md § FileBlockDevice (`@qcowkit/blockdev/node`)': {
     check: ({ stdout }) => {
       expect(stdout).toMatch(/^0 4096 data\n4096 1099511619584 hole\n1099511623680 4096 data\n/);
