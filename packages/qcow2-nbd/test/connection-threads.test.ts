@@ -229,6 +229,23 @@ const requestArbitrary = (size: number): fc.Arbitrary<Request> => {
   );
 };
 
+/** Request `index` is a READ and a later request of the stream writes, zeroes or trims bytes of
+ * its range. */
+function racesLaterChange(requests: readonly Request[], index: number): boolean {
+  const read = requests[index];
+  if (read === undefined || read.type !== P.NBD_CMD_READ) return false;
+  return requests
+    .slice(index + 1)
+    .some(
+      (later) =>
+        (later.type === P.NBD_CMD_WRITE ||
+          later.type === P.NBD_CMD_WRITE_ZEROES ||
+          later.type === P.NBD_CMD_TRIM) &&
+        later.offset < read.offset + read.length &&
+        read.offset < later.offset + later.length,
+    );
+}
+
 describe('connections served by threads', () => {
   it.skipIf(!ConnectionThreads.available)(
     'answer every request stream as the event loop does, and leave the same file',
@@ -278,6 +295,11 @@ describe('connections served by threads', () => {
             for (const [cookie, reply] of loop!.replies) {
               const other = thread!.replies.get(cookie)!;
               expect(other.error, `cookie ${cookie}`).toBe(reply.error);
+              // A READ pipelined before a request that changes its range may show that change
+              // (NBD orders nothing among requests in flight): a long READ leaves by sendfile,
+              // which queues the file's pages on the socket, not a copy of them.
+              const index = Number(cookie - 1001n);
+              if (racesLaterChange(requests, index)) continue;
               expect(other.data?.equals(reply.data!) ?? reply.data === undefined, `cookie ${cookie}`).toBe(
                 true,
               );
