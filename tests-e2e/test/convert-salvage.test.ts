@@ -86,6 +86,12 @@ describe.skipIf(!haveTools)('qcow2 convert --salvage on damaged images', () => {
     return { theirs: runStatus('qemu-img', args, { cwd: q }), ours: qcow2(args, { cwd: o }), q, o };
   };
 
+  /** The two tools' outputs hold the same guest (qemu-img compare). */
+  const expectSameOutputs = (format: string, theirs: string, ours: string) => {
+    const compare = runStatus('qemu-img', ['compare', '-f', format, '-F', format, theirs, ours]);
+    expect(compare.status, compare.stdout).toBe(0);
+  };
+
   /** qemu-img's stderr lines without its program name, and without the qcow2 driver's corruption
    * line (ours says nothing of the kind), next to ours without our program name. */
   const lines = (theirs: string, ours: string) => ({
@@ -112,16 +118,7 @@ describe.skipIf(!haveTools)('qcow2 convert --salvage on damaged images', () => {
     expect(ours.status, ours.stderr).toBe(theirs.status);
     expect(ours.status).toBe(0);
     expect(ours.stdout).toBe('');
-    const compare = runStatus('qemu-img', [
-      'compare',
-      '-f',
-      format,
-      '-F',
-      format,
-      join(q, out),
-      join(o, out),
-    ]);
-    expect(compare.status, compare.stdout).toBe(0);
+    expectSameOutputs(format, join(q, out), join(o, out));
     const seen = lines(theirs.stderr, ours.stderr);
     if (file === 'misaligned.qcow2') {
       // qemu-img reports a sector whose block status fails twice (once while counting the work,
@@ -156,16 +153,7 @@ describe.skipIf(!haveTools)('qcow2 convert --salvage on damaged images', () => {
       expect([...seen.ours].sort()).toEqual([...seen.theirs].sort());
       const offsets = seen.ours.map((line) => Number(/offset (\d+):/.exec(line)![1]));
       expect(offsets).toEqual([...offsets].sort((a, b) => a - b));
-      const compare = runStatus('qemu-img', [
-        'compare',
-        '-f',
-        format,
-        '-F',
-        format,
-        join(q, out),
-        join(o, out),
-      ]);
-      expect(compare.status, compare.stdout).toBe(0);
+      expectSameOutputs(format, join(q, out), join(o, out));
     },
   );
 
@@ -179,16 +167,7 @@ describe.skipIf(!haveTools)('qcow2 convert --salvage on damaged images', () => {
     expect(ours.status).toBe(0);
     expect(ours.stderr).toBe('');
     expect(lines(theirs.stderr, '').theirs).toEqual([]);
-    const compare = runStatus('qemu-img', [
-      'compare',
-      '-f',
-      format,
-      '-F',
-      format,
-      join(q, out),
-      join(o, out),
-    ]);
-    expect(compare.status, compare.stdout).toBe(0);
+    expectSameOutputs(format, join(q, out), join(o, out));
   });
 
   test('without --salvage both tools fail on the damaged cluster', () => {

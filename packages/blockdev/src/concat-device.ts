@@ -20,7 +20,7 @@ import type {
   WriteZeroesOptions,
 } from './block-device.js';
 import { BlockDeviceError } from './errors.js';
-import { assertOpen, throwIfAborted, validateRange } from './range.js';
+import { assertOpen, assertWritable, throwIfAborted, validateRange } from './range.js';
 
 export interface ConcatBlockDeviceOptions {
   /** Close every part when this device is closed (default true). */
@@ -189,9 +189,7 @@ export class ConcatBlockDevice implements BlockDevice {
   }
 
   resize(_newSize: number): Promise<void> {
-    return this.#track('resize', async () => {
-      throw new BlockDeviceError('EROFS', `resize: ${this.description} is read-only`);
-    });
+    return this.#track('resize', async () => assertWritable(this, 'resize'));
   }
 
   /** Waits for requests in flight, then closes the parts (unless `closeParts` is false). */
@@ -212,7 +210,7 @@ export class ConcatBlockDevice implements BlockDevice {
   #refuse(kind: 'write' | 'writeZeroes' | 'discard', offset: number, length: number): Promise<void> {
     return this.#track(kind, async () => {
       validateRange(this.size, offset, length, kind);
-      throw new BlockDeviceError('EROFS', `${kind}: ${this.description} is read-only`);
+      assertWritable(this, kind);
     });
   }
 

@@ -218,7 +218,11 @@ export class FileBlockDevice implements BlockDevice {
       let stats: Stats;
       // The file system's kind alongside (one round trip through the pool for both): a file held in
       // memory needs neither the ext4/xfs close workaround nor a probe for hole punching below.
-      const onMemory = memoryFileSystem(path);
+      // Asked only where it decides something: inline I/O, or a writable file's probe and close.
+      const onMemory =
+        options.syncIoMaxBytes === 'memory-backed' || !readOnly
+          ? memoryFileSystem(path)
+          : Promise.resolve(undefined);
       try {
         stats = await handle.stat();
       } catch (error) {
